@@ -1,0 +1,407 @@
+//! The HTTP API under `/api/v1`: the job endpoints clients use and the `/agent` endpoints.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use ring::rand::{SecureRandom, SystemRandom};
+use testbot_proto::agents::{Assignment, LeaseRequest, LeaseStatus, PollRequest};
+use testbot_proto::jobs::{Job, JobId, JobList, JobListQuery, JobSpec, validate_label};
+use testbot_proto::logs::{LogAck, LogChunk, LogQuery, MAX_CHUNK_BYTES};
+use testbot_proto::now_ms;
+use testbot_proto::results::FinishRequest;
+use tokio::time::Instant;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::auth::Principal;
+use crate::db::{AppendResult, LeaseRefusal};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::state::AppState;
+
+/// Most bytes one log response reads from the database at a time.
+const LOG_READ_BYTES: usize = 256 * 1024;
+/// A log follower re-checks the job this often even without a wake-up.
+const FOLLOW_RECHECK: Duration = Duration::from_secs(15);
+
+/// The broker's router: every route, the JSON error fallbacks, and the layers.
+pub fn create_app(state: AppState, max_body_bytes: usize) -> Router {
+    let api = Router::new()
+        .route("/health", get(health_handler))
+        .route("/jobs", post(submit_handler).get(list_handler))
+        .route("/jobs/{id}", get(job_handler))
+        .route("/jobs/{id}/cancel", post(cancel_handler))
+        .route("/jobs/{id}/log", get(log_handler))
+        .route("/agent/poll", post(poll_handler))
+        .route("/agent/jobs/{id}/start", post(start_handler))
+        .route("/agent/jobs/{id}/heartbeat", post(heartbeat_handler))
+        .route("/agent/jobs/{id}/log", post(append_log_handler))
+        .route("/agent/jobs/{id}/finish", post(finish_handler));
+    Router::new()
+        .nest(testbot_proto::API_PREFIX, api)
+        .fallback(not_found_handler)
+        .method_not_allowed_fallback(method_not_allowed_handler)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("A request handler panicked.");
+    ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
+}
+
+async fn not_found_handler() -> ApiError {
+    ApiError::NotFound("no such endpoint; the API lives under /api/v1".into())
+}
+
+async fn method_not_allowed_handler() -> Response {
+    let body = testbot_proto::error::ErrorBody::new(
+        "method_not_allowed",
+        "this endpoint does not accept that HTTP method",
+    );
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+async fn health_handler() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+fn to_job(model: &crate::db::JobModel) -> Result<Job, ApiError> {
+    Ok(model.to_job()?)
+}
+
+async fn submit_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(spec): ApiJson<JobSpec>,
+) -> Result<(StatusCode, axum::Json<Job>), ApiError> {
+    principal.require_operator()?;
+    spec.validate()
+        .map_err(|e| ApiError::BadRequest(format!("invalid job: {e}")))?;
+    let model = state.db.insert_job(&spec).await?;
+    state.dispatcher.job_queued(&spec.labels);
+    tracing::debug!(job_id = model.id, "Job queued.");
+    Ok((StatusCode::CREATED, axum::Json(to_job(&model)?)))
+}
+
+async fn list_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiQuery(query): ApiQuery<JobListQuery>,
+) -> Result<axum::Json<JobList>, ApiError> {
+    principal.require_operator()?;
+    let limit = query.limit.unwrap_or(50).clamp(1, 1000);
+    let models = state.db.jobs(query.state, limit).await?;
+    let jobs = models.iter().map(to_job).collect::<Result<_, _>>()?;
+    Ok(axum::Json(JobList { jobs }))
+}
+
+async fn find_job(state: &AppState, id: JobId) -> Result<crate::db::JobModel, ApiError> {
+    state
+        .db
+        .job(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job {id} does not exist")))
+}
+
+async fn job_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+) -> Result<axum::Json<Job>, ApiError> {
+    principal.require_operator()?;
+    Ok(axum::Json(to_job(&find_job(&state, id).await?)?))
+}
+
+async fn cancel_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+) -> Result<axum::Json<Job>, ApiError> {
+    principal.require_operator()?;
+    let model = state
+        .db
+        .request_cancel(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job {id} does not exist")))?;
+    if model.state().is_terminal() {
+        state.log_events.finished(id);
+        state.control_events.finished(id);
+    } else {
+        state.control_events.notify(id);
+    }
+    tracing::info!(job_id = %id, state = %model.state(), "Cancel requested.");
+    Ok(axum::Json(to_job(&model)?))
+}
+
+/// Streams the log from `offset` as plain text; with `follow`, until the job ends.
+async fn log_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+    ApiQuery(query): ApiQuery<LogQuery>,
+) -> Result<Response, ApiError> {
+    principal.require_operator()?;
+    find_job(&state, id).await?;
+    let follower = LogFollower {
+        rx: state.log_events.subscribe(id),
+        state,
+        id,
+        offset: query.offset,
+        follow: query.follow,
+    };
+    let stream = futures_util::stream::unfold(Some(follower), |follower| async move {
+        let mut follower = follower?;
+        match follower.next_bytes().await {
+            Ok(Some(bytes)) => Some((Ok(bytes), Some(follower))),
+            Ok(None) => None,
+            Err(err) => {
+                tracing::warn!(job_id = %follower.id, ?err, "Log stream failed.");
+                Some((Err(std::io::Error::other("log stream failed")), None))
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
+        .expect("static headers are valid"))
+}
+
+struct LogFollower {
+    state: AppState,
+    rx: tokio::sync::watch::Receiver<u64>,
+    id: JobId,
+    offset: u64,
+    follow: bool,
+}
+
+impl LogFollower {
+    /// The next bytes of the log, or `None` at its end (when not following, or the job ended).
+    async fn next_bytes(&mut self) -> anyhow::Result<Option<Bytes>> {
+        loop {
+            // Read the state before the bytes: a job seen finished has all its log stored.
+            let finished = match self.state.db.job(self.id).await? {
+                Some(job) => job.state().is_terminal(),
+                None => true,
+            };
+            let data = self
+                .state
+                .db
+                .read_log(self.id, self.offset, LOG_READ_BYTES)
+                .await?;
+            if !data.is_empty() {
+                self.offset += data.len() as u64;
+                return Ok(Some(Bytes::from(data)));
+            }
+            if finished || !self.follow {
+                return Ok(None);
+            }
+            tokio::select! {
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        self.rx = self.state.log_events.subscribe(self.id);
+                    }
+                }
+                _ = tokio::time::sleep(FOLLOW_RECHECK) => {}
+                _ = self.state.shutdown.cancelled() => return Ok(None),
+            }
+        }
+    }
+}
+
+fn new_lease() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ApiError::Internal(anyhow::anyhow!("Cannot read random bytes")))?;
+    Ok(hex::encode(bytes))
+}
+
+fn lease_expiry(state: &AppState) -> i64 {
+    now_ms() + state.settings.lease_ttl.as_millis() as i64
+}
+
+fn refusal_error(id: JobId, refusal: LeaseRefusal) -> ApiError {
+    match refusal {
+        LeaseRefusal::NoSuchJob => ApiError::NotFound(refusal.describe(id)),
+        other => ApiError::LeaseLost(other.describe(id)),
+    }
+}
+
+/// Long poll: answers at once with a matching queued job, or holds the request until one is
+/// queued or the wait runs out (`204 No Content`).
+async fn poll_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(req): ApiJson<PollRequest>,
+) -> Result<Response, ApiError> {
+    principal.require_agent()?;
+    validate_label(&req.agent).map_err(|e| ApiError::BadRequest(format!("agent name: {e}")))?;
+    for label in &req.labels {
+        validate_label(label).map_err(ApiError::BadRequest)?;
+    }
+    let max_wait = state.settings.poll_timeout;
+    let wait = req
+        .wait_ms
+        .map(Duration::from_millis)
+        .map_or(max_wait, |w| w.min(max_wait));
+    let deadline = Instant::now() + wait;
+    loop {
+        // Register before trying to claim, so a job queued in between still wakes this poll.
+        let mut ticket = state.dispatcher.register(&req.labels);
+        let lease = new_lease()?;
+        if let Some(model) = state
+            .db
+            .claim_job(&req.agent, &req.labels, &lease, lease_expiry(&state))
+            .await?
+        {
+            drop(ticket);
+            tracing::debug!(job_id = model.id, agent = %req.agent, "Job claimed.");
+            let assignment = Assignment {
+                job_id: model.job_id(),
+                attempt: model.attempts as u32,
+                lease,
+                lease_ttl_ms: state.settings.lease_ttl.as_millis() as u64,
+                heartbeat_interval_ms: state.settings.heartbeat_interval.as_millis() as u64,
+                log_offset: model.log_bytes as u64,
+                spec: model.spec()?,
+            };
+            return Ok(axum::Json(assignment).into_response());
+        }
+        tokio::select! {
+            _ = ticket.signalled() => {}
+            _ = tokio::time::sleep_until(deadline) => return Ok(StatusCode::NO_CONTENT.into_response()),
+            _ = state.shutdown.cancelled() => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+    }
+}
+
+fn lease_status(state: &AppState, cancel_requested: bool) -> axum::Json<LeaseStatus> {
+    axum::Json(LeaseStatus {
+        cancel_requested,
+        lease_ttl_ms: state.settings.lease_ttl.as_millis() as u64,
+    })
+}
+
+async fn start_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+    ApiJson(req): ApiJson<LeaseRequest>,
+) -> Result<axum::Json<LeaseStatus>, ApiError> {
+    principal.require_agent()?;
+    let cancel = state
+        .db
+        .start_job(id, &req.lease, lease_expiry(&state))
+        .await?
+        .map_err(|r| refusal_error(id, r))?;
+    Ok(lease_status(&state, cancel))
+}
+
+/// Renews the lease, then holds the answer for up to `wait_ms` (at most the heartbeat interval)
+/// so a cancel request reaches the agent at once rather than at its next heartbeat.
+async fn heartbeat_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+    ApiJson(req): ApiJson<LeaseRequest>,
+) -> Result<axum::Json<LeaseStatus>, ApiError> {
+    principal.require_agent()?;
+    let mut rx = state.control_events.subscribe(id);
+    let renew = || async {
+        state
+            .db
+            .renew_lease(id, &req.lease, lease_expiry(&state))
+            .await?
+            .map_err(|r| refusal_error(id, r))
+    };
+    let cancel = renew().await?;
+    let hold =
+        Duration::from_millis(req.wait_ms.unwrap_or(0)).min(state.settings.heartbeat_interval);
+    if cancel || hold.is_zero() {
+        return Ok(lease_status(&state, cancel));
+    }
+    tokio::select! {
+        _ = rx.changed() => {}
+        _ = tokio::time::sleep(hold) => {}
+        _ = state.shutdown.cancelled() => {}
+    }
+    let cancel = renew().await?;
+    Ok(lease_status(&state, cancel))
+}
+
+async fn append_log_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+    ApiJson(chunk): ApiJson<LogChunk>,
+) -> Result<axum::Json<LogAck>, ApiError> {
+    principal.require_agent()?;
+    if chunk.data.len() > MAX_CHUNK_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "log chunk is {} bytes; the limit is {MAX_CHUNK_BYTES}",
+            chunk.data.len()
+        )));
+    }
+    let result = state
+        .db
+        .append_log(
+            id,
+            &chunk.lease,
+            chunk.offset,
+            chunk.data.as_bytes(),
+            state.settings.max_log_bytes,
+        )
+        .await?;
+    match result {
+        AppendResult::Appended(log_bytes) => {
+            state.log_events.notify(id);
+            Ok(axum::Json(LogAck { log_bytes }))
+        }
+        AppendResult::Refused(refusal) => Err(refusal_error(id, refusal)),
+        AppendResult::Gap { log_bytes } => Err(ApiError::LogGap(format!(
+            "chunk starts at byte {} but the log of job {id} ends at byte {log_bytes}; resend from byte {log_bytes}",
+            chunk.offset
+        ))),
+        AppendResult::TooLarge { log_bytes } => Err(ApiError::LogTooLarge(format!(
+            "the log of job {id} would pass the limit of {} bytes (it holds {log_bytes})",
+            state.settings.max_log_bytes
+        ))),
+    }
+}
+
+async fn finish_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+    ApiJson(req): ApiJson<FinishRequest>,
+) -> Result<axum::Json<Job>, ApiError> {
+    principal.require_agent()?;
+    if !req.outcome.state.is_terminal() {
+        return Err(ApiError::BadRequest(format!(
+            "outcome.state must be succeeded, failed, cancelled or error, not {}",
+            req.outcome.state
+        )));
+    }
+    let model = state
+        .db
+        .finish_job(id, &req.lease, &req.outcome)
+        .await?
+        .map_err(|r| {
+            tracing::warn!(job_id = %id, refusal = ?r, "Refused a result under an invalid lease.");
+            refusal_error(id, r)
+        })?;
+    state.log_events.finished(id);
+    state.control_events.finished(id);
+    tracing::info!(job_id = %id, state = %model.state(), agent = ?model.agent, "Job finished.");
+    Ok(axum::Json(to_job(&model)?))
+}

@@ -1,0 +1,69 @@
+//! The broker's command-line flags, shared by `testbot-broker` and `testbot up`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::server::BrokerConfig;
+use crate::state::Settings;
+
+/// Flags for running a broker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerOpts {
+    /// Address to listen on.
+    #[arg(long, env = "TESTBOT_LISTEN", default_value = "127.0.0.1:8471")]
+    pub listen: SocketAddr,
+    /// Directory for the database (`testbot.db`) and the token files (`admin.token`,
+    /// `agent.token`). Created if missing.
+    #[arg(long, env = "TESTBOT_DATA_DIR", default_value = "/var/lib/testbot")]
+    pub data_dir: PathBuf,
+    /// How long a job's lease lasts without a heartbeat before the job is requeued.
+    #[arg(long, env = "TESTBOT_LEASE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+    /// How often agents renew their leases (at most a third of --lease-ttl).
+    #[arg(long, env = "TESTBOT_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Claims of one job before it ends with `error: agent lost`.
+    #[arg(long, env = "TESTBOT_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// The longest an agent's poll is held open when there is no work.
+    #[arg(long, env = "TESTBOT_POLL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub poll_timeout: Duration,
+    /// The largest log one job may store, in bytes.
+    #[arg(long, env = "TESTBOT_MAX_LOG_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_log_bytes: u64,
+    /// The largest request body accepted, in bytes.
+    #[arg(long, env = "TESTBOT_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+impl BrokerOpts {
+    pub fn into_config(self) -> anyhow::Result<BrokerConfig> {
+        let BrokerOpts {
+            listen,
+            data_dir,
+            lease_ttl,
+            heartbeat_interval,
+            max_attempts,
+            poll_timeout,
+            max_log_bytes,
+            max_body_bytes,
+        } = self;
+        anyhow::ensure!(
+            lease_ttl >= Duration::from_millis(300),
+            "--lease-ttl must be at least 300ms"
+        );
+        Ok(BrokerConfig {
+            listen,
+            data_dir,
+            settings: Settings {
+                lease_ttl,
+                heartbeat_interval: heartbeat_interval.min(lease_ttl / 3),
+                max_attempts,
+                poll_timeout,
+                max_log_bytes,
+            },
+            max_body_bytes,
+        })
+    }
+}

@@ -1,0 +1,594 @@
+//! Storage: SQLite in WAL mode behind a small [`Db`] facade.
+//!
+//! All writes go through one connection, so SQLite never makes a writer wait on its busy
+//! handler (whose sleeps would show up as dispatch latency); reads use a separate pool and see
+//! every committed write. Each state change is one statement or one transaction, so a crash
+//! leaves either the old or the new state, never half of one.
+
+use std::path::Path;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row as _, Sqlite, Transaction};
+use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
+use testbot_proto::logs::{Stream, format_line};
+use testbot_proto::now_ms;
+use testbot_proto::results::Outcome;
+
+/// How many read connections to keep.
+const READ_CONNECTIONS: u32 = 4;
+
+/// The columns of [`JobModel`], in its field order.
+const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
+     lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms";
+
+/// A row of `jobs`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobModel {
+    pub id: i64,
+    pub spec: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub attempts: i64,
+    pub agent: Option<String>,
+    pub lease: Option<String>,
+    pub lease_expires_at_ms: Option<i64>,
+    pub cancel_requested: bool,
+    pub log_bytes: i64,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+}
+
+impl JobModel {
+    pub fn job_id(&self) -> JobId {
+        JobId(self.id)
+    }
+
+    pub fn state(&self) -> JobState {
+        self.state.parse().unwrap_or(JobState::Error)
+    }
+
+    pub fn spec(&self) -> anyhow::Result<JobSpec> {
+        serde_json::from_str(&self.spec)
+            .with_context(|| format!("Stored spec of job {} is not valid JSON", self.id))
+    }
+
+    pub fn to_job(&self) -> anyhow::Result<Job> {
+        Ok(Job {
+            id: self.job_id(),
+            spec: self.spec()?,
+            state: self.state(),
+            reason: self.reason.clone(),
+            exit_code: self.exit_code,
+            signal: self.signal,
+            attempts: self.attempts as u32,
+            agent: self.agent.clone(),
+            cancel_requested: self.cancel_requested,
+            log_bytes: self.log_bytes as u64,
+            created_at_ms: self.created_at_ms,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+        })
+    }
+}
+
+/// A row of `api_tokens`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiTokenModel {
+    pub token_hash: String,
+    pub role: String,
+    pub name: String,
+}
+
+/// What happened to a job whose lease ran out.
+#[derive(Debug, Clone)]
+pub struct ExpiredLease {
+    pub job: JobModel,
+    /// The job's labels, for waking a matching agent when it was requeued.
+    pub labels: Vec<String>,
+}
+
+/// Why a call made under a lease was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseRefusal {
+    NoSuchJob,
+    /// The job has its result already.
+    Finished(JobState),
+    /// The job was requeued or handed to another lease.
+    Superseded,
+}
+
+impl LeaseRefusal {
+    pub fn describe(&self, id: JobId) -> String {
+        match self {
+            LeaseRefusal::NoSuchJob => format!("job {id} does not exist"),
+            LeaseRefusal::Finished(state) => {
+                format!("the lease is no longer valid: job {id} already has its result ({state})")
+            }
+            LeaseRefusal::Superseded => format!(
+                "the lease is no longer valid: job {id} was requeued after the lease expired"
+            ),
+        }
+    }
+}
+
+/// The outcome of a log append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendResult {
+    /// The log now holds this many bytes.
+    Appended(u64),
+    Refused(LeaseRefusal),
+    /// The chunk starts after the end of the stored log.
+    Gap {
+        log_bytes: u64,
+    },
+    /// Appending would pass the per-job log limit.
+    TooLarge {
+        log_bytes: u64,
+    },
+}
+
+/// The broker's database.
+#[derive(Clone)]
+pub struct Db {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+impl Db {
+    /// Opens (creating if needed) `testbot.db` in `data_dir` and runs migrations.
+    pub async fn open(data_dir: &Path) -> anyhow::Result<Db> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("Cannot create data directory {}", data_dir.display()))?;
+        let path = data_dir.join("testbot.db");
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a commit survives a process crash (SIGKILL); only an OS crash can
+            // lose the last transactions.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await
+            .with_context(|| format!("Cannot open database {}", path.display()))?;
+        sqlx::migrate!("./migrations")
+            .run(&write)
+            .await
+            .with_context(|| format!("Cannot migrate database {}", path.display()))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(READ_CONNECTIONS)
+            .connect_with(options.read_only(true))
+            .await
+            .with_context(|| format!("Cannot open database {} for reading", path.display()))?;
+        Ok(Db { write, read })
+    }
+
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+
+    pub async fn api_tokens(&self) -> sqlx::Result<Vec<ApiTokenModel>> {
+        sqlx::query_as("SELECT token_hash, role, name FROM api_tokens")
+            .fetch_all(&self.read)
+            .await
+    }
+
+    pub async fn upsert_api_token(&self, hash: &str, role: &str, name: &str) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (token_hash, role, name, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (token_hash) DO UPDATE SET role = excluded.role, name = excluded.name",
+        )
+        .bind(hash)
+        .bind(role)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn insert_job(&self, spec: &JobSpec) -> anyhow::Result<JobModel> {
+        let spec_json = serde_json::to_string(spec)?;
+        let labels = serde_json::to_string(&spec.labels)?;
+        let sql = format!(
+            "INSERT INTO jobs (spec, labels, state, created_at_ms) VALUES (?1, ?2, 'queued', ?3)
+             RETURNING {JOB_COLUMNS}"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(spec_json)
+            .bind(labels)
+            .bind(now_ms())
+            .fetch_one(&self.write)
+            .await?)
+    }
+
+    pub async fn job(&self, id: JobId) -> sqlx::Result<Option<JobModel>> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(&self.read)
+            .await
+    }
+
+    /// Newest first.
+    pub async fn jobs(&self, state: Option<JobState>, limit: u32) -> sqlx::Result<Vec<JobModel>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) ORDER BY id DESC LIMIT ?2"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(state.map(|s| s.as_str()))
+            .bind(limit as i64)
+            .fetch_all(&self.read)
+            .await
+    }
+
+    /// Claims the oldest queued job whose labels are all among `labels`, under a new lease.
+    pub async fn claim_job(
+        &self,
+        agent: &str,
+        labels: &[String],
+        lease: &str,
+        lease_expires_at_ms: i64,
+    ) -> anyhow::Result<Option<JobModel>> {
+        let sql = format!(
+            "UPDATE jobs SET state = 'assigned', agent = ?1, lease = ?2, lease_expires_at_ms = ?3,
+                 attempts = attempts + 1, reason = NULL
+             WHERE id = (
+                 SELECT id FROM jobs
+                 WHERE state = 'queued'
+                   AND NOT EXISTS (
+                       SELECT 1 FROM json_each(jobs.labels) AS wanted
+                       WHERE wanted.value NOT IN (SELECT value FROM json_each(?4)))
+                 ORDER BY id LIMIT 1)
+             RETURNING {JOB_COLUMNS}"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(agent)
+            .bind(lease)
+            .bind(lease_expires_at_ms)
+            .bind(serde_json::to_string(labels)?)
+            .fetch_optional(&self.write)
+            .await?)
+    }
+
+    /// Marks a leased job running and renews its lease. `Ok(cancel_requested)` on success.
+    pub async fn start_job(
+        &self,
+        id: JobId,
+        lease: &str,
+        lease_expires_at_ms: i64,
+    ) -> sqlx::Result<Result<bool, LeaseRefusal>> {
+        let row = sqlx::query(
+            "UPDATE jobs SET state = 'running', started_at_ms = ?3, lease_expires_at_ms = ?4
+             WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
+             RETURNING cancel_requested",
+        )
+        .bind(id.0)
+        .bind(lease)
+        .bind(now_ms())
+        .bind(lease_expires_at_ms)
+        .fetch_optional(&self.write)
+        .await?;
+        match row {
+            Some(row) => Ok(Ok(row.get::<bool, _>(0))),
+            None => Ok(Err(self.lease_refusal(id).await?)),
+        }
+    }
+
+    /// Renews a lease. `Ok(cancel_requested)` on success.
+    pub async fn renew_lease(
+        &self,
+        id: JobId,
+        lease: &str,
+        lease_expires_at_ms: i64,
+    ) -> sqlx::Result<Result<bool, LeaseRefusal>> {
+        let row = sqlx::query(
+            "UPDATE jobs SET lease_expires_at_ms = MAX(lease_expires_at_ms, ?3)
+             WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
+             RETURNING cancel_requested",
+        )
+        .bind(id.0)
+        .bind(lease)
+        .bind(lease_expires_at_ms)
+        .fetch_optional(&self.write)
+        .await?;
+        match row {
+            Some(row) => Ok(Ok(row.get::<bool, _>(0))),
+            None => Ok(Err(self.lease_refusal(id).await?)),
+        }
+    }
+
+    async fn lease_refusal(&self, id: JobId) -> sqlx::Result<LeaseRefusal> {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
+            .bind(id.0)
+            .fetch_optional(&self.write)
+            .await?;
+        Ok(match state.map(|s| s.parse::<JobState>()) {
+            None => LeaseRefusal::NoSuchJob,
+            Some(Ok(state)) if state.is_terminal() => LeaseRefusal::Finished(state),
+            Some(_) => LeaseRefusal::Superseded,
+        })
+    }
+
+    /// Appends `data` at byte `offset` of the job's log, under `lease`. Bytes the log already
+    /// holds are skipped, so a re-sent chunk is a no-op.
+    pub async fn append_log(
+        &self,
+        id: JobId,
+        lease: &str,
+        offset: u64,
+        data: &[u8],
+        max_log_bytes: u64,
+    ) -> sqlx::Result<AppendResult> {
+        let mut tx = self.write.begin().await?;
+        let row: Option<(Option<String>, String, i64)> =
+            sqlx::query_as("SELECT lease, state, log_bytes FROM jobs WHERE id = ?1")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((held, state, log_bytes)) = row else {
+            return Ok(AppendResult::Refused(LeaseRefusal::NoSuchJob));
+        };
+        let state = state.parse::<JobState>().unwrap_or(JobState::Error);
+        if state.is_terminal() {
+            return Ok(AppendResult::Refused(LeaseRefusal::Finished(state)));
+        }
+        if held.as_deref() != Some(lease) {
+            return Ok(AppendResult::Refused(LeaseRefusal::Superseded));
+        }
+        let log_bytes = log_bytes as u64;
+        if offset > log_bytes {
+            return Ok(AppendResult::Gap { log_bytes });
+        }
+        let end = offset + data.len() as u64;
+        if end <= log_bytes {
+            return Ok(AppendResult::Appended(log_bytes));
+        }
+        if end > max_log_bytes {
+            return Ok(AppendResult::TooLarge { log_bytes });
+        }
+        let tail = &data[(log_bytes - offset) as usize..];
+        let total = append_raw(&mut tx, id, log_bytes, tail).await?;
+        tx.commit().await?;
+        Ok(AppendResult::Appended(total))
+    }
+
+    /// Records a job's one result. `Err` when the lease is no longer valid, which is how a late
+    /// result from an agent that lost its lease is refused.
+    pub async fn finish_job(
+        &self,
+        id: JobId,
+        lease: &str,
+        outcome: &Outcome,
+    ) -> sqlx::Result<Result<JobModel, LeaseRefusal>> {
+        let sql = format!(
+            "UPDATE jobs SET state = ?3, reason = ?4, exit_code = ?5, signal = ?6,
+                 finished_at_ms = ?7, lease = NULL, lease_expires_at_ms = NULL
+             WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row: Option<JobModel> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .bind(lease)
+            .bind(outcome.state.as_str())
+            .bind(outcome.reason.as_deref())
+            .bind(outcome.exit_code)
+            .bind(outcome.signal)
+            .bind(now_ms())
+            .fetch_optional(&self.write)
+            .await?;
+        match row {
+            Some(job) => Ok(Ok(job)),
+            None => Ok(Err(self.lease_refusal(id).await?)),
+        }
+    }
+
+    /// Cancels a queued job at once, or asks the agent running it to stop. A finished job is
+    /// left as it is. `None` if there is no such job.
+    pub async fn request_cancel(&self, id: JobId) -> anyhow::Result<Option<JobModel>> {
+        let mut tx = self.write.begin().await?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(state) = state.map(|s| s.parse::<JobState>().unwrap_or(JobState::Error)) else {
+            return Ok(None);
+        };
+        match state {
+            JobState::Queued => {
+                let reason = "cancelled before it started";
+                sqlx::query(
+                    "UPDATE jobs SET state = 'cancelled', reason = ?2, finished_at_ms = ?3,
+                         cancel_requested = 1
+                     WHERE id = ?1",
+                )
+                .bind(id.0)
+                .bind(reason)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+                let log_bytes: i64 = sqlx::query_scalar("SELECT log_bytes FROM jobs WHERE id = ?1")
+                    .bind(id.0)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let line = format_line(now_ms(), Stream::System, &format!("testbot: {reason}"));
+                append_raw(&mut tx, id, log_bytes as u64, line.as_bytes()).await?;
+            }
+            JobState::Assigned | JobState::Running => {
+                sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1")
+                    .bind(id.0)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            _ => {}
+        }
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
+        let job = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(job))
+    }
+
+    /// Handles every lease that expired before `now_ms`: the job is requeued, or ends `error`
+    /// after `max_attempts` claims, or `cancelled` if a user had asked for that.
+    pub async fn expire_leases(
+        &self,
+        now_ms: i64,
+        max_attempts: u32,
+    ) -> anyhow::Result<Vec<ExpiredLease>> {
+        let mut tx = self.write.begin().await?;
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE state IN ('assigned', 'running') AND lease_expires_at_ms < ?1"
+        );
+        let expired: Vec<JobModel> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(now_ms)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut handled = Vec::with_capacity(expired.len());
+        for job in expired {
+            let agent = job.agent.clone().unwrap_or_else(|| "?".into());
+            let attempts = job.attempts as u32;
+            let (state, reason) = if job.cancel_requested {
+                (
+                    JobState::Cancelled,
+                    format!("cancelled; agent {agent} was lost before it confirmed"),
+                )
+            } else if attempts >= max_attempts {
+                (
+                    JobState::Error,
+                    format!(
+                        "agent lost: agent {agent} stopped renewing its lease \
+                         (attempt {attempts} of {max_attempts})"
+                    ),
+                )
+            } else {
+                (
+                    JobState::Queued,
+                    format!(
+                        "requeued: agent {agent} stopped renewing its lease \
+                         (attempt {attempts} of {max_attempts})"
+                    ),
+                )
+            };
+            let finished = state.is_terminal().then_some(now_ms);
+            let sql = format!(
+                "UPDATE jobs SET state = ?2, reason = ?3, lease = NULL, lease_expires_at_ms = NULL,
+                     finished_at_ms = ?4
+                 WHERE id = ?1 RETURNING {JOB_COLUMNS}"
+            );
+            let updated: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(job.id)
+                .bind(state.as_str())
+                .bind(&reason)
+                .bind(finished)
+                .fetch_one(&mut *tx)
+                .await?;
+            let line = format_line(now_ms, Stream::System, &format!("testbot: {reason}"));
+            append_raw(
+                &mut tx,
+                job.job_id(),
+                updated.log_bytes as u64,
+                line.as_bytes(),
+            )
+            .await?;
+            let labels = updated.spec().map(|s| s.labels).unwrap_or_default();
+            handled.push(ExpiredLease {
+                job: updated,
+                labels,
+            });
+        }
+        tx.commit().await?;
+        Ok(handled)
+    }
+
+    /// Gives every active lease at least until `until_ms`: after a broker restart, agents must
+    /// not lose their jobs for the time the broker was down.
+    pub async fn extend_active_leases(&self, until_ms: i64) -> sqlx::Result<u64> {
+        let done = sqlx::query(
+            "UPDATE jobs SET lease_expires_at_ms = MAX(lease_expires_at_ms, ?1)
+             WHERE state IN ('assigned', 'running')",
+        )
+        .bind(until_ms)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// When the oldest queued job was created, if any job is queued.
+    pub async fn oldest_queued_at(&self) -> sqlx::Result<Option<i64>> {
+        sqlx::query_scalar("SELECT MIN(created_at_ms) FROM jobs WHERE state = 'queued'")
+            .fetch_one(&self.read)
+            .await
+    }
+
+    /// Up to about `max_bytes` of the job's log from byte `offset`.
+    pub async fn read_log(
+        &self,
+        id: JobId,
+        offset: u64,
+        max_bytes: usize,
+    ) -> sqlx::Result<Vec<u8>> {
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT start_offset, data FROM log_chunks
+             WHERE job_id = ?1 AND start_offset >= COALESCE(
+                 (SELECT MAX(start_offset) FROM log_chunks WHERE job_id = ?1 AND start_offset <= ?2), 0)
+             ORDER BY start_offset LIMIT 256",
+        )
+        .bind(id.0)
+        .bind(offset as i64)
+        .fetch_all(&self.read)
+        .await?;
+        let mut out = Vec::new();
+        for (start, data) in rows {
+            let start = start as u64;
+            let end = start + data.len() as u64;
+            if end <= offset {
+                continue;
+            }
+            let skip = offset.saturating_sub(start) as usize;
+            out.extend_from_slice(&data[skip..]);
+            if out.len() >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Appends bytes at the end of a job's log (which holds `log_bytes` bytes); returns the new size.
+async fn append_raw(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: JobId,
+    log_bytes: u64,
+    data: &[u8],
+) -> sqlx::Result<u64> {
+    sqlx::query("INSERT INTO log_chunks (job_id, start_offset, data) VALUES (?1, ?2, ?3)")
+        .bind(id.0)
+        .bind(log_bytes as i64)
+        .bind(data)
+        .execute(&mut **tx)
+        .await?;
+    let total = log_bytes + data.len() as u64;
+    sqlx::query("UPDATE jobs SET log_bytes = ?2 WHERE id = ?1")
+        .bind(id.0)
+        .bind(total as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(total)
+}

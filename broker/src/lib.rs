@@ -1,0 +1,26 @@
+//! The testbot broker: a durable job queue with leases, a log store with live fan-out, and the
+//! HTTP API that clients and agents use.
+//!
+//! Jobs are stored in SQLite (WAL). Agents long-poll for work and are woken the moment a job they
+//! can take is queued; each claim is a lease renewed by heartbeats, and a lease that runs out
+//! requeues the job (up to a bounded number of attempts), so every job gets exactly one result.
+//!
+//! Layout:
+//! - [`server`]: process wiring ([`Broker::start`]) and the lease sweeper.
+//! - [`api`]: the router ([`api::create_app`]) and its handlers.
+//! - [`db`]: the SQLite facade; [`dispatch`]: waking waiting polls; [`events`]: per-job wake-ups
+//!   for log followers and held heartbeats.
+//! - [`auth`]: bearer tokens and principals; [`error`]: the JSON error type and extractors.
+//! - [`cli`]: the `testbot-broker` command-line flags.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod db;
+pub mod dispatch;
+pub mod error;
+pub mod events;
+pub mod server;
+pub mod state;
+
+pub use server::{Broker, BrokerConfig};

@@ -1,0 +1,204 @@
+//! Process wiring: open the database, load tokens, bind, serve, sweep expired leases, shut down.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::SecretString;
+use testbot_proto::jobs::JobState;
+use testbot_proto::now_ms;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Authenticator, Role};
+use crate::db::Db;
+use crate::state::{AppState, Settings};
+
+/// Everything needed to start a broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    /// Holds `testbot.db`, `admin.token` and `agent.token`.
+    pub data_dir: PathBuf,
+    pub settings: Settings,
+    /// The largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl BrokerConfig {
+    /// Defaults for a broker on `listen` storing its data in `data_dir`.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        BrokerConfig {
+            listen,
+            data_dir,
+            settings: Settings {
+                lease_ttl: Duration::from_secs(30),
+                heartbeat_interval: Duration::from_secs(10),
+                max_attempts: 3,
+                poll_timeout: Duration::from_secs(30),
+                max_log_bytes: 64 * 1024 * 1024,
+            },
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A queued job older than this while agents wait makes the sweeper wake every waiting agent:
+/// a safety net for a wake-up lost to a dropped connection.
+const STALE_QUEUE: Duration = Duration::from_secs(1);
+
+/// A running broker.
+pub struct Broker {
+    pub addr: SocketAddr,
+    /// The operator token (also in `data_dir/admin.token`).
+    pub admin_token: SecretString,
+    /// The token agents use (also in `data_dir/agent.token`).
+    pub agent_token: SecretString,
+    shutdown: CancellationToken,
+    server: JoinHandle<anyhow::Result<()>>,
+    sweeper: JoinHandle<()>,
+    db: Db,
+}
+
+impl Broker {
+    /// Opens the data directory, binds `config.listen` and starts serving in the background.
+    pub async fn start(config: BrokerConfig) -> anyhow::Result<Broker> {
+        let BrokerConfig {
+            listen,
+            data_dir,
+            settings,
+            max_body_bytes,
+        } = config;
+        let db = Db::open(&data_dir).await?;
+        let auth = Authenticator::load(&db).await?;
+        let admin_token = auth
+            .ensure_token_file(&db, Role::Operator, "admin", &data_dir.join("admin.token"))
+            .await?;
+        let agent_token = auth
+            .ensure_token_file(&db, Role::Agent, "agents", &data_dir.join("agent.token"))
+            .await?;
+        let extended = db
+            .extend_active_leases(now_ms() + settings.lease_ttl.as_millis() as i64)
+            .await?;
+        if extended > 0 {
+            tracing::info!(
+                jobs = extended,
+                "Extended the leases of running jobs after start-up."
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("Cannot listen on {listen}"))?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let state = AppState {
+            db: db.clone(),
+            auth,
+            dispatcher: Default::default(),
+            log_events: Default::default(),
+            control_events: Default::default(),
+            settings: Arc::new(settings),
+            shutdown: shutdown.clone(),
+        };
+        let sweeper = tokio::spawn(sweep_leases(state.clone()));
+        let app = crate::api::create_app(state, max_body_bytes);
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                    .context("HTTP server failed")
+            }
+        });
+        tracing::info!(%addr, data_dir = %data_dir.display(), "Broker listening.");
+        Ok(Broker {
+            addr,
+            admin_token,
+            agent_token,
+            shutdown,
+            server,
+            sweeper,
+            db,
+        })
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A token that stops the broker when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then closes the database.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let result = match self.server.await {
+            Ok(result) => result,
+            Err(err) => Err(anyhow::Error::new(err).context("HTTP server task failed")),
+        };
+        self.shutdown.cancel();
+        let _ = self.sweeper.await;
+        self.db.close().await;
+        result
+    }
+
+    /// Stops serving (held polls and log follows end at once) and waits until it has.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+async fn sweep_leases(state: AppState) {
+    let period =
+        (state.settings.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = state.shutdown.cancelled() => return,
+        }
+        match state
+            .db
+            .expire_leases(now_ms(), state.settings.max_attempts)
+            .await
+        {
+            Ok(expired) => {
+                for lease in expired {
+                    let id = lease.job.job_id();
+                    let job_state = lease.job.state();
+                    tracing::warn!(
+                        job_id = %id,
+                        agent = ?lease.job.agent,
+                        state = %job_state,
+                        reason = ?lease.job.reason,
+                        "Lease expired."
+                    );
+                    if job_state == JobState::Queued {
+                        state.log_events.notify(id);
+                        state.dispatcher.job_queued(&lease.labels);
+                    } else {
+                        state.log_events.finished(id);
+                        state.control_events.finished(id);
+                    }
+                }
+            }
+            Err(err) => tracing::error!(?err, "Cannot expire leases."),
+        }
+        if state.dispatcher.waiting() > 0 {
+            match state.db.oldest_queued_at().await {
+                Ok(Some(at)) if now_ms() - at > STALE_QUEUE.as_millis() as i64 => {
+                    state.dispatcher.wake_all()
+                }
+                Ok(_) => {}
+                Err(err) => tracing::error!(?err, "Cannot read the queue."),
+            }
+        }
+    }
+}

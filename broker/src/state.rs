@@ -1,0 +1,40 @@
+//! The shared state of the HTTP handlers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::db::Db;
+use crate::dispatch::Dispatcher;
+use crate::events::JobEvents;
+
+/// Tunables the handlers need at run time.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a lease lasts after a claim, start or heartbeat.
+    pub lease_ttl: Duration,
+    /// How often agents send heartbeats (a heartbeat may be held this long waiting for a cancel).
+    pub heartbeat_interval: Duration,
+    /// Claims of one job before it ends `error: agent lost`.
+    pub max_attempts: u32,
+    /// The longest an agent's poll is held open.
+    pub poll_timeout: Duration,
+    /// The largest log one job may have.
+    pub max_log_bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub auth: Authenticator,
+    pub dispatcher: Arc<Dispatcher>,
+    /// Wakes log followers: appends, results.
+    pub log_events: Arc<JobEvents>,
+    /// Wakes held heartbeats: cancel requests, results.
+    pub control_events: Arc<JobEvents>,
+    pub settings: Arc<Settings>,
+    /// Cancelled when the broker shuts down: held polls and log follows end.
+    pub shutdown: CancellationToken,
+}

@@ -1,0 +1,268 @@
+//! A typed HTTP client for the broker API, shared by the agent, the CLI and the benchmark.
+
+use std::sync::Once;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::agents::{Assignment, LeaseRequest, LeaseStatus, PollRequest};
+use crate::error::{ErrorBody, codes};
+use crate::jobs::{Job, JobId, JobList, JobListQuery, JobSpec};
+use crate::logs::{LogAck, LogChunk};
+use crate::results::FinishRequest;
+
+/// Why a broker call failed. Callers retry [`ClientError::Unavailable`] and stop on the rest.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker could not be reached, timed out, or answered 5xx: worth retrying.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused the request; `code` is one of [`codes`].
+    #[error("{message} ({status} {code})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The broker's answer was not what this client understands.
+    #[error("unexpected answer from the broker: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ClientError::Unavailable(_))
+    }
+
+    /// Whether the broker says the lease named in the request is no longer valid.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, ClientError::Api { code, .. } if code == codes::LEASE_LOST)
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+impl From<reqwest::Error> for ClientError {
+    fn from(err: reqwest::Error) -> Self {
+        if err.is_decode() {
+            return ClientError::Protocol(err.to_string());
+        }
+        // Connection refused, reset, timeouts, a broken body stream: the broker may come back.
+        let mut msg = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(inner) = source {
+            msg.push_str(": ");
+            msg.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        ClientError::Unavailable(msg)
+    }
+}
+
+/// Installs `ring` as the process's rustls crypto provider (once; later calls do nothing).
+pub fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only if another provider was installed first, which is fine too.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// How long to wait for a TCP (and TLS) connection to the broker.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default limit for one ordinary API call.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client for one broker, authenticated with a bearer token.
+#[derive(Clone)]
+pub struct BrokerClient {
+    http: reqwest::Client,
+    base: String,
+    token: SecretString,
+}
+
+impl std::fmt::Debug for BrokerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerClient {
+    /// A client for the broker at `base_url` (e.g. `https://testbot.example.org`).
+    pub fn new(base_url: &str, token: SecretString) -> Result<Self, ClientError> {
+        install_crypto_provider();
+        let base = base_url.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::Protocol(format!(
+                "broker URL {base_url:?} must start with http:// or https://"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .user_agent(concat!("testbot/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("cannot build HTTP client: {e}")))?;
+        Ok(BrokerClient { http, base, token })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}{}", self.base, crate::API_PREFIX, path)
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(self.token.expose_secret())
+            .timeout(REQUEST_TIMEOUT)
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = check(req.send().await?).await?;
+        Ok(resp.json::<T>().await?)
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(self.request(Method::POST, path).json(body)).await
+    }
+
+    /// `GET /api/v1/health`: whether the broker answers (no token needed).
+    pub async fn health(&self) -> Result<(), ClientError> {
+        check(self.http.get(self.url("/health")).send().await?).await?;
+        Ok(())
+    }
+
+    pub async fn submit(&self, spec: &JobSpec) -> Result<Job, ClientError> {
+        self.post("/jobs", spec).await
+    }
+
+    pub async fn job(&self, id: JobId) -> Result<Job, ClientError> {
+        self.send(self.request(Method::GET, &format!("/jobs/{id}")))
+            .await
+    }
+
+    pub async fn jobs(&self, query: &JobListQuery) -> Result<JobList, ClientError> {
+        self.send(self.request(Method::GET, "/jobs").query(query))
+            .await
+    }
+
+    pub async fn cancel(&self, id: JobId) -> Result<Job, ClientError> {
+        self.post(&format!("/jobs/{id}/cancel"), &serde_json::json!({}))
+            .await
+    }
+
+    /// The job's log from `offset`; with `follow`, the stream stays open until the job ends.
+    /// The stream may break (broker restart): resume with the offset of the bytes received.
+    pub async fn log_stream(
+        &self,
+        id: JobId,
+        offset: u64,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + use<>, ClientError> {
+        use futures_util::StreamExt;
+        let req = self
+            .http
+            .get(self.url(&format!("/jobs/{id}/log")))
+            .bearer_auth(self.token.expose_secret())
+            .query(&[
+                ("offset", offset.to_string()),
+                ("follow", follow.to_string()),
+            ]);
+        let resp = check(req.send().await?).await?;
+        Ok(resp.bytes_stream().map(|r| r.map_err(ClientError::from)))
+    }
+
+    /// Long-polls for a job. `Ok(None)` when the wait ran out with nothing to do.
+    pub async fn poll(&self, req: &PollRequest) -> Result<Option<Assignment>, ClientError> {
+        let wait = Duration::from_millis(req.wait_ms.unwrap_or(30_000));
+        let resp = self
+            .request(Method::POST, "/agent/poll")
+            .timeout(wait + REQUEST_TIMEOUT)
+            .json(req)
+            .send()
+            .await?;
+        let resp = check(resp).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Ok(Some(resp.json().await?))
+    }
+
+    pub async fn start(&self, id: JobId, lease: &str) -> Result<LeaseStatus, ClientError> {
+        let body = LeaseRequest {
+            lease: lease.to_string(),
+            wait_ms: None,
+        };
+        self.post(&format!("/agent/jobs/{id}/start"), &body).await
+    }
+
+    /// Renews the lease; the broker may hold the answer up to `wait` unless the job is cancelled.
+    pub async fn heartbeat(
+        &self,
+        id: JobId,
+        lease: &str,
+        wait: Duration,
+    ) -> Result<LeaseStatus, ClientError> {
+        let body = LeaseRequest {
+            lease: lease.to_string(),
+            wait_ms: Some(wait.as_millis() as u64),
+        };
+        self.post(&format!("/agent/jobs/{id}/heartbeat"), &body)
+            .await
+    }
+
+    pub async fn append_log(&self, id: JobId, chunk: &LogChunk) -> Result<LogAck, ClientError> {
+        self.post(&format!("/agent/jobs/{id}/log"), chunk).await
+    }
+
+    pub async fn finish(&self, id: JobId, req: &FinishRequest) -> Result<Job, ClientError> {
+        self.post(&format!("/agent/jobs/{id}/finish"), req).await
+    }
+}
+
+/// Turns a non-2xx answer into [`ClientError`], reading the JSON error envelope when there is one.
+async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(body) => (body.error.code, body.error.message),
+        Err(_) => (
+            status.canonical_reason().unwrap_or("error").to_string(),
+            text.chars().take(300).collect(),
+        ),
+    };
+    if status.is_server_error() {
+        return Err(ClientError::Unavailable(format!("{status}: {message}")));
+    }
+    Err(ClientError::Api {
+        status: status.as_u16(),
+        code,
+        message,
+    })
+}

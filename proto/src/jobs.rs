@@ -1,0 +1,365 @@
+//! Jobs: what a submitter asks for, and what the broker reports back.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::results::Outcome;
+
+/// A job's identifier: a positive integer assigned by the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub i64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.trim_start_matches('#')
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(JobId)
+            .ok_or_else(|| format!("{s:?} is not a job id (expected a positive integer)"))
+    }
+}
+
+/// Limits the broker applies to a submitted [`JobSpec`].
+pub mod limits {
+    /// Largest script accepted, in bytes.
+    pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
+    /// Most environment variables a job may set.
+    pub const MAX_ENV_VARS: usize = 128;
+    /// Most labels a job may ask for.
+    pub const MAX_LABELS: usize = 32;
+    /// Longest label or job name, in bytes.
+    pub const MAX_NAME_BYTES: usize = 128;
+    /// Longest environment variable value, in bytes.
+    pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+}
+
+/// What to run. Submitted by a client in `POST /api/v1/jobs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The script, run with `bash --noprofile --norc -eo pipefail` by the shell executor.
+    pub script: String,
+    /// A short human name shown in listings. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Labels an agent must all have to take the job. Default: none (any agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Environment variables for the job. Names match `[A-Za-z_][A-Za-z0-9_]*` and must not
+    /// start with `TESTBOT_`. Default: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock limit in seconds; the agent stops the job after it. Default: the agent's own
+    /// limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+impl JobSpec {
+    /// Checks the spec against [`limits`] and naming rules; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.script.trim().is_empty() {
+            return Err("script is empty".into());
+        }
+        if self.script.len() > limits::MAX_SCRIPT_BYTES {
+            return Err(format!(
+                "script is {} bytes; the limit is {} bytes",
+                self.script.len(),
+                limits::MAX_SCRIPT_BYTES
+            ));
+        }
+        if let Some(name) = &self.name
+            && name.len() > limits::MAX_NAME_BYTES
+        {
+            return Err(format!(
+                "name is longer than {} bytes",
+                limits::MAX_NAME_BYTES
+            ));
+        }
+        if self.labels.len() > limits::MAX_LABELS {
+            return Err(format!(
+                "{} labels given; the limit is {}",
+                self.labels.len(),
+                limits::MAX_LABELS
+            ));
+        }
+        for label in &self.labels {
+            validate_label(label)?;
+        }
+        if self.env.len() > limits::MAX_ENV_VARS {
+            return Err(format!(
+                "{} environment variables given; the limit is {}",
+                self.env.len(),
+                limits::MAX_ENV_VARS
+            ));
+        }
+        for (name, value) in &self.env {
+            validate_env_name(name)?;
+            if value.len() > limits::MAX_ENV_VALUE_BYTES {
+                return Err(format!(
+                    "env.{name} is longer than {} bytes",
+                    limits::MAX_ENV_VALUE_BYTES
+                ));
+            }
+            if value.contains('\0') {
+                return Err(format!("env.{name} contains a NUL byte"));
+            }
+        }
+        if self.timeout_secs == Some(0) {
+            return Err("timeout_secs must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A label is 1–128 characters of `[A-Za-z0-9_.:/=-]`.
+pub fn validate_label(label: &str) -> Result<(), String> {
+    let ok = !label.is_empty()
+        && label.len() <= limits::MAX_NAME_BYTES
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:/=-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "label {label:?} is invalid: use 1-{} characters of A-Z a-z 0-9 _ . : / = -",
+            limits::MAX_NAME_BYTES
+        ))
+    }
+}
+
+/// An environment variable name is `[A-Za-z_][A-Za-z0-9_]*` and not reserved (`TESTBOT_*`).
+pub fn validate_env_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= limits::MAX_NAME_BYTES;
+    if !ok {
+        return Err(format!(
+            "environment variable name {name:?} is invalid: use [A-Za-z_][A-Za-z0-9_]*"
+        ));
+    }
+    if name.starts_with("TESTBOT_") {
+        return Err(format!(
+            "environment variable {name} is reserved: names starting with TESTBOT_ are set by the agent"
+        ));
+    }
+    Ok(())
+}
+
+/// Where a job is in its lifecycle:
+/// `queued → assigned (leased) → running → succeeded | failed | cancelled | error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for an agent.
+    Queued,
+    /// Claimed by an agent under a lease, not started yet.
+    Assigned,
+    /// The agent started it.
+    Running,
+    /// Ran and exited 0.
+    Succeeded,
+    /// Ran and exited non-zero, was killed by a signal, or timed out.
+    Failed,
+    /// Cancelled by a user before or while it ran.
+    Cancelled,
+    /// Could not run: the agent was lost too often, or the executor failed.
+    Error,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
+        JobState::Assigned,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Assigned => "assigned",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::Error => "error",
+        }
+    }
+
+    /// Whether the job has its one final result.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::Error
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                format!(
+                    "unknown job state {s:?}; expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// A job as the broker reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Why the job is in its state, when that needs saying ("timed out after 10s", "agent lost").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The script's exit code, when it exited by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The signal that ended the script, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// How many times an agent has claimed the job.
+    pub attempts: u32,
+    /// The agent holding or last holding the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// A user asked to cancel the job; the agent stops it at its next heartbeat.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// Bytes of log stored so far.
+    pub log_bytes: u64,
+    pub created_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
+}
+
+impl Job {
+    /// The job's final result, once it has one.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.state.is_terminal().then(|| Outcome {
+            state: self.state,
+            exit_code: self.exit_code,
+            signal: self.signal,
+            reason: self.reason.clone(),
+        })
+    }
+
+    /// The process exit code a CLI should end with to mirror this job's result:
+    /// the job's own exit code, 124 for a timeout, 128+N for signal N, 130 when cancelled,
+    /// 1 for other failures and errors.
+    pub fn cli_exit_code(&self) -> i32 {
+        match self.state {
+            JobState::Succeeded => 0,
+            JobState::Failed => match (self.exit_code, self.signal) {
+                (Some(code), _) => code,
+                (None, Some(sig)) => 128 + sig,
+                (None, None) if self.reason.as_deref().is_some_and(is_timeout_reason) => 124,
+                (None, None) => 1,
+            },
+            JobState::Cancelled => 130,
+            _ => 1,
+        }
+    }
+}
+
+/// Whether a failure reason says the job ran out of time.
+pub fn is_timeout_reason(reason: &str) -> bool {
+    reason.starts_with("timed out")
+}
+
+/// Query parameters of `GET /api/v1/jobs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobListQuery {
+    /// Only jobs in this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+    /// At most this many jobs, newest first. Default 50, at most 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// The body of `GET /api/v1/jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_rejects_unknown_fields() {
+        let err = serde_json::from_str::<JobSpec>(r#"{"script":"true","scirpt":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `scirpt`"), "{err}");
+    }
+
+    #[test]
+    fn spec_validation_names_the_field() {
+        let mut spec = JobSpec {
+            script: "true".into(),
+            ..Default::default()
+        };
+        assert_eq!(spec.validate(), Ok(()));
+        spec.env.insert("TESTBOT_JOB_ID".into(), "1".into());
+        assert!(spec.validate().unwrap_err().contains("reserved"));
+        spec.env.clear();
+        spec.env.insert("A B".into(), "1".into());
+        assert!(spec.validate().unwrap_err().contains("\"A B\""));
+        spec.env.clear();
+        spec.labels.push("gpu;rm".into());
+        assert!(spec.validate().unwrap_err().contains("label"));
+    }
+
+    #[test]
+    fn job_state_round_trips() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>(), Ok(state));
+        }
+        assert!(
+            "done"
+                .parse::<JobState>()
+                .unwrap_err()
+                .contains("succeeded")
+        );
+    }
+}

@@ -1,0 +1,52 @@
+//! Wire types shared by the testbot broker, agent and CLI.
+//!
+//! Every type here is part of the HTTP API under `/api/v1`. Request bodies reject unknown fields,
+//! so a typo in a client is an error rather than a silently ignored setting.
+//!
+//! Layout:
+//! - [`jobs`]: what a job is ([`jobs::JobSpec`]), its lifecycle ([`jobs::JobState`]) and the view
+//!   clients see ([`jobs::Job`]).
+//! - [`agents`]: the agent side of the protocol: poll, assignment, start, heartbeat.
+//! - [`logs`]: log chunks (keyed by byte offset) and the line format of a stored log.
+//! - [`results`]: how a job ended, as reported by the agent.
+//! - [`error`]: the JSON error envelope every endpoint uses.
+//! - [`client`] (feature `client`): a typed HTTP client for the broker.
+
+pub mod agents;
+#[cfg(feature = "client")]
+pub mod client;
+pub mod error;
+pub mod jobs;
+pub mod logs;
+pub mod results;
+
+/// Sets up `tracing` for a daemon or CLI: `RUST_LOG`-style filter (default `default_filter`),
+/// written to stderr, with colours only on a terminal.
+#[cfg(feature = "telemetry")]
+pub fn init_tracing(default_filter: &str) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// The API version prefix every route lives under.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// Milliseconds since the Unix epoch, the timestamp unit of the whole API.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Formats a millisecond timestamp as RFC 3339 (UTC, millisecond precision).
+pub fn format_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
