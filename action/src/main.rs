@@ -1,1 +1,293 @@
-fn main() {}
+//! `testbot`: the command-line client for the broker, and `testbot up`, a one-machine fleet.
+//!
+//! Layout: this file parses flags and dispatches; [`output`] renders jobs and logs;
+//! [`up`] runs a broker and a local agent in one process.
+
+mod output;
+mod up;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
+use testbot_proto::client::{BrokerClient, follow_log};
+use testbot_proto::jobs::{JobId, JobListQuery, JobSpec, JobState};
+
+use crate::output::LogPrinter;
+
+/// testbot: run CI jobs on the machines where research software really runs.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Opts {
+    /// The broker's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "TESTBOT_URL",
+        default_value = "http://127.0.0.1:8471"
+    )]
+    url: String,
+    /// The bearer token for the broker (an operator token for now).
+    #[arg(long, global = true, env = "TESTBOT_TOKEN", hide_env_values = true)]
+    token: Option<SecretString>,
+    /// Print machine-readable JSON instead of human text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Submit a job, follow its log live and exit with its exit code (Ctrl-C cancels it).
+    Run {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Show each log line's timestamp.
+        #[arg(long)]
+        timestamps: bool,
+    },
+    /// Submit a job and print its id.
+    Submit {
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Print a job's log; with -f, follow it until the job ends.
+    Logs {
+        job: JobId,
+        /// Follow the log live until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Show each log line's timestamp.
+        #[arg(long)]
+        timestamps: bool,
+    },
+    /// Cancel a job: a queued job ends at once, a running one is stopped by its agent.
+    Cancel { job: JobId },
+    /// Show one job.
+    Status { job: JobId },
+    /// List jobs, newest first.
+    Jobs {
+        /// Only jobs in this state (queued, assigned, running, succeeded, failed, cancelled, error).
+        #[arg(long)]
+        state: Option<JobState>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Run a one-machine fleet in the foreground: a broker on SQLite and a local shell agent.
+    Up(up::UpOpts),
+}
+
+/// What to run, for `run` and `submit`.
+#[derive(Debug, Args)]
+struct JobArgs {
+    /// Read the script from this file instead of the command line.
+    #[arg(short, long, conflicts_with = "script")]
+    file: Option<PathBuf>,
+    /// A label the agent must have (repeatable).
+    #[arg(short, long = "label")]
+    labels: Vec<String>,
+    /// An environment variable for the job, NAME=VALUE (repeatable).
+    #[arg(short, long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Time limit, e.g. 90s, 10m, 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// A short name shown in listings.
+    #[arg(long)]
+    name: Option<String>,
+    /// The script (words are joined with spaces), run with bash -eo pipefail.
+    #[arg(last = true)]
+    script: Vec<String>,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    Ok((name.to_string(), value.to_string()))
+}
+
+impl JobArgs {
+    fn into_spec(self) -> anyhow::Result<JobSpec> {
+        let JobArgs {
+            file,
+            labels,
+            env,
+            timeout,
+            name,
+            script,
+        } = self;
+        let script = match file {
+            Some(path) => std::fs::read_to_string(&path)
+                .with_context(|| format!("Cannot read {}", path.display()))?,
+            None if script.is_empty() => {
+                anyhow::bail!(
+                    "give the script after --, e.g. testbot run -- 'make test', or use --file"
+                )
+            }
+            None => script.join(" "),
+        };
+        let spec = JobSpec {
+            script,
+            name,
+            labels,
+            env: env.into_iter().collect::<BTreeMap<_, _>>(),
+            timeout_secs: timeout.map(|t| t.as_secs().max(1)),
+        };
+        spec.validate()
+            .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
+        Ok(spec)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    testbot_proto::init_tracing("warn");
+    match try_main(Opts::parse()).await {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(err) => {
+            eprintln!("testbot: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn client(url: &str, token: Option<SecretString>) -> anyhow::Result<BrokerClient> {
+    let token = token.context(
+        "no token: set TESTBOT_TOKEN (for `testbot up`, it is in DATA_DIR/admin.token) or pass --token",
+    )?;
+    Ok(BrokerClient::new(url, token)?)
+}
+
+/// Runs the command; returns the process exit code.
+async fn try_main(opts: Opts) -> anyhow::Result<i32> {
+    let Opts {
+        url,
+        token,
+        json,
+        command,
+    } = opts;
+    match command {
+        Command::Up(up) => up::run(up).await.map(|()| 0),
+        Command::Run { job, timestamps } => {
+            let client = client(&url, token)?;
+            run_job(&client, job.into_spec()?, json, timestamps).await
+        }
+        Command::Submit { job } => {
+            let client = client(&url, token)?;
+            let job = client.submit(&job.into_spec()?).await?;
+            if json {
+                output::print_json(&job)?;
+            } else {
+                println!("{}", job.id);
+            }
+            Ok(0)
+        }
+        Command::Logs {
+            job,
+            follow,
+            timestamps,
+        } => {
+            let client = client(&url, token)?;
+            let mut printer = LogPrinter::new(timestamps, false);
+            if follow {
+                let job = follow_log(&client, job, 0, |bytes| printer.write(bytes)).await?;
+                printer.finish();
+                return Ok(job.cli_exit_code());
+            }
+            use futures_util::StreamExt as _;
+            let stream = client.log_stream(job, 0, false).await?;
+            let mut stream = std::pin::pin!(stream);
+            while let Some(bytes) = stream.next().await {
+                printer.write(&bytes?);
+            }
+            printer.finish();
+            Ok(0)
+        }
+        Command::Cancel { job } => {
+            let client = client(&url, token)?;
+            let job = client.cancel(job).await?;
+            if json {
+                output::print_json(&job)?;
+            } else if job.state.is_terminal() {
+                println!("job {} is {}", job.id, output::describe_state(&job));
+            } else {
+                println!("job {}: cancel requested; its agent will stop it", job.id);
+            }
+            Ok(0)
+        }
+        Command::Status { job } => {
+            let client = client(&url, token)?;
+            let job = client.job(job).await?;
+            if json {
+                output::print_json(&job)?;
+            } else {
+                output::print_job(&job);
+            }
+            Ok(0)
+        }
+        Command::Jobs { state, limit } => {
+            let client = client(&url, token)?;
+            let list = client
+                .jobs(&JobListQuery {
+                    state,
+                    limit: Some(limit),
+                })
+                .await?;
+            if json {
+                output::print_json(&list)?;
+            } else {
+                output::print_jobs(&list.jobs);
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Submits, follows the log live, and returns the job's exit code. The first Ctrl-C cancels the
+/// remote job (and keeps following until it ends); a second one exits at once.
+async fn run_job(
+    client: &BrokerClient,
+    spec: JobSpec,
+    json: bool,
+    timestamps: bool,
+) -> anyhow::Result<i32> {
+    let job = client.submit(&spec).await?;
+    let id = job.id;
+    if !json {
+        eprintln!("testbot: job {id} queued at {}", client.base_url());
+    }
+    let mut printer = LogPrinter::new(timestamps, json);
+    let follow = follow_log(client, id, 0, |bytes| printer.write(bytes));
+    let mut follow = Box::pin(follow);
+    let mut interrupts = 0;
+    let job = loop {
+        tokio::select! {
+            job = &mut follow => break job?,
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                if interrupts > 1 {
+                    eprintln!("testbot: not waiting for job {id} to stop");
+                    return Ok(130);
+                }
+                eprintln!("testbot: cancelling job {id} (Ctrl-C again to stop waiting)");
+                if let Err(err) = client.cancel(id).await {
+                    eprintln!("testbot: cannot cancel job {id}: {err}");
+                }
+            }
+        }
+    };
+    drop(follow);
+    printer.finish();
+    // The log's last line already says how a job that did not succeed ended.
+    if json {
+        output::print_json(&job)?;
+    }
+    Ok(job.cli_exit_code())
+}

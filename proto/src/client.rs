@@ -230,8 +230,11 @@ impl BrokerClient {
             lease: lease.to_string(),
             wait_ms: Some(wait.as_millis() as u64),
         };
-        self.post(&format!("/agent/jobs/{id}/heartbeat"), &body)
-            .await
+        let req = self
+            .request(Method::POST, &format!("/agent/jobs/{id}/heartbeat"))
+            .timeout(wait + REQUEST_TIMEOUT)
+            .json(&body);
+        self.send(req).await
     }
 
     pub async fn append_log(&self, id: JobId, chunk: &LogChunk) -> Result<LogAck, ClientError> {
@@ -265,4 +268,99 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError
         code,
         message,
     })
+}
+
+/// Exponential backoff with jitter for retrying a broker that is unreachable.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            next: min,
+            min,
+            max,
+        }
+    }
+
+    /// The default for agents and CLIs: 100 ms doubling up to 30 s.
+    pub fn standard() -> Self {
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
+    }
+
+    /// The next delay: a random duration in [d/2, d] for the current step d, which then doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half = step / 2;
+        half + half.mul_f64(random_unit())
+    }
+
+    /// After a success: start again from the minimum.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// A uniformly random number in [0, 1), from the process's random hasher keys (no extra crate
+/// needed for jitter).
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Follows a job's log to its end, resuming from the last byte received whenever the stream
+/// breaks or the broker is unreachable (for example while it restarts). Each piece of log is
+/// passed to `on_bytes` exactly once. Returns the finished job.
+pub async fn follow_log(
+    client: &BrokerClient,
+    id: JobId,
+    mut offset: u64,
+    mut on_bytes: impl FnMut(&[u8]),
+) -> Result<Job, ClientError> {
+    use futures_util::StreamExt as _;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let mut broke = false;
+        match client.log_stream(id, offset, true).await {
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(bytes) => {
+                            backoff.reset();
+                            offset += bytes.len() as u64;
+                            on_bytes(&bytes);
+                        }
+                        Err(_) => {
+                            broke = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(err) if err.is_retryable() => broke = true,
+            Err(err) => return Err(err),
+        }
+        if !broke {
+            match client.job(id).await {
+                Ok(job) if job.state.is_terminal() && job.log_bytes <= offset => return Ok(job),
+                Ok(_) => {}
+                Err(err) if err.is_retryable() => {}
+                Err(err) => return Err(err),
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }

@@ -1,0 +1,136 @@
+//! Rendering jobs and logs for people (and JSON for scripts).
+
+use std::io::Write as _;
+
+use testbot_proto::format_ms;
+use testbot_proto::jobs::Job;
+use testbot_proto::logs::{Stream, parse_line};
+
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `succeeded`, `failed (exit code 3)`, `cancelled (cancelled by a user)`...
+pub fn describe_state(job: &Job) -> String {
+    match &job.reason {
+        Some(reason) => format!("{} ({reason})", job.state),
+        None => job.state.to_string(),
+    }
+}
+
+pub fn print_job(job: &Job) {
+    println!("job {}: {}", job.id, describe_state(job));
+    if let Some(name) = &job.spec.name {
+        println!("  name:      {name}");
+    }
+    if let Some(agent) = &job.agent {
+        println!("  agent:     {agent} (attempt {})", job.attempts);
+    }
+    if !job.spec.labels.is_empty() {
+        println!("  labels:    {}", job.spec.labels.join(", "));
+    }
+    println!("  created:   {}", format_ms(job.created_at_ms));
+    if let Some(started) = job.started_at_ms {
+        println!("  started:   {}", format_ms(started));
+    }
+    if let Some(finished) = job.finished_at_ms {
+        let took = job
+            .started_at_ms
+            .map(|s| format!(" (ran {:.1}s)", (finished - s) as f64 / 1000.0))
+            .unwrap_or_default();
+        println!("  finished:  {}{took}", format_ms(finished));
+    }
+    if job.cancel_requested && !job.state.is_terminal() {
+        println!("  cancel:    requested");
+    }
+    println!("  log:       {} bytes", job.log_bytes);
+    println!("  script:    {}", first_line(&job.spec.script, 70));
+}
+
+pub fn print_jobs(jobs: &[Job]) {
+    println!(
+        "{:>7}  {:<10} {:<16} {:>3}  {:<24} WHAT",
+        "ID", "STATE", "AGENT", "TRY", "CREATED"
+    );
+    for job in jobs {
+        let what = job
+            .spec
+            .name
+            .clone()
+            .unwrap_or_else(|| first_line(&job.spec.script, 40));
+        println!(
+            "{:>7}  {:<10} {:<16} {:>3}  {:<24} {what}",
+            job.id,
+            job.state.as_str(),
+            job.agent.as_deref().unwrap_or("-"),
+            job.attempts,
+            format_ms(job.created_at_ms),
+        );
+    }
+}
+
+fn first_line(text: &str, max: usize) -> String {
+    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    if line.chars().count() > max {
+        format!("{}…", line.chars().take(max).collect::<String>())
+    } else {
+        line.to_string()
+    }
+}
+
+/// Prints a stored log as the job printed it: stdout lines to stdout, stderr lines and testbot's
+/// own messages to stderr. Pieces may split lines anywhere; partial lines wait for their end.
+pub struct LogPrinter {
+    partial: Vec<u8>,
+    timestamps: bool,
+    /// Send everything to stderr (stdout is reserved for JSON).
+    all_to_stderr: bool,
+}
+
+impl LogPrinter {
+    pub fn new(timestamps: bool, all_to_stderr: bool) -> Self {
+        LogPrinter {
+            partial: Vec::new(),
+            timestamps,
+            all_to_stderr,
+        }
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        let Some(last_nl) = self.partial.iter().rposition(|b| *b == b'\n') else {
+            return;
+        };
+        let complete: Vec<u8> = self.partial.drain(..=last_nl).collect();
+        self.print(&String::from_utf8_lossy(&complete));
+    }
+
+    pub fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.print(&String::from_utf8_lossy(&rest));
+        }
+    }
+
+    fn print(&self, text: &str) {
+        let stdout = std::io::stdout();
+        let stderr = std::io::stderr();
+        let mut out = stdout.lock();
+        let mut err = stderr.lock();
+        for line in text.lines() {
+            let record = parse_line(line);
+            let stamp = if self.timestamps && !record.timestamp.is_empty() {
+                format!("{} ", record.timestamp)
+            } else {
+                String::new()
+            };
+            let _ = match record.stream {
+                Stream::Stdout if !self.all_to_stderr => writeln!(out, "{stamp}{}", record.text),
+                _ => writeln!(err, "{stamp}{}", record.text),
+            };
+        }
+        let _ = out.flush();
+        let _ = err.flush();
+    }
+}

@@ -1,0 +1,185 @@
+//! The agent process: `concurrency` workers, each polling the broker and running one job at a
+//! time, with a two-stage shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use testbot_proto::agents::PollRequest;
+use testbot_proto::client::{Backoff, BrokerClient};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::config::{AgentConfig, ExecutorKind};
+use crate::executor::{Executor, NoopExecutor, ShellExecutor};
+use crate::job::JobRunner;
+
+/// Signals the agent reacts to.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Cancelled on the first SIGTERM/SIGINT: take no new work, let running jobs finish.
+    pub drain: CancellationToken,
+    /// Cancelled on the second: stop running jobs, report them cancelled, exit.
+    pub hard: CancellationToken,
+}
+
+impl Shutdown {
+    /// Drains on the first SIGTERM or SIGINT, stops hard on the second.
+    pub fn from_signals() -> anyhow::Result<Shutdown> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let shutdown = Shutdown::default();
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let (drain, hard) = (shutdown.drain.clone(), shutdown.hard.clone());
+        tokio::spawn(async move {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::info!(
+                "Draining: taking no new jobs; running jobs will finish. Signal again to cancel them."
+            );
+            drain.cancel();
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::warn!("Stopping: cancelling running jobs.");
+            hard.cancel();
+        });
+        Ok(shutdown)
+    }
+}
+
+/// A configured agent, ready to run.
+pub struct Agent {
+    name: String,
+    labels: Vec<String>,
+    concurrency: usize,
+    poll_wait: Duration,
+    runner: Arc<JobRunner>,
+}
+
+impl Agent {
+    /// An agent with the executor its configuration names.
+    pub fn new(config: AgentConfig) -> anyhow::Result<Agent> {
+        let executor: Arc<dyn Executor> = match config.executor {
+            ExecutorKind::Shell => Arc::new(ShellExecutor {
+                kill_grace: config.kill_grace,
+            }),
+            ExecutorKind::Noop => Arc::new(NoopExecutor),
+        };
+        Agent::with_executor(config, executor)
+    }
+
+    /// An agent running jobs with `executor` (benchmarks and tests plug in their own).
+    pub fn with_executor(
+        config: AgentConfig,
+        executor: Arc<dyn Executor>,
+    ) -> anyhow::Result<Agent> {
+        let token = config.resolve_token()?;
+        let name = config.resolve_name();
+        let client = BrokerClient::new(&config.broker_url, token)?;
+        std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
+            anyhow::anyhow!(
+                "Cannot create work directory {}: {e}",
+                config.work_dir.display()
+            )
+        })?;
+        Ok(Agent {
+            runner: Arc::new(JobRunner {
+                client,
+                executor,
+                agent: name.clone(),
+                work_dir: config.work_dir,
+                max_job_time: config.max_job_time,
+                keep_job_dirs: config.keep_job_dirs,
+            }),
+            name,
+            labels: config.labels,
+            concurrency: config.concurrency,
+            poll_wait: config.poll_wait,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs until drained (first signal: running jobs finish) or stopped (second: they are
+    /// cancelled and reported).
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        tracing::info!(
+            agent = %self.name,
+            broker = %self.runner.client.base_url(),
+            executor = self.runner.executor.name(),
+            concurrency = self.concurrency,
+            "Agent started."
+        );
+        let mut workers = tokio::task::JoinSet::new();
+        for slot in 0..self.concurrency {
+            let worker = Worker {
+                runner: self.runner.clone(),
+                poll: PollRequest {
+                    agent: self.name.clone(),
+                    labels: self.labels.clone(),
+                    executor: self.runner.executor.name().to_string(),
+                    wait_ms: Some(self.poll_wait.as_millis() as u64),
+                },
+                shutdown: shutdown.clone(),
+            };
+            workers.spawn(worker.run().instrument(tracing::info_span!("worker", slot)));
+        }
+        while let Some(result) = workers.join_next().await {
+            result?;
+        }
+        tracing::info!(agent = %self.name, "Agent stopped.");
+        Ok(())
+    }
+}
+
+struct Worker {
+    runner: Arc<JobRunner>,
+    poll: PollRequest,
+    shutdown: Shutdown,
+}
+
+impl Worker {
+    async fn run(self) {
+        let mut backoff = Backoff::standard();
+        let mut unreachable_since = None;
+        while !self.shutdown.drain.is_cancelled() {
+            let polled = tokio::select! {
+                polled = self.runner.client.poll(&self.poll) => polled,
+                _ = self.shutdown.drain.cancelled() => break,
+            };
+            match polled {
+                Ok(Some(assignment)) => {
+                    backoff.reset();
+                    if unreachable_since.take().is_some() {
+                        tracing::info!("Broker reachable again.");
+                    }
+                    let id = assignment.job_id;
+                    self.runner
+                        .run(assignment, &self.shutdown.hard)
+                        .instrument(tracing::info_span!("job", job_id = %id))
+                        .await;
+                }
+                Ok(None) => {
+                    backoff.reset();
+                    if unreachable_since.take().is_some() {
+                        tracing::info!("Broker reachable again.");
+                    }
+                }
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    if err.is_retryable() {
+                        if unreachable_since.is_none() {
+                            unreachable_since = Some(tokio::time::Instant::now());
+                        }
+                        tracing::warn!(%err, ?delay, "Broker unreachable; retrying.");
+                    } else {
+                        tracing::error!(%err, ?delay, "The broker refused the poll; retrying.");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.drain.cancelled() => break,
+                    }
+                }
+            }
+        }
+    }
+}

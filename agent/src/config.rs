@@ -1,0 +1,253 @@
+//! The agent's TOML configuration file.
+//!
+//! ```toml
+//! broker_url = "https://testbot.example.org"
+//! token_file = "/etc/testbot/agent.token"
+//! name = "login1"
+//! labels = ["linux", "x86_64"]
+//! concurrency = 2
+//! work_dir = "/var/lib/testbot-agent"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+
+/// Which executor runs the jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// `bash` in a fresh directory, in its own process group.
+    Shell,
+    /// Runs nothing and reports success: for measuring the broker and protocol alone.
+    Noop,
+}
+
+impl ExecutorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorKind::Shell => "shell",
+            ExecutorKind::Noop => "noop",
+        }
+    }
+}
+
+/// The agent's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The broker's base URL (`https://...`; `http://` only for loopback and tests).
+    pub broker_url: String,
+    /// The agent token, inline. Prefer `token_file`. One of the two is required.
+    #[serde(default)]
+    pub token: Option<SecretString>,
+    /// A file holding the agent token (first line).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The agent's name in the fleet. Default: the host name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Labels offered to jobs. Default: none.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// How many jobs run at once. Default: 1.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Where job directories are created (`WORK_DIR/jobs/job-ID-ATTEMPT`). Default:
+    /// `/var/lib/testbot-agent`.
+    #[serde(default = "default_work_dir")]
+    pub work_dir: PathBuf,
+    /// The executor. Default: `shell`.
+    #[serde(default = "default_executor")]
+    pub executor: ExecutorKind,
+    /// Time limit for jobs that set none, and the most a job may ask for. Default: `6h`.
+    #[serde(default = "default_max_job_time", deserialize_with = "de_duration")]
+    pub max_job_time: Duration,
+    /// After SIGTERM, how long a cancelled or timed-out job has before SIGKILL. Default: `10s`.
+    #[serde(default = "default_kill_grace", deserialize_with = "de_duration")]
+    pub kill_grace: Duration,
+    /// How long one poll may wait at the broker for work. Default: `30s`.
+    #[serde(default = "default_poll_wait", deserialize_with = "de_duration")]
+    pub poll_wait: Duration,
+    /// Keep each job's directory after it ends (for debugging). Default: false.
+    #[serde(default)]
+    pub keep_job_dirs: bool,
+}
+
+fn default_concurrency() -> usize {
+    1
+}
+fn default_work_dir() -> PathBuf {
+    PathBuf::from("/var/lib/testbot-agent")
+}
+fn default_executor() -> ExecutorKind {
+    ExecutorKind::Shell
+}
+fn default_max_job_time() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+fn default_kill_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_poll_wait() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Durations are written as humans do: `90s`, `10m`, `6h`.
+fn de_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration ({e}); write e.g. \"90s\", \"10m\", \"6h\""
+        ))
+    })
+}
+
+impl AgentConfig {
+    /// A configuration with every default, for embedding (tests, `testbot up`).
+    pub fn new(broker_url: impl Into<String>, token: SecretString, work_dir: PathBuf) -> Self {
+        AgentConfig {
+            broker_url: broker_url.into(),
+            token: Some(token),
+            token_file: None,
+            name: None,
+            labels: Vec::new(),
+            concurrency: default_concurrency(),
+            work_dir,
+            executor: default_executor(),
+            max_job_time: default_max_job_time(),
+            kill_grace: default_kill_grace(),
+            poll_wait: default_poll_wait(),
+            keep_job_dirs: false,
+        }
+    }
+
+    /// Reads and validates a configuration file; errors name the file, line and column.
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("Cannot read {}", path.display()))?;
+        let config = Self::parse(&text).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Parses configuration text. The error starts with `LINE:COL: ` when it has a position.
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().to_string();
+            match e.span() {
+                Some(span) => {
+                    let (line, col) = line_col(text, span.start);
+                    format!("{line}:{col}: {message}")
+                }
+                None => format!(" {message}"),
+            }
+        })?;
+        config.validate().map_err(|e| format!(" {e}"))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(self.broker_url.starts_with("http://") || self.broker_url.starts_with("https://")) {
+            return Err(format!(
+                "broker_url {:?} must start with https:// (or http:// for loopback)",
+                self.broker_url
+            ));
+        }
+        if self.token.is_none() && self.token_file.is_none() {
+            return Err("set token_file (or token) to the agent token".into());
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            return Err("set only one of token and token_file".into());
+        }
+        if self.concurrency == 0 || self.concurrency > 1024 {
+            return Err("concurrency must be between 1 and 1024".into());
+        }
+        if let Some(name) = &self.name {
+            testbot_proto::jobs::validate_label(name).map_err(|e| format!("name: {e}"))?;
+        }
+        for label in &self.labels {
+            testbot_proto::jobs::validate_label(label).map_err(|e| format!("labels: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The token, read from `token_file` if that is how it is given.
+    pub fn resolve_token(&self) -> anyhow::Result<SecretString> {
+        if let Some(token) = &self.token {
+            return Ok(token.clone());
+        }
+        let path = self
+            .token_file
+            .as_ref()
+            .context("The configuration sets neither token nor token_file")?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("Cannot read the agent token from {}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
+        Ok(SecretString::from(token))
+    }
+
+    /// The configured name, or the host name.
+    pub fn resolve_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| testbot_proto::jobs::validate_label(h).is_ok())
+            .unwrap_or_else(|| "agent".to_string())
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config() {
+        let config = AgentConfig::parse(
+            r#"
+broker_url = "https://testbot.example.org"
+token_file = "/etc/testbot/agent.token"
+name = "login1"
+labels = ["linux", "x86_64"]
+concurrency = 4
+executor = "shell"
+max_job_time = "2h"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.concurrency, 4);
+        assert_eq!(config.max_job_time, Duration::from_secs(7200));
+        assert_eq!(config.kill_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let err = AgentConfig::parse("broker_url = \"https://x\"\ntoken = \"t\"\nconcurency = 2\n")
+            .unwrap_err();
+        assert!(err.starts_with("3:1: unknown field `concurency`"), "{err}");
+        let err = AgentConfig::parse(
+            "broker_url = \"https://x\"\ntoken = \"t\"\nkill_grace = \"soon\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("\"soon\" is not a duration"), "{err}");
+        let err = AgentConfig::parse("broker_url = \"https://x\"\n").unwrap_err();
+        assert!(err.contains("token_file"), "{err}");
+    }
+}

@@ -1,0 +1,204 @@
+//! The shell executor: `bash --noprofile --norc -eo pipefail script.sh` in a fresh job
+//! directory, in its own process group, with a clean environment.
+//!
+//! Stopping a job (cancel, timeout, agent shutdown) sends SIGTERM to the whole group, then
+//! SIGKILL after the grace period. When the script ends by itself, whatever it left running in
+//! its group is killed too, so no job leaves processes behind.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use testbot_proto::logs::{MAX_LINE_BYTES, Stream};
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use super::{BoxFuture, ExecOutcome, Executor, JobContext, LogSink};
+
+/// How long to wait for output pipes to close after the process group is gone.
+const PIPE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Variables passed through from the agent's own environment when set.
+const PASSTHROUGH_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ"];
+
+#[derive(Debug, Clone)]
+pub struct ShellExecutor {
+    /// Time between SIGTERM and SIGKILL when a job is stopped.
+    pub kill_grace: Duration,
+}
+
+impl Executor for ShellExecutor {
+    fn name(&self) -> &'static str {
+        "shell"
+    }
+
+    fn run<'a>(
+        &'a self,
+        job: &'a JobContext,
+        log: LogSink,
+        stop: CancellationToken,
+    ) -> BoxFuture<'a, anyhow::Result<ExecOutcome>> {
+        Box::pin(self.run_job(job, log, stop))
+    }
+
+    fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(err) = tokio::fs::remove_dir_all(&job.dir).await
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(job_id = %job.id, dir = %job.dir.display(), ?err, "Cannot remove the job directory.");
+            }
+        })
+    }
+}
+
+impl ShellExecutor {
+    async fn run_job(
+        &self,
+        job: &JobContext,
+        log: LogSink,
+        stop: CancellationToken,
+    ) -> anyhow::Result<ExecOutcome> {
+        let script = job.dir.join("script.sh");
+        tokio::fs::write(&script, &job.spec.script)
+            .await
+            .with_context(|| format!("Cannot write {}", script.display()))?;
+        let tmp = job.dir.join("tmp");
+        tokio::fs::create_dir_all(&tmp).await?;
+        let workspace = job.dir.join("workspace");
+        tokio::fs::create_dir_all(&workspace).await?;
+
+        let mut command = Command::new("bash");
+        command
+            .args(["--noprofile", "--norc", "-eo", "pipefail"])
+            .arg(&script)
+            .current_dir(&workspace)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        for name in PASSTHROUGH_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            command.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        }
+        command.envs(&job.spec.env);
+        command
+            .env("CI", "true")
+            .env("TESTBOT", "true")
+            .env("TMPDIR", &tmp)
+            .env("TESTBOT_JOB_ID", job.id.to_string())
+            .env("TESTBOT_ATTEMPT", job.attempt.to_string())
+            .env("TESTBOT_AGENT", &job.agent)
+            .env("TESTBOT_JOB_DIR", &job.dir)
+            .env("TESTBOT_WORKSPACE", &workspace);
+
+        let mut child = command.spawn().context("Cannot start bash")?;
+        let pgid = Pid::from_raw(
+            child
+                .id()
+                .context("bash exited before it could be tracked")? as i32,
+        );
+        tracing::debug!(job_id = %job.id, pgid = pgid.as_raw(), "Job process started.");
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let readers = tokio::spawn(read_lines(stdout, Stream::Stdout, log.clone()));
+        let readers_err = tokio::spawn(read_lines(stderr, Stream::Stderr, log.clone()));
+
+        let outcome = tokio::select! {
+            status = child.wait() => status_outcome(status?),
+            _ = tokio::time::sleep(job.timeout) => {
+                log.system(format!("timed out after {}; stopping the job", humantime::format_duration(job.timeout))).await;
+                self.terminate(&mut child, pgid).await;
+                ExecOutcome::TimedOut(job.timeout)
+            }
+            _ = stop.cancelled() => {
+                self.terminate(&mut child, pgid).await;
+                ExecOutcome::Stopped
+            }
+        };
+        // Whatever the script left running in its group goes with it.
+        kill_group(pgid, Signal::SIGKILL);
+        for reader in [readers, readers_err] {
+            if tokio::time::timeout(PIPE_DRAIN_TIMEOUT, reader)
+                .await
+                .is_err()
+            {
+                tracing::warn!(job_id = %job.id, "A process outside the job's group kept its output open; stopped reading.");
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// SIGTERM to the group, SIGKILL after the grace period; waits for the script to exit.
+    async fn terminate(&self, child: &mut Child, pgid: Pid) {
+        kill_group(pgid, Signal::SIGTERM);
+        if tokio::time::timeout(self.kill_grace, child.wait())
+            .await
+            .is_err()
+        {
+            kill_group(pgid, Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+    }
+}
+
+fn kill_group(pgid: Pid, signal: Signal) {
+    match killpg(pgid, signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(err) => tracing::warn!(
+            pgid = pgid.as_raw(),
+            ?err,
+            "Cannot signal the job's process group."
+        ),
+    }
+}
+
+fn status_outcome(status: std::process::ExitStatus) -> ExecOutcome {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExecOutcome::Exited(code),
+        (None, Some(signal)) => ExecOutcome::Signalled(signal),
+        (None, None) => ExecOutcome::Exited(-1),
+    }
+}
+
+/// Reads a pipe line by line (lines longer than [`MAX_LINE_BYTES`] are split) into the sink.
+async fn read_lines(pipe: impl AsyncRead + Unpin, stream: Stream, log: LogSink) {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        let available = match reader.fill_buf().await {
+            Ok(buf) => buf,
+            Err(err) => {
+                tracing::warn!(?err, "Cannot read job output.");
+                break;
+            }
+        };
+        if available.is_empty() {
+            break;
+        }
+        let (take, complete) = match available.iter().position(|b| *b == b'\n') {
+            Some(pos) => (pos + 1, true),
+            None => (available.len(), false),
+        };
+        line.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        if complete || line.len() >= MAX_LINE_BYTES {
+            log.line(stream, String::from_utf8_lossy(&line).into_owned())
+                .await;
+            line.clear();
+        }
+    }
+    if !line.is_empty() {
+        log.line(stream, String::from_utf8_lossy(&line).into_owned())
+            .await;
+    }
+}

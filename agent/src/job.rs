@@ -1,0 +1,242 @@
+//! Running one assignment: start → run (with heartbeats and live log) → finish.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use testbot_proto::agents::Assignment;
+use testbot_proto::client::{Backoff, BrokerClient, ClientError};
+use testbot_proto::jobs::JobState;
+use testbot_proto::results::{FinishRequest, Outcome};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::{ExecOutcome, Executor, JobContext, LogSink, fresh_dir};
+use crate::ship::{ShipEnd, ship_log};
+
+/// Lines buffered between the executor and the shipper.
+const LOG_CHANNEL_CAPACITY: usize = 4096;
+
+/// Why a running job was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// A user cancelled it.
+    Cancelled,
+    /// The broker no longer honours our lease; the job belongs to someone else now.
+    LeaseLost,
+}
+
+/// What a worker needs to run jobs.
+pub struct JobRunner {
+    pub client: BrokerClient,
+    pub executor: Arc<dyn Executor>,
+    pub agent: String,
+    pub work_dir: std::path::PathBuf,
+    pub max_job_time: Duration,
+    pub keep_job_dirs: bool,
+}
+
+impl JobRunner {
+    /// Runs one assigned job to its reported end. `hard_stop` cancels the job (second signal).
+    pub async fn run(&self, assignment: Assignment, hard_stop: &CancellationToken) {
+        let id = assignment.job_id;
+        let lease = assignment.lease.clone();
+
+        // start: the broker marks the job running, or tells us it was cancelled meanwhile.
+        let status = match self
+            .with_retry(assignment.lease_ttl_ms, || self.client.start(id, &lease))
+            .await
+        {
+            Ok(status) => status,
+            Err(err) => {
+                tracing::warn!(job_id = %id, %err, "Cannot start the job; leaving it to the broker.");
+                return;
+            }
+        };
+        if status.cancel_requested {
+            let outcome = Outcome::with_state(JobState::Cancelled, "cancelled before it started");
+            self.finish(id, &lease, outcome).await;
+            return;
+        }
+        tracing::info!(job_id = %id, attempt = assignment.attempt, "Job started.");
+
+        let timeout = assignment
+            .spec
+            .timeout_secs
+            .map(Duration::from_secs)
+            .map_or(self.max_job_time, |t| t.min(self.max_job_time));
+        let ctx = JobContext {
+            id,
+            attempt: assignment.attempt,
+            agent: self.agent.clone(),
+            dir: self
+                .work_dir
+                .join("jobs")
+                .join(format!("job-{id}-{}", assignment.attempt)),
+            spec: assignment.spec,
+            timeout,
+        };
+        let (sink, rx) = LogSink::new(LOG_CHANNEL_CAPACITY);
+        let shipper = tokio::spawn(ship_log(
+            self.client.clone(),
+            id,
+            lease.clone(),
+            assignment.log_offset,
+            rx,
+        ));
+
+        let stop = hard_stop.child_token();
+        let stop_reason = Arc::new(Mutex::new(None::<StopReason>));
+        let heartbeats = tokio::spawn(heartbeat_loop(
+            self.client.clone(),
+            id,
+            lease.clone(),
+            Duration::from_millis(assignment.heartbeat_interval_ms.max(100)),
+            stop.clone(),
+            stop_reason.clone(),
+        ));
+
+        sink.system(format!(
+            "running on agent {} with the {} executor (attempt {})",
+            self.agent,
+            self.executor.name(),
+            ctx.attempt
+        ))
+        .await;
+        let result = match fresh_dir(&ctx.dir).await {
+            Ok(()) => self.executor.run(&ctx, sink.clone(), stop.clone()).await,
+            Err(err) => Err(err),
+        };
+        if !self.keep_job_dirs {
+            self.executor.cleanup(&ctx).await;
+        }
+        let reason = *stop_reason.lock().expect("stop reason poisoned");
+        let outcome = match result {
+            Ok(ExecOutcome::Exited(code)) => Outcome::exited(code),
+            Ok(ExecOutcome::Signalled(signal)) => Outcome::signalled(signal),
+            Ok(ExecOutcome::TimedOut(limit)) => Outcome::with_state(
+                JobState::Failed,
+                format!("timed out after {}", humantime::format_duration(limit)),
+            ),
+            Ok(ExecOutcome::Stopped) => match reason {
+                Some(StopReason::Cancelled) => {
+                    Outcome::with_state(JobState::Cancelled, "cancelled by a user")
+                }
+                Some(StopReason::LeaseLost) => Outcome::with_state(JobState::Error, "lease lost"),
+                // Only the agent's own hard stop cancels without a reason.
+                None => Outcome::with_state(
+                    JobState::Cancelled,
+                    format!("cancelled: agent {} shut down", self.agent),
+                ),
+            },
+            Err(err) => {
+                tracing::error!(job_id = %id, ?err, "The executor failed.");
+                sink.system(format!("the executor failed: {err:#}")).await;
+                Outcome::with_state(JobState::Error, format!("executor failed: {err:#}"))
+            }
+        };
+        if let Some(reason) = &outcome.reason {
+            sink.system(reason.clone()).await;
+        }
+        drop(sink);
+        let shipped = shipper
+            .await
+            .unwrap_or(ShipEnd::Refused("log shipper panicked".into()));
+        if shipped == ShipEnd::LeaseLost || reason == Some(StopReason::LeaseLost) {
+            heartbeats.abort();
+            tracing::warn!(job_id = %id, "The lease was lost; the broker has handed the job on. Not reporting a result.");
+            return;
+        }
+        self.finish(id, &lease, outcome).await;
+        heartbeats.abort();
+    }
+
+    /// Reports the result, retrying while the broker is unreachable.
+    async fn finish(&self, id: testbot_proto::jobs::JobId, lease: &str, outcome: Outcome) {
+        let request = FinishRequest {
+            lease: lease.to_string(),
+            outcome,
+        };
+        let mut backoff = Backoff::standard();
+        loop {
+            match self.client.finish(id, &request).await {
+                Ok(job) => {
+                    tracing::info!(job_id = %id, state = %job.state, reason = ?job.reason, "Job finished.");
+                    return;
+                }
+                Err(err) if err.is_retryable() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(job_id = %id, %err, ?delay, "Cannot report the result; retrying.");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(err) => {
+                    tracing::warn!(job_id = %id, %err, "The broker refused the result.");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Retries a call while the broker is unreachable, for at most the lease's lifetime.
+    async fn with_retry<T, F, Fut>(&self, lease_ttl_ms: u64, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let give_up = Instant::now() + Duration::from_millis(lease_ttl_ms);
+        let mut backoff = Backoff::standard();
+        loop {
+            match call().await {
+                Err(err) if err.is_retryable() && Instant::now() < give_up => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Renews the lease until aborted. The broker holds each heartbeat up to `interval` and answers
+/// early when the job is cancelled, so a cancel reaches the job within a round trip.
+async fn heartbeat_loop(
+    client: BrokerClient,
+    id: testbot_proto::jobs::JobId,
+    lease: String,
+    interval: Duration,
+    stop: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), interval);
+    let stop_with = |why: StopReason| {
+        let mut slot = reason.lock().expect("stop reason poisoned");
+        slot.get_or_insert(why);
+        stop.cancel();
+    };
+    loop {
+        let sent = Instant::now();
+        match client.heartbeat(id, &lease, interval).await {
+            Ok(status) if status.cancel_requested => {
+                tracing::info!(job_id = %id, "Cancel requested; stopping the job.");
+                stop_with(StopReason::Cancelled);
+                return;
+            }
+            Ok(_) => {
+                backoff.reset();
+                // An answer well before `interval` means the broker did not hold it.
+                let elapsed = sent.elapsed();
+                if elapsed < interval / 2 {
+                    tokio::time::sleep(interval - elapsed).await;
+                }
+            }
+            Err(err) if err.is_lease_lost() => {
+                tracing::warn!(job_id = %id, %err, "Lease lost; stopping the job.");
+                stop_with(StopReason::LeaseLost);
+                return;
+            }
+            Err(err) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(job_id = %id, %err, ?delay, "Heartbeat failed; retrying.");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

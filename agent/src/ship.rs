@@ -1,0 +1,103 @@
+//! Shipping a job's output to the broker as it is produced.
+//!
+//! Lines are sent as soon as no request is in flight, so a lone line reaches followers within a
+//! round trip, and lines that arrive during a request are batched into the next one. A chunk
+//! that fails for want of the broker is re-sent from the same offset until it is acknowledged:
+//! the broker ignores bytes it already holds, so nothing is lost or doubled.
+
+use std::time::Duration;
+
+use testbot_proto::client::{Backoff, BrokerClient, ClientError};
+use testbot_proto::jobs::JobId;
+use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, format_line};
+use tokio::sync::mpsc;
+
+use crate::executor::LogRecord;
+
+/// Send a chunk once it holds this many bytes, without waiting for more lines.
+const TARGET_CHUNK_BYTES: usize = 64 * 1024;
+
+/// How shipping ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShipEnd {
+    /// Every line was acknowledged; the log holds this many bytes.
+    Complete(u64),
+    /// The broker no longer honours the lease: the job was taken away.
+    LeaseLost,
+    /// The broker refused the log (too large, or out of step); the rest was dropped.
+    Refused(String),
+}
+
+/// Ships records from `rx` until the channel closes, starting at byte `offset` of the job's log.
+pub async fn ship_log(
+    client: BrokerClient,
+    id: JobId,
+    lease: String,
+    mut offset: u64,
+    mut rx: mpsc::Receiver<LogRecord>,
+) -> ShipEnd {
+    let mut pending = String::new();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(record) => push(&mut pending, &record),
+                None => return ShipEnd::Complete(offset),
+            }
+        }
+        while pending.len() < TARGET_CHUNK_BYTES {
+            match rx.try_recv() {
+                Ok(record) => push(&mut pending, &record),
+                Err(_) => break,
+            }
+        }
+        let cut = chunk_end(&pending);
+        let chunk = LogChunk {
+            lease: lease.clone(),
+            offset,
+            data: pending[..cut].to_string(),
+        };
+        match client.append_log(id, &chunk).await {
+            Ok(_) => {
+                backoff.reset();
+                offset += cut as u64;
+                pending.drain(..cut);
+            }
+            Err(err) if err.is_retryable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(job_id = %id, %err, ?delay, "Cannot ship log; retrying.");
+                tokio::time::sleep(delay).await;
+            }
+            Err(err) => {
+                let end = refusal(&err);
+                tracing::warn!(job_id = %id, %err, "The broker refused the job's log; dropping the rest.");
+                // Keep reading so the job is never blocked on a full channel.
+                tokio::spawn(async move { while rx.recv().await.is_some() {} });
+                return end;
+            }
+        }
+    }
+}
+
+fn refusal(err: &ClientError) -> ShipEnd {
+    if err.is_lease_lost() {
+        ShipEnd::LeaseLost
+    } else {
+        ShipEnd::Refused(err.to_string())
+    }
+}
+
+fn push(pending: &mut String, record: &LogRecord) {
+    pending.push_str(&format_line(record.ts_ms, record.stream, &record.text));
+}
+
+/// The end of the next chunk: all of `pending`, or the last whole line within the chunk limit.
+fn chunk_end(pending: &str) -> usize {
+    if pending.len() <= MAX_CHUNK_BYTES {
+        return pending.len();
+    }
+    match pending[..MAX_CHUNK_BYTES].rfind('\n') {
+        Some(nl) => nl + 1,
+        None => pending.floor_char_boundary(MAX_CHUNK_BYTES),
+    }
+}
