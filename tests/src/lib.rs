@@ -1,1 +1,302 @@
+//! Whole-fleet test harness: brokers and agents on loopback, in process or as real processes.
+//!
+//! - [`Fleet`] starts a broker in this process on `127.0.0.1:0` with a fresh data directory,
+//!   and adds agents (in process, or as `testbot-agent` processes).
+//! - [`Process`] is a child process (broker, agent, CLI) that is killed by PID when dropped, so
+//!   no test leaves anything running.
+//! - [`wait_for`] waits on a condition with a deadline; tests never sleep a fixed time to let
+//!   something happen.
+//!
+//! Real binaries are found next to the test executable (`target/debug`), so run
+//! `cargo build --workspace --bins` before the tests (`scripts/test.sh` does).
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
+use testbot_agent::{Agent, AgentConfig, Shutdown};
+use testbot_broker::{Broker, BrokerConfig};
+use testbot_proto::client::BrokerClient;
+use testbot_proto::jobs::{Job, JobId, JobSpec};
+use tokio::task::JoinHandle;
+
+/// How long any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until `check` returns `Some`, polling every 20 ms, for at most `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A path to one of the workspace's binaries (built by `cargo build --workspace --bins`).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/integration-HASH → target/debug/NAME
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback (for a broker that must restart on the same address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process killed (by its PID) when dropped.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub name: String,
+}
+
+impl Process {
+    /// Spawns `bin` with `args`, stdout and stderr captured to files in `log_dir`.
+    pub fn spawn(
+        bin: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Process> {
+        let name = format!("{bin}-{}", free_port());
+        let stdout = std::fs::File::create(log_dir.join(format!("{name}.out")))?;
+        let stderr = std::fs::File::create(log_dir.join(format!("{name}.err")))?;
+        let child = tokio::process::Command::new(bin_path(bin))
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("Cannot start {bin}"))?;
+        Ok(Process { child, name })
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id().expect("process still running") as i32)
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), signal).expect("signal process");
+    }
+
+    /// SIGKILL, then reap.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {timeout:?}", self.name))
+            .expect("wait for process")
+    }
+}
+
+/// A broker in this process, its data directory, and the agents added to it.
+pub struct Fleet {
+    pub broker: Option<Broker>,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub admin_token: SecretString,
+    pub agent_token: SecretString,
+    agents: Vec<(Shutdown, Option<JoinHandle<anyhow::Result<()>>>)>,
+}
+
+impl Fleet {
+    /// A broker with default settings but a short lease (2 s) and poll timeout (5 s).
+    pub async fn start() -> Fleet {
+        Fleet::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut BrokerConfig)) -> Fleet {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config =
+            BrokerConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("broker"));
+        config.settings.lease_ttl = Duration::from_secs(2);
+        config.settings.heartbeat_interval = Duration::from_millis(500);
+        config.settings.poll_timeout = Duration::from_secs(5);
+        tune(&mut config);
+        let broker = Broker::start(config).await.expect("broker starts");
+        Fleet {
+            url: broker.url(),
+            admin_token: broker.admin_token.clone(),
+            agent_token: broker.agent_token.clone(),
+            broker: Some(broker),
+            dir,
+            agents: Vec::new(),
+        }
+    }
+
+    /// A client with the operator token.
+    pub fn client(&self) -> BrokerClient {
+        BrokerClient::new(&self.url, self.admin_token.clone()).expect("client")
+    }
+
+    /// A client with the agent token (for driving the agent protocol by hand).
+    pub fn agent_client(&self) -> BrokerClient {
+        BrokerClient::new(&self.url, self.agent_token.clone()).expect("client")
+    }
+
+    /// An agent configuration named `name` with its own work directory.
+    pub fn agent_config(&self, name: &str) -> AgentConfig {
+        let mut config = AgentConfig::new(
+            self.url.clone(),
+            self.agent_token.clone(),
+            self.dir.path().join(format!("agent-{name}")),
+        );
+        config.name = Some(name.to_string());
+        config.kill_grace = Duration::from_secs(2);
+        config.poll_wait = Duration::from_secs(5);
+        config
+    }
+
+    /// Starts an agent in this process; returns its index for [`Fleet::agent_shutdown`].
+    pub fn add_agent(&mut self, config: AgentConfig) -> usize {
+        let agent = Agent::new(config).expect("agent config");
+        let shutdown = Shutdown::default();
+        let task = tokio::spawn(agent.run(shutdown.clone()));
+        self.agents.push((shutdown, Some(task)));
+        self.agents.len() - 1
+    }
+
+    pub fn agent_shutdown(&self, index: usize) -> Shutdown {
+        self.agents[index].0.clone()
+    }
+
+    /// Waits for the agent at `index` to exit.
+    pub async fn agent_exit(&mut self, index: usize) -> anyhow::Result<()> {
+        let task = self.agents[index]
+            .1
+            .take()
+            .context("agent already exited")?;
+        tokio::time::timeout(WAIT, task)
+            .await
+            .context("agent did not exit")??
+    }
+
+    /// Starts a `testbot-agent` process with this configuration (TOML written to the data dir).
+    pub fn spawn_agent(&self, name: &str, extra_toml: &str) -> Process {
+        let work = self.dir.path().join(format!("agent-{name}"));
+        let token_file = self.dir.path().join("agent.token");
+        std::fs::write(&token_file, self.agent_token.expose_secret()).unwrap();
+        let config = self.dir.path().join(format!("agent-{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "broker_url = \"{}\"\ntoken_file = \"{}\"\nname = \"{name}\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\nkill_grace = \"2s\"\n{extra_toml}\n",
+                self.url,
+                token_file.display(),
+                work.display()
+            ),
+        )
+        .unwrap();
+        Process::spawn(
+            "testbot-agent",
+            &["run", "--config", config.to_str().unwrap()],
+            &[],
+            self.dir.path(),
+        )
+        .expect("agent process")
+    }
+
+    /// Submits a job with just a script.
+    pub async fn submit(&self, script: &str) -> Job {
+        self.client()
+            .submit(&JobSpec {
+                script: script.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("submit")
+    }
+
+    /// Waits until the job has its result.
+    pub async fn wait_finished(&self, id: JobId) -> Job {
+        let client = self.client();
+        wait_for(&format!("job {id} to finish"), WAIT, || async {
+            client.job(id).await.ok().filter(|j| j.state.is_terminal())
+        })
+        .await
+    }
+
+    /// The job's whole log as text.
+    pub async fn log(&self, id: JobId) -> String {
+        use futures_util::StreamExt as _;
+        let stream = self.client().log_stream(id, 0, false).await.expect("log");
+        let mut stream = std::pin::pin!(stream);
+        let mut out = Vec::new();
+        while let Some(bytes) = stream.next().await {
+            out.extend_from_slice(&bytes.expect("log bytes"));
+        }
+        String::from_utf8(out).expect("utf-8 log")
+    }
+
+    /// Stops every in-process agent (hard) and the broker.
+    pub async fn stop(mut self) {
+        for (shutdown, _) in &self.agents {
+            shutdown.drain.cancel();
+            shutdown.hard.cancel();
+        }
+        for task in self.agents.drain(..).filter_map(|(_, task)| task) {
+            let _ = tokio::time::timeout(WAIT, task).await;
+        }
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown().await.expect("broker shutdown");
+        }
+    }
+}
+
+/// The texts of a stored log's stdout lines.
+pub fn stdout_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .map(testbot_proto::logs::parse_line)
+        .filter(|l| l.stream == testbot_proto::logs::Stream::Stdout)
+        .map(|l| l.text.to_string())
+        .collect()
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Kills a process group left behind by a test (e.g. the job of an agent killed with SIGKILL).
+pub fn kill_group(pgid: i32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}

@@ -1,0 +1,173 @@
+//! The `testbot` CLI against a real fleet: exit codes, both output streams, cancel, timeout.
+
+use std::time::Duration;
+
+use testbot_e2e::{Fleet, WAIT, bin_path, process_alive, wait_for};
+use testbot_proto::jobs::{JobListQuery, JobState};
+
+async fn testbot(fleet: &Fleet, args: &[&str]) -> std::process::Output {
+    use secrecy::ExposeSecret as _;
+    let out = tokio::process::Command::new(bin_path("testbot"))
+        .args(args)
+        .env("TESTBOT_URL", &fleet.url)
+        .env("TESTBOT_TOKEN", fleet.admin_token.expose_secret())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT, out)
+        .await
+        .expect("testbot exits")
+        .expect("testbot runs")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_prints_both_streams_and_exits_with_the_job_code() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+
+    let out = testbot(&fleet, &["run", "--", "echo hello; echo oops >&2; exit 3"]).await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("oops\n"), "{stderr}");
+    assert!(stderr.contains("testbot: exit code 3"), "{stderr}");
+
+    let out = testbot(&fleet, &["run", "--", "echo fine"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "fine\n");
+
+    // --json: the log goes to stderr, the final job to stdout.
+    let out = testbot(&fleet, &["--json", "run", "--", "echo data"]).await;
+    let job: testbot_proto::jobs::Job = serde_json::from_slice(&out.stdout).expect("json job");
+    assert_eq!(job.state, JobState::Succeeded);
+
+    let jobs = fleet.client().jobs(&JobListQuery::default()).await.unwrap();
+    assert_eq!(jobs.jobs.len(), 3);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_status_logs_and_jobs_commands() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+
+    let out = testbot(
+        &fleet,
+        &[
+            "submit",
+            "--name",
+            "greeting",
+            "--env",
+            "WHO=world",
+            "--",
+            "echo hello $WHO",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let id: i64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("job id");
+    let out = testbot(&fleet, &["logs", "-f", &id.to_string()]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello world\n");
+    assert_eq!(out.status.code(), Some(0));
+
+    let out = testbot(&fleet, &["status", &id.to_string()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("job {id}: succeeded")), "{text}");
+    assert!(text.contains("agent:     a1 (attempt 1)"), "{text}");
+
+    let out = testbot(&fleet, &["jobs"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("greeting"), "{text}");
+
+    let out = testbot(&fleet, &["status", "999"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("job 999 does not exist"));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_cancels_the_remote_job_and_its_whole_process_group() {
+    use secrecy::ExposeSecret as _;
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+    let pids = fleet.dir.path().join("pids");
+
+    let cli = tokio::process::Command::new(bin_path("testbot"))
+        .args(["run", "--env", &format!("PIDS={}", pids.display()), "--"])
+        .arg("sleep 300 & echo $! >> $PIDS; (sleep 300; echo never) & echo $! >> $PIDS; echo $$ >> $PIDS; echo started; wait")
+        .env("TESTBOT_URL", &fleet.url)
+        .env("TESTBOT_TOKEN", fleet.admin_token.expose_secret())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pids: Vec<i32> = wait_for("the job's processes to start", WAIT, || async {
+        let text = std::fs::read_to_string(&pids).ok()?;
+        let pids: Vec<i32> = text.lines().filter_map(|l| l.parse().ok()).collect();
+        (pids.len() == 3).then_some(pids)
+    })
+    .await;
+    assert!(pids.iter().all(|p| process_alive(*p)));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cli.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = tokio::time::timeout(WAIT, cli.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cancelling job 1"), "{stderr}");
+    assert!(stderr.contains("cancelled by a user"), "{stderr}");
+    for pid in &pids {
+        assert!(
+            !process_alive(*pid),
+            "process {pid} of the cancelled job is still running"
+        );
+    }
+    let job = fleet
+        .client()
+        .job(testbot_proto::jobs::JobId(1))
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_its_time_limit_is_stopped_and_fails() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+    let started = std::time::Instant::now();
+    let out = testbot(
+        &fleet,
+        &["run", "--timeout", "1s", "--", "echo begin; sleep 60"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("timed out after 1s"), "{stderr}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_queued_job_ends_it_at_once() {
+    // No agent: the job stays queued.
+    let fleet = Fleet::start().await;
+    let job = fleet.submit("echo never").await;
+    let out = testbot(&fleet, &["cancel", &job.id.to_string()]).await;
+    assert!(out.status.success(), "{out:?}");
+    let job = fleet.client().job(job.id).await.unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    assert_eq!(job.reason.as_deref(), Some("cancelled before it started"));
+    let out = testbot(&fleet, &["logs", &job.id.to_string()]).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled before it started"));
+    fleet.stop().await;
+}
