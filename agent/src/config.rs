@@ -218,6 +218,23 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 mod tests {
     use super::*;
 
+    /// The example shipped for admins must stay valid and must state the real defaults.
+    #[test]
+    fn shipped_example_parses_and_matches_the_defaults() {
+        let example = include_str!("../../packaging/agent.toml.example");
+        let config = AgentConfig::parse(example).unwrap();
+        let defaults = AgentConfig::new("x", SecretString::from("t"), default_work_dir());
+        assert_eq!(config.broker_url, "https://testbot.example.org");
+        assert_eq!(config.labels, ["linux", "x86_64"]);
+        assert_eq!(config.concurrency, defaults.concurrency);
+        assert_eq!(config.work_dir, defaults.work_dir);
+        assert_eq!(config.executor, defaults.executor);
+        assert_eq!(config.max_job_time, defaults.max_job_time);
+        assert_eq!(config.kill_grace, defaults.kill_grace);
+        assert_eq!(config.poll_wait, defaults.poll_wait);
+        assert_eq!(config.keep_job_dirs, defaults.keep_job_dirs);
+    }
+
     #[test]
     fn parses_a_full_config() {
         let config = AgentConfig::parse(
