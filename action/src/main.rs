@@ -15,7 +15,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
 use testbot_proto::client::{BrokerClient, follow_log};
-use testbot_proto::jobs::{JobId, JobListQuery, JobSpec, JobState};
+use testbot_proto::jobs::{JobId, JobListQuery, JobSpec, JobState, Resources};
+use testbot_proto::repos::RepoRegistration;
 
 use crate::output::LogPrinter;
 
@@ -31,7 +32,8 @@ struct Opts {
         default_value = "http://127.0.0.1:8471"
     )]
     url: String,
-    /// The bearer token for the broker (an operator token for now).
+    /// The bearer token for the broker: an operator token, a workflow's GitHub OIDC token, or
+    /// (for `repo register`) a GitHub user token.
     #[arg(long, global = true, env = "TESTBOT_TOKEN", hide_env_values = true)]
     token: Option<SecretString>,
     /// Print machine-readable JSON instead of human text.
@@ -81,6 +83,36 @@ enum Command {
     },
     /// Run a one-machine fleet in the foreground: a broker on SQLite and a local shell agent.
     Up(up::UpOpts),
+    /// Register GitHub repositories whose workflows may submit jobs.
+    #[command(subcommand)]
+    Repo(RepoCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RepoCommand {
+    /// Register a repository, or replace its settings. Proof that you control it: the operator
+    /// token, a GitHub user token (`ghp_...`) with admin permission on it, or an OIDC token from
+    /// one of its workflows, given as --token / TESTBOT_TOKEN.
+    Register {
+        /// owner/name
+        repo: String,
+        /// A site its jobs may run on (repeatable). Default: any site that accepts them.
+        #[arg(long = "site")]
+        sites: Vec<String>,
+        /// A workflow event whose jobs are accepted (repeatable). Default: push,
+        /// workflow_dispatch, schedule, pull_request.
+        #[arg(long = "event")]
+        events: Vec<String>,
+        /// A ref glob whose jobs are accepted, e.g. refs/heads/main (repeatable). Default: all.
+        #[arg(long = "ref")]
+        refs: Vec<String>,
+    },
+    /// List registered repositories.
+    List,
+    /// Show one registration.
+    Show { repo: String },
+    /// Remove a registration: the repository's workflows can no longer submit jobs.
+    Remove { repo: String },
 }
 
 /// What to run, for `run` and `submit`.
@@ -101,9 +133,51 @@ struct JobArgs {
     /// A short name shown in listings.
     #[arg(long)]
     name: Option<String>,
+    /// The executor to run on (shell, slurm, docker, podman, kubernetes). Default: the agent's.
+    #[arg(long)]
+    executor: Option<String>,
+    /// The container image (container and Kubernetes executors).
+    #[arg(long)]
+    image: Option<String>,
+    /// CPU cores.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory, e.g. 512M, 4G (MiB without a suffix).
+    #[arg(long, value_parser = parse_memory_mib)]
+    memory: Option<u64>,
+    /// GPUs.
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Slurm partition.
+    #[arg(long)]
+    partition: Option<String>,
+    /// Slurm account.
+    #[arg(long)]
+    account: Option<String>,
     /// The script (words are joined with spaces), run with bash -eo pipefail.
     #[arg(last = true)]
     script: Vec<String>,
+}
+
+/// `512`, `512M`, `4G`, `1T` → MiB.
+fn parse_memory_mib(text: &str) -> Result<u64, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let upper = upper.strip_suffix('B').unwrap_or(&upper);
+    let (digits, factor) = match upper.char_indices().last() {
+        Some((i, 'K')) => (&upper[..i], 0),
+        Some((i, 'M')) => (&upper[..i], 1),
+        Some((i, 'G')) => (&upper[..i], 1024),
+        Some((i, 'T')) => (&upper[..i], 1024 * 1024),
+        _ => (upper, 1),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a memory size; write e.g. 512M or 4G"))?;
+    Ok(if factor == 0 {
+        value.div_ceil(1024)
+    } else {
+        value * factor
+    })
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -121,6 +195,13 @@ impl JobArgs {
             env,
             timeout,
             name,
+            executor,
+            image,
+            cpus,
+            memory,
+            gpus,
+            partition,
+            account,
             script,
         } = self;
         let script = match file {
@@ -139,6 +220,16 @@ impl JobArgs {
             labels,
             env: env.into_iter().collect::<BTreeMap<_, _>>(),
             timeout_secs: timeout.map(|t| t.as_secs().max(1)),
+            executor,
+            image,
+            resources: Resources {
+                cpus,
+                memory_mib: memory,
+                gpus,
+                partition,
+                account,
+                ..Resources::default()
+            },
         };
         spec.validate()
             .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
@@ -247,7 +338,72 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Repo(command) => {
+            let client = client(&url, token)?;
+            repo_command(&client, command, json).await.map(|()| 0)
+        }
     }
+}
+
+async fn repo_command(
+    client: &BrokerClient,
+    command: RepoCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    match command {
+        RepoCommand::Register {
+            repo,
+            sites,
+            events,
+            refs,
+        } => {
+            let mut registration = RepoRegistration {
+                name: repo,
+                sites,
+                ..RepoRegistration::default()
+            };
+            if !events.is_empty() {
+                registration.events = events;
+            }
+            if !refs.is_empty() {
+                registration.refs = refs;
+            }
+            let repo = client.register_repo(&registration).await?;
+            if json {
+                output::print_json(&repo)?;
+            } else {
+                println!("registered {}", repo.name);
+                output::print_repo(&repo);
+            }
+        }
+        RepoCommand::List => {
+            let list = client.repos().await?;
+            if json {
+                output::print_json(&list)?;
+            } else if list.repos.is_empty() {
+                println!("no repositories registered");
+            } else {
+                for repo in &list.repos {
+                    output::print_repo(repo);
+                }
+            }
+        }
+        RepoCommand::Show { repo } => {
+            let repo = client.repo(&repo).await?;
+            if json {
+                output::print_json(&repo)?;
+            } else {
+                output::print_repo(&repo);
+            }
+        }
+        RepoCommand::Remove { repo } => {
+            client.remove_repo(&repo).await?;
+            if !json {
+                println!("removed {repo}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Submits, follows the log live, and returns the job's exit code. The first Ctrl-C cancels the

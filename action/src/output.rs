@@ -5,6 +5,7 @@ use std::io::Write as _;
 use testbot_proto::format_ms;
 use testbot_proto::jobs::Job;
 use testbot_proto::logs::{Stream, parse_line};
+use testbot_proto::repos::Repo;
 
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -46,6 +47,21 @@ pub fn print_job(job: &Job) {
     }
     println!("  log:       {} bytes", job.log_bytes);
     println!("  script:    {}", first_line(&job.spec.script, 70));
+}
+
+pub fn print_repo(repo: &Repo) {
+    let sites = if repo.settings.sites.is_empty() {
+        "any".to_string()
+    } else {
+        repo.settings.sites.join(", ")
+    };
+    println!(
+        "{}  sites: {sites}  events: {}  refs: {}  (registered by {})",
+        repo.name,
+        repo.settings.events.join(", "),
+        repo.settings.refs.join(", "),
+        repo.registered_by
+    );
 }
 
 pub fn print_jobs(jobs: &[Job]) {

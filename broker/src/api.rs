@@ -10,18 +10,23 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use ring::rand::{SecureRandom, SystemRandom};
+use secrecy::ExposeSecret as _;
 use testbot_proto::agents::{Assignment, LeaseRequest, LeaseStatus, PollRequest};
+use testbot_proto::glob::any_match;
 use testbot_proto::jobs::{Job, JobId, JobList, JobListQuery, JobSpec, validate_label};
 use testbot_proto::logs::{LogAck, LogChunk, LogQuery, MAX_CHUNK_BYTES};
 use testbot_proto::now_ms;
+use testbot_proto::oidc::WorkflowClaims;
+use testbot_proto::repos::{Repo, RepoList, RepoRegistration, validate_repo_name};
 use testbot_proto::results::FinishRequest;
 use tokio::time::Instant;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Principal;
-use crate::db::{AppendResult, LeaseRefusal};
+use crate::db::{AppendResult, JobModel, JobOrigin, LeaseRefusal};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::github::GitHubError;
 use crate::state::AppState;
 
 /// Most bytes one log response reads from the database at a time.
@@ -37,6 +42,14 @@ pub fn create_app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/jobs/{id}", get(job_handler))
         .route("/jobs/{id}/cancel", post(cancel_handler))
         .route("/jobs/{id}/log", get(log_handler))
+        .route(
+            "/repos",
+            post(register_repo_handler).get(list_repos_handler),
+        )
+        .route(
+            "/repos/{owner}/{name}",
+            get(repo_handler).delete(remove_repo_handler),
+        )
         .route("/agent/poll", post(poll_handler))
         .route("/agent/jobs/{id}/start", post(start_handler))
         .route("/agent/jobs/{id}/heartbeat", post(heartbeat_handler))
@@ -82,13 +95,101 @@ async fn submit_handler(
     principal: Principal,
     ApiJson(spec): ApiJson<JobSpec>,
 ) -> Result<(StatusCode, axum::Json<Job>), ApiError> {
-    principal.require_operator()?;
     spec.validate()
         .map_err(|e| ApiError::BadRequest(format!("invalid job: {e}")))?;
-    let model = state.db.insert_job(&spec).await?;
+    let (origin, jti) = match &principal {
+        Principal::Operator { .. } => (
+            JobOrigin {
+                submitted_by: principal.describe(),
+                ..JobOrigin::default()
+            },
+            None,
+        ),
+        Principal::Workflow { claims, token } => {
+            admit_workflow_job(&state, claims).await?;
+            (
+                JobOrigin {
+                    repository: Some(claims.repository.clone()),
+                    run_id: Some(claims.run_id.clone()),
+                    submitted_by: principal.describe(),
+                    oidc_token: Some(token.expose_secret().to_string()),
+                },
+                Some((claims.jti.as_str(), claims.exp)),
+            )
+        }
+        other => {
+            return Err(ApiError::Forbidden(format!(
+                "submitting jobs needs a workflow OIDC token or an operator token; {} was given",
+                match other {
+                    Principal::Agent { .. } => "an agent token",
+                    _ => "a GitHub user token",
+                }
+            )));
+        }
+    };
+    let model = state
+        .db
+        .insert_job(&spec, &origin, jti)
+        .await?
+        .ok_or_else(|| replayed(jti))?;
     state.dispatcher.job_queued(&spec.labels);
     tracing::debug!(job_id = model.id, "Job queued.");
     Ok((StatusCode::CREATED, axum::Json(to_job(&model)?)))
+}
+
+fn replayed(jti: Option<(&str, i64)>) -> ApiError {
+    ApiError::Unauthorized(format!(
+        "OIDC token refused: {}",
+        testbot_proto::oidc::OidcError::Replayed(jti.map(|(j, _)| j).unwrap_or("").into())
+    ))
+}
+
+/// Whether a workflow may submit: its repository is registered and the registration enables
+/// the token's event and ref.
+async fn admit_workflow_job(state: &AppState, claims: &WorkflowClaims) -> Result<(), ApiError> {
+    let repo = state.db.repo(&claims.repository).await?.ok_or_else(|| {
+        ApiError::Forbidden(format!(
+            "repository {} is not registered with this broker; a maintainer registers it with \
+             `testbot repo register {}`",
+            claims.repository, claims.repository
+        ))
+    })?;
+    let settings = repo.settings()?;
+    if !settings.events.contains(&claims.event_name) {
+        return Err(ApiError::Forbidden(format!(
+            "event {} is not enabled for repository {} (enabled: [{}])",
+            claims.event_name,
+            claims.repository,
+            settings.events.join(", ")
+        )));
+    }
+    if !any_match(&settings.refs, &claims.git_ref) {
+        return Err(ApiError::Forbidden(format!(
+            "ref {} is not enabled for repository {} (enabled: [{}])",
+            claims.git_ref,
+            claims.repository,
+            settings.refs.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Operators see every job; a workflow sees the jobs its own run submitted.
+fn authorize_job_access(principal: &Principal, job: &JobModel) -> Result<(), ApiError> {
+    match principal {
+        Principal::Operator { .. } => Ok(()),
+        Principal::Workflow { claims, .. }
+            if job.repository.as_deref() == Some(claims.repository.as_str())
+                && job.run_id.as_deref() == Some(claims.run_id.as_str()) =>
+        {
+            Ok(())
+        }
+        Principal::Workflow { claims, .. } => Err(ApiError::Forbidden(format!(
+            "job {} was not submitted by this workflow run ({}@{})",
+            job.id, claims.repository, claims.run_id
+        ))),
+        other => other.require_operator(),
+    }
 }
 
 async fn list_handler(
@@ -116,8 +217,9 @@ async fn job_handler(
     principal: Principal,
     ApiPath(id): ApiPath<JobId>,
 ) -> Result<axum::Json<Job>, ApiError> {
-    principal.require_operator()?;
-    Ok(axum::Json(to_job(&find_job(&state, id).await?)?))
+    let job = find_job(&state, id).await?;
+    authorize_job_access(&principal, &job)?;
+    Ok(axum::Json(to_job(&job)?))
 }
 
 async fn cancel_handler(
@@ -125,7 +227,7 @@ async fn cancel_handler(
     principal: Principal,
     ApiPath(id): ApiPath<JobId>,
 ) -> Result<axum::Json<Job>, ApiError> {
-    principal.require_operator()?;
+    authorize_job_access(&principal, &find_job(&state, id).await?)?;
     let model = state
         .db
         .request_cancel(id)
@@ -148,8 +250,7 @@ async fn log_handler(
     ApiPath(id): ApiPath<JobId>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
-    principal.require_operator()?;
-    find_job(&state, id).await?;
+    authorize_job_access(&principal, &find_job(&state, id).await?)?;
     let follower = LogFollower {
         rx: state.log_events.subscribe(id),
         state,
@@ -274,6 +375,7 @@ async fn poll_handler(
                 heartbeat_interval_ms: state.settings.heartbeat_interval.as_millis() as u64,
                 log_offset: model.log_bytes as u64,
                 spec: model.spec()?,
+                oidc_token: model.oidc_token.clone(),
             };
             return Ok(axum::Json(assignment).into_response());
         }
@@ -404,4 +506,126 @@ async fn finish_handler(
     state.control_events.finished(id);
     tracing::info!(job_id = %id, state = %model.state(), agent = ?model.agent, "Job finished.");
     Ok(axum::Json(to_job(&model)?))
+}
+
+/// Registers a repository, or replaces its settings. Proof of control: the operator token, an
+/// OIDC token from a workflow of that repository, or a GitHub user token with admin permission
+/// on it.
+async fn register_repo_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(registration): ApiJson<RepoRegistration>,
+) -> Result<(StatusCode, axum::Json<Repo>), ApiError> {
+    registration
+        .validate()
+        .map_err(|e| ApiError::BadRequest(format!("invalid registration: {e}")))?;
+    let (registered_by, jti) = prove_repo_control(&state, &principal, &registration.name).await?;
+    let settings = serde_json::to_string(&registration.settings()).map_err(anyhow::Error::from)?;
+    let model = state
+        .db
+        .upsert_repo(&registration.name, &settings, &registered_by, jti)
+        .await?
+        .ok_or_else(|| replayed(jti))?;
+    tracing::info!(repo = %model.name, %registered_by, "Repository registered.");
+    Ok((StatusCode::CREATED, axum::Json(model.to_repo()?)))
+}
+
+/// Who may change `repo`'s registration: `Ok((recorded name, token id to consume))`.
+async fn prove_repo_control<'a>(
+    state: &AppState,
+    principal: &'a Principal,
+    repo: &str,
+) -> Result<(String, Option<(&'a str, i64)>), ApiError> {
+    match principal {
+        Principal::Operator { .. } => Ok((principal.describe(), None)),
+        Principal::Workflow { claims, .. } => {
+            if !claims.repository.eq_ignore_ascii_case(repo) {
+                return Err(ApiError::Forbidden(format!(
+                    "a workflow of {} cannot register {repo}: the OIDC token must come from a workflow of {repo}",
+                    claims.repository
+                )));
+            }
+            Ok((
+                principal.describe(),
+                Some((claims.jti.as_str(), claims.exp)),
+            ))
+        }
+        Principal::GitHubUser { token } => {
+            let permission = state
+                .github
+                .repo_permission(token, repo)
+                .await
+                .map_err(|err| match err {
+                    GitHubError::Refused(why) => ApiError::Forbidden(why),
+                    GitHubError::Unavailable(why) => ApiError::Unavailable(format!(
+                        "cannot check your permission on {repo}: {why}"
+                    )),
+                })?;
+            if !permission.admin {
+                return Err(ApiError::Forbidden(format!(
+                    "GitHub user {} does not have admin permission on {repo}; only its admins can register it",
+                    permission.login
+                )));
+            }
+            Ok((format!("github:{}", permission.login), None))
+        }
+        Principal::Agent { .. } => Err(ApiError::Forbidden(
+            "agents cannot register repositories".into(),
+        )),
+    }
+}
+
+async fn list_repos_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<axum::Json<RepoList>, ApiError> {
+    principal.require_operator()?;
+    let repos = state
+        .db
+        .repos()
+        .await?
+        .iter()
+        .map(|m| m.to_repo())
+        .collect::<anyhow::Result<_>>()?;
+    Ok(axum::Json(RepoList { repos }))
+}
+
+fn repo_name(owner: String, name: String) -> Result<String, ApiError> {
+    let full = format!("{owner}/{name}");
+    validate_repo_name(&full).map_err(ApiError::BadRequest)?;
+    Ok(full)
+}
+
+async fn repo_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
+) -> Result<axum::Json<Repo>, ApiError> {
+    let name = repo_name(owner, name)?;
+    match &principal {
+        Principal::Workflow { claims, .. } if claims.repository.eq_ignore_ascii_case(&name) => {}
+        other => other.require_operator()?,
+    }
+    let model = state
+        .db
+        .repo(&name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("repository {name} is not registered")))?;
+    Ok(axum::Json(model.to_repo()?))
+}
+
+async fn remove_repo_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let name = repo_name(owner, name)?;
+    let (removed_by, _) = prove_repo_control(&state, &principal, &name).await?;
+    if !state.db.delete_repo(&name).await? {
+        return Err(ApiError::NotFound(format!(
+            "repository {name} is not registered"
+        )));
+    }
+    tracing::info!(repo = %name, %removed_by, "Repository removed.");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -16,6 +16,8 @@ use axum::http::request::Parts;
 use ring::rand::{SecureRandom, SystemRandom};
 use secrecy::{ExposeSecret, SecretString};
 
+use testbot_proto::oidc::{OidcError, OidcVerifier, WorkflowClaims};
+
 use crate::db::Db;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -44,32 +46,76 @@ impl Role {
 }
 
 /// The authenticated caller of a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Principal {
     /// A fleet operator (admin token).
     Operator { name: String },
     /// An agent holding the fleet's agent token.
     Agent { name: String },
+    /// A GitHub Actions workflow run, proven by its verified OIDC token. The token travels with
+    /// the jobs it submits so that agents can verify it themselves.
+    Workflow {
+        claims: Box<WorkflowClaims>,
+        token: SecretString,
+    },
+    /// Someone holding a GitHub user token. It proves nothing by itself: it is checked against
+    /// the GitHub API for the one repository a request is about.
+    GitHubUser { token: SecretString },
 }
 
 impl Principal {
+    fn kind(&self) -> &'static str {
+        match self {
+            Principal::Operator { .. } => "an operator token",
+            Principal::Agent { .. } => "an agent token",
+            Principal::Workflow { .. } => "a workflow OIDC token",
+            Principal::GitHubUser { .. } => "a GitHub user token",
+        }
+    }
+
     pub fn require_operator(&self) -> Result<(), ApiError> {
         match self {
             Principal::Operator { .. } => Ok(()),
-            _ => Err(ApiError::Forbidden(
-                "this endpoint needs an operator token; an agent token was given".into(),
-            )),
+            other => Err(ApiError::Forbidden(format!(
+                "this endpoint needs an operator token; {} was given",
+                other.kind()
+            ))),
         }
     }
 
     pub fn require_agent(&self) -> Result<(), ApiError> {
         match self {
             Principal::Agent { .. } => Ok(()),
-            _ => Err(ApiError::Forbidden(
-                "this endpoint is for agents; an operator token was given".into(),
-            )),
+            other => Err(ApiError::Forbidden(format!(
+                "this endpoint is for agents; {} was given",
+                other.kind()
+            ))),
         }
     }
+
+    /// How the caller is recorded on what it creates.
+    pub fn describe(&self) -> String {
+        match self {
+            Principal::Operator { name } => format!("operator:{name}"),
+            Principal::Agent { name } => format!("agent:{name}"),
+            Principal::Workflow { claims, .. } => {
+                format!("workflow:{}@{}", claims.repository, claims.run_id)
+            }
+            Principal::GitHubUser { .. } => "github:(unverified)".into(),
+        }
+    }
+}
+
+/// Whether a bearer token is shaped like a JWT (`header.payload.signature`, header `{"...`).
+fn looks_like_jwt(token: &str) -> bool {
+    token.starts_with("eyJ") && token.bytes().filter(|&b| b == b'.').count() == 2
+}
+
+/// Whether a bearer token is a GitHub user or app token (`ghp_`, `gho_`, `ghu_`, `github_pat_`).
+fn looks_like_github_token(token: &str) -> bool {
+    ["ghp_", "gho_", "ghu_", "ghs_", "github_pat_"]
+        .iter()
+        .any(|prefix| token.starts_with(prefix))
 }
 
 /// SHA-256 of a token, hex encoded: the only form in which the broker keeps tokens.
@@ -98,11 +144,16 @@ pub fn generate_token(role: Role) -> anyhow::Result<SecretString> {
 #[derive(Clone, Default)]
 pub struct Authenticator {
     tokens: Arc<RwLock<HashMap<String, Principal>>>,
+    /// Verifies workflow OIDC tokens; `None` when the broker accepts none.
+    oidc: Option<OidcVerifier>,
 }
 
 impl Authenticator {
-    pub async fn load(db: &Db) -> anyhow::Result<Self> {
-        let auth = Authenticator::default();
+    pub async fn load(db: &Db, oidc: Option<OidcVerifier>) -> anyhow::Result<Self> {
+        let auth = Authenticator {
+            tokens: Arc::default(),
+            oidc,
+        };
         for token in db.api_tokens().await? {
             auth.remember(&token.token_hash, &token.role, token.name);
         }
@@ -151,7 +202,31 @@ impl Authenticator {
         Ok(token)
     }
 
-    pub fn authenticate(&self, bearer: &str) -> Result<Principal, ApiError> {
+    pub async fn authenticate(&self, bearer: &str) -> Result<Principal, ApiError> {
+        if looks_like_jwt(bearer) {
+            let Some(oidc) = &self.oidc else {
+                return Err(ApiError::Unauthorized(
+                    "this broker does not accept GitHub OIDC tokens (it has no --oidc-audience)"
+                        .into(),
+                ));
+            };
+            let claims = oidc.verify(bearer).await.map_err(|err| match err {
+                OidcError::KeysUnavailable(ref why) => {
+                    tracing::warn!(%why, "Cannot fetch the OIDC issuer's keys.");
+                    ApiError::Unavailable(format!("{err}; try again shortly"))
+                }
+                err => ApiError::Unauthorized(format!("OIDC token refused: {err}")),
+            })?;
+            return Ok(Principal::Workflow {
+                claims: Box::new(claims),
+                token: SecretString::from(bearer.to_string()),
+            });
+        }
+        if looks_like_github_token(bearer) {
+            return Ok(Principal::GitHubUser {
+                token: SecretString::from(bearer.to_string()),
+            });
+        }
         let hash = token_hash(bearer);
         self.tokens
             .read()
@@ -198,6 +273,6 @@ impl FromRequestParts<AppState> for Principal {
             .ok_or_else(|| {
                 ApiError::Unauthorized("the Authorization header must be \"Bearer <token>\"".into())
             })?;
-        state.auth.authenticate(token)
+        state.auth.authenticate(token).await
     }
 }

@@ -4,6 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
+use testbot_proto::oidc::{KeySet, OidcSettings};
+
 use crate::server::BrokerConfig;
 use crate::state::Settings;
 
@@ -35,6 +38,21 @@ pub struct BrokerOpts {
     /// The largest request body accepted, in bytes.
     #[arg(long, env = "TESTBOT_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Accept GitHub Actions OIDC tokens minted for this audience (the action's `audience`
+    /// input; conventionally the broker's URL). Without it, workflows cannot submit jobs.
+    #[arg(long, env = "TESTBOT_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+    /// The OIDC issuer whose tokens are accepted (exact `iss`). GitHub Enterprise Server:
+    /// `https://HOST/_services/token`.
+    #[arg(long, env = "TESTBOT_OIDC_ISSUER", default_value = testbot_proto::oidc::GITHUB_ISSUER)]
+    pub oidc_issuer: String,
+    /// Verify OIDC tokens with the keys in this JWKS file instead of fetching the issuer's
+    /// (for brokers that cannot reach the issuer).
+    #[arg(long, env = "TESTBOT_OIDC_JWKS_FILE")]
+    pub oidc_jwks_file: Option<PathBuf>,
+    /// GitHub's REST API, for checking that a user registering a repository administers it.
+    #[arg(long, env = "TESTBOT_GITHUB_API_URL", default_value = crate::github::GITHUB_API_URL)]
+    pub github_api_url: String,
 }
 
 impl BrokerOpts {
@@ -48,7 +66,30 @@ impl BrokerOpts {
             poll_timeout,
             max_log_bytes,
             max_body_bytes,
+            oidc_audience,
+            oidc_issuer,
+            oidc_jwks_file,
+            github_api_url,
         } = self;
+        let oidc = oidc_audience.map(|audience| OidcSettings {
+            issuer: oidc_issuer,
+            audience,
+        });
+        let oidc_keys = match oidc_jwks_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("Cannot read {}", path.display()))?;
+                let keys = KeySet::from_json(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                anyhow::ensure!(
+                    !keys.is_empty(),
+                    "{}: the key set has no RS256 signing keys",
+                    path.display()
+                );
+                Some(keys)
+            }
+        };
         anyhow::ensure!(
             lease_ttl >= Duration::from_millis(300),
             "--lease-ttl must be at least 300ms"
@@ -64,6 +105,9 @@ impl BrokerOpts {
                 max_log_bytes,
             },
             max_body_bytes,
+            oidc,
+            oidc_keys,
+            github_api_url,
         })
     }
 }

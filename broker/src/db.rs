@@ -17,6 +17,7 @@ use sqlx::{Row as _, Sqlite, Transaction};
 use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
 use testbot_proto::logs::{Stream, format_line};
 use testbot_proto::now_ms;
+use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::Outcome;
 
 /// How many read connections to keep.
@@ -24,7 +25,8 @@ const READ_CONNECTIONS: u32 = 4;
 
 /// The columns of [`JobModel`], in its field order.
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
-     lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms";
+     lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \
+     repository, run_id, submitted_by, oidc_token";
 
 /// A row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -44,6 +46,19 @@ pub struct JobModel {
     pub created_at_ms: i64,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    pub repository: Option<String>,
+    pub run_id: Option<String>,
+    pub submitted_by: Option<String>,
+    pub oidc_token: Option<String>,
+}
+
+/// Who a job is for, recorded with it at submission.
+#[derive(Debug, Clone, Default)]
+pub struct JobOrigin {
+    pub repository: Option<String>,
+    pub run_id: Option<String>,
+    pub submitted_by: String,
+    pub oidc_token: Option<String>,
 }
 
 impl JobModel {
@@ -72,11 +87,57 @@ impl JobModel {
             agent: self.agent.clone(),
             cancel_requested: self.cancel_requested,
             log_bytes: self.log_bytes as u64,
+            repository: self.repository.clone(),
+            submitted_by: self.submitted_by.clone(),
             created_at_ms: self.created_at_ms,
             started_at_ms: self.started_at_ms,
             finished_at_ms: self.finished_at_ms,
         })
     }
+}
+
+/// A row of `repos`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RepoModel {
+    pub name: String,
+    pub settings: String,
+    pub registered_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl RepoModel {
+    pub fn settings(&self) -> anyhow::Result<RepoSettings> {
+        serde_json::from_str(&self.settings)
+            .with_context(|| format!("Stored settings of repository {} are not valid", self.name))
+    }
+
+    pub fn to_repo(&self) -> anyhow::Result<Repo> {
+        Ok(Repo {
+            name: self.name.clone(),
+            settings: self.settings()?,
+            registered_by: self.registered_by.clone(),
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+        })
+    }
+}
+
+/// Records a token id inside `tx`; false if it is there already.
+async fn record_jti(
+    tx: &mut Transaction<'_, Sqlite>,
+    jti: &str,
+    expires_at: i64,
+) -> sqlx::Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO oidc_jtis (jti, expires_at) VALUES (?1, ?2) ON CONFLICT (jti) DO NOTHING",
+    )
+    .bind(jti)
+    .bind(expires_at)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 /// A row of `api_tokens`.
@@ -200,19 +261,119 @@ impl Db {
         Ok(())
     }
 
-    pub async fn insert_job(&self, spec: &JobSpec) -> anyhow::Result<JobModel> {
+    /// Stores a queued job. With `jti`, the token's id is recorded in the same transaction, and
+    /// a token seen before stores nothing: `Ok(None)`.
+    pub async fn insert_job(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        jti: Option<(&str, i64)>,
+    ) -> anyhow::Result<Option<JobModel>> {
         let spec_json = serde_json::to_string(spec)?;
         let labels = serde_json::to_string(&spec.labels)?;
+        let mut tx = self.write.begin().await?;
+        if let Some((jti, expires_at)) = jti
+            && !record_jti(&mut tx, jti, expires_at).await?
+        {
+            return Ok(None);
+        }
         let sql = format!(
-            "INSERT INTO jobs (spec, labels, state, created_at_ms) VALUES (?1, ?2, 'queued', ?3)
+            "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id, submitted_by,
+                 oidc_token)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7)
              RETURNING {JOB_COLUMNS}"
         );
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(spec_json)
             .bind(labels)
             .bind(now_ms())
-            .fetch_one(&self.write)
-            .await?)
+            .bind(&origin.repository)
+            .bind(&origin.run_id)
+            .bind(&origin.submitted_by)
+            .bind(&origin.oidc_token)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(model))
+    }
+
+    /// Records a token id; false when it was recorded before (a replay).
+    pub async fn use_jti(&self, jti: &str, expires_at: i64) -> sqlx::Result<bool> {
+        let mut tx = self.write.begin().await?;
+        let fresh = record_jti(&mut tx, jti, expires_at).await?;
+        tx.commit().await?;
+        Ok(fresh)
+    }
+
+    /// Forgets token ids whose tokens have expired (they can no longer be replayed anyway).
+    pub async fn prune_jtis(&self, now_secs: i64) -> sqlx::Result<u64> {
+        Ok(sqlx::query("DELETE FROM oidc_jtis WHERE expires_at < ?1")
+            .bind(now_secs)
+            .execute(&self.write)
+            .await?
+            .rows_affected())
+    }
+
+    pub async fn repo(&self, name: &str) -> sqlx::Result<Option<RepoModel>> {
+        sqlx::query_as(
+            "SELECT name, settings, registered_by, created_at_ms, updated_at_ms FROM repos
+             WHERE name = ?1",
+        )
+        .bind(name)
+        .fetch_optional(&self.read)
+        .await
+    }
+
+    pub async fn repos(&self) -> sqlx::Result<Vec<RepoModel>> {
+        sqlx::query_as(
+            "SELECT name, settings, registered_by, created_at_ms, updated_at_ms FROM repos
+             ORDER BY name",
+        )
+        .fetch_all(&self.read)
+        .await
+    }
+
+    /// Registers a repository or replaces its settings. With `jti`, the token's id is recorded
+    /// in the same transaction; a token seen before changes nothing: `Ok(None)`.
+    pub async fn upsert_repo(
+        &self,
+        name: &str,
+        settings: &str,
+        registered_by: &str,
+        jti: Option<(&str, i64)>,
+    ) -> anyhow::Result<Option<RepoModel>> {
+        let mut tx = self.write.begin().await?;
+        if let Some((jti, expires_at)) = jti
+            && !record_jti(&mut tx, jti, expires_at).await?
+        {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let model = sqlx::query_as(
+            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT (name) DO UPDATE SET settings = excluded.settings,
+                 registered_by = excluded.registered_by, updated_at_ms = excluded.updated_at_ms
+             RETURNING name, settings, registered_by, created_at_ms, updated_at_ms",
+        )
+        .bind(name)
+        .bind(settings)
+        .bind(registered_by)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(model))
+    }
+
+    /// Removes a registration; false when there was none.
+    pub async fn delete_repo(&self, name: &str) -> sqlx::Result<bool> {
+        Ok(sqlx::query("DELETE FROM repos WHERE name = ?1")
+            .bind(name)
+            .execute(&self.write)
+            .await?
+            .rows_affected()
+            > 0)
     }
 
     pub async fn job(&self, id: JobId) -> sqlx::Result<Option<JobModel>> {

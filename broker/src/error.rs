@@ -31,6 +31,8 @@ pub enum ApiError {
     LogGap(String),
     #[error("{0}")]
     LogTooLarge(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -50,6 +52,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, codes::CONFLICT),
             ApiError::LogGap(_) => (StatusCode::CONFLICT, codes::LOG_GAP),
             ApiError::LogTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, codes::LOG_TOO_LARGE),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
         }
     }

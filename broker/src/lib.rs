@@ -11,6 +11,7 @@
 //! - [`db`]: the SQLite facade; [`dispatch`]: waking waiting polls; [`events`]: per-job wake-ups
 //!   for log followers and held heartbeats.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the JSON error type and extractors.
+//! - [`github`]: the GitHub REST calls the broker makes (repository permission checks).
 //! - [`cli`]: the `testbot-broker` command-line flags.
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod db;
 pub mod dispatch;
 pub mod error;
 pub mod events;
+pub mod github;
 pub mod server;
 pub mod state;
 

@@ -12,6 +12,8 @@ use testbot_proto::now_ms;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use testbot_proto::oidc::{KeySet, OidcSettings, OidcVerifier};
+
 use crate::auth::{Authenticator, Role};
 use crate::db::Db;
 use crate::state::{AppState, Settings};
@@ -25,6 +27,12 @@ pub struct BrokerConfig {
     pub settings: Settings,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
+    /// Which workflow OIDC tokens are accepted; `None`: none are.
+    pub oidc: Option<OidcSettings>,
+    /// A fixed key set for the OIDC issuer instead of fetching it (air-gapped brokers, tests).
+    pub oidc_keys: Option<KeySet>,
+    /// The GitHub REST API, for checking a user token's permission on a repository.
+    pub github_api_url: String,
 }
 
 impl BrokerConfig {
@@ -41,6 +49,9 @@ impl BrokerConfig {
                 max_log_bytes: 64 * 1024 * 1024,
             },
             max_body_bytes: 1024 * 1024,
+            oidc: None,
+            oidc_keys: None,
+            github_api_url: crate::github::GITHUB_API_URL.into(),
         }
     }
 }
@@ -48,6 +59,9 @@ impl BrokerConfig {
 /// A queued job older than this while agents wait makes the sweeper wake every waiting agent:
 /// a safety net for a wake-up lost to a dropped connection.
 const STALE_QUEUE: Duration = Duration::from_secs(1);
+
+/// How often ids of expired OIDC tokens are forgotten.
+const JTI_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// A running broker.
 pub struct Broker {
@@ -70,9 +84,16 @@ impl Broker {
             data_dir,
             settings,
             max_body_bytes,
+            oidc,
+            oidc_keys,
+            github_api_url,
         } = config;
         let db = Db::open(&data_dir).await?;
-        let auth = Authenticator::load(&db).await?;
+        let verifier = oidc.map(|settings| match oidc_keys {
+            Some(keys) => OidcVerifier::with_keys(settings, keys),
+            None => OidcVerifier::new(settings),
+        });
+        let auth = Authenticator::load(&db, verifier).await?;
         let admin_token = auth
             .ensure_token_file(&db, Role::Operator, "admin", &data_dir.join("admin.token"))
             .await?;
@@ -101,6 +122,7 @@ impl Broker {
             control_events: Default::default(),
             settings: Arc::new(settings),
             shutdown: shutdown.clone(),
+            github: crate::github::GitHubApi::new(github_api_url),
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
         let app = crate::api::create_app(state, max_body_bytes);
@@ -159,10 +181,19 @@ async fn sweep_leases(state: AppState) {
         (state.settings.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = state.shutdown.cancelled() => return,
+        }
+        if last_prune.elapsed() >= JTI_PRUNE_INTERVAL {
+            last_prune = tokio::time::Instant::now();
+            // Leeway: a token is accepted up to a minute past its expiry.
+            let horizon = now_ms() / 1000 - testbot_proto::oidc::DEFAULT_LEEWAY.as_secs() as i64;
+            if let Err(err) = state.db.prune_jtis(horizon).await {
+                tracing::error!(?err, "Cannot prune used OIDC token ids.");
+            }
         }
         match state
             .db

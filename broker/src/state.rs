@@ -37,4 +37,6 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Cancelled when the broker shuts down: held polls and log follows end.
     pub shutdown: CancellationToken,
+    /// GitHub's REST API: checks a user token's permission on a repository.
+    pub github: crate::github::GitHubApi,
 }

@@ -41,6 +41,10 @@ pub struct Assignment {
     /// The job's log already holds this many bytes (from earlier attempts); append after them.
     pub log_offset: u64,
     pub spec: JobSpec,
+    /// The submitting workflow's GitHub OIDC token, for the agent to verify itself before it
+    /// runs anything. None for jobs an operator submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc_token: Option<String>,
 }
 
 /// The body of `start` and `heartbeat` calls.
@@ -59,4 +63,40 @@ pub struct LeaseRequest {
 pub struct LeaseStatus {
     pub cancel_requested: bool,
     pub lease_ttl_ms: u64,
+}
+
+/// What an agent's site policy accepts, advertised at enrollment and on every poll so the broker
+/// routes to the agent only jobs its site would take. It is a routing hint: the agent still
+/// verifies every job's token and applies its full policy before running anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySummary {
+    /// Repository globs (`owner/*`, `owner/name`) some rule allows.
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    /// Executors the site allows, with their caps.
+    #[serde(default)]
+    pub executors: Vec<ExecutorCaps>,
+}
+
+/// One allowed executor and the most a job may ask of it. `None` means no cap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorCaps {
+    /// `shell`, `slurm`, `docker`, `podman`, `kubernetes`.
+    pub executor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_gpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_time_secs: Option<u64>,
+    /// Image globs allowed (container and Kubernetes executors); empty: no images.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
+    /// Slurm partitions allowed; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<String>,
 }

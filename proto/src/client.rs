@@ -14,6 +14,7 @@ use crate::agents::{Assignment, LeaseRequest, LeaseStatus, PollRequest};
 use crate::error::{ErrorBody, codes};
 use crate::jobs::{Job, JobId, JobList, JobListQuery, JobSpec};
 use crate::logs::{LogAck, LogChunk};
+use crate::repos::{Repo, RepoList, RepoRegistration};
 use crate::results::FinishRequest;
 
 /// Why a broker call failed. Callers retry [`ClientError::Unavailable`] and stop on the rest.
@@ -172,6 +173,33 @@ impl BrokerClient {
     pub async fn cancel(&self, id: JobId) -> Result<Job, ClientError> {
         self.post(&format!("/jobs/{id}/cancel"), &serde_json::json!({}))
             .await
+    }
+
+    /// `POST /api/v1/repos`: registers a repository (or replaces its settings).
+    pub async fn register_repo(
+        &self,
+        registration: &RepoRegistration,
+    ) -> Result<Repo, ClientError> {
+        self.post("/repos", registration).await
+    }
+
+    pub async fn repos(&self) -> Result<RepoList, ClientError> {
+        self.send(self.request(Method::GET, "/repos")).await
+    }
+
+    pub async fn repo(&self, name: &str) -> Result<Repo, ClientError> {
+        self.send(self.request(Method::GET, &format!("/repos/{name}")))
+            .await
+    }
+
+    pub async fn remove_repo(&self, name: &str) -> Result<(), ClientError> {
+        check(
+            self.request(Method::DELETE, &format!("/repos/{name}"))
+                .send()
+                .await?,
+        )
+        .await?;
+        Ok(())
     }
 
     /// The job's log from `offset`; with `follow`, the stream stays open until the job ends.

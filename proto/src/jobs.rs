@@ -65,6 +65,131 @@ pub struct JobSpec {
     /// limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// The executor the job asks for (`shell`, `slurm`, `docker`, `podman`, `kubernetes`).
+    /// Default: whatever the agent runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
+    /// The container image, for container and Kubernetes executors. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Resources the job asks for; the site's policy caps them. Default: none asked.
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
+}
+
+/// Resources a job asks for. Every field is optional; an executor that cannot honour a field
+/// ignores it, and the agent's site policy refuses a request over its caps before anything runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores (Slurm `--cpus-per-task`, container `--cpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    /// Slurm partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// Slurm account to charge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Slurm quality of service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<String>,
+    /// Slurm nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    /// Slurm tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ntasks: Option<u32>,
+    /// Slurm node feature constraint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<String>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        *self == Resources::default()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("partition", &self.partition),
+            ("account", &self.account),
+            ("qos", &self.qos),
+        ] {
+            if let Some(value) = value {
+                validate_word(&format!("resources.{field}"), value)?;
+            }
+        }
+        if let Some(constraint) = &self.constraint {
+            // Slurm constraint syntax: features joined by & | , with brackets and counts.
+            let ok = !constraint.is_empty()
+                && constraint.len() <= limits::MAX_NAME_BYTES
+                && constraint
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-&|,[]*".contains(c));
+            if !ok {
+                return Err(format!(
+                    "resources.constraint {constraint:?} is invalid: use features of A-Z a-z 0-9 _ . - joined by & | ,"
+                ));
+            }
+        }
+        for (field, value) in [
+            ("cpus", self.cpus),
+            ("nodes", self.nodes),
+            ("ntasks", self.ntasks),
+        ] {
+            if value == Some(0) {
+                return Err(format!("resources.{field} must be at least 1"));
+            }
+        }
+        if self.memory_mib == Some(0) {
+            return Err("resources.memory_mib must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A scheduler word (partition, account, qos, executor): 1–128 characters of `[A-Za-z0-9_.-]`,
+/// so it can never carry an option or a shell metacharacter.
+pub fn validate_word(field: &str, value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= limits::MAX_NAME_BYTES
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && !value.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} {value:?} is invalid: use 1-{} characters of A-Z a-z 0-9 _ . - (not starting with -)",
+            limits::MAX_NAME_BYTES
+        ))
+    }
+}
+
+/// A container image reference: `[registry/]name[:tag][@sha256:digest]`, no whitespace or shell
+/// metacharacters, not starting with `-`.
+pub fn validate_image(image: &str) -> Result<(), String> {
+    let ok = !image.is_empty()
+        && image.len() <= 512
+        && !image.starts_with('-')
+        && image
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-/:@".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "image {image:?} is invalid: expected [registry/]name[:tag][@sha256:digest]"
+        ))
+    }
 }
 
 impl JobSpec {
@@ -120,7 +245,13 @@ impl JobSpec {
         if self.timeout_secs == Some(0) {
             return Err("timeout_secs must be at least 1".into());
         }
-        Ok(())
+        if let Some(executor) = &self.executor {
+            validate_word("executor", executor)?;
+        }
+        if let Some(image) = &self.image {
+            validate_image(image)?;
+        }
+        self.resources.validate()
     }
 }
 
@@ -262,6 +393,13 @@ pub struct Job {
     pub cancel_requested: bool,
     /// Bytes of log stored so far.
     pub log_bytes: u64,
+    /// The repository the job runs for, from the submitting workflow's verified OIDC token
+    /// (none for jobs an operator submitted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// Who submitted it: `operator:NAME` or `workflow:OWNER/REPO@RUN_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<i64>,

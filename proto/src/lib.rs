@@ -8,16 +8,22 @@
 //!   clients see ([`jobs::Job`]).
 //! - [`agents`]: the agent side of the protocol: poll, assignment, start, heartbeat.
 //! - [`logs`]: log chunks (keyed by byte offset) and the line format of a stored log.
+//! - [`repos`]: repository registration.
 //! - [`results`]: how a job ended, as reported by the agent.
 //! - [`error`]: the JSON error envelope every endpoint uses.
+//! - [`glob`]: the `*`/`?` patterns of policy rules.
+//! - [`oidc`]: GitHub Actions OIDC claims and their verification (broker and agent both use it).
 //! - [`client`] (feature `client`): a typed HTTP client for the broker.
 
 pub mod agents;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod error;
+pub mod glob;
 pub mod jobs;
 pub mod logs;
+pub mod oidc;
+pub mod repos;
 pub mod results;
 
 /// Sets up `tracing` for a daemon or CLI: `RUST_LOG`-style filter (default `default_filter`),

@@ -4,11 +4,16 @@
 //!   and adds agents (in process, or as `testbot-agent` processes).
 //! - [`Process`] is a child process (broker, agent, CLI) that is killed by PID when dropped, so
 //!   no test leaves anything running.
+//! - [`oidc::TestIssuer`] is a local OIDC issuer of GitHub's shape; [`github::FakeGitHub`] fakes
+//!   the GitHub REST calls the broker makes.
 //! - [`wait_for`] waits on a condition with a deadline; tests never sleep a fixed time to let
 //!   something happen.
 //!
 //! Real binaries are found next to the test executable (`target/debug`), so run
 //! `cargo build --workspace --bins` before the tests (`scripts/test.sh` does).
+
+pub mod github;
+pub mod oidc;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -127,12 +132,46 @@ pub struct Fleet {
     pub admin_token: SecretString,
     pub agent_token: SecretString,
     agents: Vec<(Shutdown, Option<JoinHandle<anyhow::Result<()>>>)>,
+    /// The OIDC issuer the broker trusts, for fleets started with [`Fleet::start_oidc`].
+    pub issuer: Option<oidc::TestIssuer>,
 }
+
+/// The audience test brokers accept OIDC tokens for.
+pub const AUDIENCE: &str = "https://testbot.test";
 
 impl Fleet {
     /// A broker with default settings but a short lease (2 s) and poll timeout (5 s).
     pub async fn start() -> Fleet {
         Fleet::start_with(|_| {}).await
+    }
+
+    /// A fleet whose broker accepts OIDC tokens from a local [`oidc::TestIssuer`] for
+    /// [`AUDIENCE`].
+    pub async fn start_oidc(tune: impl FnOnce(&mut BrokerConfig)) -> Fleet {
+        let issuer = oidc::TestIssuer::start().await;
+        let settings = testbot_proto::oidc::OidcSettings {
+            issuer: issuer.url.clone(),
+            audience: AUDIENCE.into(),
+        };
+        let mut fleet = Fleet::start_with(|config| {
+            config.oidc = Some(settings);
+            tune(config);
+        })
+        .await;
+        fleet.issuer = Some(issuer);
+        fleet
+    }
+
+    /// The fleet's OIDC issuer.
+    pub fn issuer(&self) -> &oidc::TestIssuer {
+        self.issuer
+            .as_ref()
+            .expect("a fleet started with start_oidc")
+    }
+
+    /// A client presenting `token` (an OIDC token, a GitHub token, anything).
+    pub fn client_with(&self, token: &str) -> BrokerClient {
+        BrokerClient::new(&self.url, SecretString::from(token.to_string())).expect("client")
     }
 
     pub async fn start_with(tune: impl FnOnce(&mut BrokerConfig)) -> Fleet {
@@ -151,6 +190,7 @@ impl Fleet {
             broker: Some(broker),
             dir,
             agents: Vec::new(),
+            issuer: None,
         }
     }
 

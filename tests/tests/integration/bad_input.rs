@@ -41,7 +41,7 @@ async fn bad_requests_are_refused_with_a_clear_error_and_store_nothing() {
             body: r#"{"script": "echo hi", "scirpt": "x"}"#.into(),
             status: 400,
             code: "invalid_json",
-            message: "unknown field `scirpt`, expected one of `script`, `name`, `labels`, `env`, `timeout_secs`",
+            message: "unknown field `scirpt`, expected one of `script`, `name`, `labels`, `env`, `timeout_secs`, `executor`, `image`, `resources`",
         },
         Case {
             what: "wrong type",
@@ -141,7 +141,7 @@ async fn bad_requests_are_refused_with_a_clear_error_and_store_nothing() {
             body: r#"{"script": "true"}"#.into(),
             status: 403,
             code: "forbidden",
-            message: "this endpoint needs an operator token",
+            message: "submitting jobs needs a workflow OIDC token or an operator token; an agent token was given",
         },
         Case {
             what: "operator token on the agent API",

@@ -7,3 +7,4 @@ mod leases;
 mod load;
 mod logs;
 mod restart;
+mod trust;

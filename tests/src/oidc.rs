@@ -1,0 +1,186 @@
+//! A local OIDC issuer with GitHub's shape: discovery document and JWKS served on loopback, and
+//! RS256 tokens minted with a fixed test key. Tests never talk to GitHub.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::rand::SystemRandom;
+use ring::signature::{KeyPair as _, RSA_PKCS1_SHA256, RsaKeyPair};
+use serde_json::{Value, json};
+
+/// The key id the test issuer publishes.
+pub const TEST_KID: &str = "testbot-test-key-1";
+
+/// The test issuer's RSA key (PKCS#8 DER).
+const ISSUER_KEY: &[u8] = include_bytes!("../fixtures/oidc/test-issuer-key.pk8.der");
+/// A key the issuer does not publish: tokens signed with it are forgeries.
+const ATTACKER_KEY: &[u8] = include_bytes!("../fixtures/oidc/attacker-key.pk8.der");
+
+/// An issuer on `127.0.0.1:PORT` serving `/.well-known/openid-configuration` and
+/// `/.well-known/jwks`. Dropping it stops the server.
+pub struct TestIssuer {
+    pub url: String,
+    key: Arc<RsaKeyPair>,
+    attacker: Arc<RsaKeyPair>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestIssuer {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl TestIssuer {
+    pub async fn start() -> TestIssuer {
+        let key = Arc::new(RsaKeyPair::from_pkcs8(ISSUER_KEY).expect("test issuer key"));
+        let attacker = Arc::new(RsaKeyPair::from_pkcs8(ATTACKER_KEY).expect("attacker key"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let discovery = json!({
+            "issuer": url,
+            "jwks_uri": format!("{url}/.well-known/jwks"),
+            "subject_types_supported": ["public", "pairwise"],
+            "response_types_supported": ["id_token"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+        });
+        let jwks = json!({ "keys": [jwk(&key, TEST_KID)] });
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || async move { axum::Json(discovery) }),
+            )
+            .route(
+                "/.well-known/jwks",
+                axum::routing::get(move || async move { axum::Json(jwks) }),
+            );
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TestIssuer {
+            url,
+            key,
+            attacker,
+            server,
+        }
+    }
+
+    /// Claims as GitHub would send them for a push to `main` of `repo`, minted for `audience`,
+    /// valid from a minute ago for an hour. Ids and counters are strings, as GitHub sends them.
+    pub fn claims(&self, repo: &str, audience: &str) -> Value {
+        let now = testbot_proto::oidc::unix_now();
+        let owner = repo.split('/').next().unwrap_or(repo);
+        json!({
+            "iss": self.url,
+            "aud": audience,
+            "sub": format!("repo:{repo}:ref:refs/heads/main"),
+            "jti": format!("jti-{}", unique()),
+            "exp": now + 3600,
+            "nbf": now - 60,
+            "iat": now - 60,
+            "repository": repo,
+            "repository_id": "123456",
+            "repository_owner": owner,
+            "repository_owner_id": "1000",
+            "repository_visibility": "public",
+            "ref": "refs/heads/main",
+            "ref_type": "branch",
+            "ref_protected": "true",
+            "sha": "0f661a4a011d77cb21fa4dc7013d9b6f928666ed",
+            "event_name": "push",
+            "actor": "octocat",
+            "actor_id": "583231",
+            "workflow": "CI",
+            "workflow_ref": format!("{repo}/.github/workflows/ci.yml@refs/heads/main"),
+            "job_workflow_ref": format!("{repo}/.github/workflows/ci.yml@refs/heads/main"),
+            "run_id": format!("{}", 9_000_000 + unique()),
+            "run_number": "7",
+            "run_attempt": "1",
+            "head_ref": "",
+            "base_ref": "",
+            "runner_environment": "github-hosted",
+        })
+    }
+
+    /// A token for `claims`, signed by the issuer's published key.
+    pub fn mint(&self, claims: &Value) -> String {
+        sign(
+            &self.key,
+            &json!({"alg": "RS256", "typ": "JWT", "kid": TEST_KID}),
+            claims,
+        )
+    }
+
+    /// A token with an arbitrary header, signed by the issuer's key.
+    pub fn mint_with_header(&self, header: &Value, claims: &Value) -> String {
+        sign(&self.key, header, claims)
+    }
+
+    /// A token that names the issuer's key id but is signed with another key.
+    pub fn forge(&self, claims: &Value) -> String {
+        sign(
+            &self.attacker,
+            &json!({"alg": "RS256", "typ": "JWT", "kid": TEST_KID}),
+            claims,
+        )
+    }
+
+    /// The issuer's public key as DER (RSAPublicKey), which an HS256 forgery uses as its secret.
+    pub fn public_key_der(&self) -> Vec<u8> {
+        self.key.public_key().as_ref().to_vec()
+    }
+}
+
+/// `header.payload` signed with HMAC-SHA256 under `secret` (the "alg confusion" attack).
+pub fn sign_hs256(secret: &[u8], header: &Value, claims: &Value) -> String {
+    let signed = format!("{}.{}", b64_json(header), b64_json(claims));
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let tag = ring::hmac::sign(&key, signed.as_bytes());
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+}
+
+/// An unsigned token (`alg: none`).
+pub fn unsigned(claims: &Value) -> String {
+    format!(
+        "{}.{}.",
+        b64_json(&json!({"alg": "none", "typ": "JWT"})),
+        b64_json(claims)
+    )
+}
+
+fn b64_json(value: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).unwrap())
+}
+
+fn sign(key: &RsaKeyPair, header: &Value, claims: &Value) -> String {
+    let signed = format!("{}.{}", b64_json(header), b64_json(claims));
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        signed.as_bytes(),
+        &mut signature,
+    )
+    .expect("RSA signing");
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+fn jwk(key: &RsaKeyPair, kid: &str) -> Value {
+    let public = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(key.public());
+    let (n, e) = (public.n, public.e);
+    json!({
+        "kty": "RSA",
+        "alg": "RS256",
+        "use": "sig",
+        "kid": kid,
+        "n": URL_SAFE_NO_PAD.encode(n),
+        "e": URL_SAFE_NO_PAD.encode(e),
+    })
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() as u64 * 1_000_000
+}
