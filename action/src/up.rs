@@ -35,11 +35,11 @@ pub async fn run(opts: UpOpts) -> anyhow::Result<()> {
     let data_dir = data_dir.canonicalize()?;
     let broker = Broker::start(BrokerConfig::new(listen, data_dir.clone())).await?;
     let url = broker.url();
-    let mut agent_config = AgentConfig::new(
-        url.clone(),
-        broker.agent_token.clone(),
-        data_dir.join("agent"),
-    );
+    // The local agent enrolls at the first start and keeps its identity in DATA_DIR/agent.
+    let enrollment = broker
+        .enrollment_token("local", 1, std::time::Duration::from_secs(3600))
+        .await?;
+    let mut agent_config = AgentConfig::new(url.clone(), enrollment, data_dir.join("agent"));
     agent_config.concurrency = concurrency;
     agent_config.labels = labels;
     let agent = Agent::new(agent_config)?;

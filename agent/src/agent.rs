@@ -2,14 +2,14 @@
 //! time, with a two-stage shutdown.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use testbot_proto::agents::PollRequest;
-use testbot_proto::client::{Backoff, BrokerClient};
+use testbot_proto::client::Backoff;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::config::{AgentConfig, ExecutorKind};
+use crate::enroll::AgentIdentity;
 use crate::executor::{Executor, NoopExecutor, ShellExecutor};
 use crate::job::JobRunner;
 
@@ -47,10 +47,8 @@ impl Shutdown {
 /// A configured agent, ready to run.
 pub struct Agent {
     name: String,
-    labels: Vec<String>,
-    concurrency: usize,
-    poll_wait: Duration,
-    runner: Arc<JobRunner>,
+    config: AgentConfig,
+    executor: Arc<dyn Executor>,
 }
 
 impl Agent {
@@ -70,9 +68,7 @@ impl Agent {
         config: AgentConfig,
         executor: Arc<dyn Executor>,
     ) -> anyhow::Result<Agent> {
-        let token = config.resolve_token()?;
         let name = config.resolve_name();
-        let client = BrokerClient::new(&config.broker_url, token)?;
         std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
             anyhow::anyhow!(
                 "Cannot create work directory {}: {e}",
@@ -80,18 +76,9 @@ impl Agent {
             )
         })?;
         Ok(Agent {
-            runner: Arc::new(JobRunner {
-                client,
-                executor,
-                agent: name.clone(),
-                work_dir: config.work_dir,
-                max_job_time: config.max_job_time,
-                keep_job_dirs: config.keep_job_dirs,
-            }),
             name,
-            labels: config.labels,
-            concurrency: config.concurrency,
-            poll_wait: config.poll_wait,
+            config,
+            executor,
         })
     }
 
@@ -102,22 +89,50 @@ impl Agent {
     /// Runs until drained (first signal: running jobs finish) or stopped (second: they are
     /// cancelled and reported).
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
+        let Agent {
+            name,
+            config,
+            executor,
+        } = self;
+        let identity = {
+            let drain = shutdown.drain.clone();
+            AgentIdentity::load_or_enroll(
+                &config.state_dir(),
+                &config.broker_url,
+                &name,
+                config.resolve_enrollment_token()?,
+                None,
+                move || drain.is_cancelled(),
+            )
+            .await?
+        };
+        let runner = Arc::new(JobRunner {
+            client: identity.client(&config.broker_url)?,
+            executor,
+            agent: name.clone(),
+            work_dir: config.work_dir.clone(),
+            max_job_time: config.max_job_time,
+            keep_job_dirs: config.keep_job_dirs,
+        });
         tracing::info!(
-            agent = %self.name,
-            broker = %self.runner.client.base_url(),
-            executor = self.runner.executor.name(),
-            concurrency = self.concurrency,
+            agent = %name,
+            agent_id = %identity.agent_id,
+            site = %identity.site,
+            broker = %config.broker_url,
+            executor = runner.executor.name(),
+            concurrency = config.concurrency,
             "Agent started."
         );
         let mut workers = tokio::task::JoinSet::new();
-        for slot in 0..self.concurrency {
+        for slot in 0..config.concurrency {
             let worker = Worker {
-                runner: self.runner.clone(),
+                runner: runner.clone(),
                 poll: PollRequest {
-                    agent: self.name.clone(),
-                    labels: self.labels.clone(),
-                    executor: self.runner.executor.name().to_string(),
-                    wait_ms: Some(self.poll_wait.as_millis() as u64),
+                    agent: name.clone(),
+                    labels: config.labels.clone(),
+                    executor: runner.executor.name().to_string(),
+                    wait_ms: Some(config.poll_wait.as_millis() as u64),
+                    policy: None,
                 },
                 shutdown: shutdown.clone(),
             };
@@ -126,7 +141,7 @@ impl Agent {
         while let Some(result) = workers.join_next().await {
             result?;
         }
-        tracing::info!(agent = %self.name, "Agent stopped.");
+        tracing::info!(agent = %name, "Agent stopped.");
         Ok(())
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! broker_url = "https://testbot.example.org"
-//! token_file = "/etc/testbot/agent.token"
+//! enrollment_token_file = "/etc/testbot/enrollment.token"
+//! policy = "/etc/testbot/policy.toml"
 //! name = "login1"
 //! labels = ["linux", "x86_64"]
 //! concurrency = 2
@@ -41,12 +42,24 @@ impl ExecutorKind {
 pub struct AgentConfig {
     /// The broker's base URL (`https://...`; `http://` only for loopback and tests).
     pub broker_url: String,
-    /// The agent token, inline. Prefer `token_file`. One of the two is required.
+    /// A site enrollment token from the broker's operator, inline. Prefer
+    /// `enrollment_token_file`. Needed only until the agent has enrolled (its identity is then in
+    /// `state_dir`). Default: none.
     #[serde(default)]
-    pub token: Option<SecretString>,
-    /// A file holding the agent token (first line).
+    pub enrollment_token: Option<SecretString>,
+    /// A file holding the enrollment token (first line). Default: none.
     #[serde(default)]
-    pub token_file: Option<PathBuf>,
+    pub enrollment_token_file: Option<PathBuf>,
+    /// Where the agent keeps its identity (`identity.json`) and private key (`agent-key.pk8`,
+    /// mode 0600). Default: `work_dir`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// The site policy file: which repositories, refs, events and users may run jobs here, with
+    /// which executors and resources, as which local account. Without one, the agent runs every
+    /// job the broker hands it, as its own user: only for a private fleet (`testbot up`).
+    /// Default: none.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
     /// The agent's name in the fleet. Default: the host name.
     #[serde(default)]
     pub name: Option<String>,
@@ -108,11 +121,17 @@ fn de_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
 
 impl AgentConfig {
     /// A configuration with every default, for embedding (tests, `testbot up`).
-    pub fn new(broker_url: impl Into<String>, token: SecretString, work_dir: PathBuf) -> Self {
+    pub fn new(
+        broker_url: impl Into<String>,
+        enrollment_token: SecretString,
+        work_dir: PathBuf,
+    ) -> Self {
         AgentConfig {
             broker_url: broker_url.into(),
-            token: Some(token),
-            token_file: None,
+            enrollment_token: Some(enrollment_token),
+            enrollment_token_file: None,
+            state_dir: None,
+            policy: None,
             name: None,
             labels: Vec::new(),
             concurrency: default_concurrency(),
@@ -156,11 +175,8 @@ impl AgentConfig {
                 self.broker_url
             ));
         }
-        if self.token.is_none() && self.token_file.is_none() {
-            return Err("set token_file (or token) to the agent token".into());
-        }
-        if self.token.is_some() && self.token_file.is_some() {
-            return Err("set only one of token and token_file".into());
+        if self.enrollment_token.is_some() && self.enrollment_token_file.is_some() {
+            return Err("set only one of enrollment_token and enrollment_token_file".into());
         }
         if self.concurrency == 0 || self.concurrency > 1024 {
             return Err("concurrency must be between 1 and 1024".into());
@@ -174,20 +190,34 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// The token, read from `token_file` if that is how it is given.
-    pub fn resolve_token(&self) -> anyhow::Result<SecretString> {
-        if let Some(token) = &self.token {
-            return Ok(token.clone());
+    /// The enrollment token, read from `enrollment_token_file` if that is how it is given.
+    pub fn resolve_enrollment_token(&self) -> anyhow::Result<Option<SecretString>> {
+        if let Some(token) = &self.enrollment_token {
+            return Ok(Some(token.clone()));
         }
-        let path = self
-            .token_file
-            .as_ref()
-            .context("The configuration sets neither token nor token_file")?;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("Cannot read the agent token from {}", path.display()))?;
+        let Some(path) = &self.enrollment_token_file else {
+            return Ok(None);
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            // Admins delete the token file after enrolling; that is fine once enrolled.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("Cannot read the enrollment token from {}", path.display())
+                });
+            }
+        };
         let token = text.lines().next().unwrap_or("").trim().to_string();
         anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
-        Ok(SecretString::from(token))
+        Ok(Some(SecretString::from(token)))
+    }
+
+    /// Where the identity lives.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.work_dir.clone())
     }
 
     /// The configured name, or the host name.
@@ -240,7 +270,7 @@ mod tests {
         let config = AgentConfig::parse(
             r#"
 broker_url = "https://testbot.example.org"
-token_file = "/etc/testbot/agent.token"
+enrollment_token_file = "/etc/testbot/enrollment.token"
 name = "login1"
 labels = ["linux", "x86_64"]
 concurrency = 4
@@ -256,15 +286,17 @@ max_job_time = "2h"
 
     #[test]
     fn errors_name_line_and_column() {
-        let err = AgentConfig::parse("broker_url = \"https://x\"\ntoken = \"t\"\nconcurency = 2\n")
+        let err = AgentConfig::parse("broker_url = \"https://x\"\nname = \"a\"\nconcurency = 2\n")
             .unwrap_err();
         assert!(err.starts_with("3:1: unknown field `concurency`"), "{err}");
+        let err =
+            AgentConfig::parse("broker_url = \"https://x\"\nname = \"a\"\nkill_grace = \"soon\"\n")
+                .unwrap_err();
+        assert!(err.contains("\"soon\" is not a duration"), "{err}");
         let err = AgentConfig::parse(
-            "broker_url = \"https://x\"\ntoken = \"t\"\nkill_grace = \"soon\"\n",
+            "broker_url = \"https://x\"\nenrollment_token = \"a\"\nenrollment_token_file = \"b\"\n",
         )
         .unwrap_err();
-        assert!(err.contains("\"soon\" is not a duration"), "{err}");
-        let err = AgentConfig::parse("broker_url = \"https://x\"\n").unwrap_err();
-        assert!(err.contains("token_file"), "{err}");
+        assert!(err.contains("only one of enrollment_token"), "{err}");
     }
 }

@@ -8,11 +8,17 @@
 //! - [`ship`]: live log shipping with offsets and retries.
 //! - [`executor`]: the [`executor::Executor`] trait; `shell` and `noop` executors.
 //! - [`config`]: the TOML configuration file.
+//! - [`enroll`]: the agent's identity: enrollment, its Ed25519 key, signed requests.
+//! - [`policy`]: the site policy TOML: rules, executor caps, and [`policy::SitePolicy::evaluate`].
+//! - [`identity`]: which local account a job runs as (static map, default, or admin script).
 
 pub mod agent;
 pub mod config;
+pub mod enroll;
 pub mod executor;
+pub mod identity;
 pub mod job;
+pub mod policy;
 pub mod ship;
 
 pub use agent::{Agent, Shutdown};

@@ -13,21 +13,34 @@ use ring::rand::{SecureRandom, SystemRandom};
 use secrecy::ExposeSecret as _;
 use testbot_proto::agents::{Assignment, LeaseRequest, LeaseStatus, PollRequest};
 use testbot_proto::glob::any_match;
-use testbot_proto::jobs::{Job, JobId, JobList, JobListQuery, JobSpec, validate_label};
+use testbot_proto::jobs::{
+    Job, JobId, JobList, JobListQuery, JobSpec, validate_label, validate_word,
+};
 use testbot_proto::logs::{LogAck, LogChunk, LogQuery, MAX_CHUNK_BYTES};
 use testbot_proto::now_ms;
 use testbot_proto::oidc::WorkflowClaims;
 use testbot_proto::repos::{Repo, RepoList, RepoRegistration, validate_repo_name};
 use testbot_proto::results::FinishRequest;
+use testbot_proto::signing::decode_public_key;
+use testbot_proto::sites::{
+    AgentInfo, AgentList, EnrollRequest, Enrollment, EnrollmentToken, EnrollmentTokenRequest, Site,
+    SiteList, SiteRequest,
+};
 use tokio::time::Instant;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Principal;
-use crate::db::{AppendResult, JobModel, JobOrigin, LeaseRefusal};
+use crate::auth::{Role, generate_token, token_hash};
+use crate::db::{
+    AgentModel, AppendResult, EnrollRefusal, JobModel, JobOrigin, JobTaker, LeaseRefusal, SiteModel,
+};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::github::GitHubError;
 use crate::state::AppState;
+
+/// How stale an agent's `last_seen` may get before a poll refreshes it.
+const AGENT_SEEN_RESOLUTION: Duration = Duration::from_secs(30);
 
 /// Most bytes one log response reads from the database at a time.
 const LOG_READ_BYTES: usize = 256 * 1024;
@@ -35,7 +48,8 @@ const LOG_READ_BYTES: usize = 256 * 1024;
 const FOLLOW_RECHECK: Duration = Duration::from_secs(15);
 
 /// The broker's router: every route, the JSON error fallbacks, and the layers.
-pub fn create_app(state: AppState, max_body_bytes: usize) -> Router {
+pub fn create_app(state: AppState) -> Router {
+    let max_body_bytes = state.settings.max_body_bytes;
     let api = Router::new()
         .route("/health", get(health_handler))
         .route("/jobs", post(submit_handler).get(list_handler))
@@ -50,11 +64,27 @@ pub fn create_app(state: AppState, max_body_bytes: usize) -> Router {
             "/repos/{owner}/{name}",
             get(repo_handler).delete(remove_repo_handler),
         )
+        .route("/sites", post(create_site_handler).get(list_sites_handler))
+        .route(
+            "/sites/{name}/enrollment-tokens",
+            post(enrollment_token_handler),
+        )
+        .route("/sites/{name}/revoke", post(revoke_site_handler))
+        .route("/agents", get(list_agents_handler))
+        .route("/agents/{id}/revoke", post(revoke_agent_handler))
+        .route("/agent/enroll", post(enroll_handler));
+    // Every other agent route is authenticated by the request's signature.
+    let agent = Router::new()
         .route("/agent/poll", post(poll_handler))
         .route("/agent/jobs/{id}/start", post(start_handler))
         .route("/agent/jobs/{id}/heartbeat", post(heartbeat_handler))
         .route("/agent/jobs/{id}/log", post(append_log_handler))
-        .route("/agent/jobs/{id}/finish", post(finish_handler));
+        .route("/agent/jobs/{id}/finish", post(finish_handler))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::verify_agent_signature,
+        ));
+    let api = api.merge(agent);
     Router::new()
         .nest(testbot_proto::API_PREFIX, api)
         .fallback(not_found_handler)
@@ -106,13 +136,14 @@ async fn submit_handler(
             None,
         ),
         Principal::Workflow { claims, token } => {
-            admit_workflow_job(&state, claims).await?;
+            let sites = admit_workflow_job(&state, claims, &spec).await?;
             (
                 JobOrigin {
                     repository: Some(claims.repository.clone()),
                     run_id: Some(claims.run_id.clone()),
                     submitted_by: principal.describe(),
                     oidc_token: Some(token.expose_secret().to_string()),
+                    sites,
                 },
                 Some((claims.jti.as_str(), claims.exp)),
             )
@@ -121,7 +152,7 @@ async fn submit_handler(
             return Err(ApiError::Forbidden(format!(
                 "submitting jobs needs a workflow OIDC token or an operator token; {} was given",
                 match other {
-                    Principal::Agent { .. } => "an agent token",
+                    Principal::Agent(_) => "an agent's signature",
                     _ => "a GitHub user token",
                 }
             )));
@@ -144,9 +175,14 @@ fn replayed(jti: Option<(&str, i64)>) -> ApiError {
     ))
 }
 
-/// Whether a workflow may submit: its repository is registered and the registration enables
-/// the token's event and ref.
-async fn admit_workflow_job(state: &AppState, claims: &WorkflowClaims) -> Result<(), ApiError> {
+/// Whether a workflow may submit: its repository is registered, the registration enables the
+/// token's event and ref, and some enrolled agent's site would accept the job. Returns the sites
+/// the job may go to (empty: any).
+async fn admit_workflow_job(
+    state: &AppState,
+    claims: &WorkflowClaims,
+    spec: &JobSpec,
+) -> Result<Vec<String>, ApiError> {
     let repo = state.db.repo(&claims.repository).await?.ok_or_else(|| {
         ApiError::Forbidden(format!(
             "repository {} is not registered with this broker; a maintainer registers it with \
@@ -171,7 +207,53 @@ async fn admit_workflow_job(state: &AppState, claims: &WorkflowClaims) -> Result
             settings.refs.join(", ")
         )));
     }
-    Ok(())
+    find_accepting_site(state, &claims.repository, spec, &settings.sites).await?;
+    Ok(settings.sites)
+}
+
+/// Fails fast when no enrolled agent would accept the job, naming why each site refuses it.
+async fn find_accepting_site(
+    state: &AppState,
+    repository: &str,
+    spec: &JobSpec,
+    sites: &[String],
+) -> Result<(), ApiError> {
+    let mut reasons: Vec<String> = Vec::new();
+    for (site, name, policy) in state.db.active_agent_policies().await? {
+        if !sites.is_empty() && !sites.contains(&site) {
+            continue;
+        }
+        let Some(policy) = policy else {
+            return Ok(()); // An agent without a site policy takes any job.
+        };
+        let Ok(policy) = serde_json::from_str::<testbot_proto::agents::PolicySummary>(&policy)
+        else {
+            continue;
+        };
+        match policy.admits(Some(repository), spec, None) {
+            Ok(()) => return Ok(()),
+            Err(why) => {
+                let reason = format!("site {site} (agent {name}): {why}");
+                if !reasons.contains(&reason) {
+                    reasons.push(reason);
+                }
+            }
+        }
+    }
+    let sites_note = if sites.is_empty() {
+        String::new()
+    } else {
+        format!(" (the registration allows sites [{}])", sites.join(", "))
+    };
+    if reasons.is_empty() {
+        return Err(ApiError::Unprocessable(format!(
+            "no site can run this job: no agent is enrolled{sites_note}"
+        )));
+    }
+    Err(ApiError::Unprocessable(format!(
+        "no site accepts this job{sites_note}: {}",
+        reasons.join("; ")
+    )))
 }
 
 /// Operators see every job; a workflow sees the jobs its own run submitted.
@@ -345,11 +427,33 @@ async fn poll_handler(
     principal: Principal,
     ApiJson(req): ApiJson<PollRequest>,
 ) -> Result<Response, ApiError> {
-    principal.require_agent()?;
-    validate_label(&req.agent).map_err(|e| ApiError::BadRequest(format!("agent name: {e}")))?;
+    let agent = principal.agent()?;
     for label in &req.labels {
         validate_label(label).map_err(ApiError::BadRequest)?;
     }
+    let policy_json = req
+        .policy
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(anyhow::Error::from)?;
+    let stale = agent
+        .last_seen_ms
+        .is_none_or(|at| now_ms() - at > AGENT_SEEN_RESOLUTION.as_millis() as i64);
+    if stale || policy_json != agent.policy {
+        state
+            .db
+            .agent_polled(&agent.id, policy_json.as_deref())
+            .await?;
+    }
+    let agent_name = format!("{}/{}", agent.site, agent.name);
+    let taker = JobTaker {
+        agent: &agent_name,
+        site: &agent.site,
+        labels: &req.labels,
+        executor: &req.executor,
+        policy: req.policy.as_ref(),
+    };
     let max_wait = state.settings.poll_timeout;
     let wait = req
         .wait_ms
@@ -362,11 +466,11 @@ async fn poll_handler(
         let lease = new_lease()?;
         if let Some(model) = state
             .db
-            .claim_job(&req.agent, &req.labels, &lease, lease_expiry(&state))
+            .claim_job(&taker, &lease, lease_expiry(&state))
             .await?
         {
             drop(ticket);
-            tracing::debug!(job_id = model.id, agent = %req.agent, "Job claimed.");
+            tracing::debug!(job_id = model.id, agent = %agent_name, "Job claimed.");
             let assignment = Assignment {
                 job_id: model.job_id(),
                 attempt: model.attempts as u32,
@@ -569,7 +673,7 @@ async fn prove_repo_control<'a>(
             }
             Ok((format!("github:{}", permission.login), None))
         }
-        Principal::Agent { .. } => Err(ApiError::Forbidden(
+        Principal::Agent(_) => Err(ApiError::Forbidden(
             "agents cannot register repositories".into(),
         )),
     }
@@ -628,4 +732,186 @@ async fn remove_repo_handler(
     }
     tracing::info!(repo = %name, %removed_by, "Repository removed.");
     Ok(StatusCode::NO_CONTENT)
+}
+
+fn to_site(model: &SiteModel) -> Site {
+    Site {
+        name: model.name.clone(),
+        created_at_ms: model.created_at_ms,
+        revoked_at_ms: model.revoked_at_ms,
+    }
+}
+
+fn to_agent_info(model: &AgentModel) -> AgentInfo {
+    AgentInfo {
+        id: model.id.clone(),
+        site: model.site.clone(),
+        name: model.name.clone(),
+        enrolled_at_ms: model.enrolled_at_ms,
+        last_seen_ms: model.last_seen_ms,
+        revoked_at_ms: model.revoked_at_ms,
+        policy: model
+            .policy
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok()),
+    }
+}
+
+async fn create_site_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(req): ApiJson<SiteRequest>,
+) -> Result<(StatusCode, axum::Json<Site>), ApiError> {
+    principal.require_operator()?;
+    validate_word("site name", &req.name).map_err(ApiError::BadRequest)?;
+    let site = state
+        .db
+        .create_site(&req.name)
+        .await?
+        .ok_or_else(|| ApiError::Conflict(format!("site {} exists already", req.name)))?;
+    tracing::info!(site = %site.name, "Site created.");
+    Ok((StatusCode::CREATED, axum::Json(to_site(&site))))
+}
+
+async fn list_sites_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<axum::Json<SiteList>, ApiError> {
+    principal.require_operator()?;
+    let sites = state.db.sites().await?.iter().map(to_site).collect();
+    Ok(axum::Json(SiteList { sites }))
+}
+
+/// Issues an enrollment token for a site: shown once, stored as a hash.
+async fn enrollment_token_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<EnrollmentTokenRequest>,
+) -> Result<(StatusCode, axum::Json<EnrollmentToken>), ApiError> {
+    principal.require_operator()?;
+    let site = state
+        .db
+        .site(&name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("site {name} does not exist")))?;
+    if site.revoked_at_ms.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "site {name} was revoked; create a new site"
+        )));
+    }
+    if req.uses == 0 || req.ttl_secs == 0 {
+        return Err(ApiError::BadRequest(
+            "uses and ttl_secs must be at least 1".into(),
+        ));
+    }
+    let token = generate_token(Role::Enrollment)?;
+    let expires_at_ms = now_ms() + (req.ttl_secs.min(365 * 24 * 3600) * 1000) as i64;
+    state
+        .db
+        .create_enrollment_token(
+            &token_hash(token.expose_secret()),
+            &name,
+            req.uses,
+            expires_at_ms,
+        )
+        .await?;
+    tracing::info!(site = %name, uses = req.uses, "Enrollment token issued.");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(EnrollmentToken {
+            site: name,
+            token: token.expose_secret().to_string(),
+            uses: req.uses,
+            expires_at_ms,
+        }),
+    ))
+}
+
+async fn revoke_site_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(name): ApiPath<String>,
+) -> Result<axum::Json<Site>, ApiError> {
+    principal.require_operator()?;
+    if !state.db.revoke_site(&name).await? {
+        return Err(ApiError::NotFound(format!("site {name} does not exist")));
+    }
+    tracing::warn!(site = %name, "Site revoked.");
+    let site = state.db.site(&name).await?.expect("the site exists");
+    Ok(axum::Json(to_site(&site)))
+}
+
+async fn list_agents_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<axum::Json<AgentList>, ApiError> {
+    principal.require_operator()?;
+    let agents = state.db.agents().await?.iter().map(to_agent_info).collect();
+    Ok(axum::Json(AgentList { agents }))
+}
+
+async fn revoke_agent_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<AgentInfo>, ApiError> {
+    principal.require_operator()?;
+    if !state.db.revoke_agent(&id).await? {
+        return Err(ApiError::NotFound(format!("agent {id} does not exist")));
+    }
+    let agent = state.db.agent(&id).await?.expect("the agent exists");
+    tracing::warn!(agent = %id, site = %agent.site, name = %agent.name, "Agent revoked.");
+    Ok(axum::Json(to_agent_info(&agent)))
+}
+
+/// Exchanges an enrollment token and a public key for an agent identity.
+async fn enroll_handler(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> Result<(StatusCode, axum::Json<Enrollment>), ApiError> {
+    validate_label(&req.name).map_err(|e| ApiError::BadRequest(format!("agent name: {e}")))?;
+    let public_key = decode_public_key(&req.public_key).map_err(ApiError::BadRequest)?;
+    let policy = req
+        .policy
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(anyhow::Error::from)?;
+    let id = format!("agt_{}", testbot_proto::signing::random_hex(12));
+    let agent = state
+        .db
+        .enroll_agent(
+            &token_hash(req.enrollment_token.trim()),
+            &id,
+            &req.name,
+            &public_key,
+            policy.as_deref(),
+        )
+        .await?
+        .map_err(|refusal| match refusal {
+            EnrollRefusal::UnknownToken => {
+                ApiError::Unauthorized("the enrollment token is not valid".into())
+            }
+            EnrollRefusal::Expired => ApiError::Unauthorized(
+                "the enrollment token has expired; ask the operator for a new one".into(),
+            ),
+            EnrollRefusal::UsedUp => ApiError::Unauthorized(
+                "the enrollment token has been used up; ask the operator for a new one".into(),
+            ),
+            EnrollRefusal::SiteRevoked(site) => {
+                ApiError::Unauthorized(format!("site {site} was revoked"))
+            }
+            EnrollRefusal::NameTaken { site, name } => ApiError::Conflict(format!(
+                "site {site} already has an agent named {name}; choose another name or revoke the old agent"
+            )),
+        })?;
+    tracing::info!(agent = %agent.id, site = %agent.site, name = %agent.name, "Agent enrolled.");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(Enrollment {
+            agent_id: agent.id,
+            site: agent.site,
+        }),
+    ))
 }

@@ -18,29 +18,31 @@ use secrecy::{ExposeSecret, SecretString};
 
 use testbot_proto::oidc::{OidcError, OidcVerifier, WorkflowClaims};
 
-use crate::db::Db;
+use crate::db::{AgentModel, Db};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// What a token may do.
+/// What a bearer token issued by the broker is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// Operators: the job, repository, site and agent APIs.
     Operator,
-    Agent,
+    /// Site enrollment: exchanged once per agent for an agent identity.
+    Enrollment,
 }
 
 impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Operator => "operator",
-            Role::Agent => "agent",
+            Role::Enrollment => "enrollment",
         }
     }
 
     fn prefix(self) -> &'static str {
         match self {
             Role::Operator => "tbo_",
-            Role::Agent => "tba_",
+            Role::Enrollment => "tbe_",
         }
     }
 }
@@ -50,8 +52,8 @@ impl Role {
 pub enum Principal {
     /// A fleet operator (admin token).
     Operator { name: String },
-    /// An agent holding the fleet's agent token.
-    Agent { name: String },
+    /// An enrolled agent, proven by the signature on this very request.
+    Agent(Box<AgentModel>),
     /// A GitHub Actions workflow run, proven by its verified OIDC token. The token travels with
     /// the jobs it submits so that agents can verify it themselves.
     Workflow {
@@ -67,7 +69,7 @@ impl Principal {
     fn kind(&self) -> &'static str {
         match self {
             Principal::Operator { .. } => "an operator token",
-            Principal::Agent { .. } => "an agent token",
+            Principal::Agent(_) => "an agent's signature",
             Principal::Workflow { .. } => "a workflow OIDC token",
             Principal::GitHubUser { .. } => "a GitHub user token",
         }
@@ -85,7 +87,18 @@ impl Principal {
 
     pub fn require_agent(&self) -> Result<(), ApiError> {
         match self {
-            Principal::Agent { .. } => Ok(()),
+            Principal::Agent(_) => Ok(()),
+            other => Err(ApiError::Forbidden(format!(
+                "this endpoint is for agents; {} was given",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// The enrolled agent making the request.
+    pub fn agent(&self) -> Result<&AgentModel, ApiError> {
+        match self {
+            Principal::Agent(agent) => Ok(agent),
             other => Err(ApiError::Forbidden(format!(
                 "this endpoint is for agents; {} was given",
                 other.kind()
@@ -97,7 +110,7 @@ impl Principal {
     pub fn describe(&self) -> String {
         match self {
             Principal::Operator { name } => format!("operator:{name}"),
-            Principal::Agent { name } => format!("agent:{name}"),
+            Principal::Agent(agent) => format!("agent:{}/{}", agent.site, agent.name),
             Principal::Workflow { claims, .. } => {
                 format!("workflow:{}@{}", claims.repository, claims.run_id)
             }
@@ -161,10 +174,10 @@ impl Authenticator {
     }
 
     fn remember(&self, hash: &str, role: &str, name: String) {
-        let principal = match role {
-            "operator" => Principal::Operator { name },
-            _ => Principal::Agent { name },
-        };
+        if role != Role::Operator.as_str() {
+            return; // Agent tokens of earlier versions are no longer accepted.
+        }
+        let principal = Principal::Operator { name };
         self.tokens
             .write()
             .expect("token cache poisoned")
@@ -227,6 +240,11 @@ impl Authenticator {
                 token: SecretString::from(bearer.to_string()),
             });
         }
+        if bearer.starts_with(Role::Enrollment.prefix()) {
+            return Err(ApiError::Unauthorized(
+                "an enrollment token is not a bearer token: give it to an agent (enrollment_token_file), which exchanges it for its own identity".into(),
+            ));
+        }
         let hash = token_hash(bearer);
         self.tokens
             .read()
@@ -259,6 +277,10 @@ impl FromRequestParts<AppState> for Principal {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        // Agent routes are authenticated by `verify_agent_signature`, which needs the body.
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            return Ok(principal.clone());
+        }
         let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
             ApiError::Unauthorized("missing Authorization: Bearer <token> header".into())
         })?;
@@ -275,4 +297,99 @@ impl FromRequestParts<AppState> for Principal {
             })?;
         state.auth.authenticate(token).await
     }
+}
+
+/// Middleware for `/agent/*`: checks the request's Ed25519 signature (see
+/// [`testbot_proto::signing`]), the agent's and its site's standing, the clock window and the
+/// nonce, then hands the handler a [`Principal::Agent`].
+pub async fn verify_agent_signature(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    use testbot_proto::signing::{
+        AGENT_HEADER, MAX_CLOCK_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+        signing_string, verify_signature,
+    };
+    let (mut parts, body) = request.into_parts();
+    let header = |name: &str| -> Result<String, ApiError> {
+        let value = parts.headers.get(name).ok_or_else(|| {
+            ApiError::Unauthorized(format!(
+                "agent requests must be signed: the {name} header is missing (enroll the agent first)"
+            ))
+        })?;
+        value
+            .to_str()
+            .map(str::to_string)
+            .map_err(|_| ApiError::Unauthorized(format!("the {name} header is not text")))
+    };
+    let agent_id = header(AGENT_HEADER)?;
+    let timestamp = header(TIMESTAMP_HEADER)?;
+    let nonce = header(NONCE_HEADER)?;
+    let signature = header(SIGNATURE_HEADER)?;
+    let timestamp_ms: i64 = timestamp.parse().map_err(|_| {
+        ApiError::Unauthorized(format!(
+            "the {TIMESTAMP_HEADER} header is not Unix milliseconds"
+        ))
+    })?;
+    if nonce.len() < 16 || nonce.len() > 128 {
+        return Err(ApiError::Unauthorized(format!(
+            "the {NONCE_HEADER} header must be 16-128 characters"
+        )));
+    }
+    let skew = testbot_proto::now_ms() - timestamp_ms;
+    if skew.abs() > MAX_CLOCK_SKEW_MS {
+        return Err(ApiError::Unauthorized(format!(
+            "the request was signed {} s {} the broker's clock (at most {} s allowed): a replayed request, or the agent's clock is wrong",
+            skew.abs() / 1000,
+            if skew > 0 { "behind" } else { "ahead of" },
+            MAX_CLOCK_SKEW_MS / 1000
+        )));
+    }
+    let agent = state
+        .db
+        .agent(&agent_id)
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized(format!("agent {agent_id} is not enrolled")))?;
+    if agent.site_revoked_at_ms.is_some() {
+        return Err(ApiError::Unauthorized(format!(
+            "site {} was revoked; its agents are refused",
+            agent.site
+        )));
+    }
+    if agent.revoked_at_ms.is_some() {
+        return Err(ApiError::Unauthorized(format!(
+            "agent {}/{} ({agent_id}) was revoked",
+            agent.site, agent.name
+        )));
+    }
+    let limit = state.settings.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::PayloadTooLarge(format!("request body is larger than {limit} bytes"))
+    })?;
+    // Inside the nested `/api/v1` router the URI lacks the prefix; the agent signed the full one.
+    let uri = parts
+        .extensions
+        .get::<axum::extract::OriginalUri>()
+        .map_or(&parts.uri, |original| &original.0);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let message = signing_string(parts.method.as_str(), path, timestamp_ms, &nonce, &bytes);
+    if !verify_signature(&agent.public_key, &message, &signature) {
+        return Err(ApiError::Unauthorized(
+            "the request signature does not verify".into(),
+        ));
+    }
+    // Checked after the signature, so an attacker cannot burn an agent's nonces.
+    if !state
+        .db
+        .use_nonce(&agent_id, &nonce, timestamp_ms + MAX_CLOCK_SKEW_MS)
+        .await?
+    {
+        return Err(ApiError::Unauthorized(
+            "the request nonce was used before: a replayed request".into(),
+        ));
+    }
+    parts.extensions.insert(Principal::Agent(Box::new(agent)));
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    Ok(next.run(request).await)
 }

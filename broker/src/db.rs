@@ -59,6 +59,8 @@ pub struct JobOrigin {
     pub run_id: Option<String>,
     pub submitted_by: String,
     pub oidc_token: Option<String>,
+    /// Sites the job may run on; empty: any.
+    pub sites: Vec<String>,
 }
 
 impl JobModel {
@@ -121,6 +123,57 @@ impl RepoModel {
             updated_at_ms: self.updated_at_ms,
         })
     }
+}
+
+/// How many queued jobs a claim looks at for one its agent's policy admits.
+const CLAIM_CANDIDATES: i64 = 64;
+
+/// The agent asking for work, as the claim query matches it.
+#[derive(Debug, Clone, Copy)]
+pub struct JobTaker<'a> {
+    /// The name recorded on the job (`site/name`).
+    pub agent: &'a str,
+    pub site: &'a str,
+    pub labels: &'a [String],
+    pub executor: &'a str,
+    pub policy: Option<&'a testbot_proto::agents::PolicySummary>,
+}
+
+/// A row of `sites`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SiteModel {
+    pub name: String,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A row of `agents`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AgentModel {
+    pub id: String,
+    pub site: String,
+    pub name: String,
+    pub public_key: Vec<u8>,
+    pub policy: Option<String>,
+    pub enrolled_at_ms: i64,
+    pub last_seen_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+    /// When the agent's site was revoked, if it was.
+    pub site_revoked_at_ms: Option<i64>,
+}
+
+const AGENT_COLUMNS: &str = "agents.id, agents.site, agents.name, agents.public_key, agents.policy, \
+     agents.enrolled_at_ms, agents.last_seen_ms, agents.revoked_at_ms, \
+     sites.revoked_at_ms AS site_revoked_at_ms";
+
+/// Why an enrollment was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollRefusal {
+    UnknownToken,
+    Expired,
+    UsedUp,
+    SiteRevoked(String),
+    NameTaken { site: String, name: String },
 }
 
 /// Records a token id inside `tx`; false if it is there already.
@@ -279,8 +332,8 @@ impl Db {
         }
         let sql = format!(
             "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id, submitted_by,
-                 oidc_token)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7)
+                 oidc_token, sites)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8)
              RETURNING {JOB_COLUMNS}"
         );
         let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -291,6 +344,11 @@ impl Db {
             .bind(&origin.run_id)
             .bind(&origin.submitted_by)
             .bind(&origin.oidc_token)
+            .bind(
+                (!origin.sites.is_empty())
+                    .then(|| serde_json::to_string(&origin.sites))
+                    .transpose()?,
+            )
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -366,6 +424,230 @@ impl Db {
         Ok(Some(model))
     }
 
+    pub async fn create_site(&self, name: &str) -> sqlx::Result<Option<SiteModel>> {
+        sqlx::query_as(
+            "INSERT INTO sites (name, created_at_ms) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING
+             RETURNING name, created_at_ms, revoked_at_ms",
+        )
+        .bind(name)
+        .bind(now_ms())
+        .fetch_optional(&self.write)
+        .await
+    }
+
+    pub async fn site(&self, name: &str) -> sqlx::Result<Option<SiteModel>> {
+        sqlx::query_as("SELECT name, created_at_ms, revoked_at_ms FROM sites WHERE name = ?1")
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await
+    }
+
+    pub async fn sites(&self) -> sqlx::Result<Vec<SiteModel>> {
+        sqlx::query_as("SELECT name, created_at_ms, revoked_at_ms FROM sites ORDER BY name")
+            .fetch_all(&self.read)
+            .await
+    }
+
+    /// Revokes a site: its agents are refused from their next request on, and its enrollment
+    /// tokens die. False when there is no such site.
+    pub async fn revoke_site(&self, name: &str) -> sqlx::Result<bool> {
+        let mut tx = self.write.begin().await?;
+        let found = sqlx::query(
+            "UPDATE sites SET revoked_at_ms = coalesce(revoked_at_ms, ?2) WHERE name = ?1",
+        )
+        .bind(name)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        sqlx::query("DELETE FROM enrollment_tokens WHERE site = ?1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    pub async fn create_enrollment_token(
+        &self,
+        token_hash: &str,
+        site: &str,
+        uses: u32,
+        expires_at_ms: i64,
+    ) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO enrollment_tokens (token_hash, site, uses_left, expires_at_ms, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(token_hash)
+        .bind(site)
+        .bind(uses as i64)
+        .bind(expires_at_ms)
+        .bind(now_ms())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Spends one use of an enrollment token and records the agent, in one transaction.
+    pub async fn enroll_agent(
+        &self,
+        token_hash: &str,
+        id: &str,
+        name: &str,
+        public_key: &[u8],
+        policy: Option<&str>,
+    ) -> anyhow::Result<Result<AgentModel, EnrollRefusal>> {
+        let now = now_ms();
+        let mut tx = self.write.begin().await?;
+        let token: Option<(String, i64, i64)> = sqlx::query_as(
+            "SELECT site, uses_left, expires_at_ms FROM enrollment_tokens WHERE token_hash = ?1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((site, uses_left, expires_at_ms)) = token else {
+            return Ok(Err(EnrollRefusal::UnknownToken));
+        };
+        if expires_at_ms <= now {
+            return Ok(Err(EnrollRefusal::Expired));
+        }
+        if uses_left <= 0 {
+            return Ok(Err(EnrollRefusal::UsedUp));
+        }
+        let site_revoked: Option<i64> =
+            sqlx::query_scalar("SELECT revoked_at_ms FROM sites WHERE name = ?1")
+                .bind(&site)
+                .fetch_one(&mut *tx)
+                .await?;
+        if site_revoked.is_some() {
+            return Ok(Err(EnrollRefusal::SiteRevoked(site)));
+        }
+        sqlx::query("UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE token_hash = ?1")
+            .bind(token_hash)
+            .execute(&mut *tx)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO agents (id, site, name, public_key, policy, enrolled_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(&site)
+        .bind(name)
+        .bind(public_key)
+        .bind(policy)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(Err(EnrollRefusal::NameTaken {
+                site,
+                name: name.to_string(),
+            }));
+        }
+        let sql = format!(
+            "SELECT {AGENT_COLUMNS} FROM agents JOIN sites ON sites.name = agents.site
+             WHERE agents.id = ?1"
+        );
+        let agent = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(agent))
+    }
+
+    pub async fn agent(&self, id: &str) -> sqlx::Result<Option<AgentModel>> {
+        let sql = format!(
+            "SELECT {AGENT_COLUMNS} FROM agents JOIN sites ON sites.name = agents.site
+             WHERE agents.id = ?1"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await
+    }
+
+    pub async fn agents(&self) -> sqlx::Result<Vec<AgentModel>> {
+        let sql = format!(
+            "SELECT {AGENT_COLUMNS} FROM agents JOIN sites ON sites.name = agents.site
+             ORDER BY agents.site, agents.name, agents.enrolled_at_ms"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.read)
+            .await
+    }
+
+    /// False when there is no such agent.
+    pub async fn revoke_agent(&self, id: &str) -> sqlx::Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE agents SET revoked_at_ms = coalesce(revoked_at_ms, ?2) WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .execute(&self.write)
+        .await?
+        .rows_affected()
+            > 0)
+    }
+
+    /// Records the nonce of a signed request; false when it was seen before (a replay).
+    pub async fn use_nonce(
+        &self,
+        agent_id: &str,
+        nonce: &str,
+        expires_at_ms: i64,
+    ) -> sqlx::Result<bool> {
+        Ok(sqlx::query(
+            "INSERT INTO agent_nonces (agent_id, nonce, expires_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(agent_id)
+        .bind(nonce)
+        .bind(expires_at_ms)
+        .execute(&self.write)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    pub async fn prune_nonces(&self, now_ms: i64) -> sqlx::Result<u64> {
+        Ok(
+            sqlx::query("DELETE FROM agent_nonces WHERE expires_at_ms < ?1")
+                .bind(now_ms)
+                .execute(&self.write)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    /// Records what an agent's policy accepts (it may change at an agent restart) and when it
+    /// was last seen.
+    pub async fn agent_polled(&self, id: &str, policy: Option<&str>) -> sqlx::Result<()> {
+        sqlx::query("UPDATE agents SET policy = ?2, last_seen_ms = ?3 WHERE id = ?1")
+            .bind(id)
+            .bind(policy)
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Policies of the agents that can take work now: not revoked, site not revoked.
+    pub async fn active_agent_policies(
+        &self,
+    ) -> sqlx::Result<Vec<(String, String, Option<String>)>> {
+        sqlx::query_as(
+            "SELECT agents.site, agents.name, agents.policy FROM agents
+             JOIN sites ON sites.name = agents.site
+             WHERE agents.revoked_at_ms IS NULL AND sites.revoked_at_ms IS NULL",
+        )
+        .fetch_all(&self.read)
+        .await
+    }
+
     /// Removes a registration; false when there was none.
     pub async fn delete_repo(&self, name: &str) -> sqlx::Result<bool> {
         Ok(sqlx::query("DELETE FROM repos WHERE name = ?1")
@@ -396,33 +678,61 @@ impl Db {
             .await
     }
 
-    /// Claims the oldest queued job whose labels are all among `labels`, under a new lease.
+    /// Claims the oldest queued job `taker` may run, under a new lease: its labels are all
+    /// among the agent's, its repository's registration allows the agent's site, and, when the
+    /// agent has a site policy, the policy admits it.
     pub async fn claim_job(
         &self,
-        agent: &str,
-        labels: &[String],
+        taker: &JobTaker<'_>,
         lease: &str,
         lease_expires_at_ms: i64,
     ) -> anyhow::Result<Option<JobModel>> {
+        let mut tx = self.write.begin().await?;
+        let candidates: Vec<(i64, Option<String>, String)> = sqlx::query_as(
+            "SELECT id, repository, spec FROM jobs
+             WHERE state = 'queued'
+               AND NOT EXISTS (
+                   SELECT 1 FROM json_each(jobs.labels) AS wanted
+                   WHERE wanted.value NOT IN (SELECT value FROM json_each(?1)))
+               AND (jobs.sites IS NULL
+                    OR EXISTS (SELECT 1 FROM json_each(jobs.sites) WHERE value = ?2))
+               AND (?3 IS NULL OR jobs.repository IS NOT NULL)
+             ORDER BY id LIMIT ?4",
+        )
+        .bind(serde_json::to_string(taker.labels)?)
+        .bind(taker.site)
+        .bind(taker.policy.map(|_| 1))
+        .bind(CLAIM_CANDIDATES)
+        .fetch_all(&mut *tx)
+        .await?;
+        let chosen = candidates.into_iter().find(|(_, repository, spec)| {
+            let Some(policy) = taker.policy else {
+                return true;
+            };
+            serde_json::from_str::<JobSpec>(spec).is_ok_and(|spec| {
+                policy
+                    .admits(repository.as_deref(), &spec, Some(taker.executor))
+                    .is_ok()
+            })
+        });
+        let Some((id, _, _)) = chosen else {
+            return Ok(None);
+        };
         let sql = format!(
             "UPDATE jobs SET state = 'assigned', agent = ?1, lease = ?2, lease_expires_at_ms = ?3,
                  attempts = attempts + 1, reason = NULL
-             WHERE id = (
-                 SELECT id FROM jobs
-                 WHERE state = 'queued'
-                   AND NOT EXISTS (
-                       SELECT 1 FROM json_each(jobs.labels) AS wanted
-                       WHERE wanted.value NOT IN (SELECT value FROM json_each(?4)))
-                 ORDER BY id LIMIT 1)
+             WHERE id = ?4 AND state = 'queued'
              RETURNING {JOB_COLUMNS}"
         );
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(agent)
+        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(taker.agent)
             .bind(lease)
             .bind(lease_expires_at_ms)
-            .bind(serde_json::to_string(labels)?)
-            .fetch_optional(&self.write)
-            .await?)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(model)
     }
 
     /// Marks a leased job running and renews its lease. `Ok(cancel_requested)` on success.

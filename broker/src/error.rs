@@ -33,6 +33,9 @@ pub enum ApiError {
     LogTooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Well-formed, but nothing can act on it (e.g. no site accepts the job).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -53,6 +56,7 @@ impl ApiError {
             ApiError::LogGap(_) => (StatusCode::CONFLICT, codes::LOG_GAP),
             ApiError::LogTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, codes::LOG_TOO_LARGE),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
+            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::UNPROCESSABLE),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
         }
     }

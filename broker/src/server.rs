@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use testbot_proto::jobs::JobState;
 use testbot_proto::now_ms;
 use tokio::task::JoinHandle;
@@ -25,8 +25,6 @@ pub struct BrokerConfig {
     /// Holds `testbot.db`, `admin.token` and `agent.token`.
     pub data_dir: PathBuf,
     pub settings: Settings,
-    /// The largest request body accepted.
-    pub max_body_bytes: usize,
     /// Which workflow OIDC tokens are accepted; `None`: none are.
     pub oidc: Option<OidcSettings>,
     /// A fixed key set for the OIDC issuer instead of fetching it (air-gapped brokers, tests).
@@ -47,8 +45,8 @@ impl BrokerConfig {
                 max_attempts: 3,
                 poll_timeout: Duration::from_secs(30),
                 max_log_bytes: 64 * 1024 * 1024,
+                max_body_bytes: 1024 * 1024,
             },
-            max_body_bytes: 1024 * 1024,
             oidc: None,
             oidc_keys: None,
             github_api_url: crate::github::GITHUB_API_URL.into(),
@@ -68,8 +66,6 @@ pub struct Broker {
     pub addr: SocketAddr,
     /// The operator token (also in `data_dir/admin.token`).
     pub admin_token: SecretString,
-    /// The token agents use (also in `data_dir/agent.token`).
-    pub agent_token: SecretString,
     shutdown: CancellationToken,
     server: JoinHandle<anyhow::Result<()>>,
     sweeper: JoinHandle<()>,
@@ -83,7 +79,6 @@ impl Broker {
             listen,
             data_dir,
             settings,
-            max_body_bytes,
             oidc,
             oidc_keys,
             github_api_url,
@@ -96,9 +91,6 @@ impl Broker {
         let auth = Authenticator::load(&db, verifier).await?;
         let admin_token = auth
             .ensure_token_file(&db, Role::Operator, "admin", &data_dir.join("admin.token"))
-            .await?;
-        let agent_token = auth
-            .ensure_token_file(&db, Role::Agent, "agents", &data_dir.join("agent.token"))
             .await?;
         let extended = db
             .extend_active_leases(now_ms() + settings.lease_ttl.as_millis() as i64)
@@ -125,7 +117,7 @@ impl Broker {
             github: crate::github::GitHubApi::new(github_api_url),
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
-        let app = crate::api::create_app(state, max_body_bytes);
+        let app = crate::api::create_app(state);
         let server = tokio::spawn({
             let shutdown = shutdown.clone();
             async move {
@@ -139,12 +131,34 @@ impl Broker {
         Ok(Broker {
             addr,
             admin_token,
-            agent_token,
             shutdown,
             server,
             sweeper,
             db,
         })
+    }
+
+    /// Creates `site` if it does not exist and issues an enrollment token for it, as
+    /// `POST /sites` and `POST /sites/{name}/enrollment-tokens` do: for embedding a broker with
+    /// its agents in one process (`testbot up`, tests, benchmarks).
+    pub async fn enrollment_token(
+        &self,
+        site: &str,
+        uses: u32,
+        ttl: Duration,
+    ) -> anyhow::Result<SecretString> {
+        testbot_proto::jobs::validate_word("site name", site).map_err(anyhow::Error::msg)?;
+        self.db.create_site(site).await?;
+        let token = crate::auth::generate_token(Role::Enrollment)?;
+        self.db
+            .create_enrollment_token(
+                &crate::auth::token_hash(token.expose_secret()),
+                site,
+                uses,
+                now_ms() + ttl.as_millis() as i64,
+            )
+            .await?;
+        Ok(token)
     }
 
     /// `http://ADDR`.
@@ -193,6 +207,9 @@ async fn sweep_leases(state: AppState) {
             let horizon = now_ms() / 1000 - testbot_proto::oidc::DEFAULT_LEEWAY.as_secs() as i64;
             if let Err(err) = state.db.prune_jtis(horizon).await {
                 tracing::error!(?err, "Cannot prune used OIDC token ids.");
+            }
+            if let Err(err) = state.db.prune_nonces(now_ms()).await {
+                tracing::error!(?err, "Cannot prune agent request nonces.");
             }
         }
         match state

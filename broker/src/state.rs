@@ -23,6 +23,8 @@ pub struct Settings {
     pub poll_timeout: Duration,
     /// The largest log one job may have.
     pub max_log_bytes: u64,
+    /// The largest request body accepted.
+    pub max_body_bytes: usize,
 }
 
 #[derive(Clone)]

@@ -24,6 +24,10 @@ pub struct PollRequest {
     /// broker's poll timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_ms: Option<u64>,
+    /// What the agent's site policy accepts; only such jobs are handed to it. None: the agent
+    /// has no site policy and takes any job (a private fleet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicySummary>,
 }
 
 /// A job handed to an agent: the answer to a successful poll.
@@ -99,4 +103,94 @@ pub struct ExecutorCaps {
     /// Slurm partitions allowed; empty: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<String>,
+}
+
+impl PolicySummary {
+    /// Whether a job of `repository` (None: submitted by an operator) with `spec` fits this
+    /// summary, and if not, why. `agent_executor` is the executor a job that names none gets;
+    /// None: any executor of the site may take it.
+    pub fn admits(
+        &self,
+        repository: Option<&str>,
+        spec: &JobSpec,
+        agent_executor: Option<&str>,
+    ) -> Result<(), String> {
+        let Some(repository) = repository else {
+            return Err(
+                "the job has no workflow identity (OIDC token), which this site requires".into(),
+            );
+        };
+        if !crate::glob::any_match(&self.repositories, repository) {
+            return Err(format!("repository {repository} is not allowed"));
+        }
+        let Some(executor) = spec.executor.as_deref().or(agent_executor) else {
+            // Any executor will do: the first refusal explains if none does.
+            let mut first_refusal = None;
+            for caps in &self.executors {
+                match caps.admits(spec) {
+                    Ok(()) => return Ok(()),
+                    Err(why) => {
+                        first_refusal.get_or_insert(why);
+                    }
+                }
+            }
+            return Err(first_refusal.unwrap_or_else(|| "the site allows no executor".into()));
+        };
+        let Some(caps) = self.executors.iter().find(|c| c.executor == executor) else {
+            return Err(format!("executor {executor} is not allowed"));
+        };
+        caps.admits(spec)
+    }
+}
+
+impl ExecutorCaps {
+    /// Whether a job's resources, image and time limit fit these caps, and if not, why.
+    pub fn admits(&self, spec: &JobSpec) -> Result<(), String> {
+        let r = &spec.resources;
+        let over = |what: &str, asked: u64, cap: Option<u64>| match cap {
+            Some(cap) if asked > cap => Err(format!(
+                "{what} {asked} is over the cap of {cap} for executor {}",
+                self.executor
+            )),
+            _ => Ok(()),
+        };
+        over(
+            "resources.cpus",
+            r.cpus.unwrap_or(0).into(),
+            self.max_cpus.map(u64::from),
+        )?;
+        over(
+            "resources.memory_mib",
+            r.memory_mib.unwrap_or(0),
+            self.max_memory_mib,
+        )?;
+        over(
+            "resources.gpus",
+            r.gpus.unwrap_or(0).into(),
+            self.max_gpus.map(u64::from),
+        )?;
+        over(
+            "timeout_secs",
+            spec.timeout_secs.unwrap_or(0),
+            self.max_time_secs,
+        )?;
+        if let Some(partition) = &r.partition
+            && !self.partitions.is_empty()
+            && !self.partitions.contains(partition)
+        {
+            return Err(format!(
+                "partition {partition} is not in allowed partitions [{}]",
+                self.partitions.join(", ")
+            ));
+        }
+        if let Some(image) = &spec.image
+            && !crate::glob::any_match(&self.images, image)
+        {
+            return Err(format!(
+                "image {image} is not in allowed images [{}]",
+                self.images.join(", ")
+            ));
+        }
+        Ok(())
+    }
 }

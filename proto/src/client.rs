@@ -1,11 +1,12 @@
 //! A typed HTTP client for the broker API, shared by the agent, the CLI and the benchmark.
 
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use reqwest::{Method, StatusCode};
+use ring::signature::Ed25519KeyPair;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -16,6 +17,10 @@ use crate::jobs::{Job, JobId, JobList, JobListQuery, JobSpec};
 use crate::logs::{LogAck, LogChunk};
 use crate::repos::{Repo, RepoList, RepoRegistration};
 use crate::results::FinishRequest;
+use crate::sites::{
+    AgentInfo, AgentList, EnrollRequest, Enrollment, EnrollmentToken, EnrollmentTokenRequest, Site,
+    SiteList, SiteRequest,
+};
 
 /// Why a broker call failed. Callers retry [`ClientError::Unavailable`] and stop on the rest.
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +89,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default limit for one ordinary API call.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A client for one broker, authenticated with a bearer token.
+/// How a client proves who it is.
+#[derive(Clone)]
+pub enum Credentials {
+    /// `Authorization: Bearer ...`: an operator token or a workflow's OIDC token.
+    Bearer(SecretString),
+    /// An enrolled agent: every request is signed with its Ed25519 key.
+    Agent {
+        id: String,
+        key: Arc<Ed25519KeyPair>,
+    },
+}
+
+/// A client for one broker.
 #[derive(Clone)]
 pub struct BrokerClient {
     http: reqwest::Client,
     base: String,
-    token: SecretString,
+    credentials: Credentials,
 }
 
 impl std::fmt::Debug for BrokerClient {
@@ -101,8 +118,22 @@ impl std::fmt::Debug for BrokerClient {
 }
 
 impl BrokerClient {
-    /// A client for the broker at `base_url` (e.g. `https://testbot.example.org`).
+    /// A client for the broker at `base_url` (e.g. `https://testbot.example.org`) with a
+    /// bearer token.
     pub fn new(base_url: &str, token: SecretString) -> Result<Self, ClientError> {
+        Self::with_credentials(base_url, Credentials::Bearer(token))
+    }
+
+    /// A client for an enrolled agent, signing each request with `key`.
+    pub fn for_agent(
+        base_url: &str,
+        agent_id: String,
+        key: Arc<Ed25519KeyPair>,
+    ) -> Result<Self, ClientError> {
+        Self::with_credentials(base_url, Credentials::Agent { id: agent_id, key })
+    }
+
+    pub fn with_credentials(base_url: &str, credentials: Credentials) -> Result<Self, ClientError> {
         install_crypto_provider();
         let base = base_url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
@@ -116,7 +147,11 @@ impl BrokerClient {
             .user_agent(concat!("testbot/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Protocol(format!("cannot build HTTP client: {e}")))?;
-        Ok(BrokerClient { http, base, token })
+        Ok(BrokerClient {
+            http,
+            base,
+            credentials,
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -128,10 +163,63 @@ impl BrokerClient {
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .bearer_auth(self.token.expose_secret())
+        self.request_with_body(method, path, Vec::new())
+    }
+
+    /// A request carrying `body` (JSON when not empty), authenticated by the credentials.
+    fn request_with_body(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .request(method.clone(), self.url(path))
+            .timeout(REQUEST_TIMEOUT);
+        match &self.credentials {
+            Credentials::Bearer(token) => req = req.bearer_auth(token.expose_secret()),
+            Credentials::Agent { id, key } => {
+                // Only the path is signed; agent routes take no query string.
+                let path = format!("{}{path}", crate::API_PREFIX);
+                let signed = crate::signing::sign_request(key, id, method.as_str(), &path, &body);
+                req = req
+                    .header(crate::signing::AGENT_HEADER, signed.agent)
+                    .header(crate::signing::TIMESTAMP_HEADER, signed.timestamp_ms)
+                    .header(crate::signing::NONCE_HEADER, signed.nonce)
+                    .header(crate::signing::SIGNATURE_HEADER, signed.signature);
+            }
+        }
+        if !body.is_empty() {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
+        req
+    }
+
+    fn json_request<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| ClientError::Protocol(format!("cannot encode the request: {e}")))?;
+        Ok(self.request_with_body(method, path, bytes))
+    }
+
+    /// `POST /api/v1/agent/enroll`: exchanges an enrollment token and a public key for an
+    /// agent identity. Needs no credentials.
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<Enrollment, ClientError> {
+        let resp = self
+            .http
+            .post(self.url("/agent/enroll"))
             .timeout(REQUEST_TIMEOUT)
+            .json(req)
+            .send()
+            .await?;
+        Ok(check(resp).await?.json().await?)
     }
 
     async fn send<T: DeserializeOwned>(
@@ -147,7 +235,8 @@ impl BrokerClient {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.send(self.request(Method::POST, path).json(body)).await
+        self.send(self.json_request(Method::POST, path, body)?)
+            .await
     }
 
     /// `GET /api/v1/health`: whether the broker answers (no token needed).
@@ -172,6 +261,43 @@ impl BrokerClient {
 
     pub async fn cancel(&self, id: JobId) -> Result<Job, ClientError> {
         self.post(&format!("/jobs/{id}/cancel"), &serde_json::json!({}))
+            .await
+    }
+
+    pub async fn create_site(&self, name: &str) -> Result<Site, ClientError> {
+        self.post(
+            "/sites",
+            &SiteRequest {
+                name: name.to_string(),
+            },
+        )
+        .await
+    }
+
+    pub async fn sites(&self) -> Result<SiteList, ClientError> {
+        self.send(self.request(Method::GET, "/sites")).await
+    }
+
+    pub async fn create_enrollment_token(
+        &self,
+        site: &str,
+        req: &EnrollmentTokenRequest,
+    ) -> Result<EnrollmentToken, ClientError> {
+        self.post(&format!("/sites/{site}/enrollment-tokens"), req)
+            .await
+    }
+
+    pub async fn revoke_site(&self, site: &str) -> Result<Site, ClientError> {
+        self.post(&format!("/sites/{site}/revoke"), &serde_json::json!({}))
+            .await
+    }
+
+    pub async fn agents(&self) -> Result<AgentList, ClientError> {
+        self.send(self.request(Method::GET, "/agents")).await
+    }
+
+    pub async fn revoke_agent(&self, id: &str) -> Result<AgentInfo, ClientError> {
+        self.post(&format!("/agents/{id}/revoke"), &serde_json::json!({}))
             .await
     }
 
@@ -212,9 +338,8 @@ impl BrokerClient {
     ) -> Result<impl Stream<Item = Result<Bytes, ClientError>> + use<>, ClientError> {
         use futures_util::StreamExt;
         let req = self
-            .http
-            .get(self.url(&format!("/jobs/{id}/log")))
-            .bearer_auth(self.token.expose_secret())
+            .request(Method::GET, &format!("/jobs/{id}/log"))
+            .timeout(Duration::from_secs(365 * 24 * 3600))
             .query(&[
                 ("offset", offset.to_string()),
                 ("follow", follow.to_string()),
@@ -227,9 +352,8 @@ impl BrokerClient {
     pub async fn poll(&self, req: &PollRequest) -> Result<Option<Assignment>, ClientError> {
         let wait = Duration::from_millis(req.wait_ms.unwrap_or(30_000));
         let resp = self
-            .request(Method::POST, "/agent/poll")
+            .json_request(Method::POST, "/agent/poll", req)?
             .timeout(wait + REQUEST_TIMEOUT)
-            .json(req)
             .send()
             .await?;
         let resp = check(resp).await?;
@@ -259,9 +383,8 @@ impl BrokerClient {
             wait_ms: Some(wait.as_millis() as u64),
         };
         let req = self
-            .request(Method::POST, &format!("/agent/jobs/{id}/heartbeat"))
-            .timeout(wait + REQUEST_TIMEOUT)
-            .json(&body);
+            .json_request(Method::POST, &format!("/agent/jobs/{id}/heartbeat"), &body)?
+            .timeout(wait + REQUEST_TIMEOUT);
         self.send(req).await
     }
 

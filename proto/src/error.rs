@@ -40,4 +40,5 @@ pub mod codes {
     pub const LOG_TOO_LARGE: &str = "log_too_large";
     pub const INTERNAL: &str = "internal";
     pub const UNAVAILABLE: &str = "unavailable";
+    pub const UNPROCESSABLE: &str = "unprocessable";
 }

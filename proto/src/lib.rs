@@ -10,6 +10,8 @@
 //! - [`logs`]: log chunks (keyed by byte offset) and the line format of a stored log.
 //! - [`repos`]: repository registration.
 //! - [`results`]: how a job ended, as reported by the agent.
+//! - [`signing`]: Ed25519 signatures on agent requests.
+//! - [`sites`]: sites, enrollment tokens and enrolled agents.
 //! - [`error`]: the JSON error envelope every endpoint uses.
 //! - [`glob`]: the `*`/`?` patterns of policy rules.
 //! - [`oidc`]: GitHub Actions OIDC claims and their verification (broker and agent both use it).
@@ -25,6 +27,8 @@ pub mod logs;
 pub mod oidc;
 pub mod repos;
 pub mod results;
+pub mod signing;
+pub mod sites;
 
 /// Sets up `tracing` for a daemon or CLI: `RUST_LOG`-style filter (default `default_filter`),
 /// written to stderr, with colours only on a terminal.

@@ -130,11 +130,23 @@ pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub url: String,
     pub admin_token: SecretString,
-    pub agent_token: SecretString,
+    /// Enrolls agents in the site [`TEST_SITE`].
+    pub enrollment_token: SecretString,
     agents: Vec<(Shutdown, Option<JoinHandle<anyhow::Result<()>>>)>,
     /// The OIDC issuer the broker trusts, for fleets started with [`Fleet::start_oidc`].
     pub issuer: Option<oidc::TestIssuer>,
 }
+
+/// An agent identity enrolled by a test.
+pub struct EnrolledAgent {
+    pub id: String,
+    pub key: std::sync::Arc<ring::signature::Ed25519KeyPair>,
+    /// Signs every request as this agent.
+    pub client: BrokerClient,
+}
+
+/// The site the fleet's agents enroll in.
+pub const TEST_SITE: &str = "test-site";
 
 /// The audience test brokers accept OIDC tokens for.
 pub const AUDIENCE: &str = "https://testbot.test";
@@ -183,10 +195,14 @@ impl Fleet {
         config.settings.poll_timeout = Duration::from_secs(5);
         tune(&mut config);
         let broker = Broker::start(config).await.expect("broker starts");
+        let enrollment_token = broker
+            .enrollment_token(TEST_SITE, 10_000, Duration::from_secs(3600))
+            .await
+            .expect("enrollment token");
         Fleet {
             url: broker.url(),
             admin_token: broker.admin_token.clone(),
-            agent_token: broker.agent_token.clone(),
+            enrollment_token,
             broker: Some(broker),
             dir,
             agents: Vec::new(),
@@ -199,16 +215,39 @@ impl Fleet {
         BrokerClient::new(&self.url, self.admin_token.clone()).expect("client")
     }
 
-    /// A client with the agent token (for driving the agent protocol by hand).
-    pub fn agent_client(&self) -> BrokerClient {
-        BrokerClient::new(&self.url, self.agent_token.clone()).expect("client")
+    /// A freshly enrolled agent identity's client (for driving the agent protocol by hand).
+    pub async fn agent_client(&self) -> BrokerClient {
+        self.enroll(&format!("manual-{}", free_port())).await.client
+    }
+
+    /// Enrolls an agent named `name` in [`TEST_SITE`].
+    pub async fn enroll(&self, name: &str) -> EnrolledAgent {
+        let (pkcs8, public_key) = testbot_proto::signing::generate_key().unwrap();
+        let enrollment = self
+            .client()
+            .enroll(&testbot_proto::sites::EnrollRequest {
+                enrollment_token: self.enrollment_token.expose_secret().to_string(),
+                name: name.to_string(),
+                public_key,
+                policy: None,
+            })
+            .await
+            .expect("enrollment");
+        let key = std::sync::Arc::new(ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8).unwrap());
+        let client = BrokerClient::for_agent(&self.url, enrollment.agent_id.clone(), key.clone())
+            .expect("client");
+        EnrolledAgent {
+            id: enrollment.agent_id,
+            key,
+            client,
+        }
     }
 
     /// An agent configuration named `name` with its own work directory.
     pub fn agent_config(&self, name: &str) -> AgentConfig {
         let mut config = AgentConfig::new(
             self.url.clone(),
-            self.agent_token.clone(),
+            self.enrollment_token.clone(),
             self.dir.path().join(format!("agent-{name}")),
         );
         config.name = Some(name.to_string());
@@ -244,13 +283,13 @@ impl Fleet {
     /// Starts a `testbot-agent` process with this configuration (TOML written to the data dir).
     pub fn spawn_agent(&self, name: &str, extra_toml: &str) -> Process {
         let work = self.dir.path().join(format!("agent-{name}"));
-        let token_file = self.dir.path().join("agent.token");
-        std::fs::write(&token_file, self.agent_token.expose_secret()).unwrap();
+        let token_file = self.dir.path().join("enrollment.token");
+        std::fs::write(&token_file, self.enrollment_token.expose_secret()).unwrap();
         let config = self.dir.path().join(format!("agent-{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "broker_url = \"{}\"\ntoken_file = \"{}\"\nname = \"{name}\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\nkill_grace = \"2s\"\n{extra_toml}\n",
+                "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"{name}\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\nkill_grace = \"2s\"\n{extra_toml}\n",
                 self.url,
                 token_file.display(),
                 work.display()

@@ -5,6 +5,9 @@ use testbot_e2e::Fleet;
 use testbot_proto::error::ErrorBody;
 use testbot_proto::jobs::JobListQuery;
 
+/// A `Case::token` meaning: sign the request as an enrolled agent.
+const SIGNED: &str = "(signed by an enrolled agent)";
+
 struct Case {
     what: &'static str,
     path: &'static str,
@@ -20,7 +23,10 @@ struct Case {
 async fn bad_requests_are_refused_with_a_clear_error_and_store_nothing() {
     let fleet = Fleet::start().await;
     let admin = Some(fleet.admin_token.expose_secret().to_string());
-    let agent = Some(fleet.agent_token.expose_secret().to_string());
+    let enrollment = Some(fleet.enrollment_token.expose_secret().to_string());
+    // Cases with this token are sent signed by an enrolled agent instead.
+    let agent = Some(SIGNED.to_string());
+    let enrolled = fleet.enroll("bad-input").await;
     let json = "application/json";
     let cases = [
         Case {
@@ -134,14 +140,14 @@ async fn bad_requests_are_refused_with_a_clear_error_and_store_nothing() {
             message: "missing Authorization: Bearer <token> header",
         },
         Case {
-            what: "agent token on the job API",
+            what: "enrollment token as a bearer token",
             path: "/jobs",
-            token: agent.clone(),
+            token: enrollment.clone(),
             content_type: json,
             body: r#"{"script": "true"}"#.into(),
-            status: 403,
-            code: "forbidden",
-            message: "submitting jobs needs a workflow OIDC token or an operator token; an agent token was given",
+            status: 401,
+            code: "unauthorized",
+            message: "an enrollment token is not a bearer token",
         },
         Case {
             what: "operator token on the agent API",
@@ -149,19 +155,19 @@ async fn bad_requests_are_refused_with_a_clear_error_and_store_nothing() {
             token: admin.clone(),
             content_type: json,
             body: r#"{"agent": "a", "executor": "shell"}"#.into(),
-            status: 403,
-            code: "forbidden",
-            message: "this endpoint is for agents",
+            status: 401,
+            code: "unauthorized",
+            message: "agent requests must be signed: the x-testbot-agent header is missing (enroll the agent first)",
         },
         Case {
-            what: "bad agent name",
+            what: "bad label",
             path: "/agent/poll",
             token: agent.clone(),
             content_type: json,
-            body: r#"{"agent": "a b", "executor": "shell", "wait_ms": 0}"#.into(),
+            body: r#"{"agent": "a", "labels": ["a b"], "executor": "shell", "wait_ms": 0}"#.into(),
             status: 400,
             code: "bad_request",
-            message: "agent name: label \"a b\" is invalid",
+            message: "label \"a b\" is invalid",
         },
         Case {
             what: "finish with a non-final state",
@@ -201,8 +207,23 @@ async fn bad_requests_are_refused_with_a_clear_error_and_store_nothing() {
             .post(format!("{}/api/v1{}", fleet.url, case.path))
             .header("content-type", case.content_type)
             .body(case.body.clone());
-        if let Some(token) = &case.token {
-            req = req.bearer_auth(token);
+        match case.token.as_deref() {
+            Some(SIGNED) => {
+                let signed = testbot_proto::signing::sign_request(
+                    &enrolled.key,
+                    &enrolled.id,
+                    "POST",
+                    &format!("/api/v1{}", case.path),
+                    case.body.as_bytes(),
+                );
+                req = req
+                    .header("x-testbot-agent", signed.agent)
+                    .header("x-testbot-timestamp", signed.timestamp_ms)
+                    .header("x-testbot-nonce", signed.nonce)
+                    .header("x-testbot-signature", signed.signature);
+            }
+            Some(token) => req = req.bearer_auth(token),
+            None => {}
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();

@@ -75,7 +75,10 @@ async fn submit_status_logs_and_jobs_commands() {
     let out = testbot(&fleet, &["status", &id.to_string()]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("job {id}: succeeded")), "{text}");
-    assert!(text.contains("agent:     a1 (attempt 1)"), "{text}");
+    assert!(
+        text.contains("agent:     test-site/a1 (attempt 1)"),
+        "{text}"
+    );
 
     let out = testbot(&fleet, &["jobs"]).await;
     let text = String::from_utf8_lossy(&out.stdout);

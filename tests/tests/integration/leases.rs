@@ -16,6 +16,7 @@ async fn claim(agent: &BrokerClient, name: &str) -> Assignment {
             labels: vec![],
             executor: "shell".into(),
             wait_ms: Some(5000),
+            policy: None,
         })
         .await
         .unwrap()
@@ -60,10 +61,12 @@ async fn an_agent_killed_mid_job_loses_it_to_another_agent() {
     let finished = fleet.wait_finished(job.id).await;
     assert_eq!(finished.state, JobState::Succeeded, "{finished:?}");
     assert_eq!(finished.attempts, 2);
-    assert_eq!(finished.agent.as_deref(), Some("rescuer"));
+    assert_eq!(finished.agent.as_deref(), Some("test-site/rescuer"));
     let log = fleet.log(job.id).await;
     assert!(
-        log.contains("requeued: agent doomed stopped renewing its lease (attempt 1 of 3)"),
+        log.contains(
+            "requeued: agent test-site/doomed stopped renewing its lease (attempt 1 of 3)"
+        ),
         "{log}"
     );
     assert!(log.contains("attempt 2 on rescuer"), "{log}");
@@ -80,7 +83,7 @@ async fn an_agent_killed_mid_job_loses_it_to_another_agent() {
 async fn a_late_result_under_an_expired_lease_is_refused() {
     let fleet = Fleet::start().await;
     let job = fleet.submit("true").await;
-    let agent = fleet.agent_client();
+    let agent = fleet.agent_client().await;
 
     let old = claim(&agent, "slow").await;
     agent.start(job.id, &old.lease).await.unwrap();
@@ -151,13 +154,17 @@ async fn a_late_result_under_an_expired_lease_is_refused() {
 async fn a_job_whose_agents_keep_vanishing_ends_agent_lost() {
     let fleet = Fleet::start_with(|c| c.settings.max_attempts = 2).await;
     let job = fleet.submit("true").await;
-    let agent = fleet.agent_client();
-    claim(&agent, "ghost1").await;
+    let ghost1 = fleet.enroll("ghost1").await.client;
+    let ghost2 = fleet.enroll("ghost2").await.client;
+    claim(&ghost1, "ghost1").await;
     wait_state(&fleet, job.id, JobState::Queued).await;
-    claim(&agent, "ghost2").await;
+    claim(&ghost2, "ghost2").await;
     let job = wait_state(&fleet, job.id, JobState::Error).await;
     assert_eq!(job.attempts, 2);
     let reason = job.reason.unwrap();
-    assert!(reason.starts_with("agent lost: agent ghost2"), "{reason}");
+    assert!(
+        reason.starts_with("agent lost: agent test-site/ghost2"),
+        "{reason}"
+    );
     fleet.stop().await;
 }

@@ -41,13 +41,14 @@ async fn the_first_line_reaches_the_client_before_the_job_ends() {
 async fn a_resent_chunk_is_a_no_op_and_a_gap_is_refused() {
     let fleet = Fleet::start().await;
     let job = fleet.submit("true").await;
-    let agent = fleet.agent_client();
+    let agent = fleet.agent_client().await;
     let assignment = agent
         .poll(&PollRequest {
             agent: "manual".into(),
             labels: vec![],
             executor: "shell".into(),
             wait_ms: Some(1000),
+            policy: None,
         })
         .await
         .unwrap()

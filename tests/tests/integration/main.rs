@@ -3,8 +3,10 @@
 mod bad_input;
 mod cli;
 mod drain;
+mod enrollment;
 mod leases;
 mod load;
 mod logs;
+mod policy_cli;
 mod restart;
 mod trust;

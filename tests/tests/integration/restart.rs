@@ -52,11 +52,19 @@ async fn a_broker_killed_and_restarted_loses_nothing() {
             .map(|t| SecretString::from(t.trim().to_string()))
     };
     let admin = wait_for("admin.token", WAIT, || async { read_token("admin.token") }).await;
-    let agent_token = wait_for("agent.token", WAIT, || async { read_token("agent.token") }).await;
     let client = BrokerClient::new(&url, admin.clone()).unwrap();
     wait_healthy(&client).await;
+    client.create_site("restart").await.unwrap();
+    let enrollment = client
+        .create_enrollment_token("restart", &Default::default())
+        .await
+        .unwrap();
 
-    let mut config = AgentConfig::new(url.clone(), agent_token, dir.path().join("agent"));
+    let mut config = AgentConfig::new(
+        url.clone(),
+        SecretString::from(enrollment.token),
+        dir.path().join("agent"),
+    );
     config.name = Some("steady".into());
     config.poll_wait = Duration::from_secs(5);
     let shutdown = Shutdown::default();

@@ -107,6 +107,8 @@ struct Attack {
 async fn forged_and_misused_workflow_tokens_are_refused_with_the_exact_reason() {
     let fleet = Fleet::start_oidc(|_| {}).await;
     register(&fleet, registration(REPO)).await;
+    // An enrolled agent without a site policy accepts any job.
+    fleet.enroll("any-job").await;
     register(
         &fleet,
         RepoRegistration {
@@ -307,10 +309,10 @@ async fn forged_and_misused_workflow_tokens_are_refused_with_the_exact_reason() 
             message: "ref refs/heads/feature is not enabled for repository hpc-lab/main-only (enabled: [refs/heads/main])".into(),
         },
         Attack {
-            what: "an agent token cannot submit",
-            token: secrecy::ExposeSecret::expose_secret(&fleet.agent_token).to_string(),
-            status: 403,
-            message: "submitting jobs needs a workflow OIDC token or an operator token; an agent token was given".into(),
+            what: "an enrollment token cannot submit",
+            token: secrecy::ExposeSecret::expose_secret(&fleet.enrollment_token).to_string(),
+            status: 401,
+            message: "an enrollment token is not a bearer token: give it to an agent (enrollment_token_file), which exchanges it for its own identity".into(),
         },
     ];
     assert!(attacks.len() >= 20);
@@ -418,11 +420,11 @@ async fn repositories_are_registered_only_with_proof_of_control() {
             ),
         ),
         (
-            "agent token",
-            secrecy::ExposeSecret::expose_secret(&fleet.agent_token).to_string(),
+            "enrollment token",
+            secrecy::ExposeSecret::expose_secret(&fleet.enrollment_token).to_string(),
             REPO,
-            403,
-            "agents cannot register repositories".into(),
+            401,
+            "an enrollment token is not a bearer token: give it to an agent (enrollment_token_file), which exchanges it for its own identity".into(),
         ),
     ];
     for (what, token, name, status, message) in &cases {

@@ -1,0 +1,491 @@
+//! The tables of a site policy file, as serde reads them. Every table rejects unknown keys; every
+//! default comes from a named function and is stated in the field's doc comment. Checks that need
+//! more than one value (a rule naming an executor that is not configured, a default image outside
+//! the allowlist) run after parsing, in `validate.rs`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// The `[oidc]` table: which tokens the agent accepts before it looks at any rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcPolicy {
+    /// The exact `iss` of accepted tokens. Default: `https://token.actions.githubusercontent.com`
+    /// (GitHub.com); GitHub Enterprise Server uses `https://HOST/_services/token`.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// The audience the token must be minted for: the broker's audience. Required.
+    pub audience: String,
+}
+
+fn default_issuer() -> String {
+    testbot_proto::oidc::GITHUB_ISSUER.to_string()
+}
+
+/// The executors a site allows, one table each. An executor without a table is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Executors {
+    /// `[executors.shell]`: `bash` on the agent's host, as the job's local account.
+    /// Default: not allowed.
+    #[serde(default)]
+    pub shell: Option<ShellSettings>,
+    /// `[executors.slurm]`: batch jobs submitted with `sbatch`. Default: not allowed.
+    #[serde(default)]
+    pub slurm: Option<SlurmSettings>,
+    /// `[executors.docker]`: containers on the Docker engine. Default: not allowed.
+    #[serde(default)]
+    pub docker: Option<ContainerSettings>,
+    /// `[executors.podman]`: containers with podman. Default: not allowed.
+    #[serde(default)]
+    pub podman: Option<ContainerSettings>,
+    /// `[executors.kubernetes]`: Kubernetes Jobs. Default: not allowed.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSettings>,
+    /// `[executors.noop]`: runs nothing and reports success (for measuring). Default: not
+    /// allowed.
+    #[serde(default)]
+    pub noop: Option<ShellSettings>,
+}
+
+/// The executors a policy knows, by the name jobs and agents use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorName {
+    Shell,
+    Slurm,
+    Docker,
+    Podman,
+    Kubernetes,
+    Noop,
+}
+
+impl ExecutorName {
+    /// Every executor, in the order summaries list them.
+    pub const ALL: [ExecutorName; 6] = [
+        ExecutorName::Shell,
+        ExecutorName::Slurm,
+        ExecutorName::Docker,
+        ExecutorName::Podman,
+        ExecutorName::Kubernetes,
+        ExecutorName::Noop,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorName::Shell => "shell",
+            ExecutorName::Slurm => "slurm",
+            ExecutorName::Docker => "docker",
+            ExecutorName::Podman => "podman",
+            ExecutorName::Kubernetes => "kubernetes",
+            ExecutorName::Noop => "noop",
+        }
+    }
+}
+
+impl fmt::Display for ExecutorName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ExecutorName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ExecutorName::ALL
+            .into_iter()
+            .find(|e| e.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not an executor"))
+    }
+}
+
+impl Executors {
+    /// The configured executors, in [`ExecutorName::ALL`] order.
+    pub fn configured(&self) -> Vec<ExecutorName> {
+        ExecutorName::ALL
+            .into_iter()
+            .filter(|name| self.limits(*name).is_some())
+            .collect()
+    }
+
+    /// What a job may ask of executor `name`; `None` if the site does not configure it.
+    pub fn limits(&self, name: ExecutorName) -> Option<ExecutorLimits<'_>> {
+        let basic = |s: &ShellSettings| ExecutorLimits {
+            max_cpus: s.max_cpus,
+            max_memory_mib: s.max_memory_mib,
+            max_gpus: s.max_gpus,
+            max_time: s.max_time,
+            ..ExecutorLimits::default()
+        };
+        match name {
+            ExecutorName::Shell => self.shell.as_ref().map(basic),
+            ExecutorName::Noop => self.noop.as_ref().map(basic),
+            ExecutorName::Slurm => self.slurm.as_ref().map(|s| ExecutorLimits {
+                max_cpus: s.max_cpus,
+                max_memory_mib: s.max_memory_mib,
+                max_gpus: s.max_gpus,
+                max_time: s.max_time,
+                max_nodes: s.max_nodes,
+                max_ntasks: s.max_ntasks,
+                partitions: &s.partitions,
+                accounts: &s.accounts,
+                qos: &s.qos,
+                ..ExecutorLimits::default()
+            }),
+            ExecutorName::Docker => self.docker.as_ref().map(ContainerSettings::limits),
+            ExecutorName::Podman => self.podman.as_ref().map(ContainerSettings::limits),
+            ExecutorName::Kubernetes => self.kubernetes.as_ref().map(|s| ExecutorLimits {
+                max_cpus: s.max_cpus,
+                max_memory_mib: s.max_memory_mib,
+                max_gpus: s.max_gpus,
+                max_time: s.max_time,
+                images: Some(s.images.as_slice()),
+                default_image: s.default_image.as_deref(),
+                ..ExecutorLimits::default()
+            }),
+        }
+    }
+}
+
+/// What a job may ask of one executor, whatever its kind. `None` caps and empty allowlists of
+/// partitions, accounts and QOS mean "any".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecutorLimits<'a> {
+    pub max_cpus: Option<u32>,
+    pub max_memory_mib: Option<u64>,
+    pub max_gpus: Option<u32>,
+    pub max_time: Option<Duration>,
+    pub max_nodes: Option<u32>,
+    pub max_ntasks: Option<u32>,
+    pub partitions: &'a [String],
+    pub accounts: &'a [String],
+    pub qos: &'a [String],
+    /// Image globs, for executors that run images; `None` for those that do not.
+    pub images: Option<&'a [String]>,
+    pub default_image: Option<&'a str>,
+}
+
+/// `[executors.shell]` and `[executors.noop]`. The caps are checked against what a job asks for;
+/// the shell executor itself does not confine a job to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShellSettings {
+    /// Most CPU cores a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
+    /// Most memory a job may ask for: `"512M"`, `"64G"`, or a number of MiB. Default: no cap.
+    #[serde(default, rename = "max_memory", deserialize_with = "de_opt_memory")]
+    pub max_memory_mib: Option<u64>,
+    /// Most GPUs a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_gpus: Option<u32>,
+    /// Longest time limit a job may ask for (`"30m"`, `"2h"`). Default: the site's
+    /// `max_runtime`.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_time: Option<Duration>,
+}
+
+/// `[executors.slurm]`: caps, allowlists and the site's own `sbatch` arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSettings {
+    /// Most CPU cores (`--cpus-per-task`) a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
+    /// Most memory (`--mem`) a job may ask for: `"512M"`, `"64G"`, or a number of MiB.
+    /// Default: no cap.
+    #[serde(default, rename = "max_memory", deserialize_with = "de_opt_memory")]
+    pub max_memory_mib: Option<u64>,
+    /// Most GPUs (`--gpus`) a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_gpus: Option<u32>,
+    /// Longest time limit (`--time`) a job may ask for. Default: the site's `max_runtime`.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_time: Option<Duration>,
+    /// Most nodes (`--nodes`) a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_nodes: Option<u32>,
+    /// Most tasks (`--ntasks`) a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_ntasks: Option<u32>,
+    /// Partitions a job may name. Default: empty, any partition (Slurm's own limits apply).
+    #[serde(default)]
+    pub partitions: Vec<String>,
+    /// Accounts a job may charge. Default: empty, any account (Slurm's own associations apply).
+    #[serde(default)]
+    pub accounts: Vec<String>,
+    /// Qualities of service a job may name. Default: empty, any QOS.
+    #[serde(default)]
+    pub qos: Vec<String>,
+    /// Arguments the site adds to every `sbatch` (`"--reservation=ci"`, `"--account=ci"`),
+    /// before the job's own. Default: none.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+/// `[executors.docker]` and `[executors.podman]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSettings {
+    /// Most CPU cores (`--cpus`) a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
+    /// Most memory (`--memory`): `"512M"`, `"64G"`, or a number of MiB. Default: no cap.
+    #[serde(default, rename = "max_memory", deserialize_with = "de_opt_memory")]
+    pub max_memory_mib: Option<u64>,
+    /// Most GPUs a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_gpus: Option<u32>,
+    /// Longest time limit a job may ask for. Default: the site's `max_runtime`.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_time: Option<Duration>,
+    /// Image globs a job may use, fully qualified (`docker.io/library/ubuntu:*`,
+    /// `ghcr.io/org/*`, or a digest `REGISTRY/NAME@sha256:...`). Required, not empty.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// The image of a job that names none; it must match `images`. Default: none (a job must
+    /// name its image).
+    #[serde(default)]
+    pub default_image: Option<String>,
+    /// The OCI runtime (`--runtime`, e.g. `runsc`, `crun`). Default: the engine's own.
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// When images are pulled. Default: `if-not-present`.
+    #[serde(default = "default_pull")]
+    pub pull: PullPolicy,
+    /// The container's network. Default: `none`.
+    #[serde(default = "default_network")]
+    pub network: ContainerNetwork,
+    /// Mount the container's root file system read-only. Default: false.
+    #[serde(default)]
+    pub read_only_root: bool,
+}
+
+fn default_pull() -> PullPolicy {
+    PullPolicy::IfNotPresent
+}
+fn default_network() -> ContainerNetwork {
+    ContainerNetwork::None
+}
+
+impl ContainerSettings {
+    fn limits(&self) -> ExecutorLimits<'_> {
+        ExecutorLimits {
+            max_cpus: self.max_cpus,
+            max_memory_mib: self.max_memory_mib,
+            max_gpus: self.max_gpus,
+            max_time: self.max_time,
+            images: Some(&self.images),
+            default_image: self.default_image.as_deref(),
+            ..ExecutorLimits::default()
+        }
+    }
+}
+
+/// When a container executor pulls an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Only images already on the host run.
+    Never,
+    /// Pull when the host does not have the image.
+    IfNotPresent,
+    /// Pull before every job (tags get updates).
+    Always,
+}
+
+/// A container's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainerNetwork {
+    /// No network but loopback.
+    None,
+    /// The engine's default private network, with outbound access.
+    Bridge,
+}
+
+/// `[executors.kubernetes]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSettings {
+    /// Most CPU cores a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
+    /// Most memory: `"512M"`, `"64G"`, or a number of MiB. Default: no cap.
+    #[serde(default, rename = "max_memory", deserialize_with = "de_opt_memory")]
+    pub max_memory_mib: Option<u64>,
+    /// Most GPUs a job may ask for. Default: no cap.
+    #[serde(default)]
+    pub max_gpus: Option<u32>,
+    /// Longest time limit (`activeDeadlineSeconds`) a job may ask for. Default: the site's
+    /// `max_runtime`.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_time: Option<Duration>,
+    /// The namespace jobs run in. Required.
+    pub namespace: String,
+    /// The service account of job pods. Default: the namespace's `default` account.
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// Image globs a job may use, fully qualified. Required, not empty.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// The image of a job that names none; it must match `images`. Default: none.
+    #[serde(default)]
+    pub default_image: Option<String>,
+}
+
+/// One `[[rules]]` entry: who may run jobs here. A job is allowed when one rule matches every
+/// one of its claims; a list that is left out matches anything (except for `events`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// The rule's name, shown in every verdict. Required, unique.
+    pub name: String,
+    /// Repository globs (`owner/name`, `owner/*`). Required, not empty.
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    /// Git ref globs (`refs/heads/main`, `refs/tags/v*`). Default: any ref.
+    #[serde(default)]
+    pub refs: Option<Vec<String>>,
+    /// Events (`push`, `schedule`, `workflow_dispatch`, `pull_request`, ...), exact names.
+    /// Default: `["push", "schedule", "workflow_dispatch"]`. `pull_request_target` runs only if
+    /// named here.
+    #[serde(default = "default_events")]
+    pub events: Vec<String>,
+    /// Globs on the job's `job_workflow_ref` (`owner/repo/.github/workflows/ci.yml@*`).
+    /// Default: any workflow.
+    #[serde(default)]
+    pub workflows: Option<Vec<String>>,
+    /// GitHub logins (globs) that may trigger jobs. Default: any actor.
+    #[serde(default)]
+    pub actors: Option<Vec<String>>,
+    /// GitHub environments (globs, case-insensitive) the job must run in. Default: any
+    /// environment, or none.
+    #[serde(default)]
+    pub environments: Option<Vec<String>>,
+    /// Executors this rule allows. Default: every configured executor.
+    #[serde(default)]
+    pub executors: Option<Vec<ExecutorName>>,
+}
+
+/// The events a rule allows when it names none: those started by people with write access or by
+/// the repository itself.
+pub fn default_events() -> Vec<String> {
+    vec!["push".into(), "schedule".into(), "workflow_dispatch".into()]
+}
+
+/// Parses a memory size the way Slurm writes it: `512M`, `64G`, `1T` (powers of 1024; `MB`,
+/// `MiB`, `GB`, `GiB`, `TB`, `TiB` too), or a bare number of MiB. Returns MiB.
+pub fn parse_memory_mib(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let bad = || {
+        format!(
+            "{text:?} is not a memory size; write e.g. \"512M\", \"64G\" or \"1T\" (powers of 1024)"
+        )
+    };
+    let number: u64 = digits.parse().map_err(|_| bad())?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        "t" | "tb" | "tib" => 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    let mib = number.checked_mul(factor).ok_or_else(bad)?;
+    if mib == 0 {
+        return Err(format!(
+            "{text:?} is zero; the smallest memory size is \"1M\""
+        ));
+    }
+    Ok(mib)
+}
+
+/// MiB as an admin writes them: `64G` when a whole number of GiB, else `512M`.
+pub fn format_mib(mib: u64) -> String {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
+        format!("{}G", mib / 1024)
+    } else {
+        format!("{mib}M")
+    }
+}
+
+/// A duration as written in the file: `90s`, `30m`, `2h`, `1h 30m`.
+pub fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn de_opt_memory<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    struct MemoryVisitor;
+    impl Visitor<'_> for MemoryVisitor {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a memory size such as \"512M\" or \"64G\", or a number of MiB")
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            if v <= 0 {
+                return Err(E::custom(format!(
+                    "{v} is not a memory size; write e.g. \"512M\" or \"64G\""
+                )));
+            }
+            Ok(v as u64)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            parse_memory_mib(v).map_err(E::custom)
+        }
+    }
+    de.deserialize_any(MemoryVisitor).map(Some)
+}
+
+/// Durations are written as humans do: `90s`, `30m`, `2h`.
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(de)?;
+    let duration = humantime::parse_duration(&text).map_err(|e| {
+        de::Error::custom(format!(
+            "{text:?} is not a duration ({e}); write e.g. \"90s\", \"30m\", \"2h\""
+        ))
+    })?;
+    if duration.is_zero() {
+        return Err(de::Error::custom(format!(
+            "{text:?} is zero; write a positive duration such as \"30m\""
+        )));
+    }
+    Ok(duration)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(de).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse_into_mib() {
+        assert_eq!(parse_memory_mib("512M"), Ok(512));
+        assert_eq!(parse_memory_mib("64G"), Ok(65536));
+        assert_eq!(parse_memory_mib("64GiB"), Ok(65536));
+        assert_eq!(parse_memory_mib("1t"), Ok(1024 * 1024));
+        assert_eq!(parse_memory_mib("4096"), Ok(4096));
+        assert!(
+            parse_memory_mib("64X")
+                .unwrap_err()
+                .contains("not a memory size")
+        );
+        assert!(parse_memory_mib("G").is_err());
+        assert!(parse_memory_mib("0G").unwrap_err().contains("zero"));
+        assert_eq!(format_mib(65536), "64G");
+        assert_eq!(format_mib(512), "512M");
+        assert_eq!(format_mib(1536), "1536M");
+    }
+}

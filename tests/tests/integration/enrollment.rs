@@ -1,0 +1,293 @@
+//! Sites, agent enrollment and signed agent requests: the attacks on them, each refused with
+//! its exact reason.
+
+use base64::Engine as _;
+use testbot_e2e::{EnrolledAgent, Fleet, TEST_SITE};
+use testbot_proto::client::{BrokerClient, ClientError};
+use testbot_proto::signing::{self, signing_string};
+use testbot_proto::sites::{EnrollRequest, EnrollmentTokenRequest};
+
+fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (u16, String) {
+    match result {
+        Err(ClientError::Api {
+            status, message, ..
+        }) => (status, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn enroll_request(token: &str, name: &str) -> EnrollRequest {
+    EnrollRequest {
+        enrollment_token: token.into(),
+        name: name.into(),
+        public_key: signing::generate_key().unwrap().1,
+        policy: None,
+    }
+}
+
+const POLL: &str = "/api/v1/agent/poll";
+const POLL_BODY: &str = r#"{"agent": "x", "executor": "shell", "wait_ms": 0}"#;
+
+/// Sends a poll signed by `agent` with the given parts, returning (status, message).
+async fn send_signed(
+    fleet: &Fleet,
+    agent: &EnrolledAgent,
+    timestamp_ms: i64,
+    nonce: &str,
+    signed_body: &str,
+    sent_body: &str,
+) -> (u16, String) {
+    let message = signing_string("POST", POLL, timestamp_ms, nonce, signed_body.as_bytes());
+    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(agent.key.sign(message.as_bytes()).as_ref());
+    let resp = reqwest::Client::new()
+        .post(format!("{}{POLL}", fleet.url))
+        .header("content-type", "application/json")
+        .header(signing::AGENT_HEADER, &agent.id)
+        .header(signing::TIMESTAMP_HEADER, timestamp_ms)
+        .header(signing::NONCE_HEADER, nonce)
+        .header(signing::SIGNATURE_HEADER, signature)
+        .body(sent_body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    (status, message)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_tokens_expire_run_out_and_die_with_their_site() {
+    testbot_proto::client::install_crypto_provider();
+    let fleet = Fleet::start().await;
+    let operator = fleet.client();
+    operator.create_site("hpc").await.unwrap();
+    let (status, message) = refusal(operator.create_site("hpc").await);
+    assert_eq!((status, message.as_str()), (409, "site hpc exists already"));
+
+    let once = operator
+        .create_enrollment_token("hpc", &EnrollmentTokenRequest::default())
+        .await
+        .unwrap();
+    assert!(once.token.starts_with("tbe_"));
+    let enrollment = operator
+        .enroll(&enroll_request(&once.token, "login1"))
+        .await
+        .unwrap();
+    assert_eq!(enrollment.site, "hpc");
+
+    let short = operator
+        .create_enrollment_token(
+            "hpc",
+            &EnrollmentTokenRequest {
+                uses: 5,
+                ttl_secs: 1,
+            },
+        )
+        .await
+        .unwrap();
+    let spare = operator
+        .create_enrollment_token(
+            "hpc",
+            &EnrollmentTokenRequest {
+                uses: 5,
+                ttl_secs: 3600,
+            },
+        )
+        .await
+        .unwrap();
+    // Expire `short` without sleeping in the test: wait for the clock instead.
+    testbot_e2e::wait_for("the short token to expire", testbot_e2e::WAIT, || async {
+        (testbot_proto::now_ms() > short.expires_at_ms).then_some(())
+    })
+    .await;
+
+    let cases = [
+        (
+            "used-up token",
+            enroll_request(&once.token, "login2"),
+            401,
+            "the enrollment token has been used up; ask the operator for a new one".to_string(),
+        ),
+        (
+            "expired token",
+            enroll_request(&short.token, "login2"),
+            401,
+            "the enrollment token has expired; ask the operator for a new one".to_string(),
+        ),
+        (
+            "made-up token",
+            enroll_request("tbe_0000", "login2"),
+            401,
+            "the enrollment token is not valid".to_string(),
+        ),
+        (
+            "name taken in the site",
+            enroll_request(&spare.token, "login1"),
+            409,
+            "site hpc already has an agent named login1; choose another name or revoke the old agent"
+                .to_string(),
+        ),
+        (
+            "public key of the wrong size",
+            EnrollRequest {
+                public_key: "AAAA".into(),
+                ..enroll_request(&spare.token, "login3")
+            },
+            400,
+            "public_key is 3 bytes; an Ed25519 public key is 32".to_string(),
+        ),
+    ];
+    for (what, request, status, message) in &cases {
+        let (got_status, got_message) = refusal(operator.enroll(request).await);
+        assert_eq!(
+            (got_status, got_message.as_str()),
+            (*status, message.as_str()),
+            "case: {what}"
+        );
+    }
+    let agents = operator.agents().await.unwrap().agents;
+    assert_eq!(agents.len(), 1, "a refused enrollment stored an agent");
+
+    // Revoking the site kills its tokens and its agents.
+    operator.revoke_site("hpc").await.unwrap();
+    let (status, message) = refusal(
+        operator
+            .enroll(&enroll_request(&spare.token, "login4"))
+            .await,
+    );
+    assert_eq!(
+        (status, message.as_str()),
+        (401, "the enrollment token is not valid")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_requests_cannot_be_forged_replayed_or_used_after_revocation() {
+    testbot_proto::client::install_crypto_provider();
+    let fleet = Fleet::start().await;
+    let agent = fleet.enroll("login1").await;
+    let now = testbot_proto::now_ms();
+
+    // The genuine request works once...
+    let nonce = signing::random_hex(16);
+    let (status, _) = send_signed(&fleet, &agent, now, &nonce, POLL_BODY, POLL_BODY).await;
+    assert_eq!(status, 204);
+
+    let other = fleet.enroll("login2").await;
+    let impostor = EnrolledAgent {
+        id: agent.id.clone(),
+        key: other.key.clone(),
+        client: other.client.clone(),
+    };
+    let cases: Vec<(&str, (u16, String), &str)> = vec![
+        (
+            "replayed request (same nonce)",
+            send_signed(&fleet, &agent, now, &nonce, POLL_BODY, POLL_BODY).await,
+            "the request nonce was used before: a replayed request",
+        ),
+        (
+            "body changed after signing",
+            send_signed(
+                &fleet,
+                &agent,
+                now,
+                &signing::random_hex(16),
+                POLL_BODY,
+                r#"{"agent": "x", "executor": "shell", "labels": ["gpu"], "wait_ms": 0}"#,
+            )
+            .await,
+            "the request signature does not verify",
+        ),
+        (
+            "signed by another agent's key",
+            send_signed(
+                &fleet,
+                &impostor,
+                now,
+                &signing::random_hex(16),
+                POLL_BODY,
+                POLL_BODY,
+            )
+            .await,
+            "the request signature does not verify",
+        ),
+        (
+            "signed ten minutes ago",
+            send_signed(
+                &fleet,
+                &agent,
+                now - 600_000,
+                &signing::random_hex(16),
+                POLL_BODY,
+                POLL_BODY,
+            )
+            .await,
+            "the request was signed 600 s behind the broker's clock (at most 300 s allowed): a replayed request, or the agent's clock is wrong",
+        ),
+        (
+            "unknown agent id",
+            send_signed(
+                &fleet,
+                &EnrolledAgent {
+                    id: "agt_000000000000000000000000".into(),
+                    key: agent.key.clone(),
+                    client: agent.client.clone(),
+                },
+                now,
+                &signing::random_hex(16),
+                POLL_BODY,
+                POLL_BODY,
+            )
+            .await,
+            "agent agt_000000000000000000000000 is not enrolled",
+        ),
+    ];
+    for (what, (status, message), want) in &cases {
+        assert_eq!((*status, message.as_str()), (401, *want), "case: {what}");
+    }
+
+    // Revocation takes effect on the very next request.
+    let operator = fleet.client();
+    operator.revoke_agent(&agent.id).await.unwrap();
+    let (status, message) = refusal(agent.client.poll(&poll()).await);
+    assert_eq!(
+        (status, message),
+        (
+            401,
+            format!("agent {TEST_SITE}/login1 ({}) was revoked", agent.id)
+        )
+    );
+    assert!(other.client.poll(&poll()).await.is_ok());
+    operator.revoke_site(TEST_SITE).await.unwrap();
+    let (status, message) = refusal(other.client.poll(&poll()).await);
+    assert_eq!(
+        (status, message),
+        (
+            401,
+            format!("site {TEST_SITE} was revoked; its agents are refused")
+        )
+    );
+    // An enrollment token is not a credential for anything else.
+    let (status, _) = refusal(
+        BrokerClient::new(&fleet.url, fleet.enrollment_token.clone())
+            .unwrap()
+            .jobs(&Default::default())
+            .await,
+    );
+    assert_eq!(status, 401);
+}
+
+fn poll() -> testbot_proto::agents::PollRequest {
+    testbot_proto::agents::PollRequest {
+        agent: "x".into(),
+        labels: vec![],
+        executor: "shell".into(),
+        wait_ms: Some(0),
+        policy: None,
+    }
+}
