@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use testbot_proto::agents::PollRequest;
 use testbot_proto::client::Backoff;
+use testbot_proto::oidc::OidcVerifier;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::config::{AgentConfig, ExecutorKind};
 use crate::enroll::AgentIdentity;
 use crate::executor::{Executor, NoopExecutor, ShellExecutor};
-use crate::job::JobRunner;
+use crate::job::{JobRunner, SiteGate};
+use crate::policy::SitePolicy;
 
 /// Signals the agent reacts to.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +51,7 @@ pub struct Agent {
     name: String,
     config: AgentConfig,
     executor: Arc<dyn Executor>,
+    policy: Option<Arc<SitePolicy>>,
 }
 
 impl Agent {
@@ -69,6 +72,20 @@ impl Agent {
         executor: Arc<dyn Executor>,
     ) -> anyhow::Result<Agent> {
         let name = config.resolve_name();
+        let policy = match &config.policy {
+            None => None,
+            Some(path) => {
+                let policy = SitePolicy::load(path)?;
+                let problems = policy.host_problems();
+                anyhow::ensure!(
+                    problems.is_empty(),
+                    "The site policy {} cannot work on this host: {}",
+                    path.display(),
+                    problems.join("; ")
+                );
+                Some(Arc::new(policy))
+            }
+        };
         std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
             anyhow::anyhow!(
                 "Cannot create work directory {}: {e}",
@@ -79,6 +96,7 @@ impl Agent {
             name,
             config,
             executor,
+            policy,
         })
     }
 
@@ -93,7 +111,9 @@ impl Agent {
             name,
             config,
             executor,
+            policy,
         } = self;
+        let summary = policy.as_ref().map(|p| p.summary());
         let identity = {
             let drain = shutdown.drain.clone();
             AgentIdentity::load_or_enroll(
@@ -101,7 +121,7 @@ impl Agent {
                 &config.broker_url,
                 &name,
                 config.resolve_enrollment_token()?,
-                None,
+                summary.as_ref(),
                 move || drain.is_cancelled(),
             )
             .await?
@@ -113,6 +133,14 @@ impl Agent {
             work_dir: config.work_dir.clone(),
             max_job_time: config.max_job_time,
             keep_job_dirs: config.keep_job_dirs,
+            site: policy.as_ref().map(|policy| SiteGate {
+                policy: policy.clone(),
+                verifier: OidcVerifier::new(policy.oidc()),
+            }),
+        });
+        // The site caps how many jobs run at once, whatever the agent's own setting.
+        let concurrency = policy.as_ref().map_or(config.concurrency, |p| {
+            config.concurrency.min(p.max_concurrent_jobs())
         });
         tracing::info!(
             agent = %name,
@@ -120,11 +148,12 @@ impl Agent {
             site = %identity.site,
             broker = %config.broker_url,
             executor = runner.executor.name(),
-            concurrency = config.concurrency,
+            concurrency,
+            policy = ?config.policy,
             "Agent started."
         );
         let mut workers = tokio::task::JoinSet::new();
-        for slot in 0..config.concurrency {
+        for slot in 0..concurrency {
             let worker = Worker {
                 runner: runner.clone(),
                 poll: PollRequest {
@@ -132,7 +161,7 @@ impl Agent {
                     labels: config.labels.clone(),
                     executor: runner.executor.name().to_string(),
                     wait_ms: Some(config.poll_wait.as_millis() as u64),
-                    policy: None,
+                    policy: summary.clone(),
                 },
                 shutdown: shutdown.clone(),
             };

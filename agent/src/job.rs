@@ -10,7 +10,11 @@ use testbot_proto::results::{FinishRequest, Outcome};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use testbot_proto::oidc::OidcVerifier;
+
 use crate::executor::{ExecOutcome, Executor, JobContext, LogSink, fresh_dir};
+use crate::identity::LocalAccount;
+use crate::policy::{Decision, SitePolicy};
 use crate::ship::{ShipEnd, ship_log};
 
 /// Lines buffered between the executor and the shipper.
@@ -33,6 +37,63 @@ pub struct JobRunner {
     pub work_dir: std::path::PathBuf,
     pub max_job_time: Duration,
     pub keep_job_dirs: bool,
+    /// The site policy and the verifier of job tokens it configures. `None`: a private fleet
+    /// whose agent runs every job it is given, as itself.
+    pub site: Option<SiteGate>,
+}
+
+/// What the agent checks before it runs anything: the job's GitHub OIDC token, verified here
+/// (the broker's word is not taken), and the site policy.
+pub struct SiteGate {
+    pub policy: Arc<SitePolicy>,
+    pub verifier: OidcVerifier,
+}
+
+/// A job the site allows, and how it runs.
+struct Admission {
+    run_as: Option<LocalAccount>,
+    timeout: Duration,
+}
+
+impl SiteGate {
+    /// Verifies the job's token and applies the policy; `Err` is the denial, for the submitter.
+    async fn admit(&self, assignment: &Assignment, executor: &str) -> Result<Admission, String> {
+        let token = assignment.oidc_token.as_deref().ok_or(
+            "the job carries no GitHub OIDC token; this site runs only jobs from verified workflows",
+        )?;
+        let claims = self
+            .verifier
+            .verify(token)
+            .await
+            .map_err(|e| format!("OIDC token refused: {e}"))?;
+        let spec = &assignment.spec;
+        if let Some(wanted) = &spec.executor
+            && wanted != executor
+        {
+            return Err(format!(
+                "the job asks for executor {wanted}; this agent runs {executor}"
+            ));
+        }
+        match self.policy.evaluate(&claims, spec, executor) {
+            Decision::Deny { reason } => Err(reason),
+            Decision::Allow { rule, account } => {
+                let account = crate::identity::resolve(&account, &claims).await?;
+                tracing::info!(
+                    job_id = %assignment.job_id,
+                    repository = %claims.repository,
+                    git_ref = %claims.git_ref,
+                    actor = %claims.actor,
+                    %rule,
+                    account = %account.name,
+                    "Job allowed by the site policy."
+                );
+                Ok(Admission {
+                    run_as: Some(account),
+                    timeout: self.policy.time_limit(spec, executor),
+                })
+            }
+        }
+    }
 }
 
 impl JobRunner {
@@ -59,11 +120,48 @@ impl JobRunner {
         }
         tracing::info!(job_id = %id, attempt = assignment.attempt, "Job started.");
 
-        let timeout = assignment
-            .spec
-            .timeout_secs
-            .map(Duration::from_secs)
-            .map_or(self.max_job_time, |t| t.min(self.max_job_time));
+        let admission = match &self.site {
+            None => Ok(Admission {
+                run_as: None,
+                timeout: assignment
+                    .spec
+                    .timeout_secs
+                    .map(Duration::from_secs)
+                    .map_or(self.max_job_time, |t| t.min(self.max_job_time)),
+            }),
+            Some(gate) => gate.admit(&assignment, self.executor.name()).await,
+        };
+        let admission = match admission {
+            Ok(admission) => admission,
+            Err(denial) => {
+                tracing::warn!(job_id = %id, %denial, "Job refused by the site policy.");
+                let reason = format!(
+                    "refused by the site policy of agent {}: {denial}",
+                    self.agent
+                );
+                let chunk = testbot_proto::logs::format_line(
+                    testbot_proto::now_ms(),
+                    testbot_proto::logs::Stream::System,
+                    &format!("testbot: {reason}"),
+                );
+                // Best effort: the reason is in the result either way.
+                let _ = self
+                    .client
+                    .append_log(
+                        id,
+                        &testbot_proto::logs::LogChunk {
+                            lease: lease.clone(),
+                            offset: assignment.log_offset,
+                            data: chunk,
+                        },
+                    )
+                    .await;
+                self.finish(id, &lease, Outcome::with_state(JobState::Error, reason))
+                    .await;
+                return;
+            }
+        };
+        let timeout = admission.timeout;
         let ctx = JobContext {
             id,
             attempt: assignment.attempt,
@@ -74,6 +172,7 @@ impl JobRunner {
                 .join(format!("job-{id}-{}", assignment.attempt)),
             spec: assignment.spec,
             timeout,
+            run_as: admission.run_as,
         };
         let (sink, rx) = LogSink::new(LOG_CHANNEL_CAPACITY);
         let shipper = tokio::spawn(ship_log(

@@ -12,6 +12,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use anyhow::Context as _;
+
+use crate::identity::LocalAccount;
 use testbot_proto::jobs::{JobId, JobSpec};
 use testbot_proto::logs::Stream;
 use tokio::sync::mpsc;
@@ -33,6 +35,9 @@ pub struct JobContext {
     pub timeout: Duration,
     /// A directory for this attempt only; created fresh before `run`.
     pub dir: PathBuf,
+    /// The local account the job runs as (from the site policy's identity mapping); `None`: the
+    /// agent's own account.
+    pub run_as: Option<LocalAccount>,
 }
 
 /// How a job's process ended.

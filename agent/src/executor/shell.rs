@@ -21,6 +21,31 @@ use super::{BoxFuture, ExecOutcome, Executor, JobContext, LogSink};
 /// How long to wait for output pipes to close after the process group is gone.
 const PIPE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Gives the job directory and everything in it to `account`, so the job can write there and
+/// leaves no files the account cannot remove. Only root can do this; any other agent must run
+/// jobs as itself.
+fn hand_over(dir: &std::path::Path, account: &crate::identity::LocalAccount) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the site policy maps this job to account {} (uid {}), but the agent runs as uid {} and cannot switch accounts: run the agent as root, or map jobs to the agent's own account",
+        account.name,
+        account.uid,
+        nix::unistd::geteuid()
+    );
+    let (uid, gid) = (Some(account.uid.as_raw()), Some(account.gid.as_raw()));
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        std::os::unix::fs::lchown(&path, uid, gid)
+            .with_context(|| format!("Cannot give {} to {}", path.display(), account.name))?;
+        if path.is_dir() && !path.is_symlink() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Variables passed through from the agent's own environment when set.
 const PASSTHROUGH_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ"];
 
@@ -71,7 +96,22 @@ impl ShellExecutor {
         let workspace = job.dir.join("workspace");
         tokio::fs::create_dir_all(&workspace).await?;
 
-        let mut command = Command::new("bash");
+        let mut command = match &job.run_as {
+            Some(account) if account.uid != nix::unistd::geteuid() => {
+                hand_over(&job.dir, account)?;
+                // setpriv switches uid, gid and supplementary groups (the account's own, not the
+                // agent's) and then execs bash, so the job's process is still our child.
+                let mut command = Command::new("setpriv");
+                command
+                    .arg(format!("--reuid={}", account.uid))
+                    .arg(format!("--regid={}", account.gid))
+                    .arg("--init-groups")
+                    .arg("--")
+                    .arg("bash");
+                command
+            }
+            _ => Command::new("bash"),
+        };
         command
             .args(["--noprofile", "--norc", "-eo", "pipefail"])
             .arg(&script)
@@ -88,6 +128,12 @@ impl ShellExecutor {
         }
         if std::env::var_os("PATH").is_none() {
             command.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        }
+        if let Some(account) = &job.run_as {
+            command
+                .env("HOME", &account.home)
+                .env("USER", &account.name)
+                .env("LOGNAME", &account.name);
         }
         command.envs(&job.spec.env);
         command

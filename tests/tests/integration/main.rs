@@ -9,4 +9,5 @@ mod load;
 mod logs;
 mod policy_cli;
 mod restart;
+mod site_policy;
 mod trust;
