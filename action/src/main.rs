@@ -86,6 +86,41 @@ enum Command {
     /// Register GitHub repositories whose workflows may submit jobs.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Sites and their enrollment tokens (operator).
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Enrolled agents (operator).
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCommand {
+    /// Create a site: one place that runs jobs under one policy.
+    Create { name: String },
+    /// List sites.
+    List,
+    /// Issue an enrollment token for a site; give it to the site's agents
+    /// (`enrollment_token_file` in their configuration).
+    Token {
+        site: String,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it stays valid, e.g. 1h, 7d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Revoke a site: its agents are refused from their next request on.
+    Revoke { site: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// List enrolled agents.
+    List,
+    /// Revoke an agent: it is refused from its next request on.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -342,6 +377,14 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
             let client = client(&url, token)?;
             repo_command(&client, command, json).await.map(|()| 0)
         }
+        Command::Site(command) => {
+            let client = client(&url, token)?;
+            site_command(&client, command, json).await.map(|()| 0)
+        }
+        Command::Agent(command) => {
+            let client = client(&url, token)?;
+            agent_command(&client, command, json).await.map(|()| 0)
+        }
     }
 }
 
@@ -400,6 +443,120 @@ async fn repo_command(
             client.remove_repo(&repo).await?;
             if !json {
                 println!("removed {repo}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn site_command(
+    client: &BrokerClient,
+    command: SiteCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    match command {
+        SiteCommand::Create { name } => {
+            let site = client.create_site(&name).await?;
+            if json {
+                output::print_json(&site)?;
+            } else {
+                println!("created site {}", site.name);
+                println!("next: testbot site token {} --uses N", site.name);
+            }
+        }
+        SiteCommand::List => {
+            let list = client.sites().await?;
+            if json {
+                output::print_json(&list)?;
+            } else {
+                for site in &list.sites {
+                    let state = match site.revoked_at_ms {
+                        Some(at) => format!("revoked {}", testbot_proto::format_ms(at)),
+                        None => "active".into(),
+                    };
+                    println!("{}  {state}", site.name);
+                }
+            }
+        }
+        SiteCommand::Token { site, uses, ttl } => {
+            let token = client
+                .create_enrollment_token(
+                    &site,
+                    &testbot_proto::sites::EnrollmentTokenRequest {
+                        uses,
+                        ttl_secs: ttl.as_secs().max(1),
+                    },
+                )
+                .await?;
+            if json {
+                output::print_json(&token)?;
+            } else {
+                // The token alone on stdout, so it can be piped into a file.
+                println!("{}", token.token);
+                eprintln!(
+                    "enrollment token for site {}: {} use(s), valid until {}; it is shown only once",
+                    token.site,
+                    token.uses,
+                    testbot_proto::format_ms(token.expires_at_ms)
+                );
+            }
+        }
+        SiteCommand::Revoke { site } => {
+            let site = client.revoke_site(&site).await?;
+            if json {
+                output::print_json(&site)?;
+            } else {
+                println!(
+                    "revoked site {}: its agents are refused from now on",
+                    site.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn agent_command(
+    client: &BrokerClient,
+    command: AgentCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::List => {
+            let list = client.agents().await?;
+            if json {
+                output::print_json(&list)?;
+            } else {
+                for agent in &list.agents {
+                    let seen = agent
+                        .last_seen_ms
+                        .map_or("never".to_string(), testbot_proto::format_ms);
+                    let state = if agent.revoked_at_ms.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    let policy = if agent.policy.is_some() {
+                        "site policy"
+                    } else {
+                        "no policy"
+                    };
+                    println!(
+                        "{}  {}/{}  {state}  {policy}  last seen {seen}",
+                        agent.id, agent.site, agent.name
+                    );
+                }
+            }
+        }
+        AgentCommand::Revoke { id } => {
+            let agent = client.revoke_agent(&id).await?;
+            if json {
+                output::print_json(&agent)?;
+            } else {
+                println!(
+                    "revoked agent {}/{} ({}): it is refused from its next request on",
+                    agent.site, agent.name, agent.id
+                );
             }
         }
     }

@@ -174,3 +174,79 @@ async fn cancelling_a_queued_job_ends_it_at_once() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled before it started"));
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_manage_sites_agents_and_repositories_from_the_cli() {
+    let fleet = Fleet::start().await;
+    let ok = |out: &std::process::Output| {
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = ok(&testbot(&fleet, &["site", "create", "hpc"]).await);
+    assert!(out.starts_with("created site hpc\n"), "{out}");
+    let token = ok(&testbot(
+        &fleet,
+        &["site", "token", "hpc", "--uses", "2", "--ttl", "1h"],
+    )
+    .await);
+    let token = token.trim();
+    assert!(token.starts_with("tbe_"), "{token}");
+
+    // An agent enrolls with it (as a `testbot-agent` would at its first start).
+    let enrollment = fleet
+        .client()
+        .enroll(&testbot_proto::sites::EnrollRequest {
+            enrollment_token: token.to_string(),
+            name: "login1".into(),
+            public_key: testbot_proto::signing::generate_key().unwrap().1,
+            policy: None,
+        })
+        .await
+        .unwrap();
+    let out = ok(&testbot(&fleet, &["agent", "list"]).await);
+    assert!(
+        out.contains(&format!(
+            "{}  hpc/login1  active  no policy  last seen never",
+            enrollment.agent_id
+        )),
+        "{out}"
+    );
+    let out = ok(&testbot(&fleet, &["agent", "revoke", &enrollment.agent_id]).await);
+    assert!(out.starts_with("revoked agent hpc/login1"), "{out}");
+
+    let out = ok(&testbot(
+        &fleet,
+        &[
+            "repo",
+            "register",
+            "hpc-lab/solver",
+            "--ref",
+            "refs/heads/main",
+            "--site",
+            "hpc",
+        ],
+    )
+    .await);
+    assert!(out.starts_with("registered hpc-lab/solver\n"), "{out}");
+    let out = ok(&testbot(&fleet, &["repo", "list"]).await);
+    assert_eq!(
+        out,
+        "hpc-lab/solver  sites: hpc  events: push, workflow_dispatch, schedule, pull_request  refs: refs/heads/main  (registered by operator:admin)\n"
+    );
+    let out = testbot(&fleet, &["repo", "show", "hpc-lab/other"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("repository hpc-lab/other is not registered"),
+        "{out:?}"
+    );
+    ok(&testbot(&fleet, &["repo", "remove", "hpc-lab/solver"]).await);
+    assert_eq!(
+        ok(&testbot(&fleet, &["repo", "list"]).await),
+        "no repositories registered\n"
+    );
+
+    let out = ok(&testbot(&fleet, &["site", "revoke", "hpc"]).await);
+    assert!(out.starts_with("revoked site hpc"), "{out}");
+    let out = ok(&testbot(&fleet, &["site", "list"]).await);
+    assert!(out.contains("hpc  revoked "), "{out}");
+}
