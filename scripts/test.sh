@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit tests and the end-to-end fleet tests (which start real
-# testbot-broker, testbot-agent and testbot processes on loopback).
+# Runs the whole test suite: unit tests and the end-to-end tests, which start real testbot-broker,
+# testbot-agent and testbot processes on loopback and a real single-node Slurm (installed from
+# Debian packages and started here; stopped again at the end). Run as root: the tests create an
+# unprivileged account for jobs and run jobs as it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh: run as root (the tests start Slurm and run jobs as another account)" >&2
+    exit 1
+fi
+
 # The end-to-end tests run the real binaries; build them first.
 cargo build --workspace --bins --locked
+
+tests/slurm/install.sh
+slurm_state=${TESTBOT_SLURM_STATE_DIR:-/var/tmp/testbot-slurm}
+trap 'tests/slurm/stop.sh "$slurm_state" >/dev/null || true' EXIT
+eval "$(tests/slurm/start.sh "$slurm_state")"
+export SLURM_CONF
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --profile "${NEXTEST_PROFILE:-default}" "$@"

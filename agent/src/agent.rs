@@ -11,7 +11,7 @@ use tracing::Instrument as _;
 
 use crate::config::{AgentConfig, ExecutorKind};
 use crate::enroll::AgentIdentity;
-use crate::executor::{Executor, NoopExecutor, ShellExecutor};
+use crate::executor::{Executor, NoopExecutor, ShellExecutor, SlurmExecutor};
 use crate::job::{JobRunner, SiteGate};
 use crate::policy::SitePolicy;
 
@@ -46,6 +46,22 @@ impl Shutdown {
     }
 }
 
+/// The site policy the configuration names, checked against this host.
+fn load_policy(config: &AgentConfig) -> anyhow::Result<Option<Arc<SitePolicy>>> {
+    let Some(path) = &config.policy else {
+        return Ok(None);
+    };
+    let policy = SitePolicy::load(path)?;
+    let problems = policy.host_problems();
+    anyhow::ensure!(
+        problems.is_empty(),
+        "The site policy {} cannot work on this host: {}",
+        path.display(),
+        problems.join("; ")
+    );
+    Ok(Some(Arc::new(policy)))
+}
+
 /// A configured agent, ready to run.
 pub struct Agent {
     name: String,
@@ -57,13 +73,21 @@ pub struct Agent {
 impl Agent {
     /// An agent with the executor its configuration names.
     pub fn new(config: AgentConfig) -> anyhow::Result<Agent> {
+        let policy = load_policy(&config)?;
         let executor: Arc<dyn Executor> = match config.executor {
             ExecutorKind::Shell => Arc::new(ShellExecutor {
                 kill_grace: config.kill_grace,
             }),
             ExecutorKind::Noop => Arc::new(NoopExecutor),
+            ExecutorKind::Slurm => Arc::new(SlurmExecutor {
+                settings: policy
+                    .as_ref()
+                    .and_then(|p| p.executors().slurm.clone())
+                    .unwrap_or_default(),
+                state_dir: config.state_dir().join("slurm"),
+            }),
         };
-        Agent::with_executor(config, executor)
+        Agent::build(config, executor, policy)
     }
 
     /// An agent running jobs with `executor` (benchmarks and tests plug in their own).
@@ -71,21 +95,16 @@ impl Agent {
         config: AgentConfig,
         executor: Arc<dyn Executor>,
     ) -> anyhow::Result<Agent> {
+        let policy = load_policy(&config)?;
+        Agent::build(config, executor, policy)
+    }
+
+    fn build(
+        config: AgentConfig,
+        executor: Arc<dyn Executor>,
+        policy: Option<Arc<SitePolicy>>,
+    ) -> anyhow::Result<Agent> {
         let name = config.resolve_name();
-        let policy = match &config.policy {
-            None => None,
-            Some(path) => {
-                let policy = SitePolicy::load(path)?;
-                let problems = policy.host_problems();
-                anyhow::ensure!(
-                    problems.is_empty(),
-                    "The site policy {} cannot work on this host: {}",
-                    path.display(),
-                    problems.join("; ")
-                );
-                Some(Arc::new(policy))
-            }
-        };
         std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
             anyhow::anyhow!(
                 "Cannot create work directory {}: {e}",
@@ -153,6 +172,17 @@ impl Agent {
             "Agent started."
         );
         let mut workers = tokio::task::JoinSet::new();
+        // Jobs the executor was running when the agent last stopped (Slurm jobs survive an
+        // agent restart): follow them to their end alongside new work.
+        for detached in runner.executor.detached() {
+            let runner = runner.clone();
+            let hard = shutdown.hard.clone();
+            let id = detached.job_id;
+            workers.spawn(
+                async move { runner.resume(detached, &hard).await }
+                    .instrument(tracing::info_span!("job", job_id = %id)),
+            );
+        }
         for slot in 0..concurrency {
             let worker = Worker {
                 runner: runner.clone(),

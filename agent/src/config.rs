@@ -25,6 +25,8 @@ pub enum ExecutorKind {
     Shell,
     /// Runs nothing and reports success: for measuring the broker and protocol alone.
     Noop,
+    /// Batch jobs submitted with `sbatch` (settings in the site policy's `[executors.slurm]`).
+    Slurm,
 }
 
 impl ExecutorKind {
@@ -32,6 +34,7 @@ impl ExecutorKind {
         match self {
             ExecutorKind::Shell => "shell",
             ExecutorKind::Noop => "noop",
+            ExecutorKind::Slurm => "slurm",
         }
     }
 }
@@ -73,7 +76,7 @@ pub struct AgentConfig {
     /// `/var/lib/testbot-agent`.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,
-    /// The executor. Default: `shell`.
+    /// The executor: `shell`, `slurm` or `noop`. Default: `shell`.
     #[serde(default = "default_executor")]
     pub executor: ExecutorKind,
     /// Time limit for jobs that set none, and the most a job may ask for. Default: `6h`.

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use testbot_proto::oidc::OidcVerifier;
 
-use crate::executor::{ExecOutcome, Executor, JobContext, LogSink, fresh_dir};
+use crate::executor::{Detached, ExecOutcome, Executor, JobContext, LogSink, fresh_dir};
 use crate::identity::LocalAccount;
 use crate::policy::{Decision, SitePolicy};
 use crate::ship::{ShipEnd, ship_log};
@@ -161,7 +161,6 @@ impl JobRunner {
                 return;
             }
         };
-        let timeout = admission.timeout;
         let ctx = JobContext {
             id,
             attempt: assignment.attempt,
@@ -171,43 +170,126 @@ impl JobRunner {
                 .join("jobs")
                 .join(format!("job-{id}-{}", assignment.attempt)),
             spec: assignment.spec,
-            timeout,
+            timeout: admission.timeout,
             run_as: admission.run_as,
+            keep_dir: self.keep_job_dirs,
+            lease,
+            heartbeat_interval_ms: assignment.heartbeat_interval_ms,
         };
-        let (sink, rx) = LogSink::new(LOG_CHANNEL_CAPACITY);
-        let shipper = tokio::spawn(ship_log(
-            self.client.clone(),
+        self.execute(ctx, assignment.log_offset, false, hard_stop)
+            .await;
+    }
+
+    /// Picks up a job the executor was running when the agent last stopped: renews its lease
+    /// and follows it to its end, or gives it up when the broker has handed it on.
+    pub async fn resume(&self, detached: Detached, hard_stop: &CancellationToken) {
+        let id = detached.job_id;
+        let log_offset = match self
+            .with_retry(30_000, || {
+                self.client.heartbeat(id, &detached.lease, Duration::ZERO)
+            })
+            .await
+        {
+            // The broker's end of the log, not ours: lines it took after our last record of it
+            // must not be overwritten.
+            Ok(status) => status.log_bytes,
+            Err(err) => {
+                tracing::warn!(job_id = %id, %err, "A job from before the restart is no longer ours; giving it up.");
+                self.executor.abandon(&detached).await;
+                return;
+            }
+        };
+        let run_as = match &detached.run_as {
+            None => None,
+            Some(name) => match crate::identity::lookup_account(name) {
+                Ok(account) => Some(account),
+                Err(err) => {
+                    tracing::error!(job_id = %id, %err, "Cannot re-attach: the job's account is gone.");
+                    self.executor.abandon(&detached).await;
+                    self.finish(
+                        id,
+                        &detached.lease,
+                        Outcome::with_state(JobState::Error, format!("cannot re-attach: {err}")),
+                    )
+                    .await;
+                    return;
+                }
+            },
+        };
+        tracing::info!(job_id = %id, attempt = detached.attempt, "Re-attaching to a job after a restart.");
+        let ctx = JobContext {
             id,
-            lease.clone(),
-            assignment.log_offset,
-            rx,
-        ));
+            attempt: detached.attempt,
+            agent: self.agent.clone(),
+            dir: detached.dir,
+            spec: detached.spec,
+            timeout: detached.timeout,
+            run_as,
+            keep_dir: self.keep_job_dirs,
+            lease: detached.lease,
+            heartbeat_interval_ms: detached.heartbeat_interval_ms,
+        };
+        self.execute(ctx, log_offset, true, hard_stop).await;
+    }
+
+    /// Runs (or, with `resume`, follows again) a job with heartbeats and live log shipping,
+    /// then reports its result.
+    async fn execute(
+        &self,
+        ctx: JobContext,
+        log_offset: u64,
+        resume: bool,
+        hard_stop: &CancellationToken,
+    ) {
+        let id = ctx.id;
+        let lease = ctx.lease.clone();
+        let (sink, rx) = LogSink::new(LOG_CHANNEL_CAPACITY);
+        let shipper = tokio::spawn({
+            let executor = self.executor.clone();
+            let ctx = ctx.clone();
+            ship_log(
+                self.client.clone(),
+                id,
+                lease.clone(),
+                log_offset,
+                rx,
+                move |checkpoint| executor.checkpoint(&ctx, checkpoint),
+            )
+        });
 
         let stop = hard_stop.child_token();
         let stop_reason = Arc::new(Mutex::new(None::<StopReason>));
+        let reporting = CancellationToken::new();
         let heartbeats = tokio::spawn(heartbeat_loop(
             self.client.clone(),
             id,
             lease.clone(),
-            Duration::from_millis(assignment.heartbeat_interval_ms.max(100)),
+            Duration::from_millis(ctx.heartbeat_interval_ms.max(100)),
             stop.clone(),
             stop_reason.clone(),
+            reporting.clone(),
         ));
 
-        sink.system(format!(
-            "running on agent {} with the {} executor (attempt {})",
-            self.agent,
-            self.executor.name(),
-            ctx.attempt
-        ))
-        .await;
-        let result = match fresh_dir(&ctx.dir).await {
-            Ok(()) => self.executor.run(&ctx, sink.clone(), stop.clone()).await,
-            Err(err) => Err(err),
+        let result = if resume {
+            sink.system(format!(
+                "agent {} restarted; re-attached to the job (attempt {})",
+                self.agent, ctx.attempt
+            ))
+            .await;
+            self.executor.resume(&ctx, sink.clone(), stop.clone()).await
+        } else {
+            sink.system(format!(
+                "running on agent {} with the {} executor (attempt {})",
+                self.agent,
+                self.executor.name(),
+                ctx.attempt
+            ))
+            .await;
+            match fresh_dir(&ctx.dir).await {
+                Ok(()) => self.executor.run(&ctx, sink.clone(), stop.clone()).await,
+                Err(err) => Err(err),
+            }
         };
-        if !self.keep_job_dirs {
-            self.executor.cleanup(&ctx).await;
-        }
         let reason = *stop_reason.lock().expect("stop reason poisoned");
         let outcome = match result {
             Ok(ExecOutcome::Exited(code)) => Outcome::exited(code),
@@ -216,6 +298,7 @@ impl JobRunner {
                 JobState::Failed,
                 format!("timed out after {}", humantime::format_duration(limit)),
             ),
+            Ok(ExecOutcome::Failed { state, reason }) => Outcome::with_state(state, reason),
             Ok(ExecOutcome::Stopped) => match reason {
                 Some(StopReason::Cancelled) => {
                     Outcome::with_state(JobState::Cancelled, "cancelled by a user")
@@ -243,10 +326,17 @@ impl JobRunner {
         if shipped == ShipEnd::LeaseLost || reason == Some(StopReason::LeaseLost) {
             heartbeats.abort();
             tracing::warn!(job_id = %id, "The lease was lost; the broker has handed the job on. Not reporting a result.");
+            self.executor.cleanup(&ctx).await;
             return;
         }
+        reporting.cancel();
         self.finish(id, &lease, outcome).await;
-        heartbeats.abort();
+        // The result ends the lease, which answers a held heartbeat; let it end by itself so its
+        // connection is reused rather than torn down.
+        let _ = tokio::time::timeout(Duration::from_secs(1), heartbeats).await;
+        // After the result is reported: until then an executor's records (a Slurm job id) are
+        // what a restarted agent would pick the job up from.
+        self.executor.cleanup(&ctx).await;
     }
 
     /// Reports the result, retrying while the broker is unreachable.
@@ -303,6 +393,7 @@ async fn heartbeat_loop(
     interval: Duration,
     stop: CancellationToken,
     reason: Arc<Mutex<Option<StopReason>>>,
+    done: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), interval);
     let stop_with = |why: StopReason| {
@@ -310,9 +401,20 @@ async fn heartbeat_loop(
         slot.get_or_insert(why);
         stop.cancel();
     };
+    // The claim and the start renewed the lease just now; a job that ends soon needs no
+    // heartbeat at all.
+    tokio::select! {
+        _ = tokio::time::sleep(interval / 2) => {}
+        _ = done.cancelled() => return,
+    }
     loop {
         let sent = Instant::now();
-        match client.heartbeat(id, &lease, interval).await {
+        let answer = client.heartbeat(id, &lease, interval).await;
+        // Once the result is being reported, the broker ends the lease: not a loss.
+        if done.is_cancelled() {
+            return;
+        }
+        match answer {
             Ok(status) if status.cancel_requested => {
                 tracing::info!(job_id = %id, "Cancel requested; stopping the job.");
                 stop_with(StopReason::Cancelled);
@@ -323,7 +425,10 @@ async fn heartbeat_loop(
                 // An answer well before `interval` means the broker did not hold it.
                 let elapsed = sent.elapsed();
                 if elapsed < interval / 2 {
-                    tokio::time::sleep(interval - elapsed).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval - elapsed) => {}
+                        _ = done.cancelled() => return,
+                    }
                 }
             }
             Err(err) if err.is_lease_lost() => {
@@ -334,7 +439,10 @@ async fn heartbeat_loop(
             Err(err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(job_id = %id, %err, ?delay, "Heartbeat failed; retrying.");
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = done.cancelled() => return,
+                }
             }
         }
     }

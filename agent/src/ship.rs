@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use testbot_proto::client::{Backoff, BrokerClient, ClientError};
 use testbot_proto::jobs::JobId;
-use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, format_line};
+use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, Stream, format_line};
 use tokio::sync::mpsc;
 
-use crate::executor::LogRecord;
+use crate::executor::{Checkpoint, LogRecord};
 
 /// Send a chunk once it holds this many bytes, without waiting for more lines.
 const TARGET_CHUNK_BYTES: usize = 64 * 1024;
@@ -29,25 +29,35 @@ pub enum ShipEnd {
 }
 
 /// Ships records from `rx` until the channel closes, starting at byte `offset` of the job's log.
+/// `on_ack` hears, after each acknowledged chunk that held lines read from files, up to which
+/// file positions the broker now has the output.
 pub async fn ship_log(
     client: BrokerClient,
     id: JobId,
     lease: String,
     mut offset: u64,
     mut rx: mpsc::Receiver<LogRecord>,
+    mut on_ack: impl FnMut(Checkpoint) + Send,
 ) -> ShipEnd {
     let mut pending = String::new();
+    let mut marks = Marks::default();
+    let push = |pending: &mut String, marks: &mut Marks, record: &LogRecord| {
+        pending.push_str(&format_line(record.ts_ms, record.stream, &record.text));
+        if let Some(pos) = record.mark {
+            marks.pending.push((pending.len(), record.stream, pos));
+        }
+    };
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         if pending.is_empty() {
             match rx.recv().await {
-                Some(record) => push(&mut pending, &record),
+                Some(record) => push(&mut pending, &mut marks, &record),
                 None => return ShipEnd::Complete(offset),
             }
         }
         while pending.len() < TARGET_CHUNK_BYTES {
             match rx.try_recv() {
-                Ok(record) => push(&mut pending, &record),
+                Ok(record) => push(&mut pending, &mut marks, &record),
                 Err(_) => break,
             }
         }
@@ -62,6 +72,12 @@ pub async fn ship_log(
                 backoff.reset();
                 offset += cut as u64;
                 pending.drain(..cut);
+                marks.acknowledge(cut);
+                on_ack(Checkpoint {
+                    log_offset: offset,
+                    stdout_pos: marks.stdout,
+                    stderr_pos: marks.stderr,
+                });
             }
             Err(err) if err.is_retryable() => {
                 let delay = backoff.next_delay();
@@ -87,8 +103,31 @@ fn refusal(err: &ClientError) -> ShipEnd {
     }
 }
 
-fn push(pending: &mut String, record: &LogRecord) {
-    pending.push_str(&format_line(record.ts_ms, record.stream, &record.text));
+/// File positions of lines waiting to be shipped, and of the last acknowledged ones.
+#[derive(Debug, Default)]
+struct Marks {
+    /// (end of the line in `pending`, stream, file position after it).
+    pending: Vec<(usize, Stream, u64)>,
+    stdout: Option<u64>,
+    stderr: Option<u64>,
+}
+
+impl Marks {
+    /// The first `cut` bytes of `pending` were acknowledged.
+    fn acknowledge(&mut self, cut: usize) {
+        self.pending.retain_mut(|(end, stream, pos)| {
+            if *end > cut {
+                *end -= cut;
+                return true;
+            }
+            match stream {
+                Stream::Stdout => self.stdout = Some(*pos),
+                Stream::Stderr => self.stderr = Some(*pos),
+                Stream::System => {}
+            }
+            false
+        });
+    }
 }
 
 /// The end of the next chunk: all of `pending`, or the last whole line within the chunk limit.

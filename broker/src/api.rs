@@ -33,7 +33,8 @@ use tower_http::trace::TraceLayer;
 use crate::auth::Principal;
 use crate::auth::{Role, generate_token, token_hash};
 use crate::db::{
-    AgentModel, AppendResult, EnrollRefusal, JobModel, JobOrigin, JobTaker, LeaseRefusal, SiteModel,
+    AgentModel, AppendResult, EnrollRefusal, JobModel, JobOrigin, JobTaker, LeaseRefusal,
+    LeaseRenewal, SiteModel,
 };
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::github::GitHubError;
@@ -491,10 +492,11 @@ async fn poll_handler(
     }
 }
 
-fn lease_status(state: &AppState, cancel_requested: bool) -> axum::Json<LeaseStatus> {
+fn lease_status(state: &AppState, renewal: LeaseRenewal) -> axum::Json<LeaseStatus> {
     axum::Json(LeaseStatus {
-        cancel_requested,
+        cancel_requested: renewal.cancel_requested,
         lease_ttl_ms: state.settings.lease_ttl.as_millis() as u64,
+        log_bytes: renewal.log_bytes,
     })
 }
 
@@ -505,12 +507,12 @@ async fn start_handler(
     ApiJson(req): ApiJson<LeaseRequest>,
 ) -> Result<axum::Json<LeaseStatus>, ApiError> {
     principal.require_agent()?;
-    let cancel = state
+    let renewal = state
         .db
         .start_job(id, &req.lease, lease_expiry(&state))
         .await?
         .map_err(|r| refusal_error(id, r))?;
-    Ok(lease_status(&state, cancel))
+    Ok(lease_status(&state, renewal))
 }
 
 /// Renews the lease, then holds the answer for up to `wait_ms` (at most the heartbeat interval)
@@ -530,19 +532,19 @@ async fn heartbeat_handler(
             .await?
             .map_err(|r| refusal_error(id, r))
     };
-    let cancel = renew().await?;
+    let renewal = renew().await?;
     let hold =
         Duration::from_millis(req.wait_ms.unwrap_or(0)).min(state.settings.heartbeat_interval);
-    if cancel || hold.is_zero() {
-        return Ok(lease_status(&state, cancel));
+    if renewal.cancel_requested || hold.is_zero() {
+        return Ok(lease_status(&state, renewal));
     }
     tokio::select! {
         _ = rx.changed() => {}
         _ = tokio::time::sleep(hold) => {}
         _ = state.shutdown.cancelled() => {}
     }
-    let cancel = renew().await?;
-    Ok(lease_status(&state, cancel))
+    let renewal = renew().await?;
+    Ok(lease_status(&state, renewal))
 }
 
 async fn append_log_handler(

@@ -381,9 +381,8 @@ pub async fn verify_agent_signature(
     }
     // Checked after the signature, so an attacker cannot burn an agent's nonces.
     if !state
-        .db
-        .use_nonce(&agent_id, &nonce, timestamp_ms + MAX_CLOCK_SKEW_MS)
-        .await?
+        .nonces
+        .record(&agent_id, &nonce, timestamp_ms + MAX_CLOCK_SKEW_MS)
     {
         return Err(ApiError::Unauthorized(
             "the request nonce was used before: a replayed request".into(),

@@ -209,6 +209,22 @@ pub struct ExpiredLease {
     pub labels: Vec<String>,
 }
 
+/// A lease renewed (by a start or a heartbeat), and what the agent should know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRenewal {
+    pub cancel_requested: bool,
+    pub log_bytes: u64,
+}
+
+impl LeaseRenewal {
+    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Self {
+        LeaseRenewal {
+            cancel_requested: row.get::<bool, _>(0),
+            log_bytes: row.get::<i64, _>(1) as u64,
+        }
+    }
+}
+
 /// Why a call made under a lease was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseRefusal {
@@ -593,24 +609,31 @@ impl Db {
             > 0)
     }
 
-    /// Records the nonce of a signed request; false when it was seen before (a replay).
-    pub async fn use_nonce(
-        &self,
-        agent_id: &str,
-        nonce: &str,
-        expires_at_ms: i64,
-    ) -> sqlx::Result<bool> {
-        Ok(sqlx::query(
-            "INSERT INTO agent_nonces (agent_id, nonce, expires_at_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT DO NOTHING",
+    /// Stores nonces of signed requests (see [`crate::nonces`]), in one transaction.
+    pub async fn insert_nonces(&self, nonces: &[(String, String, i64)]) -> sqlx::Result<()> {
+        let mut tx = self.write.begin().await?;
+        for (agent_id, nonce, expires_at_ms) in nonces {
+            sqlx::query(
+                "INSERT INTO agent_nonces (agent_id, nonce, expires_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(agent_id)
+            .bind(nonce)
+            .bind(expires_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Nonces whose requests are still inside the clock window.
+    pub async fn live_nonces(&self, now_ms: i64) -> sqlx::Result<Vec<(String, String, i64)>> {
+        sqlx::query_as(
+            "SELECT agent_id, nonce, expires_at_ms FROM agent_nonces WHERE expires_at_ms >= ?1",
         )
-        .bind(agent_id)
-        .bind(nonce)
-        .bind(expires_at_ms)
-        .execute(&self.write)
-        .await?
-        .rows_affected()
-            == 1)
+        .bind(now_ms)
+        .fetch_all(&self.read)
+        .await
     }
 
     pub async fn prune_nonces(&self, now_ms: i64) -> sqlx::Result<u64> {
@@ -741,11 +764,11 @@ impl Db {
         id: JobId,
         lease: &str,
         lease_expires_at_ms: i64,
-    ) -> sqlx::Result<Result<bool, LeaseRefusal>> {
+    ) -> sqlx::Result<Result<LeaseRenewal, LeaseRefusal>> {
         let row = sqlx::query(
             "UPDATE jobs SET state = 'running', started_at_ms = ?3, lease_expires_at_ms = ?4
              WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
-             RETURNING cancel_requested",
+             RETURNING cancel_requested, log_bytes",
         )
         .bind(id.0)
         .bind(lease)
@@ -754,7 +777,7 @@ impl Db {
         .fetch_optional(&self.write)
         .await?;
         match row {
-            Some(row) => Ok(Ok(row.get::<bool, _>(0))),
+            Some(row) => Ok(Ok(LeaseRenewal::from_row(&row))),
             None => Ok(Err(self.lease_refusal(id).await?)),
         }
     }
@@ -765,11 +788,11 @@ impl Db {
         id: JobId,
         lease: &str,
         lease_expires_at_ms: i64,
-    ) -> sqlx::Result<Result<bool, LeaseRefusal>> {
+    ) -> sqlx::Result<Result<LeaseRenewal, LeaseRefusal>> {
         let row = sqlx::query(
             "UPDATE jobs SET lease_expires_at_ms = MAX(lease_expires_at_ms, ?3)
              WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
-             RETURNING cancel_requested",
+             RETURNING cancel_requested, log_bytes",
         )
         .bind(id.0)
         .bind(lease)
@@ -777,7 +800,7 @@ impl Db {
         .fetch_optional(&self.write)
         .await?;
         match row {
-            Some(row) => Ok(Ok(row.get::<bool, _>(0))),
+            Some(row) => Ok(Ok(LeaseRenewal::from_row(&row))),
             None => Ok(Err(self.lease_refusal(id).await?)),
         }
     }

@@ -12,6 +12,7 @@
 //!   for log followers and held heartbeats.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the JSON error type and extractors.
 //! - [`github`]: the GitHub REST calls the broker makes (repository permission checks).
+//! - [`nonces`]: replay protection for signed agent requests.
 //! - [`cli`]: the `testbot-broker` command-line flags.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod github;
+pub mod nonces;
 pub mod server;
 pub mod state;
 

@@ -39,6 +39,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Cancelled when the broker shuts down: held polls and log follows end.
     pub shutdown: CancellationToken,
+    /// Nonces of signed agent requests seen within the clock window.
+    pub nonces: Arc<crate::nonces::NonceGuard>,
     /// GitHub's REST API: checks a user token's permission on a repository.
     pub github: crate::github::GitHubApi,
 }

@@ -67,6 +67,9 @@ pub struct LeaseRequest {
 pub struct LeaseStatus {
     pub cancel_requested: bool,
     pub lease_ttl_ms: u64,
+    /// Bytes of the job's log the broker holds (where a resumed agent continues it).
+    #[serde(default)]
+    pub log_bytes: u64,
 }
 
 /// What an agent's site policy accepts, advertised at enrollment and on every poll so the broker

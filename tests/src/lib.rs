@@ -137,6 +137,34 @@ pub struct Fleet {
     pub issuer: Option<oidc::TestIssuer>,
 }
 
+/// The unprivileged account site policies in tests map jobs to.
+pub const JOB_ACCOUNT: &str = "testbot-job";
+
+/// Makes sure the non-root account `name` exists (the tests run as root, as CI does).
+pub fn ensure_account(name: &str) {
+    if nix::unistd::User::from_name(name).unwrap().is_some() {
+        return;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "account {name} is missing and only root can create it: run the tests as root (as .ci/run does)"
+    );
+    let status = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ])
+        .status()
+        .expect("useradd runs");
+    assert!(
+        status.success() || nix::unistd::User::from_name(name).unwrap().is_some(),
+        "useradd {name} failed"
+    );
+}
+
 /// An agent identity enrolled by a test.
 pub struct EnrolledAgent {
     pub id: String,
@@ -318,8 +346,34 @@ impl Fleet {
 
     /// Waits until the job has its result.
     pub async fn wait_finished(&self, id: JobId) -> Job {
+        self.wait_finished_within(id, WAIT).await
+    }
+
+    /// Waits until `count` agents have enrolled and polled with a site policy (a workflow's job
+    /// is refused while no enrolled site would accept it).
+    pub async fn wait_policy_agents(&self, count: usize) {
         let client = self.client();
-        wait_for(&format!("job {id} to finish"), WAIT, || async {
+        wait_for(
+            "agents to enroll and advertise their policy",
+            WAIT,
+            || async {
+                let agents = client.agents().await.ok()?.agents;
+                let ready = agents
+                    .iter()
+                    .filter(|a| {
+                        a.revoked_at_ms.is_none() && a.policy.is_some() && a.last_seen_ms.is_some()
+                    })
+                    .count();
+                (ready >= count).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Waits until the job has its result, for jobs that take long by design.
+    pub async fn wait_finished_within(&self, id: JobId, timeout: Duration) -> Job {
+        let client = self.client();
+        wait_for(&format!("job {id} to finish"), timeout, || async {
             client.job(id).await.ok().filter(|j| j.state.is_terminal())
         })
         .await

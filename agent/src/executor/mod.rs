@@ -5,6 +5,7 @@
 
 mod noop;
 mod shell;
+mod slurm;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use noop::NoopExecutor;
 pub use shell::ShellExecutor;
+pub use slurm::SlurmExecutor;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -38,6 +40,12 @@ pub struct JobContext {
     /// The local account the job runs as (from the site policy's identity mapping); `None`: the
     /// agent's own account.
     pub run_as: Option<LocalAccount>,
+    /// Keep the job directory after the job (the agent's `keep_job_dirs`).
+    pub keep_dir: bool,
+    /// The lease the job runs under and how often it is renewed (kept by executors that can
+    /// re-attach, so a restarted agent can renew it).
+    pub lease: String,
+    pub heartbeat_interval_ms: u64,
 }
 
 /// How a job's process ended.
@@ -48,6 +56,11 @@ pub enum ExecOutcome {
     TimedOut(Duration),
     /// Stopped because the stop token was cancelled.
     Stopped,
+    /// Ended by its scheduler for a reason of its own (out of memory, node failure, preempted).
+    Failed {
+        state: testbot_proto::jobs::JobState,
+        reason: String,
+    },
 }
 
 /// One line of output, stamped when it was read.
@@ -56,6 +69,18 @@ pub struct LogRecord {
     pub ts_ms: i64,
     pub stream: Stream,
     pub text: String,
+    /// For output read from a file: the file position just after this line. Once the broker has
+    /// acknowledged the line, the executor is told ([`Executor::checkpoint`]), so a restarted
+    /// agent resumes reading exactly there.
+    pub mark: Option<u64>,
+}
+
+/// File positions whose lines the broker has acknowledged, and the log size they make.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub log_offset: u64,
+    pub stdout_pos: Option<u64>,
+    pub stderr_pos: Option<u64>,
 }
 
 /// Where an executor writes a job's output. Bounded: a job that prints faster than the broker
@@ -72,10 +97,20 @@ impl LogSink {
     }
 
     pub async fn line(&self, stream: Stream, text: impl Into<String>) {
+        self.send(stream, text.into(), None).await;
+    }
+
+    /// A line read from a file, ending at byte `pos` of it.
+    pub async fn file_line(&self, stream: Stream, text: impl Into<String>, pos: u64) {
+        self.send(stream, text.into(), Some(pos)).await;
+    }
+
+    async fn send(&self, stream: Stream, text: String, mark: Option<u64>) {
         let record = LogRecord {
             ts_ms: testbot_proto::now_ms(),
             stream,
-            text: text.into(),
+            text,
+            mark,
         };
         // The receiver is gone only when shipping stopped for good; the line has nowhere to go.
         let _ = self.tx.send(record).await;
@@ -100,8 +135,86 @@ pub trait Executor: Send + Sync + 'static {
         stop: CancellationToken,
     ) -> BoxFuture<'a, anyhow::Result<ExecOutcome>>;
 
-    /// Releases whatever `run` left behind. Called after every `run`, whatever its result.
+    /// Releases whatever `run` left behind. Called after every `run`, whatever its result,
+    /// once the result is reported.
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()>;
+
+    /// The broker has stored the job's log up to `checkpoint`. Executors that can re-attach
+    /// after an agent restart record it. Default: nothing.
+    fn checkpoint(&self, _job: &JobContext, _checkpoint: Checkpoint) {}
+
+    /// Jobs this executor was running when the agent stopped, which it can pick up again.
+    fn detached(&self) -> Vec<Detached> {
+        Vec::new()
+    }
+
+    /// Follows a detached job to its end, as `run` would have (only for executors whose
+    /// [`Executor::detached`] returns jobs).
+    fn resume<'a>(
+        &'a self,
+        _job: &'a JobContext,
+        _log: LogSink,
+        _stop: CancellationToken,
+    ) -> BoxFuture<'a, anyhow::Result<ExecOutcome>> {
+        Box::pin(async { anyhow::bail!("this executor cannot resume jobs") })
+    }
+
+    /// Gives up a detached job whose lease is gone (the broker handed it on): stops whatever
+    /// still runs for it and forgets it.
+    fn abandon<'a>(&'a self, _job: &'a Detached) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A job an executor was running when the agent stopped: enough to renew its lease, resume its
+/// log where the broker has it, and report its result.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Detached {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub lease: String,
+    pub heartbeat_interval_ms: u64,
+    /// Where the broker's copy of the log ends.
+    pub log_offset: u64,
+    pub spec: JobSpec,
+    pub timeout: Duration,
+    pub dir: PathBuf,
+    pub run_as: Option<String>,
+}
+
+/// Whether the job must switch to another account than the agent's own.
+pub fn switches_account(job: &JobContext) -> Option<&LocalAccount> {
+    job.run_as
+        .as_ref()
+        .filter(|account| account.uid != nix::unistd::geteuid())
+}
+
+/// Gives the job directory and everything in it to `account`, so the job can write there and
+/// leaves no files the account cannot remove. Only root can do this; any other agent must run
+/// jobs as itself.
+pub fn hand_over(
+    dir: &std::path::Path,
+    account: &crate::identity::LocalAccount,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the site policy maps this job to account {} (uid {}), but the agent runs as uid {} and cannot switch accounts: run the agent as root, or map jobs to the agent's own account",
+        account.name,
+        account.uid,
+        nix::unistd::geteuid()
+    );
+    let (uid, gid) = (Some(account.uid.as_raw()), Some(account.gid.as_raw()));
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        std::os::unix::fs::lchown(&path, uid, gid)
+            .with_context(|| format!("Cannot give {} to {}", path.display(), account.name))?;
+        if path.is_dir() && !path.is_symlink() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Creates an empty directory at `dir`, removing what a previous attempt left there.

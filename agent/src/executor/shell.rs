@@ -21,31 +21,6 @@ use super::{BoxFuture, ExecOutcome, Executor, JobContext, LogSink};
 /// How long to wait for output pipes to close after the process group is gone.
 const PIPE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Gives the job directory and everything in it to `account`, so the job can write there and
-/// leaves no files the account cannot remove. Only root can do this; any other agent must run
-/// jobs as itself.
-fn hand_over(dir: &std::path::Path, account: &crate::identity::LocalAccount) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        nix::unistd::geteuid().is_root(),
-        "the site policy maps this job to account {} (uid {}), but the agent runs as uid {} and cannot switch accounts: run the agent as root, or map jobs to the agent's own account",
-        account.name,
-        account.uid,
-        nix::unistd::geteuid()
-    );
-    let (uid, gid) = (Some(account.uid.as_raw()), Some(account.gid.as_raw()));
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(path) = pending.pop() {
-        std::os::unix::fs::lchown(&path, uid, gid)
-            .with_context(|| format!("Cannot give {} to {}", path.display(), account.name))?;
-        if path.is_dir() && !path.is_symlink() {
-            for entry in std::fs::read_dir(&path)? {
-                pending.push(entry?.path());
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Variables passed through from the agent's own environment when set.
 const PASSTHROUGH_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ"];
 
@@ -71,6 +46,9 @@ impl Executor for ShellExecutor {
 
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            if job.keep_dir {
+                return;
+            }
             if let Err(err) = tokio::fs::remove_dir_all(&job.dir).await
                 && err.kind() != std::io::ErrorKind::NotFound
             {
@@ -96,9 +74,9 @@ impl ShellExecutor {
         let workspace = job.dir.join("workspace");
         tokio::fs::create_dir_all(&workspace).await?;
 
-        let mut command = match &job.run_as {
-            Some(account) if account.uid != nix::unistd::geteuid() => {
-                hand_over(&job.dir, account)?;
+        let mut command = match super::switches_account(job) {
+            Some(account) => {
+                super::hand_over(&job.dir, account)?;
                 // setpriv switches uid, gid and supplementary groups (the account's own, not the
                 // agent's) and then execs bash, so the job's process is still our child.
                 let mut command = Command::new("setpriv");

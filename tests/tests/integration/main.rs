@@ -10,4 +10,5 @@ mod logs;
 mod policy_cli;
 mod restart;
 mod site_policy;
+mod slurm;
 mod trust;

@@ -5,39 +5,13 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use testbot_e2e::{AUDIENCE, Fleet, TEST_SITE, WAIT, wait_for};
+use testbot_e2e::{AUDIENCE, Fleet, TEST_SITE, WAIT, ensure_account, wait_for};
 use testbot_proto::client::ClientError;
 use testbot_proto::jobs::{JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
 
 const REPO: &str = "hpc-lab/solver";
-/// The unprivileged account jobs are mapped to (created by the test if missing).
-const JOB_ACCOUNT: &str = "testbot-job";
-
-/// Makes sure the non-root account `name` exists (the tests run as root, as CI does).
-fn ensure_account(name: &str) {
-    if nix::unistd::User::from_name(name).unwrap().is_some() {
-        return;
-    }
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "account {name} is missing and only root can create it: run the tests as root (as .ci/run does)"
-    );
-    let status = std::process::Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            name,
-        ])
-        .status()
-        .expect("useradd runs");
-    assert!(
-        status.success() || nix::unistd::User::from_name(name).unwrap().is_some(),
-        "useradd {name} failed"
-    );
-}
+use testbot_e2e::JOB_ACCOUNT;
 
 fn write_policy(dir: &Path, issuer: &str) -> std::path::PathBuf {
     let path = dir.join("policy.toml");
@@ -98,15 +72,7 @@ async fn allowed_jobs_run_as_the_mapped_account_and_denied_ones_never_run() {
     let mut config = fleet.agent_config("login1");
     config.policy = Some(policy);
     fleet.add_agent(config);
-    // Wait until the agent has enrolled and advertised its policy.
-    wait_for("the agent to advertise its policy", WAIT, || async {
-        let agents = operator.agents().await.unwrap().agents;
-        agents
-            .iter()
-            .any(|a| a.policy.is_some() && a.last_seen_ms.is_some())
-            .then_some(())
-    })
-    .await;
+    fleet.wait_policy_agents(1).await;
 
     let issuer = fleet.issuer();
     let marker = fleet.dir.path().join("denied-job-ran");

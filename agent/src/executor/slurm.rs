@@ -1,0 +1,815 @@
+//! The Slurm executor: each job becomes a Slurm batch job submitted with `sbatch --parsable`.
+//!
+//! - The job directory holds `script.sh` (the job's script), `batch.sh` (the batch script, which
+//!   runs `script.sh` with `bash -eo pipefail` in `workspace/`) and the job's `stdout.log` and
+//!   `stderr.log`, which Slurm writes on the compute node.
+//! - Every option is its own argv entry, built from validated words (partition, account, qos) and
+//!   numbers; nothing is interpolated into a shell line. Site-wide extra arguments come from the
+//!   site policy only. The job's environment variables reach the batch script through `sbatch`'s
+//!   environment (`--export=ALL`); names Slurm itself reads (`SBATCH_*`, `SLURM_*`, ...) are
+//!   refused, so a job cannot change its own submission.
+//! - With an account mapping, the job directory is handed to the account and `sbatch` runs as it
+//!   (through `setpriv`), so the job runs as that account and its files belong to it.
+//! - While the job runs its output files are tailed, so a line written on the compute node reaches
+//!   the log within about [`TAIL_INTERVAL`]; its state is followed with `scontrol` (and `sacct`
+//!   once Slurm has forgotten the job, when accounting is enabled).
+//! - Cancel and the job's time limit call `scancel`; the job is followed until Slurm reports it
+//!   ended, so nothing is left queued or running.
+//! - The Slurm job id and the tail positions are kept in the agent's state directory
+//!   ([`SlurmRecord`]), which is what lets a restarted agent re-attach to its jobs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use testbot_proto::jobs::JobState;
+use testbot_proto::logs::{MAX_LINE_BYTES, Stream};
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio::process::Command;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{BoxFuture, Detached, ExecOutcome, Executor, JobContext, LogSink};
+use crate::policy::settings::SlurmSettings;
+
+/// How often the output files are read while the job runs.
+pub const TAIL_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the job's state is asked of Slurm at first; it backs off to [`STATE_INTERVAL_MAX`]
+/// while nothing changes, and starts over when something does.
+const STATE_INTERVAL_MIN: Duration = Duration::from_millis(500);
+const STATE_INTERVAL_MAX: Duration = Duration::from_secs(5);
+/// How long past a job's time limit the agent waits for Slurm to end it before it cancels the
+/// job itself (Slurm checks limits about once a minute).
+const TIME_LIMIT_BACKSTOP: Duration = Duration::from_secs(90);
+/// The longest a Slurm command may take before it counts as failed.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long after `scancel` the job may take to end before we stop waiting for it.
+const CANCEL_WAIT: Duration = Duration::from_secs(60);
+/// Environment variable prefixes Slurm's commands read as options; a job may not set them.
+const RESERVED_ENV_PREFIXES: &[&str] = &["SBATCH_", "SLURM_", "SALLOC_", "SRUN_", "SQUEUE_"];
+/// Variables of the agent's own environment that `sbatch` and the other commands need.
+const SLURM_PASSTHROUGH_ENV: &[&str] = &["SLURM_CONF", "PATH", "LANG", "TZ"];
+
+/// Runs jobs as Slurm batch jobs.
+#[derive(Debug, Clone)]
+pub struct SlurmExecutor {
+    /// The site policy's `[executors.slurm]` table (defaults without a policy).
+    pub settings: SlurmSettings,
+    /// Where [`SlurmRecord`]s are kept (`STATE_DIR/slurm`).
+    pub state_dir: PathBuf,
+}
+
+/// What the agent keeps about a submitted Slurm job, so it can find it again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlurmRecord {
+    pub slurm_job: String,
+    /// The job as the agent runs it: lease, spec, directory, where the broker's log ends.
+    pub job: Detached,
+    /// Bytes of `stdout.log` and `stderr.log` whose lines the broker has acknowledged.
+    pub stdout_pos: u64,
+    pub stderr_pos: u64,
+}
+
+/// A job's state as Slurm reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlurmStatus {
+    /// `PENDING`, `RUNNING`, `COMPLETED`, `FAILED`, `TIMEOUT`, ...
+    pub state: String,
+    /// Why it is pending, or why it ended (`Reason=`).
+    pub reason: Option<String>,
+    /// `ExitCode=CODE:SIGNAL`.
+    pub exit_code: Option<(i32, i32)>,
+}
+
+impl SlurmStatus {
+    pub fn is_terminal(&self) -> bool {
+        !matches!(
+            self.state.as_str(),
+            "PENDING"
+                | "RUNNING"
+                | "CONFIGURING"
+                | "COMPLETING"
+                | "SUSPENDED"
+                | "REQUEUED"
+                | "RESIZING"
+                | "SIGNALING"
+                | "STAGE_OUT"
+                | "STOPPED"
+        )
+    }
+}
+
+impl Executor for SlurmExecutor {
+    fn name(&self) -> &'static str {
+        "slurm"
+    }
+
+    fn run<'a>(
+        &'a self,
+        job: &'a JobContext,
+        log: LogSink,
+        stop: CancellationToken,
+    ) -> BoxFuture<'a, anyhow::Result<ExecOutcome>> {
+        Box::pin(async move {
+            let record = self.submit(job, &log).await?;
+            self.follow(job, record, &log, &stop).await
+        })
+    }
+
+    fn checkpoint(&self, job: &JobContext, checkpoint: super::Checkpoint) {
+        let path = self.record_path(job.id.0);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let Ok(mut record) = serde_json::from_str::<SlurmRecord>(&text) else {
+            return;
+        };
+        record.job.log_offset = checkpoint.log_offset;
+        if let Some(pos) = checkpoint.stdout_pos {
+            record.stdout_pos = pos;
+        }
+        if let Some(pos) = checkpoint.stderr_pos {
+            record.stderr_pos = pos;
+        }
+        if let Err(err) = self.save_record(&record) {
+            tracing::warn!(job_id = %job.id, ?err, "Cannot save the Slurm job record.");
+        }
+    }
+
+    fn detached(&self) -> Vec<Detached> {
+        match self.records() {
+            Ok(records) => records.into_iter().map(|r| r.job).collect(),
+            Err(err) => {
+                tracing::error!(?err, "Cannot read the Slurm job records; not re-attaching.");
+                Vec::new()
+            }
+        }
+    }
+
+    fn resume<'a>(
+        &'a self,
+        job: &'a JobContext,
+        log: LogSink,
+        stop: CancellationToken,
+    ) -> BoxFuture<'a, anyhow::Result<ExecOutcome>> {
+        Box::pin(async move {
+            let path = self.record_path(job.id.0);
+            let text = tokio::fs::read_to_string(&path)
+                .await
+                .with_context(|| format!("Cannot read {}", path.display()))?;
+            let record: SlurmRecord = serde_json::from_str(&text)?;
+            log.system(format!(
+                "following Slurm job {} again from where the log left off",
+                record.slurm_job
+            ))
+            .await;
+            self.follow(job, record, &log, &stop).await
+        })
+    }
+
+    fn abandon<'a>(&'a self, job: &'a Detached) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let path = self.record_path(job.job_id.0);
+            if let Ok(text) = tokio::fs::read_to_string(&path).await
+                && let Ok(record) = serde_json::from_str::<SlurmRecord>(&text)
+            {
+                tracing::warn!(job_id = %job.job_id, slurm_job = %record.slurm_job, "Cancelling a Slurm job whose lease is gone.");
+                self.scancel(&record.slurm_job).await;
+            }
+            let _ = tokio::fs::remove_file(&path).await;
+            let _ = tokio::fs::remove_dir_all(&job.dir).await;
+        })
+    }
+
+    fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = tokio::fs::remove_file(self.record_path(job.id.0)).await;
+            if job.keep_dir {
+                return;
+            }
+            if let Err(err) = tokio::fs::remove_dir_all(&job.dir).await
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(job_id = %job.id, dir = %job.dir.display(), ?err, "Cannot remove the job directory.");
+            }
+        })
+    }
+}
+
+impl SlurmExecutor {
+    fn record_path(&self, testbot_job: i64) -> PathBuf {
+        self.state_dir.join(format!("job-{testbot_job}.json"))
+    }
+
+    /// The records of Slurm jobs this agent submitted and has not finished with.
+    pub fn records(&self) -> anyhow::Result<Vec<SlurmRecord>> {
+        let mut records = Vec::new();
+        let entries = match std::fs::read_dir(&self.state_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(records),
+            Err(e) => return Err(e).context("Cannot read the Slurm state directory"),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let text = std::fs::read_to_string(&path)?;
+                match serde_json::from_str(&text) {
+                    Ok(record) => records.push(record),
+                    Err(err) => {
+                        tracing::warn!(path = %path.display(), %err, "Ignoring an unreadable Slurm job record.")
+                    }
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    fn save_record(&self, record: &SlurmRecord) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.state_dir)?;
+        let path = self.record_path(record.job.job_id.0);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(record)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// The `sbatch` arguments for a job, before the batch script's path. Public for tests: no
+    /// job field can add or change an option.
+    pub fn sbatch_args(&self, job: &JobContext) -> anyhow::Result<Vec<String>> {
+        let r = &job.spec.resources;
+        let dir = job.dir.display();
+        let minutes = job.timeout.as_secs().div_ceil(60).max(1);
+        let mut args = vec![
+            "--parsable".to_string(),
+            format!("--job-name=testbot-{}", job.id),
+            format!("--chdir={dir}/workspace"),
+            format!("--output={dir}/stdout.log"),
+            format!("--error={dir}/stderr.log"),
+            "--export=ALL".to_string(),
+            format!("--time={minutes}"),
+            format!("--comment=testbot job {} attempt {}", job.id, job.attempt),
+        ];
+        // The site's own arguments first, so a job's (checked) options refine them.
+        args.extend(self.settings.extra_args.iter().cloned());
+        let word = |field: &str, value: &Option<String>| -> anyhow::Result<Option<String>> {
+            value
+                .as_deref()
+                .map(|v| {
+                    testbot_proto::jobs::validate_word(field, v).map_err(anyhow::Error::msg)?;
+                    Ok(v.to_string())
+                })
+                .transpose()
+        };
+        if let Some(partition) = word("resources.partition", &r.partition)? {
+            args.push(format!("--partition={partition}"));
+        }
+        if let Some(account) = word("resources.account", &r.account)? {
+            args.push(format!("--account={account}"));
+        }
+        if let Some(qos) = word("resources.qos", &r.qos)? {
+            args.push(format!("--qos={qos}"));
+        }
+        if let Some(nodes) = r.nodes {
+            args.push(format!("--nodes={nodes}"));
+        }
+        if let Some(ntasks) = r.ntasks {
+            args.push(format!("--ntasks={ntasks}"));
+        }
+        if let Some(cpus) = r.cpus {
+            args.push(format!("--cpus-per-task={cpus}"));
+        }
+        if let Some(memory) = r.memory_mib {
+            args.push(format!("--mem={memory}M"));
+        }
+        if let Some(gpus) = r.gpus.filter(|&g| g > 0) {
+            args.push(format!("--gpus={gpus}"));
+        }
+        if let Some(constraint) = &r.constraint {
+            // Validated by the job spec: features joined by & | , only.
+            args.push(format!("--constraint={constraint}"));
+        }
+        Ok(args)
+    }
+
+    /// Writes the job's files, submits it, and saves its record.
+    async fn submit(&self, job: &JobContext, log: &LogSink) -> anyhow::Result<SlurmRecord> {
+        for name in job.spec.env.keys() {
+            if let Some(prefix) = RESERVED_ENV_PREFIXES.iter().find(|p| name.starts_with(*p)) {
+                anyhow::bail!(
+                    "environment variable {name} is refused by the Slurm executor: Slurm reads {prefix}* variables as options"
+                );
+            }
+        }
+        let workspace = job.dir.join("workspace");
+        tokio::fs::create_dir_all(&workspace).await?;
+        tokio::fs::write(job.dir.join("script.sh"), &job.spec.script).await?;
+        let batch = job.dir.join("batch.sh");
+        tokio::fs::write(
+            &batch,
+            format!(
+                "#!/bin/bash\n# testbot job {} attempt {}\nexec bash --noprofile --norc -eo pipefail \"$TESTBOT_JOB_DIR/script.sh\"\n",
+                job.id, job.attempt
+            ),
+        )
+        .await?;
+        for file in ["stdout.log", "stderr.log"] {
+            tokio::fs::write(job.dir.join(file), b"").await?;
+        }
+        if let Some(account) = super::switches_account(job) {
+            super::hand_over(&job.dir, account)?;
+        }
+
+        let args = self.sbatch_args(job)?;
+        let mut command = self.command_as(job, "sbatch");
+        command.args(&args).arg(&batch);
+        command.envs(&job.spec.env);
+        command
+            .env("CI", "true")
+            .env("TESTBOT", "true")
+            .env("TESTBOT_JOB_ID", job.id.to_string())
+            .env("TESTBOT_ATTEMPT", job.attempt.to_string())
+            .env("TESTBOT_AGENT", &job.agent)
+            .env("TESTBOT_JOB_DIR", &job.dir)
+            .env("TESTBOT_WORKSPACE", &workspace);
+        let started = Instant::now();
+        let output = run_command(command).await.context("Cannot run sbatch")?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            anyhow::bail!("sbatch refused the job: {}", stderr.trim());
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        // `--parsable` prints `ID` or `ID;CLUSTER`.
+        let slurm_job = stdout
+            .trim()
+            .split(';')
+            .next()
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+            .with_context(|| format!("sbatch printed no job id: {stdout:?}"))?
+            .to_string();
+        tracing::info!(
+            job_id = %job.id,
+            slurm_job = %slurm_job,
+            sbatch_ms = started.elapsed().as_millis() as u64,
+            "Submitted to Slurm."
+        );
+        let record = SlurmRecord {
+            slurm_job,
+            job: Detached {
+                job_id: job.id,
+                attempt: job.attempt,
+                lease: job.lease.clone(),
+                heartbeat_interval_ms: job.heartbeat_interval_ms,
+                log_offset: 0,
+                spec: job.spec.clone(),
+                timeout: job.timeout,
+                dir: job.dir.clone(),
+                run_as: job.run_as.as_ref().map(|a| a.name.clone()),
+            },
+            stdout_pos: 0,
+            stderr_pos: 0,
+        };
+        self.save_record(&record)?;
+        log.system(format!("submitted to Slurm as job {}", record.slurm_job))
+            .await;
+        Ok(record)
+    }
+
+    /// A Slurm command with a clean environment, run as the job's account when it has one.
+    fn command_as(&self, job: &JobContext, program: &str) -> Command {
+        let mut command = match super::switches_account(job) {
+            Some(account) => {
+                let mut command = Command::new("setpriv");
+                command
+                    .arg(format!("--reuid={}", account.uid))
+                    .arg(format!("--regid={}", account.gid))
+                    .arg("--init-groups")
+                    .arg("--")
+                    .arg(program);
+                command
+                    .env("HOME", &account.home)
+                    .env("USER", &account.name)
+                    .env("LOGNAME", &account.name);
+                command
+            }
+            None => Command::new(program),
+        };
+        command.env_clear();
+        for name in SLURM_PASSTHROUGH_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            command.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        }
+        if let Some(account) = super::switches_account(job) {
+            command
+                .env("HOME", &account.home)
+                .env("USER", &account.name)
+                .env("LOGNAME", &account.name);
+        }
+        command
+    }
+
+    /// Tails the job's output and follows its state until it ends (or is stopped, or times out).
+    pub async fn follow(
+        &self,
+        job: &JobContext,
+        record: SlurmRecord,
+        log: &LogSink,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<ExecOutcome> {
+        let mut stdout = Tail::new(record.job.dir.join("stdout.log"), record.stdout_pos);
+        let mut stderr = Tail::new(record.job.dir.join("stderr.log"), record.stderr_pos);
+        // Slurm enforces the time limit (`--time`); the agent's own deadline is a backstop.
+        let deadline = Instant::now() + job.timeout + TIME_LIMIT_BACKSTOP;
+        let mut state_interval = STATE_INTERVAL_MIN;
+        let mut next_state_check = Instant::now();
+        let mut last: Option<SlurmStatus> = None;
+        let mut stopping: Option<(ExecOutcome, Instant)> = None;
+        let mut tick = tokio::time::interval(TAIL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled(), if stopping.is_none() => {
+                    log.system(format!("cancelling Slurm job {}", record.slurm_job)).await;
+                    self.scancel(&record.slurm_job).await;
+                    stopping = Some((ExecOutcome::Stopped, Instant::now()));
+                    next_state_check = Instant::now();
+                }
+                _ = tokio::time::sleep_until(deadline), if stopping.is_none() => {
+                    log.system(format!(
+                        "timed out after {}; cancelling Slurm job {}",
+                        humantime::format_duration(job.timeout),
+                        record.slurm_job
+                    )).await;
+                    self.scancel(&record.slurm_job).await;
+                    stopping = Some((ExecOutcome::TimedOut(job.timeout), Instant::now()));
+                    next_state_check = Instant::now();
+                }
+            }
+            // Positions are saved when the broker acknowledges the lines ([`Executor::checkpoint`]).
+            stdout.pump(Stream::Stdout, log).await;
+            stderr.pump(Stream::Stderr, log).await;
+            if Instant::now() < next_state_check {
+                continue;
+            }
+            let status = match self.status(&record.slurm_job).await {
+                Ok(status) => status,
+                Err(err) => {
+                    tracing::warn!(job_id = %job.id, slurm_job = %record.slurm_job, %err, "Cannot read the Slurm job's state; retrying.");
+                    state_interval = (state_interval * 2).min(STATE_INTERVAL_MAX);
+                    next_state_check = Instant::now() + state_interval;
+                    continue;
+                }
+            };
+            let changed = last.as_ref() != Some(&status);
+            if changed {
+                match (status.state.as_str(), &status.reason) {
+                    ("PENDING", Some(reason)) => {
+                        log.system(format!(
+                            "Slurm job {} is pending ({reason})",
+                            record.slurm_job
+                        ))
+                        .await
+                    }
+                    ("RUNNING", _) => {
+                        log.system(format!("Slurm job {} is running", record.slurm_job))
+                            .await
+                    }
+                    _ => {}
+                }
+                state_interval = STATE_INTERVAL_MIN;
+            } else {
+                state_interval = (state_interval * 2).min(STATE_INTERVAL_MAX);
+            }
+            next_state_check = Instant::now() + state_interval;
+            if status.is_terminal() {
+                // Slurm has closed the files; take what is left, including a last line without
+                // a newline.
+                stdout.pump(Stream::Stdout, log).await;
+                stderr.pump(Stream::Stderr, log).await;
+                stdout.flush(Stream::Stdout, log).await;
+                stderr.flush(Stream::Stderr, log).await;
+                let outcome = match stopping {
+                    Some((outcome, _)) => outcome,
+                    None => outcome_of(&status, job.timeout),
+                };
+                if !matches!(outcome, ExecOutcome::Exited(_)) || status.state != "COMPLETED" {
+                    log.system(format!(
+                        "Slurm job {} ended {}{}",
+                        record.slurm_job,
+                        status.state,
+                        status
+                            .exit_code
+                            .map(|(c, s)| format!(" with exit code {c}:{s}"))
+                            .unwrap_or_default()
+                    ))
+                    .await;
+                }
+                return Ok(outcome);
+            }
+            last = Some(status);
+            if let Some((_, since)) = &stopping
+                && since.elapsed() > CANCEL_WAIT
+            {
+                anyhow::bail!(
+                    "Slurm job {} did not end within {} of scancel",
+                    record.slurm_job,
+                    humantime::format_duration(CANCEL_WAIT)
+                );
+            }
+        }
+    }
+
+    /// Asks Slurm to cancel a job; an unknown or finished job is not an error.
+    pub async fn scancel(&self, slurm_job: &str) {
+        let mut command = Command::new("scancel");
+        command.arg(slurm_job);
+        match run_command(command).await {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => tracing::warn!(
+                slurm_job,
+                stderr = %String::from_utf8_lossy(&output.stderr).trim(),
+                "scancel failed."
+            ),
+            Err(err) => tracing::warn!(slurm_job, ?err, "Cannot run scancel."),
+        }
+    }
+
+    /// The job's state: `scontrol` while Slurm remembers the job, then `sacct` if accounting
+    /// is enabled.
+    pub async fn status(&self, slurm_job: &str) -> anyhow::Result<SlurmStatus> {
+        let mut command = Command::new("scontrol");
+        command.args(["-o", "show", "job", slurm_job]);
+        let output = run_command(command).await?;
+        if output.status.success() {
+            let text = String::from_utf8_lossy(&output.stdout);
+            return parse_scontrol(&text)
+                .with_context(|| format!("unexpected scontrol output: {}", text.trim()));
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if stderr.contains("Invalid job id") {
+            if let Some(status) = self.sacct_status(slurm_job).await? {
+                return Ok(status);
+            }
+            anyhow::bail!(
+                "Slurm no longer knows job {slurm_job} and accounting (sacct) is not enabled"
+            );
+        }
+        anyhow::bail!("scontrol failed: {}", stderr.trim())
+    }
+
+    async fn sacct_status(&self, slurm_job: &str) -> anyhow::Result<Option<SlurmStatus>> {
+        let mut command = Command::new("sacct");
+        command.args([
+            "-n",
+            "-X",
+            "-P",
+            "-j",
+            slurm_job,
+            "-o",
+            "State,ExitCode,Reason",
+        ]);
+        let output = run_command(command).await?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || text.contains("accounting storage is disabled") {
+            return Ok(None);
+        }
+        Ok(text.lines().next().and_then(|line| {
+            let mut fields = line.split('|');
+            let state = fields.next()?.split_whitespace().next()?.to_string();
+            let exit_code = fields.next().and_then(parse_exit_code);
+            let reason = fields
+                .next()
+                .map(str::to_string)
+                .filter(|r| !r.is_empty() && r != "None");
+            Some(SlurmStatus {
+                state,
+                reason,
+                exit_code,
+            })
+        }))
+    }
+}
+
+/// Runs a Slurm command with a time limit, capturing its output.
+async fn run_command(mut command: Command) -> anyhow::Result<std::process::Output> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    tokio::time::timeout(COMMAND_TIMEOUT, command.output())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "timed out after {}",
+                humantime::format_duration(COMMAND_TIMEOUT)
+            )
+        })?
+        .map_err(anyhow::Error::from)
+}
+
+/// Parses one line of `scontrol -o show job ID`.
+pub fn parse_scontrol(text: &str) -> Option<SlurmStatus> {
+    let fields: HashMap<&str, &str> = text
+        .split_whitespace()
+        .filter_map(|field| field.split_once('='))
+        .collect();
+    let state = fields.get("JobState")?.to_string();
+    let reason = fields
+        .get("Reason")
+        .map(|r| r.to_string())
+        .filter(|r| r != "None");
+    let exit_code = fields.get("ExitCode").and_then(|e| parse_exit_code(e));
+    Some(SlurmStatus {
+        state,
+        reason,
+        exit_code,
+    })
+}
+
+fn parse_exit_code(text: &str) -> Option<(i32, i32)> {
+    let (code, signal) = text.trim().split_once(':')?;
+    Some((code.parse().ok()?, signal.parse().ok()?))
+}
+
+/// How a job that Slurm ended maps to a result.
+pub fn outcome_of(status: &SlurmStatus, limit: Duration) -> ExecOutcome {
+    let (code, signal) = status.exit_code.unwrap_or((0, 0));
+    match status.state.as_str() {
+        "COMPLETED" => ExecOutcome::Exited(code),
+        "FAILED" if signal != 0 && code == 0 => ExecOutcome::Signalled(signal),
+        "FAILED" => ExecOutcome::Exited(if code == 0 { 1 } else { code }),
+        "TIMEOUT" | "DEADLINE" => ExecOutcome::TimedOut(limit),
+        "OUT_OF_MEMORY" => ExecOutcome::Failed {
+            state: JobState::Failed,
+            reason: "out of memory: Slurm killed the job (OUT_OF_MEMORY)".into(),
+        },
+        "CANCELLED" => ExecOutcome::Failed {
+            state: JobState::Cancelled,
+            reason:
+                "cancelled in Slurm (CANCELLED: scancel outside testbot, or by an administrator)"
+                    .into(),
+        },
+        "NODE_FAIL" => ExecOutcome::Failed {
+            state: JobState::Error,
+            reason: "the Slurm node failed (NODE_FAIL)".into(),
+        },
+        "PREEMPTED" => ExecOutcome::Failed {
+            state: JobState::Error,
+            reason: "preempted by Slurm (PREEMPTED)".into(),
+        },
+        "BOOT_FAIL" => ExecOutcome::Failed {
+            state: JobState::Error,
+            reason: "the Slurm node failed to boot (BOOT_FAIL)".into(),
+        },
+        other => ExecOutcome::Failed {
+            state: JobState::Error,
+            reason: format!(
+                "Slurm ended the job in state {other}{}",
+                status
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ),
+        },
+    }
+}
+
+/// Follows a growing file from a byte position, turning complete lines into log records.
+struct Tail {
+    path: PathBuf,
+    /// Bytes consumed: everything before is in the log.
+    pos: u64,
+    /// Bytes read past `pos` that do not end in a newline yet.
+    partial: Vec<u8>,
+}
+
+impl Tail {
+    fn new(path: PathBuf, pos: u64) -> Tail {
+        Tail {
+            path,
+            pos,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Reads what the file gained; sends complete lines. True if any line was sent.
+    async fn pump(&mut self, stream: Stream, log: &LogSink) -> bool {
+        let Ok(mut file) = tokio::fs::File::open(&self.path).await else {
+            return false;
+        };
+        let read_from = self.pos + self.partial.len() as u64;
+        if file
+            .seek(std::io::SeekFrom::Start(read_from))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut fresh = Vec::new();
+        if file.read_to_end(&mut fresh).await.is_err() || fresh.is_empty() {
+            return false;
+        }
+        self.partial.extend_from_slice(&fresh);
+        let mut sent = false;
+        while let Some(newline) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=newline).collect();
+            self.pos += line.len() as u64;
+            send_line(&line[..line.len() - 1], stream, log, self.pos).await;
+            sent = true;
+        }
+        // A line longer than the limit is sent in pieces rather than held forever.
+        while self.partial.len() >= MAX_LINE_BYTES {
+            let piece: Vec<u8> = self.partial.drain(..MAX_LINE_BYTES).collect();
+            self.pos += piece.len() as u64;
+            send_line(&piece, stream, log, self.pos).await;
+            sent = true;
+        }
+        sent
+    }
+
+    /// Sends a last line that has no newline (the job has ended).
+    async fn flush(&mut self, stream: Stream, log: &LogSink) {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.pos += line.len() as u64;
+            send_line(&line, stream, log, self.pos).await;
+        }
+    }
+}
+
+async fn send_line(bytes: &[u8], stream: Stream, log: &LogSink, pos: u64) {
+    let text = String::from_utf8_lossy(bytes);
+    log.file_line(stream, text.strip_suffix('\r').unwrap_or(&text), pos)
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scontrol_lines_parse() {
+        let line = "JobId=7 JobName=testbot-3 UserId=root(0) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) ExitCode=3:0 RunTime=00:00:01";
+        assert_eq!(
+            parse_scontrol(line),
+            Some(SlurmStatus {
+                state: "FAILED".into(),
+                reason: Some("NonZeroExitCode".into()),
+                exit_code: Some((3, 0)),
+            })
+        );
+        let pending = "JobId=8 JobState=PENDING Reason=Resources ExitCode=0:0";
+        let status = parse_scontrol(pending).unwrap();
+        assert!(!status.is_terminal());
+        assert_eq!(status.reason.as_deref(), Some("Resources"));
+    }
+
+    #[test]
+    fn slurm_states_map_to_results() {
+        let status = |state: &str, exit: (i32, i32)| SlurmStatus {
+            state: state.into(),
+            reason: None,
+            exit_code: Some(exit),
+        };
+        let limit = Duration::from_secs(60);
+        assert_eq!(
+            outcome_of(&status("COMPLETED", (0, 0)), limit),
+            ExecOutcome::Exited(0)
+        );
+        assert_eq!(
+            outcome_of(&status("FAILED", (3, 0)), limit),
+            ExecOutcome::Exited(3)
+        );
+        assert_eq!(
+            outcome_of(&status("FAILED", (0, 9)), limit),
+            ExecOutcome::Signalled(9)
+        );
+        assert_eq!(
+            outcome_of(&status("TIMEOUT", (0, 15)), limit),
+            ExecOutcome::TimedOut(limit)
+        );
+        for (state, want) in [
+            ("OUT_OF_MEMORY", JobState::Failed),
+            ("CANCELLED", JobState::Cancelled),
+            ("NODE_FAIL", JobState::Error),
+            ("PREEMPTED", JobState::Error),
+        ] {
+            match outcome_of(&status(state, (0, 0)), limit) {
+                ExecOutcome::Failed { state: got, reason } => {
+                    assert_eq!(got, want, "{state}");
+                    assert!(reason.contains(state), "{reason}");
+                }
+                other => panic!("{state}: {other:?}"),
+            }
+        }
+    }
+}

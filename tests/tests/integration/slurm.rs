@@ -1,0 +1,327 @@
+//! The Slurm executor against a real single-node Slurm (`tests/slurm/start.sh`, which
+//! `scripts/test.sh` runs and which sets `SLURM_CONF`). Jobs run as the unprivileged account the
+//! site policy maps them to.
+
+use std::path::Path;
+use std::time::Duration;
+
+use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account, wait_for};
+use testbot_proto::client::{BrokerClient, ClientError};
+use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
+use testbot_proto::repos::RepoRegistration;
+
+const REPO: &str = "hpc-lab/solver";
+
+/// Fails the test at once, with the fix, when no Slurm is running for the tests.
+fn require_slurm() {
+    let conf = std::env::var("SLURM_CONF").unwrap_or_default();
+    assert!(
+        !conf.is_empty() && Path::new(&conf).exists(),
+        "SLURM_CONF is not set to a slurm.conf: start the test Slurm with `eval \"$(tests/slurm/start.sh)\"` (scripts/test.sh does)"
+    );
+}
+
+fn policy(issuer: &str) -> String {
+    format!(
+        r#"
+max_concurrent_jobs = 4
+max_runtime = "10m"
+env_allow = ["GREETING"]
+
+[oidc]
+issuer = "{issuer}"
+audience = "{AUDIENCE}"
+
+[executors.slurm]
+max_cpus = 2
+max_time = "5m"
+partitions = ["debug", "batch"]
+
+[identity]
+default_account = "{JOB_ACCOUNT}"
+
+[[rules]]
+name = "lab"
+repositories = ["hpc-lab/*"]
+refs = ["refs/heads/main"]
+events = ["push"]
+executors = ["slurm"]
+"#
+    )
+}
+
+/// A fleet whose broker trusts a local issuer, with `REPO` registered and the test directory
+/// open to the job account (Slurm runs jobs as that account, in this directory).
+async fn slurm_fleet(lease_ttl: Duration) -> (Fleet, std::path::PathBuf) {
+    require_slurm();
+    ensure_account(JOB_ACCOUNT);
+    let fleet = Fleet::start_oidc(|config| {
+        config.settings.lease_ttl = lease_ttl;
+        config.settings.heartbeat_interval = Duration::from_millis(500);
+    })
+    .await;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(fleet.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    fleet
+        .client()
+        .register_repo(&RepoRegistration {
+            name: REPO.into(),
+            ..RepoRegistration::default()
+        })
+        .await
+        .unwrap();
+    let policy_path = fleet.dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy(&fleet.issuer().url)).unwrap();
+    (fleet, policy_path)
+}
+
+fn add_slurm_agent(fleet: &mut Fleet, policy: &Path) {
+    let mut config = fleet.agent_config("login1");
+    config.executor = testbot_agent::config::ExecutorKind::Slurm;
+    config.policy = Some(policy.to_path_buf());
+    fleet.add_agent(config);
+}
+
+/// Adds the agent and waits until it can be given work.
+async fn start_slurm_agent(fleet: &mut Fleet, policy: &Path) {
+    add_slurm_agent(fleet, policy);
+    fleet.wait_policy_agents(1).await;
+}
+
+fn workflow(fleet: &Fleet) -> BrokerClient {
+    let issuer = fleet.issuer();
+    fleet.client_with(&issuer.mint(&issuer.claims(REPO, AUDIENCE)))
+}
+
+fn spec(script: &str) -> JobSpec {
+    JobSpec {
+        script: script.into(),
+        ..Default::default()
+    }
+}
+
+/// The Slurm job id the agent wrote into the job's log.
+fn slurm_job_id(log: &str) -> String {
+    let marker = "testbot: submitted to Slurm as job ";
+    let start = log.find(marker).expect("the log names the Slurm job") + marker.len();
+    log[start..].lines().next().unwrap().trim().to_string()
+}
+
+/// The Slurm job's state as `scontrol` reports it.
+fn slurm_state(id: &str) -> String {
+    let out = std::process::Command::new("scontrol")
+        .args(["-o", "show", "job", id])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|f| f.strip_prefix("JobState="))
+        .unwrap_or("UNKNOWN")
+        .to_string()
+}
+
+async fn finished(fleet: &Fleet, job: &Job) -> (Job, String) {
+    let done = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    (done, log)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slurm_job_streams_live_output_and_runs_as_the_mapped_account() {
+    let (mut fleet, policy) = slurm_fleet(Duration::from_secs(5)).await;
+    start_slurm_agent(&mut fleet, &policy).await;
+    let mut job_spec = spec(
+        "echo \"user $(id -un)\"; echo \"$GREETING\"; echo to-stderr >&2; touch made-here; \
+         stat -c 'owner %U' made-here; for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.5; done",
+    );
+    job_spec
+        .env
+        .insert("GREETING".into(), "hello from the compute node".into());
+    let job = workflow(&fleet).submit(&job_spec).await.unwrap();
+
+    // Live: the first tick is in the broker's log while the job still runs.
+    let early = wait_for("the first tick before the job ends", WAIT, || async {
+        let job = fleet.client().job(job.id).await.unwrap();
+        let log = fleet.log(job.id).await;
+        log.contains(" O tick 1\n").then_some(job.state)
+    })
+    .await;
+    assert_eq!(
+        early,
+        JobState::Running,
+        "the first line came only at the end"
+    );
+
+    let (done, log) = finished(&fleet, &job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}\n{log}");
+    let out = testbot_e2e::stdout_lines(&log);
+    assert_eq!(out[0], format!("user {JOB_ACCOUNT}"), "{log}");
+    assert_eq!(out[1], "hello from the compute node");
+    assert_eq!(out[2], format!("owner {JOB_ACCOUNT}"));
+    assert_eq!(
+        &out[3..],
+        ["tick 1", "tick 2", "tick 3", "tick 4", "tick 5", "tick 6"]
+    );
+    assert!(log.contains(" E to-stderr\n"), "{log}");
+    let slurm_id = slurm_job_id(&log);
+    assert_eq!(slurm_state(&slurm_id), "COMPLETED");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exit_codes_cancel_and_refusals_before_sbatch() {
+    let (mut fleet, policy) = slurm_fleet(Duration::from_secs(5)).await;
+    start_slurm_agent(&mut fleet, &policy).await;
+
+    let failing = workflow(&fleet)
+        .submit(&spec("echo about to fail; exit 3"))
+        .await
+        .unwrap();
+    let long = workflow(&fleet)
+        .submit(&spec("echo started; sleep 300"))
+        .await
+        .unwrap();
+
+    let (done, log) = finished(&fleet, &failing).await;
+    assert_eq!(
+        (done.state, done.exit_code),
+        (JobState::Failed, Some(3)),
+        "{log}"
+    );
+    assert!(
+        log.contains("Slurm job") && log.contains("ended FAILED with exit code 3:0"),
+        "{log}"
+    );
+
+    // Cancel: scancel, and nothing stays queued or running in Slurm.
+    wait_for("the long job to print", WAIT, || async {
+        fleet
+            .log(long.id)
+            .await
+            .contains(" O started\n")
+            .then_some(())
+    })
+    .await;
+    fleet.client().cancel(long.id).await.unwrap();
+    let (done, log) = finished(&fleet, &long).await;
+    assert_eq!(done.state, JobState::Cancelled, "{log}");
+    let slurm_id = slurm_job_id(&log);
+    assert_eq!(slurm_state(&slurm_id), "CANCELLED");
+
+    // Over the policy's caps, or a forbidden partition: refused before anything reaches sbatch.
+    let over = JobSpec {
+        resources: Resources {
+            cpus: Some(16),
+            ..Resources::default()
+        },
+        ..spec("true")
+    };
+    match workflow(&fleet).submit(&over).await {
+        Err(ClientError::Api {
+            status, message, ..
+        }) => {
+            assert_eq!(status, 422);
+            assert!(
+                message.ends_with("resources.cpus 16 is over the cap of 2 for executor slurm"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A partition carrying an option cannot even be expressed.
+    let injected = JobSpec {
+        resources: Resources {
+            partition: Some("debug --uid=0".into()),
+            ..Resources::default()
+        },
+        ..spec("true")
+    };
+    match workflow(&fleet).submit(&injected).await {
+        Err(ClientError::Api {
+            status, message, ..
+        }) => {
+            assert_eq!(status, 400);
+            assert!(
+                message.contains("resources.partition \"debug --uid=0\" is invalid"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Slurm reads SBATCH_* from the environment: a job may not set them (refused by the policy's
+    // env allow-list here, and by the executor itself without one).
+    let mut sneaky = spec("true");
+    sneaky.env.insert("SBATCH_PARTITION".into(), "batch".into());
+    let sneaky = workflow(&fleet).submit(&sneaky).await.unwrap();
+    let (done, _) = finished(&fleet, &sneaky).await;
+    assert_eq!(done.state, JobState::Error);
+    assert!(
+        done.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("SBATCH_PARTITION"),
+        "{done:?}"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slurm_time_limit_ends_the_job_as_timed_out() {
+    let (mut fleet, policy) = slurm_fleet(Duration::from_secs(5)).await;
+    start_slurm_agent(&mut fleet, &policy).await;
+    // Slurm's limits are whole minutes: --time=1 ends the job about a minute later.
+    let job = workflow(&fleet)
+        .submit(&JobSpec {
+            timeout_secs: Some(60),
+            ..spec("echo waiting; sleep 600")
+        })
+        .await
+        .unwrap();
+    let done = fleet
+        .wait_finished_within(job.id, Duration::from_secs(150))
+        .await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(done.state, JobState::Failed, "{log}");
+    assert_eq!(done.reason.as_deref(), Some("timed out after 1m"), "{log}");
+    assert!(log.contains("ended TIMEOUT"), "{log}");
+    assert_eq!(done.cli_exit_code(), 124);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agent_restarts_and_re_attaches_to_its_slurm_job() {
+    // A lease long enough to restart the agent within it.
+    let (fleet, policy) = slurm_fleet(Duration::from_secs(20)).await;
+    let extra = format!("executor = \"slurm\"\npolicy = \"{}\"\n", policy.display());
+    let mut agent = fleet.spawn_agent("login1", &extra);
+    fleet.wait_policy_agents(1).await;
+    let job = workflow(&fleet)
+        .submit(&spec(
+            "for i in $(seq 1 16); do echo line $i; sleep 0.5; done",
+        ))
+        .await
+        .unwrap();
+    wait_for("a few lines before the crash", WAIT, || async {
+        fleet
+            .log(job.id)
+            .await
+            .contains(" O line 3\n")
+            .then_some(())
+    })
+    .await;
+    agent.kill9().await;
+    let _agent = fleet.spawn_agent("login1", &extra);
+
+    let (done, log) = finished(&fleet, &job).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(
+        done.attempts, 1,
+        "the job was re-attached, not run again: {log}"
+    );
+    let lines: Vec<String> = testbot_e2e::stdout_lines(&log);
+    let want: Vec<String> = (1..=16).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, want, "every line once, in order:\n{log}");
+    assert!(log.contains("re-attached to the job"), "{log}");
+    assert_eq!(log.matches("submitted to Slurm as job").count(), 1, "{log}");
+    fleet.stop().await;
+}
