@@ -31,6 +31,15 @@ pub fn print_job(job: &Job) {
     if !job.spec.labels.is_empty() {
         println!("  labels:    {}", job.spec.labels.join(", "));
     }
+    if let Some(repository) = &job.repository {
+        println!("  repo:      {repository}");
+    }
+    if let Some(by) = &job.submitted_by {
+        println!("  by:        {by}");
+    }
+    for (key, value) in &job.metadata {
+        println!("  {:<10} {value}", format!("{key}:"));
+    }
     println!("  created:   {}", format_ms(job.created_at_ms));
     if let Some(started) = job.started_at_ms {
         println!("  started:   {}", format_ms(started));

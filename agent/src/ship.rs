@@ -41,25 +41,34 @@ pub async fn ship_log(
 ) -> ShipEnd {
     let mut pending = String::new();
     let mut marks = Marks::default();
-    let push = |pending: &mut String, marks: &mut Marks, record: &LogRecord| {
-        pending.push_str(&format_line(record.ts_ms, record.stream, &record.text));
-        if let Some(pos) = record.mark {
-            marks.pending.push((pending.len(), record.stream, pos));
-        }
-    };
+    let mut facts: Vec<(String, String)> = Vec::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         if pending.is_empty() {
             match rx.recv().await {
-                Some(record) => push(&mut pending, &mut marks, &record),
+                Some(record) => push(&mut pending, &mut marks, &mut facts, record),
                 None => return ShipEnd::Complete(offset),
             }
         }
         while pending.len() < TARGET_CHUNK_BYTES {
             match rx.try_recv() {
-                Ok(record) => push(&mut pending, &mut marks, &record),
+                Ok(record) => push(&mut pending, &mut marks, &mut facts, record),
                 Err(_) => break,
             }
+        }
+        for (key, value) in facts.drain(..) {
+            let request = testbot_proto::agents::MetadataRequest {
+                lease: lease.clone(),
+                key,
+                value,
+            };
+            // Best effort: a fact the broker cannot take is not worth holding the log for.
+            if let Err(err) = client.set_metadata(id, &request).await {
+                tracing::warn!(job_id = %id, %err, key = %request.key, "Cannot record job metadata.");
+            }
+        }
+        if pending.is_empty() {
+            continue;
         }
         let cut = chunk_end(&pending);
         let chunk = LogChunk {
@@ -100,6 +109,23 @@ fn refusal(err: &ClientError) -> ShipEnd {
         ShipEnd::LeaseLost
     } else {
         ShipEnd::Refused(err.to_string())
+    }
+}
+
+/// Adds a record to the pending chunk (a line) or to the facts to send (metadata).
+fn push(
+    pending: &mut String,
+    marks: &mut Marks,
+    facts: &mut Vec<(String, String)>,
+    record: LogRecord,
+) {
+    if let Some(fact) = record.metadata {
+        facts.push(fact);
+        return;
+    }
+    pending.push_str(&format_line(record.ts_ms, record.stream, &record.text));
+    if let Some(pos) = record.mark {
+        marks.pending.push((pending.len(), record.stream, pos));
     }
 }
 

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use ring::rand::{SecureRandom, SystemRandom};
 use secrecy::ExposeSecret as _;
-use testbot_proto::agents::{Assignment, LeaseRequest, LeaseStatus, PollRequest};
+use testbot_proto::agents::{Assignment, LeaseRequest, LeaseStatus, MetadataRequest, PollRequest};
 use testbot_proto::glob::any_match;
 use testbot_proto::jobs::{
     Job, JobId, JobList, JobListQuery, JobSpec, validate_label, validate_word,
@@ -81,6 +81,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/agent/jobs/{id}/heartbeat", post(heartbeat_handler))
         .route("/agent/jobs/{id}/log", post(append_log_handler))
         .route("/agent/jobs/{id}/finish", post(finish_handler))
+        .route("/agent/jobs/{id}/metadata", post(metadata_handler))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::verify_agent_signature,
@@ -545,6 +546,38 @@ async fn heartbeat_handler(
     }
     let renewal = renew().await?;
     Ok(lease_status(&state, renewal))
+}
+
+async fn metadata_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+    ApiJson(req): ApiJson<MetadataRequest>,
+) -> Result<axum::Json<Job>, ApiError> {
+    principal.require_agent()?;
+    let key_ok = !req.key.is_empty()
+        && req.key.len() <= 64
+        && req
+            .key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !key_ok {
+        return Err(ApiError::BadRequest(format!(
+            "metadata key {:?} is invalid: use 1-64 characters of a-z 0-9 _",
+            req.key
+        )));
+    }
+    if req.value.len() > 1024 {
+        return Err(ApiError::BadRequest(
+            "metadata value is longer than 1024 bytes".into(),
+        ));
+    }
+    let model = state
+        .db
+        .set_metadata(id, &req.lease, &req.key, &req.value)
+        .await?
+        .map_err(|r| refusal_error(id, r))?;
+    Ok(axum::Json(to_job(&model)?))
 }
 
 async fn append_log_handler(

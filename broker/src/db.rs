@@ -26,7 +26,7 @@ const READ_CONNECTIONS: u32 = 4;
 /// The columns of [`JobModel`], in its field order.
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
      lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \
-     repository, run_id, submitted_by, oidc_token";
+     repository, run_id, submitted_by, oidc_token, metadata";
 
 /// A row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -50,6 +50,7 @@ pub struct JobModel {
     pub run_id: Option<String>,
     pub submitted_by: Option<String>,
     pub oidc_token: Option<String>,
+    pub metadata: Option<String>,
 }
 
 /// Who a job is for, recorded with it at submission.
@@ -91,6 +92,11 @@ impl JobModel {
             log_bytes: self.log_bytes as u64,
             repository: self.repository.clone(),
             submitted_by: self.submitted_by.clone(),
+            metadata: self
+                .metadata
+                .as_deref()
+                .and_then(|m| serde_json::from_str(m).ok())
+                .unwrap_or_default(),
             created_at_ms: self.created_at_ms,
             started_at_ms: self.started_at_ms,
             finished_at_ms: self.finished_at_ms,
@@ -756,6 +762,32 @@ impl Db {
             .await?;
         tx.commit().await?;
         Ok(model)
+    }
+
+    /// Sets one metadata entry of a leased job.
+    pub async fn set_metadata(
+        &self,
+        id: JobId,
+        lease: &str,
+        key: &str,
+        value: &str,
+    ) -> anyhow::Result<Result<JobModel, LeaseRefusal>> {
+        let sql = format!(
+            "UPDATE jobs SET metadata = json_set(coalesce(metadata, '{{}}'), '$.' || ?3, ?4)
+             WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
+             RETURNING {JOB_COLUMNS}"
+        );
+        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .bind(lease)
+            .bind(key)
+            .bind(value)
+            .fetch_optional(&self.write)
+            .await?;
+        Ok(match model {
+            Some(model) => Ok(model),
+            None => Err(self.lease_refusal(id).await?),
+        })
     }
 
     /// Marks a leased job running and renews its lease. `Ok(cancel_requested)` on success.

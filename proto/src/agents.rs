@@ -72,6 +72,16 @@ pub struct LeaseStatus {
     pub log_bytes: u64,
 }
 
+/// The body of `POST /api/v1/agent/jobs/{id}/metadata`: a fact about the job (a key of
+/// `[a-z0-9_]`, at most 64 bytes; a value of at most 1 KiB), such as its Slurm job id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataRequest {
+    pub lease: String,
+    pub key: String,
+    pub value: String,
+}
+
 /// What an agent's site policy accepts, advertised at enrollment and on every poll so the broker
 /// routes to the agent only jobs its site would take. It is a routing hint: the agent still
 /// verifies every job's token and applies its full policy before running anything.

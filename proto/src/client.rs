@@ -392,6 +392,15 @@ impl BrokerClient {
         self.post(&format!("/agent/jobs/{id}/log"), chunk).await
     }
 
+    /// Records a fact about the job (e.g. its Slurm job id) under its lease.
+    pub async fn set_metadata(
+        &self,
+        id: JobId,
+        req: &crate::agents::MetadataRequest,
+    ) -> Result<Job, ClientError> {
+        self.post(&format!("/agent/jobs/{id}/metadata"), req).await
+    }
+
     pub async fn finish(&self, id: JobId, req: &FinishRequest) -> Result<Job, ClientError> {
         self.post(&format!("/agent/jobs/{id}/finish"), req).await
     }

@@ -400,6 +400,9 @@ pub struct Job {
     /// Who submitted it: `operator:NAME` or `workflow:OWNER/REPO@RUN_ID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<String>,
+    /// Facts its executor reported, e.g. `slurm_job_id`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
     pub created_at_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<i64>,

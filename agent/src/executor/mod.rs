@@ -73,6 +73,9 @@ pub struct LogRecord {
     /// acknowledged the line, the executor is told ([`Executor::checkpoint`]), so a restarted
     /// agent resumes reading exactly there.
     pub mark: Option<u64>,
+    /// Not a line but a fact about the job for the broker (`key`, `value`), e.g. its Slurm job
+    /// id; shown to users with the job.
+    pub metadata: Option<(String, String)>,
 }
 
 /// File positions whose lines the broker has acknowledged, and the log size they make.
@@ -111,8 +114,21 @@ impl LogSink {
             stream,
             text,
             mark,
+            metadata: None,
         };
         // The receiver is gone only when shipping stopped for good; the line has nowhere to go.
+        let _ = self.tx.send(record).await;
+    }
+
+    /// Records a fact about the job with the broker (`slurm_job_id`, ...).
+    pub async fn metadata(&self, key: &str, value: impl Into<String>) {
+        let record = LogRecord {
+            ts_ms: testbot_proto::now_ms(),
+            stream: Stream::System,
+            text: String::new(),
+            mark: None,
+            metadata: Some((key.to_string(), value.into())),
+        };
         let _ = self.tx.send(record).await;
     }
 

@@ -372,6 +372,7 @@ impl SlurmExecutor {
             stderr_pos: 0,
         };
         self.save_record(&record)?;
+        log.metadata("slurm_job_id", record.slurm_job.clone()).await;
         log.system(format!("submitted to Slurm as job {}", record.slurm_job))
             .await;
         Ok(record)

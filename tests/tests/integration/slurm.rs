@@ -165,6 +165,12 @@ async fn a_slurm_job_streams_live_output_and_runs_as_the_mapped_account() {
     assert!(log.contains(" E to-stderr\n"), "{log}");
     let slurm_id = slurm_job_id(&log);
     assert_eq!(slurm_state(&slurm_id), "COMPLETED");
+    // Users see the Slurm job id with the job.
+    assert_eq!(
+        done.metadata.get("slurm_job_id").map(String::as_str),
+        Some(slurm_id.as_str()),
+        "{done:?}"
+    );
     fleet.stop().await;
 }
 
