@@ -774,6 +774,70 @@ mod tests {
         assert_eq!(status.reason.as_deref(), Some("Resources"));
     }
 
+    fn context(resources: testbot_proto::jobs::Resources) -> JobContext {
+        JobContext {
+            id: testbot_proto::jobs::JobId(7),
+            attempt: 1,
+            agent: "login1".into(),
+            spec: testbot_proto::jobs::JobSpec {
+                script: "true".into(),
+                resources,
+                ..Default::default()
+            },
+            timeout: Duration::from_secs(90),
+            dir: PathBuf::from("/work/jobs/job-7-1"),
+            run_as: None,
+            keep_dir: false,
+            lease: "l".into(),
+            heartbeat_interval_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn sbatch_options_are_one_argv_entry_each_and_job_fields_cannot_add_any() {
+        let executor = SlurmExecutor {
+            settings: SlurmSettings {
+                extra_args: vec!["--reservation=ci".into()],
+                ..SlurmSettings::default()
+            },
+            state_dir: PathBuf::from("/nonexistent"),
+        };
+        let args = executor
+            .sbatch_args(&context(testbot_proto::jobs::Resources {
+                partition: Some("debug".into()),
+                cpus: Some(2),
+                memory_mib: Some(512),
+                ..Default::default()
+            }))
+            .unwrap();
+        assert_eq!(
+            args,
+            [
+                "--parsable",
+                "--job-name=testbot-7",
+                "--chdir=/work/jobs/job-7-1/workspace",
+                "--output=/work/jobs/job-7-1/stdout.log",
+                "--error=/work/jobs/job-7-1/stderr.log",
+                "--export=ALL",
+                "--time=2",
+                "--comment=testbot job 7 attempt 1",
+                "--reservation=ci",
+                "--partition=debug",
+                "--cpus-per-task=2",
+                "--mem=512M",
+            ]
+        );
+        for hostile in ["debug --uid=0", "-A", "debug;id", "a b", "$(id)"] {
+            let err = executor
+                .sbatch_args(&context(testbot_proto::jobs::Resources {
+                    partition: Some(hostile.into()),
+                    ..Default::default()
+                }))
+                .unwrap_err();
+            assert!(err.to_string().contains("is invalid"), "{hostile}: {err}");
+        }
+    }
+
     #[test]
     fn slurm_states_map_to_results() {
         let status = |state: &str, exit: (i32, i32)| SlurmStatus {
