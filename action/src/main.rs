@@ -1,8 +1,10 @@
 //! `testbot`: the command-line client for the broker, and `testbot up`, a one-machine fleet.
 //!
 //! Layout: this file parses flags and dispatches; [`output`] renders jobs and logs;
-//! [`up`] runs a broker and a local agent in one process.
+//! [`up`] runs a broker and a local agent in one process; [`gha`] is what the GitHub Action
+//! runs.
 
+mod gha;
 mod output;
 mod up;
 
@@ -86,6 +88,17 @@ enum Command {
     /// Register GitHub repositories whose workflows may submit jobs.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Run inside a GitHub Actions job, as `uses: community-testbot/action@v1` does: inputs
+    /// from INPUT_* variables, the workflow's OIDC token, outputs and a step summary.
+    #[command(hide = true)]
+    Action {
+        /// Cancel the remote jobs this action left running (the workflow was cancelled).
+        #[arg(long)]
+        cancel: bool,
+        /// Wait for process PID to end, then cancel the remote jobs it left running.
+        #[arg(long, value_name = "PID")]
+        watch: Option<i32>,
+    },
     /// Sites and their enrollment tokens (operator).
     #[command(subcommand)]
     Site(SiteCommand),
@@ -301,6 +314,12 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
     } = opts;
     match command {
         Command::Up(up) => up::run(up).await.map(|()| 0),
+        Command::Action {
+            watch: Some(parent),
+            ..
+        } => gha::watch(parent).await,
+        Command::Action { cancel: true, .. } => gha::cancel().await,
+        Command::Action { .. } => gha::run().await,
         Command::Run { job, timestamps } => {
             let client = client(&url, token)?;
             run_job(&client, job.into_spec()?, json, timestamps).await

@@ -449,10 +449,13 @@ async fn poll_handler(
             .await?;
     }
     let agent_name = format!("{}/{}", agent.site, agent.name);
+    // Every agent offers its site as a label, so a job can ask for a site (`site:NAME`).
+    let mut labels = req.labels.clone();
+    labels.push(format!("site:{}", agent.site));
     let taker = JobTaker {
         agent: &agent_name,
         site: &agent.site,
-        labels: &req.labels,
+        labels: &labels,
         executor: &req.executor,
         policy: req.policy.as_ref(),
     };
@@ -464,7 +467,7 @@ async fn poll_handler(
     let deadline = Instant::now() + wait;
     loop {
         // Register before trying to claim, so a job queued in between still wakes this poll.
-        let mut ticket = state.dispatcher.register(&req.labels);
+        let mut ticket = state.dispatcher.register(&labels);
         let lease = new_lease()?;
         if let Some(model) = state
             .db

@@ -40,7 +40,10 @@ LOGS=$STATE_DIR/log
 # must be able to read slurm.conf.
 mkdir -p "$STATE_DIR/etc" "$STATE_DIR/spool/ctld" "$STATE_DIR/spool/d" "$RUN" "$LOGS"
 chmod 0755 "$STATE_DIR" "$STATE_DIR/etc" "$STATE_DIR/spool" "$RUN" "$LOGS"
-chmod 0700 "$STATE_DIR/spool/ctld" "$STATE_DIR/spool/d"
+chmod 0700 "$STATE_DIR/spool/ctld"
+# slurmd keeps each job's batch script under its spool directory; the job's user (not root)
+# must be able to reach it, as with Slurm's default /var/spool/slurmd.
+chmod 0755 "$STATE_DIR/spool/d"
 
 # pid_alive PIDFILE COMM: prints the PID and succeeds when PIDFILE names a live process whose
 # command name is COMM (guards against a stale pid file whose PID was reused).

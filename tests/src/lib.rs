@@ -72,10 +72,21 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A child process killed (by its PID) when dropped.
+/// A child process killed (by its PID) when dropped; with [`Process::spawn_at`], its whole
+/// process group.
 pub struct Process {
     pub child: tokio::process::Child,
     pub name: String,
+    /// The process group to kill on drop (the process leads it).
+    group: Option<nix::unistd::Pid>,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(group) = self.group {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 impl Process {
@@ -98,7 +109,42 @@ impl Process {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("Cannot start {bin}"))?;
-        Ok(Process { child, name })
+        Ok(Process {
+            child,
+            name,
+            group: None,
+        })
+    }
+
+    /// Spawns `program` in `cwd`, leading its own process group (so everything it starts is
+    /// killed with it), stdout and stderr captured to files in `log_dir`.
+    pub fn spawn_at(
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        cwd: &Path,
+        log_dir: &Path,
+    ) -> anyhow::Result<Process> {
+        let name = format!(
+            "{}-{}",
+            program.file_name().unwrap_or_default().to_string_lossy(),
+            free_port()
+        );
+        let stdout = std::fs::File::create(log_dir.join(format!("{name}.out")))?;
+        let stderr = std::fs::File::create(log_dir.join(format!("{name}.err")))?;
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .envs(envs.iter().copied())
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("Cannot start {}", program.display()))?;
+        let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
+        Ok(Process { child, name, group })
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {

@@ -9,6 +9,10 @@ use ring::rand::SystemRandom;
 use ring::signature::{KeyPair as _, RSA_PKCS1_SHA256, RsaKeyPair};
 use serde_json::{Value, json};
 
+/// The request token the test issuer's Actions token service accepts
+/// (`ACTIONS_ID_TOKEN_REQUEST_TOKEN`).
+pub const ACTIONS_REQUEST_TOKEN: &str = "actions-request-token";
+
 /// The key id the test issuer publishes.
 pub const TEST_KID: &str = "testbot-test-key-1";
 
@@ -46,7 +50,51 @@ impl TestIssuer {
             "id_token_signing_alg_values_supported": ["RS256"],
         });
         let jwks = json!({ "keys": [jwk(&key, TEST_KID)] });
+        let minter = TestIssuer {
+            url: url.clone(),
+            key: key.clone(),
+            attacker: attacker.clone(),
+            server: tokio::spawn(async {}),
+        };
+        let minter = Arc::new(minter);
         let app = axum::Router::new()
+            .route(
+                "/actions-token/{owner}/{repo}/{run}",
+                axum::routing::get(
+                    move |axum::extract::Path((owner, repo, run)): axum::extract::Path<(
+                        String,
+                        String,
+                        String,
+                    )>,
+                          axum::extract::Query(query): axum::extract::Query<
+                        std::collections::HashMap<String, String>,
+                    >,
+                          headers: axum::http::HeaderMap| async move {
+                        // The Actions runtime's token service: the runner's request token
+                        // proves the caller; the audience comes from the query.
+                        let authorized = headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| {
+                                v.eq_ignore_ascii_case(&format!("bearer {ACTIONS_REQUEST_TOKEN}"))
+                            });
+                        if !authorized {
+                            return (
+                                axum::http::StatusCode::UNAUTHORIZED,
+                                axum::Json(json!({"message": "bad request token"})),
+                            );
+                        }
+                        let audience = query.get("audience").cloned().unwrap_or_default();
+                        let mut claims = minter.claims(&format!("{owner}/{repo}"), &audience);
+                        // Every token of one workflow run carries that run's id.
+                        claims["run_id"] = run.into();
+                        (
+                            axum::http::StatusCode::OK,
+                            axum::Json(json!({"count": 1, "value": minter.mint(&claims)})),
+                        )
+                    },
+                ),
+            )
             .route(
                 "/.well-known/openid-configuration",
                 axum::routing::get(move || async move { axum::Json(discovery) }),
@@ -101,6 +149,16 @@ impl TestIssuer {
             "base_ref": "",
             "runner_environment": "github-hosted",
         })
+    }
+
+    /// `ACTIONS_ID_TOKEN_REQUEST_URL` for one workflow run of `repo`: GitHub's token service's
+    /// shape (`GET URL&audience=AUD` with the request token, answering `{"value": JWT}`).
+    pub fn actions_token_url(&self, repo: &str) -> String {
+        format!(
+            "{}/actions-token/{repo}/{}?api-version=2.0",
+            self.url,
+            8_000_000 + unique()
+        )
     }
 
     /// A token for `claims`, signed by the issuer's published key.

@@ -1,5 +1,6 @@
 //! End-to-end tests of the fleet: real brokers, agents and CLI processes on loopback.
 
+mod action;
 mod bad_input;
 mod cli;
 mod drain;

@@ -1,0 +1,482 @@
+//! `testbot action`: what `uses: community-testbot/action@v1` runs inside a GitHub Actions job.
+//!
+//! The composite action (`action/action.yml`) passes its inputs as `INPUT_*` environment
+//! variables. This command:
+//!
+//! 1. requests the workflow's OIDC token from `ACTIONS_ID_TOKEN_REQUEST_URL` (with
+//!    `ACTIONS_ID_TOKEN_REQUEST_TOKEN` and the audience) and masks it; when there is none it says
+//!    why in one message: the workflow lacks `permissions: id-token: write`, or this is a pull
+//!    request from a fork, which a maintainer must approve instead;
+//! 2. submits the job (once per `repeat`, each with a fresh token: a token submits one job);
+//! 3. streams the remote log into the step's output live, with the set-up in a `::group::`;
+//! 4. writes the outputs (`job-id`, `result`, `exit-code`, `log-url`) and a step summary;
+//! 5. exits with the job's exit code. If the workflow is cancelled (SIGINT/SIGTERM), it cancels
+//!    the remote job and waits for it to stop.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use secrecy::SecretString;
+use testbot_proto::client::{BrokerClient, ClientError, follow_log};
+use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
+
+use crate::output::LogPrinter;
+
+/// How long the OIDC token request may take.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The action's inputs, from `INPUT_*` variables (GitHub's convention for action inputs).
+#[derive(Debug, Default)]
+struct Inputs {
+    broker_url: String,
+    run: String,
+    labels: Vec<String>,
+    site: Option<String>,
+    executor: Option<String>,
+    image: Option<String>,
+    resources: Resources,
+    env: BTreeMap<String, String>,
+    timeout_minutes: Option<u64>,
+    repeat: u32,
+    audience: String,
+}
+
+fn input(name: &str) -> Option<String> {
+    std::env::var(format!("INPUT_{}", name.to_uppercase().replace(' ', "_")))
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn number<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
+    input(name)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| anyhow::anyhow!("input {name} must be a whole number, not {v:?}"))
+        })
+        .transpose()
+}
+
+impl Inputs {
+    fn read() -> anyhow::Result<Inputs> {
+        let broker_url = input("broker-url")
+            .context("input broker-url is required: the URL of the testbot broker")?;
+        let run = std::env::var("INPUT_RUN").unwrap_or_default();
+        anyhow::ensure!(
+            !run.trim().is_empty(),
+            "input run is required: the script to run on the remote machine"
+        );
+        let labels = input("labels")
+            .map(|l| {
+                l.split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut env = BTreeMap::new();
+        for line in input("env").unwrap_or_default().lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name, value) = line
+                .split_once('=')
+                .with_context(|| format!("input env: {line:?} is not NAME=value"))?;
+            env.insert(name.trim().to_string(), value.to_string());
+        }
+        let memory_mib = input("memory")
+            .map(|m| crate::parse_memory_mib(&m).map_err(anyhow::Error::msg))
+            .transpose()?;
+        let time_minutes: Option<u64> = match input("time") {
+            None => None,
+            Some(t) => Some(
+                humantime::parse_duration(&t)
+                    .map(|d| d.as_secs().div_ceil(60))
+                    .or_else(|_| t.parse::<u64>())
+                    .map_err(|_| {
+                        anyhow::anyhow!("input time must be minutes or a duration like 90m")
+                    })?,
+            ),
+        };
+        let audience = input("audience").unwrap_or_else(|| broker_url.clone());
+        Ok(Inputs {
+            run,
+            labels,
+            site: input("site"),
+            executor: input("executor"),
+            image: input("image"),
+            resources: Resources {
+                cpus: number("cpus")?,
+                memory_mib,
+                gpus: number("gpus")?,
+                partition: input("partition"),
+                account: input("account"),
+                ..Resources::default()
+            },
+            env,
+            timeout_minutes: number("timeout-minutes")?.or(time_minutes),
+            repeat: number("repeat")?.unwrap_or(1).max(1),
+            audience,
+            broker_url,
+        })
+    }
+
+    fn spec(&self, attempt: u32) -> anyhow::Result<JobSpec> {
+        let mut labels = self.labels.clone();
+        if let Some(site) = &self.site {
+            labels.push(format!("site:{site}"));
+        }
+        let name = std::env::var("GITHUB_JOB")
+            .ok()
+            .map(|job| match self.repeat {
+                1 => job,
+                n => format!("{job} ({attempt}/{n})"),
+            });
+        let spec = JobSpec {
+            script: self.run.clone(),
+            name,
+            labels,
+            env: self.env.clone(),
+            timeout_secs: self.timeout_minutes.map(|m| m * 60),
+            executor: self.executor.clone(),
+            image: self.image.clone(),
+            resources: self.resources.clone(),
+        };
+        spec.validate()
+            .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
+        Ok(spec)
+    }
+}
+
+/// Why there is no OIDC token, in the words a maintainer needs.
+fn missing_token_message() -> String {
+    if is_fork_pull_request() {
+        return "this is a pull request from a fork: GitHub gives fork pull requests no OIDC \
+                token, so it cannot run on testbot sites by itself. A maintainer with write \
+                access approves this exact commit on the pull request (comment `/testbot run`)."
+            .into();
+    }
+    "the workflow has no OIDC token: give the job `permissions: id-token: write` (and \
+     `contents: read`) so the action can prove to the broker which repository and commit it runs"
+        .into()
+}
+
+/// Whether the event is a pull request whose head is in another repository.
+fn is_fork_pull_request() -> bool {
+    let event = std::env::var("GITHUB_EVENT_NAME").unwrap_or_default();
+    if !event.starts_with("pull_request") {
+        return false;
+    }
+    let Ok(path) = std::env::var("GITHUB_EVENT_PATH") else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Ok(payload) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    let head = &payload["pull_request"]["head"]["repo"];
+    let base = &payload["pull_request"]["base"]["repo"];
+    head["fork"].as_bool() == Some(true) || head["full_name"] != base["full_name"]
+}
+
+/// Asks the Actions runtime for an OIDC token minted for `audience`.
+async fn request_token(audience: &str) -> anyhow::Result<SecretString> {
+    let (Ok(url), Ok(request_token)) = (
+        std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL"),
+        std::env::var("ACTIONS_ID_TOKEN_REQUEST_TOKEN"),
+    ) else {
+        anyhow::bail!(missing_token_message());
+    };
+    testbot_proto::client::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .timeout(TOKEN_TIMEOUT)
+        .build()
+        .context("Cannot build an HTTP client")?;
+    let response = http
+        .get(&url)
+        .query(&[("audience", audience)])
+        .bearer_auth(&request_token)
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .context("Cannot reach the Actions token service")?;
+    let status = response.status();
+    anyhow::ensure!(
+        status.is_success(),
+        "the Actions token service refused the token request ({status})"
+    );
+    #[derive(serde::Deserialize)]
+    struct TokenAnswer {
+        value: String,
+    }
+    let answer: TokenAnswer = response
+        .json()
+        .await
+        .context("the Actions token service's answer has no token")?;
+    // Never let the token appear in the log.
+    println!("::add-mask::{}", answer.value);
+    Ok(SecretString::from(answer.value))
+}
+
+/// Appends `name=value` lines to a file GitHub names in an environment variable.
+fn append_to(variable: &str, text: &str) -> anyhow::Result<()> {
+    let Ok(path) = std::env::var(variable) else {
+        return Ok(());
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .with_context(|| format!("Cannot write {variable} ({path})"))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("Cannot write {variable} ({path})"))
+}
+
+fn result_word(job: &Job) -> &'static str {
+    match job.state {
+        JobState::Succeeded => "success",
+        JobState::Failed => "failure",
+        JobState::Cancelled => "cancelled",
+        _ => "error",
+    }
+}
+
+fn summary(job: &Job, log_url: &str) -> String {
+    let duration = match (job.started_at_ms, job.finished_at_ms) {
+        (Some(start), Some(end)) => humantime::format_duration(Duration::from_millis(
+            (end - start).max(0) as u64 / 1000 * 1000,
+        ))
+        .to_string(),
+        _ => "-".into(),
+    };
+    let agent = job.agent.clone().unwrap_or_else(|| "-".into());
+    let (site, agent_name) = agent.split_once('/').unwrap_or(("-", &agent));
+    let scheduler = job
+        .metadata
+        .get("slurm_job_id")
+        .map(|id| format!("Slurm job {id}"))
+        .unwrap_or_else(|| "-".into());
+    let result = match (&job.reason, job.exit_code) {
+        (Some(reason), _) => format!("{} ({reason})", result_word(job)),
+        (None, Some(code)) => format!("{} (exit code {code})", result_word(job)),
+        _ => result_word(job).to_string(),
+    };
+    format!(
+        "### testbot job {id}: {word}\n\n\
+         | | |\n|---|---|\n\
+         | site | {site} |\n| agent | {agent_name} |\n| scheduler job | {scheduler} |\n\
+         | duration | {duration} |\n| result | {result} |\n| log | [{log_url}]({log_url}) |\n\n",
+        id = job.id,
+        word = result_word(job),
+    )
+}
+
+/// Where the ids of running remote jobs are kept, so a cancelled workflow can cancel them.
+fn active_jobs_file() -> std::path::PathBuf {
+    let dir = std::env::var_os("RUNNER_TEMP").unwrap_or_else(|| "/tmp".into());
+    let run = std::env::var("GITHUB_RUN_ID").unwrap_or_default();
+    std::path::Path::new(&dir).join(format!("testbot-active-jobs-{run}"))
+}
+
+fn active_jobs() -> Vec<i64> {
+    std::fs::read_to_string(active_jobs_file())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn set_active_jobs(ids: &[i64]) -> anyhow::Result<()> {
+    let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+    std::fs::write(active_jobs_file(), text).context("Cannot record the running remote job")
+}
+
+/// The step that runs when the workflow is cancelled (the runner kills the main step): cancels
+/// the remote jobs the action had running.
+pub async fn cancel() -> anyhow::Result<i32> {
+    let ids = active_jobs();
+    if ids.is_empty() {
+        println!("testbot: no remote job to cancel");
+        return Ok(0);
+    }
+    let broker_url = input("broker-url").context("input broker-url is required")?;
+    let audience = input("audience").unwrap_or_else(|| broker_url.clone());
+    let client = BrokerClient::new(&broker_url, request_token(&audience).await?)?;
+    for id in ids {
+        match client.cancel(testbot_proto::jobs::JobId(id)).await {
+            Ok(job) => println!(
+                "testbot: the workflow was cancelled; cancelled remote job {}",
+                job.id
+            ),
+            Err(err) => println!("::warning::cannot cancel remote job {id}: {err}"),
+        }
+    }
+    set_active_jobs(&[])?;
+    Ok(0)
+}
+
+/// How often the watchdog checks that the step's process is still alive.
+const WATCHDOG_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Starts a watchdog in its own session: some runners (nektos act, and GitHub's after its grace
+/// period) kill the step's process outright when the workflow is cancelled, leaving no chance
+/// to cancel the remote job. The watchdog outlives the kill, sees the jobs still recorded as
+/// running, and cancels them.
+fn start_watchdog() {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let spawned = std::process::Command::new(exe)
+        .args(["action", "--watch", &std::process::id().to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Err(err) = spawned {
+        eprintln!(
+            "testbot: cannot start the cancel watchdog ({err}); a killed step will leave its remote job running"
+        );
+    }
+}
+
+/// The watchdog: waits for process `parent` to end; if it ended with remote jobs still
+/// recorded as running, it was killed, so cancel them.
+pub async fn watch(parent: i32) -> anyhow::Result<i32> {
+    let pid = nix::unistd::Pid::from_raw(parent);
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        tokio::time::sleep(WATCHDOG_INTERVAL).await;
+    }
+    cancel().await
+}
+
+/// Runs the action; returns the exit code of the step.
+pub async fn run() -> anyhow::Result<i32> {
+    let inputs = Inputs::read()?;
+    start_watchdog();
+    let mut last_code = 0;
+    for attempt in 1..=inputs.repeat {
+        let code = run_once(&inputs, attempt).await?;
+        if code != 0 {
+            last_code = code;
+        }
+    }
+    Ok(last_code)
+}
+
+async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
+    let spec = inputs.spec(attempt)?;
+    println!("::group::testbot: submitting to {}", inputs.broker_url);
+    let token = request_token(&inputs.audience).await?;
+    let client = BrokerClient::new(&inputs.broker_url, token)?;
+    let job = match client.submit(&spec).await {
+        Ok(job) => job,
+        Err(ClientError::Api { message, .. }) => {
+            println!("::endgroup::");
+            anyhow::bail!("the broker refused the job: {message}");
+        }
+        Err(err) => {
+            println!("::endgroup::");
+            return Err(err.into());
+        }
+    };
+    let id = job.id;
+    let log_url = format!(
+        "{}/api/v1/jobs/{id}/log",
+        inputs.broker_url.trim_end_matches('/')
+    );
+    println!("job {id} queued; log: {log_url}");
+    println!("::endgroup::");
+    let mut running = active_jobs();
+    running.push(id.0);
+    set_active_jobs(&running)?;
+    append_to(
+        "GITHUB_OUTPUT",
+        &format!("job-id={id}\nlog-url={log_url}\n"),
+    )?;
+
+    let mut printer = LogPrinter::new(false, false);
+    let follow = follow_log(&client, id, 0, |bytes| printer.write(bytes));
+    let mut follow = Box::pin(follow);
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut cancelled = false;
+    let job = loop {
+        tokio::select! {
+            job = &mut follow => break job?,
+            _ = term.recv(), if !cancelled => cancelled = true,
+            _ = int.recv(), if !cancelled => cancelled = true,
+        }
+        eprintln!("testbot: the workflow was cancelled; cancelling job {id}");
+        if let Err(err) = client.cancel(id).await {
+            eprintln!("testbot: cannot cancel job {id}: {err}");
+        }
+    };
+    drop(follow);
+    printer.finish();
+    set_active_jobs(
+        &active_jobs()
+            .into_iter()
+            .filter(|&other| other != id.0)
+            .collect::<Vec<_>>(),
+    )?;
+    let code = job.cli_exit_code();
+    append_to(
+        "GITHUB_OUTPUT",
+        &format!("result={}\nexit-code={code}\n", result_word(&job)),
+    )?;
+    append_to("GITHUB_STEP_SUMMARY", &summary(&job, &log_url))?;
+    if job.state != JobState::Succeeded {
+        let why = job
+            .reason
+            .clone()
+            .unwrap_or_else(|| format!("exit code {code}"));
+        println!("::error title=testbot job {id}::{why}");
+    }
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_name_site_agent_scheduler_job_and_result() {
+        let job = Job {
+            id: testbot_proto::jobs::JobId(12),
+            spec: JobSpec::default(),
+            state: JobState::Failed,
+            reason: None,
+            exit_code: Some(3),
+            signal: None,
+            attempts: 1,
+            agent: Some("hpc/login1".into()),
+            cancel_requested: false,
+            log_bytes: 10,
+            repository: Some("o/r".into()),
+            submitted_by: None,
+            metadata: BTreeMap::from([("slurm_job_id".to_string(), "77".to_string())]),
+            created_at_ms: 0,
+            started_at_ms: Some(1_000),
+            finished_at_ms: Some(63_000),
+        };
+        let text = summary(&job, "https://b/api/v1/jobs/12/log");
+        assert!(text.starts_with("### testbot job 12: failure\n"), "{text}");
+        for row in [
+            "| site | hpc |",
+            "| agent | login1 |",
+            "| scheduler job | Slurm job 77 |",
+            "| duration | 1m 2s |",
+            "| result | failure (exit code 3) |",
+        ] {
+            assert!(text.contains(row), "{row} in {text}");
+        }
+    }
+}
