@@ -356,8 +356,23 @@ pub async fn watch(parent: i32) -> anyhow::Result<i32> {
     cancel().await
 }
 
-/// Runs the action; returns the exit code of the step.
+/// Runs the action; returns the exit code of the step. A failure is reported as an error
+/// annotation on stdout (the runner shows it at the top of the run; stderr can be lost when the
+/// step ends at once).
 pub async fn run() -> anyhow::Result<i32> {
+    match run_all().await {
+        Ok(code) => Ok(code),
+        Err(err) => {
+            println!(
+                "::error title=testbot::{}",
+                format!("{err:#}").replace('\n', " ")
+            );
+            Ok(1)
+        }
+    }
+}
+
+async fn run_all() -> anyhow::Result<i32> {
     let inputs = Inputs::read()?;
     start_watchdog();
     let mut last_code = 0;

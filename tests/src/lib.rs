@@ -183,6 +183,18 @@ pub struct Fleet {
     pub issuer: Option<oidc::TestIssuer>,
 }
 
+/// The broker's refusal as (status, message); panics if the call succeeded or failed otherwise.
+pub fn refusal<T: std::fmt::Debug>(
+    result: Result<T, testbot_proto::client::ClientError>,
+) -> (u16, String) {
+    match result {
+        Err(testbot_proto::client::ClientError::Api {
+            status, message, ..
+        }) => (status, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 /// The unprivileged account site policies in tests map jobs to.
 pub const JOB_ACCOUNT: &str = "testbot-job";
 
@@ -393,6 +405,18 @@ impl Fleet {
     /// Waits until the job has its result.
     pub async fn wait_finished(&self, id: JobId) -> Job {
         self.wait_finished_within(id, WAIT).await
+    }
+
+    /// Waits until `count` agents have enrolled (a workflow's job is refused while no enrolled
+    /// agent would accept it).
+    pub async fn wait_enrolled(&self, count: usize) {
+        let client = self.client();
+        wait_for("agents to enroll", WAIT, || async {
+            let agents = client.agents().await.ok()?.agents;
+            let enrolled = agents.iter().filter(|a| a.revoked_at_ms.is_none()).count();
+            (enrolled >= count).then_some(())
+        })
+        .await
     }
 
     /// Waits until `count` agents have enrolled and polled with a site policy (a workflow's job

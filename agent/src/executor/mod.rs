@@ -198,6 +198,37 @@ pub struct Detached {
     pub run_as: Option<String>,
 }
 
+/// A command for `program` that runs as the job's account: through `setpriv`, which switches
+/// uid, gid and supplementary groups (the account's own, not the agent's) and then execs the
+/// program, so it is still the agent's child. The agent's own account needs no switch.
+pub fn command_as(job: &JobContext, program: &str) -> tokio::process::Command {
+    match switches_account(job) {
+        Some(account) => {
+            let mut command = tokio::process::Command::new("setpriv");
+            command
+                .arg(format!("--reuid={}", account.uid))
+                .arg(format!("--regid={}", account.gid))
+                .arg("--init-groups")
+                .arg("--")
+                .arg(program);
+            command
+        }
+        None => tokio::process::Command::new(program),
+    }
+}
+
+/// Removes the job directory unless the agent keeps job directories.
+pub async fn remove_job_dir(job: &JobContext) {
+    if job.keep_dir {
+        return;
+    }
+    if let Err(err) = tokio::fs::remove_dir_all(&job.dir).await
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(job_id = %job.id, dir = %job.dir.display(), ?err, "Cannot remove the job directory.");
+    }
+}
+
 /// Whether the job must switch to another account than the agent's own.
 pub fn switches_account(job: &JobContext) -> Option<&LocalAccount> {
     job.run_as

@@ -13,7 +13,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use testbot_proto::logs::{MAX_LINE_BYTES, Stream};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use super::{BoxFuture, ExecOutcome, Executor, JobContext, LogSink};
@@ -46,14 +46,7 @@ impl Executor for ShellExecutor {
 
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if job.keep_dir {
-                return;
-            }
-            if let Err(err) = tokio::fs::remove_dir_all(&job.dir).await
-                && err.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(job_id = %job.id, dir = %job.dir.display(), ?err, "Cannot remove the job directory.");
-            }
+            super::remove_job_dir(job).await;
         })
     }
 }
@@ -74,22 +67,10 @@ impl ShellExecutor {
         let workspace = job.dir.join("workspace");
         tokio::fs::create_dir_all(&workspace).await?;
 
-        let mut command = match super::switches_account(job) {
-            Some(account) => {
-                super::hand_over(&job.dir, account)?;
-                // setpriv switches uid, gid and supplementary groups (the account's own, not the
-                // agent's) and then execs bash, so the job's process is still our child.
-                let mut command = Command::new("setpriv");
-                command
-                    .arg(format!("--reuid={}", account.uid))
-                    .arg(format!("--regid={}", account.gid))
-                    .arg("--init-groups")
-                    .arg("--")
-                    .arg("bash");
-                command
-            }
-            _ => Command::new("bash"),
-        };
+        if let Some(account) = super::switches_account(job) {
+            super::hand_over(&job.dir, account)?;
+        }
+        let mut command = super::command_as(job, "bash");
         command
             .args(["--noprofile", "--norc", "-eo", "pipefail"])
             .arg(&script)

@@ -187,14 +187,7 @@ impl Executor for SlurmExecutor {
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let _ = tokio::fs::remove_file(self.record_path(job.id.0)).await;
-            if job.keep_dir {
-                return;
-            }
-            if let Err(err) = tokio::fs::remove_dir_all(&job.dir).await
-                && err.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(job_id = %job.id, dir = %job.dir.display(), ?err, "Cannot remove the job directory.");
-            }
+            super::remove_job_dir(job).await;
         })
     }
 }
@@ -380,23 +373,7 @@ impl SlurmExecutor {
 
     /// A Slurm command with a clean environment, run as the job's account when it has one.
     fn command_as(&self, job: &JobContext, program: &str) -> Command {
-        let mut command = match super::switches_account(job) {
-            Some(account) => {
-                let mut command = Command::new("setpriv");
-                command
-                    .arg(format!("--reuid={}", account.uid))
-                    .arg(format!("--regid={}", account.gid))
-                    .arg("--init-groups")
-                    .arg("--")
-                    .arg(program);
-                command
-                    .env("HOME", &account.home)
-                    .env("USER", &account.name)
-                    .env("LOGNAME", &account.name);
-                command
-            }
-            None => Command::new(program),
-        };
+        let mut command = super::command_as(job, program);
         command.env_clear();
         for name in SLURM_PASSTHROUGH_ENV {
             if let Some(value) = std::env::var_os(name) {

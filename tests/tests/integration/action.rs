@@ -149,6 +149,7 @@ async fn fleet() -> Fleet {
         .await
         .unwrap();
     fleet.add_agent(fleet.agent_config("runner1"));
+    fleet.wait_enrolled(1).await;
     fleet
 }
 

@@ -2,19 +2,11 @@
 //! its exact reason.
 
 use base64::Engine as _;
+use testbot_e2e::refusal;
 use testbot_e2e::{EnrolledAgent, Fleet, TEST_SITE};
-use testbot_proto::client::{BrokerClient, ClientError};
+use testbot_proto::client::BrokerClient;
 use testbot_proto::signing::{self, signing_string};
 use testbot_proto::sites::{EnrollRequest, EnrollmentTokenRequest};
-
-fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (u16, String) {
-    match result {
-        Err(ClientError::Api {
-            status, message, ..
-        }) => (status, message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
 
 fn enroll_request(token: &str, name: &str) -> EnrollRequest {
     EnrollRequest {

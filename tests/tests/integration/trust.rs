@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use testbot_e2e::github::{FakeGitHub, FakeUser};
 use testbot_e2e::oidc::{sign_hs256, unsigned};
+use testbot_e2e::refusal;
 use testbot_e2e::{AUDIENCE, Fleet, wait_for};
-use testbot_proto::client::{BrokerClient, ClientError};
+use testbot_proto::client::BrokerClient;
 use testbot_proto::jobs::{JobListQuery, JobSpec, JobState};
 use testbot_proto::repos::RepoRegistration;
 
@@ -17,16 +18,6 @@ fn spec(script: &str) -> JobSpec {
     JobSpec {
         script: script.into(),
         ..Default::default()
-    }
-}
-
-/// The broker's refusal as (status, message).
-fn refusal<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (u16, String) {
-    match result {
-        Err(ClientError::Api {
-            status, message, ..
-        }) => (status, message),
-        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
@@ -61,6 +52,7 @@ async fn a_workflow_token_submits_a_job_and_follows_only_its_own() {
     register(&fleet, registration(REPO)).await;
     let agent = fleet.agent_config("a1");
     fleet.add_agent(agent);
+    fleet.wait_enrolled(1).await;
 
     let claims = fleet.issuer().claims(REPO, AUDIENCE);
     let token = fleet.issuer().mint(&claims);
