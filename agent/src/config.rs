@@ -27,6 +27,10 @@ pub enum ExecutorKind {
     Noop,
     /// Batch jobs submitted with `sbatch` (settings in the site policy's `[executors.slurm]`).
     Slurm,
+    /// Containers of the Docker engine (settings in the policy's `[executors.docker]`).
+    Docker,
+    /// Containers of rootful podman (settings in the policy's `[executors.podman]`).
+    Podman,
 }
 
 impl ExecutorKind {
@@ -35,6 +39,8 @@ impl ExecutorKind {
             ExecutorKind::Shell => "shell",
             ExecutorKind::Noop => "noop",
             ExecutorKind::Slurm => "slurm",
+            ExecutorKind::Docker => "docker",
+            ExecutorKind::Podman => "podman",
         }
     }
 }
@@ -76,7 +82,7 @@ pub struct AgentConfig {
     /// `/var/lib/testbot-agent`.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,
-    /// The executor: `shell`, `slurm` or `noop`. Default: `shell`.
+    /// The executor: `shell`, `slurm`, `docker`, `podman` or `noop`. Default: `shell`.
     #[serde(default = "default_executor")]
     pub executor: ExecutorKind,
     /// Time limit for jobs that set none, and the most a job may ask for. Default: `6h`.

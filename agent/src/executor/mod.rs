@@ -3,6 +3,7 @@
 //! Every executor implements [`Executor`]: a cancellable `run` that streams output into a
 //! [`LogSink`] and reports how the job ended, and an always-called `cleanup`.
 
+mod container;
 mod noop;
 mod shell;
 mod slurm;
@@ -20,6 +21,7 @@ use testbot_proto::logs::Stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use container::{ContainerExecutor, Engine};
 pub use noop::NoopExecutor;
 pub use shell::ShellExecutor;
 pub use slurm::SlurmExecutor;
@@ -158,6 +160,12 @@ pub trait Executor: Send + Sync + 'static {
     /// The broker has stored the job's log up to `checkpoint`. Executors that can re-attach
     /// after an agent restart record it. Default: nothing.
     fn checkpoint(&self, _job: &JobContext, _checkpoint: Checkpoint) {}
+
+    /// Called once when the agent starts, before [`Executor::detached`]: clean up what a crash
+    /// left behind that no record explains (containers of forgotten jobs). Default: nothing.
+    fn reap<'a>(&'a self) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 
     /// Jobs this executor was running when the agent stopped, which it can pick up again.
     fn detached(&self) -> Vec<Detached> {

@@ -265,6 +265,25 @@ pub struct ContainerSettings {
     pub read_only_root: bool,
 }
 
+impl ContainerSettings {
+    /// For an agent without a site policy (a private fleet): any image present on the host,
+    /// never pulled, no network.
+    pub fn private_fleet() -> ContainerSettings {
+        ContainerSettings {
+            max_cpus: None,
+            max_memory_mib: None,
+            max_gpus: None,
+            max_time: None,
+            images: vec!["*".into()],
+            default_image: None,
+            runtime: None,
+            pull: PullPolicy::Never,
+            network: ContainerNetwork::None,
+            read_only_root: false,
+        }
+    }
+}
+
 fn default_pull() -> PullPolicy {
     PullPolicy::IfNotPresent
 }

@@ -3,6 +3,7 @@
 mod action;
 mod bad_input;
 mod cli;
+mod containers;
 mod drain;
 mod enrollment;
 mod leases;

@@ -1,0 +1,369 @@
+//! The container executor against a real Docker engine and real rootful podman
+//! (`tests/containers/start.sh`, which `scripts/test.sh` runs and which sets `DOCKER_HOST` and
+//! `CONTAINERS_CONF`). Jobs run in the locally built `localhost/testbot-busybox:1` as the
+//! unprivileged account the site policy maps them to.
+
+use std::path::Path;
+use std::time::Duration;
+
+use testbot_agent::config::ExecutorKind;
+use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account, refusal, wait_for};
+use testbot_proto::client::BrokerClient;
+use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
+use testbot_proto::repos::RepoRegistration;
+
+const REPO: &str = "hpc-lab/solver";
+const IMAGE: &str = "localhost/testbot-busybox:1";
+
+/// Fails at once, with the fix, when the engines are not running for the tests.
+fn require_engines() {
+    for var in ["DOCKER_HOST", "CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF"] {
+        assert!(
+            std::env::var_os(var).is_some(),
+            "{var} is not set: start the test engines with `eval \"$(tests/containers/start.sh)\"` (scripts/test.sh does)"
+        );
+    }
+}
+
+fn policy(issuer: &str) -> String {
+    format!(
+        r#"
+max_concurrent_jobs = 4
+max_runtime = "10m"
+env_allow = ["GREETING"]
+
+[oidc]
+issuer = "{issuer}"
+audience = "{AUDIENCE}"
+
+[executors.docker]
+max_cpus = 2
+max_memory = "256M"
+max_time = "5m"
+images = ["localhost/testbot-busybox:*"]
+pull = "never"
+
+[executors.podman]
+max_cpus = 2
+max_memory = "256M"
+max_time = "5m"
+images = ["localhost/testbot-busybox:*"]
+pull = "never"
+
+[identity]
+default_account = "{JOB_ACCOUNT}"
+
+[[rules]]
+name = "lab"
+repositories = ["hpc-lab/*"]
+refs = ["refs/heads/main"]
+events = ["push"]
+executors = ["docker", "podman"]
+"#
+    )
+}
+
+async fn container_fleet() -> (Fleet, std::path::PathBuf) {
+    require_engines();
+    ensure_account(JOB_ACCOUNT);
+    let fleet = Fleet::start_oidc(|config| {
+        config.settings.lease_ttl = Duration::from_secs(20);
+        config.settings.heartbeat_interval = Duration::from_millis(500);
+    })
+    .await;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(fleet.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    fleet
+        .client()
+        .register_repo(&RepoRegistration {
+            name: REPO.into(),
+            ..RepoRegistration::default()
+        })
+        .await
+        .unwrap();
+    let policy_path = fleet.dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy(&fleet.issuer().url)).unwrap();
+    (fleet, policy_path)
+}
+
+fn add_agent(fleet: &mut Fleet, policy: &Path, kind: ExecutorKind, name: &str) {
+    let mut config = fleet.agent_config(name);
+    config.executor = kind;
+    config.policy = Some(policy.to_path_buf());
+    config.kill_grace = Duration::from_secs(1);
+    fleet.add_agent(config);
+}
+
+fn workflow(fleet: &Fleet) -> BrokerClient {
+    let issuer = fleet.issuer();
+    fleet.client_with(&issuer.mint(&issuer.claims(REPO, AUDIENCE)))
+}
+
+fn job(engine: &str, script: &str) -> JobSpec {
+    JobSpec {
+        script: script.into(),
+        executor: Some(engine.into()),
+        image: Some(IMAGE.into()),
+        ..Default::default()
+    }
+}
+
+async fn finished(fleet: &Fleet, job: &Job) -> (Job, String) {
+    let done = fleet.wait_finished(job.id).await;
+    (done, fleet.log(job.id).await)
+}
+
+/// Containers the engine still has for a job.
+fn containers_of(engine: &str, job: &Job) -> String {
+    let out = std::process::Command::new(engine)
+        .args([
+            "ps",
+            "--all",
+            "--filter",
+            &format!("label=testbot.job={}", job.id),
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The agent removes a job's container right after reporting its result.
+async fn no_container_left(engine: &str, job: &Job) {
+    wait_for("the job's container to be removed", WAIT, || async {
+        containers_of(engine, job).is_empty().then_some(())
+    })
+    .await
+}
+
+async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKind) {
+    let (mut fleet, policy) = container_fleet().await;
+    add_agent(&mut fleet, &policy, kind, "vm1");
+    fleet.wait_policy_agents(1).await;
+    let uid = nix::unistd::User::from_name(JOB_ACCOUNT)
+        .unwrap()
+        .unwrap()
+        .uid;
+
+    // Success: output, the mapped uid, files in the job directory owned by it.
+    let mut ok = job(
+        engine,
+        "id -u; echo \"$GREETING\"; echo made > made; ls -ln made | awk '{print \"owner \" $3}'; echo to-stderr >&2",
+    );
+    ok.env
+        .insert("GREETING".into(), "hello from the container".into());
+    let submitted = workflow(&fleet).submit(&ok).await.unwrap();
+    let (done, log) = finished(&fleet, &submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    let out = testbot_e2e::stdout_lines(&log);
+    assert_eq!(
+        out,
+        [
+            uid.to_string(),
+            "hello from the container".to_string(),
+            format!("owner {uid}")
+        ],
+        "{log}"
+    );
+    assert!(log.contains(" E to-stderr\n"), "{log}");
+    no_container_left(engine, &done).await;
+
+    // Failure: the exit code.
+    let failing = workflow(&fleet)
+        .submit(&job(engine, "echo failing; exit 3"))
+        .await
+        .unwrap();
+    let (done, log) = finished(&fleet, &failing).await;
+    assert_eq!(
+        (done.state, done.exit_code),
+        (JobState::Failed, Some(3)),
+        "{log}"
+    );
+
+    // The network is off: the container has only its own loopback, and a port listening on
+    // the host's 127.0.0.1 cannot be reached.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let probe = workflow(&fleet)
+        .submit(&job(
+            engine,
+            &format!(
+                "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; \
+                 if echo hello | nc -w 2 127.0.0.1 {port}; then echo reached; else echo no network; exit 7; fi"
+            ),
+        ))
+        .await
+        .unwrap();
+    let (done, log) = finished(&fleet, &probe).await;
+    drop(listener);
+    assert_eq!(done.exit_code, Some(7), "{log}");
+    assert_eq!(
+        testbot_e2e::stdout_lines(&log),
+        ["lo", "no network"],
+        "{log}"
+    );
+
+    // An image the site does not allow is refused before anything runs.
+    let mut evil = job(engine, "true");
+    evil.image = Some("docker.io/library/evil:latest".into());
+    let (status, message) = refusal(workflow(&fleet).submit(&evil).await);
+    assert_eq!(status, 422);
+    assert!(
+        message.contains("image docker.io/library/evil:latest is not in allowed images"),
+        "{message}"
+    );
+
+    // Cancel: the container is stopped and removed.
+    let long = workflow(&fleet)
+        .submit(&job(engine, "echo started; sleep 300"))
+        .await
+        .unwrap();
+    wait_for("the long job to print", WAIT, || async {
+        fleet
+            .log(long.id)
+            .await
+            .contains(" O started\n")
+            .then_some(())
+    })
+    .await;
+    fleet.client().cancel(long.id).await.unwrap();
+    let (done, log) = finished(&fleet, &long).await;
+    assert_eq!(done.state, JobState::Cancelled, "{log}");
+    no_container_left(engine, &done).await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_exit_codes_ownership_network_and_cancel() {
+    exit_codes_ownership_network_and_cancel("docker", ExecutorKind::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_exit_codes_ownership_network_and_cancel() {
+    exit_codes_ownership_network_and_cancel("podman", ExecutorKind::Podman).await;
+}
+
+async fn memory_limit(engine: &str, kind: ExecutorKind) {
+    let (mut fleet, policy) = container_fleet().await;
+    add_agent(&mut fleet, &policy, kind, "vm1");
+    fleet.wait_policy_agents(1).await;
+    let hog = JobSpec {
+        resources: Resources {
+            memory_mib: Some(32),
+            ..Resources::default()
+        },
+        // Holds 200 MiB in memory: far over the 32 MiB limit.
+        ..job(
+            engine,
+            "echo allocating; x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived ${#x}",
+        )
+    };
+    let submitted = workflow(&fleet).submit(&hog).await.unwrap();
+    let (done, log) = finished(&fleet, &submitted).await;
+    assert_eq!(done.state, JobState::Failed, "{log}");
+    let reason = done.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("out of memory") && reason.contains("memory limit of 32 MiB"),
+        "{reason}\n{log}"
+    );
+    assert!(!log.contains("survived"), "{log}");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_memory_limit_is_enforced_and_reported() {
+    memory_limit("docker", ExecutorKind::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_memory_limit_is_enforced_and_reported() {
+    memory_limit("podman", ExecutorKind::Podman).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agent_restarts_and_re_attaches_to_its_container() {
+    let (fleet, policy) = container_fleet().await;
+    let extra = format!("executor = \"docker\"\npolicy = \"{}\"\n", policy.display());
+    let mut agent = fleet.spawn_agent("vm1", &extra);
+    fleet.wait_policy_agents(1).await;
+    let submitted = workflow(&fleet)
+        .submit(&job(
+            "docker",
+            "for i in $(seq 1 16); do echo line $i; sleep 0.5; done",
+        ))
+        .await
+        .unwrap();
+    wait_for("a few lines before the crash", WAIT, || async {
+        fleet
+            .log(submitted.id)
+            .await
+            .contains(" O line 3\n")
+            .then_some(())
+    })
+    .await;
+    agent.kill9().await;
+    let _agent = fleet.spawn_agent("vm1", &extra);
+    let (done, log) = finished(&fleet, &submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(done.attempts, 1, "re-attached, not run again: {log}");
+    let want: Vec<String> = (1..=16).map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        testbot_e2e::stdout_lines(&log),
+        want,
+        "every line once, in order:\n{log}"
+    );
+    assert!(log.contains("re-attached to the job"), "{log}");
+    no_container_left("docker", &done).await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_start_up_an_agent_removes_containers_of_jobs_it_no_longer_knows() {
+    let (mut fleet, policy) = container_fleet().await;
+    // A container this agent left behind, for a job it has no record of (a crash at the wrong
+    // moment, or a lost state directory).
+    let instance = testbot_agent::executor::ContainerExecutor::instance_of(
+        &fleet.dir.path().join("agent-vm1"),
+    );
+    let stray = format!("testbot-{instance}-job-999-1");
+    let started = std::process::Command::new("docker")
+        .args([
+            "run",
+            "--detach",
+            "--name",
+            &stray,
+            "--label",
+            &format!("testbot.agent={instance}"),
+            "--label",
+            "testbot.job=999",
+            "--network",
+            "none",
+            IMAGE,
+            "sleep",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    add_agent(&mut fleet, &policy, ExecutorKind::Docker, "vm1");
+    wait_for("the stray container to be removed", WAIT, || async {
+        let out = std::process::Command::new("docker")
+            .args([
+                "ps",
+                "--all",
+                "--filter",
+                &format!("name={stray}"),
+                "--format",
+                "{{.Names}}",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    fleet.stop().await;
+}
