@@ -13,12 +13,30 @@ use anyhow::Context as _;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row as _, Sqlite, Transaction};
+use std::sync::Arc;
+
+use sqlx::{Connection as _, Row as _, Sqlite, SqliteConnection, Transaction};
 use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
 use testbot_proto::logs::{Stream, format_line};
 use testbot_proto::now_ms;
 use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::Outcome;
+
+/// The locked writing connection.
+struct WriteGuard<'a>(tokio::sync::MutexGuard<'a, Option<SqliteConnection>>);
+
+impl std::ops::Deref for WriteGuard<'_> {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        self.0.as_ref().expect("checked when locked")
+    }
+}
+
+impl std::ops::DerefMut for WriteGuard<'_> {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.0.as_mut().expect("checked when locked")
+    }
+}
 
 /// How many read connections to keep.
 const READ_CONNECTIONS: u32 = 4;
@@ -274,7 +292,10 @@ pub enum AppendResult {
 /// The broker's database.
 #[derive(Clone)]
 pub struct Db {
-    write: SqlitePool,
+    /// The one writing connection, held directly rather than through a pool of one: a pool's
+    /// acquire and release cost more than most of the statements (measured in
+    /// docs/performance.md).
+    write: Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
     read: SqlitePool,
 }
 
@@ -293,16 +314,14 @@ impl Db {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .connect_with(options.clone())
+        let mut write = SqliteConnection::connect_with(&options)
             .await
             .with_context(|| format!("Cannot open database {}", path.display()))?;
         sqlx::migrate!("./migrations")
-            .run(&write)
+            .run(&mut write)
             .await
             .with_context(|| format!("Cannot migrate database {}", path.display()))?;
+        let write = Arc::new(tokio::sync::Mutex::new(Some(write)));
         let read = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS)
             .connect_with(options.read_only(true))
@@ -313,7 +332,18 @@ impl Db {
 
     pub async fn close(&self) {
         self.read.close().await;
-        self.write.close().await;
+        if let Some(write) = self.write.lock().await.take() {
+            let _ = write.close().await;
+        }
+    }
+
+    /// The writing connection, for one statement or one transaction.
+    async fn writer(&self) -> sqlx::Result<WriteGuard<'_>> {
+        let guard = self.write.lock().await;
+        if guard.is_none() {
+            return Err(sqlx::Error::PoolClosed);
+        }
+        Ok(WriteGuard(guard))
     }
 
     pub async fn api_tokens(&self) -> sqlx::Result<Vec<ApiTokenModel>> {
@@ -331,7 +361,7 @@ impl Db {
         .bind(role)
         .bind(name)
         .bind(now_ms())
-        .execute(&self.write)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -346,7 +376,8 @@ impl Db {
     ) -> anyhow::Result<Option<JobModel>> {
         let spec_json = serde_json::to_string(spec)?;
         let labels = serde_json::to_string(&spec.labels)?;
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         if let Some((jti, expires_at)) = jti
             && !record_jti(&mut tx, jti, expires_at).await?
         {
@@ -379,7 +410,8 @@ impl Db {
 
     /// Records a token id; false when it was recorded before (a replay).
     pub async fn use_jti(&self, jti: &str, expires_at: i64) -> sqlx::Result<bool> {
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         let fresh = record_jti(&mut tx, jti, expires_at).await?;
         tx.commit().await?;
         Ok(fresh)
@@ -389,7 +421,7 @@ impl Db {
     pub async fn prune_jtis(&self, now_secs: i64) -> sqlx::Result<u64> {
         Ok(sqlx::query("DELETE FROM oidc_jtis WHERE expires_at < ?1")
             .bind(now_secs)
-            .execute(&self.write)
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected())
     }
@@ -422,7 +454,8 @@ impl Db {
         registered_by: &str,
         jti: Option<(&str, i64)>,
     ) -> anyhow::Result<Option<RepoModel>> {
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         if let Some((jti, expires_at)) = jti
             && !record_jti(&mut tx, jti, expires_at).await?
         {
@@ -453,7 +486,7 @@ impl Db {
         )
         .bind(name)
         .bind(now_ms())
-        .fetch_optional(&self.write)
+        .fetch_optional(&mut *self.writer().await?)
         .await
     }
 
@@ -473,7 +506,8 @@ impl Db {
     /// Revokes a site: its agents are refused from their next request on, and its enrollment
     /// tokens die. False when there is no such site.
     pub async fn revoke_site(&self, name: &str) -> sqlx::Result<bool> {
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         let found = sqlx::query(
             "UPDATE sites SET revoked_at_ms = coalesce(revoked_at_ms, ?2) WHERE name = ?1",
         )
@@ -507,7 +541,7 @@ impl Db {
         .bind(uses as i64)
         .bind(expires_at_ms)
         .bind(now_ms())
-        .execute(&self.write)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -522,7 +556,8 @@ impl Db {
         policy: Option<&str>,
     ) -> anyhow::Result<Result<AgentModel, EnrollRefusal>> {
         let now = now_ms();
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         let token: Option<(String, i64, i64)> = sqlx::query_as(
             "SELECT site, uses_left, expires_at_ms FROM enrollment_tokens WHERE token_hash = ?1",
         )
@@ -609,7 +644,7 @@ impl Db {
         )
         .bind(id)
         .bind(now_ms())
-        .execute(&self.write)
+        .execute(&mut *self.writer().await?)
         .await?
         .rows_affected()
             > 0)
@@ -617,7 +652,8 @@ impl Db {
 
     /// Stores nonces of signed requests (see [`crate::nonces`]), in one transaction.
     pub async fn insert_nonces(&self, nonces: &[(String, String, i64)]) -> sqlx::Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         for (agent_id, nonce, expires_at_ms) in nonces {
             sqlx::query(
                 "INSERT INTO agent_nonces (agent_id, nonce, expires_at_ms) VALUES (?1, ?2, ?3)
@@ -646,7 +682,7 @@ impl Db {
         Ok(
             sqlx::query("DELETE FROM agent_nonces WHERE expires_at_ms < ?1")
                 .bind(now_ms)
-                .execute(&self.write)
+                .execute(&mut *self.writer().await?)
                 .await?
                 .rows_affected(),
         )
@@ -659,7 +695,7 @@ impl Db {
             .bind(id)
             .bind(policy)
             .bind(now_ms())
-            .execute(&self.write)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -681,7 +717,7 @@ impl Db {
     pub async fn delete_repo(&self, name: &str) -> sqlx::Result<bool> {
         Ok(sqlx::query("DELETE FROM repos WHERE name = ?1")
             .bind(name)
-            .execute(&self.write)
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected()
             > 0)
@@ -716,7 +752,8 @@ impl Db {
         lease: &str,
         lease_expires_at_ms: i64,
     ) -> anyhow::Result<Option<JobModel>> {
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         let candidates: Vec<(i64, Option<String>, String)> = sqlx::query_as(
             "SELECT id, repository, spec FROM jobs
              WHERE state = 'queued'
@@ -782,7 +819,7 @@ impl Db {
             .bind(lease)
             .bind(key)
             .bind(value)
-            .fetch_optional(&self.write)
+            .fetch_optional(&mut *self.writer().await?)
             .await?;
         Ok(match model {
             Some(model) => Ok(model),
@@ -806,7 +843,7 @@ impl Db {
         .bind(lease)
         .bind(now_ms())
         .bind(lease_expires_at_ms)
-        .fetch_optional(&self.write)
+        .fetch_optional(&mut *self.writer().await?)
         .await?;
         match row {
             Some(row) => Ok(Ok(LeaseRenewal::from_row(&row))),
@@ -829,7 +866,7 @@ impl Db {
         .bind(id.0)
         .bind(lease)
         .bind(lease_expires_at_ms)
-        .fetch_optional(&self.write)
+        .fetch_optional(&mut *self.writer().await?)
         .await?;
         match row {
             Some(row) => Ok(Ok(LeaseRenewal::from_row(&row))),
@@ -840,7 +877,7 @@ impl Db {
     async fn lease_refusal(&self, id: JobId) -> sqlx::Result<LeaseRefusal> {
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
             .bind(id.0)
-            .fetch_optional(&self.write)
+            .fetch_optional(&mut *self.writer().await?)
             .await?;
         Ok(match state.map(|s| s.parse::<JobState>()) {
             None => LeaseRefusal::NoSuchJob,
@@ -859,7 +896,8 @@ impl Db {
         data: &[u8],
         max_log_bytes: u64,
     ) -> sqlx::Result<AppendResult> {
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         let row: Option<(Option<String>, String, i64)> =
             sqlx::query_as("SELECT lease, state, log_bytes FROM jobs WHERE id = ?1")
                 .bind(id.0)
@@ -914,7 +952,7 @@ impl Db {
             .bind(outcome.exit_code)
             .bind(outcome.signal)
             .bind(now_ms())
-            .fetch_optional(&self.write)
+            .fetch_optional(&mut *self.writer().await?)
             .await?;
         match row {
             Some(job) => Ok(Ok(job)),
@@ -925,7 +963,8 @@ impl Db {
     /// Cancels a queued job at once, or asks the agent running it to stop. A finished job is
     /// left as it is. `None` if there is no such job.
     pub async fn request_cancel(&self, id: JobId) -> anyhow::Result<Option<JobModel>> {
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
             .bind(id.0)
             .fetch_optional(&mut *tx)
@@ -977,7 +1016,8 @@ impl Db {
         now_ms: i64,
         max_attempts: u32,
     ) -> anyhow::Result<Vec<ExpiredLease>> {
-        let mut tx = self.write.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs
              WHERE state IN ('assigned', 'running') AND lease_expires_at_ms < ?1"
@@ -1051,7 +1091,7 @@ impl Db {
              WHERE state IN ('assigned', 'running')",
         )
         .bind(until_ms)
-        .execute(&self.write)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected())
     }
