@@ -11,6 +11,7 @@ use tracing::Instrument as _;
 
 use crate::config::{AgentConfig, ExecutorKind};
 use crate::enroll::AgentIdentity;
+use crate::executor::records::JobRecords;
 use crate::executor::{
     ContainerExecutor, Engine, Executor, NoopExecutor, ShellExecutor, SlurmExecutor,
 };
@@ -97,7 +98,7 @@ impl Agent {
                     engine,
                     settings: settings.unwrap_or_else(ContainerSettings::private_fleet),
                     instance: ContainerExecutor::instance_of(&config.state_dir()),
-                    state_dir: config.state_dir().join(engine.program()),
+                    records: JobRecords::new(config.state_dir().join(engine.program())),
                     kill_grace: config.kill_grace,
                 })
             }
@@ -106,7 +107,7 @@ impl Agent {
                     .as_ref()
                     .and_then(|p| p.executors().slurm.clone())
                     .unwrap_or_default(),
-                state_dir: config.state_dir().join("slurm"),
+                records: JobRecords::new(config.state_dir().join("slurm")),
             }),
         };
         Agent::build(config, executor, policy)

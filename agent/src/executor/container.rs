@@ -18,18 +18,17 @@
 //!   Cancel and timeout stop the container (SIGTERM, then SIGKILL after the grace period) and
 //!   remove it. At start-up, containers of this agent whose jobs it no longer knows are removed.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
 use testbot_proto::jobs::JobState;
 use testbot_proto::logs::{MAX_LINE_BYTES, Stream};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use super::records::{JobRecord, JobRecords};
 use super::{BoxFuture, Checkpoint, Detached, ExecOutcome, Executor, JobContext, LogSink};
 use crate::policy::settings::{ContainerNetwork, ContainerSettings, PullPolicy};
 
@@ -67,20 +66,10 @@ pub struct ContainerExecutor {
     /// Identifies this agent's containers on a host that may run several agents (and several
     /// brokers' job 1): a short hash of the agent's state directory, stable across restarts.
     pub instance: String,
-    /// Where re-attach records are kept (`STATE_DIR/ENGINE`).
-    pub state_dir: PathBuf,
+    /// Where the records of running containers are kept (`STATE_DIR/ENGINE`).
+    pub records: JobRecords,
     /// Between SIGTERM and SIGKILL when a job is stopped.
     pub kill_grace: Duration,
-}
-
-/// What the agent keeps about a running container, to re-attach after a restart.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct ContainerRecord {
-    container: String,
-    job: Detached,
-    /// Engine timestamps (ns since the epoch) of the last acknowledged stdout and stderr lines.
-    stdout_ns: u64,
-    stderr_ns: u64,
 }
 
 impl Executor for ContainerExecutor {
@@ -103,29 +92,13 @@ impl Executor for ContainerExecutor {
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             self.remove(&self.container_name(job.id, job.attempt)).await;
-            let _ = tokio::fs::remove_file(self.record_path(job.id.0)).await;
+            self.records.remove(job.id);
             super::remove_job_dir(job).await;
         })
     }
 
     fn checkpoint(&self, job: &JobContext, checkpoint: Checkpoint) {
-        let path = self.record_path(job.id.0);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return;
-        };
-        let Ok(mut record) = serde_json::from_str::<ContainerRecord>(&text) else {
-            return;
-        };
-        record.job.log_offset = checkpoint.log_offset;
-        if let Some(ns) = checkpoint.stdout_pos {
-            record.stdout_ns = ns;
-        }
-        if let Some(ns) = checkpoint.stderr_pos {
-            record.stderr_ns = ns;
-        }
-        if let Err(err) = self.save_record(&record) {
-            tracing::warn!(job_id = %job.id, ?err, "Cannot save the container record.");
-        }
+        self.records.checkpoint(job.id, checkpoint);
     }
 
     fn reap<'a>(&'a self) -> BoxFuture<'a, ()> {
@@ -133,7 +106,7 @@ impl Executor for ContainerExecutor {
     }
 
     fn detached(&self) -> Vec<Detached> {
-        self.records().into_iter().map(|r| r.job).collect()
+        self.records.all().into_iter().map(|r| r.job).collect()
     }
 
     fn resume<'a>(
@@ -143,20 +116,16 @@ impl Executor for ContainerExecutor {
         stop: CancellationToken,
     ) -> BoxFuture<'a, anyhow::Result<ExecOutcome>> {
         Box::pin(async move {
-            let path = self.record_path(job.id.0);
-            let text = tokio::fs::read_to_string(&path)
-                .await
-                .with_context(|| format!("Cannot read {}", path.display()))?;
-            let record: ContainerRecord = serde_json::from_str(&text)?;
+            let record = self.records.load(job.id)?;
             log.system(format!(
                 "following container {} again from where the log left off",
-                record.container
+                record.handle
             ))
             .await;
             self.follow(
                 job,
-                &record.container,
-                (record.stdout_ns, record.stderr_ns),
+                &record.handle,
+                (record.stdout_pos, record.stderr_pos),
                 &log,
                 &stop,
             )
@@ -169,7 +138,7 @@ impl Executor for ContainerExecutor {
             let name = self.container_name(job.job_id, job.attempt);
             tracing::warn!(job_id = %job.job_id, container = %name, "Removing a container whose lease is gone.");
             self.remove(&name).await;
-            let _ = tokio::fs::remove_file(self.record_path(job.job_id.0)).await;
+            self.records.remove(job.job_id);
             let _ = tokio::fs::remove_dir_all(&job.dir).await;
         })
     }
@@ -187,32 +156,6 @@ impl ContainerExecutor {
             state_dir.as_os_str().as_encoded_bytes(),
         );
         hex::encode(&digest.as_ref()[..5])
-    }
-
-    fn record_path(&self, job: i64) -> PathBuf {
-        self.state_dir.join(format!("job-{job}.json"))
-    }
-
-    fn save_record(&self, record: &ContainerRecord) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.state_dir)?;
-        let path = self.record_path(record.job.job_id.0);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(record)?)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
-    }
-
-    fn records(&self) -> Vec<ContainerRecord> {
-        let Ok(entries) = std::fs::read_dir(&self.state_dir) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .filter_map(|text| serde_json::from_str(&text).ok())
-            .collect()
     }
 
     fn command(&self) -> Command {
@@ -247,7 +190,7 @@ impl ContainerExecutor {
 
     /// Removes this agent's containers whose jobs it no longer knows (left by a crash).
     pub async fn reap_orphans(&self) {
-        let known: Vec<String> = self.records().into_iter().map(|r| r.container).collect();
+        let known: Vec<String> = self.records.all().into_iter().map(|r| r.handle).collect();
         let filter = format!("label={LABEL_AGENT}={}", self.instance);
         let listed = match self
             .run_command(&["ps", "--all", "--filter", &filter, "--format", "{{.Names}}"])
@@ -406,8 +349,8 @@ impl ContainerExecutor {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        let record = ContainerRecord {
-            container: name.clone(),
+        let record = JobRecord {
+            handle: name.clone(),
             job: Detached {
                 job_id: job.id,
                 attempt: job.attempt,
@@ -419,10 +362,10 @@ impl ContainerExecutor {
                 dir: job.dir.clone(),
                 run_as: job.run_as.as_ref().map(|a| a.name.clone()),
             },
-            stdout_ns: 0,
-            stderr_ns: 0,
+            stdout_pos: 0,
+            stderr_pos: 0,
         };
-        self.save_record(&record)?;
+        self.records.save(&record)?;
         log.metadata("container", name.clone()).await;
         log.system(format!(
             "started container {name} from {image} with {}",

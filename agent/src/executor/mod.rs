@@ -5,6 +5,7 @@
 
 mod container;
 mod noop;
+pub mod records;
 mod shell;
 mod slurm;
 

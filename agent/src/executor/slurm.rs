@@ -16,7 +16,7 @@
 //! - Cancel and the job's time limit call `scancel`; the job is followed until Slurm reports it
 //!   ended, so nothing is left queued or running.
 //! - The Slurm job id and the tail positions are kept in the agent's state directory
-//!   ([`SlurmRecord`]), which is what lets a restarted agent re-attach to its jobs.
+//!   ([`JobRecord`]), which is what lets a restarted agent re-attach to its jobs.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,7 +24,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
 use testbot_proto::jobs::JobState;
 use testbot_proto::logs::{MAX_LINE_BYTES, Stream};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
@@ -32,6 +31,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::records::{JobRecord, JobRecords};
 use super::{BoxFuture, Detached, ExecOutcome, Executor, JobContext, LogSink};
 use crate::policy::settings::SlurmSettings;
 
@@ -58,19 +58,8 @@ const SLURM_PASSTHROUGH_ENV: &[&str] = &["SLURM_CONF", "PATH", "LANG", "TZ"];
 pub struct SlurmExecutor {
     /// The site policy's `[executors.slurm]` table (defaults without a policy).
     pub settings: SlurmSettings,
-    /// Where [`SlurmRecord`]s are kept (`STATE_DIR/slurm`).
-    pub state_dir: PathBuf,
-}
-
-/// What the agent keeps about a submitted Slurm job, so it can find it again after a restart.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SlurmRecord {
-    pub slurm_job: String,
-    /// The job as the agent runs it: lease, spec, directory, where the broker's log ends.
-    pub job: Detached,
-    /// Bytes of `stdout.log` and `stderr.log` whose lines the broker has acknowledged.
-    pub stdout_pos: u64,
-    pub stderr_pos: u64,
+    /// Where the records of running Slurm jobs are kept (`STATE_DIR/slurm`).
+    pub records: JobRecords,
 }
 
 /// A job's state as Slurm reports it.
@@ -120,33 +109,11 @@ impl Executor for SlurmExecutor {
     }
 
     fn checkpoint(&self, job: &JobContext, checkpoint: super::Checkpoint) {
-        let path = self.record_path(job.id.0);
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return;
-        };
-        let Ok(mut record) = serde_json::from_str::<SlurmRecord>(&text) else {
-            return;
-        };
-        record.job.log_offset = checkpoint.log_offset;
-        if let Some(pos) = checkpoint.stdout_pos {
-            record.stdout_pos = pos;
-        }
-        if let Some(pos) = checkpoint.stderr_pos {
-            record.stderr_pos = pos;
-        }
-        if let Err(err) = self.save_record(&record) {
-            tracing::warn!(job_id = %job.id, ?err, "Cannot save the Slurm job record.");
-        }
+        self.records.checkpoint(job.id, checkpoint);
     }
 
     fn detached(&self) -> Vec<Detached> {
-        match self.records() {
-            Ok(records) => records.into_iter().map(|r| r.job).collect(),
-            Err(err) => {
-                tracing::error!(?err, "Cannot read the Slurm job records; not re-attaching.");
-                Vec::new()
-            }
-        }
+        self.records.all().into_iter().map(|r| r.job).collect()
     }
 
     fn resume<'a>(
@@ -156,14 +123,10 @@ impl Executor for SlurmExecutor {
         stop: CancellationToken,
     ) -> BoxFuture<'a, anyhow::Result<ExecOutcome>> {
         Box::pin(async move {
-            let path = self.record_path(job.id.0);
-            let text = tokio::fs::read_to_string(&path)
-                .await
-                .with_context(|| format!("Cannot read {}", path.display()))?;
-            let record: SlurmRecord = serde_json::from_str(&text)?;
+            let record = self.records.load(job.id)?;
             log.system(format!(
                 "following Slurm job {} again from where the log left off",
-                record.slurm_job
+                record.handle
             ))
             .await;
             self.follow(job, record, &log, &stop).await
@@ -172,63 +135,24 @@ impl Executor for SlurmExecutor {
 
     fn abandon<'a>(&'a self, job: &'a Detached) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let path = self.record_path(job.job_id.0);
-            if let Ok(text) = tokio::fs::read_to_string(&path).await
-                && let Ok(record) = serde_json::from_str::<SlurmRecord>(&text)
-            {
-                tracing::warn!(job_id = %job.job_id, slurm_job = %record.slurm_job, "Cancelling a Slurm job whose lease is gone.");
-                self.scancel(&record.slurm_job).await;
+            if let Ok(record) = self.records.load(job.job_id) {
+                tracing::warn!(job_id = %job.job_id, slurm_job = %record.handle, "Cancelling a Slurm job whose lease is gone.");
+                self.scancel(&record.handle).await;
             }
-            let _ = tokio::fs::remove_file(&path).await;
+            self.records.remove(job.job_id);
             let _ = tokio::fs::remove_dir_all(&job.dir).await;
         })
     }
 
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let _ = tokio::fs::remove_file(self.record_path(job.id.0)).await;
+            self.records.remove(job.id);
             super::remove_job_dir(job).await;
         })
     }
 }
 
 impl SlurmExecutor {
-    fn record_path(&self, testbot_job: i64) -> PathBuf {
-        self.state_dir.join(format!("job-{testbot_job}.json"))
-    }
-
-    /// The records of Slurm jobs this agent submitted and has not finished with.
-    pub fn records(&self) -> anyhow::Result<Vec<SlurmRecord>> {
-        let mut records = Vec::new();
-        let entries = match std::fs::read_dir(&self.state_dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(records),
-            Err(e) => return Err(e).context("Cannot read the Slurm state directory"),
-        };
-        for entry in entries {
-            let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                let text = std::fs::read_to_string(&path)?;
-                match serde_json::from_str(&text) {
-                    Ok(record) => records.push(record),
-                    Err(err) => {
-                        tracing::warn!(path = %path.display(), %err, "Ignoring an unreadable Slurm job record.")
-                    }
-                }
-            }
-        }
-        Ok(records)
-    }
-
-    fn save_record(&self, record: &SlurmRecord) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.state_dir)?;
-        let path = self.record_path(record.job.job_id.0);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(record)?)?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
-    }
-
     /// The `sbatch` arguments for a job, before the batch script's path. Public for tests: no
     /// job field can add or change an option.
     pub fn sbatch_args(&self, job: &JobContext) -> anyhow::Result<Vec<String>> {
@@ -288,7 +212,7 @@ impl SlurmExecutor {
     }
 
     /// Writes the job's files, submits it, and saves its record.
-    async fn submit(&self, job: &JobContext, log: &LogSink) -> anyhow::Result<SlurmRecord> {
+    async fn submit(&self, job: &JobContext, log: &LogSink) -> anyhow::Result<JobRecord> {
         for name in job.spec.env.keys() {
             if let Some(prefix) = RESERVED_ENV_PREFIXES.iter().find(|p| name.starts_with(*p)) {
                 anyhow::bail!(
@@ -348,8 +272,8 @@ impl SlurmExecutor {
             sbatch_ms = started.elapsed().as_millis() as u64,
             "Submitted to Slurm."
         );
-        let record = SlurmRecord {
-            slurm_job,
+        let record = JobRecord {
+            handle: slurm_job,
             job: Detached {
                 job_id: job.id,
                 attempt: job.attempt,
@@ -364,9 +288,9 @@ impl SlurmExecutor {
             stdout_pos: 0,
             stderr_pos: 0,
         };
-        self.save_record(&record)?;
-        log.metadata("slurm_job_id", record.slurm_job.clone()).await;
-        log.system(format!("submitted to Slurm as job {}", record.slurm_job))
+        self.records.save(&record)?;
+        log.metadata("slurm_job_id", record.handle.clone()).await;
+        log.system(format!("submitted to Slurm as job {}", record.handle))
             .await;
         Ok(record)
     }
@@ -396,7 +320,7 @@ impl SlurmExecutor {
     pub async fn follow(
         &self,
         job: &JobContext,
-        record: SlurmRecord,
+        record: JobRecord,
         log: &LogSink,
         stop: &CancellationToken,
     ) -> anyhow::Result<ExecOutcome> {
@@ -414,8 +338,8 @@ impl SlurmExecutor {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.cancelled(), if stopping.is_none() => {
-                    log.system(format!("cancelling Slurm job {}", record.slurm_job)).await;
-                    self.scancel(&record.slurm_job).await;
+                    log.system(format!("cancelling Slurm job {}", record.handle)).await;
+                    self.scancel(&record.handle).await;
                     stopping = Some((ExecOutcome::Stopped, Instant::now()));
                     next_state_check = Instant::now();
                 }
@@ -423,9 +347,9 @@ impl SlurmExecutor {
                     log.system(format!(
                         "timed out after {}; cancelling Slurm job {}",
                         humantime::format_duration(job.timeout),
-                        record.slurm_job
+                        record.handle
                     )).await;
-                    self.scancel(&record.slurm_job).await;
+                    self.scancel(&record.handle).await;
                     stopping = Some((ExecOutcome::TimedOut(job.timeout), Instant::now()));
                     next_state_check = Instant::now();
                 }
@@ -436,10 +360,10 @@ impl SlurmExecutor {
             if Instant::now() < next_state_check {
                 continue;
             }
-            let status = match self.status(&record.slurm_job).await {
+            let status = match self.status(&record.handle).await {
                 Ok(status) => status,
                 Err(err) => {
-                    tracing::warn!(job_id = %job.id, slurm_job = %record.slurm_job, %err, "Cannot read the Slurm job's state; retrying.");
+                    tracing::warn!(job_id = %job.id, slurm_job = %record.handle, %err, "Cannot read the Slurm job's state; retrying.");
                     state_interval = (state_interval * 2).min(STATE_INTERVAL_MAX);
                     next_state_check = Instant::now() + state_interval;
                     continue;
@@ -449,14 +373,11 @@ impl SlurmExecutor {
             if changed {
                 match (status.state.as_str(), &status.reason) {
                     ("PENDING", Some(reason)) => {
-                        log.system(format!(
-                            "Slurm job {} is pending ({reason})",
-                            record.slurm_job
-                        ))
-                        .await
+                        log.system(format!("Slurm job {} is pending ({reason})", record.handle))
+                            .await
                     }
                     ("RUNNING", _) => {
-                        log.system(format!("Slurm job {} is running", record.slurm_job))
+                        log.system(format!("Slurm job {} is running", record.handle))
                             .await
                     }
                     _ => {}
@@ -480,7 +401,7 @@ impl SlurmExecutor {
                 if !matches!(outcome, ExecOutcome::Exited(_)) || status.state != "COMPLETED" {
                     log.system(format!(
                         "Slurm job {} ended {}{}",
-                        record.slurm_job,
+                        record.handle,
                         status.state,
                         status
                             .exit_code
@@ -497,7 +418,7 @@ impl SlurmExecutor {
             {
                 anyhow::bail!(
                     "Slurm job {} did not end within {} of scancel",
-                    record.slurm_job,
+                    record.handle,
                     humantime::format_duration(CANCEL_WAIT)
                 );
             }
@@ -777,7 +698,7 @@ mod tests {
                 extra_args: vec!["--reservation=ci".into()],
                 ..SlurmSettings::default()
             },
-            state_dir: PathBuf::from("/nonexistent"),
+            records: JobRecords::new(PathBuf::from("/nonexistent")),
         };
         let args = executor
             .sbatch_args(&context(testbot_proto::jobs::Resources {

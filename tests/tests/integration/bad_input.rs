@@ -201,7 +201,12 @@ async fn bad_requests_are_refused_with_a_clear_error_and_store_nothing() {
         },
     ];
     testbot_proto::client::install_crypto_provider();
-    let http = reqwest::Client::new();
+    // A fresh connection per request: after refusing an oversized body the broker closes the
+    // connection it arrived on, and a pooled client could pick that one for the next case.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     for case in &cases {
         let mut req = http
             .post(format!("{}/api/v1{}", fleet.url, case.path))
