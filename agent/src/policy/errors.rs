@@ -5,6 +5,8 @@ use std::fmt;
 use std::ops::Range;
 
 use toml::Spanned;
+
+use crate::config::line_col;
 use toml::de::{DeTable, DeValue};
 
 /// What is wrong with a policy file, and where.
@@ -68,16 +70,6 @@ fn span_of_path(text: &str, path: &str) -> Option<Range<usize>> {
         }
     }
     best
-}
-
-/// 1-based line and column of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.chars().count(), |nl| {
-        before[nl + 1..].chars().count()
-    }) + 1;
-    (line, col)
 }
 
 /// Adds `; did you mean `X`?` to serde's "unknown field/variant `Y`, expected ..." messages
