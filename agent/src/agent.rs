@@ -1,6 +1,7 @@
 //! The agent process: `concurrency` workers, each polling the broker and running one job at a
 //! time, with a two-stage shutdown.
 
+use anyhow::Context as _;
 use std::sync::Arc;
 
 use testbot_proto::agents::PollRequest;
@@ -13,7 +14,8 @@ use crate::config::{AgentConfig, ExecutorKind};
 use crate::enroll::AgentIdentity;
 use crate::executor::records::JobRecords;
 use crate::executor::{
-    ContainerExecutor, Engine, Executor, NoopExecutor, ShellExecutor, SlurmExecutor,
+    ContainerExecutor, Engine, Executor, KubernetesExecutor, NoopExecutor, ShellExecutor,
+    SlurmExecutor,
 };
 use crate::job::{JobRunner, SiteGate};
 use crate::policy::SitePolicy;
@@ -102,6 +104,21 @@ impl Agent {
                     kill_grace: config.kill_grace,
                 })
             }
+            ExecutorKind::Kubernetes => {
+                let settings = policy
+                    .as_ref()
+                    .and_then(|p| p.executors().kubernetes.clone())
+                    .context(
+                        "executor kubernetes needs a site policy with an [executors.kubernetes] table (its namespace and allowed images)",
+                    )?;
+                Arc::new(KubernetesExecutor::new(
+                    settings,
+                    config.kubernetes.clone(),
+                    ContainerExecutor::instance_of(&config.state_dir()),
+                    JobRecords::new(config.state_dir().join("kubernetes")),
+                    config.kill_grace,
+                ))
+            }
             ExecutorKind::Slurm => Arc::new(SlurmExecutor {
                 settings: policy
                     .as_ref()
@@ -155,6 +172,10 @@ impl Agent {
             executor,
             policy,
         } = self;
+        executor
+            .prepare()
+            .await
+            .with_context(|| format!("The {} executor cannot run jobs here", executor.name()))?;
         let summary = policy.as_ref().map(|p| p.summary());
         let identity = {
             let drain = shutdown.drain.clone();

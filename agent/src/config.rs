@@ -31,6 +31,9 @@ pub enum ExecutorKind {
     Docker,
     /// Containers of rootful podman (settings in the policy's `[executors.podman]`).
     Podman,
+    /// Kubernetes Jobs (settings in the policy's `[executors.kubernetes]`; the cluster from the
+    /// `[kubernetes]` table).
+    Kubernetes,
 }
 
 impl ExecutorKind {
@@ -41,6 +44,7 @@ impl ExecutorKind {
             ExecutorKind::Slurm => "slurm",
             ExecutorKind::Docker => "docker",
             ExecutorKind::Podman => "podman",
+            ExecutorKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -82,7 +86,8 @@ pub struct AgentConfig {
     /// `/var/lib/testbot-agent`.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,
-    /// The executor: `shell`, `slurm`, `docker`, `podman` or `noop`. Default: `shell`.
+    /// The executor: `shell`, `slurm`, `docker`, `podman`, `kubernetes` or `noop`. Default:
+    /// `shell`.
     #[serde(default = "default_executor")]
     pub executor: ExecutorKind,
     /// Time limit for jobs that set none, and the most a job may ask for. Default: `6h`.
@@ -97,6 +102,23 @@ pub struct AgentConfig {
     /// Keep each job's directory after it ends (for debugging). Default: false.
     #[serde(default)]
     pub keep_job_dirs: bool,
+    /// `[kubernetes]`: the cluster the `kubernetes` executor talks to. Default: found as
+    /// `kubectl` finds it.
+    #[serde(default)]
+    pub kubernetes: KubernetesConnection,
+}
+
+/// How the agent reaches its Kubernetes cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConnection {
+    /// A kubeconfig file. Default: `$KUBECONFIG`, then `~/.kube/config`, then the pod's own
+    /// service account when the agent runs inside the cluster.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use. Default: its current context.
+    #[serde(default)]
+    pub context: Option<String>,
 }
 
 fn default_concurrency() -> usize {
@@ -150,6 +172,7 @@ impl AgentConfig {
             kill_grace: default_kill_grace(),
             poll_wait: default_poll_wait(),
             keep_job_dirs: false,
+            kubernetes: KubernetesConnection::default(),
         }
     }
 

@@ -349,22 +349,7 @@ impl ContainerExecutor {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        let record = JobRecord {
-            handle: name.clone(),
-            job: Detached {
-                job_id: job.id,
-                attempt: job.attempt,
-                lease: job.lease.clone(),
-                heartbeat_interval_ms: job.heartbeat_interval_ms,
-                log_offset: 0,
-                spec: job.spec.clone(),
-                timeout: job.timeout,
-                dir: job.dir.clone(),
-                run_as: job.run_as.as_ref().map(|a| a.name.clone()),
-            },
-            stdout_pos: 0,
-            stderr_pos: 0,
-        };
+        let record = JobRecord::started(name.clone(), job);
         self.records.save(&record)?;
         log.metadata("container", name.clone()).await;
         log.system(format!(
@@ -483,9 +468,15 @@ impl ContainerExecutor {
     }
 }
 
-/// Reads `logs --timestamps` output (`2026-11-25T13:40:00.123456789Z text`), skipping lines
-/// at or before `after` (ns since the epoch: lines the broker already has).
-async fn read_stamped(pipe: impl AsyncRead + Unpin, stream: Stream, after: u64, log: LogSink) {
+/// Reads `logs --timestamps` output (`2026-11-25T13:40:00.123456789Z text`, from container
+/// engines and from Kubernetes), skipping lines at or before `after` (ns since the epoch: lines
+/// the broker already has). Returns the timestamp of the last line read (or `after`).
+pub(super) async fn read_stamped(
+    pipe: impl AsyncRead + Unpin,
+    stream: Stream,
+    mut after: u64,
+    log: LogSink,
+) -> u64 {
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
     loop {
@@ -508,6 +499,7 @@ async fn read_stamped(pipe: impl AsyncRead + Unpin, stream: Stream, after: u64, 
         if ns <= after {
             continue;
         }
+        after = ns;
         let rest = rest.strip_suffix('\r').unwrap_or(rest);
         let mut rest = rest;
         while rest.len() > MAX_LINE_BYTES {
@@ -517,6 +509,7 @@ async fn read_stamped(pipe: impl AsyncRead + Unpin, stream: Stream, after: u64, 
         }
         log.file_line(stream, rest.to_string(), ns).await;
     }
+    after
 }
 
 /// An RFC 3339 timestamp with up to nanoseconds, as nanoseconds since the epoch.

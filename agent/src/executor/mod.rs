@@ -4,6 +4,7 @@
 //! [`LogSink`] and reports how the job ended, and an always-called `cleanup`.
 
 mod container;
+mod kubernetes;
 mod noop;
 pub mod records;
 mod shell;
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use container::{ContainerExecutor, Engine};
+pub use kubernetes::KubernetesExecutor;
 pub use noop::NoopExecutor;
 pub use shell::ShellExecutor;
 pub use slurm::SlurmExecutor;
@@ -145,6 +147,13 @@ impl LogSink {
 pub trait Executor: Send + Sync + 'static {
     /// The name agents advertise (`shell`, `noop`, ...).
     fn name(&self) -> &'static str;
+
+    /// Called once when the agent starts, before it enrolls or polls: connects to what the
+    /// executor drives and checks it may, so a misconfigured agent stops at once with the
+    /// reason instead of failing every job. Default: nothing to check.
+    fn prepare<'a>(&'a self) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Runs the job until it ends, its timeout passes, or `stop` is cancelled.
     fn run<'a>(

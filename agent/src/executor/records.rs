@@ -23,6 +23,28 @@ pub struct JobRecord {
     pub stderr_pos: u64,
 }
 
+impl JobRecord {
+    /// The record of a job just started under `handle`: nothing of its output acknowledged yet.
+    pub fn started(handle: String, job: &super::JobContext) -> JobRecord {
+        JobRecord {
+            handle,
+            job: Detached {
+                job_id: job.id,
+                attempt: job.attempt,
+                lease: job.lease.clone(),
+                heartbeat_interval_ms: job.heartbeat_interval_ms,
+                log_offset: 0,
+                spec: job.spec.clone(),
+                timeout: job.timeout,
+                dir: job.dir.clone(),
+                run_as: job.run_as.as_ref().map(|a| a.name.clone()),
+            },
+            stdout_pos: 0,
+            stderr_pos: 0,
+        }
+    }
+}
+
 /// The records of one executor, in one directory.
 #[derive(Debug, Clone)]
 pub struct JobRecords {

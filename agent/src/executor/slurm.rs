@@ -272,22 +272,7 @@ impl SlurmExecutor {
             sbatch_ms = started.elapsed().as_millis() as u64,
             "Submitted to Slurm."
         );
-        let record = JobRecord {
-            handle: slurm_job,
-            job: Detached {
-                job_id: job.id,
-                attempt: job.attempt,
-                lease: job.lease.clone(),
-                heartbeat_interval_ms: job.heartbeat_interval_ms,
-                log_offset: 0,
-                spec: job.spec.clone(),
-                timeout: job.timeout,
-                dir: job.dir.clone(),
-                run_as: job.run_as.as_ref().map(|a| a.name.clone()),
-            },
-            stdout_pos: 0,
-            stderr_pos: 0,
-        };
+        let record = JobRecord::started(slurm_job, job);
         self.records.save(&record)?;
         log.metadata("slurm_job_id", record.handle.clone()).await;
         log.system(format!("submitted to Slurm as job {}", record.handle))

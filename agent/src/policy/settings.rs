@@ -355,6 +355,41 @@ pub struct KubernetesSettings {
     /// The image of a job that names none; it must match `images`. Default: none.
     #[serde(default)]
     pub default_image: Option<String>,
+    /// The pods' `imagePullPolicy`. Default: `if-not-present`.
+    #[serde(default = "default_pull")]
+    pub pull: PullPolicy,
+    /// Mount the service account's API token into job pods. Default: false (a CI job gets no
+    /// credentials for the cluster; name a `service_account` for its image pull secrets).
+    #[serde(default)]
+    pub automount_service_account_token: bool,
+    /// Node labels job pods must run on (`nodeSelector`). Default: none.
+    #[serde(default)]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+    /// The extended resource GPUs are requested as. Default: `nvidia.com/gpu`.
+    #[serde(default = "default_gpu_resource")]
+    pub gpu_resource: String,
+    /// How long a pod may wait for a node (unschedulable) or for its image before the job fails
+    /// with the scheduler's or kubelet's message. Default: `5m`.
+    #[serde(default = "default_max_pending", deserialize_with = "de_duration")]
+    pub max_pending: Duration,
+    /// `ttlSecondsAfterFinished` of the Jobs: Kubernetes removes a finished Job after this, in
+    /// case the agent could not (the agent deletes each Job once its result is reported).
+    /// Default: `1h`.
+    #[serde(
+        default = "default_ttl_after_finished",
+        deserialize_with = "de_duration"
+    )]
+    pub ttl_after_finished: Duration,
+}
+
+fn default_gpu_resource() -> String {
+    "nvidia.com/gpu".to_string()
+}
+fn default_max_pending() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_ttl_after_finished() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// One `[[rules]]` entry: who may run jobs here. A job is allowed when one rule matches every

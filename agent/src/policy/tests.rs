@@ -390,8 +390,22 @@ fn kubernetes_and_container_settings_are_validated() {
     let policy = SitePolicy::parse(&ok).unwrap();
     let k8s = policy.executors().kubernetes.as_ref().unwrap();
     assert_eq!(k8s.namespace, "ci-jobs");
+    assert_eq!(k8s.gpu_resource, "nvidia.com/gpu");
+    assert_eq!(k8s.max_pending, std::time::Duration::from_secs(300));
+    assert!(!k8s.automount_service_account_token);
     let err = parse_error(&ok.replace("ci-jobs", "CI_Jobs"));
     assert!(err.contains("is not a Kubernetes namespace name"), "{err}");
+    let tuned = format!(
+        "{ok}pull = \"never\"\nmax_pending = \"20s\"\nnode_selector = {{ \"testbot.io/pool\" = \"ci\" }}\ngpu_resource = \"amd.com/gpu\"\n"
+    );
+    let policy = SitePolicy::parse(&tuned).unwrap();
+    let k8s = policy.executors().kubernetes.as_ref().unwrap();
+    assert_eq!(k8s.max_pending, std::time::Duration::from_secs(20));
+    assert_eq!(k8s.node_selector["testbot.io/pool"], "ci");
+    let err = parse_error(&tuned.replace("\"ci\" }", "\"c i\" }"));
+    assert!(err.contains("is not a Kubernetes label"), "{err}");
+    let err = parse_error(&tuned.replace("amd.com/gpu", "gpu"));
+    assert!(err.contains("is not an extended resource name"), "{err}");
     let err = parse_error(&format!("{base}[executors.podman]\n"));
     assert!(err.contains("executors.podman.images is empty"), "{err}");
     let err = parse_error(&format!(

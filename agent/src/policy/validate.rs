@@ -211,6 +211,25 @@ fn check_kubernetes(settings: &KubernetesSettings) -> Result<(), Invalid> {
             ),
         ));
     }
+    if !is_label_key(&settings.gpu_resource) || !settings.gpu_resource.contains('/') {
+        return Err(bad(
+            format!("{base}.gpu_resource"),
+            format!(
+                "{base}.gpu_resource {:?} is not an extended resource name: write DOMAIN/NAME, e.g. \"nvidia.com/gpu\"",
+                settings.gpu_resource
+            ),
+        ));
+    }
+    for (key, value) in &settings.node_selector {
+        if !is_label_key(key) || !is_label_value(value) {
+            return Err(bad(
+                format!("{base}.node_selector"),
+                format!(
+                    "{base}.node_selector {key:?} = {value:?} is not a Kubernetes label: keys are [PREFIX/]NAME, values up to 63 characters of a-z A-Z 0-9 - _ ."
+                ),
+            ));
+        }
+    }
     if let Some(account) = &settings.service_account
         && !(account.len() <= 253 && account.split('.').all(is_dns_label))
     {
@@ -525,6 +544,35 @@ fn check_image_glob(pattern: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A Kubernetes label key: an optional DNS-subdomain prefix and `/`, then a name of up to 63
+/// alphanumerics, `-`, `_` and `.` that starts and ends alphanumeric.
+fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    prefix.is_none_or(|p| p.len() <= 253 && p.split('.').all(is_dns_label))
+        && !name.is_empty()
+        && is_label_value(name)
+}
+
+/// A Kubernetes label value: up to 63 alphanumerics, `-`, `_` and `.`, starting and ending
+/// alphanumeric (or empty).
+fn is_label_value(value: &str) -> bool {
+    value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && value
+            .chars()
+            .next()
+            .is_none_or(|c| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .last()
+            .is_none_or(|c| c.is_ascii_alphanumeric())
 }
 
 fn is_dns_label(s: &str) -> bool {

@@ -6,6 +6,7 @@ mod cli;
 mod containers;
 mod drain;
 mod enrollment;
+mod kubernetes;
 mod leases;
 mod load;
 mod logs;

@@ -1,0 +1,476 @@
+//! The Kubernetes executor against a real single-node cluster (`tests/kubernetes/start.sh`, which
+//! `scripts/test.sh` runs and which sets `KUBECONFIG`, `TESTBOT_KUBE_AGENT_CONFIG`,
+//! `TESTBOT_KUBE_NAMESPACE` and `TESTBOT_KUBECTL`). The agent uses the namespaced, RBAC-limited
+//! account of `TESTBOT_KUBE_AGENT_CONFIG`; the tests look at the cluster with the cluster's own
+//! `kubectl` as its admin. Job
+//! pods run the locally built `localhost/testbot-busybox:1` as the unprivileged account the site
+//! policy maps jobs to.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testbot_agent::config::ExecutorKind;
+use testbot_agent::executor::ContainerExecutor;
+use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account, refusal, wait_for};
+use testbot_proto::client::BrokerClient;
+use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
+use testbot_proto::repos::RepoRegistration;
+
+const REPO: &str = "hpc-lab/solver";
+const IMAGE: &str = "localhost/testbot-busybox:1";
+
+struct Cluster {
+    /// The agent's own kubeconfig (namespaced rights only).
+    agent_kubeconfig: PathBuf,
+    namespace: String,
+}
+
+/// The cluster's own kubectl (its version), as the admin of `KUBECONFIG`.
+fn kubectl_path() -> String {
+    std::env::var("TESTBOT_KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+/// Fails at once, with the fix, when the cluster is not running for the tests.
+fn cluster() -> Cluster {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!(
+                "{name} is not set: start the test cluster with `eval \"$(tests/kubernetes/start.sh)\"` (scripts/test.sh does)"
+            )
+        })
+    };
+    var("KUBECONFIG");
+    var("TESTBOT_KUBECTL");
+    Cluster {
+        agent_kubeconfig: var("TESTBOT_KUBE_AGENT_CONFIG").into(),
+        namespace: var("TESTBOT_KUBE_NAMESPACE"),
+    }
+}
+
+fn policy(issuer: &str, namespace: &str) -> String {
+    format!(
+        r#"
+max_concurrent_jobs = 4
+max_runtime = "10m"
+env_allow = ["GREETING"]
+
+[oidc]
+issuer = "{issuer}"
+audience = "{AUDIENCE}"
+
+[executors.kubernetes]
+max_cpus = 64
+max_memory = "256M"
+max_time = "5m"
+namespace = "{namespace}"
+service_account = "testbot-job"
+images = ["localhost/testbot-busybox:*", "localhost/testbot-absent:*"]
+pull = "never"
+max_pending = "6s"
+
+[identity]
+default_account = "{JOB_ACCOUNT}"
+
+[[rules]]
+name = "lab"
+repositories = ["hpc-lab/*"]
+refs = ["refs/heads/main"]
+events = ["push"]
+executors = ["kubernetes"]
+"#
+    )
+}
+
+async fn kubernetes_fleet() -> (Fleet, Cluster, PathBuf) {
+    let cluster = cluster();
+    ensure_account(JOB_ACCOUNT);
+    let fleet = Fleet::start_oidc(|config| {
+        config.settings.lease_ttl = Duration::from_secs(20);
+        config.settings.heartbeat_interval = Duration::from_millis(500);
+    })
+    .await;
+    fleet
+        .client()
+        .register_repo(&RepoRegistration {
+            name: REPO.into(),
+            ..RepoRegistration::default()
+        })
+        .await
+        .unwrap();
+    let policy_path = fleet.dir.path().join("policy.toml");
+    std::fs::write(
+        &policy_path,
+        policy(&fleet.issuer().url, &cluster.namespace),
+    )
+    .unwrap();
+    (fleet, cluster, policy_path)
+}
+
+fn add_agent(fleet: &mut Fleet, cluster: &Cluster, policy: &Path, name: &str) {
+    let mut config = fleet.agent_config(name);
+    config.executor = ExecutorKind::Kubernetes;
+    config.policy = Some(policy.to_path_buf());
+    config.kill_grace = Duration::from_secs(1);
+    config.kubernetes.kubeconfig = Some(cluster.agent_kubeconfig.clone());
+    fleet.add_agent(config);
+}
+
+/// The label value that marks the Jobs of the fleet's agent `name`.
+fn instance(fleet: &Fleet, name: &str) -> String {
+    ContainerExecutor::instance_of(&fleet.dir.path().join(format!("agent-{name}")))
+}
+
+fn workflow(fleet: &Fleet) -> BrokerClient {
+    let issuer = fleet.issuer();
+    fleet.client_with(&issuer.mint(&issuer.claims(REPO, AUDIENCE)))
+}
+
+fn job(script: &str) -> JobSpec {
+    JobSpec {
+        script: script.into(),
+        executor: Some("kubernetes".into()),
+        image: Some(IMAGE.into()),
+        ..Default::default()
+    }
+}
+
+async fn finished(fleet: &Fleet, job: &Job) -> (Job, String) {
+    let done = fleet.wait_finished(job.id).await;
+    (done, fleet.log(job.id).await)
+}
+
+/// `kubectl` as the cluster's admin; its stdout.
+fn kubectl(args: &[&str]) -> String {
+    let out = std::process::Command::new(kubectl_path())
+        .args(args)
+        .output()
+        .expect("kubectl (tests/kubernetes/install.sh installs it)");
+    assert!(out.status.success(), "kubectl {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The names of the Jobs and pods in `namespace` carrying `selector`.
+fn objects(namespace: &str, selector: &str) -> String {
+    kubectl(&[
+        "get",
+        "jobs,pods",
+        "--namespace",
+        namespace,
+        "--selector",
+        selector,
+        "--output",
+        "name",
+    ])
+}
+
+/// The agent deletes a job's Kubernetes Job (and with it its pod) after reporting its result.
+/// (Every test's broker numbers its jobs from 1: the agent's instance tells them apart.)
+async fn nothing_left(cluster: &Cluster, fleet: &Fleet, job: &Job) {
+    let selector = format!(
+        "testbot/agent={},testbot/job={}",
+        instance(fleet, "k8s1"),
+        job.id
+    );
+    wait_for(
+        "the job's Kubernetes Job and pod to be deleted",
+        WAIT,
+        || async {
+            objects(&cluster.namespace, &selector)
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
+    let (mut fleet, cluster, policy) = kubernetes_fleet().await;
+    add_agent(&mut fleet, &cluster, &policy, "k8s1");
+    fleet.wait_policy_agents(1).await;
+    let uid = nix::unistd::User::from_name(JOB_ACCOUNT)
+        .unwrap()
+        .unwrap()
+        .uid;
+
+    // Success: live output, the mapped uid, no privileges, no API token, a writable workspace.
+    let mut ok = job("echo first; id -u; echo \"$GREETING\"; \
+         grep -E '^(NoNewPrivs|CapEff)' /proc/self/status | tr -s '\\t ' ' '; \
+         if ls /var/run/secrets/kubernetes.io >/dev/null 2>&1; then echo token; else echo no token; fi; \
+         pwd; echo made > made; ls -n made | awk '{print \"owner \" $3}'; \
+         echo to-stderr >&2; \
+         i=0; while [ ! -e /work/go ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done; \
+         echo last");
+    ok.env
+        .insert("GREETING".into(), "hello from the pod".into());
+    ok.resources = Resources {
+        cpus: Some(1),
+        memory_mib: Some(64),
+        ..Resources::default()
+    };
+    let submitted = workflow(&fleet).submit(&ok).await.unwrap();
+    // The first line arrives while the pod still runs (it waits for a file that appears later).
+    let pod = wait_for("the first line while the pod runs", WAIT, || async {
+        let job = fleet.client().job(submitted.id).await.unwrap();
+        let log = fleet.log(submitted.id).await;
+        (log.contains(" O first\n") && job.state == JobState::Running)
+            .then(|| job.metadata.get("kubernetes_pod").cloned())
+            .flatten()
+    })
+    .await;
+    // The Job as the agent created it.
+    let name = format!("testbot-{}-{}-1", instance(&fleet, "k8s1"), submitted.id);
+    let spec = kubectl(&[
+        "get",
+        "job",
+        &name,
+        "--namespace",
+        &cluster.namespace,
+        "--output",
+        "jsonpath={.spec.backoffLimit} {.spec.activeDeadlineSeconds} \
+         {.spec.template.spec.serviceAccountName} {.spec.template.spec.securityContext.runAsNonRoot} \
+         {.spec.template.spec.containers[0].resources.limits.cpu} \
+         {.spec.template.spec.containers[0].resources.requests.memory}",
+    ]);
+    assert_eq!(spec, "0 300 testbot-job true 1 64Mi", "{name}");
+    kubectl(&[
+        "exec",
+        "--namespace",
+        &cluster.namespace,
+        &pod,
+        "--",
+        "touch",
+        "/work/go",
+    ]);
+    let (done, log) = finished(&fleet, &submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(
+        testbot_e2e::stdout_lines(&log),
+        [
+            "first".to_string(),
+            uid.to_string(),
+            "hello from the pod".into(),
+            "CapEff: 0000000000000000".into(),
+            "NoNewPrivs: 1".into(),
+            "no token".into(),
+            "/work".into(),
+            format!("owner {uid}"),
+            // Kubernetes keeps a pod's stdout and stderr in one log.
+            "to-stderr".into(),
+            "last".into(),
+        ],
+        "{log}"
+    );
+    assert_eq!(
+        done.metadata.get("kubernetes_job").map(String::as_str),
+        Some(format!("{}/{name}", cluster.namespace).as_str()),
+        "{:?}",
+        done.metadata
+    );
+    nothing_left(&cluster, &fleet, &done).await;
+
+    // Failure: the exit code.
+    let failing = workflow(&fleet)
+        .submit(&job("echo failing; exit 3"))
+        .await
+        .unwrap();
+    let (done, log) = finished(&fleet, &failing).await;
+    assert_eq!(
+        (done.state, done.exit_code),
+        (JobState::Failed, Some(3)),
+        "{log}"
+    );
+    assert!(log.contains(" O failing\n"), "{log}");
+
+    // Refused before any API call: an image the site does not allow, more CPUs than its cap.
+    let mut evil = job("true");
+    evil.image = Some("docker.io/library/evil:latest".into());
+    let (status, message) = refusal(workflow(&fleet).submit(&evil).await);
+    assert_eq!(status, 422);
+    assert!(
+        message.contains("image docker.io/library/evil:latest is not in allowed images"),
+        "{message}"
+    );
+    let mut greedy = job("true");
+    greedy.resources.cpus = Some(65);
+    let (status, message) = refusal(workflow(&fleet).submit(&greedy).await);
+    assert_eq!(status, 422);
+    assert!(
+        message.ends_with("resources.cpus 65 is over the cap of 64 for executor kubernetes"),
+        "{message}"
+    );
+
+    // Cancel: the Job and its pod are deleted.
+    let long = workflow(&fleet)
+        .submit(&job("echo started; sleep 300"))
+        .await
+        .unwrap();
+    wait_for("the long job to print", WAIT, || async {
+        fleet
+            .log(long.id)
+            .await
+            .contains(" O started\n")
+            .then_some(())
+    })
+    .await;
+    fleet.client().cancel(long.id).await.unwrap();
+    let (done, log) = finished(&fleet, &long).await;
+    assert_eq!(done.state, JobState::Cancelled, "{log}");
+    nothing_left(&cluster, &fleet, &done).await;
+
+    // Nothing of the refused jobs ever reached the cluster: only the three that ran had Jobs.
+    let selector = format!("testbot/agent={}", instance(&fleet, "k8s1"));
+    assert_eq!(objects(&cluster.namespace, &selector), "");
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_deadlines_missing_images_unschedulable_pods_and_oom_are_reported() {
+    let (mut fleet, cluster, policy) = kubernetes_fleet().await;
+    add_agent(&mut fleet, &cluster, &policy, "k8s1");
+    fleet.wait_policy_agents(1).await;
+
+    // activeDeadlineSeconds: Kubernetes stops the Job; the result says it timed out.
+    let slow = JobSpec {
+        timeout_secs: Some(4),
+        ..job("echo sleeping; sleep 120")
+    };
+    let slow = workflow(&fleet).submit(&slow).await.unwrap();
+    // An image the site allows but the node does not have (pull policy never).
+    let mut absent = job("true");
+    absent.image = Some("localhost/testbot-absent:1".into());
+    let absent = workflow(&fleet).submit(&absent).await.unwrap();
+    // More CPUs than the node has: the scheduler cannot place the pod.
+    let mut huge = job("true");
+    huge.resources.cpus = Some(64);
+    let huge = workflow(&fleet).submit(&huge).await.unwrap();
+    // Over the memory limit.
+    let hog = JobSpec {
+        resources: Resources {
+            memory_mib: Some(32),
+            ..Resources::default()
+        },
+        ..job("echo allocating; x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived ${#x}")
+    };
+    let hog = workflow(&fleet).submit(&hog).await.unwrap();
+
+    let (done, log) = finished(&fleet, &slow).await;
+    assert_eq!(done.state, JobState::Failed, "{log}");
+    assert_eq!(done.reason.as_deref(), Some("timed out after 4s"), "{log}");
+    assert!(log.contains("DeadlineExceeded"), "{log}");
+    assert_eq!(done.cli_exit_code(), 124);
+
+    let (done, log) = finished(&fleet, &absent).await;
+    assert_eq!(done.state, JobState::Error, "{log}");
+    let reason = done.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("ErrImageNeverPull") && reason.contains("localhost/testbot-absent:1"),
+        "{reason}\n{log}"
+    );
+
+    let (done, log) = finished(&fleet, &huge).await;
+    assert_eq!(done.state, JobState::Error, "{log}");
+    let reason = done.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("did not start within 6s") && reason.contains("Insufficient cpu"),
+        "{reason}\n{log}"
+    );
+    assert!(log.contains("pod waiting: Unschedulable"), "{log}");
+
+    let (done, log) = finished(&fleet, &hog).await;
+    assert_eq!(done.state, JobState::Failed, "{log}");
+    let reason = done.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with("out of memory") && reason.contains("memory limit of 32 MiB"),
+        "{reason}\n{log}"
+    );
+    assert!(!log.contains("survived"), "{log}");
+
+    for job in [&slow, &absent, &huge, &hog] {
+        nothing_left(&cluster, &fleet, job).await;
+    }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_kubernetes_agent_re_attaches_and_reaps_jobs_it_no_longer_knows() {
+    let (fleet, cluster, policy) = kubernetes_fleet().await;
+    let instance = instance(&fleet, "k8s1");
+    // A Job this agent left behind, for a job it has no record of.
+    let stray = format!("testbot-{instance}-999-1");
+    let manifest = fleet.dir.path().join("stray.json");
+    std::fs::write(
+        &manifest,
+        serde_json::json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": stray,
+                "namespace": cluster.namespace,
+                "labels": {"testbot/agent": instance, "testbot/job": "999", "testbot/attempt": "1"},
+            },
+            "spec": {
+                "backoffLimit": 0,
+                "template": {"spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": false,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 1000},
+                    "containers": [{
+                        "name": "job", "image": IMAGE, "imagePullPolicy": "Never",
+                        "command": ["sleep", "300"],
+                    }],
+                }},
+            },
+        })
+        .to_string(),
+    )
+    .unwrap();
+    kubectl(&["create", "--filename", manifest.to_str().unwrap()]);
+
+    let extra = format!(
+        "executor = \"kubernetes\"\npolicy = \"{}\"\n[kubernetes]\nkubeconfig = \"{}\"\n",
+        policy.display(),
+        cluster.agent_kubeconfig.display()
+    );
+    let mut agent = fleet.spawn_agent("k8s1", &extra);
+    let stray_selector = "testbot/job=999";
+    wait_for("the stray Job to be deleted", WAIT, || async {
+        objects(
+            &cluster.namespace,
+            &format!("{stray_selector},testbot/agent={instance}"),
+        )
+        .is_empty()
+        .then_some(())
+    })
+    .await;
+
+    fleet.wait_policy_agents(1).await;
+    let submitted = workflow(&fleet)
+        .submit(&job(
+            "for i in $(seq 1 16); do echo line $i; sleep 0.5; done",
+        ))
+        .await
+        .unwrap();
+    wait_for("a few lines before the crash", WAIT, || async {
+        fleet
+            .log(submitted.id)
+            .await
+            .contains(" O line 3\n")
+            .then_some(())
+    })
+    .await;
+    agent.kill9().await;
+    let _agent = fleet.spawn_agent("k8s1", &extra);
+    let (done, log) = finished(&fleet, &submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(done.attempts, 1, "re-attached, not run again: {log}");
+    let want: Vec<String> = (1..=16).map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        testbot_e2e::stdout_lines(&log),
+        want,
+        "every line once, in order:\n{log}"
+    );
+    assert!(log.contains("re-attached to the job"), "{log}");
+    nothing_left(&cluster, &fleet, &done).await;
+    fleet.stop().await;
+}
