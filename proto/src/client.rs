@@ -64,15 +64,21 @@ impl From<reqwest::Error> for ClientError {
             return ClientError::Protocol(err.to_string());
         }
         // Connection refused, reset, timeouts, a broken body stream: the broker may come back.
-        let mut msg = err.to_string();
-        let mut source = std::error::Error::source(&err);
-        while let Some(inner) = source {
-            msg.push_str(": ");
-            msg.push_str(&inner.to_string());
-            source = inner.source();
-        }
-        ClientError::Unavailable(msg)
+        ClientError::Unavailable(with_causes(&err))
     }
+}
+
+/// An error and every cause under it, `outer: inner: ...` (reqwest's own message is often just
+/// "builder error" or "error sending request").
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        msg.push_str(": ");
+        msg.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    msg
 }
 
 /// Installs `ring` as the process's rustls crypto provider (once; later calls do nothing).
@@ -146,7 +152,9 @@ impl BrokerClient {
             .tcp_nodelay(true)
             .user_agent(concat!("testbot/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ClientError::Protocol(format!("cannot build HTTP client: {e}")))?;
+            .map_err(|e| {
+                ClientError::Protocol(format!("cannot build HTTP client: {}", with_causes(&e)))
+            })?;
         Ok(BrokerClient {
             http,
             base,

@@ -464,7 +464,7 @@ launch kube-scheduler -- "$BIN/kube-scheduler" --v="$LOG_V" \
     --profiling=false
 
 # ---------------------------------------------------------------- namespace, identities, RBAC
-log "applying the namespace $NAMESPACE, service account testbot-job and the testbot-agent role"
+log "applying the namespace $NAMESPACE, service accounts testbot-job and testbot-agent, and the testbot-agent role"
 SETUP="# Written by tests/kubernetes/start.sh.
 apiVersion: v1
 kind: Namespace
@@ -480,7 +480,14 @@ metadata:
   namespace: $NAMESPACE
 automountServiceAccountToken: false
 ---
-# What the CI agent (user testbot-agent) may do: run Jobs and watch them, in this namespace only.
+# The identity of an agent that runs inside the cluster, in a pod (in-cluster configuration).
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: testbot-agent
+  namespace: $NAMESPACE
+---
+# What the CI agent (user testbot-agent, or service account testbot-agent in a pod) may do: run Jobs and watch them, in this namespace only.
 apiVersion: rbac.authorization.k8s.io/v1
 kind: Role
 metadata:
@@ -512,7 +519,10 @@ roleRef:
 subjects:
 - apiGroup: rbac.authorization.k8s.io
   kind: User
-  name: testbot-agent"
+  name: testbot-agent
+- kind: ServiceAccount
+  name: testbot-agent
+  namespace: $NAMESPACE"
 write_if_changed "$CONF/setup.yaml" "$SETUP" || true
 wait_for "kubectl apply of $CONF/setup.yaml" kadmin apply -f "$CONF/setup.yaml"
 
@@ -527,6 +537,7 @@ sa_ready() { # NAMESPACE NAME
 wait_for "the node localhost to be Ready" node_ready
 wait_for "the service account default/default" sa_ready default default
 wait_for "the service account $NAMESPACE/testbot-job" sa_ready "$NAMESPACE" testbot-job
+wait_for "the service account $NAMESPACE/testbot-agent" sa_ready "$NAMESPACE" testbot-agent
 touch "$RUN/ready"
 log "cluster ready in $((SECONDS - START))s (logs in $LOGS)"
 

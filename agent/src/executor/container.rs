@@ -470,13 +470,16 @@ impl ContainerExecutor {
 
 /// Reads `logs --timestamps` output (`2026-11-25T13:40:00.123456789Z text`, from container
 /// engines and from Kubernetes), skipping lines at or before `after` (ns since the epoch: lines
-/// the broker already has). Returns the timestamp of the last line read (or `after`).
+/// the broker already has). Every later line is passed on in the order read, even one stamped
+/// the same as or earlier than the line before it (engines stamp lines when they read them, and
+/// podman's stamps can repeat). Returns the latest timestamp read (or `after`).
 pub(super) async fn read_stamped(
     pipe: impl AsyncRead + Unpin,
     stream: Stream,
-    mut after: u64,
+    after: u64,
     log: LogSink,
 ) -> u64 {
+    let mut latest = after;
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
     loop {
@@ -499,7 +502,7 @@ pub(super) async fn read_stamped(
         if ns <= after {
             continue;
         }
-        after = ns;
+        latest = latest.max(ns);
         let rest = rest.strip_suffix('\r').unwrap_or(rest);
         let mut rest = rest;
         while rest.len() > MAX_LINE_BYTES {
@@ -509,7 +512,7 @@ pub(super) async fn read_stamped(
         }
         log.file_line(stream, rest.to_string(), ns).await;
     }
-    after
+    latest
 }
 
 /// An RFC 3339 timestamp with up to nanoseconds, as nanoseconds since the epoch.
@@ -524,6 +527,23 @@ fn timestamp_ns(stamp: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn stamped_lines_after_the_mark_all_pass_in_the_order_read() {
+        let output = "2026-11-25T13:40:00.000000001Z acknowledged\n\
+            2026-11-25T13:40:00.000000005Z new\n\
+            2026-11-25T13:40:00.000000005Z same stamp\n\
+            2026-11-25T13:40:00.000000003Z stamped earlier, read later\n";
+        let (sink, mut lines) = LogSink::new(16);
+        let after = timestamp_ns("2026-11-25T13:40:00.000000001Z").unwrap();
+        let latest = read_stamped(output.as_bytes(), Stream::Stdout, after, sink).await;
+        let mut texts = Vec::new();
+        while let Ok(line) = lines.try_recv() {
+            texts.push(line.text);
+        }
+        assert_eq!(texts, ["new", "same stamp", "stamped earlier, read later"]);
+        assert_eq!(latest, after + 4);
+    }
 
     #[test]
     fn engine_timestamps_parse_to_nanoseconds() {

@@ -244,8 +244,15 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
     ]);
     let (done, log) = finished(&fleet, &submitted).await;
     assert_eq!(done.state, JobState::Succeeded, "{log}");
+    // Kubernetes keeps a pod's stdout and stderr in one log, both as standard output; the
+    // engine reads the two pipes apart, so a stderr line may come before stdout lines printed
+    // earlier.
+    let mut out = testbot_e2e::stdout_lines(&log);
+    let stderr_at = out.iter().position(|l| l == "to-stderr");
+    assert!(stderr_at.is_some(), "{log}");
+    out.remove(stderr_at.unwrap());
     assert_eq!(
-        testbot_e2e::stdout_lines(&log),
+        out,
         [
             "first".to_string(),
             uid.to_string(),
@@ -255,8 +262,6 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
             "no token".into(),
             "/work".into(),
             format!("owner {uid}"),
-            // Kubernetes keeps a pod's stdout and stderr in one log.
-            "to-stderr".into(),
             "last".into(),
         ],
         "{log}"
@@ -472,5 +477,190 @@ async fn a_killed_kubernetes_agent_re_attaches_and_reaps_jobs_it_no_longer_knows
     );
     assert!(log.contains("re-attached to the job"), "{log}");
     nothing_left(&cluster, &fleet, &done).await;
+    fleet.stop().await;
+}
+
+/// Removes what a test put in the cluster or the engine, even when it fails.
+struct Cleanup(Vec<Vec<String>>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for command in &self.0 {
+            let _ = std::process::Command::new(&command[0])
+                .args(&command[1..])
+                .output();
+        }
+    }
+}
+
+/// An image holding the `testbot-agent` binary, the libraries it links, the host's CA
+/// certificates and account database (the site policy maps jobs to a local account), imported
+/// into the test engine.
+fn agent_image(dir: &Path, tag: &str) {
+    let rootfs = dir.join("agent-image");
+    let copy = |from: &Path| {
+        let to = rootfs.join(from.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    };
+    let binary = testbot_e2e::bin_path("testbot-agent");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    std::fs::copy(&binary, rootfs.join("testbot-agent")).unwrap();
+    let ldd = std::process::Command::new("ldd")
+        .arg(&binary)
+        .output()
+        .unwrap();
+    for library in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|word| word.starts_with('/'))
+    {
+        copy(Path::new(library));
+    }
+    // The HTTP client loads the system's CA certificates, whatever the broker's URL.
+    for file in [
+        "/etc/passwd",
+        "/etc/group",
+        "/etc/nsswitch.conf",
+        "/etc/ssl/certs/ca-certificates.crt",
+    ] {
+        copy(Path::new(file));
+    }
+    std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
+    let tar = dir.join("agent-image.tar");
+    let packed = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(packed.success());
+    let imported = std::process::Command::new("docker")
+        .args(["import", "--change", "ENTRYPOINT [\"/testbot-agent\"]"])
+        .arg(&tar)
+        .arg(tag)
+        .output()
+        .unwrap();
+    assert!(imported.status.success(), "{imported:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_in_a_pod_runs_jobs_with_its_service_account() {
+    let (fleet, cluster, policy) = kubernetes_fleet().await;
+    let dir = fleet.dir.path();
+    let tag = format!("localhost/testbot-agent-test:{}", std::process::id());
+    let pod = format!("testbot-agent-test-{}", std::process::id());
+    let _cleanup = Cleanup(vec![
+        vec![
+            kubectl_path(),
+            "delete".into(),
+            "pod".into(),
+            pod.clone(),
+            "--namespace".into(),
+            cluster.namespace.clone(),
+            "--grace-period=5".into(),
+            "--wait=true".into(),
+            "--ignore-not-found".into(),
+        ],
+        vec!["docker".into(), "rmi".into(), "--force".into(), tag.clone()],
+    ]);
+    agent_image(dir, &tag);
+    let token_file = dir.join("enrollment.token");
+    {
+        use secrecy::ExposeSecret as _;
+        std::fs::write(&token_file, fleet.enrollment_token.expose_secret()).unwrap();
+    }
+    // No [kubernetes] table and no kubeconfig in the pod: the agent finds the cluster from the
+    // pod's own service account (in-cluster configuration).
+    let config = dir.join("agent-pod.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"k8s-pod\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\nkill_grace = \"1s\"\nexecutor = \"kubernetes\"\npolicy = \"{}\"\n",
+            fleet.url,
+            token_file.display(),
+            dir.join("agent-k8s-pod").display(),
+            policy.display()
+        ),
+    )
+    .unwrap();
+    let manifest = dir.join("agent-pod.json");
+    let path = dir.display().to_string();
+    std::fs::write(
+        &manifest,
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod, "namespace": cluster.namespace},
+            "spec": {
+                "serviceAccountName": "testbot-agent",
+                "restartPolicy": "Never",
+                // The broker and the token issuer listen on the host's loopback; the API server
+                // too, and pods here have no cluster network to reach its service address.
+                "hostNetwork": true,
+                "containers": [{
+                    "name": "agent",
+                    "image": tag,
+                    "imagePullPolicy": "Never",
+                    "args": ["run", "--config", config.to_str().unwrap()],
+                    "env": [
+                        {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                        {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"},
+                        {"name": "RUST_LOG", "value": "info"},
+                    ],
+                    "volumeMounts": [{"name": "fleet", "mountPath": path}],
+                }],
+                "volumes": [{"name": "fleet", "hostPath": {"path": path, "type": "Directory"}}],
+            },
+        })
+        .to_string(),
+    )
+    .unwrap();
+    kubectl(&["create", "--filename", manifest.to_str().unwrap()]);
+    let agent_log = || {
+        std::process::Command::new(kubectl_path())
+            .args(["logs", "--namespace", &cluster.namespace, &pod])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).to_string())
+            .unwrap_or_default()
+    };
+    let enrolled = tokio::time::timeout(WAIT, fleet.wait_policy_agents(1)).await;
+    assert!(
+        enrolled.is_ok(),
+        "the agent in the pod did not enroll:\n{}",
+        agent_log()
+    );
+
+    let submitted = workflow(&fleet)
+        .submit(&job("echo hello from a job of an agent in a pod; id -u"))
+        .await
+        .unwrap();
+    let (done, log) = finished(&fleet, &submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}\n{}", agent_log());
+    let uid = nix::unistd::User::from_name(JOB_ACCOUNT)
+        .unwrap()
+        .unwrap()
+        .uid;
+    assert_eq!(
+        testbot_e2e::stdout_lines(&log),
+        [
+            "hello from a job of an agent in a pod".to_string(),
+            uid.to_string()
+        ],
+        "{log}"
+    );
+    assert!(
+        agent_log().contains("Connected to Kubernetes"),
+        "{}",
+        agent_log()
+    );
+    let selector = format!("testbot/agent={}", instance(&fleet, "k8s-pod"));
+    wait_for("the agent in the pod to delete its Job", WAIT, || async {
+        objects(&cluster.namespace, &selector)
+            .is_empty()
+            .then_some(())
+    })
+    .await;
     fleet.stop().await;
 }
