@@ -440,6 +440,42 @@ impl Fleet {
         .await
     }
 
+    /// The re-attach scenario of executors whose jobs outlive the agent: once `job` (running
+    /// [`SIXTEEN_LINES`]) has printed three lines, kills the agent process with SIGKILL, starts it
+    /// again as `name` with `extra_toml`, and checks that the job then succeeds at its first
+    /// attempt, re-attached, with every line exactly once and in order. Returns the finished job
+    /// and the new agent.
+    pub async fn kill_agent_and_check_reattach(
+        &self,
+        agent: &mut Process,
+        name: &str,
+        extra_toml: &str,
+        job: &Job,
+    ) -> (Job, Process) {
+        wait_for("a few lines before the crash", WAIT, || async {
+            self.log(job.id).await.contains(" O line 3\n").then_some(())
+        })
+        .await;
+        agent.kill9().await;
+        let restarted = self.spawn_agent(name, extra_toml);
+        let done = self.wait_finished(job.id).await;
+        let log = self.log(job.id).await;
+        assert_eq!(
+            done.state,
+            testbot_proto::jobs::JobState::Succeeded,
+            "{log}"
+        );
+        assert_eq!(done.attempts, 1, "re-attached, not run again: {log}");
+        let want: Vec<String> = (1..=16).map(|i| format!("line {i}")).collect();
+        assert_eq!(
+            stdout_lines(&log),
+            want,
+            "every line once, in order:\n{log}"
+        );
+        assert!(log.contains("re-attached to the job"), "{log}");
+        (done, restarted)
+    }
+
     /// Waits until the job has its result, for jobs that take long by design.
     pub async fn wait_finished_within(&self, id: JobId, timeout: Duration) -> Job {
         let client = self.client();
@@ -475,6 +511,10 @@ impl Fleet {
         }
     }
 }
+
+/// The script of re-attach tests ([`Fleet::kill_agent_and_check_reattach`]): 16 lines, half a
+/// second apart.
+pub const SIXTEEN_LINES: &str = "for i in $(seq 1 16); do echo line $i; sleep 0.5; done";
 
 /// The texts of a stored log's stdout lines.
 pub fn stdout_lines(log: &str) -> Vec<String> {

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use testbot_agent::config::ExecutorKind;
-use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account, refusal, wait_for};
+use testbot_e2e::{
+    AUDIENCE, Fleet, JOB_ACCOUNT, SIXTEEN_LINES, WAIT, ensure_account, refusal, wait_for,
+};
 use testbot_proto::client::BrokerClient;
 use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
@@ -288,32 +290,12 @@ async fn a_killed_agent_restarts_and_re_attaches_to_its_container() {
     let mut agent = fleet.spawn_agent("vm1", &extra);
     fleet.wait_policy_agents(1).await;
     let submitted = workflow(&fleet)
-        .submit(&job(
-            "docker",
-            "for i in $(seq 1 16); do echo line $i; sleep 0.5; done",
-        ))
+        .submit(&job("docker", SIXTEEN_LINES))
         .await
         .unwrap();
-    wait_for("a few lines before the crash", WAIT, || async {
-        fleet
-            .log(submitted.id)
-            .await
-            .contains(" O line 3\n")
-            .then_some(())
-    })
-    .await;
-    agent.kill9().await;
-    let _agent = fleet.spawn_agent("vm1", &extra);
-    let (done, log) = finished(&fleet, &submitted).await;
-    assert_eq!(done.state, JobState::Succeeded, "{log}");
-    assert_eq!(done.attempts, 1, "re-attached, not run again: {log}");
-    let want: Vec<String> = (1..=16).map(|i| format!("line {i}")).collect();
-    assert_eq!(
-        testbot_e2e::stdout_lines(&log),
-        want,
-        "every line once, in order:\n{log}"
-    );
-    assert!(log.contains("re-attached to the job"), "{log}");
+    let (done, _agent) = fleet
+        .kill_agent_and_check_reattach(&mut agent, "vm1", &extra, &submitted)
+        .await;
     no_container_left("docker", &done).await;
     fleet.stop().await;
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use testbot_agent::config::ExecutorKind;
 use testbot_agent::executor::ContainerExecutor;
-use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account, refusal, wait_for};
+use testbot_e2e::{
+    AUDIENCE, Fleet, JOB_ACCOUNT, SIXTEEN_LINES, WAIT, ensure_account, refusal, wait_for,
+};
 use testbot_proto::client::BrokerClient;
 use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
@@ -418,6 +420,9 @@ async fn a_killed_kubernetes_agent_re_attaches_and_reaps_jobs_it_no_longer_knows
                 "backoffLimit": 0,
                 "template": {"spec": {
                     "restartPolicy": "Never",
+                    // As the agent's own pods: a stop takes a second, not the default 30 s.
+                    "terminationGracePeriodSeconds": 1,
+                    "shareProcessNamespace": true,
                     "automountServiceAccountToken": false,
                     "securityContext": {"runAsNonRoot": true, "runAsUser": 1000},
                     "containers": [{
@@ -438,44 +443,31 @@ async fn a_killed_kubernetes_agent_re_attaches_and_reaps_jobs_it_no_longer_knows
         cluster.agent_kubeconfig.display()
     );
     let mut agent = fleet.spawn_agent("k8s1", &extra);
-    let stray_selector = "testbot/job=999";
-    wait_for("the stray Job to be deleted", WAIT, || async {
-        objects(
+    // Deleted by the agent: gone, or going (a foreground deletion waits for the pod, which may
+    // take the kubelet a while for a pod that was still being created).
+    wait_for("the agent to delete the stray Job", WAIT, || async {
+        let deleting = kubectl(&[
+            "get",
+            "jobs",
+            "--namespace",
             &cluster.namespace,
-            &format!("{stray_selector},testbot/agent={instance}"),
-        )
-        .is_empty()
-        .then_some(())
+            "--selector",
+            &format!("testbot/job=999,testbot/agent={instance}"),
+            "--output",
+            "jsonpath={range .items[*]}{.metadata.name}={.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        ]);
+        deleting
+            .lines()
+            .all(|line| !line.ends_with('='))
+            .then_some(())
     })
     .await;
 
     fleet.wait_policy_agents(1).await;
-    let submitted = workflow(&fleet)
-        .submit(&job(
-            "for i in $(seq 1 16); do echo line $i; sleep 0.5; done",
-        ))
-        .await
-        .unwrap();
-    wait_for("a few lines before the crash", WAIT, || async {
-        fleet
-            .log(submitted.id)
-            .await
-            .contains(" O line 3\n")
-            .then_some(())
-    })
-    .await;
-    agent.kill9().await;
-    let _agent = fleet.spawn_agent("k8s1", &extra);
-    let (done, log) = finished(&fleet, &submitted).await;
-    assert_eq!(done.state, JobState::Succeeded, "{log}");
-    assert_eq!(done.attempts, 1, "re-attached, not run again: {log}");
-    let want: Vec<String> = (1..=16).map(|i| format!("line {i}")).collect();
-    assert_eq!(
-        testbot_e2e::stdout_lines(&log),
-        want,
-        "every line once, in order:\n{log}"
-    );
-    assert!(log.contains("re-attached to the job"), "{log}");
+    let submitted = workflow(&fleet).submit(&job(SIXTEEN_LINES)).await.unwrap();
+    let (done, _agent) = fleet
+        .kill_agent_and_check_reattach(&mut agent, "k8s1", &extra, &submitted)
+        .await;
     nothing_left(&cluster, &fleet, &done).await;
     fleet.stop().await;
 }

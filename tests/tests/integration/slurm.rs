@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account, wait_for};
+use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, SIXTEEN_LINES, WAIT, ensure_account, wait_for};
 use testbot_proto::client::{BrokerClient, ClientError};
 use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
@@ -301,33 +301,11 @@ async fn a_killed_agent_restarts_and_re_attaches_to_its_slurm_job() {
     let extra = format!("executor = \"slurm\"\npolicy = \"{}\"\n", policy.display());
     let mut agent = fleet.spawn_agent("login1", &extra);
     fleet.wait_policy_agents(1).await;
-    let job = workflow(&fleet)
-        .submit(&spec(
-            "for i in $(seq 1 16); do echo line $i; sleep 0.5; done",
-        ))
-        .await
-        .unwrap();
-    wait_for("a few lines before the crash", WAIT, || async {
-        fleet
-            .log(job.id)
-            .await
-            .contains(" O line 3\n")
-            .then_some(())
-    })
-    .await;
-    agent.kill9().await;
-    let _agent = fleet.spawn_agent("login1", &extra);
-
-    let (done, log) = finished(&fleet, &job).await;
-    assert_eq!(done.state, JobState::Succeeded, "{log}");
-    assert_eq!(
-        done.attempts, 1,
-        "the job was re-attached, not run again: {log}"
-    );
-    let lines: Vec<String> = testbot_e2e::stdout_lines(&log);
-    let want: Vec<String> = (1..=16).map(|i| format!("line {i}")).collect();
-    assert_eq!(lines, want, "every line once, in order:\n{log}");
-    assert!(log.contains("re-attached to the job"), "{log}");
+    let job = workflow(&fleet).submit(&spec(SIXTEEN_LINES)).await.unwrap();
+    let (_done, _agent) = fleet
+        .kill_agent_and_check_reattach(&mut agent, "login1", &extra, &job)
+        .await;
+    let log = fleet.log(job.id).await;
     assert_eq!(log.matches("submitted to Slurm as job").count(), 1, "{log}");
     fleet.stop().await;
 }
