@@ -29,7 +29,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::records::{JobRecord, JobRecords};
-use super::{BoxFuture, Checkpoint, Detached, ExecOutcome, Executor, JobContext, LogSink};
+use super::{BoxFuture, Detached, ExecOutcome, Executor, JobContext, LogSink};
 use crate::policy::settings::{ContainerNetwork, ContainerSettings, PullPolicy};
 
 /// The longest an engine command (other than `logs -f` and `wait`) may take.
@@ -97,16 +97,12 @@ impl Executor for ContainerExecutor {
         })
     }
 
-    fn checkpoint(&self, job: &JobContext, checkpoint: Checkpoint) {
-        self.records.checkpoint(job.id, checkpoint);
+    fn records(&self) -> Option<&JobRecords> {
+        Some(&self.records)
     }
 
     fn reap<'a>(&'a self) -> BoxFuture<'a, ()> {
         Box::pin(self.reap_orphans())
-    }
-
-    fn detached(&self) -> Vec<Detached> {
-        self.records.all().into_iter().map(|r| r.job).collect()
     }
 
     fn resume<'a>(

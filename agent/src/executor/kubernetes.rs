@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::container::read_stamped;
 use super::records::{JobRecord, JobRecords};
-use super::{BoxFuture, Checkpoint, Detached, ExecOutcome, Executor, JobContext, LogSink};
+use super::{BoxFuture, Detached, ExecOutcome, Executor, JobContext, LogSink};
 use crate::config::KubernetesConnection;
 use crate::policy::settings::{KubernetesSettings, PullPolicy};
 
@@ -112,16 +112,12 @@ impl Executor for KubernetesExecutor {
         })
     }
 
-    fn checkpoint(&self, job: &JobContext, checkpoint: Checkpoint) {
-        self.records.checkpoint(job.id, checkpoint);
+    fn records(&self) -> Option<&JobRecords> {
+        Some(&self.records)
     }
 
     fn reap<'a>(&'a self) -> BoxFuture<'a, ()> {
         Box::pin(self.reap_orphans())
-    }
-
-    fn detached(&self) -> Vec<Detached> {
-        self.records.all().into_iter().map(|r| r.job).collect()
     }
 
     fn resume<'a>(

@@ -167,9 +167,19 @@ pub trait Executor: Send + Sync + 'static {
     /// once the result is reported.
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()>;
 
-    /// The broker has stored the job's log up to `checkpoint`. Executors that can re-attach
-    /// after an agent restart record it. Default: nothing.
-    fn checkpoint(&self, _job: &JobContext, _checkpoint: Checkpoint) {}
+    /// Where an executor whose jobs outlive the agent (Slurm jobs, containers, Kubernetes Jobs)
+    /// keeps a record of each, to re-attach after a restart. Default: none.
+    fn records(&self) -> Option<&records::JobRecords> {
+        None
+    }
+
+    /// The broker has stored the job's log up to `checkpoint`: recorded in the executor's
+    /// [`Executor::records`], so a restarted agent resumes there.
+    fn checkpoint(&self, job: &JobContext, checkpoint: Checkpoint) {
+        if let Some(records) = self.records() {
+            records.checkpoint(job.id, checkpoint);
+        }
+    }
 
     /// Called once when the agent starts, before [`Executor::detached`]: clean up what a crash
     /// left behind that no record explains (containers of forgotten jobs). Default: nothing.
@@ -177,9 +187,12 @@ pub trait Executor: Send + Sync + 'static {
         Box::pin(async {})
     }
 
-    /// Jobs this executor was running when the agent stopped, which it can pick up again.
+    /// Jobs this executor was running when the agent stopped, which it can pick up again: those
+    /// in its [`Executor::records`].
     fn detached(&self) -> Vec<Detached> {
-        Vec::new()
+        self.records()
+            .map(|records| records.all().into_iter().map(|r| r.job).collect())
+            .unwrap_or_default()
     }
 
     /// Follows a detached job to its end, as `run` would have (only for executors whose

@@ -108,12 +108,8 @@ impl Executor for SlurmExecutor {
         })
     }
 
-    fn checkpoint(&self, job: &JobContext, checkpoint: super::Checkpoint) {
-        self.records.checkpoint(job.id, checkpoint);
-    }
-
-    fn detached(&self) -> Vec<Detached> {
-        self.records.all().into_iter().map(|r| r.job).collect()
+    fn records(&self) -> Option<&JobRecords> {
+        Some(&self.records)
     }
 
     fn resume<'a>(
