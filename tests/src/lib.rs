@@ -440,6 +440,19 @@ impl Fleet {
         .await
     }
 
+    /// A client acting as a workflow of `repo` (for fleets started with [`Fleet::start_oidc`]):
+    /// a fresh token for the broker's audience, since each token is accepted once.
+    pub fn workflow(&self, repo: &str) -> BrokerClient {
+        let issuer = self.issuer();
+        self.client_with(&issuer.mint(&issuer.claims(repo, AUDIENCE)))
+    }
+
+    /// Waits until the job has its result; returns it with the job's log.
+    pub async fn finished(&self, job: &Job) -> (Job, String) {
+        let done = self.wait_finished(job.id).await;
+        (done, self.log(job.id).await)
+    }
+
     /// The re-attach scenario of executors whose jobs outlive the agent: once `job` (running
     /// [`SIXTEEN_LINES`]) has printed three lines, kills the agent process with SIGKILL, starts it
     /// again as `name` with `extra_toml`, and checks that the job then succeeds at its first
@@ -458,8 +471,7 @@ impl Fleet {
         .await;
         agent.kill9().await;
         let restarted = self.spawn_agent(name, extra_toml);
-        let done = self.wait_finished(job.id).await;
-        let log = self.log(job.id).await;
+        let (done, log) = self.finished(job).await;
         assert_eq!(
             done.state,
             testbot_proto::jobs::JobState::Succeeded,

@@ -10,7 +10,6 @@ use testbot_agent::config::ExecutorKind;
 use testbot_e2e::{
     AUDIENCE, Fleet, JOB_ACCOUNT, SIXTEEN_LINES, WAIT, ensure_account, refusal, wait_for,
 };
-use testbot_proto::client::BrokerClient;
 use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
 
@@ -96,11 +95,6 @@ fn add_agent(fleet: &mut Fleet, policy: &Path, kind: ExecutorKind, name: &str) {
     fleet.add_agent(config);
 }
 
-fn workflow(fleet: &Fleet) -> BrokerClient {
-    let issuer = fleet.issuer();
-    fleet.client_with(&issuer.mint(&issuer.claims(REPO, AUDIENCE)))
-}
-
 fn job(engine: &str, script: &str) -> JobSpec {
     JobSpec {
         script: script.into(),
@@ -108,11 +102,6 @@ fn job(engine: &str, script: &str) -> JobSpec {
         image: Some(IMAGE.into()),
         ..Default::default()
     }
-}
-
-async fn finished(fleet: &Fleet, job: &Job) -> (Job, String) {
-    let done = fleet.wait_finished(job.id).await;
-    (done, fleet.log(job.id).await)
 }
 
 /// Containers the engine still has for a job.
@@ -155,8 +144,8 @@ async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKin
     );
     ok.env
         .insert("GREETING".into(), "hello from the container".into());
-    let submitted = workflow(&fleet).submit(&ok).await.unwrap();
-    let (done, log) = finished(&fleet, &submitted).await;
+    let submitted = fleet.workflow(REPO).submit(&ok).await.unwrap();
+    let (done, log) = fleet.finished(&submitted).await;
     assert_eq!(done.state, JobState::Succeeded, "{log}");
     let out = testbot_e2e::stdout_lines(&log);
     assert_eq!(
@@ -172,11 +161,12 @@ async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKin
     no_container_left(engine, &done).await;
 
     // Failure: the exit code.
-    let failing = workflow(&fleet)
+    let failing = fleet
+        .workflow(REPO)
         .submit(&job(engine, "echo failing; exit 3"))
         .await
         .unwrap();
-    let (done, log) = finished(&fleet, &failing).await;
+    let (done, log) = fleet.finished(&failing).await;
     assert_eq!(
         (done.state, done.exit_code),
         (JobState::Failed, Some(3)),
@@ -187,7 +177,7 @@ async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKin
     // the host's 127.0.0.1 cannot be reached.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let probe = workflow(&fleet)
+    let probe = fleet.workflow(REPO)
         .submit(&job(
             engine,
             &format!(
@@ -197,7 +187,7 @@ async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKin
         ))
         .await
         .unwrap();
-    let (done, log) = finished(&fleet, &probe).await;
+    let (done, log) = fleet.finished(&probe).await;
     drop(listener);
     assert_eq!(done.exit_code, Some(7), "{log}");
     assert_eq!(
@@ -209,7 +199,7 @@ async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKin
     // An image the site does not allow is refused before anything runs.
     let mut evil = job(engine, "true");
     evil.image = Some("docker.io/library/evil:latest".into());
-    let (status, message) = refusal(workflow(&fleet).submit(&evil).await);
+    let (status, message) = refusal(fleet.workflow(REPO).submit(&evil).await);
     assert_eq!(status, 422);
     assert!(
         message.contains("image docker.io/library/evil:latest is not in allowed images"),
@@ -217,7 +207,8 @@ async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKin
     );
 
     // Cancel: the container is stopped and removed.
-    let long = workflow(&fleet)
+    let long = fleet
+        .workflow(REPO)
         .submit(&job(engine, "echo started; sleep 300"))
         .await
         .unwrap();
@@ -230,7 +221,7 @@ async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKin
     })
     .await;
     fleet.client().cancel(long.id).await.unwrap();
-    let (done, log) = finished(&fleet, &long).await;
+    let (done, log) = fleet.finished(&long).await;
     assert_eq!(done.state, JobState::Cancelled, "{log}");
     no_container_left(engine, &done).await;
     fleet.stop().await;
@@ -261,8 +252,8 @@ async fn memory_limit(engine: &str, kind: ExecutorKind) {
             "echo allocating; x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived ${#x}",
         )
     };
-    let submitted = workflow(&fleet).submit(&hog).await.unwrap();
-    let (done, log) = finished(&fleet, &submitted).await;
+    let submitted = fleet.workflow(REPO).submit(&hog).await.unwrap();
+    let (done, log) = fleet.finished(&submitted).await;
     assert_eq!(done.state, JobState::Failed, "{log}");
     let reason = done.reason.unwrap_or_default();
     assert!(
@@ -289,7 +280,8 @@ async fn a_killed_agent_restarts_and_re_attaches_to_its_container() {
     let extra = format!("executor = \"docker\"\npolicy = \"{}\"\n", policy.display());
     let mut agent = fleet.spawn_agent("vm1", &extra);
     fleet.wait_policy_agents(1).await;
-    let submitted = workflow(&fleet)
+    let submitted = fleet
+        .workflow(REPO)
         .submit(&job("docker", SIXTEEN_LINES))
         .await
         .unwrap();

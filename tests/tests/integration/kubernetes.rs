@@ -14,7 +14,6 @@ use testbot_agent::executor::ContainerExecutor;
 use testbot_e2e::{
     AUDIENCE, Fleet, JOB_ACCOUNT, SIXTEEN_LINES, WAIT, ensure_account, refusal, wait_for,
 };
-use testbot_proto::client::BrokerClient;
 use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
 
@@ -122,11 +121,6 @@ fn instance(fleet: &Fleet, name: &str) -> String {
     ContainerExecutor::instance_of(&fleet.dir.path().join(format!("agent-{name}")))
 }
 
-fn workflow(fleet: &Fleet) -> BrokerClient {
-    let issuer = fleet.issuer();
-    fleet.client_with(&issuer.mint(&issuer.claims(REPO, AUDIENCE)))
-}
-
 fn job(script: &str) -> JobSpec {
     JobSpec {
         script: script.into(),
@@ -134,11 +128,6 @@ fn job(script: &str) -> JobSpec {
         image: Some(IMAGE.into()),
         ..Default::default()
     }
-}
-
-async fn finished(fleet: &Fleet, job: &Job) -> (Job, String) {
-    let done = fleet.wait_finished(job.id).await;
-    (done, fleet.log(job.id).await)
 }
 
 /// `kubectl` as the cluster's admin; its stdout.
@@ -210,7 +199,7 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
         memory_mib: Some(64),
         ..Resources::default()
     };
-    let submitted = workflow(&fleet).submit(&ok).await.unwrap();
+    let submitted = fleet.workflow(REPO).submit(&ok).await.unwrap();
     // The first line arrives while the pod still runs (it waits for a file that appears later).
     let pod = wait_for("the first line while the pod runs", WAIT, || async {
         let job = fleet.client().job(submitted.id).await.unwrap();
@@ -244,7 +233,7 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
         "touch",
         "/work/go",
     ]);
-    let (done, log) = finished(&fleet, &submitted).await;
+    let (done, log) = fleet.finished(&submitted).await;
     assert_eq!(done.state, JobState::Succeeded, "{log}");
     // Kubernetes keeps a pod's stdout and stderr in one log, both as standard output; the
     // engine reads the two pipes apart, so a stderr line may come before stdout lines printed
@@ -277,11 +266,12 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
     nothing_left(&cluster, &fleet, &done).await;
 
     // Failure: the exit code.
-    let failing = workflow(&fleet)
+    let failing = fleet
+        .workflow(REPO)
         .submit(&job("echo failing; exit 3"))
         .await
         .unwrap();
-    let (done, log) = finished(&fleet, &failing).await;
+    let (done, log) = fleet.finished(&failing).await;
     assert_eq!(
         (done.state, done.exit_code),
         (JobState::Failed, Some(3)),
@@ -292,7 +282,7 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
     // Refused before any API call: an image the site does not allow, more CPUs than its cap.
     let mut evil = job("true");
     evil.image = Some("docker.io/library/evil:latest".into());
-    let (status, message) = refusal(workflow(&fleet).submit(&evil).await);
+    let (status, message) = refusal(fleet.workflow(REPO).submit(&evil).await);
     assert_eq!(status, 422);
     assert!(
         message.contains("image docker.io/library/evil:latest is not in allowed images"),
@@ -300,7 +290,7 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
     );
     let mut greedy = job("true");
     greedy.resources.cpus = Some(65);
-    let (status, message) = refusal(workflow(&fleet).submit(&greedy).await);
+    let (status, message) = refusal(fleet.workflow(REPO).submit(&greedy).await);
     assert_eq!(status, 422);
     assert!(
         message.ends_with("resources.cpus 65 is over the cap of 64 for executor kubernetes"),
@@ -308,7 +298,8 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
     );
 
     // Cancel: the Job and its pod are deleted.
-    let long = workflow(&fleet)
+    let long = fleet
+        .workflow(REPO)
         .submit(&job("echo started; sleep 300"))
         .await
         .unwrap();
@@ -321,7 +312,7 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
     })
     .await;
     fleet.client().cancel(long.id).await.unwrap();
-    let (done, log) = finished(&fleet, &long).await;
+    let (done, log) = fleet.finished(&long).await;
     assert_eq!(done.state, JobState::Cancelled, "{log}");
     nothing_left(&cluster, &fleet, &done).await;
 
@@ -342,15 +333,15 @@ async fn kubernetes_deadlines_missing_images_unschedulable_pods_and_oom_are_repo
         timeout_secs: Some(4),
         ..job("echo sleeping; sleep 120")
     };
-    let slow = workflow(&fleet).submit(&slow).await.unwrap();
+    let slow = fleet.workflow(REPO).submit(&slow).await.unwrap();
     // An image the site allows but the node does not have (pull policy never).
     let mut absent = job("true");
     absent.image = Some("localhost/testbot-absent:1".into());
-    let absent = workflow(&fleet).submit(&absent).await.unwrap();
+    let absent = fleet.workflow(REPO).submit(&absent).await.unwrap();
     // More CPUs than the node has: the scheduler cannot place the pod.
     let mut huge = job("true");
     huge.resources.cpus = Some(64);
-    let huge = workflow(&fleet).submit(&huge).await.unwrap();
+    let huge = fleet.workflow(REPO).submit(&huge).await.unwrap();
     // Over the memory limit.
     let hog = JobSpec {
         resources: Resources {
@@ -359,15 +350,15 @@ async fn kubernetes_deadlines_missing_images_unschedulable_pods_and_oom_are_repo
         },
         ..job("echo allocating; x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived ${#x}")
     };
-    let hog = workflow(&fleet).submit(&hog).await.unwrap();
+    let hog = fleet.workflow(REPO).submit(&hog).await.unwrap();
 
-    let (done, log) = finished(&fleet, &slow).await;
+    let (done, log) = fleet.finished(&slow).await;
     assert_eq!(done.state, JobState::Failed, "{log}");
     assert_eq!(done.reason.as_deref(), Some("timed out after 4s"), "{log}");
     assert!(log.contains("DeadlineExceeded"), "{log}");
     assert_eq!(done.cli_exit_code(), 124);
 
-    let (done, log) = finished(&fleet, &absent).await;
+    let (done, log) = fleet.finished(&absent).await;
     assert_eq!(done.state, JobState::Error, "{log}");
     let reason = done.reason.clone().unwrap_or_default();
     assert!(
@@ -375,7 +366,7 @@ async fn kubernetes_deadlines_missing_images_unschedulable_pods_and_oom_are_repo
         "{reason}\n{log}"
     );
 
-    let (done, log) = finished(&fleet, &huge).await;
+    let (done, log) = fleet.finished(&huge).await;
     assert_eq!(done.state, JobState::Error, "{log}");
     let reason = done.reason.clone().unwrap_or_default();
     assert!(
@@ -384,7 +375,7 @@ async fn kubernetes_deadlines_missing_images_unschedulable_pods_and_oom_are_repo
     );
     assert!(log.contains("pod waiting: Unschedulable"), "{log}");
 
-    let (done, log) = finished(&fleet, &hog).await;
+    let (done, log) = fleet.finished(&hog).await;
     assert_eq!(done.state, JobState::Failed, "{log}");
     let reason = done.reason.clone().unwrap_or_default();
     assert!(
@@ -464,7 +455,11 @@ async fn a_killed_kubernetes_agent_re_attaches_and_reaps_jobs_it_no_longer_knows
     .await;
 
     fleet.wait_policy_agents(1).await;
-    let submitted = workflow(&fleet).submit(&job(SIXTEEN_LINES)).await.unwrap();
+    let submitted = fleet
+        .workflow(REPO)
+        .submit(&job(SIXTEEN_LINES))
+        .await
+        .unwrap();
     let (done, _agent) = fleet
         .kill_agent_and_check_reattach(&mut agent, "k8s1", &extra, &submitted)
         .await;
@@ -624,11 +619,12 @@ async fn an_agent_in_a_pod_runs_jobs_with_its_service_account() {
         agent_log()
     );
 
-    let submitted = workflow(&fleet)
+    let submitted = fleet
+        .workflow(REPO)
         .submit(&job("echo hello from a job of an agent in a pod; id -u"))
         .await
         .unwrap();
-    let (done, log) = finished(&fleet, &submitted).await;
+    let (done, log) = fleet.finished(&submitted).await;
     assert_eq!(done.state, JobState::Succeeded, "{log}\n{}", agent_log());
     let uid = nix::unistd::User::from_name(JOB_ACCOUNT)
         .unwrap()

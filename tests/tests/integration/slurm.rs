@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, SIXTEEN_LINES, WAIT, ensure_account, wait_for};
-use testbot_proto::client::{BrokerClient, ClientError};
-use testbot_proto::jobs::{Job, JobSpec, JobState, Resources};
+use testbot_proto::client::ClientError;
+use testbot_proto::jobs::{JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
 
 const REPO: &str = "hpc-lab/solver";
@@ -88,11 +88,6 @@ async fn start_slurm_agent(fleet: &mut Fleet, policy: &Path) {
     fleet.wait_policy_agents(1).await;
 }
 
-fn workflow(fleet: &Fleet) -> BrokerClient {
-    let issuer = fleet.issuer();
-    fleet.client_with(&issuer.mint(&issuer.claims(REPO, AUDIENCE)))
-}
-
 fn spec(script: &str) -> JobSpec {
     JobSpec {
         script: script.into(),
@@ -120,12 +115,6 @@ fn slurm_state(id: &str) -> String {
         .to_string()
 }
 
-async fn finished(fleet: &Fleet, job: &Job) -> (Job, String) {
-    let done = fleet.wait_finished(job.id).await;
-    let log = fleet.log(job.id).await;
-    (done, log)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slurm_job_streams_live_output_and_runs_as_the_mapped_account() {
     let (mut fleet, policy) = slurm_fleet(Duration::from_secs(5)).await;
@@ -137,7 +126,7 @@ async fn a_slurm_job_streams_live_output_and_runs_as_the_mapped_account() {
     job_spec
         .env
         .insert("GREETING".into(), "hello from the compute node".into());
-    let job = workflow(&fleet).submit(&job_spec).await.unwrap();
+    let job = fleet.workflow(REPO).submit(&job_spec).await.unwrap();
 
     // Live: the first tick is in the broker's log while the job still runs.
     let early = wait_for("the first tick before the job ends", WAIT, || async {
@@ -152,7 +141,7 @@ async fn a_slurm_job_streams_live_output_and_runs_as_the_mapped_account() {
         "the first line came only at the end"
     );
 
-    let (done, log) = finished(&fleet, &job).await;
+    let (done, log) = fleet.finished(&job).await;
     assert_eq!(done.state, JobState::Succeeded, "{done:?}\n{log}");
     let out = testbot_e2e::stdout_lines(&log);
     assert_eq!(out[0], format!("user {JOB_ACCOUNT}"), "{log}");
@@ -179,16 +168,18 @@ async fn exit_codes_cancel_and_refusals_before_sbatch() {
     let (mut fleet, policy) = slurm_fleet(Duration::from_secs(5)).await;
     start_slurm_agent(&mut fleet, &policy).await;
 
-    let failing = workflow(&fleet)
+    let failing = fleet
+        .workflow(REPO)
         .submit(&spec("echo about to fail; exit 3"))
         .await
         .unwrap();
-    let long = workflow(&fleet)
+    let long = fleet
+        .workflow(REPO)
         .submit(&spec("echo started; sleep 300"))
         .await
         .unwrap();
 
-    let (done, log) = finished(&fleet, &failing).await;
+    let (done, log) = fleet.finished(&failing).await;
     assert_eq!(
         (done.state, done.exit_code),
         (JobState::Failed, Some(3)),
@@ -209,7 +200,7 @@ async fn exit_codes_cancel_and_refusals_before_sbatch() {
     })
     .await;
     fleet.client().cancel(long.id).await.unwrap();
-    let (done, log) = finished(&fleet, &long).await;
+    let (done, log) = fleet.finished(&long).await;
     assert_eq!(done.state, JobState::Cancelled, "{log}");
     let slurm_id = slurm_job_id(&log);
     assert_eq!(slurm_state(&slurm_id), "CANCELLED");
@@ -222,7 +213,7 @@ async fn exit_codes_cancel_and_refusals_before_sbatch() {
         },
         ..spec("true")
     };
-    match workflow(&fleet).submit(&over).await {
+    match fleet.workflow(REPO).submit(&over).await {
         Err(ClientError::Api {
             status, message, ..
         }) => {
@@ -242,7 +233,7 @@ async fn exit_codes_cancel_and_refusals_before_sbatch() {
         },
         ..spec("true")
     };
-    match workflow(&fleet).submit(&injected).await {
+    match fleet.workflow(REPO).submit(&injected).await {
         Err(ClientError::Api {
             status, message, ..
         }) => {
@@ -258,8 +249,8 @@ async fn exit_codes_cancel_and_refusals_before_sbatch() {
     // env allow-list here, and by the executor itself without one).
     let mut sneaky = spec("true");
     sneaky.env.insert("SBATCH_PARTITION".into(), "batch".into());
-    let sneaky = workflow(&fleet).submit(&sneaky).await.unwrap();
-    let (done, _) = finished(&fleet, &sneaky).await;
+    let sneaky = fleet.workflow(REPO).submit(&sneaky).await.unwrap();
+    let (done, _) = fleet.finished(&sneaky).await;
     assert_eq!(done.state, JobState::Error);
     assert!(
         done.reason
@@ -276,7 +267,8 @@ async fn slurm_time_limit_ends_the_job_as_timed_out() {
     let (mut fleet, policy) = slurm_fleet(Duration::from_secs(5)).await;
     start_slurm_agent(&mut fleet, &policy).await;
     // Slurm's limits are whole minutes: --time=1 ends the job about a minute later.
-    let job = workflow(&fleet)
+    let job = fleet
+        .workflow(REPO)
         .submit(&JobSpec {
             timeout_secs: Some(60),
             ..spec("echo waiting; sleep 600")
@@ -301,7 +293,11 @@ async fn a_killed_agent_restarts_and_re_attaches_to_its_slurm_job() {
     let extra = format!("executor = \"slurm\"\npolicy = \"{}\"\n", policy.display());
     let mut agent = fleet.spawn_agent("login1", &extra);
     fleet.wait_policy_agents(1).await;
-    let job = workflow(&fleet).submit(&spec(SIXTEEN_LINES)).await.unwrap();
+    let job = fleet
+        .workflow(REPO)
+        .submit(&spec(SIXTEEN_LINES))
+        .await
+        .unwrap();
     let (_done, _agent) = fleet
         .kill_agent_and_check_reattach(&mut agent, "login1", &extra, &job)
         .await;
