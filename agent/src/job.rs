@@ -216,6 +216,8 @@ impl JobRunner {
                 }
             },
         };
+        // An agent killed while a chunk was in flight left its end in the record.
+        self.executor.settle(id, log_offset);
         tracing::info!(job_id = %id, attempt = detached.attempt, "Re-attaching to a job after a restart.");
         let ctx = JobContext {
             id,
@@ -253,6 +255,10 @@ impl JobRunner {
                 lease.clone(),
                 log_offset,
                 rx,
+                {
+                    let (executor, ctx) = (executor.clone(), ctx.clone());
+                    move |checkpoint| executor.sending(&ctx, checkpoint)
+                },
                 move |checkpoint| executor.checkpoint(&ctx, checkpoint),
             )
         });

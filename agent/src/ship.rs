@@ -37,6 +37,7 @@ pub async fn ship_log(
     lease: String,
     mut offset: u64,
     mut rx: mpsc::Receiver<LogRecord>,
+    mut on_send: impl FnMut(Checkpoint) + Send,
     mut on_ack: impl FnMut(Checkpoint) + Send,
 ) -> ShipEnd {
     let mut pending = String::new();
@@ -76,17 +77,21 @@ pub async fn ship_log(
             offset,
             data: pending[..cut].to_string(),
         };
+        let mut sent = marks.clone();
+        sent.acknowledge(cut);
+        let after = Checkpoint {
+            log_offset: offset + cut as u64,
+            stdout_pos: sent.stdout,
+            stderr_pos: sent.stderr,
+        };
+        on_send(after);
         match client.append_log(id, &chunk).await {
             Ok(_) => {
                 backoff.reset();
                 offset += cut as u64;
                 pending.drain(..cut);
-                marks.acknowledge(cut);
-                on_ack(Checkpoint {
-                    log_offset: offset,
-                    stdout_pos: marks.stdout,
-                    stderr_pos: marks.stderr,
-                });
+                marks = sent;
+                on_ack(after);
             }
             Err(err) if err.is_retryable() => {
                 let delay = backoff.next_delay();
@@ -130,7 +135,7 @@ fn push(
 }
 
 /// File positions of lines waiting to be shipped, and of the last acknowledged ones.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Marks {
     /// (end of the line in `pending`, stream, file position after it).
     pending: Vec<(usize, Stream, u64)>,

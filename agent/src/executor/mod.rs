@@ -84,7 +84,7 @@ pub struct LogRecord {
 }
 
 /// File positions whose lines the broker has acknowledged, and the log size they make.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
     pub log_offset: u64,
     pub stdout_pos: Option<u64>,
@@ -178,6 +178,24 @@ pub trait Executor: Send + Sync + 'static {
     fn checkpoint(&self, job: &JobContext, checkpoint: Checkpoint) {
         if let Some(records) = self.records() {
             records.checkpoint(job.id, checkpoint);
+        }
+    }
+
+    /// A chunk of the log is about to be sent; `checkpoint` is where the broker's log and the
+    /// positions will be once it has it. Recorded beside the acknowledged checkpoint, so an agent
+    /// killed after the broker took the chunk but before [`Executor::checkpoint`] resumes after it
+    /// rather than sending its lines again (see [`Executor::settle`]).
+    fn sending(&self, job: &JobContext, checkpoint: Checkpoint) {
+        if let Some(records) = self.records() {
+            records.sending(job.id, checkpoint);
+        }
+    }
+
+    /// Before a detached job is resumed: the broker's log of it is `log_bytes` long. If that is
+    /// the end of the chunk that was being sent, the broker has it, and its positions count.
+    fn settle(&self, job: JobId, log_bytes: u64) {
+        if let Some(records) = self.records() {
+            records.settle(job, log_bytes);
         }
     }
 

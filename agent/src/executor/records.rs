@@ -21,6 +21,9 @@ pub struct JobRecord {
     /// broker has acknowledged.
     pub stdout_pos: u64,
     pub stderr_pos: u64,
+    /// The chunk being sent: where the log and positions will be once the broker has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sending: Option<Checkpoint>,
 }
 
 impl JobRecord {
@@ -41,6 +44,7 @@ impl JobRecord {
             },
             stdout_pos: 0,
             stderr_pos: 0,
+            sending: None,
         }
     }
 }
@@ -109,16 +113,41 @@ impl JobRecords {
 
     /// Notes that the broker has the job's output up to `checkpoint`.
     pub fn checkpoint(&self, job: JobId, checkpoint: Checkpoint) {
+        self.update(job, |record| {
+            record.sending = None;
+            record.job.log_offset = checkpoint.log_offset;
+            if let Some(pos) = checkpoint.stdout_pos {
+                record.stdout_pos = pos;
+            }
+            if let Some(pos) = checkpoint.stderr_pos {
+                record.stderr_pos = pos;
+            }
+        });
+    }
+
+    /// Notes the chunk being sent, which ends at `checkpoint`.
+    pub fn sending(&self, job: JobId, checkpoint: Checkpoint) {
+        self.update(job, |record| record.sending = Some(checkpoint));
+    }
+
+    /// The broker's log of the job is `log_bytes` long: if that is where the chunk being sent
+    /// ends, the broker took it, and its positions are acknowledged.
+    pub fn settle(&self, job: JobId, log_bytes: u64) {
+        let Ok(record) = self.load(job) else {
+            return;
+        };
+        match record.sending {
+            Some(sent) if sent.log_offset == log_bytes => self.checkpoint(job, sent),
+            Some(_) => self.update(job, |record| record.sending = None),
+            None => {}
+        }
+    }
+
+    fn update(&self, job: JobId, change: impl FnOnce(&mut JobRecord)) {
         let Ok(mut record) = self.load(job) else {
             return;
         };
-        record.job.log_offset = checkpoint.log_offset;
-        if let Some(pos) = checkpoint.stdout_pos {
-            record.stdout_pos = pos;
-        }
-        if let Some(pos) = checkpoint.stderr_pos {
-            record.stderr_pos = pos;
-        }
+        change(&mut record);
         if let Err(err) = self.save(&record) {
             tracing::warn!(job_id = %job, ?err, "Cannot save the job record.");
         }
@@ -126,5 +155,65 @@ impl JobRecords {
 
     pub fn remove(&self, job: JobId) {
         let _ = std::fs::remove_file(self.path(job));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(dir: &std::path::Path) -> super::super::JobContext {
+        super::super::JobContext {
+            id: JobId(4),
+            attempt: 1,
+            agent: "a".into(),
+            spec: testbot_proto::jobs::JobSpec::default(),
+            timeout: std::time::Duration::from_secs(60),
+            dir: dir.join("job"),
+            run_as: None,
+            keep_dir: false,
+            lease: "l".into(),
+            heartbeat_interval_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn a_chunk_in_flight_counts_only_if_the_broker_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = JobRecords::new(dir.path().to_path_buf());
+        records
+            .save(&JobRecord::started("h".into(), &context(dir.path())))
+            .unwrap();
+        let acked = Checkpoint {
+            log_offset: 100,
+            stdout_pos: Some(10),
+            stderr_pos: None,
+        };
+        let in_flight = Checkpoint {
+            log_offset: 180,
+            stdout_pos: Some(20),
+            stderr_pos: Some(5),
+        };
+        records.checkpoint(JobId(4), acked);
+        records.sending(JobId(4), in_flight);
+
+        // The agent stopped before the broker took the chunk: the acknowledged positions stand.
+        records.settle(JobId(4), 100);
+        let record = records.load(JobId(4)).unwrap();
+        assert_eq!(
+            (record.job.log_offset, record.stdout_pos, record.stderr_pos),
+            (100, 10, 0)
+        );
+        assert_eq!(record.sending, None);
+
+        // The broker took it, but its acknowledgement was not recorded: the chunk's positions.
+        records.sending(JobId(4), in_flight);
+        records.settle(JobId(4), 180);
+        let record = records.load(JobId(4)).unwrap();
+        assert_eq!(
+            (record.job.log_offset, record.stdout_pos, record.stderr_pos),
+            (180, 20, 5)
+        );
+        assert_eq!(record.sending, None);
     }
 }
