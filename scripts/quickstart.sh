@@ -5,7 +5,8 @@
 #   scripts/quickstart.sh          # fleet + sample job, then keep serving
 #   scripts/quickstart.sh --check  # fleet + sample job, then stop (exit status = the job's)
 #
-# Environment: TESTBOT_DATA_DIR (default .testbot), TESTBOT_LISTEN (default 127.0.0.1:8471).
+# Environment: TESTBOT_DATA_DIR (default .testbot), TESTBOT_LISTEN (default 127.0.0.1:8471),
+# TESTBOT_BIN (a testbot binary already built: skips the release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +15,13 @@ check=false
 data_dir=${TESTBOT_DATA_DIR:-.testbot}
 listen=${TESTBOT_LISTEN:-127.0.0.1:8471}
 
-cargo build --release --locked -p testbot
-testbot=target/release/testbot
+if [ -n "${TESTBOT_BIN:-}" ]; then
+    testbot=$TESTBOT_BIN
+    [ -x "$testbot" ] || { echo "quickstart: TESTBOT_BIN=$testbot is not an executable" >&2; exit 1; }
+else
+    cargo build --release --locked -p testbot
+    testbot=target/release/testbot
+fi
 
 "$testbot" up --data-dir "$data_dir" --listen "$listen" &
 fleet=$!

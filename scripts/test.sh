@@ -32,10 +32,16 @@ stop_services() {
     tests/containers/stop.sh "$containers_state" >/dev/null || true
 }
 trap stop_services EXIT
-eval "$(tests/slurm/start.sh "$slurm_state")"
+# Slurm starts beside the Docker engine and Kubernetes (which needs the engine).
+slurm_env=$(mktemp /tmp/testbot-slurm-env.XXXXXX)
+tests/slurm/start.sh "$slurm_state" >"$slurm_env" &
+slurm_pid=$!
 eval "$(tests/containers/start.sh "$containers_state")"
 export DOCKER_HOST
 eval "$(tests/kubernetes/start.sh "$kubernetes_state")"
+wait "$slurm_pid" || { echo "scripts/test.sh: Slurm did not start" >&2; exit 1; }
+eval "$(cat "$slurm_env")"
+rm -f "$slurm_env"
 export SLURM_CONF DOCKER_HOST CONTAINERS_CONF CONTAINERS_STORAGE_CONF
 export KUBECONFIG TESTBOT_KUBE_AGENT_CONFIG TESTBOT_KUBE_NAMESPACE TESTBOT_KUBECTL
 
