@@ -344,6 +344,7 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
             if follow {
                 let job = follow_log(&client, job, 0, |bytes| printer.write(bytes)).await?;
                 printer.finish();
+                output::note_log_cut(&job);
                 return Ok(job.cli_exit_code());
             }
             use futures_util::StreamExt as _;
@@ -353,6 +354,9 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
                 printer.write(&bytes?);
             }
             printer.finish();
+            if let Ok(job) = client.job(job).await {
+                output::note_log_cut(&job);
+            }
             Ok(0)
         }
         Command::Cancel { job } => {
@@ -617,6 +621,7 @@ async fn run_job(
     };
     drop(follow);
     printer.finish();
+    output::note_log_cut(&job);
     // The log's last line already says how a job that did not succeed ended.
     if json {
         output::print_json(&job)?;

@@ -159,3 +159,18 @@ impl LogPrinter {
         let _ = err.flush();
     }
 }
+
+/// The job metadata key the broker sets when it cut the job's log at its size limit.
+const LOG_TRUNCATED: &str = "log_truncated";
+
+/// Says on stderr that the log shown was cut at the broker's limit, if it was: the log's own
+/// last line says so too, but it may have scrolled far away by now.
+pub fn note_log_cut(job: &Job) {
+    if let Some(at) = job.metadata.get(LOG_TRUNCATED) {
+        eprintln!(
+            "testbot: note: the log of job {} was cut {at}; the job's later output is not stored. \
+             The broker's --max-log-bytes sets the limit.",
+            job.id
+        );
+    }
+}

@@ -604,6 +604,7 @@ async fn append_log_handler(
             chunk.offset,
             chunk.data.as_bytes(),
             state.settings.max_log_bytes,
+            &log_cut_notice(state.settings.max_log_bytes),
         )
         .await?;
     match result {
@@ -616,11 +617,23 @@ async fn append_log_handler(
             "chunk starts at byte {} but the log of job {id} ends at byte {log_bytes}; resend from byte {log_bytes}",
             chunk.offset
         ))),
-        AppendResult::TooLarge { log_bytes } => Err(ApiError::LogTooLarge(format!(
-            "the log of job {id} would pass the limit of {} bytes (it holds {log_bytes})",
-            state.settings.max_log_bytes
-        ))),
+        AppendResult::TooLarge { log_bytes } => {
+            // The first refusal stored the notice line: followers must see it.
+            state.log_events.notify(id);
+            Err(ApiError::LogTooLarge(format!(
+                "the log of job {id} would pass the limit of {} bytes (it holds {log_bytes})",
+                state.settings.max_log_bytes
+            )))
+        }
     }
+}
+
+/// The system line that ends a log cut at the broker's limit.
+fn log_cut_notice(max_log_bytes: u64) -> String {
+    format!(
+        "the log reached the broker's limit of {max_log_bytes} bytes ({:.1} MiB, counting each line with its timestamp and stream); the rest of the job's output is not stored, and the job runs on to its end. An operator can raise the limit with `testbot-broker --max-log-bytes`.",
+        max_log_bytes as f64 / (1024.0 * 1024.0)
+    )
 }
 
 async fn finish_handler(

@@ -32,7 +32,9 @@ pub struct BrokerOpts {
     /// The longest an agent's poll is held open when there is no work.
     #[arg(long, env = "TESTBOT_POLL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub poll_timeout: Duration,
-    /// The largest log one job may store, in bytes.
+    /// The largest log one job may store, in bytes. It counts the stored log: each line of
+    /// output with its timestamp and stream (about 27 bytes more per line than the job printed).
+    /// A log that reaches it ends with a `testbot:` line saying so; the job runs on to its end.
     #[arg(long, env = "TESTBOT_MAX_LOG_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_log_bytes: u64,
     /// The largest request body accepted, in bytes.

@@ -888,6 +888,11 @@ impl Db {
 
     /// Appends `data` at byte `offset` of the job's log, under `lease`. Bytes the log already
     /// holds are skipped, so a re-sent chunk is a no-op.
+    ///
+    /// The first chunk that would pass `max_log_bytes` is cut: its whole lines that fit are
+    /// stored, then the system line `cut_notice` (past the limit, so that it always fits), and
+    /// the job's metadata `log_truncated` says where the log was cut. That chunk and every later
+    /// one answer [`AppendResult::TooLarge`].
     pub async fn append_log(
         &self,
         id: JobId,
@@ -895,6 +900,7 @@ impl Db {
         offset: u64,
         data: &[u8],
         max_log_bytes: u64,
+        cut_notice: &str,
     ) -> sqlx::Result<AppendResult> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
@@ -921,10 +927,36 @@ impl Db {
         if end <= log_bytes {
             return Ok(AppendResult::Appended(log_bytes));
         }
-        if end > max_log_bytes {
-            return Ok(AppendResult::TooLarge { log_bytes });
-        }
         let tail = &data[(log_bytes - offset) as usize..];
+        if end > max_log_bytes {
+            let already_cut: Option<String> = sqlx::query_scalar(
+                "SELECT json_extract(metadata, '$.log_truncated') FROM jobs WHERE id = ?1",
+            )
+            .bind(id.0)
+            .fetch_one(&mut *tx)
+            .await?;
+            if already_cut.is_some() {
+                return Ok(AppendResult::TooLarge { log_bytes });
+            }
+            let room = max_log_bytes.saturating_sub(log_bytes) as usize;
+            let fits = tail[..room.min(tail.len())]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |nl| nl + 1);
+            let kept = append_raw(&mut tx, id, log_bytes, &tail[..fits]).await?;
+            let line = format_line(now_ms(), Stream::System, &format!("testbot: {cut_notice}"));
+            let total = append_raw(&mut tx, id, kept, line.as_bytes()).await?;
+            sqlx::query(
+                "UPDATE jobs SET metadata = json_set(coalesce(metadata, '{}'), '$.log_truncated', ?2)
+                 WHERE id = ?1",
+            )
+            .bind(id.0)
+            .bind(format!("at byte {kept} (the limit is {max_log_bytes} bytes)"))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(AppendResult::TooLarge { log_bytes: total });
+        }
         let total = append_raw(&mut tx, id, log_bytes, tail).await?;
         tx.commit().await?;
         Ok(AppendResult::Appended(total))

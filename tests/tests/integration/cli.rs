@@ -250,3 +250,47 @@ async fn operators_manage_sites_agents_and_repositories_from_the_cli() {
     let out = ok(&testbot(&fleet, &["site", "list"]).await);
     assert!(out.contains("hpc  revoked "), "{out}");
 }
+
+/// A log that reaches the broker's limit is cut with a line saying so, the job runs on to its own
+/// end with its own result, and `run`, `logs` and `status` all say that the log was cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_cut_at_the_limit_says_so_and_the_job_runs_on() {
+    let mut fleet = Fleet::start_with(|config| config.settings.max_log_bytes = 64 * 1024).await;
+    fleet.add_agent(fleet.agent_config("a1"));
+
+    // About 200 kB of output, then the job's own exit code, long after the cut.
+    let script = "for i in $(seq 1 4000); do echo \"line $i of the output, padded to about fifty bytes\"; done; exit 4";
+    let out = testbot(&fleet, &["run", "--", script]).await;
+    assert_eq!(out.status.code(), Some(4), "the job's own result: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.starts_with("line 1 of the output"), "{stdout:.200}");
+    assert!(!stdout.contains("line 4000 "), "the log was not cut");
+    assert!(
+        stdout.len() < 64 * 1024 && stdout.len() > 32 * 1024,
+        "kept {} bytes",
+        stdout.len()
+    );
+    assert!(
+        stderr.contains("testbot: the log reached the broker's limit of 65536 bytes"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("note: the log of job 1 was cut at byte"),
+        "{stderr}"
+    );
+
+    let out = testbot(&fleet, &["logs", "1"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("note: the log of job 1 was cut"),
+        "{stderr}"
+    );
+
+    let out = testbot(&fleet, &["status", "1"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("job 1: failed"), "{text}");
+    assert!(text.contains("log_truncated: at byte"), "{text}");
+    fleet.stop().await;
+}
