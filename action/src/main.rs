@@ -79,6 +79,9 @@ enum Command {
         /// Only jobs in this state (queued, assigned, running, succeeded, failed, cancelled, error).
         #[arg(long)]
         state: Option<JobState>,
+        /// Only jobs meant for this site or run at it.
+        #[arg(long)]
+        site: Option<String>,
         /// At most this many jobs.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -169,6 +172,9 @@ struct JobArgs {
     /// Read the script from this file instead of the command line.
     #[arg(short, long, conflicts_with = "script")]
     file: Option<PathBuf>,
+    /// Run only at this site (one of `testbot site list`).
+    #[arg(long)]
+    site: Option<String>,
     /// A label the agent must have (repeatable).
     #[arg(short, long = "label")]
     labels: Vec<String>,
@@ -239,7 +245,8 @@ impl JobArgs {
     fn into_spec(self) -> anyhow::Result<JobSpec> {
         let JobArgs {
             file,
-            labels,
+            site,
+            mut labels,
             env,
             timeout,
             name,
@@ -262,6 +269,10 @@ impl JobArgs {
             }
             None => script.join(" "),
         };
+        // The same routing label as the Action's `site` input.
+        if let Some(site) = site {
+            labels.push(format!("site:{site}"));
+        }
         let spec = JobSpec {
             script,
             name,
@@ -381,11 +392,12 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Jobs { state, limit } => {
+        Command::Jobs { state, site, limit } => {
             let client = client(&url, token)?;
             let list = client
                 .jobs(&JobListQuery {
                     state,
+                    site,
                     limit: Some(limit),
                 })
                 .await?;

@@ -225,8 +225,8 @@ async fn throughput(
     let newest = fleet
         .client
         .jobs(&JobListQuery {
-            state: None,
             limit: Some(LIST_LIMIT),
+            ..JobListQuery::default()
         })
         .await
         .context("Cannot list jobs")?;
@@ -288,6 +288,7 @@ async fn first_in_state(
         .jobs(&JobListQuery {
             state: Some(state),
             limit: Some(1),
+            ..JobListQuery::default()
         })
         .await
         .with_context(|| format!("Cannot list {state} jobs"))?;

@@ -283,7 +283,13 @@ async fn list_handler(
 ) -> Result<axum::Json<JobList>, ApiError> {
     principal.require_operator()?;
     let limit = query.limit.unwrap_or(50).clamp(1, 1000);
-    let models = state.db.jobs(query.state, limit).await?;
+    if let Some(site) = &query.site {
+        validate_word("site", site).map_err(ApiError::BadRequest)?;
+    }
+    let models = state
+        .db
+        .jobs(query.state, query.site.as_deref(), limit)
+        .await?;
     let jobs = models.iter().map(to_job).collect::<Result<_, _>>()?;
     Ok(axum::Json(JobList { jobs }))
 }

@@ -731,14 +731,25 @@ impl Db {
             .await
     }
 
-    /// Newest first.
-    pub async fn jobs(&self, state: Option<JobState>, limit: u32) -> sqlx::Result<Vec<JobModel>> {
+    /// Newest first; `site`: only jobs labelled for that site or run by one of its agents.
+    pub async fn jobs(
+        &self,
+        state: Option<JobState>,
+        site: Option<&str>,
+        limit: u32,
+    ) -> sqlx::Result<Vec<JobModel>> {
         let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR state = ?1) ORDER BY id DESC LIMIT ?2"
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE (?1 IS NULL OR state = ?1)
+               AND (?3 IS NULL
+                    OR EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE value = 'site:' || ?3)
+                    OR substr(agent, 1, length(?3) + 1) = ?3 || '/')
+             ORDER BY id DESC LIMIT ?2"
         );
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(state.map(|s| s.as_str()))
             .bind(limit as i64)
+            .bind(site)
             .fetch_all(&self.read)
             .await
     }

@@ -451,6 +451,9 @@ pub struct JobListQuery {
     /// Only jobs in this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<JobState>,
+    /// Only jobs meant for this site (the label `site:NAME`) or run by one of its agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     /// At most this many jobs, newest first. Default 50, at most 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,

@@ -294,3 +294,40 @@ async fn a_log_cut_at_the_limit_says_so_and_the_job_runs_on() {
     assert!(text.contains("log_truncated: at byte"), "{text}");
     fleet.stop().await;
 }
+
+/// `--site` sends a job to one site only, and `jobs --site` lists a site's jobs.
+#[tokio::test(flavor = "multi_thread")]
+async fn site_option_routes_a_job_and_filters_the_list() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+
+    let out = testbot(
+        &fleet,
+        &["submit", "--site", "elsewhere", "--", "echo never"],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let out = testbot(&fleet, &["run", "--site", "test-site", "--", "echo here"]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "here\n");
+
+    let client = fleet.client();
+    let waiting = client.job(testbot_proto::jobs::JobId(1)).await.unwrap();
+    assert_eq!(
+        waiting.state,
+        JobState::Queued,
+        "no agent of that site: it waits"
+    );
+
+    let out = testbot(&fleet, &["--json", "jobs", "--site", "test-site"]).await;
+    let list: testbot_proto::jobs::JobList = serde_json::from_slice(&out.stdout).expect("json");
+    let ids: Vec<i64> = list.jobs.iter().map(|j| j.id.0).collect();
+    assert_eq!(ids, vec![2], "{list:?}");
+    let out = testbot(&fleet, &["--json", "jobs", "--site", "elsewhere"]).await;
+    let list: testbot_proto::jobs::JobList = serde_json::from_slice(&out.stdout).expect("json");
+    let ids: Vec<i64> = list.jobs.iter().map(|j| j.id.0).collect();
+    assert_eq!(ids, vec![1], "{list:?}");
+    let out = testbot(&fleet, &["jobs", "--site", "not a site"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    fleet.stop().await;
+}
