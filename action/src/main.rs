@@ -6,6 +6,7 @@
 
 mod gha;
 mod output;
+#[cfg(feature = "up")]
 mod up;
 
 use std::collections::BTreeMap;
@@ -87,6 +88,7 @@ enum Command {
         limit: u32,
     },
     /// Run a one-machine fleet in the foreground: a broker on SQLite and a local shell agent.
+    #[cfg(feature = "up")]
     Up(up::UpOpts),
     /// Register GitHub repositories whose workflows may submit jobs.
     #[command(subcommand)]
@@ -296,10 +298,32 @@ impl JobArgs {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     testbot_proto::init_tracing("warn");
-    match try_main(Opts::parse()).await {
+    let opts = Opts::parse();
+    // A client command makes a few requests one after another: a runtime on this thread starts
+    // in microseconds. `testbot up` serves a fleet and gets every core.
+    #[cfg(feature = "up")]
+    let serves = matches!(opts.command, Command::Up(_));
+    #[cfg(not(feature = "up"))]
+    let serves = false;
+    let runtime = if serves {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("testbot: error: cannot start the async runtime: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(try_main(opts)) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(err) => {
             eprintln!("testbot: error: {err:#}");
@@ -324,6 +348,7 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
         command,
     } = opts;
     match command {
+        #[cfg(feature = "up")]
         Command::Up(up) => up::run(up).await.map(|()| 0),
         Command::Action {
             watch: Some(parent),
