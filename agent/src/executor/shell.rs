@@ -70,12 +70,11 @@ impl ShellExecutor {
         if let Some(account) = super::switches_account(job) {
             super::hand_over(&job.dir, account)?;
         }
-        let mut command = super::command_as(job, "bash");
+        let mut command = super::command_as(job, "bash")?;
         command
             .args(["--noprofile", "--norc", "-eo", "pipefail"])
             .arg(&script)
             .current_dir(&workspace)
-            .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -94,6 +93,8 @@ impl ShellExecutor {
                 .env("USER", &account.name)
                 .env("LOGNAME", &account.name);
         }
+        // The job's own variables reach only bash, which starts as the job's account: the
+        // account switch happens before the exec (see `command_as`).
         command.envs(&job.spec.env);
         command
             .env("CI", "true")

@@ -9,7 +9,8 @@
 //!   environment (`--export=ALL`); names Slurm itself reads (`SBATCH_*`, `SLURM_*`, ...) are
 //!   refused, so a job cannot change its own submission.
 //! - With an account mapping, the job directory is handed to the account and `sbatch` runs as it
-//!   (through `setpriv`), so the job runs as that account and its files belong to it.
+//!   (the agent switches uid, gid and groups between fork and exec), so the job runs as that
+//!   account and its files belong to it.
 //! - While the job runs its output files are tailed, so a line written on the compute node reaches
 //!   the log within about [`TAIL_INTERVAL`]; its state is followed with `scontrol` (and `sacct`
 //!   once Slurm has forgotten the job, when accounting is enabled).
@@ -236,8 +237,11 @@ impl SlurmExecutor {
         }
 
         let args = self.sbatch_args(job)?;
-        let mut command = self.command_as(job, "sbatch");
+        let mut command = self.command_as(job, "sbatch")?;
         command.args(&args).arg(&batch);
+        // `--export=ALL` hands sbatch's environment to the batch script. sbatch itself starts
+        // as the job's account (the switch happens before the exec), so the job's variables
+        // never reach a program running as root.
         command.envs(&job.spec.env);
         command
             .env("CI", "true")
@@ -277,9 +281,8 @@ impl SlurmExecutor {
     }
 
     /// A Slurm command with a clean environment, run as the job's account when it has one.
-    fn command_as(&self, job: &JobContext, program: &str) -> Command {
-        let mut command = super::command_as(job, program);
-        command.env_clear();
+    fn command_as(&self, job: &JobContext, program: &str) -> anyhow::Result<Command> {
+        let mut command = super::command_as(job, program)?;
         for name in SLURM_PASSTHROUGH_ENV {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
@@ -294,7 +297,7 @@ impl SlurmExecutor {
                 .env("USER", &account.name)
                 .env("LOGNAME", &account.name);
         }
-        command
+        Ok(command)
     }
 
     /// Tails the job's output and follows its state until it ends (or is stopped, or times out).

@@ -316,6 +316,11 @@ impl SitePolicy {
             }
         }
         for variable in spec.env.keys() {
+            if let Some(why) = validate::denied_env(variable) {
+                return Err(format!(
+                    "environment variable {variable} is never allowed at this site ({why}): a job must not change how the programs that start it behave"
+                ));
+            }
             if !any_match(&self.env_allow, variable) {
                 return Err(format!(
                     "environment variable {variable} is not in the site's env_allow {}",
