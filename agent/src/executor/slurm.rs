@@ -721,6 +721,66 @@ mod tests {
     }
 
     #[test]
+    fn sbatch_carries_the_site_caps_for_a_job_that_asks_for_nothing() {
+        let policy = crate::policy::SitePolicy::parse(
+            r#"
+[oidc]
+audience = "https://testbot.example.org"
+[executors.slurm]
+max_cpus = 8
+max_memory = "4G"
+max_time = "30m"
+[[rules]]
+name = "all"
+repositories = ["my-org/*"]
+"#,
+        )
+        .unwrap();
+        let executor = SlurmExecutor {
+            settings: policy.executors().slurm.clone().unwrap(),
+            records: JobRecords::new(PathBuf::from("/nonexistent")),
+        };
+        let asks_nothing = testbot_proto::jobs::JobSpec {
+            script: "true".into(),
+            ..Default::default()
+        };
+        let mut job = context(policy.resources(&asks_nothing, "slurm"));
+        job.timeout = policy.time_limit(&asks_nothing, "slurm");
+        let args = executor.sbatch_args(&job).unwrap();
+        for want in ["--time=30", "--cpus-per-task=8", "--mem=4096M"] {
+            assert!(args.contains(&want.to_string()), "{want} in {args:?}");
+        }
+
+        // A site default is used before the cap; what a job asks for, within the cap, is kept.
+        let policy = crate::policy::SitePolicy::parse(
+            r#"
+[oidc]
+audience = "https://testbot.example.org"
+[executors.slurm]
+max_cpus = 8
+default_cpus = 1
+max_memory = "4G"
+default_memory = "1G"
+[[rules]]
+name = "all"
+repositories = ["my-org/*"]
+"#,
+        )
+        .unwrap();
+        let args = executor
+            .sbatch_args(&context(policy.resources(&asks_nothing, "slurm")))
+            .unwrap();
+        assert!(args.contains(&"--cpus-per-task=1".to_string()), "{args:?}");
+        assert!(args.contains(&"--mem=1024M".to_string()), "{args:?}");
+        let mut asks = asks_nothing.clone();
+        asks.resources.memory_mib = Some(2048);
+        let args = executor
+            .sbatch_args(&context(policy.resources(&asks, "slurm")))
+            .unwrap();
+        assert!(args.contains(&"--mem=2048M".to_string()), "{args:?}");
+    }
+
+    #[test]
     fn slurm_states_map_to_results() {
         let status = |state: &str, exit: (i32, i32)| SlurmStatus {
             state: state.into(),

@@ -948,3 +948,35 @@ fn env_allow_never_admits_variables_that_change_how_programs_start() {
         );
     }
 }
+
+#[test]
+fn defaults_must_fit_their_caps() {
+    let slurm = "[executors.slurm]\nmax_cpus = 32\nmax_memory = \"64G\"";
+    for (to, want) in [
+        (
+            "[executors.slurm]\nmax_cpus = 32\ndefault_cpus = 64\nmax_memory = \"64G\"",
+            "executors.slurm.default_cpus 64 is over max_cpus 32",
+        ),
+        (
+            "[executors.slurm]\nmax_cpus = 32\nmax_memory = \"64G\"\ndefault_memory = \"128G\"",
+            "executors.slurm.default_memory 128G is over max_memory 64G",
+        ),
+        (
+            "[executors.slurm]\nmax_cpus = 32\ndefault_cpus = 0\nmax_memory = \"64G\"",
+            "a default of 0 would give jobs nothing",
+        ),
+    ] {
+        let err = parse_error(&edited(slurm, to));
+        assert!(err.contains(want), "want {want:?} in {err:?}");
+    }
+    let policy = SitePolicy::parse(&edited(
+        slurm,
+        "[executors.slurm]\nmax_cpus = 32\ndefault_cpus = 2\nmax_memory = \"64G\"",
+    ))
+    .unwrap();
+    let r = policy.resources(&job(), "slurm");
+    assert_eq!((r.cpus, r.memory_mib), (Some(2), Some(65536)));
+    // Executors without caps leave a job as it asked.
+    let r = policy.resources(&job(), "shell");
+    assert_eq!((r.cpus, r.memory_mib), (None, None));
+}

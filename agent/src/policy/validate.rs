@@ -140,6 +140,43 @@ fn check_executors(policy: &SitePolicy) -> Result<(), Invalid> {
                 ));
             }
         }
+        if limits.default_cpus == Some(0) || limits.default_memory_mib == Some(0) {
+            return Err(bad(
+                format!(
+                    "{base}.{}",
+                    if limits.default_cpus == Some(0) {
+                        "default_cpus"
+                    } else {
+                        "default_memory"
+                    }
+                ),
+                format!(
+                    "{base}: a default of 0 would give jobs nothing to run with: leave it out to use the cap"
+                ),
+            ));
+        }
+        if let (Some(default), Some(cap)) = (limits.default_cpus, limits.max_cpus)
+            && default > cap
+        {
+            return Err(bad(
+                format!("{base}.default_cpus"),
+                format!(
+                    "{base}.default_cpus {default} is over max_cpus {cap}: lower default_cpus or raise max_cpus"
+                ),
+            ));
+        }
+        if let (Some(default), Some(cap)) = (limits.default_memory_mib, limits.max_memory_mib)
+            && default > cap
+        {
+            return Err(bad(
+                format!("{base}.default_memory"),
+                format!(
+                    "{base}.default_memory {} is over max_memory {}: lower default_memory or raise max_memory",
+                    super::format_mib(default),
+                    super::format_mib(cap)
+                ),
+            ));
+        }
         if let Some(max_time) = limits.max_time
             && max_time > policy.max_runtime
         {
