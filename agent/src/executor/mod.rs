@@ -3,6 +3,7 @@
 //! Every executor implements [`Executor`]: a cancellable `run` that streams output into a
 //! [`LogSink`] and reports how the job ended, and an always-called `cleanup`.
 
+pub mod cgroup;
 mod container;
 mod kubernetes;
 mod noop;
@@ -279,9 +280,15 @@ pub fn find_program(program: &str) -> anyhow::Result<PathBuf> {
 /// The program is found in the agent's own `PATH` ([`find_program`]). The account switch
 /// (supplementary groups of the account, not the agent's; then gid; then uid) happens in the
 /// child between fork and exec, so nothing runs as root with the job's environment: variables
-/// such as `LD_PRELOAD` or `PATH` only take effect at the exec, as the job's account. The
-/// agent's own account needs no switch.
-pub fn command_as(job: &JobContext, program: &str) -> anyhow::Result<tokio::process::Command> {
+/// such as `LD_PRELOAD` or `PATH` only take effect at the exec, as the job's account. When
+/// `cgroup_procs` is given (a job cgroup's `cgroup.procs`, opened by the agent), the child moves
+/// itself into that cgroup first, before it can start anything that would escape it. The agent's
+/// own account needs no switch.
+pub fn command_as(
+    job: &JobContext,
+    program: &str,
+    cgroup_procs: Option<std::fs::File>,
+) -> anyhow::Result<tokio::process::Command> {
     let mut command = tokio::process::Command::new(find_program(program)?);
     command.env_clear();
     let switch = match switches_account(job) {
@@ -294,27 +301,36 @@ pub fn command_as(job: &JobContext, program: &str) -> anyhow::Result<tokio::proc
         }
         None => None,
     };
-    if let Some(switch) = switch {
-        pre_exec_switch(&mut command, switch);
+    if switch.is_some() || cgroup_procs.is_some() {
+        pre_exec_confine(&mut command, cgroup_procs, switch);
     }
     Ok(command)
 }
 
-/// Runs in the forked child before exec: drops to the account. Only async-signal-safe calls
-/// (setgroups, setgid, setuid), as the agent is multi-threaded.
+/// Runs in the forked child before exec: joins the job's cgroup, then drops to the account.
+/// Only async-signal-safe calls (write, setgroups, setgid, setuid), as the agent is
+/// multi-threaded.
 #[allow(unsafe_code)]
-fn pre_exec_switch(
+fn pre_exec_confine(
     command: &mut tokio::process::Command,
-    (uid, gid, groups): (nix::unistd::Uid, nix::unistd::Gid, Vec<nix::unistd::Gid>),
+    cgroup_procs: Option<std::fs::File>,
+    switch: Option<(nix::unistd::Uid, nix::unistd::Gid, Vec<nix::unistd::Gid>)>,
 ) {
     let hook = move || -> std::io::Result<()> {
-        nix::unistd::setgroups(&groups)?;
-        nix::unistd::setgid(gid)?;
-        nix::unistd::setuid(uid)?;
+        if let Some(procs) = &cgroup_procs {
+            use std::io::Write as _;
+            // "0" moves the writing process itself.
+            (&*procs).write_all(b"0")?;
+        }
+        if let Some((uid, gid, groups)) = &switch {
+            nix::unistd::setgroups(groups)?;
+            nix::unistd::setgid(*gid)?;
+            nix::unistd::setuid(*uid)?;
+        }
         Ok(())
     };
     // SAFETY: the hook allocates nothing and makes only async-signal-safe system calls on data
-    // prepared before the fork (ids and a group list).
+    // prepared before the fork (an open file, ids and a group list).
     unsafe {
         command.pre_exec(hook);
     }

@@ -282,7 +282,7 @@ impl SlurmExecutor {
 
     /// A Slurm command with a clean environment, run as the job's account when it has one.
     fn command_as(&self, job: &JobContext, program: &str) -> anyhow::Result<Command> {
-        let mut command = super::command_as(job, program)?;
+        let mut command = super::command_as(job, program, None)?;
         for name in SLURM_PASSTHROUGH_ENV {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);

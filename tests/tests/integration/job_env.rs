@@ -137,9 +137,7 @@ async fn the_shell_executor_applies_a_jobs_variables_only_after_switching_accoun
     let shared = shared_dir(&fleet);
     let account = testbot_agent::identity::lookup_account(JOB_ACCOUNT).unwrap();
     let uid = account.uid.to_string();
-    let executor = ShellExecutor {
-        kill_grace: Duration::from_secs(1),
-    };
+    let executor = ShellExecutor::new(Duration::from_secs(1), &fleet.dir.path().join("agent"));
     let context = |id: i64, spec: JobSpec| JobContext {
         id: JobId(id),
         attempt: 1,

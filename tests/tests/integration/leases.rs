@@ -1,7 +1,7 @@
 //! Leases: a lost agent's job is requeued to another agent or ends `error: agent lost`, and a
 //! late result under an expired lease is refused, so every job has exactly one result.
 
-use testbot_e2e::{Fleet, WAIT, kill_group, wait_for};
+use testbot_e2e::{Fleet, WAIT, kill_group, process_alive, wait_for};
 use testbot_proto::agents::{Assignment, PollRequest};
 use testbot_proto::client::BrokerClient;
 use testbot_proto::error::codes;
@@ -34,15 +34,17 @@ async fn wait_state(fleet: &Fleet, id: JobId, state: JobState) -> testbot_proto:
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_mid_job_loses_it_to_another_agent() {
     let mut fleet = Fleet::start().await;
-    let pgids = fleet.dir.path().join("pgids");
+    let pids = fleet.dir.path().join("pids");
     let mut doomed = fleet.spawn_agent("doomed", "");
     let job = fleet
         .client()
         .submit(&testbot_proto::jobs::JobSpec {
-            script: "echo $$ >> $PGIDS; echo attempt $TESTBOT_ATTEMPT on $TESTBOT_AGENT; \
-                     if [ $TESTBOT_ATTEMPT = 1 ]; then sleep 120; fi; echo done"
+            // Attempt 1 also starts a process in a session of its own, out of the job's
+            // process group.
+            script: "echo $$ >> $PIDS; echo attempt $TESTBOT_ATTEMPT on $TESTBOT_AGENT; \
+                     if [ $TESTBOT_ATTEMPT = 1 ]; then setsid sleep 1000 & echo $! >> $PIDS; sleep 120; fi; echo done"
                 .into(),
-            env: [("PGIDS".to_string(), pgids.display().to_string())].into(),
+            env: [("PIDS".to_string(), pids.display().to_string())].into(),
             ..Default::default()
         })
         .await
@@ -72,10 +74,75 @@ async fn an_agent_killed_mid_job_loses_it_to_another_agent() {
     assert!(log.contains("attempt 2 on rescuer"), "{log}");
     assert!(log.contains(" O done\n"), "{log}");
 
-    // The killed agent's job process outlived it; stop it.
-    for pgid in std::fs::read_to_string(&pgids).unwrap().lines() {
-        kill_group(pgid.parse().unwrap());
+    // Attempt 1's processes outlived the agent killed with SIGKILL; the agent, started again,
+    // kills what it had started.
+    let attempt_1: Vec<i32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(|pid| pid.parse().unwrap())
+        .collect();
+    let mut restarted = fleet.spawn_agent("doomed", "");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while attempt_1.iter().any(|pid| process_alive(*pid)) && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let alive: Vec<i32> = attempt_1
+        .iter()
+        .copied()
+        .filter(|pid| process_alive(*pid))
+        .collect();
+    for pid in &alive {
+        kill_group(*pid);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(
+        alive.is_empty(),
+        "processes of attempt 1 still ran after the agent restarted: {alive:?}"
+    );
+    // A clean stop removes the agent's (empty) parent cgroup.
+    restarted.signal(nix::sys::signal::Signal::SIGTERM);
+    restarted.wait(WAIT).await;
+    fleet.stop().await;
+}
+
+/// A shell job that starts a process in a session of its own (`setsid`, out of its process
+/// group) leaves nothing running once it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shell_job_leaves_no_process_behind_even_one_that_called_setsid() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("vm1"));
+    let job = fleet
+        .submit("setsid sleep 1000 & echo escaped $!; nohup setsid sh -c 'sleep 1000' >/dev/null 2>&1 & echo escaped $!")
+        .await;
+    let finished = fleet.wait_finished(job.id).await;
+    assert_eq!(finished.state, JobState::Succeeded, "{finished:?}");
+    let log = fleet.log(job.id).await;
+    let pids: Vec<i32> = testbot_e2e::stdout_lines(&log)
+        .iter()
+        .filter_map(|line| line.strip_prefix("escaped ")?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{log}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pids.iter().any(|pid| process_alive(*pid)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let alive: Vec<i32> = pids
+        .iter()
+        .copied()
+        .filter(|pid| process_alive(*pid))
+        .collect();
+    for pid in &alive {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(alive.is_empty(), "the job left {alive:?} running\n{log}");
     fleet.stop().await;
 }
 
