@@ -127,23 +127,23 @@ async fn a_job_cannot_make_the_root_agent_run_a_program_planted_by_an_earlier_jo
     fleet.stop().await;
 }
 
-/// The shell executor itself, handed a job whose variables no policy would allow (a
-/// compromised broker talking to an agent without a policy, or a policy bug): the variables
-/// reach the job, as its account, and nothing the agent starts as root.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_shell_executor_applies_a_jobs_variables_only_after_switching_accounts() {
-    ensure_account(JOB_ACCOUNT);
-    let fleet = Fleet::start().await;
-    let shared = shared_dir(&fleet);
+/// An executor itself, handed a job whose variables no policy would allow (a compromised
+/// broker talking to an agent without a policy, or a policy bug): the variables reach the job,
+/// as its account, and nothing the agent starts as root. Job 1 plants `setpriv` and `bash`;
+/// job 2 puts them first on its `PATH`.
+async fn executor_applies_a_jobs_variables_only_after_switching_accounts(
+    fleet: &Fleet,
+    executor: std::sync::Arc<dyn Executor>,
+) {
+    let shared = shared_dir(fleet);
     let account = testbot_agent::identity::lookup_account(JOB_ACCOUNT).unwrap();
     let uid = account.uid.to_string();
-    let executor = ShellExecutor::new(Duration::from_secs(1), &fleet.dir.path().join("agent"));
     let context = |id: i64, spec: JobSpec| JobContext {
         id: JobId(id),
         attempt: 1,
         agent: "login1".into(),
         spec,
-        timeout: Duration::from_secs(30),
+        timeout: Duration::from_secs(60),
         dir: fleet.dir.path().join(format!("job-{id}")),
         run_as: Some(account.clone()),
         keep_dir: false,
@@ -154,7 +154,7 @@ async fn the_shell_executor_applies_a_jobs_variables_only_after_switching_accoun
         let executor = executor.clone();
         async move {
             std::fs::create_dir_all(&job.dir).unwrap();
-            let (sink, mut lines) = LogSink::new(64);
+            let (sink, mut lines) = LogSink::new(1024);
             let outcome = executor
                 .run(&job, sink, CancellationToken::new())
                 .await
@@ -169,7 +169,7 @@ async fn the_shell_executor_applies_a_jobs_variables_only_after_switching_accoun
     };
 
     let (_, out) = run(context(
-        1,
+        9001,
         JobSpec {
             script: plant_script(&shared, "setpriv", "/usr/bin/setpriv")
                 + "; "
@@ -191,7 +191,7 @@ async fn the_shell_executor_applies_a_jobs_variables_only_after_switching_accoun
         ),
         ("GREETING".to_string(), "hello".to_string()),
     ]);
-    let (outcome, out) = run(context(2, hostile)).await;
+    let (outcome, out) = run(context(9002, hostile)).await;
     assert!(
         !ran_as(&shared).contains(&"0".to_string()),
         "the planted program ran as root: {:?} {out:?}",
@@ -206,6 +206,43 @@ async fn the_shell_executor_applies_a_jobs_variables_only_after_switching_accoun
         out.contains(&format!("ran as {uid} with hello")),
         "the job still gets its variables: {out:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shell_executor_applies_a_jobs_variables_only_after_switching_accounts() {
+    ensure_account(JOB_ACCOUNT);
+    let fleet = Fleet::start().await;
+    let executor = ShellExecutor::new(Duration::from_secs(1), &fleet.dir.path().join("agent"));
+    executor_applies_a_jobs_variables_only_after_switching_accounts(
+        &fleet,
+        std::sync::Arc::new(executor),
+    )
+    .await;
+    fleet.stop().await;
+}
+
+/// Against the real Slurm: `sbatch` starts as the job's account, with the job's variables
+/// (which `--export=ALL` hands to the batch script).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slurm_executor_applies_a_jobs_variables_only_after_switching_accounts() {
+    let conf = std::env::var("SLURM_CONF").unwrap_or_default();
+    assert!(
+        !conf.is_empty() && Path::new(&conf).exists(),
+        "SLURM_CONF is not set to a slurm.conf: start the test Slurm (scripts/test.sh does)"
+    );
+    ensure_account(JOB_ACCOUNT);
+    let fleet = Fleet::start().await;
+    let executor = testbot_agent::executor::SlurmExecutor {
+        settings: Default::default(),
+        records: testbot_agent::executor::records::JobRecords::new(
+            fleet.dir.path().join("records"),
+        ),
+    };
+    executor_applies_a_jobs_variables_only_after_switching_accounts(
+        &fleet,
+        std::sync::Arc::new(executor),
+    )
+    .await;
     fleet.stop().await;
 }
 
