@@ -235,3 +235,72 @@ async fn a_job_whose_agents_keep_vanishing_ends_agent_lost() {
     );
     fleet.stop().await;
 }
+
+/// An agent that cannot make cgroups (here: not root, no delegated cgroup v2) says so when it
+/// starts, and still runs shell jobs, stopping them by their process group as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_without_a_writable_cgroup_says_so_and_still_runs_jobs() {
+    use std::os::unix::fs::PermissionsExt as _;
+    testbot_e2e::ensure_account(testbot_e2e::JOB_ACCOUNT);
+    let account = nix::unistd::User::from_name(testbot_e2e::JOB_ACCOUNT)
+        .unwrap()
+        .unwrap();
+    let fleet = Fleet::start().await;
+    let dir = fleet.dir.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work = dir.join("agent-unprivileged");
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(
+        &work,
+        Some(account.uid.as_raw()),
+        Some(account.gid.as_raw()),
+    )
+    .unwrap();
+    let token = dir.join("enrollment.token");
+    std::fs::write(
+        &token,
+        secrecy::ExposeSecret::expose_secret(&fleet.enrollment_token),
+    )
+    .unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.join("agent-unprivileged.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"unprivileged\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\n",
+            fleet.url,
+            token.display(),
+            work.display()
+        ),
+    )
+    .unwrap();
+    let stderr = dir.join("agent-unprivileged.err");
+    let mut agent = tokio::process::Command::new(testbot_e2e::bin_path("testbot-agent"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .uid(account.uid.as_raw())
+        .gid(account.gid.as_raw())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for("the agent's warning", WAIT, || async {
+        std::fs::read_to_string(&stderr)
+            .unwrap()
+            .contains("No writable cgroup v2: shell jobs run without a cgroup")
+            .then_some(())
+    })
+    .await;
+    let job = fleet.submit("id -un").await;
+    let finished = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(finished.state, JobState::Succeeded, "{log}");
+    assert!(
+        log.contains(&format!(" O {}\n", testbot_e2e::JOB_ACCOUNT)),
+        "{log}"
+    );
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
+    fleet.stop().await;
+}
