@@ -65,24 +65,21 @@ impl Executor for ShellExecutor {
     fn prepare<'a>(&'a self) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             match self.cgroups.as_ref() {
-                Ok(cgroups) => tracing::info!(
-                    cgroup = %cgroups.parent().display(),
-                    "Shell jobs run in cgroups of their own."
-                ),
+                Ok(cgroups) => {
+                    tracing::info!(
+                        cgroup = %cgroups.parent().display(),
+                        "Shell jobs run in cgroups of their own."
+                    );
+                    // At once, before the agent even reaches the broker: each moment an orphan
+                    // of an earlier run lives, it may run beside the job's next attempt.
+                    cgroups.reap().await;
+                }
                 Err(why) => tracing::warn!(
                     reason = %why,
                     "No writable cgroup v2: shell jobs run without a cgroup, so processes a job moves out of its process group (setsid), and jobs of an agent killed with SIGKILL, keep running. Run the agent as root, or give it a delegated cgroup v2 subtree (systemd: Delegate=yes)."
                 ),
             }
             Ok(())
-        })
-    }
-
-    fn reap<'a>(&'a self) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            if let Some(cgroups) = self.cgroups() {
-                cgroups.reap().await;
-            }
         })
     }
 
