@@ -81,9 +81,9 @@ impl Agent {
     pub fn new(config: AgentConfig) -> anyhow::Result<Agent> {
         let policy = load_policy(&config)?;
         let executor: Arc<dyn Executor> = match config.executor {
-            ExecutorKind::Shell => Arc::new(ShellExecutor {
-                kill_grace: config.kill_grace,
-            }),
+            ExecutorKind::Shell => {
+                Arc::new(ShellExecutor::new(config.kill_grace, &config.state_dir()))
+            }
             ExecutorKind::Noop => Arc::new(NoopExecutor),
             ExecutorKind::Docker | ExecutorKind::Podman => {
                 let (engine, settings) = match config.executor {

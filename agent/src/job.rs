@@ -53,6 +53,9 @@ pub struct SiteGate {
 struct Admission {
     run_as: Option<LocalAccount>,
     timeout: Duration,
+    /// What the job runs with: its own resources with the site's defaults and caps filled in
+    /// (`None`: as it asked, without a policy).
+    resources: Option<testbot_proto::jobs::Resources>,
 }
 
 impl SiteGate {
@@ -90,6 +93,7 @@ impl SiteGate {
                 Ok(Admission {
                     run_as: Some(account),
                     timeout: self.policy.time_limit(spec, executor),
+                    resources: Some(self.policy.resources(spec, executor)),
                 })
             }
         }
@@ -128,6 +132,7 @@ impl JobRunner {
                     .timeout_secs
                     .map(Duration::from_secs)
                     .map_or(self.max_job_time, |t| t.min(self.max_job_time)),
+                resources: None,
             }),
             Some(gate) => gate.admit(&assignment, self.executor.name()).await,
         };
@@ -161,6 +166,10 @@ impl JobRunner {
                 return;
             }
         };
+        let mut spec = assignment.spec;
+        if let Some(resources) = admission.resources {
+            spec.resources = resources;
+        }
         let ctx = JobContext {
             id,
             attempt: assignment.attempt,
@@ -169,7 +178,7 @@ impl JobRunner {
                 .work_dir
                 .join("jobs")
                 .join(format!("job-{id}-{}", assignment.attempt)),
-            spec: assignment.spec,
+            spec,
             timeout: admission.timeout,
             run_as: admission.run_as,
             keep_dir: self.keep_job_dirs,

@@ -43,12 +43,11 @@ impl ExecutorChoice {
         }
     }
 
-    fn executor(self) -> Arc<dyn Executor> {
+    /// The executor; `dir` names the shell executor's job cgroups.
+    fn executor(self, dir: &std::path::Path) -> Arc<dyn Executor> {
         match self {
             ExecutorChoice::Noop => Arc::new(NoopExecutor),
-            ExecutorChoice::Shell => Arc::new(ShellExecutor {
-                kill_grace: Duration::from_secs(2),
-            }),
+            ExecutorChoice::Shell => Arc::new(ShellExecutor::new(Duration::from_secs(2), dir)),
         }
     }
 }
@@ -169,7 +168,7 @@ impl BenchFleet {
             .context("Cannot issue an enrollment token")?;
         let starts = Arc::new(StartLog::new());
         let recording: Arc<dyn Executor> = Arc::new(RecordingExecutor {
-            inner: executor.executor(),
+            inner: executor.executor(&dir.path().join("shell")),
             starts: starts.clone(),
         });
         let mut fleet = BenchFleet {

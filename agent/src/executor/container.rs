@@ -154,8 +154,21 @@ impl ContainerExecutor {
         hex::encode(&digest.as_ref()[..5])
     }
 
+    /// The engine's client, with an environment of the agent's own choosing: nothing a job sets
+    /// reaches it (a job's `PATH`, `DOCKER_HOST` or `LD_PRELOAD` would otherwise pick the
+    /// program, the engine or the libraries of a client that runs as root).
     fn command(&self) -> Command {
-        let mut command = Command::new(self.engine.program());
+        // Looked up in the agent's own PATH; by bare name only if it is not there, so the
+        // spawn error names the program.
+        let program = super::find_program(self.engine.program())
+            .unwrap_or_else(|_| self.engine.program().into());
+        let mut command = Command::new(program);
+        command.env_clear();
+        for (name, value) in std::env::vars_os() {
+            if name.to_str().is_some_and(client_env) {
+                command.env(name, value);
+            }
+        }
         command.stdin(Stdio::null()).kill_on_drop(true);
         command
     }
@@ -293,13 +306,16 @@ impl ContainerExecutor {
             // No swap beyond the limit: the limit is the limit.
             args.push(format!("--memory-swap={memory}m"));
         }
-        // The job's variables: names only, values come from the client's environment, so they
-        // never appear on a command line.
-        for name in job.spec.env.keys() {
-            args.push(format!("--env={name}"));
-        }
+        // The job's variables are in a file the container's shell reads before the script
+        // (`env_file`): not on a command line, where every user of the host could read them,
+        // and not in the client's environment, where they would act on the client.
+        args.push(format!("--volume={dir}/{ENV_FILE}:/testbot/{ENV_FILE}:ro"));
         args.push(image.to_string());
-        args.extend(["/bin/sh".into(), "-e".into(), "/testbot/script.sh".into()]);
+        args.extend([
+            "/bin/sh".into(),
+            "-ec".into(),
+            format!(". /testbot/{ENV_FILE}; exec /bin/sh -e /testbot/script.sh"),
+        ]);
         args
     }
 
@@ -315,6 +331,7 @@ impl ContainerExecutor {
         let workspace = job.dir.join("workspace");
         tokio::fs::create_dir_all(&workspace).await?;
         tokio::fs::write(job.dir.join("script.sh"), &job.spec.script).await?;
+        write_private(&job.dir.join(ENV_FILE), env_file(&job.spec.env).as_bytes())?;
         if let Some(account) = super::switches_account(job) {
             super::hand_over(&job.dir, account)?;
         }
@@ -328,7 +345,6 @@ impl ContainerExecutor {
             .arg("run")
             .arg("--detach")
             .args(&args)
-            .envs(&job.spec.env)
             // podman's conmon notes an OOM kill as a file `oom` in the directory podman was
             // started from: keep it in the job directory (see `follow`).
             .current_dir(&job.dir)
@@ -462,6 +478,59 @@ impl ContainerExecutor {
             code => ExecOutcome::Exited(code),
         })
     }
+}
+
+/// The file in the job directory that holds the job's variables, as `export NAME='VALUE'` lines.
+const ENV_FILE: &str = "env.sh";
+
+/// The job's variables as lines the container's `/bin/sh` sources; any value survives the
+/// quoting (single quotes, with `'` written as `'\''`). Names are `[A-Za-z_][A-Za-z0-9_]*`
+/// (checked with the job).
+fn env_file(env: &std::collections::BTreeMap<String, String>) -> String {
+    env.iter()
+        .map(|(name, value)| format!("export {name}='{}'\n", value.replace('\'', "'\\''")))
+        .collect()
+}
+
+/// Writes a file only its owner can read (the job's variables may be secrets).
+fn write_private(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(contents))
+        .with_context(|| format!("Cannot write {}", path.display()))
+}
+
+/// Variables of the agent's own environment the engine's client gets: where the engine and its
+/// configuration are, proxies for pulls, locale. Set by the operator, never by a job.
+fn client_env(name: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "TMPDIR",
+        "XDG_RUNTIME_DIR",
+        "XDG_CONFIG_HOME",
+        "REGISTRY_AUTH_FILE",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    ];
+    const PREFIXES: &[&str] = &["DOCKER_", "CONTAINERS_", "CONTAINER_"];
+    NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// Reads `logs --timestamps` output (`2026-11-25T13:40:00.123456789Z text`, from container

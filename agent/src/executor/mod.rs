@@ -3,6 +3,7 @@
 //! Every executor implements [`Executor`]: a cancellable `run` that streams output into a
 //! [`LogSink`] and reports how the job ended, and an always-called `cleanup`.
 
+pub mod cgroup;
 mod container;
 mod kubernetes;
 mod noop;
@@ -247,22 +248,91 @@ pub struct Detached {
     pub run_as: Option<String>,
 }
 
-/// A command for `program` that runs as the job's account: through `setpriv`, which switches
-/// uid, gid and supplementary groups (the account's own, not the agent's) and then execs the
-/// program, so it is still the agent's child. The agent's own account needs no switch.
-pub fn command_as(job: &JobContext, program: &str) -> tokio::process::Command {
-    match switches_account(job) {
+/// The `PATH` programs are looked up in when the agent's own environment has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where `program` is, looked up in the agent's own `PATH` (set by the operator), never in a
+/// job's: a job that sets `PATH` must not choose what the agent starts as root.
+pub fn find_program(program: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .with_context(|| {
+            format!(
+                "Cannot find {program} in the agent's PATH ({}): install it or add its directory to the PATH the agent starts with",
+                path.to_string_lossy()
+            )
+        })
+}
+
+/// A command for `program` that runs as the job's account, with an empty environment (the
+/// caller adds what the job gets).
+///
+/// The program is found in the agent's own `PATH` ([`find_program`]). The account switch
+/// (supplementary groups of the account, not the agent's; then gid; then uid) happens in the
+/// child between fork and exec, so nothing runs as root with the job's environment: variables
+/// such as `LD_PRELOAD` or `PATH` only take effect at the exec, as the job's account. When
+/// `cgroup_procs` is given (a job cgroup's `cgroup.procs`, opened by the agent), the child moves
+/// itself into that cgroup first, before it can start anything that would escape it. The agent's
+/// own account needs no switch.
+pub fn command_as(
+    job: &JobContext,
+    program: &str,
+    cgroup_procs: Option<std::fs::File>,
+) -> anyhow::Result<tokio::process::Command> {
+    let mut command = tokio::process::Command::new(find_program(program)?);
+    command.env_clear();
+    let switch = match switches_account(job) {
         Some(account) => {
-            let mut command = tokio::process::Command::new("setpriv");
-            command
-                .arg(format!("--reuid={}", account.uid))
-                .arg(format!("--regid={}", account.gid))
-                .arg("--init-groups")
-                .arg("--")
-                .arg(program);
-            command
+            let name = std::ffi::CString::new(account.name.as_str())
+                .context("an account name with a NUL byte")?;
+            let groups = nix::unistd::getgrouplist(&name, account.gid)
+                .with_context(|| format!("Cannot read the groups of account {}", account.name))?;
+            Some((account.uid, account.gid, groups))
         }
-        None => tokio::process::Command::new(program),
+        None => None,
+    };
+    if switch.is_some() || cgroup_procs.is_some() {
+        pre_exec_confine(&mut command, cgroup_procs, switch);
+    }
+    Ok(command)
+}
+
+/// Runs in the forked child before exec: joins the job's cgroup, then drops to the account.
+/// Only async-signal-safe calls (write, setgroups, setgid, setuid), as the agent is
+/// multi-threaded.
+#[allow(unsafe_code)]
+fn pre_exec_confine(
+    command: &mut tokio::process::Command,
+    cgroup_procs: Option<std::fs::File>,
+    switch: Option<(nix::unistd::Uid, nix::unistd::Gid, Vec<nix::unistd::Gid>)>,
+) {
+    let hook = move || -> std::io::Result<()> {
+        if let Some(procs) = &cgroup_procs {
+            use std::io::Write as _;
+            // "0" moves the writing process itself.
+            (&*procs).write_all(b"0")?;
+        }
+        if let Some((uid, gid, groups)) = &switch {
+            nix::unistd::setgroups(groups)?;
+            nix::unistd::setgid(*gid)?;
+            nix::unistd::setuid(*uid)?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook allocates nothing and makes only async-signal-safe system calls on data
+    // prepared before the fork (an open file, ids and a group list).
+    unsafe {
+        command.pre_exec(hook);
     }
 }
 

@@ -1,11 +1,19 @@
 //! The shell executor: `bash --noprofile --norc -eo pipefail script.sh` in a fresh job
 //! directory, in its own process group, with a clean environment.
 //!
-//! Stopping a job (cancel, timeout, agent shutdown) sends SIGTERM to the whole group, then
-//! SIGKILL after the grace period. When the script ends by itself, whatever it left running in
-//! its group is killed too, so no job leaves processes behind.
+//! Each job also runs in a cgroup of its own ([`super::cgroup`]) when the host has a writable
+//! cgroup v2: the agent then stops everything the job started, including processes that left
+//! its process group (`setsid`), and at start-up kills what a job of an earlier run of the agent
+//! (killed with SIGKILL, say) left behind. Without one the agent says so when it starts, and
+//! only the process group is killed.
+//!
+//! Stopping a job (cancel, timeout, agent shutdown) sends SIGTERM to the whole group (and every
+//! process of its cgroup), then SIGKILL after the grace period. When the script ends by itself,
+//! whatever it left running is killed too, so no job leaves processes behind.
 
+use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -16,6 +24,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
+use super::cgroup::{JobCgroup, JobCgroups};
 use super::{BoxFuture, ExecOutcome, Executor, JobContext, LogSink};
 
 /// How long to wait for output pipes to close after the process group is gone.
@@ -28,11 +37,50 @@ const PASSTHROUGH_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "L
 pub struct ShellExecutor {
     /// Time between SIGTERM and SIGKILL when a job is stopped.
     pub kill_grace: Duration,
+    /// Where each job's cgroup is made; `Err`: why jobs run without one.
+    cgroups: Arc<Result<JobCgroups, String>>,
+}
+
+impl ShellExecutor {
+    /// A shell executor for the agent whose state is in `state_dir` (which names its cgroup).
+    pub fn new(kill_grace: Duration, state_dir: &Path) -> ShellExecutor {
+        let instance = super::ContainerExecutor::instance_of(state_dir);
+        ShellExecutor {
+            kill_grace,
+            cgroups: Arc::new(JobCgroups::create(&instance)),
+        }
+    }
+
+    /// Where job cgroups are made, if they are.
+    pub fn cgroups(&self) -> Option<&JobCgroups> {
+        self.cgroups.as_ref().as_ref().ok()
+    }
 }
 
 impl Executor for ShellExecutor {
     fn name(&self) -> &'static str {
         "shell"
+    }
+
+    fn prepare<'a>(&'a self) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            match self.cgroups.as_ref() {
+                Ok(cgroups) => {
+                    tracing::info!(
+                        cgroup = %cgroups.parent().display(),
+                        "Shell jobs run in cgroups of their own."
+                    );
+                    // At once, before the agent even reaches the broker: each moment an orphan
+                    // of an earlier run lives, it may run beside the job's next attempt.
+                    cgroups.reap().await;
+                }
+                Err(why) => tracing::warn!(
+                    reason = %why,
+                    "No writable cgroup v2: shell jobs run without a cgroup, so processes a job moves out of its process group (setsid), and jobs of an agent killed with SIGKILL, keep running. Run the agent as root, or give it a delegated cgroup v2 subtree (systemd: Delegate=yes)."
+                ),
+            }
+            Ok(())
+        })
     }
 
     fn run<'a>(
@@ -70,12 +118,16 @@ impl ShellExecutor {
         if let Some(account) = super::switches_account(job) {
             super::hand_over(&job.dir, account)?;
         }
-        let mut command = super::command_as(job, "bash");
+        let cgroup = match self.cgroups() {
+            Some(cgroups) => Some(cgroups.job(job.id, job.attempt).await?),
+            None => None,
+        };
+        let procs = cgroup.as_ref().map(JobCgroup::procs).transpose()?;
+        let mut command = super::command_as(job, "bash", procs)?;
         command
             .args(["--noprofile", "--norc", "-eo", "pipefail"])
             .arg(&script)
             .current_dir(&workspace)
-            .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -94,6 +146,8 @@ impl ShellExecutor {
                 .env("USER", &account.name)
                 .env("LOGNAME", &account.name);
         }
+        // The job's own variables reach only bash, which starts as the job's account: the
+        // account switch happens before the exec (see `command_as`).
         command.envs(&job.spec.env);
         command
             .env("CI", "true")
@@ -105,7 +159,15 @@ impl ShellExecutor {
             .env("TESTBOT_JOB_DIR", &job.dir)
             .env("TESTBOT_WORKSPACE", &workspace);
 
-        let mut child = command.spawn().context("Cannot start bash")?;
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                if let Some(cgroup) = &cgroup {
+                    cgroup.kill().await;
+                }
+                return Err(err).context("Cannot start bash");
+            }
+        };
         let pgid = Pid::from_raw(
             child
                 .id()
@@ -121,16 +183,20 @@ impl ShellExecutor {
             status = child.wait() => status_outcome(status?),
             _ = tokio::time::sleep(job.timeout) => {
                 log.system(format!("timed out after {}; stopping the job", humantime::format_duration(job.timeout))).await;
-                self.terminate(&mut child, pgid).await;
+                self.terminate(&mut child, pgid, cgroup.as_ref()).await;
                 ExecOutcome::TimedOut(job.timeout)
             }
             _ = stop.cancelled() => {
-                self.terminate(&mut child, pgid).await;
+                self.terminate(&mut child, pgid, cgroup.as_ref()).await;
                 ExecOutcome::Stopped
             }
         };
-        // Whatever the script left running in its group goes with it.
+        // Whatever the script left running goes with it: its group, and with a cgroup also
+        // what left the group.
         kill_group(pgid, Signal::SIGKILL);
+        if let Some(cgroup) = &cgroup {
+            cgroup.kill().await;
+        }
         for reader in [readers, readers_err] {
             if tokio::time::timeout(PIPE_DRAIN_TIMEOUT, reader)
                 .await
@@ -142,14 +208,21 @@ impl ShellExecutor {
         Ok(outcome)
     }
 
-    /// SIGTERM to the group, SIGKILL after the grace period; waits for the script to exit.
-    async fn terminate(&self, child: &mut Child, pgid: Pid) {
+    /// SIGTERM to the group (and the cgroup), SIGKILL after the grace period; waits for the
+    /// script to exit.
+    async fn terminate(&self, child: &mut Child, pgid: Pid, cgroup: Option<&JobCgroup>) {
         kill_group(pgid, Signal::SIGTERM);
+        if let Some(cgroup) = cgroup {
+            cgroup.signal(Signal::SIGTERM);
+        }
         if tokio::time::timeout(self.kill_grace, child.wait())
             .await
             .is_err()
         {
             kill_group(pgid, Signal::SIGKILL);
+            if let Some(cgroup) = cgroup {
+                cgroup.kill().await;
+            }
             let _ = child.wait().await;
         }
     }

@@ -9,7 +9,8 @@
 //!   environment (`--export=ALL`); names Slurm itself reads (`SBATCH_*`, `SLURM_*`, ...) are
 //!   refused, so a job cannot change its own submission.
 //! - With an account mapping, the job directory is handed to the account and `sbatch` runs as it
-//!   (through `setpriv`), so the job runs as that account and its files belong to it.
+//!   (the agent switches uid, gid and groups between fork and exec), so the job runs as that
+//!   account and its files belong to it.
 //! - While the job runs its output files are tailed, so a line written on the compute node reaches
 //!   the log within about [`TAIL_INTERVAL`]; its state is followed with `scontrol` (and `sacct`
 //!   once Slurm has forgotten the job, when accounting is enabled).
@@ -236,8 +237,11 @@ impl SlurmExecutor {
         }
 
         let args = self.sbatch_args(job)?;
-        let mut command = self.command_as(job, "sbatch");
+        let mut command = self.command_as(job, "sbatch")?;
         command.args(&args).arg(&batch);
+        // `--export=ALL` hands sbatch's environment to the batch script. sbatch itself starts
+        // as the job's account (the switch happens before the exec), so the job's variables
+        // never reach a program running as root.
         command.envs(&job.spec.env);
         command
             .env("CI", "true")
@@ -277,9 +281,8 @@ impl SlurmExecutor {
     }
 
     /// A Slurm command with a clean environment, run as the job's account when it has one.
-    fn command_as(&self, job: &JobContext, program: &str) -> Command {
-        let mut command = super::command_as(job, program);
-        command.env_clear();
+    fn command_as(&self, job: &JobContext, program: &str) -> anyhow::Result<Command> {
+        let mut command = super::command_as(job, program, None)?;
         for name in SLURM_PASSTHROUGH_ENV {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
@@ -294,7 +297,7 @@ impl SlurmExecutor {
                 .env("USER", &account.name)
                 .env("LOGNAME", &account.name);
         }
-        command
+        Ok(command)
     }
 
     /// Tails the job's output and follows its state until it ends (or is stopped, or times out).
@@ -715,6 +718,66 @@ mod tests {
                 .unwrap_err();
             assert!(err.to_string().contains("is invalid"), "{hostile}: {err}");
         }
+    }
+
+    #[test]
+    fn sbatch_carries_the_site_caps_for_a_job_that_asks_for_nothing() {
+        let policy = crate::policy::SitePolicy::parse(
+            r#"
+[oidc]
+audience = "https://testbot.example.org"
+[executors.slurm]
+max_cpus = 8
+max_memory = "4G"
+max_time = "30m"
+[[rules]]
+name = "all"
+repositories = ["my-org/*"]
+"#,
+        )
+        .unwrap();
+        let executor = SlurmExecutor {
+            settings: policy.executors().slurm.clone().unwrap(),
+            records: JobRecords::new(PathBuf::from("/nonexistent")),
+        };
+        let asks_nothing = testbot_proto::jobs::JobSpec {
+            script: "true".into(),
+            ..Default::default()
+        };
+        let mut job = context(policy.resources(&asks_nothing, "slurm"));
+        job.timeout = policy.time_limit(&asks_nothing, "slurm");
+        let args = executor.sbatch_args(&job).unwrap();
+        for want in ["--time=30", "--cpus-per-task=8", "--mem=4096M"] {
+            assert!(args.contains(&want.to_string()), "{want} in {args:?}");
+        }
+
+        // A site default is used before the cap; what a job asks for, within the cap, is kept.
+        let policy = crate::policy::SitePolicy::parse(
+            r#"
+[oidc]
+audience = "https://testbot.example.org"
+[executors.slurm]
+max_cpus = 8
+default_cpus = 1
+max_memory = "4G"
+default_memory = "1G"
+[[rules]]
+name = "all"
+repositories = ["my-org/*"]
+"#,
+        )
+        .unwrap();
+        let args = executor
+            .sbatch_args(&context(policy.resources(&asks_nothing, "slurm")))
+            .unwrap();
+        assert!(args.contains(&"--cpus-per-task=1".to_string()), "{args:?}");
+        assert!(args.contains(&"--mem=1024M".to_string()), "{args:?}");
+        let mut asks = asks_nothing.clone();
+        asks.resources.memory_mib = Some(2048);
+        let args = executor
+            .sbatch_args(&context(policy.resources(&asks, "slurm")))
+            .unwrap();
+        assert!(args.contains(&"--mem=2048M".to_string()), "{args:?}");
     }
 
     #[test]

@@ -46,7 +46,7 @@ use anyhow::Context as _;
 use serde::Deserialize;
 use testbot_proto::agents::{ExecutorCaps, PolicySummary};
 use testbot_proto::glob::{any_match, glob_match};
-use testbot_proto::jobs::JobSpec;
+use testbot_proto::jobs::{JobSpec, Resources};
 use testbot_proto::oidc::{OidcSettings, WorkflowClaims};
 
 use crate::identity::{self, AccountChoice, IdentitySettings, LocalAccount};
@@ -196,6 +196,26 @@ impl SitePolicy {
             .map_or(cap, |t| t.min(cap))
     }
 
+    /// The resources a job allowed on `executor` runs with: what it asks for, and for CPUs and
+    /// memory it leaves out, the executor's `default_cpus`/`default_memory`, else its cap. So a
+    /// cap limits every job, not only those that ask: a job that asks for nothing must not get
+    /// a container or pod without limits.
+    pub fn resources(&self, spec: &JobSpec, executor: &str) -> Resources {
+        let mut resources = spec.resources.clone();
+        if let Some(limits) = executor
+            .parse()
+            .ok()
+            .and_then(|name| self.executors.limits(name))
+        {
+            resources.cpus = resources.cpus.or(limits.default_cpus).or(limits.max_cpus);
+            resources.memory_mib = resources
+                .memory_mib
+                .or(limits.default_memory_mib)
+                .or(limits.max_memory_mib);
+        }
+        resources
+    }
+
     /// Whether a job with these (verified) claims may run. `agent_executor` is the executor of a
     /// job that names none. This is what the site allows; whether this agent runs the executor
     /// the job names is for the caller to check.
@@ -316,6 +336,11 @@ impl SitePolicy {
             }
         }
         for variable in spec.env.keys() {
+            if let Some(why) = validate::denied_env(variable) {
+                return Err(format!(
+                    "environment variable {variable} is never allowed at this site ({why}): a job must not change how the programs that start it behave"
+                ));
+            }
             if !any_match(&self.env_allow, variable) {
                 return Err(format!(
                     "environment variable {variable} is not in the site's env_allow {}",
@@ -620,6 +645,12 @@ fn describe_limits(limits: &ExecutorLimits<'_>) -> String {
         "memory {}",
         cap(limits.max_memory_mib.map(format_mib))
     ));
+    if let Some(cpus) = limits.default_cpus {
+        parts.push(format!("default cpus {cpus}"));
+    }
+    if let Some(memory) = limits.default_memory_mib {
+        parts.push(format!("default memory {}", format_mib(memory)));
+    }
     parts.push(format!(
         "gpus {}",
         cap(limits.max_gpus.map(|v| v.to_string()))

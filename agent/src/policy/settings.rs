@@ -127,6 +127,8 @@ impl Executors {
             ExecutorName::Slurm => self.slurm.as_ref().map(|s| ExecutorLimits {
                 max_cpus: s.max_cpus,
                 max_memory_mib: s.max_memory_mib,
+                default_cpus: s.default_cpus,
+                default_memory_mib: s.default_memory_mib,
                 max_gpus: s.max_gpus,
                 max_time: s.max_time,
                 max_nodes: s.max_nodes,
@@ -141,6 +143,8 @@ impl Executors {
             ExecutorName::Kubernetes => self.kubernetes.as_ref().map(|s| ExecutorLimits {
                 max_cpus: s.max_cpus,
                 max_memory_mib: s.max_memory_mib,
+                default_cpus: s.default_cpus,
+                default_memory_mib: s.default_memory_mib,
                 max_gpus: s.max_gpus,
                 max_time: s.max_time,
                 images: Some(s.images.as_slice()),
@@ -157,6 +161,9 @@ impl Executors {
 pub struct ExecutorLimits<'a> {
     pub max_cpus: Option<u32>,
     pub max_memory_mib: Option<u64>,
+    /// What a job that asks for no CPUs or memory gets (before falling back to the caps).
+    pub default_cpus: Option<u32>,
+    pub default_memory_mib: Option<u64>,
     pub max_gpus: Option<u32>,
     pub max_time: Option<Duration>,
     pub max_nodes: Option<u32>,
@@ -206,6 +213,14 @@ pub struct SlurmSettings {
     /// Longest time limit (`--time`) a job may ask for. Default: the site's `max_runtime`.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub max_time: Option<Duration>,
+    /// CPU cores a job that asks for none gets. Default: `max_cpus` (so every job has a limit
+    /// when there is a cap).
+    #[serde(default)]
+    pub default_cpus: Option<u32>,
+    /// Memory a job that asks for none gets: `"512M"`, `"4G"`, or a number of MiB. Default:
+    /// `max_memory` (so every job has a limit when there is a cap).
+    #[serde(default, rename = "default_memory", deserialize_with = "de_opt_memory")]
+    pub default_memory_mib: Option<u64>,
     /// Most nodes (`--nodes`) a job may ask for. Default: no cap.
     #[serde(default)]
     pub max_nodes: Option<u32>,
@@ -243,6 +258,14 @@ pub struct ContainerSettings {
     /// Longest time limit a job may ask for. Default: the site's `max_runtime`.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub max_time: Option<Duration>,
+    /// CPU cores a job that asks for none gets. Default: `max_cpus` (so every job has a limit
+    /// when there is a cap).
+    #[serde(default)]
+    pub default_cpus: Option<u32>,
+    /// Memory a job that asks for none gets: `"512M"`, `"4G"`, or a number of MiB. Default:
+    /// `max_memory` (so every job has a limit when there is a cap).
+    #[serde(default, rename = "default_memory", deserialize_with = "de_opt_memory")]
+    pub default_memory_mib: Option<u64>,
     /// Image globs a job may use, fully qualified (`docker.io/library/ubuntu:*`,
     /// `ghcr.io/org/*`, or a digest `REGISTRY/NAME@sha256:...`). Required, not empty.
     #[serde(default)]
@@ -274,6 +297,8 @@ impl ContainerSettings {
             max_memory_mib: None,
             max_gpus: None,
             max_time: None,
+            default_cpus: None,
+            default_memory_mib: None,
             images: vec!["*".into()],
             default_image: None,
             runtime: None,
@@ -296,6 +321,8 @@ impl ContainerSettings {
         ExecutorLimits {
             max_cpus: self.max_cpus,
             max_memory_mib: self.max_memory_mib,
+            default_cpus: self.default_cpus,
+            default_memory_mib: self.default_memory_mib,
             max_gpus: self.max_gpus,
             max_time: self.max_time,
             images: Some(&self.images),
@@ -344,6 +371,14 @@ pub struct KubernetesSettings {
     /// `max_runtime`.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub max_time: Option<Duration>,
+    /// CPU cores a job that asks for none gets. Default: `max_cpus` (so every job has a limit
+    /// when there is a cap).
+    #[serde(default)]
+    pub default_cpus: Option<u32>,
+    /// Memory a job that asks for none gets: `"512M"`, `"4G"`, or a number of MiB. Default:
+    /// `max_memory` (so every job has a limit when there is a cap).
+    #[serde(default, rename = "default_memory", deserialize_with = "de_opt_memory")]
+    pub default_memory_mib: Option<u64>,
     /// The namespace jobs run in. Required.
     pub namespace: String,
     /// The service account of job pods. Default: the namespace's `default` account.

@@ -872,3 +872,111 @@ fn check_kubernetes_example(policy: &SitePolicy) {
     let other = example_claims("someone/else", "refs/heads/main", "push", "eve");
     assert!(!policy.evaluate(&other, &job(), "kubernetes").is_allowed());
 }
+
+#[test]
+fn env_allow_never_admits_variables_that_change_how_programs_start() {
+    // A literal denied name, or a glob all of whose matches are denied, is a validation error
+    // that names it.
+    for (pattern, denied) in [
+        ("PATH", "PATH"),
+        ("LD_PRELOAD", "LD_*"),
+        ("LD_LIBRARY_PATH", "LD_*"),
+        ("LD_*", "LD_*"),
+        ("BASH_ENV", "BASH_ENV"),
+        ("ENV", "ENV"),
+        ("DOCKER_HOST", "DOCKER_*"),
+        ("DOCKER_*", "DOCKER_*"),
+        ("CONTAINERS_CONF", "CONTAINERS_*"),
+        ("KUBECONFIG", "KUBECONFIG"),
+        ("SLURM_CONF", "SLURM_*"),
+        ("SBATCH_*", "SBATCH_*"),
+        ("GLIBC_TUNABLES", "GLIBC_TUNABLES"),
+    ] {
+        let err = parse_error(&edited(
+            "env_allow = [\"OMP_NUM_THREADS\", \"MY_*\"]",
+            &format!("env_allow = [\"OMP_NUM_THREADS\", \"{pattern}\"]"),
+        ));
+        assert!(
+            err.contains(&format!(
+                "env_allow: {pattern:?} can never be allowed: no job may set {denied}"
+            )),
+            "{pattern}: {err}"
+        );
+        assert!(err.starts_with("4:"), "placed at the line: {err}");
+    }
+
+    // Wide globs are valid, but never let a denied name through; what else they match passes.
+    let wide = SitePolicy::parse(&edited(
+        "env_allow = [\"OMP_NUM_THREADS\", \"MY_*\"]",
+        "env_allow = [\"*\", \"L*\", \"P?TH\", \"ENV*\"]",
+    ))
+    .unwrap();
+    let with_env = |name: &str| JobSpec {
+        env: BTreeMap::from([(name.to_string(), "x".to_string())]),
+        ..job()
+    };
+    for name in [
+        "PATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "BASH_ENV",
+        "ENV",
+        "DOCKER_HOST",
+        "DOCKER_CONFIG",
+        "CONTAINERS_CONF",
+        "CONTAINER_HOST",
+        "KUBECONFIG",
+        "SLURM_CONF",
+        "SBATCH_EXPORT",
+    ] {
+        match wide.evaluate(&claims(), &with_env(name), "slurm") {
+            Decision::Deny { reason } => assert!(
+                reason.starts_with(&format!(
+                    "environment variable {name} is never allowed at this site"
+                )),
+                "{name}: {reason}"
+            ),
+            allowed => panic!("{name} was let through by a glob: {allowed:?}"),
+        }
+    }
+    for name in ["LANG", "OMP_NUM_THREADS", "ENVIRONMENT", "LDFLAGS"] {
+        assert!(
+            wide.evaluate(&claims(), &with_env(name), "slurm")
+                .is_allowed(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn defaults_must_fit_their_caps() {
+    let slurm = "[executors.slurm]\nmax_cpus = 32\nmax_memory = \"64G\"";
+    for (to, want) in [
+        (
+            "[executors.slurm]\nmax_cpus = 32\ndefault_cpus = 64\nmax_memory = \"64G\"",
+            "executors.slurm.default_cpus 64 is over max_cpus 32",
+        ),
+        (
+            "[executors.slurm]\nmax_cpus = 32\nmax_memory = \"64G\"\ndefault_memory = \"128G\"",
+            "executors.slurm.default_memory 128G is over max_memory 64G",
+        ),
+        (
+            "[executors.slurm]\nmax_cpus = 32\ndefault_cpus = 0\nmax_memory = \"64G\"",
+            "a default of 0 would give jobs nothing",
+        ),
+    ] {
+        let err = parse_error(&edited(slurm, to));
+        assert!(err.contains(want), "want {want:?} in {err:?}");
+    }
+    let policy = SitePolicy::parse(&edited(
+        slurm,
+        "[executors.slurm]\nmax_cpus = 32\ndefault_cpus = 2\nmax_memory = \"64G\"",
+    ))
+    .unwrap();
+    let r = policy.resources(&job(), "slurm");
+    assert_eq!((r.cpus, r.memory_mib), (Some(2), Some(65536)));
+    // Executors without caps leave a job as it asked.
+    let r = policy.resources(&job(), "shell");
+    assert_eq!((r.cpus, r.memory_mib), (None, None));
+}

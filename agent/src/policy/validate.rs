@@ -140,6 +140,43 @@ fn check_executors(policy: &SitePolicy) -> Result<(), Invalid> {
                 ));
             }
         }
+        if limits.default_cpus == Some(0) || limits.default_memory_mib == Some(0) {
+            return Err(bad(
+                format!(
+                    "{base}.{}",
+                    if limits.default_cpus == Some(0) {
+                        "default_cpus"
+                    } else {
+                        "default_memory"
+                    }
+                ),
+                format!(
+                    "{base}: a default of 0 would give jobs nothing to run with: leave it out to use the cap"
+                ),
+            ));
+        }
+        if let (Some(default), Some(cap)) = (limits.default_cpus, limits.max_cpus)
+            && default > cap
+        {
+            return Err(bad(
+                format!("{base}.default_cpus"),
+                format!(
+                    "{base}.default_cpus {default} is over max_cpus {cap}: lower default_cpus or raise max_cpus"
+                ),
+            ));
+        }
+        if let (Some(default), Some(cap)) = (limits.default_memory_mib, limits.max_memory_mib)
+            && default > cap
+        {
+            return Err(bad(
+                format!("{base}.default_memory"),
+                format!(
+                    "{base}.default_memory {} is over max_memory {}: lower default_memory or raise max_memory",
+                    super::format_mib(default),
+                    super::format_mib(cap)
+                ),
+            ));
+        }
         if let Some(max_time) = limits.max_time
             && max_time > policy.max_runtime
         {
@@ -507,6 +544,42 @@ fn check_workflow_glob(pattern: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Variables no job may set, whatever `env_allow` says: they change how programs start or which
+/// engine a client talks to, so a job setting them could take over a program the agent or the
+/// scheduler runs with more privilege than the job (`NAME` exactly, or `PREFIX*`), with why.
+const DENIED_ENV: &[(&str, &str)] = &[
+    ("LD_*", "the dynamic loader reads it"),
+    ("GLIBC_TUNABLES", "the C library reads it at start-up"),
+    ("GCONV_PATH", "the C library loads code from it"),
+    ("PATH", "it decides which programs run"),
+    ("BASH_ENV", "bash runs the file it names"),
+    ("ENV", "sh runs the file it names"),
+    ("SHELLOPTS", "bash reads its options from it"),
+    ("BASHOPTS", "bash reads its options from it"),
+    ("PS4", "bash runs commands in it when tracing"),
+    ("DOCKER_*", "the docker client reads it"),
+    ("CONTAINERS_*", "podman reads it"),
+    ("CONTAINER_*", "podman reads it"),
+    ("KUBECONFIG", "Kubernetes clients read it"),
+    ("SBATCH_*", "Slurm reads it as options"),
+    ("SLURM_*", "Slurm reads it as options"),
+    ("SALLOC_*", "Slurm reads it as options"),
+    ("SRUN_*", "Slurm reads it as options"),
+    ("SQUEUE_*", "Slurm reads it as options"),
+];
+
+/// Why no job may set variable `name` (see [`DENIED_ENV`]); `None` if it may, as far as the
+/// denylist goes.
+pub(super) fn denied_env(name: &str) -> Option<&'static str> {
+    DENIED_ENV.iter().find_map(|(pattern, why)| {
+        let hit = match pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == *pattern,
+        };
+        hit.then_some(*why)
+    })
+}
+
 fn check_env_glob(pattern: &str) -> Result<(), String> {
     let ok = !pattern.is_empty()
         && pattern
@@ -516,6 +589,22 @@ fn check_env_glob(pattern: &str) -> Result<(), String> {
     if !ok {
         return Err(format!(
             "env_allow: {pattern:?} is not a variable name or glob: use A-Z a-z 0-9 _ and * ?"
+        ));
+    }
+    // A pattern whose every match is denied (`PATH`, `LD_PRELOAD`, `LD_*`, `DOCKER_HOST*`)
+    // would never let anything through: say so rather than let the admin believe it does. A
+    // wider glob (`*`, `L*`) is fine; it never admits a denied name.
+    let literal = &pattern[..pattern.find(['*', '?']).unwrap_or(pattern.len())];
+    let whole = literal.len() == pattern.len();
+    let denied = DENIED_ENV
+        .iter()
+        .find(|(denied, _)| match denied.strip_suffix('*') {
+            Some(prefix) => literal.starts_with(prefix),
+            None => whole && literal == *denied,
+        });
+    if let Some((denied, why)) = denied {
+        return Err(format!(
+            "env_allow: {pattern:?} can never be allowed: no job may set {denied} ({why}, so a job could take over a program that runs with more privilege than the job); remove it"
         ));
     }
     Ok(())

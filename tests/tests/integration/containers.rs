@@ -264,6 +264,40 @@ async fn memory_limit(engine: &str, kind: ExecutorKind) {
     fleet.stop().await;
 }
 
+/// A cap limits every job, not only those that ask: a container of a job that asks for no
+/// memory is limited to the site's `max_memory` (256M), not unlimited.
+async fn caps_limit_a_job_that_asks_for_nothing(engine: &str, kind: ExecutorKind) {
+    let (mut fleet, policy) = container_fleet().await;
+    add_agent(&mut fleet, &policy, kind, "vm1");
+    fleet.wait_policy_agents(1).await;
+    let submitted = fleet
+        .workflow(REPO)
+        .submit(&job(
+            engine,
+            "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ))
+        .await
+        .unwrap();
+    let (done, log) = fleet.finished(&submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(
+        testbot_e2e::stdout_lines(&log),
+        [(256u64 << 20).to_string()],
+        "{log}"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_caps_limit_a_job_that_asks_for_nothing() {
+    caps_limit_a_job_that_asks_for_nothing("docker", ExecutorKind::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_caps_limit_a_job_that_asks_for_nothing() {
+    caps_limit_a_job_that_asks_for_nothing("podman", ExecutorKind::Podman).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_memory_limit_is_enforced_and_reported() {
     memory_limit("docker", ExecutorKind::Docker).await;

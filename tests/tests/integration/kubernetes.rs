@@ -61,6 +61,7 @@ audience = "{AUDIENCE}"
 
 [executors.kubernetes]
 max_cpus = 64
+default_cpus = 1
 max_memory = "256M"
 max_time = "5m"
 namespace = "{namespace}"
@@ -319,6 +320,55 @@ async fn kubernetes_jobs_run_confined_stream_live_and_report_exit_codes() {
     // Nothing of the refused jobs ever reached the cluster: only the three that ran had Jobs.
     let selector = format!("testbot/agent={}", instance(&fleet, "k8s1"));
     assert_eq!(objects(&cluster.namespace, &selector), "");
+    fleet.stop().await;
+}
+
+/// A cap limits every job, not only those that ask: a pod of a job that asks for nothing
+/// carries the site's default CPUs and its memory cap as limits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_that_asks_for_nothing_is_limited_by_the_site_caps() {
+    let (mut fleet, cluster, policy) = kubernetes_fleet().await;
+    add_agent(&mut fleet, &cluster, &policy, "k8s1");
+    fleet.wait_policy_agents(1).await;
+    let submitted = fleet
+        .workflow(REPO)
+        .submit(&job(
+            "echo waiting; i=0; while [ ! -e /work/go ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done",
+        ))
+        .await
+        .unwrap();
+    let pod = wait_for("the pod to run", WAIT, || async {
+        let job = fleet.client().job(submitted.id).await.unwrap();
+        let log = fleet.log(submitted.id).await;
+        log.contains(" O waiting\n")
+            .then(|| job.metadata.get("kubernetes_pod").cloned())
+            .flatten()
+    })
+    .await;
+    let resources = kubectl(&[
+        "get",
+        "pod",
+        &pod,
+        "--namespace",
+        &cluster.namespace,
+        "--output",
+        "jsonpath={.spec.containers[0].resources.limits.cpu} \
+         {.spec.containers[0].resources.limits.memory} \
+         {.spec.containers[0].resources.requests.memory}",
+    ]);
+    kubectl(&[
+        "exec",
+        "--namespace",
+        &cluster.namespace,
+        &pod,
+        "--",
+        "touch",
+        "/work/go",
+    ]);
+    assert_eq!(resources, "1 256Mi 256Mi", "{pod}");
+    let (done, log) = fleet.finished(&submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    nothing_left(&cluster, &fleet, &done).await;
     fleet.stop().await;
 }
 

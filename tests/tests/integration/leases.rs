@@ -1,7 +1,7 @@
 //! Leases: a lost agent's job is requeued to another agent or ends `error: agent lost`, and a
 //! late result under an expired lease is refused, so every job has exactly one result.
 
-use testbot_e2e::{Fleet, WAIT, kill_group, wait_for};
+use testbot_e2e::{Fleet, WAIT, kill_group, process_alive, wait_for};
 use testbot_proto::agents::{Assignment, PollRequest};
 use testbot_proto::client::BrokerClient;
 use testbot_proto::error::codes;
@@ -34,15 +34,17 @@ async fn wait_state(fleet: &Fleet, id: JobId, state: JobState) -> testbot_proto:
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_mid_job_loses_it_to_another_agent() {
     let mut fleet = Fleet::start().await;
-    let pgids = fleet.dir.path().join("pgids");
+    let pids = fleet.dir.path().join("pids");
     let mut doomed = fleet.spawn_agent("doomed", "");
     let job = fleet
         .client()
         .submit(&testbot_proto::jobs::JobSpec {
-            script: "echo $$ >> $PGIDS; echo attempt $TESTBOT_ATTEMPT on $TESTBOT_AGENT; \
-                     if [ $TESTBOT_ATTEMPT = 1 ]; then sleep 120; fi; echo done"
+            // Attempt 1 also starts a process in a session of its own, out of the job's
+            // process group.
+            script: "echo $$ >> $PIDS; echo attempt $TESTBOT_ATTEMPT on $TESTBOT_AGENT; \
+                     if [ $TESTBOT_ATTEMPT = 1 ]; then setsid sleep 1000 & echo $! >> $PIDS; sleep 120; fi; echo done"
                 .into(),
-            env: [("PGIDS".to_string(), pgids.display().to_string())].into(),
+            env: [("PIDS".to_string(), pids.display().to_string())].into(),
             ..Default::default()
         })
         .await
@@ -72,10 +74,75 @@ async fn an_agent_killed_mid_job_loses_it_to_another_agent() {
     assert!(log.contains("attempt 2 on rescuer"), "{log}");
     assert!(log.contains(" O done\n"), "{log}");
 
-    // The killed agent's job process outlived it; stop it.
-    for pgid in std::fs::read_to_string(&pgids).unwrap().lines() {
-        kill_group(pgid.parse().unwrap());
+    // Attempt 1's processes outlived the agent killed with SIGKILL; the agent, started again,
+    // kills what it had started.
+    let attempt_1: Vec<i32> = std::fs::read_to_string(&pids)
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(|pid| pid.parse().unwrap())
+        .collect();
+    let mut restarted = fleet.spawn_agent("doomed", "");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while attempt_1.iter().any(|pid| process_alive(*pid)) && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let alive: Vec<i32> = attempt_1
+        .iter()
+        .copied()
+        .filter(|pid| process_alive(*pid))
+        .collect();
+    for pid in &alive {
+        kill_group(*pid);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(
+        alive.is_empty(),
+        "processes of attempt 1 still ran after the agent restarted: {alive:?}"
+    );
+    // A clean stop removes the agent's (empty) parent cgroup.
+    restarted.signal(nix::sys::signal::Signal::SIGTERM);
+    restarted.wait(WAIT).await;
+    fleet.stop().await;
+}
+
+/// A shell job that starts a process in a session of its own (`setsid`, out of its process
+/// group) leaves nothing running once it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shell_job_leaves_no_process_behind_even_one_that_called_setsid() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("vm1"));
+    let job = fleet
+        .submit("setsid sleep 1000 & echo escaped $!; nohup setsid sh -c 'sleep 1000' >/dev/null 2>&1 & echo escaped $!")
+        .await;
+    let finished = fleet.wait_finished(job.id).await;
+    assert_eq!(finished.state, JobState::Succeeded, "{finished:?}");
+    let log = fleet.log(job.id).await;
+    let pids: Vec<i32> = testbot_e2e::stdout_lines(&log)
+        .iter()
+        .filter_map(|line| line.strip_prefix("escaped ")?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2, "{log}");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pids.iter().any(|pid| process_alive(*pid)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let alive: Vec<i32> = pids
+        .iter()
+        .copied()
+        .filter(|pid| process_alive(*pid))
+        .collect();
+    for pid in &alive {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(alive.is_empty(), "the job left {alive:?} running\n{log}");
     fleet.stop().await;
 }
 
@@ -166,5 +233,74 @@ async fn a_job_whose_agents_keep_vanishing_ends_agent_lost() {
         reason.starts_with("agent lost: agent test-site/ghost2"),
         "{reason}"
     );
+    fleet.stop().await;
+}
+
+/// An agent that cannot make cgroups (here: not root, no delegated cgroup v2) says so when it
+/// starts, and still runs shell jobs, stopping them by their process group as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_without_a_writable_cgroup_says_so_and_still_runs_jobs() {
+    use std::os::unix::fs::PermissionsExt as _;
+    testbot_e2e::ensure_account(testbot_e2e::JOB_ACCOUNT);
+    let account = nix::unistd::User::from_name(testbot_e2e::JOB_ACCOUNT)
+        .unwrap()
+        .unwrap();
+    let fleet = Fleet::start().await;
+    let dir = fleet.dir.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work = dir.join("agent-unprivileged");
+    std::fs::create_dir(&work).unwrap();
+    std::os::unix::fs::chown(
+        &work,
+        Some(account.uid.as_raw()),
+        Some(account.gid.as_raw()),
+    )
+    .unwrap();
+    let token = dir.join("enrollment.token");
+    std::fs::write(
+        &token,
+        secrecy::ExposeSecret::expose_secret(&fleet.enrollment_token),
+    )
+    .unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.join("agent-unprivileged.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"unprivileged\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\n",
+            fleet.url,
+            token.display(),
+            work.display()
+        ),
+    )
+    .unwrap();
+    let stderr = dir.join("agent-unprivileged.err");
+    let mut agent = tokio::process::Command::new(testbot_e2e::bin_path("testbot-agent"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .uid(account.uid.as_raw())
+        .gid(account.gid.as_raw())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for("the agent's warning", WAIT, || async {
+        std::fs::read_to_string(&stderr)
+            .unwrap()
+            .contains("No writable cgroup v2: shell jobs run without a cgroup")
+            .then_some(())
+    })
+    .await;
+    let job = fleet.submit("id -un").await;
+    let finished = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(finished.state, JobState::Succeeded, "{log}");
+    assert!(
+        log.contains(&format!(" O {}\n", testbot_e2e::JOB_ACCOUNT)),
+        "{log}"
+    );
+    let _ = agent.start_kill();
+    let _ = agent.wait().await;
     fleet.stop().await;
 }

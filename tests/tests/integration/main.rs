@@ -6,6 +6,7 @@ mod cli;
 mod containers;
 mod drain;
 mod enrollment;
+mod job_env;
 mod kubernetes;
 mod leases;
 mod load;

@@ -86,8 +86,8 @@ fn check_reports_file_line_col_and_a_suggestion() {
         text(&out.stderr),
         format!(
             "{file}:5:1: unknown field `max_cpu`, expected one of `max_cpus`, `max_memory`, \
-             `max_gpus`, `max_time`, `max_nodes`, `max_ntasks`, `partitions`, `accounts`, `qos`, \
-             `extra_args`; did you mean `max_cpus`?\n"
+             `max_gpus`, `max_time`, `default_cpus`, `default_memory`, `max_nodes`, `max_ntasks`, \
+             `partitions`, `accounts`, `qos`, `extra_args`; did you mean `max_cpus`?\n"
         )
     );
 
