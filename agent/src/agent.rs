@@ -200,8 +200,10 @@ impl Agent {
                 policy: policy.clone(),
                 verifier: OidcVerifier::new(policy.oidc()),
             }),
+            workflow_jobs_without_policy: config.allow_workflow_jobs_without_policy,
         });
-        // The site caps how many jobs run at once, whatever the agent's own setting.
+        // The site caps how many jobs run at once, whatever the agent's own setting (the broker
+        // also counts the jobs of all the site's agents against it).
         let concurrency = policy.as_ref().map_or(config.concurrency, |p| {
             config.concurrency.min(p.max_concurrent_jobs())
         });
@@ -213,6 +215,7 @@ impl Agent {
             executor = runner.executor.name(),
             concurrency,
             policy = ?config.policy,
+            workflow_jobs_without_policy = policy.is_none() && config.allow_workflow_jobs_without_policy,
             "Agent started."
         );
         let mut workers = tokio::task::JoinSet::new();
@@ -237,6 +240,8 @@ impl Agent {
                     executor: runner.executor.name().to_string(),
                     wait_ms: Some(config.poll_wait.as_millis() as u64),
                     policy: summary.clone(),
+                    workflow_jobs_without_policy: policy.is_none()
+                        && config.allow_workflow_jobs_without_policy,
                 },
                 shutdown: shutdown.clone(),
             };
