@@ -37,6 +37,20 @@ fn write_policy(
     repositories: &[&str],
     refs: &[&str],
 ) -> PathBuf {
+    let identity = format!("default_account = \"{JOB_ACCOUNT}\"");
+    write_policy_with(dir, file, issuer, repositories, refs, 4, &identity)
+}
+
+/// [`write_policy`] with `max_concurrent_jobs` and the `[identity]` table's body.
+fn write_policy_with(
+    dir: &Path,
+    file: &str,
+    issuer: &str,
+    repositories: &[&str],
+    refs: &[&str],
+    max_concurrent_jobs: u32,
+    identity: &str,
+) -> PathBuf {
     let path = dir.join(file);
     let refs = if refs.is_empty() {
         String::new()
@@ -47,7 +61,7 @@ fn write_policy(
         &path,
         format!(
             r#"
-max_concurrent_jobs = 4
+max_concurrent_jobs = {max_concurrent_jobs}
 
 [oidc]
 issuer = "{issuer}"
@@ -56,7 +70,7 @@ audience = "{AUDIENCE}"
 [executors.shell]
 
 [identity]
-default_account = "{JOB_ACCOUNT}"
+{identity}
 
 [[rules]]
 name = "ci"
@@ -358,6 +372,116 @@ async fn a_failed_key_fetch_puts_the_job_back() {
     let (done, log) = fleet.finished(&job).await;
     assert_eq!(done.state, JobState::Succeeded, "{done:?}\n{log}");
     assert!(log.contains("released"), "{log}");
+    fleet.stop().await;
+}
+
+/// A site's `max_concurrent_jobs` counts the jobs of all its agents, not of each one.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_concurrent_jobs_counts_every_agent_of_the_site() {
+    ensure_account(JOB_ACCOUNT);
+    let mut fleet = Fleet::start_oidc(|_| {}).await;
+    register(&fleet, &["hpc-lab/solver"]).await;
+    let issuer = fleet.issuer().url.clone();
+    let dir = fleet.dir.path().to_path_buf();
+    let identity = format!("default_account = \"{JOB_ACCOUNT}\"");
+    let policy = write_policy_with(&dir, "one.toml", &issuer, &["hpc-lab/*"], &[], 1, &identity);
+    for name in ["a1", "a2"] {
+        let mut config = fleet.agent_config(name);
+        config.policy = Some(policy.clone());
+        config.concurrency = 2;
+        fleet.add_agent(config);
+    }
+    fleet.wait_policy_agents(2).await;
+    let mut jobs = Vec::new();
+    for _ in 0..4 {
+        jobs.push(
+            fleet
+                .workflow("hpc-lab/solver")
+                .submit(&spec("sleep 0.5"))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut spans = Vec::new();
+    for job in &jobs {
+        let (done, log) = fleet.finished(job).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}\n{log}");
+        spans.push((
+            done.started_at_ms.unwrap(),
+            done.finished_at_ms.unwrap(),
+            done.agent,
+        ));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "two jobs ran at once at a site with max_concurrent_jobs = 1: {spans:?}"
+        );
+    }
+    fleet.stop().await;
+}
+
+/// A refusal the summary cannot foresee (no local account for the job's actor at site A): the
+/// job goes to site B, which maps it; with no other site, it ends `error` with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_job_goes_to_another_site_or_ends_with_the_reason() {
+    ensure_account(JOB_ACCOUNT);
+    let mut fleet = Fleet::start_oidc(|_| {}).await;
+    register(&fleet, &["hpc-lab/solver"]).await;
+    let issuer = fleet.issuer().url.clone();
+    let dir = fleet.dir.path().to_path_buf();
+    let alice_only = format!("[[identity.map]]\nactor = \"alice\"\naccount = \"{JOB_ACCOUNT}\"");
+    let mut a = fleet.agent_config("a1");
+    a.enrollment_token = Some(fleet.site_enrollment_token("site-a").await);
+    a.policy = Some(write_policy_with(
+        &dir,
+        "a.toml",
+        &issuer,
+        &["hpc-lab/*"],
+        &[],
+        4,
+        &alice_only,
+    ));
+    fleet.add_agent(a);
+    fleet.wait_policy_agents(1).await;
+
+    let job = fleet
+        .workflow("hpc-lab/solver")
+        .submit(&spec("echo unmapped"))
+        .await
+        .unwrap();
+    let (done, log) = fleet.finished(&job).await;
+    assert_eq!(done.state, JobState::Error, "{done:?}\n{log}");
+    let reason = done.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("refused by agent site-a/a1: ")
+            && reason.contains("no local account is mapped for actor octocat")
+            && reason.ends_with("; no other enrolled agent may take this job"),
+        "{reason}"
+    );
+
+    let mut b = fleet.agent_config("b1");
+    b.enrollment_token = Some(fleet.site_enrollment_token("site-b").await);
+    b.policy = Some(write_policy(&dir, "b.toml", &issuer, &["hpc-lab/*"], &[]));
+    fleet.add_agent(b);
+    fleet.wait_policy_agents(2).await;
+    let mut jobs = Vec::new();
+    for _ in 0..6 {
+        jobs.push(
+            fleet
+                .workflow("hpc-lab/solver")
+                .submit(&spec("echo mapped at b"))
+                .await
+                .unwrap(),
+        );
+    }
+    for job in jobs {
+        let (done, log) = fleet.finished(&job).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}\n{log}");
+        assert_eq!(done.agent.as_deref(), Some("site-b/b1"));
+        assert_eq!(done.attempts, 1, "a hand-back uses up no attempt: {done:?}");
+    }
     fleet.stop().await;
 }
 
