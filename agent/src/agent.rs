@@ -144,6 +144,12 @@ impl Agent {
         executor: Arc<dyn Executor>,
         policy: Option<Arc<SitePolicy>>,
     ) -> anyhow::Result<Agent> {
+        if let Some(label) = config.labels.iter().find(|l| l.starts_with("site:")) {
+            anyhow::bail!(
+                "label {label:?} is refused: the broker gives every agent the label site:SITE of \
+                 the site it enrolled in; remove {label:?} from the agent's labels"
+            );
+        }
         let name = config.resolve_name();
         std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
             anyhow::anyhow!(

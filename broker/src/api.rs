@@ -478,6 +478,10 @@ async fn poll_handler(
             .await?
         {
             drop(ticket);
+            // The wake-up may have been for another job than the one claimed: pass it on.
+            if let Some(signal) = unused_signal.take() {
+                state.dispatcher.pass_on(signal, poll);
+            }
             tracing::debug!(job_id = model.id, agent = %agent_name, "Job claimed.");
             let assignment = Assignment {
                 job_id: model.job_id(),
