@@ -255,7 +255,8 @@ async fn a_job_asking_for_slurm_never_runs_in_the_shell() {
     assert!(!marker.exists(), "a slurm job ran in the shell");
 }
 
-/// Site A's agent is stopped with 65 of its jobs queued; a job only site B admits still runs.
+/// Site A's agent is stopped with 300 of its jobs queued (more than a claim reads at a time); a
+/// job only site B admits still runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_sites_backlog_does_not_starve_another_site() {
     ensure_account(JOB_ACCOUNT);
@@ -275,7 +276,7 @@ async fn one_sites_backlog_does_not_starve_another_site() {
     fleet.agent_shutdown(a).drain.cancel();
     fleet.agent_exit(a).await.unwrap();
 
-    for _ in 0..65 {
+    for _ in 0..300 {
         fleet
             .workflow("climate/model")
             .submit(&spec("echo climate"))
