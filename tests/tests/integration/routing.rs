@@ -252,6 +252,33 @@ async fn a_job_asking_for_slurm_never_runs_in_the_shell() {
         text.contains("executor slurm"),
         "status says why it waits: {text}"
     );
+
+    // `testbot run` says so too while it waits.
+    let logs = dir.path().join("run-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let touch = format!("touch {}", marker.display());
+    let run = testbot_e2e::Process::spawn(
+        "testbot",
+        &["run", "--executor", "slurm", "--", &touch],
+        &[
+            ("TESTBOT_URL", url.as_str()),
+            ("TESTBOT_TOKEN", token.trim()),
+        ],
+        &logs,
+    )
+    .unwrap();
+    let stderr = logs.join(format!("{}.err", run.name));
+    let line = wait_for("testbot run to say why the job waits", WAIT, || async {
+        std::fs::read_to_string(&stderr)
+            .ok()
+            .filter(|t| t.contains("is still queued"))
+    })
+    .await;
+    assert!(
+        line.contains("the job asks for executor slurm; this agent runs shell"),
+        "{line}"
+    );
+    drop(run);
     assert!(!marker.exists(), "a slurm job ran in the shell");
 }
 
