@@ -481,6 +481,7 @@ mod tests {
             created_at_ms: 0,
             started_at_ms: Some(1_000),
             finished_at_ms: Some(63_000),
+            waiting: None,
         };
         let text = summary(&job, "https://b/api/v1/jobs/12/log");
         assert!(text.starts_with("### testbot job 12: failure\n"), "{text}");

@@ -625,6 +625,10 @@ async fn agent_command(
 
 /// Submits, follows the log live, and returns the job's exit code. The first Ctrl-C cancels the
 /// remote job (and keeps following until it ends); a second one exits at once.
+/// A job still queued this long after `testbot run` submitted it gets a line saying why it
+/// waits (the broker's `waiting`).
+const QUEUED_NOTICE_AFTER: Duration = Duration::from_secs(3);
+
 async fn run_job(
     client: &BrokerClient,
     spec: JobSpec,
@@ -640,9 +644,21 @@ async fn run_job(
     let follow = follow_log(client, id, 0, |bytes| printer.write(bytes));
     let mut follow = Box::pin(follow);
     let mut interrupts = 0;
+    let notice = tokio::time::sleep(QUEUED_NOTICE_AFTER);
+    tokio::pin!(notice);
+    let mut noticed = json;
     let job = loop {
         tokio::select! {
             job = &mut follow => break job?,
+            _ = &mut notice, if !noticed => {
+                noticed = true;
+                if let Ok(job) = client.job(id).await
+                    && job.state == JobState::Queued
+                    && let Some(waiting) = &job.waiting
+                {
+                    eprintln!("testbot: job {id} is still queued ({waiting})");
+                }
+            }
             _ = tokio::signal::ctrl_c() => {
                 interrupts += 1;
                 if interrupts > 1 {

@@ -28,6 +28,12 @@ pub fn print_job(job: &Job) {
     if let Some(agent) = &job.agent {
         println!("  agent:     {agent} (attempt {})", job.attempts);
     }
+    if let Some(waiting) = &job.waiting {
+        println!("  waiting:   {waiting}");
+    }
+    if let Some(executor) = &job.spec.executor {
+        println!("  executor:  {executor}");
+    }
     if !job.spec.labels.is_empty() {
         println!("  labels:    {}", job.spec.labels.join(", "));
     }

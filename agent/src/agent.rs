@@ -144,6 +144,12 @@ impl Agent {
         executor: Arc<dyn Executor>,
         policy: Option<Arc<SitePolicy>>,
     ) -> anyhow::Result<Agent> {
+        if let Some(label) = config.labels.iter().find(|l| l.starts_with("site:")) {
+            anyhow::bail!(
+                "label {label:?} is refused: the broker gives every agent the label site:SITE of \
+                 the site it enrolled in; remove {label:?} from the agent's labels"
+            );
+        }
         let name = config.resolve_name();
         std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
             anyhow::anyhow!(
@@ -200,8 +206,10 @@ impl Agent {
                 policy: policy.clone(),
                 verifier: OidcVerifier::new(policy.oidc()),
             }),
+            workflow_jobs_without_policy: config.allow_workflow_jobs_without_policy,
         });
-        // The site caps how many jobs run at once, whatever the agent's own setting.
+        // The site caps how many jobs run at once, whatever the agent's own setting (the broker
+        // also counts the jobs of all the site's agents against it).
         let concurrency = policy.as_ref().map_or(config.concurrency, |p| {
             config.concurrency.min(p.max_concurrent_jobs())
         });
@@ -213,6 +221,7 @@ impl Agent {
             executor = runner.executor.name(),
             concurrency,
             policy = ?config.policy,
+            workflow_jobs_without_policy = policy.is_none() && config.allow_workflow_jobs_without_policy,
             "Agent started."
         );
         let mut workers = tokio::task::JoinSet::new();
@@ -237,6 +246,8 @@ impl Agent {
                     executor: runner.executor.name().to_string(),
                     wait_ms: Some(config.poll_wait.as_millis() as u64),
                     policy: summary.clone(),
+                    workflow_jobs_without_policy: policy.is_none()
+                        && config.allow_workflow_jobs_without_policy,
                 },
                 shutdown: shutdown.clone(),
             };

@@ -68,11 +68,17 @@ pub struct AgentConfig {
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
     /// The site policy file: which repositories, refs, events and users may run jobs here, with
-    /// which executors and resources, as which local account. Without one, the agent runs every
-    /// job the broker hands it, as its own user: only for a private fleet (`testbot up`).
+    /// which executors and resources, as which local account. Without one, the agent runs the
+    /// jobs operators submit, as its own user: only for a private fleet (`testbot up`).
     /// Default: none.
     #[serde(default)]
     pub policy: Option<PathBuf>,
+    /// Without a site policy, also run workflow jobs (submitted with a GitHub OIDC token) of any
+    /// repository registered with the broker, as the agent's own user. Anyone who can register a
+    /// repository then runs code here: set it only for a fleet whose broker registers nothing
+    /// you do not trust. Ignored with a `policy`. Default: false (operator jobs only).
+    #[serde(default)]
+    pub allow_workflow_jobs_without_policy: bool,
     /// The agent's name in the fleet. Default: the host name.
     #[serde(default)]
     pub name: Option<String>,
@@ -163,6 +169,7 @@ impl AgentConfig {
             enrollment_token_file: None,
             state_dir: None,
             policy: None,
+            allow_workflow_jobs_without_policy: false,
             name: None,
             labels: Vec::new(),
             concurrency: default_concurrency(),
@@ -218,6 +225,12 @@ impl AgentConfig {
         }
         for label in &self.labels {
             testbot_proto::jobs::validate_label(label).map_err(|e| format!("labels: {e}"))?;
+            if label.starts_with("site:") {
+                return Err(format!(
+                    "labels: {label:?} is refused: the broker gives every agent the label \
+                     site:SITE of the site it enrolled in; remove it"
+                ));
+            }
         }
         Ok(())
     }
@@ -313,6 +326,20 @@ max_job_time = "2h"
         assert_eq!(config.concurrency, 4);
         assert_eq!(config.max_job_time, Duration::from_secs(7200));
         assert_eq!(config.kill_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn site_labels_are_the_brokers() {
+        let err = AgentConfig::parse(
+            "broker_url = \"https://x\"\nlabels = [\"linux\", \"site:other\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("\"site:other\" is refused"), "{err}");
+        let config = AgentConfig::parse(
+            "broker_url = \"https://x\"\nallow_workflow_jobs_without_policy = true\n",
+        )
+        .unwrap();
+        assert!(config.allow_workflow_jobs_without_policy);
     }
 
     #[test]

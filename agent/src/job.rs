@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use testbot_proto::agents::Assignment;
+use testbot_proto::agents::{Assignment, ReleaseKind, ReleaseRequest};
 use testbot_proto::client::{Backoff, BrokerClient, ClientError};
 use testbot_proto::jobs::JobState;
 use testbot_proto::results::{FinishRequest, Outcome};
@@ -38,8 +38,66 @@ pub struct JobRunner {
     pub max_job_time: Duration,
     pub keep_job_dirs: bool,
     /// The site policy and the verifier of job tokens it configures. `None`: a private fleet
-    /// whose agent runs every job it is given, as itself.
+    /// whose agent runs the operators' jobs it is given, as itself.
     pub site: Option<SiteGate>,
+    /// Without a site policy: also run workflow jobs (`allow_workflow_jobs_without_policy`).
+    pub workflow_jobs_without_policy: bool,
+}
+
+/// Why the agent will not run a job it was given: handed back to the broker, which offers it to
+/// another agent or ends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: String,
+    pub kind: ReleaseKind,
+}
+
+impl Refusal {
+    fn refused(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            reason: reason.into(),
+            kind: ReleaseKind::Refused,
+        }
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal::refused(reason)
+    }
+}
+
+/// What an agent without a site policy checks itself, whatever the broker sent: the job asks
+/// for no other executor than the agent's, for no image unless the executor runs images, and is
+/// an operator's job unless the configuration allows workflow jobs.
+pub fn check_without_policy(
+    assignment: &Assignment,
+    executor: &str,
+    workflow_jobs: bool,
+) -> Result<(), Refusal> {
+    let spec = &assignment.spec;
+    if let Some(wanted) = &spec.executor
+        && wanted != executor
+    {
+        return Err(Refusal::refused(format!(
+            "the job asks for executor {wanted}; this agent runs {executor}"
+        )));
+    }
+    if let Some(image) = &spec.image
+        && !["docker", "podman", "kubernetes"].contains(&executor)
+    {
+        return Err(Refusal::refused(format!(
+            "the job asks for image {image}; executor {executor} runs no images"
+        )));
+    }
+    if assignment.oidc_token.is_some() && !workflow_jobs {
+        return Err(Refusal::refused(
+            "this agent has no site policy and takes operator jobs only (a site policy, or \
+             allow_workflow_jobs_without_policy = true in its configuration, lets it take \
+             workflow jobs)",
+        ));
+    }
+    Ok(())
 }
 
 /// What the agent checks before it runs anything: the job's GitHub OIDC token, verified here
@@ -60,25 +118,34 @@ struct Admission {
 
 impl SiteGate {
     /// Verifies the job's token and applies the policy; `Err` is the denial, for the submitter.
-    async fn admit(&self, assignment: &Assignment, executor: &str) -> Result<Admission, String> {
-        let token = assignment.oidc_token.as_deref().ok_or(
-            "the job carries no GitHub OIDC token; this site runs only jobs from verified workflows",
-        )?;
-        let claims = self
-            .verifier
-            .verify(token)
-            .await
-            .map_err(|e| format!("OIDC token refused: {e}"))?;
+    async fn admit(&self, assignment: &Assignment, executor: &str) -> Result<Admission, Refusal> {
+        let token = assignment.oidc_token.as_deref().ok_or_else(|| {
+            Refusal::refused(
+                "the job carries no GitHub OIDC token; this site runs only jobs from verified workflows",
+            )
+        })?;
+        let claims = self.verifier.verify(token).await.map_err(|e| {
+            use testbot_proto::oidc::OidcError;
+            // The issuer's keys could not be had now (or were just rotated): try again later.
+            let kind = match e {
+                OidcError::KeysUnavailable(_) | OidcError::UnknownKey(_) => ReleaseKind::Transient,
+                _ => ReleaseKind::Refused,
+            };
+            Refusal {
+                reason: format!("OIDC token refused: {e}"),
+                kind,
+            }
+        })?;
         let spec = &assignment.spec;
         if let Some(wanted) = &spec.executor
             && wanted != executor
         {
-            return Err(format!(
+            return Err(Refusal::refused(format!(
                 "the job asks for executor {wanted}; this agent runs {executor}"
-            ));
+            )));
         }
         match self.policy.evaluate(&claims, spec, executor) {
-            Decision::Deny { reason } => Err(reason),
+            Decision::Deny { reason } => Err(Refusal::refused(reason)),
             Decision::Allow { rule, account } => {
                 let account = crate::identity::resolve(&account, &claims).await?;
                 tracing::info!(
@@ -125,7 +192,12 @@ impl JobRunner {
         tracing::info!(job_id = %id, attempt = assignment.attempt, "Job started.");
 
         let admission = match &self.site {
-            None => Ok(Admission {
+            None => check_without_policy(
+                &assignment,
+                self.executor.name(),
+                self.workflow_jobs_without_policy,
+            )
+            .map(|()| Admission {
                 run_as: None,
                 timeout: assignment
                     .spec
@@ -138,8 +210,12 @@ impl JobRunner {
         };
         let admission = match admission {
             Ok(admission) => admission,
-            Err(denial) => {
-                tracing::warn!(job_id = %id, %denial, "Job refused by the site policy.");
+            Err(refusal) => {
+                tracing::warn!(job_id = %id, reason = %refusal.reason, kind = ?refusal.kind, "Job refused; handing it back.");
+                if self.release(id, &lease, &refusal).await {
+                    return;
+                }
+                let denial = refusal.reason;
                 let reason = format!(
                     "refused by the site policy of agent {}: {denial}",
                     self.agent
@@ -352,6 +428,46 @@ impl JobRunner {
         // After the result is reported: until then an executor's records (a Slurm job id) are
         // what a restarted agent would pick the job up from.
         self.executor.cleanup(&ctx).await;
+    }
+
+    /// Hands a job this agent will not run back to the broker, retrying while the broker is
+    /// unreachable. False when the broker has no `release` (an older broker): the caller then
+    /// ends the job itself.
+    async fn release(
+        &self,
+        id: testbot_proto::jobs::JobId,
+        lease: &str,
+        refusal: &Refusal,
+    ) -> bool {
+        let request = ReleaseRequest {
+            lease: lease.to_string(),
+            reason: refusal.reason.clone(),
+            kind: refusal.kind,
+        };
+        let mut backoff = Backoff::standard();
+        loop {
+            match self.client.release(id, &request).await {
+                Ok(outcome) => {
+                    tracing::info!(job_id = %id, state = %outcome.state, reason = %outcome.reason, "Job handed back.");
+                    return true;
+                }
+                Err(ClientError::Api {
+                    status: 404, code, ..
+                }) if code == "not_found" => {
+                    // Either the job is gone or the broker predates `release`; finishing tells.
+                    return false;
+                }
+                Err(err) if err.is_retryable() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(job_id = %id, %err, ?delay, "Cannot hand the job back; retrying.");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(err) => {
+                    tracing::warn!(job_id = %id, %err, "The broker refused the hand-back.");
+                    return true;
+                }
+            }
+        }
     }
 
     /// Reports the result, retrying while the broker is unreachable.

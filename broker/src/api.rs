@@ -11,7 +11,10 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use ring::rand::{SecureRandom, SystemRandom};
 use secrecy::ExposeSecret as _;
-use testbot_proto::agents::{Assignment, LeaseRequest, LeaseStatus, MetadataRequest, PollRequest};
+use testbot_proto::agents::{
+    Assignment, LeaseRequest, LeaseStatus, MetadataRequest, PollRequest, ReleaseOutcome,
+    ReleaseRequest,
+};
 use testbot_proto::glob::any_match;
 use testbot_proto::jobs::{
     Job, JobId, JobList, JobListQuery, JobSpec, validate_label, validate_word,
@@ -82,6 +85,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/agent/jobs/{id}/log", post(append_log_handler))
         .route("/agent/jobs/{id}/finish", post(finish_handler))
         .route("/agent/jobs/{id}/metadata", post(metadata_handler))
+        .route("/agent/jobs/{id}/release", post(release_handler))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::verify_agent_signature,
@@ -165,7 +169,7 @@ async fn submit_handler(
         .insert_job(&spec, &origin, jti)
         .await?
         .ok_or_else(|| replayed(jti))?;
-    state.dispatcher.job_queued(&spec.labels);
+    crate::routing::job_queued(&state, model.job_id()).await;
     tracing::debug!(job_id = model.id, "Job queued.");
     Ok((StatusCode::CREATED, axum::Json(to_job(&model)?)))
 }
@@ -209,39 +213,26 @@ async fn admit_workflow_job(
             settings.refs.join(", ")
         )));
     }
-    find_accepting_site(state, &claims.repository, spec, &settings.sites).await?;
+    find_accepting_site(state, claims, spec, &settings.sites).await?;
     Ok(settings.sites)
 }
 
 /// Fails fast when no enrolled agent would accept the job, naming why each site refuses it.
 async fn find_accepting_site(
     state: &AppState,
-    repository: &str,
+    claims: &WorkflowClaims,
     spec: &JobSpec,
     sites: &[String],
 ) -> Result<(), ApiError> {
-    let mut reasons: Vec<String> = Vec::new();
-    for (site, name, policy) in state.db.active_agent_policies().await? {
-        if !sites.is_empty() && !sites.contains(&site) {
-            continue;
-        }
-        let Some(policy) = policy else {
-            return Ok(()); // An agent without a site policy takes any job.
-        };
-        let Ok(policy) = serde_json::from_str::<testbot_proto::agents::PolicySummary>(&policy)
-        else {
-            continue;
-        };
-        match policy.admits(Some(repository), spec, None) {
-            Ok(()) => return Ok(()),
-            Err(why) => {
-                let reason = format!("site {site} (agent {name}): {why}");
-                if !reasons.contains(&reason) {
-                    reasons.push(reason);
-                }
-            }
-        }
-    }
+    let job = crate::routing::RoutedJob {
+        spec: spec.clone(),
+        sites: (!sites.is_empty()).then(|| sites.to_vec()),
+        identity: Some(claims.into()),
+    };
+    let reasons = match crate::routing::first_taker(state, &job, None, false).await? {
+        Ok(_) => return Ok(()),
+        Err(reasons) => reasons,
+    };
     let sites_note = if sites.is_empty() {
         String::new()
     } else {
@@ -309,7 +300,11 @@ async fn job_handler(
 ) -> Result<axum::Json<Job>, ApiError> {
     let job = find_job(&state, id).await?;
     authorize_job_access(&principal, &job)?;
-    Ok(axum::Json(to_job(&job)?))
+    let mut job = to_job(&job)?;
+    if job.state == testbot_proto::jobs::JobState::Queued {
+        job.waiting = crate::routing::why_waiting(&state, id).await?;
+    }
+    Ok(axum::Json(job))
 }
 
 async fn cancel_handler(
@@ -439,31 +434,36 @@ async fn poll_handler(
     for label in &req.labels {
         validate_label(label).map_err(ApiError::BadRequest)?;
     }
+    crate::routing::check_offered_labels(&req.labels).map_err(ApiError::BadRequest)?;
+    validate_word("executor", &req.executor).map_err(ApiError::BadRequest)?;
     let policy_json = req
         .policy
         .as_ref()
         .map(serde_json::to_string)
         .transpose()
         .map_err(anyhow::Error::from)?;
+    // Routing reads the site from the agent's enrollment, never from the request.
+    let offer = std::sync::Arc::new(crate::routing::Offer {
+        site: agent.site.clone(),
+        labels: req.labels.clone(),
+        executor: req.executor.clone(),
+        policy: req.policy.clone(),
+        workflow_jobs_without_policy: req.policy.is_none() && req.workflow_jobs_without_policy,
+    });
     let stale = agent
         .last_seen_ms
         .is_none_or(|at| now_ms() - at > AGENT_SEEN_RESOLUTION.as_millis() as i64);
     if stale || policy_json != agent.policy {
+        let offer_json = serde_json::to_string(&*offer).map_err(anyhow::Error::from)?;
         state
             .db
-            .agent_polled(&agent.id, policy_json.as_deref())
+            .record_offer(&agent.id, policy_json.as_deref(), &offer_json)
             .await?;
     }
     let agent_name = format!("{}/{}", agent.site, agent.name);
-    // Every agent offers its site as a label, so a job can ask for a site (`site:NAME`).
-    let mut labels = req.labels.clone();
-    labels.push(format!("site:{}", agent.site));
     let taker = JobTaker {
         agent: &agent_name,
-        site: &agent.site,
-        labels: &labels,
-        executor: &req.executor,
-        policy: req.policy.as_ref(),
+        offer: &offer,
     };
     let max_wait = state.settings.poll_timeout;
     let wait = req
@@ -471,9 +471,12 @@ async fn poll_handler(
         .map(Duration::from_millis)
         .map_or(max_wait, |w| w.min(max_wait));
     let deadline = Instant::now() + wait;
+    let poll = state.dispatcher.new_poll();
+    // A wake-up this poll got but could not use: passed on if the next claim finds nothing.
+    let mut unused_signal = None;
     loop {
         // Register before trying to claim, so a job queued in between still wakes this poll.
-        let mut ticket = state.dispatcher.register(&labels);
+        let mut ticket = state.dispatcher.register(poll, offer.clone());
         let lease = new_lease()?;
         if let Some(model) = state
             .db
@@ -481,6 +484,10 @@ async fn poll_handler(
             .await?
         {
             drop(ticket);
+            // The wake-up may have been for another job than the one claimed: pass it on.
+            if let Some(signal) = unused_signal.take() {
+                state.dispatcher.pass_on(signal, poll);
+            }
             tracing::debug!(job_id = model.id, agent = %agent_name, "Job claimed.");
             let assignment = Assignment {
                 job_id: model.job_id(),
@@ -494,12 +501,40 @@ async fn poll_handler(
             };
             return Ok(axum::Json(assignment).into_response());
         }
+        if let Some(signal) = unused_signal.take() {
+            state.dispatcher.pass_on(signal, poll);
+        }
         tokio::select! {
-            _ = ticket.signalled() => {}
+            signal = ticket.signalled() => unused_signal = signal,
             _ = tokio::time::sleep_until(deadline) => return Ok(StatusCode::NO_CONTENT.into_response()),
             _ = state.shutdown.cancelled() => return Ok(StatusCode::NO_CONTENT.into_response()),
         }
     }
+}
+
+/// An agent hands back a job it will not run. A transient failure queues it again at once (the
+/// agent is held back from it for a short, growing time); a refusal queues it for other agents
+/// (this one is held back for longer) or, when no other agent could take it, ends it `error`
+/// with the refusal as its reason. Either way it does not use up an attempt, and after
+/// [`crate::routing::MAX_RELEASES`] hand-backs it ends.
+async fn release_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath(id): ApiPath<JobId>,
+    ApiJson(req): ApiJson<ReleaseRequest>,
+) -> Result<axum::Json<ReleaseOutcome>, ApiError> {
+    let agent = principal.agent()?;
+    let agent_name = format!("{}/{}", agent.site, agent.name);
+    let outcome = crate::routing::release(&state, id, &agent_name, &req).await?;
+    tracing::info!(
+        job_id = %id,
+        agent = %agent_name,
+        kind = ?req.kind,
+        state = %outcome.state,
+        reason = %outcome.reason,
+        "Job handed back."
+    );
+    Ok(axum::Json(outcome))
 }
 
 fn lease_status(state: &AppState, renewal: LeaseRenewal) -> axum::Json<LeaseStatus> {

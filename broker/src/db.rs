@@ -118,6 +118,7 @@ impl JobModel {
             created_at_ms: self.created_at_ms,
             started_at_ms: self.started_at_ms,
             finished_at_ms: self.finished_at_ms,
+            waiting: None,
         })
     }
 }
@@ -149,18 +150,61 @@ impl RepoModel {
     }
 }
 
-/// How many queued jobs a claim looks at for one its agent's policy admits.
-const CLAIM_CANDIDATES: i64 = 64;
+/// How many queued jobs a claim reads at a time while looking for one its agent may take; it
+/// reads on through the whole queue, a page at a time.
+const CLAIM_PAGE: i64 = 256;
 
 /// The agent asking for work, as the claim query matches it.
 #[derive(Debug, Clone, Copy)]
 pub struct JobTaker<'a> {
     /// The name recorded on the job (`site/name`).
     pub agent: &'a str,
-    pub site: &'a str,
-    pub labels: &'a [String],
-    pub executor: &'a str,
-    pub policy: Option<&'a testbot_proto::agents::PolicySummary>,
+    pub offer: &'a crate::routing::Offer,
+}
+
+/// The columns of a job routing reads.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct RoutingRow {
+    id: i64,
+    spec: String,
+    sites: Option<String>,
+    repository: Option<String>,
+    oidc_token: Option<String>,
+}
+
+const ROUTING_COLUMNS: &str = "id, spec, sites, repository, oidc_token";
+
+impl RoutingRow {
+    fn routed(&self) -> anyhow::Result<crate::routing::RoutedJob> {
+        crate::routing::RoutedJob::from_stored(
+            &self.spec,
+            self.sites.as_deref(),
+            self.repository.as_deref(),
+            self.oidc_token.as_deref(),
+        )
+    }
+}
+
+/// A queued job as routing reads it, with its id.
+#[derive(Debug, Clone)]
+pub struct QueuedJob {
+    pub id: i64,
+    pub job: crate::routing::RoutedJob,
+}
+
+/// A job an agent handed back, and what to do with it.
+#[derive(Debug, Clone)]
+pub struct Release<'a> {
+    pub lease: &'a str,
+    /// The agent (`site/name`), held back from the job until `hold_until_ms`.
+    pub agent: &'a str,
+    pub hold_until_ms: i64,
+    /// The job's reason and log line when it is queued again.
+    pub requeue_reason: &'a str,
+    /// Set when no other agent could run the job: it ends `error` with this reason.
+    pub final_reason: Option<&'a str>,
+    /// After this many releases the job ends `error` (with `final_reason` or the release's).
+    pub max_releases: u32,
 }
 
 /// A row of `sites`.
@@ -754,62 +798,268 @@ impl Db {
             .await
     }
 
-    /// Claims the oldest queued job `taker` may run, under a new lease: its labels are all
-    /// among the agent's, its repository's registration allows the agent's site, and, when the
-    /// agent has a site policy, the policy admits it.
+    /// Claims the oldest queued job `taker` may run, under a new lease. SQL narrows the queue by
+    /// what it can check cheaply (labels, registered sites, executor, operator or workflow job,
+    /// jobs the agent handed back lately); routing then reads on, a page at a time, through every
+    /// remaining candidate, so a backlog no agent here may take never hides a job behind it.
+    /// Candidates are read outside the write lock; the claim itself re-checks that the job is
+    /// still queued and, for a site with `max_concurrent_jobs`, that the site is under it.
     pub async fn claim_job(
         &self,
         taker: &JobTaker<'_>,
         lease: &str,
         lease_expires_at_ms: i64,
     ) -> anyhow::Result<Option<JobModel>> {
+        let offer = taker.offer;
+        let labels = serde_json::to_string(&offer.all_labels())?;
+        let cap = offer
+            .policy
+            .as_ref()
+            .and_then(|p| p.max_concurrent_jobs)
+            .map(i64::from);
+        let workflow_only = offer.policy.is_some().then_some(1);
+        let operator_only =
+            (offer.policy.is_none() && !offer.workflow_jobs_without_policy).then_some(1);
+        let mut after = 0i64;
+        loop {
+            let sql = format!(
+                "SELECT {ROUTING_COLUMNS} FROM jobs
+                     WHERE state = 'queued' AND id > ?1
+                       AND NOT EXISTS (
+                           SELECT 1 FROM json_each(jobs.labels) AS wanted
+                           WHERE wanted.value NOT IN (SELECT value FROM json_each(?2)))
+                       AND (jobs.sites IS NULL
+                            OR EXISTS (SELECT 1 FROM json_each(jobs.sites) WHERE value = ?3))
+                       AND (json_extract(jobs.spec, '$.executor') IS NULL
+                            OR json_extract(jobs.spec, '$.executor') = ?4)
+                       AND (?5 IS NULL OR jobs.repository IS NOT NULL)
+                       AND (?6 IS NULL OR jobs.repository IS NULL)
+                       AND NOT EXISTS (
+                           SELECT 1 FROM job_holds
+                           WHERE job_holds.job_id = jobs.id AND job_holds.agent = ?7
+                             AND job_holds.until_ms > ?8)
+                     ORDER BY id LIMIT ?9"
+            );
+            let page: Vec<RoutingRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(after)
+                .bind(&labels)
+                .bind(&offer.site)
+                .bind(&offer.executor)
+                .bind(workflow_only)
+                .bind(operator_only)
+                .bind(taker.agent)
+                .bind(now_ms())
+                .bind(CLAIM_PAGE)
+                .fetch_all(&self.read)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(None);
+            };
+            after = last.id;
+            for row in page {
+                let id = row.id;
+                let admitted = row.routed().is_ok_and(|job| offer.admits(&job).is_ok());
+                if !admitted {
+                    continue;
+                }
+                let sql = format!(
+                    "UPDATE jobs SET state = 'assigned', agent = ?1, lease = ?2,
+                         lease_expires_at_ms = ?3, attempts = attempts + 1, reason = NULL
+                     WHERE id = ?4 AND state = 'queued'
+                       AND (?5 IS NULL OR (
+                           SELECT COUNT(*) FROM jobs AS busy
+                           WHERE busy.state IN ('assigned', 'running')
+                             AND substr(busy.agent, 1, length(?6) + 1) = ?6 || '/') < ?5)
+                     RETURNING {JOB_COLUMNS}"
+                );
+                let claimed: Option<JobModel> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(taker.agent)
+                    .bind(lease)
+                    .bind(lease_expires_at_ms)
+                    .bind(id)
+                    .bind(cap)
+                    .bind(&offer.site)
+                    .fetch_optional(&mut *self.writer().await?)
+                    .await?;
+                if claimed.is_some() {
+                    return Ok(claimed);
+                }
+                if cap.is_some() && self.job_state(id).await?.as_deref() == Some("queued") {
+                    return Ok(None); // The site is at its max_concurrent_jobs.
+                }
+                // Another agent claimed it meanwhile: read on.
+            }
+        }
+    }
+
+    async fn job_state(&self, id: i64) -> sqlx::Result<Option<String>> {
+        sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await
+    }
+
+    /// Queued jobs after id `after`, oldest first, at most `limit`, as routing reads them.
+    pub async fn queued_jobs(&self, after: i64, limit: i64) -> anyhow::Result<Vec<QueuedJob>> {
+        let sql = format!(
+            "SELECT {ROUTING_COLUMNS} FROM jobs
+             WHERE state = 'queued' AND id > ?1 ORDER BY id LIMIT ?2"
+        );
+        let rows: Vec<RoutingRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(QueuedJob {
+                    id: row.id,
+                    job: row.routed()?,
+                })
+            })
+            .collect()
+    }
+
+    /// One job as routing reads it, whatever its state.
+    pub async fn routed_job(&self, id: JobId) -> anyhow::Result<Option<crate::routing::RoutedJob>> {
+        let sql = format!("SELECT {ROUTING_COLUMNS} FROM jobs WHERE id = ?1");
+        let row: Option<RoutingRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|row| row.routed()).transpose()
+    }
+
+    /// How many times a job was handed back.
+    pub async fn job_releases(&self, id: JobId) -> sqlx::Result<Option<u32>> {
+        let releases: Option<i64> = sqlx::query_scalar("SELECT releases FROM jobs WHERE id = ?1")
+            .bind(id.0)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(releases.map(|r| r.clamp(0, i64::from(u32::MAX)) as u32))
+    }
+
+    /// Records what an agent offered in its poll (policy summary and routing offer, both as
+    /// JSON) and when it was last seen, in one statement: an agent seen polling has its offer.
+    pub async fn record_offer(
+        &self,
+        id: &str,
+        policy: Option<&str>,
+        offer: &str,
+    ) -> sqlx::Result<()> {
+        sqlx::query("UPDATE agents SET policy = ?2, offer = ?3, last_seen_ms = ?4 WHERE id = ?1")
+            .bind(id)
+            .bind(policy)
+            .bind(offer)
+            .bind(now_ms())
+            .execute(&mut *self.writer().await?)
+            .await?;
+        Ok(())
+    }
+
+    /// The agents that can take work now (not revoked, site not revoked): `site/name`, the
+    /// policy they enrolled or last polled with, and their last offer (None before a poll).
+    pub async fn active_agent_offers(
+        &self,
+    ) -> sqlx::Result<Vec<(String, String, Option<String>, Option<String>)>> {
+        sqlx::query_as(
+            "SELECT agents.site, agents.name, agents.policy, agents.offer FROM agents
+             JOIN sites ON sites.name = agents.site
+             WHERE agents.revoked_at_ms IS NULL AND sites.revoked_at_ms IS NULL",
+        )
+        .fetch_all(&self.read)
+        .await
+    }
+
+    /// Hands a job back from the agent holding `release.lease`: queued again (without using up
+    /// an attempt) with the agent held back from it, or ended `error` when no other agent could
+    /// run it or it was handed back too often.
+    pub async fn release_job(
+        &self,
+        id: JobId,
+        release: &Release<'_>,
+    ) -> anyhow::Result<Result<JobModel, LeaseRefusal>> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
-        let candidates: Vec<(i64, Option<String>, String)> = sqlx::query_as(
-            "SELECT id, repository, spec FROM jobs
-             WHERE state = 'queued'
-               AND NOT EXISTS (
-                   SELECT 1 FROM json_each(jobs.labels) AS wanted
-                   WHERE wanted.value NOT IN (SELECT value FROM json_each(?1)))
-               AND (jobs.sites IS NULL
-                    OR EXISTS (SELECT 1 FROM json_each(jobs.sites) WHERE value = ?2))
-               AND (?3 IS NULL OR jobs.repository IS NOT NULL)
-             ORDER BY id LIMIT ?4",
+        let releases: Option<i64> = sqlx::query_scalar(
+            "SELECT releases FROM jobs
+             WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')",
         )
-        .bind(serde_json::to_string(taker.labels)?)
-        .bind(taker.site)
-        .bind(taker.policy.map(|_| 1))
-        .bind(CLAIM_CANDIDATES)
-        .fetch_all(&mut *tx)
+        .bind(id.0)
+        .bind(release.lease)
+        .fetch_optional(&mut *tx)
         .await?;
-        let chosen = candidates.into_iter().find(|(_, repository, spec)| {
-            let Some(policy) = taker.policy else {
-                return true;
-            };
-            serde_json::from_str::<JobSpec>(spec).is_ok_and(|spec| {
-                policy
-                    .admits(repository.as_deref(), &spec, Some(taker.executor))
-                    .is_ok()
-            })
-        });
-        let Some((id, _, _)) = chosen else {
-            return Ok(None);
+        let Some(releases) = releases else {
+            drop(tx);
+            drop(conn);
+            return Ok(Err(self.lease_refusal(id).await?));
+        };
+        let now = now_ms();
+        let too_often = releases + 1 >= i64::from(release.max_releases);
+        let final_reason = match release.final_reason {
+            Some(reason) => Some(reason.to_string()),
+            None if too_often => Some(format!(
+                "{}; handed back {} times, giving up",
+                release.requeue_reason,
+                releases + 1
+            )),
+            None => None,
         };
         let sql = format!(
-            "UPDATE jobs SET state = 'assigned', agent = ?1, lease = ?2, lease_expires_at_ms = ?3,
-                 attempts = attempts + 1, reason = NULL
-             WHERE id = ?4 AND state = 'queued'
-             RETURNING {JOB_COLUMNS}"
+            "UPDATE jobs SET state = ?2, reason = ?3, lease = NULL, lease_expires_at_ms = NULL,
+                 attempts = MAX(attempts - 1, 0), releases = releases + 1,
+                 started_at_ms = CASE WHEN ?2 = 'queued' THEN NULL ELSE started_at_ms END,
+                 finished_at_ms = ?4
+             WHERE id = ?1 RETURNING {JOB_COLUMNS}"
         );
-        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(taker.agent)
-            .bind(lease)
-            .bind(lease_expires_at_ms)
-            .bind(id)
-            .fetch_optional(&mut *tx)
+        let (state, reason, finished) = match &final_reason {
+            Some(reason) => (JobState::Error, reason.clone(), Some(now)),
+            None => (JobState::Queued, release.requeue_reason.to_string(), None),
+        };
+        let updated: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .bind(state.as_str())
+            .bind(&reason)
+            .bind(finished)
+            .fetch_one(&mut *tx)
             .await?;
+        if state == JobState::Queued {
+            sqlx::query(
+                "INSERT INTO job_holds (job_id, agent, until_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (job_id, agent) DO UPDATE SET until_ms = excluded.until_ms",
+            )
+            .bind(id.0)
+            .bind(release.agent)
+            .bind(release.hold_until_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let line = format_line(now, Stream::System, &format!("testbot: {reason}"));
+        let log_bytes = append_raw(&mut tx, id, updated.log_bytes as u64, line.as_bytes()).await?;
         tx.commit().await?;
-        Ok(model)
+        Ok(Ok(JobModel {
+            log_bytes: log_bytes as i64,
+            ..updated
+        }))
+    }
+
+    /// Ends the holds that ran out before `now_ms`; returns the jobs still queued that they
+    /// held back, so their agents can be woken.
+    pub async fn end_holds(&self, now_ms: i64) -> sqlx::Result<Vec<JobId>> {
+        let ids: Vec<i64> =
+            sqlx::query_scalar("DELETE FROM job_holds WHERE until_ms <= ?1 RETURNING job_id")
+                .bind(now_ms)
+                .fetch_all(&mut *self.writer().await?)
+                .await?;
+        let mut queued = Vec::new();
+        for id in ids {
+            if self.job_state(id).await?.as_deref() == Some("queued") {
+                queued.push(JobId(id));
+            }
+        }
+        queued.sort();
+        queued.dedup();
+        Ok(queued)
     }
 
     /// Sets one metadata entry of a leased job.

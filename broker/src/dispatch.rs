@@ -1,26 +1,33 @@
 //! Waking idle agents the moment a job they can take is queued.
 //!
-//! An agent's long poll registers a [`Waiter`] with its labels, then tries to claim a job. When a
-//! job is queued, [`Dispatcher::job_queued`] hands one signal to the first waiter whose labels
-//! cover the job's, so one enqueue wakes one agent (no thundering herd, no busy polling). A
-//! waiter that got a signal but claimed a job through another path passes the signal on, so no
-//! wake-up is lost.
+//! An agent's long poll registers a [`Waiter`] with its routing [`Offer`], then tries to claim a
+//! job. When a job is queued, [`Dispatcher::job_queued`] hands one signal to the first waiter whose
+//! offer admits the job, so one enqueue wakes one agent that can take it (no thundering herd, no
+//! busy polling, and no waking of agents that cannot). A waiter that got a signal but could not
+//! use it (it claimed another job, or the job is held back from it) passes it on to a waiter not
+//! yet tried, so no wake-up is lost.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-/// A wake-up: a job with these labels was queued.
+use crate::routing::{Offer, RoutedJob};
+
+/// A wake-up: this job was queued.
 #[derive(Debug)]
 pub struct Signal {
-    pub labels: Vec<String>,
+    pub job: Arc<RoutedJob>,
+    /// The polls already handed this signal.
+    tried: BTreeSet<u64>,
 }
 
 struct Waiter {
     id: u64,
-    labels: BTreeSet<String>,
+    /// The poll this waiter belongs to (a poll registers again after each wake-up).
+    poll: u64,
+    offer: Arc<Offer>,
     tx: oneshot::Sender<Signal>,
 }
 
@@ -39,8 +46,13 @@ pub struct WaitTicket<'a> {
 }
 
 impl Dispatcher {
-    /// Registers a poll from an agent offering `labels`.
-    pub fn register(&self, labels: &[String]) -> WaitTicket<'_> {
+    /// A number naming one poll across its registrations.
+    pub fn new_poll(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers poll `poll` from an agent with `offer`.
+    pub fn register(&self, poll: u64, offer: Arc<Offer>) -> WaitTicket<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiters
@@ -48,7 +60,8 @@ impl Dispatcher {
             .expect("dispatcher poisoned")
             .push_back(Waiter {
                 id,
-                labels: labels.iter().cloned().collect(),
+                poll,
+                offer,
                 tx,
             });
         WaitTicket {
@@ -58,11 +71,21 @@ impl Dispatcher {
         }
     }
 
-    /// A job with `labels` was queued: wake the longest-waiting agent that can take it.
-    pub fn job_queued(&self, labels: &[String]) {
-        let mut signal = Signal {
-            labels: labels.to_vec(),
-        };
+    /// `job` was queued: wake the longest-waiting agent that may take it.
+    pub fn job_queued(&self, job: RoutedJob) {
+        self.send(Signal {
+            job: Arc::new(job),
+            tried: BTreeSet::new(),
+        });
+    }
+
+    /// Poll `poll` was woken by `signal` but did not claim its job: wake another one.
+    pub fn pass_on(&self, mut signal: Signal, poll: u64) {
+        signal.tried.insert(poll);
+        self.send(signal);
+    }
+
+    fn send(&self, mut signal: Signal) {
         let mut waiters = self.waiters.lock().expect("dispatcher poisoned");
         let mut i = 0;
         while i < waiters.len() {
@@ -70,7 +93,9 @@ impl Dispatcher {
                 waiters.remove(i);
                 continue;
             }
-            if signal.labels.iter().all(|l| waiters[i].labels.contains(l)) {
+            if !signal.tried.contains(&waiters[i].poll)
+                && waiters[i].offer.admits(&signal.job).is_ok()
+            {
                 let waiter = waiters.remove(i).expect("index checked");
                 match waiter.tx.send(signal) {
                     Ok(()) => return,
@@ -82,14 +107,6 @@ impl Dispatcher {
         }
     }
 
-    /// Wakes every waiting agent (a safety net run by the periodic sweeper).
-    pub fn wake_all(&self) {
-        let mut waiters = self.waiters.lock().expect("dispatcher poisoned");
-        for waiter in waiters.drain(..) {
-            let _ = waiter.tx.send(Signal { labels: Vec::new() });
-        }
-    }
-
     /// How many polls are waiting.
     pub fn waiting(&self) -> usize {
         self.waiters.lock().expect("dispatcher poisoned").len()
@@ -97,11 +114,9 @@ impl Dispatcher {
 }
 
 impl WaitTicket<'_> {
-    /// Waits for a signal. Cancel-safe.
-    pub async fn signalled(&mut self) {
-        // An error means the dispatcher dropped the sender (wake_all with a closed receiver
-        // cannot happen); either way, try to claim again.
-        let _ = (&mut self.rx).await;
+    /// Waits for a signal. Cancel-safe. None: the dispatcher went away; try to claim anyway.
+    pub async fn signalled(&mut self) -> Option<Signal> {
+        (&mut self.rx).await.ok()
     }
 }
 
@@ -117,7 +132,7 @@ impl Drop for WaitTicket<'_> {
         // Already popped: if a signal was delivered but not used, hand it on.
         self.rx.close();
         if let Ok(signal) = self.rx.try_recv() {
-            self.dispatcher.job_queued(&signal.labels);
+            self.dispatcher.send(signal);
         }
     }
 }
@@ -125,17 +140,35 @@ impl Drop for WaitTicket<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testbot_proto::jobs::JobSpec;
 
-    fn labels(ls: &[&str]) -> Vec<String> {
-        ls.iter().map(|s| s.to_string()).collect()
+    fn offer(labels: &[&str]) -> Arc<Offer> {
+        Arc::new(Offer {
+            site: "s".into(),
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            executor: "shell".into(),
+            policy: None,
+            workflow_jobs_without_policy: false,
+        })
+    }
+
+    fn job(labels: &[&str]) -> RoutedJob {
+        RoutedJob {
+            spec: JobSpec {
+                labels: labels.iter().map(|s| s.to_string()).collect(),
+                ..JobSpec::default()
+            },
+            sites: None,
+            identity: None,
+        }
     }
 
     #[tokio::test]
-    async fn one_enqueue_wakes_one_matching_waiter() {
+    async fn one_enqueue_wakes_one_waiter_that_can_take_it() {
         let d = Dispatcher::default();
-        let mut gpu = d.register(&labels(&["gpu"]));
-        let mut cpu = d.register(&labels(&["cpu"]));
-        d.job_queued(&labels(&["cpu"]));
+        let mut gpu = d.register(d.new_poll(), offer(&["gpu"]));
+        let mut cpu = d.register(d.new_poll(), offer(&["cpu"]));
+        d.job_queued(job(&["cpu"]));
         tokio::time::timeout(std::time::Duration::from_secs(1), cpu.signalled())
             .await
             .unwrap();
@@ -149,15 +182,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_job_no_waiter_can_take_wakes_none() {
+        let d = Dispatcher::default();
+        let mut other_site = d.register(d.new_poll(), offer(&[]));
+        d.job_queued(job(&["site:elsewhere"]));
+        assert!(other_site.rx.try_recv().is_err());
+        assert_eq!(d.waiting(), 1);
+    }
+
+    #[tokio::test]
     async fn an_unused_signal_is_passed_on() {
         let d = Dispatcher::default();
-        let first = d.register(&[]);
-        let mut second = d.register(&[]);
-        d.job_queued(&[]);
+        let first = d.register(d.new_poll(), offer(&[]));
+        let mut second = d.register(d.new_poll(), offer(&[]));
+        d.job_queued(job(&[]));
         // The first waiter got the signal but claimed something else and went away.
         drop(first);
         tokio::time::timeout(std::time::Duration::from_secs(1), second.signalled())
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_signal_passed_on_skips_the_polls_that_tried_it() {
+        let d = Dispatcher::default();
+        let (p1, p2) = (d.new_poll(), d.new_poll());
+        let mut first = d.register(p1, offer(&[]));
+        d.job_queued(job(&[]));
+        let signal = first.signalled().await.unwrap();
+        // The first poll could not claim it and waits again, behind the second.
+        let mut again = d.register(p1, offer(&[]));
+        let mut second = d.register(p2, offer(&[]));
+        d.pass_on(signal, p1);
+        assert!(
+            again.rx.try_recv().is_err(),
+            "not handed back to the poll that tried it"
+        );
+        let signal = second.signalled().await.unwrap();
+        d.pass_on(signal, p2);
+        assert!(
+            again.rx.try_recv().is_err(),
+            "every poll tried it: it stops"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! - [`api`]: the router ([`api::create_app`]) and its handlers.
 //! - [`db`]: the SQLite facade; [`dispatch`]: waking waiting polls; [`events`]: per-job wake-ups
 //!   for log followers and held heartbeats.
+//! - [`routing`]: which job an agent may be offered, and jobs agents hand back.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the JSON error type and extractors.
 //! - [`github`]: the GitHub REST calls the broker makes (repository permission checks).
 //! - [`nonces`]: replay protection for signed agent requests.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod events;
 pub mod github;
 pub mod nonces;
+pub mod routing;
 pub mod server;
 pub mod state;
 

@@ -54,10 +54,6 @@ impl BrokerConfig {
     }
 }
 
-/// A queued job older than this while agents wait makes the sweeper wake every waiting agent:
-/// a safety net for a wake-up lost to a dropped connection.
-const STALE_QUEUE: Duration = Duration::from_secs(1);
-
 /// How often ids of expired OIDC tokens are forgotten.
 const JTI_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -203,6 +199,7 @@ async fn sweep_leases(state: AppState) {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = tokio::time::Instant::now();
+    let mut last_reoffer = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -245,7 +242,7 @@ async fn sweep_leases(state: AppState) {
                     );
                     if job_state == JobState::Queued {
                         state.log_events.notify(id);
-                        state.dispatcher.job_queued(&lease.labels);
+                        crate::routing::job_queued(&state, id).await;
                     } else {
                         state.log_events.finished(id);
                         state.control_events.finished(id);
@@ -254,14 +251,10 @@ async fn sweep_leases(state: AppState) {
             }
             Err(err) => tracing::error!(?err, "Cannot expire leases."),
         }
-        if state.dispatcher.waiting() > 0 {
-            match state.db.oldest_queued_at().await {
-                Ok(Some(at)) if now_ms() - at > STALE_QUEUE.as_millis() as i64 => {
-                    state.dispatcher.wake_all()
-                }
-                Ok(_) => {}
-                Err(err) => tracing::error!(?err, "Cannot read the queue."),
-            }
+        let reoffer = last_reoffer.elapsed() >= crate::routing::REOFFER_INTERVAL;
+        if reoffer {
+            last_reoffer = tokio::time::Instant::now();
         }
+        crate::routing::sweep(&state, reoffer).await;
     }
 }

@@ -417,6 +417,16 @@ impl BrokerClient {
     pub async fn finish(&self, id: JobId, req: &FinishRequest) -> Result<Job, ClientError> {
         self.post(&format!("/agent/jobs/{id}/finish"), req).await
     }
+
+    /// Hands a job this agent will not run back to the broker, which queues it for another
+    /// agent or ends it when none could run it.
+    pub async fn release(
+        &self,
+        id: JobId,
+        req: &crate::agents::ReleaseRequest,
+    ) -> Result<crate::agents::ReleaseOutcome, ClientError> {
+        self.post(&format!("/agent/jobs/{id}/release"), req).await
+    }
 }
 
 /// Turns a non-2xx answer into [`ClientError`], reading the JSON error envelope when there is one.

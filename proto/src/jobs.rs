@@ -408,6 +408,10 @@ pub struct Job {
     pub started_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<i64>,
+    /// For a queued job, in `GET /jobs/{id}`: which agent may take it, or why no enrolled agent
+    /// may (the executor it asks for, its labels, the sites' policies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 impl Job {

@@ -273,6 +273,37 @@ fn split(token: &str) -> Result<RawToken<'_>, OidcError> {
     })
 }
 
+/// The routing identity of a token verified earlier (the broker keeps the tokens it verified
+/// at submission), read without checking anything again. Never use it on a token not yet
+/// verified.
+pub fn verified_token_identity(token: &str) -> Result<crate::agents::JobIdentity, OidcError> {
+    #[derive(Deserialize)]
+    struct Claims {
+        repository: String,
+        #[serde(rename = "ref")]
+        git_ref: String,
+        event_name: String,
+        job_workflow_ref: String,
+        actor: String,
+        #[serde(default)]
+        environment: Option<String>,
+    }
+    let raw = split(token)?;
+    let payload = URL_SAFE_NO_PAD
+        .decode(raw.payload)
+        .map_err(|_| OidcError::Malformed("the payload is not base64url".into()))?;
+    let claims: Claims = serde_json::from_slice(&payload)
+        .map_err(|e| OidcError::Malformed(format!("the payload is not a token's claims: {e}")))?;
+    Ok(crate::agents::JobIdentity {
+        repository: claims.repository,
+        git_ref: claims.git_ref,
+        event_name: claims.event_name,
+        job_workflow_ref: claims.job_workflow_ref,
+        actor: claims.actor,
+        environment: claims.environment,
+    })
+}
+
 /// Length of `header.payload`, the signed part.
 fn header_len(token: &str) -> usize {
     token.rfind('.').unwrap_or(0)
@@ -461,6 +492,10 @@ mod verifier {
     /// tokens with made-up `kid`s cannot make us hammer the issuer.
     pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
+    /// After a failed fetch (the issuer down, the network), the next refresh may come this soon:
+    /// an outage must not make every token look unknown for a whole [`MIN_REFRESH_INTERVAL`].
+    pub const RETRY_AFTER_FAILED_FETCH: Duration = Duration::from_secs(2);
+
     /// A clock in Unix seconds; tests pin it.
     pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
@@ -569,7 +604,14 @@ mod verifier {
                 }
             }
             *self.inner.last_fetch.lock().expect("refresh lock") = Some(Instant::now());
-            let keys = self.fetch().await.map_err(OidcError::KeysUnavailable)?;
+            let keys = match self.fetch().await {
+                Ok(keys) => keys,
+                Err(err) => {
+                    *self.inner.last_fetch.lock().expect("refresh lock") =
+                        Instant::now().checked_sub(MIN_REFRESH_INTERVAL - RETRY_AFTER_FAILED_FETCH);
+                    return Err(OidcError::KeysUnavailable(err));
+                }
+            };
             *self.inner.keys.write().expect("key set lock") = Arc::new(keys);
             Ok(())
         }

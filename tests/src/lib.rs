@@ -301,6 +301,41 @@ impl Fleet {
         BrokerClient::new(&self.url, self.admin_token.clone()).expect("client")
     }
 
+    /// An enrollment token for `site` (created if needed), for agents of other sites than
+    /// [`TEST_SITE`].
+    pub async fn site_enrollment_token(&self, site: &str) -> SecretString {
+        self.broker
+            .as_ref()
+            .expect("broker running")
+            .enrollment_token(site, 100, Duration::from_secs(3600))
+            .await
+            .expect("enrollment token")
+    }
+
+    /// Enrolls an agent named `name` in `site` (for driving the agent protocol by hand).
+    pub async fn enroll_in(&self, site: &str, name: &str) -> EnrolledAgent {
+        let token = self.site_enrollment_token(site).await;
+        let (pkcs8, public_key) = testbot_proto::signing::generate_key().unwrap();
+        let enrollment = self
+            .client()
+            .enroll(&testbot_proto::sites::EnrollRequest {
+                enrollment_token: token.expose_secret().to_string(),
+                name: name.to_string(),
+                public_key,
+                policy: None,
+            })
+            .await
+            .expect("enrollment");
+        let key = std::sync::Arc::new(ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8).unwrap());
+        let client = BrokerClient::for_agent(&self.url, enrollment.agent_id.clone(), key.clone())
+            .expect("client");
+        EnrolledAgent {
+            id: enrollment.agent_id,
+            key,
+            client,
+        }
+    }
+
     /// A freshly enrolled agent identity's client (for driving the agent protocol by hand).
     pub async fn agent_client(&self) -> BrokerClient {
         self.enroll(&format!("manual-{}", free_port())).await.client
@@ -415,6 +450,21 @@ impl Fleet {
             let agents = client.agents().await.ok()?.agents;
             let enrolled = agents.iter().filter(|a| a.revoked_at_ms.is_none()).count();
             (enrolled >= count).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until `count` agents have enrolled and polled (so the broker knows what they take:
+    /// a workflow's job is refused while no enrolled agent would accept it).
+    pub async fn wait_polling_agents(&self, count: usize) {
+        let client = self.client();
+        wait_for("agents to enroll and poll", WAIT, || async {
+            let agents = client.agents().await.ok()?.agents;
+            let ready = agents
+                .iter()
+                .filter(|a| a.revoked_at_ms.is_none() && a.last_seen_ms.is_some())
+                .count();
+            (ready >= count).then_some(())
         })
         .await
     }

@@ -28,6 +28,8 @@ pub struct TestIssuer {
     key: Arc<RsaKeyPair>,
     attacker: Arc<RsaKeyPair>,
     server: tokio::task::JoinHandle<()>,
+    /// How many of the next key set requests fail with `503` (an issuer outage).
+    jwks_failures: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Drop for TestIssuer {
@@ -50,12 +52,15 @@ impl TestIssuer {
             "id_token_signing_alg_values_supported": ["RS256"],
         });
         let jwks = json!({ "keys": [jwk(&key, TEST_KID)] });
+        let jwks_failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let minter = TestIssuer {
             url: url.clone(),
             key: key.clone(),
             attacker: attacker.clone(),
             server: tokio::spawn(async {}),
+            jwks_failures: jwks_failures.clone(),
         };
+        let failures = jwks_failures.clone();
         let minter = Arc::new(minter);
         let app = axum::Router::new()
             .route(
@@ -101,7 +106,17 @@ impl TestIssuer {
             )
             .route(
                 "/.well-known/jwks",
-                axum::routing::get(move || async move { axum::Json(jwks) }),
+                axum::routing::get(move || async move {
+                    use axum::response::IntoResponse as _;
+                    use std::sync::atomic::Ordering;
+                    let failing = failures
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if failing {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    }
+                    axum::Json(jwks).into_response()
+                }),
             );
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -111,7 +126,14 @@ impl TestIssuer {
             key,
             attacker,
             server,
+            jwks_failures,
         }
+    }
+
+    /// Makes the next `count` key set requests fail with `503 Service Unavailable`.
+    pub fn fail_jwks_requests(&self, count: usize) {
+        self.jwks_failures
+            .store(count, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Claims as GitHub would send them for a push to `main` of `repo`, minted for `audience`,

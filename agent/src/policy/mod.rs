@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::Deserialize;
-use testbot_proto::agents::{ExecutorCaps, PolicySummary};
+use testbot_proto::agents::{ExecutorCaps, PolicySummary, RuleSummary};
 use testbot_proto::glob::{any_match, glob_match};
 use testbot_proto::jobs::{JobSpec, Resources};
 use testbot_proto::oidc::{OidcSettings, WorkflowClaims};
@@ -365,8 +365,10 @@ impl SitePolicy {
         identity::resolve(&choice, claims).await
     }
 
-    /// What the agent advertises to the broker: the repositories some rule allows and the
-    /// executors some rule allows, with their caps.
+    /// What the agent advertises to the broker: the repositories some rule allows, the
+    /// executors some rule allows with their caps, every rule with what it matches, `env_allow`
+    /// and `max_concurrent_jobs`, so the broker does not offer jobs this site would refuse.
+    /// What it cannot summarise (the identity mapping) the agent refuses by handing the job back.
     pub fn summary(&self) -> PolicySummary {
         let mut repositories: Vec<String> = Vec::new();
         for pattern in self.rules.iter().flat_map(|r| &r.repositories) {
@@ -396,12 +398,37 @@ impl SitePolicy {
                     max_time_secs: Some(max_time.as_secs()),
                     images: limits.images.map(<[String]>::to_vec).unwrap_or_default(),
                     partitions: limits.partitions.to_vec(),
+                    max_nodes: limits.max_nodes,
+                    max_ntasks: limits.max_ntasks,
+                    accounts: limits.accounts.to_vec(),
+                    qos: limits.qos.to_vec(),
+                    requires_image: limits.images.is_some() && limits.default_image.is_none(),
                 }
+            })
+            .collect();
+        let rules = self
+            .rules
+            .iter()
+            .map(|rule| RuleSummary {
+                name: rule.name.clone(),
+                repositories: rule.repositories.clone(),
+                refs: rule.refs.clone(),
+                events: rule.events.clone(),
+                workflows: rule.workflows.clone(),
+                actors: rule.actors.clone(),
+                environments: rule.environments.clone(),
+                executors: rule
+                    .executors
+                    .as_ref()
+                    .map(|e| e.iter().map(|name| name.as_str().to_string()).collect()),
             })
             .collect();
         PolicySummary {
             repositories,
             executors,
+            rules,
+            env_allow: Some(self.env_allow.clone()),
+            max_concurrent_jobs: Some(u32::try_from(self.max_concurrent_jobs).unwrap_or(u32::MAX)),
         }
     }
 

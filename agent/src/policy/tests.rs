@@ -723,6 +723,79 @@ fn summary_lists_what_the_rules_allow() {
     assert_eq!(summary.executors[2].images.len(), 2);
 }
 
+/// The broker routes on the summary, so it must decide as the policy does on every claim the
+/// rules match (what it cannot see, the identity mapping, the agent refuses by handing back).
+#[test]
+fn the_summary_routes_as_the_policy_decides() {
+    let policy = policy();
+    let summary = policy.summary();
+    assert_eq!(summary.rules.len(), 2);
+    assert_eq!(summary.max_concurrent_jobs, Some(2));
+    let mut cases: Vec<(WorkflowClaims, JobSpec, &str)> = Vec::new();
+    for git_ref in ["refs/heads/main", "refs/heads/feature"] {
+        for event in ["push", "pull_request", "workflow_dispatch"] {
+            for actor in ["alice", "mallory"] {
+                for executor in ["slurm", "shell", "docker"] {
+                    let mut c = claims();
+                    c.git_ref = git_ref.into();
+                    c.event_name = event.into();
+                    c.actor = actor.into();
+                    cases.push((c, job(), executor));
+                }
+            }
+        }
+    }
+    let mut deploy = claims();
+    deploy.repository = "deploy-org/site".into();
+    deploy.job_workflow_ref = "deploy-org/site/.github/workflows/ci.yml@refs/heads/main".into();
+    for environment in [None, Some("production"), Some("staging")] {
+        let mut c = deploy.clone();
+        c.environment = environment.map(str::to_string);
+        cases.push((c, job(), "shell"));
+    }
+    let mut env_job = job();
+    env_job.env.insert("SECRET".into(), "x".into());
+    cases.push((claims(), env_job, "slurm"));
+    let mut workflow = claims();
+    workflow.job_workflow_ref = "my-org/app/.github/workflows/evil.yml@refs/heads/main".into();
+    cases.push((workflow, job(), "slurm"));
+    for image in ["docker.io/library/ubuntu:24.04", "docker.io/library/evil:1"] {
+        let mut spec = job();
+        spec.image = Some(image.into());
+        cases.push((claims(), spec.clone(), "docker"));
+        cases.push((claims(), spec, "slurm"));
+    }
+    for resources in [
+        Resources {
+            cpus: Some(64),
+            ..Resources::default()
+        },
+        Resources {
+            account: Some("other".into()),
+            ..Resources::default()
+        },
+        Resources {
+            partition: Some("debug".into()),
+            account: Some("ci".into()),
+            ..Resources::default()
+        },
+    ] {
+        let mut spec = job();
+        spec.resources = resources;
+        cases.push((claims(), spec, "slurm"));
+    }
+    for (claims, spec, executor) in cases {
+        let identity = testbot_proto::agents::JobIdentity::from(&claims);
+        let routed = summary.admits(Some(&identity), &spec, Some(executor));
+        let decided = policy.evaluate(&claims, &spec, executor);
+        assert_eq!(
+            routed.is_ok(),
+            decided.is_allowed(),
+            "{claims:?} on {executor}: summary says {routed:?}, policy {decided:?}"
+        );
+    }
+}
+
 #[test]
 fn claims_and_jobs_read_from_json() {
     let fixture = include_str!("../../../tests/fixtures/oidc/real-token-rgl.decoded.json");

@@ -148,8 +148,11 @@ async fn fleet() -> Fleet {
         })
         .await
         .unwrap();
-    fleet.add_agent(fleet.agent_config("runner1"));
-    fleet.wait_enrolled(1).await;
+    // A private fleet: its agent has no site policy and takes workflow jobs.
+    let mut agent = fleet.agent_config("runner1");
+    agent.allow_workflow_jobs_without_policy = true;
+    fleet.add_agent(agent);
+    fleet.wait_polling_agents(1).await;
     fleet
 }
 

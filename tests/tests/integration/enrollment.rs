@@ -281,5 +281,6 @@ fn poll() -> testbot_proto::agents::PollRequest {
         executor: "shell".into(),
         wait_ms: Some(0),
         policy: None,
+        workflow_jobs_without_policy: false,
     }
 }

@@ -17,6 +17,7 @@ async fn claim(agent: &BrokerClient, name: &str) -> Assignment {
             executor: "shell".into(),
             wait_ms: Some(5000),
             policy: None,
+            workflow_jobs_without_policy: false,
         })
         .await
         .unwrap()

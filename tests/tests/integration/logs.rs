@@ -49,6 +49,7 @@ async fn a_resent_chunk_is_a_no_op_and_a_gap_is_refused() {
             executor: "shell".into(),
             wait_ms: Some(1000),
             policy: None,
+            workflow_jobs_without_policy: false,
         })
         .await
         .unwrap()

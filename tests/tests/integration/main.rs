@@ -13,6 +13,7 @@ mod load;
 mod logs;
 mod policy_cli;
 mod restart;
+mod routing;
 mod site_policy;
 mod slurm;
 mod trust;

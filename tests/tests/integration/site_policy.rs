@@ -98,29 +98,27 @@ async fn allowed_jobs_run_as_the_mapped_account_and_denied_ones_never_run() {
         "{log}"
     );
 
-    // Denied by the agent: the broker routes it (the repository is allowed), but the ref is not.
+    // A ref the site's rules do not allow: the advertised rules carry the refs, so the broker
+    // refuses it at submission rather than routing it to a site that would refuse it.
     let mut claims = issuer.claims(REPO, AUDIENCE);
     claims["ref"] = "refs/heads/experiment".into();
-    let denied = fleet
+    match fleet
         .client_with(&issuer.mint(&claims))
         .submit(&spec(&format!("touch {}", marker.display())))
         .await
-        .unwrap();
-    let denied = fleet.wait_finished(denied.id).await;
-    assert_eq!(denied.state, JobState::Error);
-    assert_eq!(
-        denied.reason.as_deref(),
-        Some(
-            "refused by the site policy of agent login1: ref refs/heads/experiment is not in allowed refs [refs/heads/main] (rule \"main-branch\")"
-        )
-    );
-    assert!(
-        fleet
-            .log(denied.id)
-            .await
-            .contains("testbot: refused by the site policy"),
-        "the denial is in the job's log"
-    );
+    {
+        Err(ClientError::Api {
+            status: 422,
+            message,
+            ..
+        }) => assert_eq!(
+            message,
+            format!(
+                "no site accepts this job: site {TEST_SITE} (agent login1): ref refs/heads/experiment is not in allowed refs [refs/heads/main] (rule \"main-branch\")"
+            )
+        ),
+        other => panic!("expected 422, got {other:?}"),
+    }
     assert!(!marker.exists(), "a denied job ran");
 
     // Refused at the broker, because no site's advertised policy accepts them.
@@ -254,6 +252,19 @@ async fn an_agent_refuses_what_a_compromised_broker_sends() {
                  UrlPath((id, action)): UrlPath<(u64, String)>,
                  Json(body): Json<Value>| async move {
                     match action.as_str() {
+                        "release" => {
+                            fake.reports.lock().unwrap().push((
+                                id,
+                                Reported {
+                                    state: Some(format!(
+                                        "released:{}",
+                                        body["kind"].as_str().unwrap_or("")
+                                    )),
+                                    reason: body["reason"].as_str().map(str::to_string),
+                                },
+                            ));
+                            Json(json!({"state": "queued", "reason": "released"}))
+                        }
                         "finish" => {
                             fake.reports.lock().unwrap().push((
                                 id,
@@ -305,14 +316,15 @@ async fn an_agent_refuses_what_a_compromised_broker_sends() {
     agent.await.unwrap().unwrap();
     server.abort();
 
+    // Each is handed back as refused (the broker then ends it, or offers it to another site).
     for (id, report) in reported {
         let want = &assignments[id as usize - 1].1;
-        assert_eq!(report.state.as_deref(), Some("error"), "job {id}");
         assert_eq!(
-            report.reason.as_deref(),
-            Some(format!("refused by the site policy of agent login1: {want}").as_str()),
+            report.state.as_deref(),
+            Some("released:refused"),
             "job {id}"
         );
+        assert_eq!(report.reason.as_deref(), Some(want.as_str()), "job {id}");
     }
     assert!(!marker.exists(), "a forbidden job ran");
 }

@@ -246,19 +246,24 @@ async fn exit_codes_cancel_and_refusals_before_sbatch() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     // Slurm reads SBATCH_* from the environment: a job may not set them (refused by the policy's
-    // env allow-list here, and by the executor itself without one).
+    // env allow-list here, which the site advertises so the broker refuses it at submission, and
+    // by the executor itself without one).
     let mut sneaky = spec("true");
     sneaky.env.insert("SBATCH_PARTITION".into(), "batch".into());
-    let sneaky = fleet.workflow(REPO).submit(&sneaky).await.unwrap();
-    let (done, _) = fleet.finished(&sneaky).await;
-    assert_eq!(done.state, JobState::Error);
-    assert!(
-        done.reason
-            .as_deref()
-            .unwrap_or("")
-            .contains("SBATCH_PARTITION"),
-        "{done:?}"
-    );
+    match fleet.workflow(REPO).submit(&sneaky).await {
+        Err(ClientError::Api {
+            status, message, ..
+        }) => {
+            assert_eq!(status, 422);
+            assert!(
+                message.contains(
+                    "environment variable SBATCH_PARTITION is not in the site's env_allow"
+                ),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     fleet.stop().await;
 }
 

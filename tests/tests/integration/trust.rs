@@ -50,9 +50,10 @@ async fn job_count(fleet: &Fleet) -> usize {
 async fn a_workflow_token_submits_a_job_and_follows_only_its_own() {
     let mut fleet = Fleet::start_oidc(|_| {}).await;
     register(&fleet, registration(REPO)).await;
-    let agent = fleet.agent_config("a1");
+    let mut agent = fleet.agent_config("a1");
+    agent.allow_workflow_jobs_without_policy = true;
     fleet.add_agent(agent);
-    fleet.wait_enrolled(1).await;
+    fleet.wait_polling_agents(1).await;
 
     let claims = fleet.issuer().claims(REPO, AUDIENCE);
     let token = fleet.issuer().mint(&claims);
@@ -99,8 +100,21 @@ struct Attack {
 async fn forged_and_misused_workflow_tokens_are_refused_with_the_exact_reason() {
     let fleet = Fleet::start_oidc(|_| {}).await;
     register(&fleet, registration(REPO)).await;
-    // An enrolled agent without a site policy accepts any job.
-    fleet.enroll("any-job").await;
+    // An enrolled agent without a site policy that takes workflow jobs accepts any job (it
+    // polls once, so the broker knows what it takes, and never again).
+    let agent = fleet.enroll("any-job").await;
+    agent
+        .client
+        .poll(&testbot_proto::agents::PollRequest {
+            agent: "any-job".into(),
+            labels: vec![],
+            executor: "shell".into(),
+            wait_ms: Some(0),
+            policy: None,
+            workflow_jobs_without_policy: true,
+        })
+        .await
+        .unwrap();
     register(
         &fleet,
         RepoRegistration {
