@@ -663,13 +663,48 @@ async fn register_repo_handler(
         .map_err(|e| ApiError::BadRequest(format!("invalid registration: {e}")))?;
     let (registered_by, jti) = prove_repo_control(&state, &principal, &registration.name).await?;
     let settings = serde_json::to_string(&registration.settings()).map_err(anyhow::Error::from)?;
-    let model = state
-        .db
-        .upsert_repo(&registration.name, &settings, &registered_by, jti)
-        .await?
-        .ok_or_else(|| replayed(jti))?;
+    let model = if let Principal::Workflow { .. } = principal {
+        self_register_repo(&state, &registration.name, &settings, &registered_by, jti).await?
+    } else {
+        state
+            .db
+            .upsert_repo(&registration.name, &settings, &registered_by, jti)
+            .await?
+            .ok_or_else(|| replayed(jti))?
+    };
     tracing::info!(repo = %model.name, %registered_by, "Repository registered.");
     Ok((StatusCode::CREATED, axum::Json(model.to_repo()?)))
+}
+
+/// A workflow registering its own repository: allowed only when the operator turned
+/// self-registration on, and only as the first registration. Anything else would let any branch
+/// or pull request of the repository widen the refs, events and sites its maintainers chose.
+async fn self_register_repo(
+    state: &AppState,
+    name: &str,
+    settings: &str,
+    registered_by: &str,
+    jti: Option<(&str, i64)>,
+) -> Result<crate::db::RepoModel, ApiError> {
+    if !state.settings.allow_self_registration {
+        return Err(ApiError::Forbidden(format!(
+            "this broker does not let workflows register repositories: the operator registers \
+             {name} (or an admin of it, with a GitHub token), or starts the broker with \
+             --allow-self-registration"
+        )));
+    }
+    match state
+        .db
+        .insert_repo_if_absent(name, settings, registered_by, jti)
+        .await?
+    {
+        crate::db::FirstRegistration::Created(model) => Ok(model),
+        crate::db::FirstRegistration::Replayed => Err(replayed(jti)),
+        crate::db::FirstRegistration::Exists => Err(ApiError::Forbidden(format!(
+            "repository {name} is registered already, and a workflow token cannot change a \
+             registration; the operator or an admin of {name} (with a GitHub token) changes it"
+        ))),
+    }
 }
 
 /// Who may change `repo`'s registration: `Ok((recorded name, token id to consume))`.
@@ -762,6 +797,14 @@ async fn remove_repo_handler(
     ApiPath((owner, name)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let name = repo_name(owner, name)?;
+    if let Principal::Workflow { .. } = principal {
+        // Removing and registering again would widen the registration, and every agent that
+        // ran one of the repository's jobs holds one of its tokens.
+        return Err(ApiError::Forbidden(format!(
+            "a workflow token cannot remove a registration; the operator or an admin of {name} \
+             (with a GitHub token) removes it"
+        )));
+    }
     let (removed_by, _) = prove_repo_control(&state, &principal, &name).await?;
     if !state.db.delete_repo(&name).await? {
         return Err(ApiError::NotFound(format!(

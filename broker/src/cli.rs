@@ -53,6 +53,11 @@ pub struct BrokerOpts {
     /// GitHub's REST API, for checking that a user registering a repository administers it.
     #[arg(long, env = "TESTBOT_GITHUB_API_URL", default_value = crate::github::GITHUB_API_URL)]
     pub github_api_url: String,
+    /// Let a workflow's OIDC token create the first registration of its own repository. Off by
+    /// default: only the operator or a GitHub admin of the repository registers it. Even when on,
+    /// a workflow token never changes or removes an existing registration.
+    #[arg(long, env = "TESTBOT_ALLOW_SELF_REGISTRATION")]
+    pub allow_self_registration: bool,
 }
 
 impl BrokerOpts {
@@ -70,6 +75,7 @@ impl BrokerOpts {
             oidc_issuer,
             oidc_jwks_file,
             github_api_url,
+            allow_self_registration,
         } = self;
         let oidc = oidc_audience.map(|audience| OidcSettings {
             issuer: oidc_issuer,
@@ -104,6 +110,7 @@ impl BrokerOpts {
                 poll_timeout,
                 max_log_bytes,
                 max_body_bytes,
+                allow_self_registration,
             },
             oidc,
             oidc_keys,

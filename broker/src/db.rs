@@ -149,6 +149,16 @@ impl RepoModel {
     }
 }
 
+/// The outcome of a first registration.
+#[derive(Debug, Clone)]
+pub enum FirstRegistration {
+    Created(RepoModel),
+    /// The repository is registered already; nothing changed.
+    Exists,
+    /// The token was used before; nothing changed.
+    Replayed,
+}
+
 /// How many queued jobs a claim looks at for one its agent's policy admits.
 const CLAIM_CANDIDATES: i64 = 64;
 
@@ -477,6 +487,41 @@ impl Db {
         .await?;
         tx.commit().await?;
         Ok(Some(model))
+    }
+
+    /// Registers a repository unless it is registered already (a workflow's self-registration).
+    /// With `jti`, the token's id is recorded in the same transaction.
+    pub async fn insert_repo_if_absent(
+        &self,
+        name: &str,
+        settings: &str,
+        registered_by: &str,
+        jti: Option<(&str, i64)>,
+    ) -> anyhow::Result<FirstRegistration> {
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
+        if let Some((jti, expires_at)) = jti
+            && !record_jti(&mut tx, jti, expires_at).await?
+        {
+            return Ok(FirstRegistration::Replayed);
+        }
+        let model = sqlx::query_as(
+            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?4)
+             ON CONFLICT (name) DO NOTHING
+             RETURNING name, settings, registered_by, created_at_ms, updated_at_ms",
+        )
+        .bind(name)
+        .bind(settings)
+        .bind(registered_by)
+        .bind(now_ms())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(model) = model else {
+            return Ok(FirstRegistration::Exists);
+        };
+        tx.commit().await?;
+        Ok(FirstRegistration::Created(model))
     }
 
     pub async fn create_site(&self, name: &str) -> sqlx::Result<Option<SiteModel>> {

@@ -46,6 +46,7 @@ impl BrokerConfig {
                 poll_timeout: Duration::from_secs(30),
                 max_log_bytes: 64 * 1024 * 1024,
                 max_body_bytes: 1024 * 1024,
+                allow_self_registration: false,
             },
             oidc: None,
             oidc_keys: None,

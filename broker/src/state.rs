@@ -25,6 +25,8 @@ pub struct Settings {
     pub max_log_bytes: u64,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
+    /// Whether a workflow's OIDC token may create the first registration of its own repository.
+    pub allow_self_registration: bool,
 }
 
 #[derive(Clone)]

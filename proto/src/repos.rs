@@ -1,8 +1,9 @@
 //! Repository registration: which GitHub repositories may submit jobs, and with what defaults.
 //!
 //! A workflow can submit jobs only for a registered repository. Registering needs proof of
-//! control of the repository: an OIDC token from one of its workflows, a GitHub user token with
-//! admin permission on it, or the operator token.
+//! control of the repository: a GitHub user token with admin permission on it, or the operator
+//! token. A broker may let an OIDC token from one of its workflows create the first
+//! registration; a workflow never changes or removes one.
 
 use serde::{Deserialize, Serialize};
 

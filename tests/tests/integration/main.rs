@@ -11,6 +11,7 @@ mod leases;
 mod load;
 mod logs;
 mod policy_cli;
+mod registration;
 mod restart;
 mod site_policy;
 mod slurm;
