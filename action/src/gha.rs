@@ -430,7 +430,16 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
             _ = int.recv(), if !cancelled => cancelled = true,
         }
         eprintln!("testbot: the workflow was cancelled; cancelling job {id}");
-        if let Err(err) = client.cancel(id).await {
+        // The token that submitted the job went to the agents that claimed it, so the broker
+        // does not let it cancel anything: cancel with a fresh one.
+        let cancelled = async {
+            let fresh = request_token(&inputs.audience).await?;
+            BrokerClient::new(&inputs.broker_url, fresh)?
+                .cancel(id)
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        if let Err(err) = cancelled.await {
             eprintln!("testbot: cannot cancel job {id}: {err}");
         }
     };

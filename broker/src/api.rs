@@ -30,11 +30,12 @@ use tokio::time::Instant;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::access::{JobAccess, authorize_job_access, check_repository_ids};
 use crate::auth::Principal;
 use crate::auth::{Role, generate_token, token_hash};
 use crate::db::{
-    AgentModel, AppendResult, EnrollRefusal, JobModel, JobOrigin, JobTaker, LeaseRefusal,
-    LeaseRenewal, SiteModel,
+    AgentModel, AppendResult, EnrollRefusal, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal,
+    RepositoryIds, SiteModel,
 };
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::github::GitHubError;
@@ -192,6 +193,7 @@ async fn admit_workflow_job(
             claims.repository, claims.repository
         ))
     })?;
+    check_repository_ids(state, &repo, claims).await?;
     let settings = repo.settings()?;
     if !settings.events.contains(&claims.event_name) {
         return Err(ApiError::Forbidden(format!(
@@ -258,24 +260,6 @@ async fn find_accepting_site(
     )))
 }
 
-/// Operators see every job; a workflow sees the jobs its own run submitted.
-fn authorize_job_access(principal: &Principal, job: &JobModel) -> Result<(), ApiError> {
-    match principal {
-        Principal::Operator { .. } => Ok(()),
-        Principal::Workflow { claims, .. }
-            if job.repository.as_deref() == Some(claims.repository.as_str())
-                && job.run_id.as_deref() == Some(claims.run_id.as_str()) =>
-        {
-            Ok(())
-        }
-        Principal::Workflow { claims, .. } => Err(ApiError::Forbidden(format!(
-            "job {} was not submitted by this workflow run ({}@{})",
-            job.id, claims.repository, claims.run_id
-        ))),
-        other => other.require_operator(),
-    }
-}
-
 async fn list_handler(
     State(state): State<AppState>,
     principal: Principal,
@@ -302,7 +286,7 @@ async fn job_handler(
     ApiPath(id): ApiPath<JobId>,
 ) -> Result<axum::Json<Job>, ApiError> {
     let job = find_job(&state, id).await?;
-    authorize_job_access(&principal, &job)?;
+    authorize_job_access(&state, &principal, &job, JobAccess::Read).await?;
     Ok(axum::Json(to_job(&job)?))
 }
 
@@ -311,7 +295,13 @@ async fn cancel_handler(
     principal: Principal,
     ApiPath(id): ApiPath<JobId>,
 ) -> Result<axum::Json<Job>, ApiError> {
-    authorize_job_access(&principal, &find_job(&state, id).await?)?;
+    authorize_job_access(
+        &state,
+        &principal,
+        &find_job(&state, id).await?,
+        JobAccess::Cancel,
+    )
+    .await?;
     let model = state
         .db
         .request_cancel(id)
@@ -334,7 +324,13 @@ async fn log_handler(
     ApiPath(id): ApiPath<JobId>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
-    authorize_job_access(&principal, &find_job(&state, id).await?)?;
+    authorize_job_access(
+        &state,
+        &principal,
+        &find_job(&state, id).await?,
+        JobAccess::Read,
+    )
+    .await?;
     let follower = LogFollower {
         rx: state.log_events.subscribe(id),
         state,
@@ -661,20 +657,40 @@ async fn register_repo_handler(
     registration
         .validate()
         .map_err(|e| ApiError::BadRequest(format!("invalid registration: {e}")))?;
-    let (registered_by, jti) = prove_repo_control(&state, &principal, &registration.name).await?;
+    let (registered_by, jti, ids) =
+        prove_repo_control(&state, &principal, &registration.name).await?;
     let settings = serde_json::to_string(&registration.settings()).map_err(anyhow::Error::from)?;
-    let model = if let Principal::Workflow { .. } = principal {
-        self_register_repo(&state, &registration.name, &settings, &registered_by, jti).await?
-    } else {
-        state
-            .db
-            .upsert_repo(&registration.name, &settings, &registered_by, jti)
+    let model = match (&principal, &ids) {
+        (Principal::Workflow { .. }, Some(ids)) => {
+            self_register_repo(
+                &state,
+                &registration.name,
+                &settings,
+                &registered_by,
+                ids,
+                jti,
+            )
             .await?
-            .ok_or_else(|| replayed(jti))?
+        }
+        _ => state
+            .db
+            .upsert_repo(
+                &registration.name,
+                &settings,
+                &registered_by,
+                ids.as_ref(),
+                jti,
+            )
+            .await?
+            .ok_or_else(|| replayed(jti))?,
     };
     tracing::info!(repo = %model.name, %registered_by, "Repository registered.");
     Ok((StatusCode::CREATED, axum::Json(model.to_repo()?)))
 }
+
+/// Proof of control of a repository: who to record, the token id to consume, and the
+/// repository ids to bind the registration to (when the proof shows them).
+type RepoControl<'a> = (String, Option<(&'a str, i64)>, Option<RepositoryIds>);
 
 /// A workflow registering its own repository: allowed only when the operator turned
 /// self-registration on, and only as the first registration. Anything else would let any branch
@@ -684,6 +700,7 @@ async fn self_register_repo(
     name: &str,
     settings: &str,
     registered_by: &str,
+    ids: &RepositoryIds,
     jti: Option<(&str, i64)>,
 ) -> Result<crate::db::RepoModel, ApiError> {
     if !state.settings.allow_self_registration {
@@ -695,7 +712,7 @@ async fn self_register_repo(
     }
     match state
         .db
-        .insert_repo_if_absent(name, settings, registered_by, jti)
+        .insert_repo_if_absent(name, settings, registered_by, ids, jti)
         .await?
     {
         crate::db::FirstRegistration::Created(model) => Ok(model),
@@ -707,14 +724,15 @@ async fn self_register_repo(
     }
 }
 
-/// Who may change `repo`'s registration: `Ok((recorded name, token id to consume))`.
+/// Who may change `repo`'s registration: `Ok((recorded name, token id to consume, repository
+/// ids to bind it to))`.
 async fn prove_repo_control<'a>(
     state: &AppState,
     principal: &'a Principal,
     repo: &str,
-) -> Result<(String, Option<(&'a str, i64)>), ApiError> {
+) -> Result<RepoControl<'a>, ApiError> {
     match principal {
-        Principal::Operator { .. } => Ok((principal.describe(), None)),
+        Principal::Operator { .. } => Ok((principal.describe(), None, None)),
         Principal::Workflow { claims, .. } => {
             if !claims.repository.eq_ignore_ascii_case(repo) {
                 return Err(ApiError::Forbidden(format!(
@@ -725,6 +743,10 @@ async fn prove_repo_control<'a>(
             Ok((
                 principal.describe(),
                 Some((claims.jti.as_str(), claims.exp)),
+                Some(RepositoryIds {
+                    repository_id: claims.repository_id.clone(),
+                    repository_owner_id: claims.repository_owner_id.clone(),
+                }),
             ))
         }
         Principal::GitHubUser { token } => {
@@ -744,7 +766,7 @@ async fn prove_repo_control<'a>(
                     permission.login
                 )));
             }
-            Ok((format!("github:{}", permission.login), None))
+            Ok((format!("github:{}", permission.login), None, permission.ids))
         }
         Principal::Agent(_) => Err(ApiError::Forbidden(
             "agents cannot register repositories".into(),
@@ -805,7 +827,7 @@ async fn remove_repo_handler(
              (with a GitHub token) removes it"
         )));
     }
-    let (removed_by, _) = prove_repo_control(&state, &principal, &name).await?;
+    let (removed_by, _, _) = prove_repo_control(&state, &principal, &name).await?;
     if !state.db.delete_repo(&name).await? {
         return Err(ApiError::NotFound(format!(
             "repository {name} is not registered"

@@ -130,6 +130,19 @@ pub struct RepoModel {
     pub registered_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// GitHub's id of the repository the registration is bound to; `None` until known.
+    pub repository_id: Option<String>,
+    pub repository_owner_id: Option<String>,
+}
+
+/// The columns of [`RepoModel`], in its field order.
+const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, updated_at_ms, repository_id, repository_owner_id";
+
+/// GitHub's ids of a repository and its owner, which, unlike names, are never reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositoryIds {
+    pub repository_id: String,
+    pub repository_owner_id: Option<String>,
 }
 
 impl RepoModel {
@@ -145,6 +158,16 @@ impl RepoModel {
             registered_by: self.registered_by.clone(),
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
+            repository_id: self.repository_id.clone(),
+            repository_owner_id: self.repository_owner_id.clone(),
+        })
+    }
+
+    /// The ids the registration is bound to, once known.
+    pub fn ids(&self) -> Option<RepositoryIds> {
+        Some(RepositoryIds {
+            repository_id: self.repository_id.clone()?,
+            repository_owner_id: self.repository_owner_id.clone(),
         })
     }
 }
@@ -395,8 +418,8 @@ impl Db {
         }
         let sql = format!(
             "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id, submitted_by,
-                 oidc_token, sites)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8)
+                 oidc_token, sites, submit_jti)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              RETURNING {JOB_COLUMNS}"
         );
         let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -412,6 +435,7 @@ impl Db {
                     .then(|| serde_json::to_string(&origin.sites))
                     .transpose()?,
             )
+            .bind(jti.map(|(jti, _)| jti))
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -437,31 +461,76 @@ impl Db {
     }
 
     pub async fn repo(&self, name: &str) -> sqlx::Result<Option<RepoModel>> {
-        sqlx::query_as(
-            "SELECT name, settings, registered_by, created_at_ms, updated_at_ms FROM repos
-             WHERE name = ?1",
-        )
-        .bind(name)
-        .fetch_optional(&self.read)
-        .await
+        let sql = format!("SELECT {REPO_COLUMNS} FROM repos WHERE name = ?1");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await
     }
 
     pub async fn repos(&self) -> sqlx::Result<Vec<RepoModel>> {
-        sqlx::query_as(
-            "SELECT name, settings, registered_by, created_at_ms, updated_at_ms FROM repos
-             ORDER BY name",
-        )
-        .fetch_all(&self.read)
-        .await
+        let sql = format!("SELECT {REPO_COLUMNS} FROM repos ORDER BY name");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.read)
+            .await
     }
 
-    /// Registers a repository or replaces its settings. With `jti`, the token's id is recorded
-    /// in the same transaction; a token seen before changes nothing: `Ok(None)`.
+    /// Binds a registration that has no ids yet to `ids`; returns the ids it is bound to now
+    /// (another request may have bound it first). `None` if the repository is not registered.
+    pub async fn bind_repo_ids(
+        &self,
+        name: &str,
+        ids: &RepositoryIds,
+    ) -> sqlx::Result<Option<RepositoryIds>> {
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "UPDATE repos SET repository_id = coalesce(repository_id, ?2),
+                 repository_owner_id = CASE WHEN repository_id IS NULL THEN ?3
+                                            ELSE repository_owner_id END
+             WHERE name = ?1
+             RETURNING repository_id, repository_owner_id",
+        )
+        .bind(name)
+        .bind(&ids.repository_id)
+        .bind(&ids.repository_owner_id)
+        .fetch_optional(&mut *self.writer().await?)
+        .await?;
+        Ok(
+            row.map(|(repository_id, repository_owner_id)| RepositoryIds {
+                repository_id,
+                repository_owner_id,
+            }),
+        )
+    }
+
+    /// Whether a workflow token's id has been recorded (it submitted a job or registered a
+    /// repository).
+    pub async fn jti_used(&self, jti: &str) -> sqlx::Result<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM oidc_jtis WHERE jti = ?1)")
+            .bind(jti)
+            .fetch_one(&self.read)
+            .await
+    }
+
+    /// The id of the workflow token that submitted a job.
+    pub async fn submit_jti(&self, id: JobId) -> sqlx::Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT submit_jti FROM jobs WHERE id = ?1")
+                .bind(id.0)
+                .fetch_optional(&self.read)
+                .await?
+                .flatten(),
+        )
+    }
+
+    /// Registers a repository or replaces its settings. With `ids`, binds it to them; without,
+    /// keeps the ids it is bound to. With `jti`, the token's id is recorded in the same
+    /// transaction; a token seen before changes nothing: `Ok(None)`.
     pub async fn upsert_repo(
         &self,
         name: &str,
         settings: &str,
         registered_by: &str,
+        ids: Option<&RepositoryIds>,
         jti: Option<(&str, i64)>,
     ) -> anyhow::Result<Option<RepoModel>> {
         let mut conn = self.writer().await?;
@@ -472,19 +541,26 @@ impl Db {
             return Ok(None);
         }
         let now = now_ms();
-        let model = sqlx::query_as(
-            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?4)
+        let sql = format!(
+            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms,
+                 repository_id, repository_owner_id)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)
              ON CONFLICT (name) DO UPDATE SET settings = excluded.settings,
-                 registered_by = excluded.registered_by, updated_at_ms = excluded.updated_at_ms
-             RETURNING name, settings, registered_by, created_at_ms, updated_at_ms",
-        )
-        .bind(name)
-        .bind(settings)
-        .bind(registered_by)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
+                 registered_by = excluded.registered_by, updated_at_ms = excluded.updated_at_ms,
+                 repository_id = coalesce(excluded.repository_id, repos.repository_id),
+                 repository_owner_id = CASE WHEN excluded.repository_id IS NULL
+                     THEN repos.repository_owner_id ELSE excluded.repository_owner_id END
+             RETURNING {REPO_COLUMNS}"
+        );
+        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .bind(settings)
+            .bind(registered_by)
+            .bind(now)
+            .bind(ids.map(|ids| &ids.repository_id))
+            .bind(ids.and_then(|ids| ids.repository_owner_id.as_ref()))
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Some(model))
     }
@@ -496,6 +572,7 @@ impl Db {
         name: &str,
         settings: &str,
         registered_by: &str,
+        ids: &RepositoryIds,
         jti: Option<(&str, i64)>,
     ) -> anyhow::Result<FirstRegistration> {
         let mut conn = self.writer().await?;
@@ -505,18 +582,22 @@ impl Db {
         {
             return Ok(FirstRegistration::Replayed);
         }
-        let model = sqlx::query_as(
-            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?4)
+        let sql = format!(
+            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms,
+                 repository_id, repository_owner_id)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)
              ON CONFLICT (name) DO NOTHING
-             RETURNING name, settings, registered_by, created_at_ms, updated_at_ms",
-        )
-        .bind(name)
-        .bind(settings)
-        .bind(registered_by)
-        .bind(now_ms())
-        .fetch_optional(&mut *tx)
-        .await?;
+             RETURNING {REPO_COLUMNS}"
+        );
+        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .bind(settings)
+            .bind(registered_by)
+            .bind(now_ms())
+            .bind(&ids.repository_id)
+            .bind(&ids.repository_owner_id)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(model) = model else {
             return Ok(FirstRegistration::Exists);
         };

@@ -11,10 +11,13 @@
 //! - [`db`]: the SQLite facade; [`dispatch`]: waking waiting polls; [`events`]: per-job wake-ups
 //!   for log followers and held heartbeats.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the JSON error type and extractors.
+//! - [`access`]: what a workflow token may do besides submitting (forwarded tokens), and the
+//!   repository ids a registration is bound to.
 //! - [`github`]: the GitHub REST calls the broker makes (repository permission checks).
 //! - [`nonces`]: replay protection for signed agent requests.
 //! - [`cli`]: the `testbot-broker` command-line flags.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod cli;

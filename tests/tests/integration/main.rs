@@ -6,6 +6,7 @@ mod cli;
 mod containers;
 mod drain;
 mod enrollment;
+mod forwarded_tokens;
 mod kubernetes;
 mod leases;
 mod load;

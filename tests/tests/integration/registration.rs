@@ -117,3 +117,127 @@ async fn workflows_register_their_repository_only_when_the_operator_allows_it() 
         .expect("the first registration");
     assert!(repo.registered_by.starts_with("workflow:"), "{repo:?}");
 }
+
+/// Submits a job from a token of `REPO` whose claims `change` alters.
+async fn submit_as(fleet: &Fleet, change: impl FnOnce(&mut serde_json::Value)) -> (u16, String) {
+    let issuer = fleet.issuer();
+    let mut claims = issuer.claims(REPO, AUDIENCE);
+    change(&mut claims);
+    match fleet
+        .client_with(&issuer.mint(&claims))
+        .submit(&testbot_proto::jobs::JobSpec {
+            script: "true".into(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(_) => (201, String::new()),
+        Err(err) => refusal::<()>(Err(err)),
+    }
+}
+
+fn recreated_message(bound: (&str, &str), presented: (&str, &str)) -> String {
+    format!(
+        "repository {REPO} is registered for repository id {} (owner id {}), but this token \
+         comes from repository id {} (owner id {}): the repository or its owner was renamed, \
+         transferred or deleted and the name taken again; the operator removes the registration \
+         and registers the repository again if this one is meant",
+        bound.0, bound.1, presented.0, presented.1
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_recreated_under_a_registered_name_does_not_inherit_the_registration() {
+    let fleet = Fleet::start_oidc(|_| {}).await;
+    fleet.enroll("any-job").await;
+    let operator = fleet.client();
+    operator
+        .register_repo(&RepoRegistration {
+            name: REPO.into(),
+            ..RepoRegistration::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(operator.repo(REPO).await.unwrap().repository_id, None);
+
+    // The first token binds the operator's registration to its repository (the test issuer's
+    // claims carry repository_id 123456 and repository_owner_id 1000).
+    assert_eq!(submit_as(&fleet, |_| {}).await.0, 201);
+    let repo = operator.repo(REPO).await.unwrap();
+    assert_eq!(repo.repository_id.as_deref(), Some("123456"));
+    assert_eq!(repo.repository_owner_id.as_deref(), Some("1000"));
+    assert_eq!(submit_as(&fleet, |_| {}).await.0, 201);
+
+    // The repository was deleted and another one created under its name.
+    let (status, message) = submit_as(&fleet, |c| c["repository_id"] = "999999".into()).await;
+    assert_eq!(
+        (status, message),
+        (
+            403,
+            recreated_message(("123456", "1000"), ("999999", "1000"))
+        )
+    );
+    // The owner account was deleted and its name taken by someone else, who made a repository
+    // of the same name (it gets a new id too, but the owner id alone must also be refused).
+    let (status, message) = submit_as(&fleet, |c| c["repository_owner_id"] = "666".into()).await;
+    assert_eq!(
+        (status, message),
+        (
+            403,
+            recreated_message(("123456", "1000"), ("123456", "666"))
+        )
+    );
+    let (status, _) = submit_as(&fleet, |c| {
+        c.as_object_mut().unwrap().remove("repository_owner_id");
+    })
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        operator.repo(REPO).await.unwrap().repository_id.as_deref(),
+        Some("123456")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_github_admin_registration_is_bound_to_the_ids_github_reports() {
+    use testbot_e2e::github::{FakeGitHub, FakeUser, owner_id, repository_id};
+    let github = FakeGitHub::start(std::collections::HashMap::from([(
+        "ghp_admin".to_string(),
+        FakeUser {
+            login: "maintainer".into(),
+            admin_of: vec![REPO.into()],
+            reader_of: vec![],
+        },
+    )]))
+    .await;
+    let github_url = github.url.clone();
+    let fleet = Fleet::start_oidc(move |config| config.github_api_url = github_url).await;
+    fleet.enroll("any-job").await;
+    let repo = fleet
+        .client_with("ghp_admin")
+        .register_repo(&RepoRegistration {
+            name: REPO.into(),
+            ..RepoRegistration::default()
+        })
+        .await
+        .unwrap();
+    let (id, owner) = (
+        repository_id(REPO).to_string(),
+        owner_id("hpc-lab").to_string(),
+    );
+    assert_eq!(repo.repository_id.as_deref(), Some(id.as_str()));
+    assert_eq!(repo.repository_owner_id.as_deref(), Some(owner.as_str()));
+
+    // A token of another repository that took the name is refused from the start.
+    let (status, message) = submit_as(&fleet, |_| {}).await;
+    assert_eq!(
+        (status, message),
+        (403, recreated_message((&id, &owner), ("123456", "1000")))
+    );
+    let (status, _) = submit_as(&fleet, |c| {
+        c["repository_id"] = id.clone().into();
+        c["repository_owner_id"] = owner.clone().into();
+    })
+    .await;
+    assert_eq!(status, 201);
+}
