@@ -61,11 +61,21 @@ impl SiteGate {
         let token = assignment.oidc_token.as_deref().ok_or(
             "the job carries no GitHub OIDC token; this site runs only jobs from verified workflows",
         )?;
-        let claims = self
-            .verifier
-            .verify(token)
-            .await
-            .map_err(|e| format!("OIDC token refused: {e}"))?;
+        // A job can wait in the queue far longer than its token lives: check the token's
+        // lifetime at the time the broker accepted the job, within the site's bound.
+        let verified = match assignment.accepted_at_ms {
+            Some(accepted_at_ms) => {
+                self.verifier
+                    .verify_queued(
+                        token,
+                        accepted_at_ms.div_euclid(1000),
+                        self.policy.max_queue_age(),
+                    )
+                    .await
+            }
+            None => self.verifier.verify(token).await,
+        };
+        let claims = verified.map_err(|e| format!("OIDC token refused: {e}"))?;
         let spec = &assignment.spec;
         if let Some(wanted) = &spec.executor
             && wanted != executor

@@ -481,6 +481,7 @@ async fn poll_handler(
                 log_offset: model.log_bytes as u64,
                 spec: model.spec()?,
                 oidc_token: model.oidc_token.clone(),
+                accepted_at_ms: Some(model.created_at_ms),
             };
             return Ok(axum::Json(assignment).into_response());
         }

@@ -12,6 +12,7 @@ mod leases;
 mod load;
 mod logs;
 mod policy_cli;
+mod queued_tokens;
 mod registration;
 mod restart;
 mod site_policy;
