@@ -140,6 +140,14 @@ async fn submit_handler(
         ),
         Principal::Workflow { claims, token } => {
             let sites = admit_workflow_job(&state, claims, &spec).await?;
+            crate::limits::check_queue_quota(
+                &state.db,
+                &state.settings.limits,
+                &claims.repository,
+                &spec,
+                &sites,
+            )
+            .await?;
             (
                 JobOrigin {
                     repository: Some(claims.repository.clone()),

@@ -58,6 +58,17 @@ pub struct BrokerOpts {
     /// a workflow token never changes or removes an existing registration.
     #[arg(long, env = "TESTBOT_ALLOW_SELF_REGISTRATION")]
     pub allow_self_registration: bool,
+    /// The most jobs of one repository that may wait in the queue; a workflow submitting more
+    /// gets `429 quota_exceeded`. Operator jobs are not counted.
+    #[arg(long, env = "TESTBOT_MAX_QUEUED_PER_REPO", default_value_t = crate::limits::DEFAULT_MAX_QUEUED_PER_REPO, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queued_per_repo: u32,
+    /// The most workflow jobs for one site (labelled `site:NAME`, or from a repository whose
+    /// registration allows only that site) that may wait in the queue; more get `429`.
+    #[arg(long, env = "TESTBOT_MAX_QUEUED_PER_SITE", default_value_t = crate::limits::DEFAULT_MAX_QUEUED_PER_SITE, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queued_per_site: u32,
+    /// How long a finished job (with its log) is kept after it ended; then it is deleted.
+    #[arg(long, env = "TESTBOT_JOB_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub job_retention: Duration,
 }
 
 impl BrokerOpts {
@@ -76,6 +87,9 @@ impl BrokerOpts {
             oidc_jwks_file,
             github_api_url,
             allow_self_registration,
+            max_queued_per_repo,
+            max_queued_per_site,
+            job_retention,
         } = self;
         let oidc = oidc_audience.map(|audience| OidcSettings {
             issuer: oidc_issuer,
@@ -100,6 +114,10 @@ impl BrokerOpts {
             lease_ttl >= Duration::from_millis(300),
             "--lease-ttl must be at least 300ms"
         );
+        anyhow::ensure!(
+            job_retention >= Duration::from_secs(1),
+            "--job-retention must be at least 1s"
+        );
         Ok(BrokerConfig {
             listen,
             data_dir,
@@ -111,6 +129,11 @@ impl BrokerOpts {
                 max_log_bytes,
                 max_body_bytes,
                 allow_self_registration,
+                limits: crate::limits::Limits {
+                    max_queued_per_repo,
+                    max_queued_per_site,
+                    job_retention,
+                },
             },
             oidc,
             oidc_keys,

@@ -1222,6 +1222,67 @@ impl Db {
         Ok(done.rows_affected())
     }
 
+    /// How many workflow jobs of `repository` wait in the queue.
+    pub async fn queued_jobs_of_repo(&self, repository: &str) -> sqlx::Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE repository = ?1 AND state = 'queued'")
+            .bind(repository)
+            .fetch_one(&self.read)
+            .await
+    }
+
+    /// How many workflow jobs for `site` (labelled `site:NAME`, or allowed only there) wait in
+    /// the queue.
+    pub async fn queued_jobs_for_site(&self, site: &str) -> sqlx::Result<i64> {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs
+             WHERE state = 'queued' AND repository IS NOT NULL
+               AND (EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE value = 'site:' || ?1)
+                    OR jobs.sites = json_array(?1))",
+        )
+        .bind(site)
+        .fetch_one(&self.read)
+        .await
+    }
+
+    /// Deletes up to `limit` jobs that ended before `cutoff_ms`, with their logs.
+    pub async fn delete_jobs_finished_before(
+        &self,
+        cutoff_ms: i64,
+        limit: i64,
+    ) -> sqlx::Result<u64> {
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
+        let ids = "SELECT id FROM jobs WHERE finished_at_ms < ?1 ORDER BY finished_at_ms LIMIT ?2";
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM log_chunks WHERE job_id IN ({ids})"
+        )))
+        .bind(cutoff_ms)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
+        let deleted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM jobs WHERE id IN ({ids})"
+        )))
+        .bind(cutoff_ms)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// The OIDC token stored with a job (to hand to the agent that claims it).
+    pub async fn stored_oidc_token(&self, id: JobId) -> sqlx::Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT oidc_token FROM jobs WHERE id = ?1")
+                .bind(id.0)
+                .fetch_optional(&self.read)
+                .await?
+                .flatten(),
+        )
+    }
+
     /// When the oldest queued job was created, if any job is queued.
     pub async fn oldest_queued_at(&self) -> sqlx::Result<Option<i64>> {
         sqlx::query_scalar("SELECT MIN(created_at_ms) FROM jobs WHERE state = 'queued'")

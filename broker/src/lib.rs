@@ -15,6 +15,7 @@
 //!   repository ids a registration is bound to.
 //! - [`github`]: the GitHub REST calls the broker makes (repository permission checks).
 //! - [`nonces`]: replay protection for signed agent requests.
+//! - [`limits`]: queue quotas and the retention sweep of finished jobs.
 //! - [`cli`]: the `testbot-broker` command-line flags.
 
 pub mod access;
@@ -26,6 +27,7 @@ pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod github;
+pub mod limits;
 pub mod nonces;
 pub mod server;
 pub mod state;

@@ -47,6 +47,7 @@ impl BrokerConfig {
                 max_log_bytes: 64 * 1024 * 1024,
                 max_body_bytes: 1024 * 1024,
                 allow_self_registration: false,
+                limits: crate::limits::Limits::default(),
             },
             oidc: None,
             oidc_keys: None,
@@ -204,6 +205,7 @@ async fn sweep_leases(state: AppState) {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = tokio::time::Instant::now();
+    let mut last_retention_sweep: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -224,6 +226,12 @@ async fn sweep_leases(state: AppState) {
             if let Err(err) = state.db.prune_nonces(now_ms()).await {
                 tracing::error!(?err, "Cannot prune agent request nonces.");
             }
+        }
+        if last_retention_sweep
+            .is_none_or(|at| at.elapsed() >= state.settings.limits.sweep_interval())
+        {
+            last_retention_sweep = Some(tokio::time::Instant::now());
+            sweep_retention(&state).await;
         }
         if let Err(err) = state.nonces.persist(&state.db, now_ms()).await {
             tracing::error!(?err, "Cannot save agent request nonces.");
@@ -264,5 +272,19 @@ async fn sweep_leases(state: AppState) {
                 Err(err) => tracing::error!(?err, "Cannot read the queue."),
             }
         }
+    }
+}
+
+/// Deletes the jobs whose retention ran out, with their logs.
+async fn sweep_retention(state: &AppState) {
+    let retention = state.settings.limits.job_retention;
+    match crate::limits::sweep_finished_jobs(&state.db, now_ms(), retention).await {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(
+            jobs = deleted,
+            retention = %humantime::format_duration(retention),
+            "Deleted finished jobs past their retention."
+        ),
+        Err(err) => tracing::error!(?err, "Cannot delete finished jobs past their retention."),
     }
 }

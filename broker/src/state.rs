@@ -27,6 +27,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Whether a workflow's OIDC token may create the first registration of its own repository.
     pub allow_self_registration: bool,
+    /// Queue quotas and the retention of finished jobs.
+    pub limits: crate::limits::Limits,
 }
 
 #[derive(Clone)]

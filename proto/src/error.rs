@@ -41,4 +41,6 @@ pub mod codes {
     pub const INTERNAL: &str = "internal";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const UNPROCESSABLE: &str = "unprocessable";
+    /// 429: a queue quota is full; submit again once some of the queued jobs have run.
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
 }

@@ -13,6 +13,7 @@ mod load;
 mod logs;
 mod policy_cli;
 mod queued_tokens;
+mod quotas;
 mod registration;
 mod restart;
 mod site_policy;
