@@ -184,6 +184,16 @@ impl Authenticator {
             .insert(hash.to_string(), principal);
     }
 
+    /// Forgets every cached operator token named `name` except the one with hash `keep`.
+    fn forget_all_but(&self, name: &str, keep: &str) {
+        self.tokens
+            .write()
+            .expect("token cache poisoned")
+            .retain(|hash, principal| {
+                hash == keep || !matches!(principal, Principal::Operator { name: n } if n == name)
+            });
+    }
+
     /// Makes sure a token of `role` exists whose secret is in `file`: reuses the file's token
     /// (registering its hash if the database lost it), or creates a new token and writes it to
     /// `file` with mode 0600.
@@ -211,6 +221,19 @@ impl Authenticator {
         };
         let hash = token_hash(token.expose_secret());
         db.upsert_api_token(&hash, role.as_str(), name).await?;
+        // The file is the one record of this token: replacing or deleting it rotates the
+        // token, so every earlier token of the same name is retired.
+        let retired = db.retire_api_tokens(role.as_str(), name, &hash).await?;
+        if retired > 0 {
+            tracing::warn!(
+                file = %file.display(),
+                retired,
+                "Retired the earlier {} token(s) named {name}: {} holds a new one.",
+                role.as_str(),
+                file.display()
+            );
+        }
+        self.forget_all_but(name, &hash);
         self.remember(&hash, role.as_str(), name.to_string());
         Ok(token)
     }

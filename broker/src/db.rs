@@ -399,6 +399,22 @@ impl Db {
         Ok(())
     }
 
+    /// Deletes the tokens of `role` named `name` other than the one hashed `keep`; returns how
+    /// many there were.
+    pub async fn retire_api_tokens(&self, role: &str, name: &str, keep: &str) -> sqlx::Result<u64> {
+        Ok(
+            sqlx::query(
+                "DELETE FROM api_tokens WHERE role = ?1 AND name = ?2 AND token_hash != ?3",
+            )
+            .bind(role)
+            .bind(name)
+            .bind(keep)
+            .execute(&mut *self.writer().await?)
+            .await?
+            .rows_affected(),
+        )
+    }
+
     /// Stores a queued job. With `jti`, the token's id is recorded in the same transaction, and
     /// a token seen before stores nothing: `Ok(None)`.
     pub async fn insert_job(
