@@ -452,6 +452,13 @@ async fn heartbeat_loop(
                 stop_with(StopReason::LeaseLost);
                 return;
             }
+            // A revoked agent's lease will not be renewed again: the broker requeues the job
+            // elsewhere, so running it on here would run it twice.
+            Err(err) if err.is_agent_revoked() => {
+                tracing::warn!(job_id = %id, %err, "This agent was revoked; stopping the job.");
+                stop_with(StopReason::LeaseLost);
+                return;
+            }
             Err(err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(job_id = %id, %err, ?delay, "Heartbeat failed; retrying.");

@@ -373,15 +373,15 @@ pub async fn verify_agent_signature(
         .db
         .agent(&agent_id)
         .await?
-        .ok_or_else(|| ApiError::Unauthorized(format!("agent {agent_id} is not enrolled")))?;
+        .ok_or_else(|| ApiError::AgentRevoked(format!("agent {agent_id} is not enrolled")))?;
     if agent.site_revoked_at_ms.is_some() {
-        return Err(ApiError::Unauthorized(format!(
+        return Err(ApiError::AgentRevoked(format!(
             "site {} was revoked; its agents are refused",
             agent.site
         )));
     }
     if agent.revoked_at_ms.is_some() {
-        return Err(ApiError::Unauthorized(format!(
+        return Err(ApiError::AgentRevoked(format!(
             "agent {}/{} ({agent_id}) was revoked",
             agent.site, agent.name
         )));

@@ -39,6 +39,9 @@ pub enum ApiError {
     /// A queue quota is full.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The signing agent, or its site, was revoked (or never enrolled).
+    #[error("{0}")]
+    AgentRevoked(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::UNPROCESSABLE),
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, codes::QUOTA_EXCEEDED),
+            ApiError::AgentRevoked(_) => (StatusCode::UNAUTHORIZED, codes::AGENT_REVOKED),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
         }
     }

@@ -43,4 +43,6 @@ pub mod codes {
     pub const UNPROCESSABLE: &str = "unprocessable";
     /// 429: a queue quota is full; submit again once some of the queued jobs have run.
     pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+    /// 401: the agent (or its site) was revoked or is not enrolled; it must stop its jobs.
+    pub const AGENT_REVOKED: &str = "agent_revoked";
 }

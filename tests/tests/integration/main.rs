@@ -17,6 +17,7 @@ mod queued_tokens;
 mod quotas;
 mod registration;
 mod restart;
+mod revocation;
 mod site_policy;
 mod slurm;
 mod trust;
