@@ -541,7 +541,15 @@ async fn heartbeat_handler(
             .await?
             .map_err(|r| refusal_error(id, r))
     };
-    let renewal = renew().await?;
+    let renewal = match renew().await {
+        Ok(renewal) => renewal,
+        Err(err) => {
+            // A heartbeat for a job that does not exist or has ended must leave nothing behind.
+            drop(rx);
+            state.control_events.forget_unused(id);
+            return Err(err);
+        }
+    };
     let hold =
         Duration::from_millis(req.wait_ms.unwrap_or(0)).min(state.settings.heartbeat_interval);
     if renewal.cancel_requested || hold.is_zero() {
@@ -1014,6 +1022,11 @@ async fn enroll_handler(
             EnrollRefusal::SiteRevoked(site) => {
                 ApiError::Unauthorized(format!("site {site} was revoked"))
             }
+            EnrollRefusal::KeyTaken => ApiError::Conflict(
+                "this public key belongs to an agent enrolled before: every agent generates its \
+                 own key (remove the agent's agent-key.pk8 to have it make a new one)"
+                    .into(),
+            ),
             EnrollRefusal::NameTaken { site, name } => ApiError::Conflict(format!(
                 "site {site} already has an agent named {name}; choose another name or revoke the old agent"
             )),

@@ -360,11 +360,12 @@ pub async fn verify_agent_signature(
             "the {NONCE_HEADER} header must be 16-128 characters"
         )));
     }
-    let skew = testbot_proto::now_ms() - timestamp_ms;
-    if skew.abs() > MAX_CLOCK_SKEW_MS {
+    // The timestamp is any i64 the caller chose: no arithmetic on it may overflow.
+    let skew = testbot_proto::now_ms().saturating_sub(timestamp_ms);
+    if skew.unsigned_abs() > MAX_CLOCK_SKEW_MS.unsigned_abs() {
         return Err(ApiError::Unauthorized(format!(
             "the request was signed {} s {} the broker's clock (at most {} s allowed): a replayed request, or the agent's clock is wrong",
-            skew.abs() / 1000,
+            skew.unsigned_abs() / 1000,
             if skew > 0 { "behind" } else { "ahead of" },
             MAX_CLOCK_SKEW_MS / 1000
         )));
@@ -396,7 +397,14 @@ pub async fn verify_agent_signature(
         .get::<axum::extract::OriginalUri>()
         .map_or(&parts.uri, |original| &original.0);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let message = signing_string(parts.method.as_str(), path, timestamp_ms, &nonce, &bytes);
+    let message = signing_string(
+        &agent_id,
+        parts.method.as_str(),
+        path,
+        timestamp_ms,
+        &nonce,
+        &bytes,
+    );
     if !verify_signature(&agent.public_key, &message, &signature) {
         return Err(ApiError::Unauthorized(
             "the request signature does not verify".into(),

@@ -230,7 +230,12 @@ pub enum EnrollRefusal {
     Expired,
     UsedUp,
     SiteRevoked(String),
-    NameTaken { site: String, name: String },
+    NameTaken {
+        site: String,
+        name: String,
+    },
+    /// Another agent (possibly revoked) was enrolled with the same public key.
+    KeyTaken,
 }
 
 /// Records a token id inside `tx`; false if it is there already.
@@ -248,6 +253,14 @@ async fn record_jti(
     .await?
     .rows_affected();
     Ok(inserted == 1)
+}
+
+/// Whether an agent, revoked or not, was ever enrolled with `public_key`.
+async fn enrolled_key(tx: &mut Transaction<'_, Sqlite>, public_key: &[u8]) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM agents WHERE public_key = ?1)")
+        .bind(public_key)
+        .fetch_one(&mut **tx)
+        .await
 }
 
 /// A row of `api_tokens`.
@@ -722,6 +735,9 @@ impl Db {
                 .await?;
         if site_revoked.is_some() {
             return Ok(Err(EnrollRefusal::SiteRevoked(site)));
+        }
+        if enrolled_key(&mut tx, public_key).await? {
+            return Ok(Err(EnrollRefusal::KeyTaken));
         }
         sqlx::query("UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE token_hash = ?1")
             .bind(token_hash)
