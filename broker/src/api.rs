@@ -92,10 +92,33 @@ pub fn create_app(state: AppState) -> Router {
         .nest(testbot_proto::API_PREFIX, api)
         .fallback(not_found_handler)
         .method_not_allowed_fallback(method_not_allowed_handler)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_deadline,
+        ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Cuts off a request that has not arrived and been answered within the request timeout, so a
+/// client that trickles its body in cannot hold a connection and a handler for good. A streamed
+/// response body (a followed log) is not counted.
+async fn request_deadline(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = state.settings.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::RequestTimeout(format!(
+            "the request was not received and answered within {} (--request-timeout)",
+            humantime::format_duration(limit)
+        ))
+        .into_response(),
+    }
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -339,12 +362,22 @@ async fn log_handler(
         JobAccess::Read,
     )
     .await?;
+    let slot = if query.follow {
+        Some(
+            state
+                .log_followers
+                .join(id, state.settings.max_log_followers)?,
+        )
+    } else {
+        None
+    };
     let follower = LogFollower {
         rx: state.log_events.subscribe(id),
         state,
         id,
         offset: query.offset,
         follow: query.follow,
+        _slot: slot,
     };
     let stream = futures_util::stream::unfold(Some(follower), |follower| async move {
         let mut follower = follower?;
@@ -371,6 +404,8 @@ struct LogFollower {
     id: JobId,
     offset: u64,
     follow: bool,
+    /// The follower's place among the job's followers, given back with the stream.
+    _slot: Option<crate::limits::FollowerSlot>,
 }
 
 impl LogFollower {
@@ -992,6 +1027,17 @@ async fn enroll_handler(
 ) -> Result<(StatusCode, axum::Json<Enrollment>), ApiError> {
     validate_label(&req.name).map_err(|e| ApiError::BadRequest(format!("agent name: {e}")))?;
     let public_key = decode_public_key(&req.public_key).map_err(ApiError::BadRequest)?;
+    // Anyone can call this route: refuse unknown tokens on a read connection, so a flood of
+    // them never waits for (or holds up) the one writer that heartbeats need.
+    if !state
+        .db
+        .enrollment_token_exists(&token_hash(req.enrollment_token.trim()))
+        .await?
+    {
+        return Err(ApiError::Unauthorized(
+            "the enrollment token is not valid".into(),
+        ));
+    }
     let policy = req
         .policy
         .as_ref()

@@ -69,6 +69,14 @@ pub struct BrokerOpts {
     /// How long a finished job (with its log) is kept after it ended; then it is deleted.
     #[arg(long, env = "TESTBOT_JOB_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub job_retention: Duration,
+    /// The longest one request may take to arrive and be answered, held polls included (a
+    /// streamed log is not counted); must be longer than --poll-timeout. Slower requests get
+    /// `408 request_timeout`.
+    #[arg(long, env = "TESTBOT_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// How many clients may follow one job's log at once; more get `429 quota_exceeded`.
+    #[arg(long, env = "TESTBOT_MAX_LOG_FOLLOWERS", default_value_t = crate::limits::DEFAULT_MAX_LOG_FOLLOWERS)]
+    pub max_log_followers: usize,
 }
 
 impl BrokerOpts {
@@ -90,6 +98,8 @@ impl BrokerOpts {
             max_queued_per_repo,
             max_queued_per_site,
             job_retention,
+            request_timeout,
+            max_log_followers,
         } = self;
         let oidc = oidc_audience.map(|audience| OidcSettings {
             issuer: oidc_issuer,
@@ -118,6 +128,13 @@ impl BrokerOpts {
             job_retention >= Duration::from_secs(1),
             "--job-retention must be at least 1s"
         );
+        anyhow::ensure!(
+            request_timeout > poll_timeout && request_timeout > heartbeat_interval,
+            "--request-timeout ({}) must be longer than --poll-timeout ({}) and \
+             --heartbeat-interval, or held polls and heartbeats are cut off",
+            humantime::format_duration(request_timeout),
+            humantime::format_duration(poll_timeout)
+        );
         Ok(BrokerConfig {
             listen,
             data_dir,
@@ -134,6 +151,8 @@ impl BrokerOpts {
                     max_queued_per_site,
                     job_retention,
                 },
+                request_timeout,
+                max_log_followers,
             },
             oidc,
             oidc_keys,

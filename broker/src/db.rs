@@ -701,6 +701,14 @@ impl Db {
         Ok(())
     }
 
+    /// Whether an enrollment token with this hash exists (used up or expired, maybe).
+    pub async fn enrollment_token_exists(&self, token_hash: &str) -> sqlx::Result<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM enrollment_tokens WHERE token_hash = ?1)")
+            .bind(token_hash)
+            .fetch_one(&self.read)
+            .await
+    }
+
     /// Spends one use of an enrollment token and records the agent, in one transaction.
     pub async fn enroll_agent(
         &self,

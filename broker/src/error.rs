@@ -39,6 +39,9 @@ pub enum ApiError {
     /// A queue quota is full.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The request did not arrive, or was not answered, within the broker's request timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The signing agent, or its site, was revoked (or never enrolled).
     #[error("{0}")]
     AgentRevoked(String),
@@ -65,6 +68,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::UNPROCESSABLE),
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, codes::QUOTA_EXCEEDED),
             ApiError::AgentRevoked(_) => (StatusCode::UNAUTHORIZED, codes::AGENT_REVOKED),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, codes::REQUEST_TIMEOUT),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
         }
     }

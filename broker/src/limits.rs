@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use testbot_proto::jobs::JobSpec;
+use testbot_proto::jobs::{JobId, JobSpec};
 
 use crate::db::Db;
 use crate::error::ApiError;
@@ -17,6 +17,9 @@ use crate::error::ApiError;
 pub const DEFAULT_MAX_QUEUED_PER_REPO: u32 = 500;
 /// Default of `--max-queued-per-site`.
 pub const DEFAULT_MAX_QUEUED_PER_SITE: u32 = 2000;
+/// Default of `--max-log-followers`.
+pub const DEFAULT_MAX_LOG_FOLLOWERS: usize = 64;
+
 /// Default of `--job-retention`.
 pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -52,6 +55,55 @@ impl Limits {
     /// most half of it.
     pub fn sweep_interval(&self) -> Duration {
         (self.job_retention / 2).clamp(Duration::from_secs(1), MAX_SWEEP_INTERVAL)
+    }
+}
+
+/// How many clients follow each job's log. Each follower wakes on every append and reads the
+/// database, so their number per job is bounded.
+#[derive(Debug, Default)]
+pub struct Followers {
+    counts: std::sync::Mutex<std::collections::HashMap<JobId, usize>>,
+}
+
+/// One follower's place; given back when dropped (the stream ended or the client went away).
+#[derive(Debug)]
+pub struct FollowerSlot {
+    followers: std::sync::Arc<Followers>,
+    id: JobId,
+}
+
+impl Followers {
+    /// A place among the followers of job `id`, if fewer than `max` follow it.
+    pub fn join(
+        self: &std::sync::Arc<Self>,
+        id: JobId,
+        max: usize,
+    ) -> Result<FollowerSlot, ApiError> {
+        let mut counts = self.counts.lock().expect("followers poisoned");
+        let count = counts.entry(id).or_insert(0);
+        if *count >= max {
+            return Err(ApiError::QuotaExceeded(format!(
+                "job {id} already has {count} clients following its log, the most this broker \
+                 allows (--max-log-followers {max}); read it without follow, or try again later"
+            )));
+        }
+        *count += 1;
+        Ok(FollowerSlot {
+            followers: self.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for FollowerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.followers.counts.lock().expect("followers poisoned");
+        if let Some(count) = counts.get_mut(&self.id) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.id);
+            }
+        }
     }
 }
 

@@ -48,6 +48,8 @@ impl BrokerConfig {
                 max_body_bytes: 1024 * 1024,
                 allow_self_registration: false,
                 limits: crate::limits::Limits::default(),
+                request_timeout: Duration::from_secs(60),
+                max_log_followers: crate::limits::DEFAULT_MAX_LOG_FOLLOWERS,
             },
             oidc: None,
             oidc_keys: None,
@@ -118,6 +120,7 @@ impl Broker {
             shutdown: shutdown.clone(),
             github: crate::github::GitHubApi::new(github_api_url),
             nonces: Arc::new(crate::nonces::NonceGuard::load(&db, now_ms()).await?),
+            log_followers: Arc::default(),
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
         let app = crate::api::create_app(state);

@@ -29,6 +29,11 @@ pub struct Settings {
     pub allow_self_registration: bool,
     /// Queue quotas and the retention of finished jobs.
     pub limits: crate::limits::Limits,
+    /// The longest one request may take to arrive and be answered (a streamed log's body is
+    /// not counted): a client that trickles its request in is cut off.
+    pub request_timeout: Duration,
+    /// How many clients may follow one job's log at once.
+    pub max_log_followers: usize,
 }
 
 #[derive(Clone)]
@@ -47,4 +52,6 @@ pub struct AppState {
     pub nonces: Arc<crate::nonces::NonceGuard>,
     /// GitHub's REST API: checks a user token's permission on a repository.
     pub github: crate::github::GitHubApi,
+    /// Who follows which job's log, for `max_log_followers`.
+    pub log_followers: Arc<crate::limits::Followers>,
 }

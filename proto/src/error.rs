@@ -45,4 +45,6 @@ pub mod codes {
     pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
     /// 401: the agent (or its site) was revoked or is not enrolled; it must stop its jobs.
     pub const AGENT_REVOKED: &str = "agent_revoked";
+    /// 408: the request did not arrive or was not answered within the broker's request timeout.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
 }

@@ -18,6 +18,7 @@ mod quotas;
 mod registration;
 mod restart;
 mod revocation;
+mod robustness;
 mod site_policy;
 mod slurm;
 mod trust;
