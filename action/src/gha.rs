@@ -385,6 +385,28 @@ async fn run_all() -> anyhow::Result<i32> {
     Ok(last_code)
 }
 
+/// Stops GitHub from processing workflow commands until dropped (`::stop-commands::TOKEN`,
+/// then `::TOKEN::`), with a random token a job cannot guess to resume them early.
+struct RelayGuard {
+    token: String,
+}
+
+impl RelayGuard {
+    fn start() -> RelayGuard {
+        let token = testbot_proto::signing::random_hex(16);
+        println!("::stop-commands::{token}");
+        RelayGuard { token }
+    }
+}
+
+impl Drop for RelayGuard {
+    fn drop(&mut self) {
+        use std::io::Write as _;
+        let _ = std::io::stderr().flush();
+        println!("::{}::", self.token);
+    }
+}
+
 async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
     let spec = inputs.spec(attempt)?;
     println!("::group::testbot: submitting to {}", inputs.broker_url);
@@ -416,6 +438,10 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
         &format!("job-id={id}\nlog-url={log_url}\n"),
     )?;
 
+    // The remote log is someone else's text: GitHub must not run workflow commands found in it
+    // (`::add-mask::`, `::error::`, `::stop-commands::`...). Commands stay off until a token
+    // nobody else has seen is printed.
+    let relay = RelayGuard::start();
     let mut printer = LogPrinter::new(false, false);
     let follow = follow_log(&client, id, 0, |bytes| printer.write(bytes));
     let mut follow = Box::pin(follow);
@@ -430,12 +456,22 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
             _ = int.recv(), if !cancelled => cancelled = true,
         }
         eprintln!("testbot: the workflow was cancelled; cancelling job {id}");
-        if let Err(err) = client.cancel(id).await {
+        // The token that submitted the job went to the agents that claimed it, so the broker
+        // does not let it cancel anything: cancel with a fresh one.
+        let cancelled = async {
+            let fresh = request_token(&inputs.audience).await?;
+            BrokerClient::new(&inputs.broker_url, fresh)?
+                .cancel(id)
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        if let Err(err) = cancelled.await {
             eprintln!("testbot: cannot cancel job {id}: {err}");
         }
     };
     drop(follow);
     printer.finish();
+    drop(relay);
     set_active_jobs(
         &active_jobs()
             .into_iter()
@@ -453,6 +489,8 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
             .reason
             .clone()
             .unwrap_or_else(|| format!("exit code {code}"));
+        // One line, whatever the agent put into the reason.
+        let why = crate::output::sanitize(&why).into_owned();
         println!("::error title=testbot job {id}::{why}");
     }
     Ok(code)

@@ -15,7 +15,7 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
 /// `succeeded`, `failed (exit code 3)`, `cancelled (cancelled by a user)`...
 pub fn describe_state(job: &Job) -> String {
     match &job.reason {
-        Some(reason) => format!("{} ({reason})", job.state),
+        Some(reason) => format!("{} ({})", job.state, sanitize(reason)),
         None => job.state.to_string(),
     }
 }
@@ -44,7 +44,7 @@ pub fn print_job(job: &Job) {
         println!("  by:        {by}");
     }
     for (key, value) in &job.metadata {
-        println!("  {:<10} {value}", format!("{key}:"));
+        println!("  {:<10} {}", format!("{key}:"), sanitize(value));
     }
     println!("  created:   {}", format_ms(job.created_at_ms));
     if let Some(started) = job.started_at_ms {
@@ -110,6 +110,67 @@ fn first_line(text: &str, max: usize) -> String {
     }
 }
 
+/// Remote text made safe to print on a terminal or into a workflow log: C0 and C1 control
+/// characters are removed (tab stays; lines are split before this), and so are escape
+/// sequences, except SGR colour sequences (`ESC [ digits;... m`), which only change colours.
+/// A job (or an agent that holds it) must not be able to move the cursor, rewrite what was
+/// printed before, set the window title or the clipboard (OSC 52), or fake a line.
+pub fn sanitize(text: &str) -> std::borrow::Cow<'_, str> {
+    let is_control = |c: char| (c.is_control() && c != '\t') || c == '\u{7f}';
+    if !text.chars().any(is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            if !is_control(c) {
+                out.push(c);
+            }
+            continue;
+        }
+        match chars.peek() {
+            // CSI: parameters and intermediates, then one final byte. Only SGR is kept.
+            Some('[') => {
+                chars.next();
+                let mut body = String::new();
+                let mut final_byte = None;
+                for c in chars.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&c) {
+                        final_byte = Some(c);
+                        break;
+                    }
+                    body.push(c);
+                }
+                if final_byte == Some('m') && body.chars().all(|c| c.is_ascii_digit() || c == ';') {
+                    out.push_str("\u{1b}[");
+                    out.push_str(&body);
+                    out.push('m');
+                }
+            }
+            // OSC, DCS, SOS, PM, APC: strings up to BEL or ESC \.
+            Some(']' | 'P' | 'X' | '^' | '_') => {
+                chars.next();
+                while let Some(c) = chars.next() {
+                    if c == '\u{7}' {
+                        break;
+                    }
+                    if c == '\u{1b}' && chars.peek() == Some(&'\\') {
+                        chars.next();
+                        break;
+                    }
+                }
+            }
+            // Any other escape: drop it with the character it introduces.
+            Some(_) => {
+                chars.next();
+            }
+            None => {}
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Prints a stored log as the job printed it: stdout lines to stdout, stderr lines and testbot's
 /// own messages to stderr. Pieces may split lines anywhere; partial lines wait for their end.
 pub struct LogPrinter {
@@ -156,9 +217,10 @@ impl LogPrinter {
             } else {
                 String::new()
             };
+            let text = sanitize(record.text);
             let _ = match record.stream {
-                Stream::Stdout if !self.all_to_stderr => writeln!(out, "{stamp}{}", record.text),
-                _ => writeln!(err, "{stamp}{}", record.text),
+                Stream::Stdout if !self.all_to_stderr => writeln!(out, "{stamp}{text}"),
+                _ => writeln!(err, "{stamp}{text}"),
             };
         }
         let _ = out.flush();
@@ -178,5 +240,29 @@ pub fn note_log_cut(job: &Job) {
              The broker's --max-log-bytes sets the limit.",
             job.id
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn control_characters_and_escape_sequences_are_removed_but_colours_kept() {
+        assert_eq!(sanitize("plain\ttext"), "plain\ttext");
+        // Colours stay.
+        assert_eq!(sanitize("\x1b[1;31mred\x1b[0m"), "\x1b[1;31mred\x1b[0m");
+        // Clipboard (OSC 52) and window title, ended by BEL or ST.
+        assert_eq!(sanitize("a\x1b]52;c;cm0gLXJmIH4=\x07b"), "ab");
+        assert_eq!(sanitize("a\x1b]0;owned\x1b\\b"), "ab");
+        // Cursor movement, erasing, and a private CSI that only looks like SGR.
+        assert_eq!(sanitize("x\x1b[2J\x1b[1A\x1b[?25ly"), "xy");
+        assert_eq!(sanitize("x\x1b[38:5:1my"), "xy");
+        // Carriage return (rewrites the line), backspace, bell, DEL, C1 CSI and NEL.
+        assert_eq!(sanitize("ok\rFAKE\x08\x07\x7f"), "okFAKE");
+        assert_eq!(sanitize("a\u{9b}2Jb\u{85}c"), "a2Jbc");
+        // A lone ESC at the end, and two-character escapes.
+        assert_eq!(sanitize("end\x1b"), "end");
+        assert_eq!(sanitize("a\x1bcb"), "ab");
     }
 }

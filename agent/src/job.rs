@@ -124,7 +124,21 @@ impl SiteGate {
                 "the job carries no GitHub OIDC token; this site runs only jobs from verified workflows",
             )
         })?;
-        let claims = self.verifier.verify(token).await.map_err(|e| {
+        // A job can wait in the queue far longer than its token lives: check the token's
+        // lifetime at the time the broker accepted the job, within the site's bound.
+        let verified = match assignment.accepted_at_ms {
+            Some(accepted_at_ms) => {
+                self.verifier
+                    .verify_queued(
+                        token,
+                        accepted_at_ms.div_euclid(1000),
+                        self.policy.max_queue_age(),
+                    )
+                    .await
+            }
+            None => self.verifier.verify(token).await,
+        };
+        let claims = verified.map_err(|e| {
             use testbot_proto::oidc::OidcError;
             // The issuer's keys could not be had now (or were just rotated): try again later.
             let kind = match e {
@@ -564,6 +578,13 @@ async fn heartbeat_loop(
             }
             Err(err) if err.is_lease_lost() => {
                 tracing::warn!(job_id = %id, %err, "Lease lost; stopping the job.");
+                stop_with(StopReason::LeaseLost);
+                return;
+            }
+            // A revoked agent's lease will not be renewed again: the broker requeues the job
+            // elsewhere, so running it on here would run it twice.
+            Err(err) if err.is_agent_revoked() => {
+                tracing::warn!(job_id = %id, %err, "This agent was revoked; stopping the job.");
                 stop_with(StopReason::LeaseLost);
                 return;
             }

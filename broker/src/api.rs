@@ -33,11 +33,12 @@ use tokio::time::Instant;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::access::{JobAccess, authorize_job_access, check_repository_ids};
 use crate::auth::Principal;
 use crate::auth::{Role, generate_token, token_hash};
 use crate::db::{
-    AgentModel, AppendResult, EnrollRefusal, JobModel, JobOrigin, JobTaker, LeaseRefusal,
-    LeaseRenewal, SiteModel,
+    AgentModel, AppendResult, EnrollRefusal, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal,
+    RepositoryIds, SiteModel,
 };
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::github::GitHubError;
@@ -95,10 +96,33 @@ pub fn create_app(state: AppState) -> Router {
         .nest(testbot_proto::API_PREFIX, api)
         .fallback(not_found_handler)
         .method_not_allowed_fallback(method_not_allowed_handler)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_deadline,
+        ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Cuts off a request that has not arrived and been answered within the request timeout, so a
+/// client that trickles its body in cannot hold a connection and a handler for good. A streamed
+/// response body (a followed log) is not counted.
+async fn request_deadline(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = state.settings.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::RequestTimeout(format!(
+            "the request was not received and answered within {} (--request-timeout)",
+            humantime::format_duration(limit)
+        ))
+        .into_response(),
+    }
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -143,6 +167,14 @@ async fn submit_handler(
         ),
         Principal::Workflow { claims, token } => {
             let sites = admit_workflow_job(&state, claims, &spec).await?;
+            crate::limits::check_queue_quota(
+                &state.db,
+                &state.settings.limits,
+                &claims.repository,
+                &spec,
+                &sites,
+            )
+            .await?;
             (
                 JobOrigin {
                     repository: Some(claims.repository.clone()),
@@ -196,6 +228,7 @@ async fn admit_workflow_job(
             claims.repository, claims.repository
         ))
     })?;
+    check_repository_ids(state, &repo, claims).await?;
     let settings = repo.settings()?;
     if !settings.events.contains(&claims.event_name) {
         return Err(ApiError::Forbidden(format!(
@@ -249,24 +282,6 @@ async fn find_accepting_site(
     )))
 }
 
-/// Operators see every job; a workflow sees the jobs its own run submitted.
-fn authorize_job_access(principal: &Principal, job: &JobModel) -> Result<(), ApiError> {
-    match principal {
-        Principal::Operator { .. } => Ok(()),
-        Principal::Workflow { claims, .. }
-            if job.repository.as_deref() == Some(claims.repository.as_str())
-                && job.run_id.as_deref() == Some(claims.run_id.as_str()) =>
-        {
-            Ok(())
-        }
-        Principal::Workflow { claims, .. } => Err(ApiError::Forbidden(format!(
-            "job {} was not submitted by this workflow run ({}@{})",
-            job.id, claims.repository, claims.run_id
-        ))),
-        other => other.require_operator(),
-    }
-}
-
 async fn list_handler(
     State(state): State<AppState>,
     principal: Principal,
@@ -299,7 +314,7 @@ async fn job_handler(
     ApiPath(id): ApiPath<JobId>,
 ) -> Result<axum::Json<Job>, ApiError> {
     let job = find_job(&state, id).await?;
-    authorize_job_access(&principal, &job)?;
+    authorize_job_access(&state, &principal, &job, JobAccess::Read).await?;
     let mut job = to_job(&job)?;
     if job.state == testbot_proto::jobs::JobState::Queued {
         job.waiting = crate::routing::why_waiting(&state, id).await?;
@@ -312,7 +327,13 @@ async fn cancel_handler(
     principal: Principal,
     ApiPath(id): ApiPath<JobId>,
 ) -> Result<axum::Json<Job>, ApiError> {
-    authorize_job_access(&principal, &find_job(&state, id).await?)?;
+    authorize_job_access(
+        &state,
+        &principal,
+        &find_job(&state, id).await?,
+        JobAccess::Cancel,
+    )
+    .await?;
     let model = state
         .db
         .request_cancel(id)
@@ -335,13 +356,29 @@ async fn log_handler(
     ApiPath(id): ApiPath<JobId>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
-    authorize_job_access(&principal, &find_job(&state, id).await?)?;
+    authorize_job_access(
+        &state,
+        &principal,
+        &find_job(&state, id).await?,
+        JobAccess::Read,
+    )
+    .await?;
+    let slot = if query.follow {
+        Some(
+            state
+                .log_followers
+                .join(id, state.settings.max_log_followers)?,
+        )
+    } else {
+        None
+    };
     let follower = LogFollower {
         rx: state.log_events.subscribe(id),
         state,
         id,
         offset: query.offset,
         follow: query.follow,
+        _slot: slot,
     };
     let stream = futures_util::stream::unfold(Some(follower), |follower| async move {
         let mut follower = follower?;
@@ -368,6 +405,8 @@ struct LogFollower {
     id: JobId,
     offset: u64,
     follow: bool,
+    /// The follower's place among the job's followers, given back with the stream.
+    _slot: Option<crate::limits::FollowerSlot>,
 }
 
 impl LogFollower {
@@ -498,6 +537,7 @@ async fn poll_handler(
                 log_offset: model.log_bytes as u64,
                 spec: model.spec()?,
                 oidc_token: model.oidc_token.clone(),
+                accepted_at_ms: Some(model.created_at_ms),
             };
             return Ok(axum::Json(assignment).into_response());
         }
@@ -577,7 +617,15 @@ async fn heartbeat_handler(
             .await?
             .map_err(|r| refusal_error(id, r))
     };
-    let renewal = renew().await?;
+    let renewal = match renew().await {
+        Ok(renewal) => renewal,
+        Err(err) => {
+            // A heartbeat for a job that does not exist or has ended must leave nothing behind.
+            drop(rx);
+            state.control_events.forget_unused(id);
+            return Err(err);
+        }
+    };
     let hold =
         Duration::from_millis(req.wait_ms.unwrap_or(0)).min(state.settings.heartbeat_interval);
     if renewal.cancel_requested || hold.is_zero() {
@@ -715,25 +763,82 @@ async fn register_repo_handler(
     registration
         .validate()
         .map_err(|e| ApiError::BadRequest(format!("invalid registration: {e}")))?;
-    let (registered_by, jti) = prove_repo_control(&state, &principal, &registration.name).await?;
+    let (registered_by, jti, ids) =
+        prove_repo_control(&state, &principal, &registration.name).await?;
     let settings = serde_json::to_string(&registration.settings()).map_err(anyhow::Error::from)?;
-    let model = state
-        .db
-        .upsert_repo(&registration.name, &settings, &registered_by, jti)
-        .await?
-        .ok_or_else(|| replayed(jti))?;
+    let model = match (&principal, &ids) {
+        (Principal::Workflow { .. }, Some(ids)) => {
+            self_register_repo(
+                &state,
+                &registration.name,
+                &settings,
+                &registered_by,
+                ids,
+                jti,
+            )
+            .await?
+        }
+        _ => state
+            .db
+            .upsert_repo(
+                &registration.name,
+                &settings,
+                &registered_by,
+                ids.as_ref(),
+                jti,
+            )
+            .await?
+            .ok_or_else(|| replayed(jti))?,
+    };
     tracing::info!(repo = %model.name, %registered_by, "Repository registered.");
     Ok((StatusCode::CREATED, axum::Json(model.to_repo()?)))
 }
 
-/// Who may change `repo`'s registration: `Ok((recorded name, token id to consume))`.
+/// Proof of control of a repository: who to record, the token id to consume, and the
+/// repository ids to bind the registration to (when the proof shows them).
+type RepoControl<'a> = (String, Option<(&'a str, i64)>, Option<RepositoryIds>);
+
+/// A workflow registering its own repository: allowed only when the operator turned
+/// self-registration on, and only as the first registration. Anything else would let any branch
+/// or pull request of the repository widen the refs, events and sites its maintainers chose.
+async fn self_register_repo(
+    state: &AppState,
+    name: &str,
+    settings: &str,
+    registered_by: &str,
+    ids: &RepositoryIds,
+    jti: Option<(&str, i64)>,
+) -> Result<crate::db::RepoModel, ApiError> {
+    if !state.settings.allow_self_registration {
+        return Err(ApiError::Forbidden(format!(
+            "this broker does not let workflows register repositories: the operator registers \
+             {name} (or an admin of it, with a GitHub token), or starts the broker with \
+             --allow-self-registration"
+        )));
+    }
+    match state
+        .db
+        .insert_repo_if_absent(name, settings, registered_by, ids, jti)
+        .await?
+    {
+        crate::db::FirstRegistration::Created(model) => Ok(model),
+        crate::db::FirstRegistration::Replayed => Err(replayed(jti)),
+        crate::db::FirstRegistration::Exists => Err(ApiError::Forbidden(format!(
+            "repository {name} is registered already, and a workflow token cannot change a \
+             registration; the operator or an admin of {name} (with a GitHub token) changes it"
+        ))),
+    }
+}
+
+/// Who may change `repo`'s registration: `Ok((recorded name, token id to consume, repository
+/// ids to bind it to))`.
 async fn prove_repo_control<'a>(
     state: &AppState,
     principal: &'a Principal,
     repo: &str,
-) -> Result<(String, Option<(&'a str, i64)>), ApiError> {
+) -> Result<RepoControl<'a>, ApiError> {
     match principal {
-        Principal::Operator { .. } => Ok((principal.describe(), None)),
+        Principal::Operator { .. } => Ok((principal.describe(), None, None)),
         Principal::Workflow { claims, .. } => {
             if !claims.repository.eq_ignore_ascii_case(repo) {
                 return Err(ApiError::Forbidden(format!(
@@ -744,6 +849,10 @@ async fn prove_repo_control<'a>(
             Ok((
                 principal.describe(),
                 Some((claims.jti.as_str(), claims.exp)),
+                Some(RepositoryIds {
+                    repository_id: claims.repository_id.clone(),
+                    repository_owner_id: claims.repository_owner_id.clone(),
+                }),
             ))
         }
         Principal::GitHubUser { token } => {
@@ -763,7 +872,7 @@ async fn prove_repo_control<'a>(
                     permission.login
                 )));
             }
-            Ok((format!("github:{}", permission.login), None))
+            Ok((format!("github:{}", permission.login), None, permission.ids))
         }
         Principal::Agent(_) => Err(ApiError::Forbidden(
             "agents cannot register repositories".into(),
@@ -816,7 +925,15 @@ async fn remove_repo_handler(
     ApiPath((owner, name)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let name = repo_name(owner, name)?;
-    let (removed_by, _) = prove_repo_control(&state, &principal, &name).await?;
+    if let Principal::Workflow { .. } = principal {
+        // Removing and registering again would widen the registration, and every agent that
+        // ran one of the repository's jobs holds one of its tokens.
+        return Err(ApiError::Forbidden(format!(
+            "a workflow token cannot remove a registration; the operator or an admin of {name} \
+             (with a GitHub token) removes it"
+        )));
+    }
+    let (removed_by, _, _) = prove_repo_control(&state, &principal, &name).await?;
     if !state.db.delete_repo(&name).await? {
         return Err(ApiError::NotFound(format!(
             "repository {name} is not registered"
@@ -964,6 +1081,17 @@ async fn enroll_handler(
 ) -> Result<(StatusCode, axum::Json<Enrollment>), ApiError> {
     validate_label(&req.name).map_err(|e| ApiError::BadRequest(format!("agent name: {e}")))?;
     let public_key = decode_public_key(&req.public_key).map_err(ApiError::BadRequest)?;
+    // Anyone can call this route: refuse unknown tokens on a read connection, so a flood of
+    // them never waits for (or holds up) the one writer that heartbeats need.
+    if !state
+        .db
+        .enrollment_token_exists(&token_hash(req.enrollment_token.trim()))
+        .await?
+    {
+        return Err(ApiError::Unauthorized(
+            "the enrollment token is not valid".into(),
+        ));
+    }
     let policy = req
         .policy
         .as_ref()
@@ -994,6 +1122,11 @@ async fn enroll_handler(
             EnrollRefusal::SiteRevoked(site) => {
                 ApiError::Unauthorized(format!("site {site} was revoked"))
             }
+            EnrollRefusal::KeyTaken => ApiError::Conflict(
+                "this public key belongs to an agent enrolled before: every agent generates its \
+                 own key (remove the agent's agent-key.pk8 to have it make a new one)"
+                    .into(),
+            ),
             EnrollRefusal::NameTaken { site, name } => ApiError::Conflict(format!(
                 "site {site} already has an agent named {name}; choose another name or revoke the old agent"
             )),

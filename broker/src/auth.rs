@@ -184,6 +184,16 @@ impl Authenticator {
             .insert(hash.to_string(), principal);
     }
 
+    /// Forgets every cached operator token named `name` except the one with hash `keep`.
+    fn forget_all_but(&self, name: &str, keep: &str) {
+        self.tokens
+            .write()
+            .expect("token cache poisoned")
+            .retain(|hash, principal| {
+                hash == keep || !matches!(principal, Principal::Operator { name: n } if n == name)
+            });
+    }
+
     /// Makes sure a token of `role` exists whose secret is in `file`: reuses the file's token
     /// (registering its hash if the database lost it), or creates a new token and writes it to
     /// `file` with mode 0600.
@@ -211,6 +221,19 @@ impl Authenticator {
         };
         let hash = token_hash(token.expose_secret());
         db.upsert_api_token(&hash, role.as_str(), name).await?;
+        // The file is the one record of this token: replacing or deleting it rotates the
+        // token, so every earlier token of the same name is retired.
+        let retired = db.retire_api_tokens(role.as_str(), name, &hash).await?;
+        if retired > 0 {
+            tracing::warn!(
+                file = %file.display(),
+                retired,
+                "Retired the earlier {} token(s) named {name}: {} holds a new one.",
+                role.as_str(),
+                file.display()
+            );
+        }
+        self.forget_all_but(name, &hash);
         self.remember(&hash, role.as_str(), name.to_string());
         Ok(token)
     }
@@ -337,11 +360,12 @@ pub async fn verify_agent_signature(
             "the {NONCE_HEADER} header must be 16-128 characters"
         )));
     }
-    let skew = testbot_proto::now_ms() - timestamp_ms;
-    if skew.abs() > MAX_CLOCK_SKEW_MS {
+    // The timestamp is any i64 the caller chose: no arithmetic on it may overflow.
+    let skew = testbot_proto::now_ms().saturating_sub(timestamp_ms);
+    if skew.unsigned_abs() > MAX_CLOCK_SKEW_MS.unsigned_abs() {
         return Err(ApiError::Unauthorized(format!(
             "the request was signed {} s {} the broker's clock (at most {} s allowed): a replayed request, or the agent's clock is wrong",
-            skew.abs() / 1000,
+            skew.unsigned_abs() / 1000,
             if skew > 0 { "behind" } else { "ahead of" },
             MAX_CLOCK_SKEW_MS / 1000
         )));
@@ -350,15 +374,15 @@ pub async fn verify_agent_signature(
         .db
         .agent(&agent_id)
         .await?
-        .ok_or_else(|| ApiError::Unauthorized(format!("agent {agent_id} is not enrolled")))?;
+        .ok_or_else(|| ApiError::AgentRevoked(format!("agent {agent_id} is not enrolled")))?;
     if agent.site_revoked_at_ms.is_some() {
-        return Err(ApiError::Unauthorized(format!(
+        return Err(ApiError::AgentRevoked(format!(
             "site {} was revoked; its agents are refused",
             agent.site
         )));
     }
     if agent.revoked_at_ms.is_some() {
-        return Err(ApiError::Unauthorized(format!(
+        return Err(ApiError::AgentRevoked(format!(
             "agent {}/{} ({agent_id}) was revoked",
             agent.site, agent.name
         )));
@@ -373,7 +397,14 @@ pub async fn verify_agent_signature(
         .get::<axum::extract::OriginalUri>()
         .map_or(&parts.uri, |original| &original.0);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let message = signing_string(parts.method.as_str(), path, timestamp_ms, &nonce, &bytes);
+    let message = signing_string(
+        &agent_id,
+        parts.method.as_str(),
+        path,
+        timestamp_ms,
+        &nonce,
+        &bytes,
+    );
     if !verify_signature(&agent.public_key, &message, &signature) {
         return Err(ApiError::Unauthorized(
             "the request signature does not verify".into(),

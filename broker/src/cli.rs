@@ -55,6 +55,30 @@ pub struct BrokerOpts {
     /// GitHub's REST API, for checking that a user registering a repository administers it.
     #[arg(long, env = "TESTBOT_GITHUB_API_URL", default_value = crate::github::GITHUB_API_URL)]
     pub github_api_url: String,
+    /// Let a workflow's OIDC token create the first registration of its own repository. Off by
+    /// default: only the operator or a GitHub admin of the repository registers it. Even when on,
+    /// a workflow token never changes or removes an existing registration.
+    #[arg(long, env = "TESTBOT_ALLOW_SELF_REGISTRATION")]
+    pub allow_self_registration: bool,
+    /// The most jobs of one repository that may wait in the queue; a workflow submitting more
+    /// gets `429 quota_exceeded`. Operator jobs are not counted.
+    #[arg(long, env = "TESTBOT_MAX_QUEUED_PER_REPO", default_value_t = crate::limits::DEFAULT_MAX_QUEUED_PER_REPO, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queued_per_repo: u32,
+    /// The most workflow jobs for one site (labelled `site:NAME`, or from a repository whose
+    /// registration allows only that site) that may wait in the queue; more get `429`.
+    #[arg(long, env = "TESTBOT_MAX_QUEUED_PER_SITE", default_value_t = crate::limits::DEFAULT_MAX_QUEUED_PER_SITE, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queued_per_site: u32,
+    /// How long a finished job (with its log) is kept after it ended; then it is deleted.
+    #[arg(long, env = "TESTBOT_JOB_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub job_retention: Duration,
+    /// The longest one request may take to arrive and be answered, held polls included (a
+    /// streamed log is not counted); must be longer than --poll-timeout. Slower requests get
+    /// `408 request_timeout`.
+    #[arg(long, env = "TESTBOT_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// How many clients may follow one job's log at once; more get `429 quota_exceeded`.
+    #[arg(long, env = "TESTBOT_MAX_LOG_FOLLOWERS", default_value_t = crate::limits::DEFAULT_MAX_LOG_FOLLOWERS)]
+    pub max_log_followers: usize,
 }
 
 impl BrokerOpts {
@@ -72,6 +96,12 @@ impl BrokerOpts {
             oidc_issuer,
             oidc_jwks_file,
             github_api_url,
+            allow_self_registration,
+            max_queued_per_repo,
+            max_queued_per_site,
+            job_retention,
+            request_timeout,
+            max_log_followers,
         } = self;
         let oidc = oidc_audience.map(|audience| OidcSettings {
             issuer: oidc_issuer,
@@ -96,6 +126,17 @@ impl BrokerOpts {
             lease_ttl >= Duration::from_millis(300),
             "--lease-ttl must be at least 300ms"
         );
+        anyhow::ensure!(
+            job_retention >= Duration::from_secs(1),
+            "--job-retention must be at least 1s"
+        );
+        anyhow::ensure!(
+            request_timeout > poll_timeout && request_timeout > heartbeat_interval,
+            "--request-timeout ({}) must be longer than --poll-timeout ({}) and \
+             --heartbeat-interval, or held polls and heartbeats are cut off",
+            humantime::format_duration(request_timeout),
+            humantime::format_duration(poll_timeout)
+        );
         Ok(BrokerConfig {
             listen,
             data_dir,
@@ -106,6 +147,14 @@ impl BrokerOpts {
                 poll_timeout,
                 max_log_bytes,
                 max_body_bytes,
+                allow_self_registration,
+                limits: crate::limits::Limits {
+                    max_queued_per_repo,
+                    max_queued_per_site,
+                    job_retention,
+                },
+                request_timeout,
+                max_log_followers,
             },
             oidc,
             oidc_keys,

@@ -131,6 +131,19 @@ pub struct RepoModel {
     pub registered_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// GitHub's id of the repository the registration is bound to; `None` until known.
+    pub repository_id: Option<String>,
+    pub repository_owner_id: Option<String>,
+}
+
+/// The columns of [`RepoModel`], in its field order.
+const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, updated_at_ms, repository_id, repository_owner_id";
+
+/// GitHub's ids of a repository and its owner, which, unlike names, are never reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositoryIds {
+    pub repository_id: String,
+    pub repository_owner_id: Option<String>,
 }
 
 impl RepoModel {
@@ -146,8 +159,28 @@ impl RepoModel {
             registered_by: self.registered_by.clone(),
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
+            repository_id: self.repository_id.clone(),
+            repository_owner_id: self.repository_owner_id.clone(),
         })
     }
+
+    /// The ids the registration is bound to, once known.
+    pub fn ids(&self) -> Option<RepositoryIds> {
+        Some(RepositoryIds {
+            repository_id: self.repository_id.clone()?,
+            repository_owner_id: self.repository_owner_id.clone(),
+        })
+    }
+}
+
+/// The outcome of a first registration.
+#[derive(Debug, Clone)]
+pub enum FirstRegistration {
+    Created(RepoModel),
+    /// The repository is registered already; nothing changed.
+    Exists,
+    /// The token was used before; nothing changed.
+    Replayed,
 }
 
 /// How many queued jobs a claim reads at a time while looking for one its agent may take; it
@@ -241,7 +274,12 @@ pub enum EnrollRefusal {
     Expired,
     UsedUp,
     SiteRevoked(String),
-    NameTaken { site: String, name: String },
+    NameTaken {
+        site: String,
+        name: String,
+    },
+    /// Another agent (possibly revoked) was enrolled with the same public key.
+    KeyTaken,
 }
 
 /// Records a token id inside `tx`; false if it is there already.
@@ -259,6 +297,14 @@ async fn record_jti(
     .await?
     .rows_affected();
     Ok(inserted == 1)
+}
+
+/// Whether an agent, revoked or not, was ever enrolled with `public_key`.
+async fn enrolled_key(tx: &mut Transaction<'_, Sqlite>, public_key: &[u8]) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM agents WHERE public_key = ?1)")
+        .bind(public_key)
+        .fetch_one(&mut **tx)
+        .await
 }
 
 /// A row of `api_tokens`.
@@ -410,6 +456,22 @@ impl Db {
         Ok(())
     }
 
+    /// Deletes the tokens of `role` named `name` other than the one hashed `keep`; returns how
+    /// many there were.
+    pub async fn retire_api_tokens(&self, role: &str, name: &str, keep: &str) -> sqlx::Result<u64> {
+        Ok(
+            sqlx::query(
+                "DELETE FROM api_tokens WHERE role = ?1 AND name = ?2 AND token_hash != ?3",
+            )
+            .bind(role)
+            .bind(name)
+            .bind(keep)
+            .execute(&mut *self.writer().await?)
+            .await?
+            .rows_affected(),
+        )
+    }
+
     /// Stores a queued job. With `jti`, the token's id is recorded in the same transaction, and
     /// a token seen before stores nothing: `Ok(None)`.
     pub async fn insert_job(
@@ -429,8 +491,8 @@ impl Db {
         }
         let sql = format!(
             "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id, submitted_by,
-                 oidc_token, sites)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8)
+                 oidc_token, sites, submit_jti)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              RETURNING {JOB_COLUMNS}"
         );
         let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -446,6 +508,7 @@ impl Db {
                     .then(|| serde_json::to_string(&origin.sites))
                     .transpose()?,
             )
+            .bind(jti.map(|(jti, _)| jti))
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -471,31 +534,76 @@ impl Db {
     }
 
     pub async fn repo(&self, name: &str) -> sqlx::Result<Option<RepoModel>> {
-        sqlx::query_as(
-            "SELECT name, settings, registered_by, created_at_ms, updated_at_ms FROM repos
-             WHERE name = ?1",
-        )
-        .bind(name)
-        .fetch_optional(&self.read)
-        .await
+        let sql = format!("SELECT {REPO_COLUMNS} FROM repos WHERE name = ?1");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await
     }
 
     pub async fn repos(&self) -> sqlx::Result<Vec<RepoModel>> {
-        sqlx::query_as(
-            "SELECT name, settings, registered_by, created_at_ms, updated_at_ms FROM repos
-             ORDER BY name",
-        )
-        .fetch_all(&self.read)
-        .await
+        let sql = format!("SELECT {REPO_COLUMNS} FROM repos ORDER BY name");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.read)
+            .await
     }
 
-    /// Registers a repository or replaces its settings. With `jti`, the token's id is recorded
-    /// in the same transaction; a token seen before changes nothing: `Ok(None)`.
+    /// Binds a registration that has no ids yet to `ids`; returns the ids it is bound to now
+    /// (another request may have bound it first). `None` if the repository is not registered.
+    pub async fn bind_repo_ids(
+        &self,
+        name: &str,
+        ids: &RepositoryIds,
+    ) -> sqlx::Result<Option<RepositoryIds>> {
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "UPDATE repos SET repository_id = coalesce(repository_id, ?2),
+                 repository_owner_id = CASE WHEN repository_id IS NULL THEN ?3
+                                            ELSE repository_owner_id END
+             WHERE name = ?1
+             RETURNING repository_id, repository_owner_id",
+        )
+        .bind(name)
+        .bind(&ids.repository_id)
+        .bind(&ids.repository_owner_id)
+        .fetch_optional(&mut *self.writer().await?)
+        .await?;
+        Ok(
+            row.map(|(repository_id, repository_owner_id)| RepositoryIds {
+                repository_id,
+                repository_owner_id,
+            }),
+        )
+    }
+
+    /// Whether a workflow token's id has been recorded (it submitted a job or registered a
+    /// repository).
+    pub async fn jti_used(&self, jti: &str) -> sqlx::Result<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM oidc_jtis WHERE jti = ?1)")
+            .bind(jti)
+            .fetch_one(&self.read)
+            .await
+    }
+
+    /// The id of the workflow token that submitted a job.
+    pub async fn submit_jti(&self, id: JobId) -> sqlx::Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT submit_jti FROM jobs WHERE id = ?1")
+                .bind(id.0)
+                .fetch_optional(&self.read)
+                .await?
+                .flatten(),
+        )
+    }
+
+    /// Registers a repository or replaces its settings. With `ids`, binds it to them; without,
+    /// keeps the ids it is bound to. With `jti`, the token's id is recorded in the same
+    /// transaction; a token seen before changes nothing: `Ok(None)`.
     pub async fn upsert_repo(
         &self,
         name: &str,
         settings: &str,
         registered_by: &str,
+        ids: Option<&RepositoryIds>,
         jti: Option<(&str, i64)>,
     ) -> anyhow::Result<Option<RepoModel>> {
         let mut conn = self.writer().await?;
@@ -506,21 +614,68 @@ impl Db {
             return Ok(None);
         }
         let now = now_ms();
-        let model = sqlx::query_as(
-            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?4)
+        let sql = format!(
+            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms,
+                 repository_id, repository_owner_id)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)
              ON CONFLICT (name) DO UPDATE SET settings = excluded.settings,
-                 registered_by = excluded.registered_by, updated_at_ms = excluded.updated_at_ms
-             RETURNING name, settings, registered_by, created_at_ms, updated_at_ms",
-        )
-        .bind(name)
-        .bind(settings)
-        .bind(registered_by)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
+                 registered_by = excluded.registered_by, updated_at_ms = excluded.updated_at_ms,
+                 repository_id = coalesce(excluded.repository_id, repos.repository_id),
+                 repository_owner_id = CASE WHEN excluded.repository_id IS NULL
+                     THEN repos.repository_owner_id ELSE excluded.repository_owner_id END
+             RETURNING {REPO_COLUMNS}"
+        );
+        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .bind(settings)
+            .bind(registered_by)
+            .bind(now)
+            .bind(ids.map(|ids| &ids.repository_id))
+            .bind(ids.and_then(|ids| ids.repository_owner_id.as_ref()))
+            .fetch_one(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Some(model))
+    }
+
+    /// Registers a repository unless it is registered already (a workflow's self-registration).
+    /// With `jti`, the token's id is recorded in the same transaction.
+    pub async fn insert_repo_if_absent(
+        &self,
+        name: &str,
+        settings: &str,
+        registered_by: &str,
+        ids: &RepositoryIds,
+        jti: Option<(&str, i64)>,
+    ) -> anyhow::Result<FirstRegistration> {
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
+        if let Some((jti, expires_at)) = jti
+            && !record_jti(&mut tx, jti, expires_at).await?
+        {
+            return Ok(FirstRegistration::Replayed);
+        }
+        let sql = format!(
+            "INSERT INTO repos (name, settings, registered_by, created_at_ms, updated_at_ms,
+                 repository_id, repository_owner_id)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)
+             ON CONFLICT (name) DO NOTHING
+             RETURNING {REPO_COLUMNS}"
+        );
+        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .bind(settings)
+            .bind(registered_by)
+            .bind(now_ms())
+            .bind(&ids.repository_id)
+            .bind(&ids.repository_owner_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(model) = model else {
+            return Ok(FirstRegistration::Exists);
+        };
+        tx.commit().await?;
+        Ok(FirstRegistration::Created(model))
     }
 
     pub async fn create_site(&self, name: &str) -> sqlx::Result<Option<SiteModel>> {
@@ -590,6 +745,14 @@ impl Db {
         Ok(())
     }
 
+    /// Whether an enrollment token with this hash exists (used up or expired, maybe).
+    pub async fn enrollment_token_exists(&self, token_hash: &str) -> sqlx::Result<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM enrollment_tokens WHERE token_hash = ?1)")
+            .bind(token_hash)
+            .fetch_one(&self.read)
+            .await
+    }
+
     /// Spends one use of an enrollment token and records the agent, in one transaction.
     pub async fn enroll_agent(
         &self,
@@ -624,6 +787,9 @@ impl Db {
                 .await?;
         if site_revoked.is_some() {
             return Ok(Err(EnrollRefusal::SiteRevoked(site)));
+        }
+        if enrolled_key(&mut tx, public_key).await? {
+            return Ok(Err(EnrollRefusal::KeyTaken));
         }
         sqlx::query("UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE token_hash = ?1")
             .bind(token_hash)
@@ -1387,6 +1553,67 @@ impl Db {
         .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    /// How many workflow jobs of `repository` wait in the queue.
+    pub async fn queued_jobs_of_repo(&self, repository: &str) -> sqlx::Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE repository = ?1 AND state = 'queued'")
+            .bind(repository)
+            .fetch_one(&self.read)
+            .await
+    }
+
+    /// How many workflow jobs for `site` (labelled `site:NAME`, or allowed only there) wait in
+    /// the queue.
+    pub async fn queued_jobs_for_site(&self, site: &str) -> sqlx::Result<i64> {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM jobs
+             WHERE state = 'queued' AND repository IS NOT NULL
+               AND (EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE value = 'site:' || ?1)
+                    OR jobs.sites = json_array(?1))",
+        )
+        .bind(site)
+        .fetch_one(&self.read)
+        .await
+    }
+
+    /// Deletes up to `limit` jobs that ended before `cutoff_ms`, with their logs.
+    pub async fn delete_jobs_finished_before(
+        &self,
+        cutoff_ms: i64,
+        limit: i64,
+    ) -> sqlx::Result<u64> {
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
+        let ids = "SELECT id FROM jobs WHERE finished_at_ms < ?1 ORDER BY finished_at_ms LIMIT ?2";
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM log_chunks WHERE job_id IN ({ids})"
+        )))
+        .bind(cutoff_ms)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
+        let deleted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM jobs WHERE id IN ({ids})"
+        )))
+        .bind(cutoff_ms)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// The OIDC token stored with a job (to hand to the agent that claims it).
+    pub async fn stored_oidc_token(&self, id: JobId) -> sqlx::Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT oidc_token FROM jobs WHERE id = ?1")
+                .bind(id.0)
+                .fetch_optional(&self.read)
+                .await?
+                .flatten(),
+        )
     }
 
     /// When the oldest queued job was created, if any job is queued.

@@ -36,6 +36,15 @@ pub enum ApiError {
     /// Well-formed, but nothing can act on it (e.g. no site accepts the job).
     #[error("{0}")]
     Unprocessable(String),
+    /// A queue quota is full.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// The request did not arrive, or was not answered, within the broker's request timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// The signing agent, or its site, was revoked (or never enrolled).
+    #[error("{0}")]
+    AgentRevoked(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -57,6 +66,9 @@ impl ApiError {
             ApiError::LogTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, codes::LOG_TOO_LARGE),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::UNPROCESSABLE),
+            ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, codes::QUOTA_EXCEEDED),
+            ApiError::AgentRevoked(_) => (StatusCode::UNAUTHORIZED, codes::AGENT_REVOKED),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, codes::REQUEST_TIMEOUT),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
         }
     }

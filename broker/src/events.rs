@@ -36,11 +36,46 @@ impl JobEvents {
         }
     }
 
+    /// Forgets job `id` if nobody is subscribed to it any more.
+    pub fn forget_unused(&self, id: JobId) {
+        let mut channels = self.channels.lock().expect("job events poisoned");
+        if channels.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
+            channels.remove(&id);
+        }
+    }
+
+    /// How many jobs have subscribers (or had them and were not notified since).
+    pub fn len(&self) -> usize {
+        self.channels.lock().expect("job events poisoned").len()
+    }
+
+    /// Whether no job has subscribers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Job `id` has its result: wake its subscribers one last time and forget it.
     pub fn finished(&self, id: JobId) {
         let mut channels = self.channels.lock().expect("job events poisoned");
         if let Some(tx) = channels.remove(&id) {
             tx.send_modify(|n| *n += 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unused_subscription_is_forgotten_and_a_used_one_kept() {
+        let events = JobEvents::default();
+        let rx = events.subscribe(JobId(7));
+        drop(rx);
+        events.forget_unused(JobId(7));
+        assert!(events.is_empty());
+        let _rx = events.subscribe(JobId(8));
+        events.forget_unused(JobId(8));
+        assert_eq!(events.len(), 1);
     }
 }

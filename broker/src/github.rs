@@ -28,6 +28,8 @@ pub enum GitHubError {
 pub struct RepoPermission {
     pub login: String,
     pub admin: bool,
+    /// GitHub's ids of the repository and its owner, when GitHub sent them.
+    pub ids: Option<crate::db::RepositoryIds>,
 }
 
 #[derive(Clone, Debug)]
@@ -63,6 +65,15 @@ impl GitHubApi {
         struct Repository {
             #[serde(default)]
             permissions: Option<Permissions>,
+            #[serde(default)]
+            id: Option<u64>,
+            #[serde(default)]
+            owner: Option<Owner>,
+        }
+        #[derive(Deserialize)]
+        struct Owner {
+            #[serde(default)]
+            id: Option<u64>,
         }
         #[derive(Deserialize)]
         struct Permissions {
@@ -74,6 +85,10 @@ impl GitHubApi {
         Ok(RepoPermission {
             login: user.login,
             admin: repository.permissions.is_some_and(|p| p.admin),
+            ids: repository.id.map(|id| crate::db::RepositoryIds {
+                repository_id: id.to_string(),
+                repository_owner_id: repository.owner.and_then(|o| o.id).map(|id| id.to_string()),
+            }),
         })
     }
 

@@ -12,10 +12,14 @@
 //!   for log followers and held heartbeats.
 //! - [`routing`]: which job an agent may be offered, and jobs agents hand back.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the JSON error type and extractors.
+//! - [`access`]: what a workflow token may do besides submitting (forwarded tokens), and the
+//!   repository ids a registration is bound to.
 //! - [`github`]: the GitHub REST calls the broker makes (repository permission checks).
 //! - [`nonces`]: replay protection for signed agent requests.
+//! - [`limits`]: queue quotas and the retention sweep of finished jobs.
 //! - [`cli`]: the `testbot-broker` command-line flags.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod cli;
@@ -24,6 +28,7 @@ pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod github;
+pub mod limits;
 pub mod nonces;
 pub mod routing;
 pub mod server;

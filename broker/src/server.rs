@@ -46,6 +46,10 @@ impl BrokerConfig {
                 poll_timeout: Duration::from_secs(30),
                 max_log_bytes: 64 * 1024 * 1024,
                 max_body_bytes: 1024 * 1024,
+                allow_self_registration: false,
+                limits: crate::limits::Limits::default(),
+                request_timeout: Duration::from_secs(60),
+                max_log_followers: crate::limits::DEFAULT_MAX_LOG_FOLLOWERS,
             },
             oidc: None,
             oidc_keys: None,
@@ -112,6 +116,7 @@ impl Broker {
             shutdown: shutdown.clone(),
             github: crate::github::GitHubApi::new(github_api_url),
             nonces: Arc::new(crate::nonces::NonceGuard::load(&db, now_ms()).await?),
+            log_followers: Arc::default(),
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
         let app = crate::api::create_app(state);
@@ -200,6 +205,7 @@ async fn sweep_leases(state: AppState) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = tokio::time::Instant::now();
     let mut last_reoffer = tokio::time::Instant::now();
+    let mut last_retention_sweep: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -220,6 +226,12 @@ async fn sweep_leases(state: AppState) {
             if let Err(err) = state.db.prune_nonces(now_ms()).await {
                 tracing::error!(?err, "Cannot prune agent request nonces.");
             }
+        }
+        if last_retention_sweep
+            .is_none_or(|at| at.elapsed() >= state.settings.limits.sweep_interval())
+        {
+            last_retention_sweep = Some(tokio::time::Instant::now());
+            sweep_retention(&state).await;
         }
         if let Err(err) = state.nonces.persist(&state.db, now_ms()).await {
             tracing::error!(?err, "Cannot save agent request nonces.");
@@ -256,5 +268,19 @@ async fn sweep_leases(state: AppState) {
             last_reoffer = tokio::time::Instant::now();
         }
         crate::routing::sweep(&state, reoffer).await;
+    }
+}
+
+/// Deletes the jobs whose retention ran out, with their logs.
+async fn sweep_retention(state: &AppState) {
+    let retention = state.settings.limits.job_retention;
+    match crate::limits::sweep_finished_jobs(&state.db, now_ms(), retention).await {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(
+            jobs = deleted,
+            retention = %humantime::format_duration(retention),
+            "Deleted finished jobs past their retention."
+        ),
+        Err(err) => tracing::error!(?err, "Cannot delete finished jobs past their retention."),
     }
 }

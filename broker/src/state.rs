@@ -25,6 +25,15 @@ pub struct Settings {
     pub max_log_bytes: u64,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
+    /// Whether a workflow's OIDC token may create the first registration of its own repository.
+    pub allow_self_registration: bool,
+    /// Queue quotas and the retention of finished jobs.
+    pub limits: crate::limits::Limits,
+    /// The longest one request may take to arrive and be answered (a streamed log's body is
+    /// not counted): a client that trickles its request in is cut off.
+    pub request_timeout: Duration,
+    /// How many clients may follow one job's log at once.
+    pub max_log_followers: usize,
 }
 
 #[derive(Clone)]
@@ -43,4 +52,6 @@ pub struct AppState {
     pub nonces: Arc<crate::nonces::NonceGuard>,
     /// GitHub's REST API: checks a user token's permission on a repository.
     pub github: crate::github::GitHubApi,
+    /// Who follows which job's log, for `max_log_followers`.
+    pub log_followers: Arc<crate::limits::Followers>,
 }

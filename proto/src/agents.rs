@@ -113,6 +113,11 @@ pub struct Assignment {
     /// runs anything. None for jobs an operator submitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oidc_token: Option<String>,
+    /// When the broker accepted the job (Unix milliseconds). The agent checks the token's
+    /// lifetime at this time, within its site's `oidc.max_queue_age` of now, since a job may wait
+    /// in the queue far longer than a token lives. None (older brokers): checked at now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_at_ms: Option<i64>,
 }
 
 /// The body of `start` and `heartbeat` calls.

@@ -50,6 +50,11 @@ impl ClientError {
         matches!(self, ClientError::Api { code, .. } if code == codes::LEASE_LOST)
     }
 
+    /// Whether the broker says the agent making the request (or its site) was revoked.
+    pub fn is_agent_revoked(&self) -> bool {
+        matches!(self, ClientError::Api { code, .. } if code == codes::AGENT_REVOKED)
+    }
+
     pub fn code(&self) -> Option<&str> {
         match self {
             ClientError::Api { code, .. } => Some(code),

@@ -41,4 +41,10 @@ pub mod codes {
     pub const INTERNAL: &str = "internal";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const UNPROCESSABLE: &str = "unprocessable";
+    /// 429: a queue quota is full; submit again once some of the queued jobs have run.
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+    /// 401: the agent (or its site) was revoked or is not enrolled; it must stop its jobs.
+    pub const AGENT_REVOKED: &str = "agent_revoked";
+    /// 408: the request did not arrive or was not answered within the broker's request timeout.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
 }

@@ -143,6 +143,21 @@ pub enum OidcError {
     Replayed(String),
     #[error("cannot get the issuer's key set: {0}")]
     KeysUnavailable(String),
+    #[error("the token had expired at {exp}, before the broker accepted the job at {accepted_at}")]
+    ExpiredBeforeAccepted { exp: i64, accepted_at: i64 },
+    #[error(
+        "the broker says it accepted the job at {accepted_at}, which is in the future (now {now})"
+    )]
+    AcceptedInFuture { accepted_at: i64, now: i64 },
+    #[error(
+        "the job was accepted at {accepted_at}, longer ago than this site's oidc.max_queue_age \
+         of {max_queue_age_secs} s (now {now}); submit it again"
+    )]
+    QueuedTooLong {
+        accepted_at: i64,
+        now: i64,
+        max_queue_age_secs: u64,
+    },
 }
 
 /// What a verifier accepts: one issuer, one audience.
@@ -473,6 +488,37 @@ fn check_claims(
     Ok(())
 }
 
+/// Verifies the token of a job that waited in the broker's queue. Signature, issuer, audience
+/// and the identity claims are checked as by [`verify_token`]; the token's lifetime is checked
+/// at `accepted_at` (Unix seconds), when the broker accepted the job, rather than `now`: GitHub's
+/// tokens live for minutes, a site's queue can hold a job for hours. The broker's word on
+/// `accepted_at` is bounded: it may not lie in the future, nor more than `max_queue_age` before
+/// `now`, so a token harvested from a job is good for that long at most.
+pub fn verify_queued_token(
+    token: &str,
+    keys: &KeySet,
+    settings: &OidcSettings,
+    now: i64,
+    accepted_at: i64,
+    leeway: Duration,
+    max_queue_age: Duration,
+) -> Result<WorkflowClaims, OidcError> {
+    if accepted_at > now.saturating_add(leeway.as_secs() as i64) {
+        return Err(OidcError::AcceptedInFuture { accepted_at, now });
+    }
+    if now.saturating_sub(accepted_at) > max_queue_age.as_secs() as i64 {
+        return Err(OidcError::QueuedTooLong {
+            accepted_at,
+            now,
+            max_queue_age_secs: max_queue_age.as_secs(),
+        });
+    }
+    verify_token(token, keys, settings, accepted_at, leeway).map_err(|err| match err {
+        OidcError::Expired { exp, .. } => OidcError::ExpiredBeforeAccepted { exp, accepted_at },
+        other => other,
+    })
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
     crate::now_ms() / 1000
@@ -486,7 +532,10 @@ mod verifier {
     use std::sync::{Arc, Mutex, RwLock};
     use std::time::{Duration, Instant};
 
-    use super::{KeySet, OidcError, OidcSettings, WorkflowClaims, token_key_id, verify_token};
+    use super::{
+        KeySet, OidcError, OidcSettings, WorkflowClaims, token_key_id, verify_queued_token,
+        verify_token,
+    };
 
     /// The shortest time between two key-set refreshes caused by unknown key ids, so a stream of
     /// tokens with made-up `kid`s cannot make us hammer the issuer.
@@ -582,6 +631,29 @@ mod verifier {
                 &self.inner.settings,
                 (self.inner.clock)(),
                 self.inner.leeway,
+            )
+        }
+
+        /// Verifies the token of a job the broker accepted at `accepted_at` (Unix seconds), at
+        /// most `max_queue_age` ago: see [`verify_queued_token`].
+        pub async fn verify_queued(
+            &self,
+            token: &str,
+            accepted_at: i64,
+            max_queue_age: Duration,
+        ) -> Result<WorkflowClaims, OidcError> {
+            let kid = token_key_id(token)?;
+            if !self.keys().contains(&kid) {
+                self.refresh(&kid).await?;
+            }
+            verify_queued_token(
+                token,
+                &self.keys(),
+                &self.inner.settings,
+                (self.inner.clock)(),
+                accepted_at,
+                self.inner.leeway,
+                max_queue_age,
             )
         }
 
@@ -714,6 +786,110 @@ mod tests {
                 exp,
                 now: exp + 3600
             }
+        );
+    }
+
+    #[test]
+    fn a_queued_jobs_token_is_checked_at_the_time_the_broker_accepted_it() {
+        let keys = KeySet::from_json(JWKS).unwrap();
+        let payload = decoded(MARCHENKO_DECODED);
+        let settings = settings_for(&payload);
+        let (iat, exp) = (
+            payload["iat"].as_i64().unwrap(),
+            payload["exp"].as_i64().unwrap(),
+        );
+        let day = Duration::from_secs(24 * 3600);
+        let token = MARCHENKO.trim();
+        // Accepted a minute after it was minted, run five hours later: long after it expired.
+        let accepted_at = iat + 60;
+        let now = accepted_at + 5 * 3600;
+        assert!(matches!(
+            verify_token(token, &keys, &settings, now, DEFAULT_LEEWAY),
+            Err(OidcError::Expired { .. })
+        ));
+        let claims = verify_queued_token(
+            token,
+            &keys,
+            &settings,
+            now,
+            accepted_at,
+            DEFAULT_LEEWAY,
+            day,
+        )
+        .unwrap();
+        assert_eq!(claims.exp, exp);
+
+        // A token that had expired already when the broker says it took the job.
+        let late = exp + DEFAULT_LEEWAY.as_secs() as i64 + 1;
+        assert_eq!(
+            verify_queued_token(
+                token,
+                &keys,
+                &settings,
+                late + 10,
+                late,
+                DEFAULT_LEEWAY,
+                day
+            ),
+            Err(OidcError::ExpiredBeforeAccepted {
+                exp,
+                accepted_at: late
+            })
+        );
+        // A broker that claims an old acceptance to revive a harvested token: bounded.
+        let now = accepted_at + day.as_secs() as i64 + 1;
+        assert_eq!(
+            verify_queued_token(
+                token,
+                &keys,
+                &settings,
+                now,
+                accepted_at,
+                DEFAULT_LEEWAY,
+                day
+            ),
+            Err(OidcError::QueuedTooLong {
+                accepted_at,
+                now,
+                max_queue_age_secs: day.as_secs()
+            })
+        );
+        // Or one that claims to have accepted it in the future.
+        let now = iat;
+        let future = now + 3600;
+        assert_eq!(
+            verify_queued_token(token, &keys, &settings, now, future, DEFAULT_LEEWAY, day),
+            Err(OidcError::AcceptedInFuture {
+                accepted_at: future,
+                now
+            })
+        );
+        // Accepted before the token was issued.
+        assert!(matches!(
+            verify_queued_token(
+                token,
+                &keys,
+                &settings,
+                iat,
+                iat - 3600,
+                DEFAULT_LEEWAY,
+                day
+            ),
+            Err(OidcError::NotYetValid { .. } | OidcError::IssuedInFuture { .. })
+        ));
+        // The signature is still checked.
+        let forged = format!("{}x", &token[..token.len() - 1]);
+        assert!(
+            verify_queued_token(
+                &forged,
+                &keys,
+                &settings,
+                now,
+                accepted_at,
+                DEFAULT_LEEWAY,
+                day
+            )
+            .is_err()
         );
     }
 

@@ -1,8 +1,9 @@
 //! Repository registration: which GitHub repositories may submit jobs, and with what defaults.
 //!
 //! A workflow can submit jobs only for a registered repository. Registering needs proof of
-//! control of the repository: an OIDC token from one of its workflows, a GitHub user token with
-//! admin permission on it, or the operator token.
+//! control of the repository: a GitHub user token with admin permission on it, or the operator
+//! token. A broker may let an OIDC token from one of its workflows create the first
+//! registration; a workflow never changes or removes one.
 
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +129,14 @@ pub struct Repo {
     pub registered_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// GitHub's id of the repository the registration is bound to: a token of another
+    /// repository that took the name (after a rename or deletion) is refused. `None` until the
+    /// first workflow token uses a registration the operator made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<String>,
+    /// GitHub's id of the repository's owner, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_owner_id: Option<String>,
 }
 
 /// The answer to `GET /api/v1/repos`.

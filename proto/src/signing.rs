@@ -8,9 +8,9 @@
 //! - `x-testbot-nonce`: 16 random bytes, hex: the broker refuses a nonce it has seen;
 //! - `x-testbot-signature`: base64url (no padding) Ed25519 signature over [`signing_string`].
 //!
-//! The signed string binds the method, the path with its query, the time, the nonce and the
-//! SHA-256 of the body, so a captured request cannot be replayed, redirected to another route or
-//! given another body.
+//! The signed string binds the agent id, the method, the path with its query, the time, the
+//! nonce and the SHA-256 of the body, so a captured request cannot be replayed, redirected to
+//! another route, given another body or passed off as another agent's.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -24,8 +24,10 @@ pub const SIGNATURE_HEADER: &str = "x-testbot-signature";
 /// How far a request's timestamp may be from the broker's clock, either way.
 pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
-/// The exact bytes an agent signs.
+/// The exact bytes an agent signs. The agent id is part of them, so a signature made by one
+/// agent never counts for another, even one holding the same key.
 pub fn signing_string(
+    agent_id: &str,
     method: &str,
     path_and_query: &str,
     timestamp_ms: i64,
@@ -34,7 +36,7 @@ pub fn signing_string(
 ) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, body);
     format!(
-        "testbot-agent-request-v1\n{method}\n{path_and_query}\n{timestamp_ms}\n{nonce}\n{}",
+        "testbot-agent-request-v2\n{agent_id}\n{method}\n{path_and_query}\n{timestamp_ms}\n{nonce}\n{}",
         hex::encode(digest.as_ref())
     )
 }
@@ -58,7 +60,7 @@ pub fn sign_request(
 ) -> SignedHeaders {
     let timestamp_ms = crate::now_ms();
     let nonce = random_hex(16);
-    let message = signing_string(method, path_and_query, timestamp_ms, &nonce, body);
+    let message = signing_string(agent_id, method, path_and_query, timestamp_ms, &nonce, body);
     let signature = URL_SAFE_NO_PAD.encode(key.sign(message.as_bytes()).as_ref());
     SignedHeaders {
         agent: agent_id.to_string(),
@@ -124,7 +126,7 @@ mod tests {
         let public = decode_public_key(&public).unwrap();
         let headers = sign_request(&key, "agt_1", "POST", "/api/v1/agent/poll", b"{}");
         let message = |method: &str, path: &str, ts: i64, nonce: &str, body: &[u8]| {
-            signing_string(method, path, ts, nonce, body)
+            signing_string("agt_1", method, path, ts, nonce, body)
         };
         let (ts, nonce) = (headers.timestamp_ms, headers.nonce.as_str());
         let good = message("POST", "/api/v1/agent/poll", ts, nonce, b"{}");
@@ -135,6 +137,7 @@ mod tests {
             message("POST", "/api/v1/agent/poll", ts + 1, nonce, b"{}"),
             message("POST", "/api/v1/agent/poll", ts, "00", b"{}"),
             message("POST", "/api/v1/agent/poll", ts, nonce, b"{\"x\":1}"),
+            signing_string("agt_2", "POST", "/api/v1/agent/poll", ts, nonce, b"{}"),
         ] {
             assert!(!verify_signature(&public, &tampered, &headers.signature));
         }

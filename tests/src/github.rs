@@ -1,5 +1,6 @@
 //! A fake of the two GitHub REST endpoints the broker calls to check a user token: `GET /user`
-//! and `GET /repos/{owner}/{repo}` (with the caller's `permissions`). Served on loopback.
+//! and `GET /repos/{owner}/{repo}` (with the caller's `permissions` and the repository's and
+//! owner's ids). Served on loopback.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +44,16 @@ impl FakeGitHub {
         });
         FakeGitHub { url, server }
     }
+}
+
+/// The id the fake gives repository `full_name` (stable, and unlike the test issuer's default).
+pub fn repository_id(full_name: &str) -> u64 {
+    700_000 + full_name.bytes().map(u64::from).sum::<u64>()
+}
+
+/// The id the fake gives the account `owner`.
+pub fn owner_id(owner: &str) -> u64 {
+    70_000 + owner.bytes().map(u64::from).sum::<u64>()
 }
 
 fn caller(users: &Users, headers: &HeaderMap) -> Option<FakeUser> {
@@ -93,6 +104,8 @@ async fn repo_handler(
     (
         StatusCode::OK,
         axum::Json(json!({
+            "id": repository_id(&full),
+            "owner": {"login": owner, "id": owner_id(&owner)},
             "full_name": full,
             "private": false,
             "permissions": {"admin": admin, "maintain": admin, "push": admin, "triage": true, "pull": true}

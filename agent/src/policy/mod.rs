@@ -154,6 +154,11 @@ impl SitePolicy {
         }
     }
 
+    /// The longest a job may have waited in the broker's queue (`oidc.max_queue_age`).
+    pub fn max_queue_age(&self) -> std::time::Duration {
+        self.oidc.max_queue_age
+    }
+
     /// How many jobs may run at once on this site.
     pub fn max_concurrent_jobs(&self) -> usize {
         self.max_concurrent_jobs

@@ -20,10 +20,19 @@ pub struct OidcPolicy {
     pub issuer: String,
     /// The audience the token must be minted for: the broker's audience. Required.
     pub audience: String,
+    /// How long a job may have waited in the broker's queue. The token's lifetime is checked at
+    /// the time the broker accepted the job (GitHub's tokens live minutes, a queue can hold a job
+    /// for hours); this caps how far back the broker may place that time. Default: `24h`.
+    #[serde(default = "default_max_queue_age", deserialize_with = "de_duration")]
+    pub max_queue_age: Duration,
 }
 
 fn default_issuer() -> String {
     testbot_proto::oidc::GITHUB_ISSUER.to_string()
+}
+
+fn default_max_queue_age() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 /// The executors a site allows, one table each. An executor without a table is refused.

@@ -198,6 +198,29 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_remote_log_cannot_issue_workflow_commands() {
+    let fleet = fleet().await;
+    let (status, out) = act(
+        &fleet,
+        Run {
+            // A job (or an agent holding it) trying to hide text from the step log and to
+            // switch workflow commands back on with a guessed token.
+            script: "echo '::add-mask::marker-text'; echo '::stop-commands::guess'; \
+                     echo '::guess::'; echo '::add-mask::second-marker'; \
+                     echo visible marker-text second-marker"
+                .into(),
+            token_repo: Some(REPO),
+        },
+    )
+    .await;
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("visible marker-text second-marker"),
+        "a remote log line ran a workflow command:\n{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failing_job_fails_the_step_with_its_exit_code() {
     let fleet = fleet().await;
     let (status, out) = act(

@@ -331,3 +331,29 @@ async fn site_option_routes_a_job_and_filters_the_list() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_cannot_drive_the_operators_terminal() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+    // Clipboard write (OSC 52), window title, screen clear, a carriage return that would print
+    // over the line, and a colour that may stay.
+    let script = r"printf 'a\033]52;c;cm0gLXJmIH4=\007b\033]0;owned\033\\c\033[2Jd\rFAKE \033[31mred\033[0m\n'";
+    let job = fleet
+        .client()
+        .submit(&testbot_proto::jobs::JobSpec {
+            script: script.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet.wait_finished(job.id).await.state,
+        testbot_proto::jobs::JobState::Succeeded
+    );
+    let out = testbot(&fleet, &["logs", &job.id.to_string()]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "abcdFAKE \x1b[31mred\x1b[0m\n"
+    );
+}

@@ -29,7 +29,14 @@ async fn send_signed(
     signed_body: &str,
     sent_body: &str,
 ) -> (u16, String) {
-    let message = signing_string("POST", POLL, timestamp_ms, nonce, signed_body.as_bytes());
+    let message = signing_string(
+        &agent.id,
+        "POST",
+        POLL,
+        timestamp_ms,
+        nonce,
+        signed_body.as_bytes(),
+    );
     let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(agent.key.sign(message.as_bytes()).as_ref());
     let resp = reqwest::Client::new()
@@ -283,4 +290,47 @@ fn poll() -> testbot_proto::agents::PollRequest {
         policy: None,
         workflow_jobs_without_policy: false,
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timestamps_that_overflow_the_clock_arithmetic_are_refused_not_crashed() {
+    let fleet = Fleet::start().await;
+    let agent = fleet.enroll("skewed").await;
+    for (i, timestamp_ms) in [i64::MIN, i64::MIN + 1, i64::MAX].into_iter().enumerate() {
+        let nonce = format!("overflow-nonce-{i:04}");
+        let (status, message) =
+            send_signed(&fleet, &agent, timestamp_ms, &nonce, POLL_BODY, POLL_BODY).await;
+        assert_eq!(status, 401, "timestamp {timestamp_ms}: {message}");
+        assert!(
+            message.starts_with("the request was signed ")
+                && message.ends_with("a replayed request, or the agent's clock is wrong"),
+            "timestamp {timestamp_ms}: {message}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_public_key_enrolls_one_agent_only() {
+    let fleet = Fleet::start().await;
+    let token = secrecy::ExposeSecret::expose_secret(&fleet.enrollment_token).to_string();
+    let mut first = enroll_request(&token, "login1");
+    let operator = fleet.client();
+    let enrolled = operator.enroll(&first).await.unwrap();
+    // A second agent with the same key would share the first one's identity for signatures.
+    first.name = "login2".into();
+    let (status, message) = refusal(operator.enroll(&first).await);
+    assert_eq!(
+        (status, message.as_str()),
+        (
+            409,
+            "this public key belongs to an agent enrolled before: every agent generates its own \
+             key (remove the agent's agent-key.pk8 to have it make a new one)"
+        )
+    );
+    // Also after the first one is revoked: a revoked key stays retired.
+    operator.revoke_agent(&enrolled.agent_id).await.unwrap();
+    let (status, _) = refusal(operator.enroll(&first).await);
+    assert_eq!(status, 409);
+    let agents = operator.agents().await.unwrap().agents;
+    assert_eq!(agents.len(), 1, "{agents:?}");
 }

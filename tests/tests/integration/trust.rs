@@ -383,7 +383,11 @@ async fn repositories_are_registered_only_with_proof_of_control() {
     ]);
     let github = FakeGitHub::start(users).await;
     let github_url = github.url.clone();
-    let fleet = Fleet::start_oidc(move |config| config.github_api_url = github_url).await;
+    let fleet = Fleet::start_oidc(move |config| {
+        config.github_api_url = github_url;
+        config.settings.allow_self_registration = true;
+    })
+    .await;
     let issuer = fleet.issuer();
     let register_with = |token: &str, name: &str| {
         let client: BrokerClient = fleet.client_with(token);
@@ -446,15 +450,17 @@ async fn repositories_are_registered_only_with_proof_of_control() {
     // An admin's GitHub token registers it.
     let repo = register_with("ghp_admin", REPO).await.unwrap();
     assert_eq!(repo.registered_by, "github:maintainer");
-    // So does a workflow of the repository itself (its token is used up by it).
-    let claims = issuer.claims(REPO, AUDIENCE);
+    // With self-registration on, a workflow of an unregistered repository registers it (its
+    // token is used up by it).
+    let own = "hpc-lab/self-registered";
+    let claims = issuer.claims(own, AUDIENCE);
     let token = issuer.mint(&claims);
-    let repo = register_with(&token, REPO).await.unwrap();
+    let repo = register_with(&token, own).await.unwrap();
     assert_eq!(
         repo.registered_by,
-        format!("workflow:{REPO}@{}", claims["run_id"].as_str().unwrap())
+        format!("workflow:{own}@{}", claims["run_id"].as_str().unwrap())
     );
-    let (status, message) = refusal(register_with(&token, REPO).await);
+    let (status, message) = refusal(register_with(&token, own).await);
     assert_eq!(status, 401);
     assert!(message.contains("was already used"), "{message}");
     // Remove needs the same proof.
