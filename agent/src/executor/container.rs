@@ -312,9 +312,11 @@ impl ContainerExecutor {
             .or_else(|| self.settings.default_image.clone())
             .context("the job names no image and the site has no default_image")?;
         testbot_proto::jobs::validate_image(&image).map_err(anyhow::Error::msg)?;
+        // The directory is fresh and still the agent's (mode 0700): files are created new, with
+        // their own modes, before it is handed to the job's account.
         let workspace = job.dir.join("workspace");
-        tokio::fs::create_dir_all(&workspace).await?;
-        tokio::fs::write(job.dir.join("script.sh"), &job.spec.script).await?;
+        super::private_dir(&workspace)?;
+        super::write_new_file(&job.dir.join("script.sh"), job.spec.script.as_bytes())?;
         if let Some(account) = super::switches_account(job) {
             super::hand_over(&job.dir, account)?;
         }
@@ -435,7 +437,9 @@ impl ContainerExecutor {
             .with_context(|| format!("unexpected inspect output: {text:?}"))?;
         // docker reports OOM kills in the container's state; podman (4.x) leaves the file
         // `oom` in the directory it was started from.
-        let oom = fields.next() == Some("true") || job.dir.join("oom").exists();
+        // The marker is conmon's (root's) regular file; a link in its place is not believed.
+        let oom = fields.next() == Some("true")
+            || std::fs::symlink_metadata(job.dir.join("oom")).is_ok_and(|m| m.is_file());
         let limit = job.spec.resources.memory_mib;
         if oom {
             let limit = limit.map(|m| format!(" of {m} MiB")).unwrap_or_default();
