@@ -250,6 +250,11 @@ pub struct Detached {
 /// A command for `program` that runs as the job's account: through `setpriv`, which switches
 /// uid, gid and supplementary groups (the account's own, not the agent's) and then execs the
 /// program, so it is still the agent's child. The agent's own account needs no switch.
+///
+/// An agent that is not root but holds capabilities (the systemd unit gives it the few it needs
+/// as ambient capabilities) would pass them on: a uid change from a non-root uid keeps them, and
+/// ambient capabilities survive `exec`. `setpriv` therefore clears the ambient and inheritable
+/// sets, so the program starts with none.
 pub fn command_as(job: &JobContext, program: &str) -> tokio::process::Command {
     match switches_account(job) {
         Some(account) => {
@@ -258,6 +263,8 @@ pub fn command_as(job: &JobContext, program: &str) -> tokio::process::Command {
                 .arg(format!("--reuid={}", account.uid))
                 .arg(format!("--regid={}", account.gid))
                 .arg("--init-groups")
+                .arg("--inh-caps=-all")
+                .arg("--ambient-caps=-all")
                 .arg("--")
                 .arg(program);
             command
@@ -286,8 +293,8 @@ pub fn switches_account(job: &JobContext) -> Option<&LocalAccount> {
 }
 
 /// Gives the job directory and everything in it to `account`, so the job can write there and
-/// leaves no files the account cannot remove. Only root can do this; any other agent must run
-/// jobs as itself.
+/// leaves no files the account cannot remove. Needs root or `CAP_CHOWN`; any other agent must
+/// run jobs as itself.
 ///
 /// Everything is listed while the directory still belongs to the agent (mode 0700, so no other
 /// account can reach into it), then given away deepest first and the directory itself last: a
@@ -298,8 +305,8 @@ pub fn hand_over(
     account: &crate::identity::LocalAccount,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
-        nix::unistd::geteuid().is_root(),
-        "the site policy maps this job to account {} (uid {}), but the agent runs as uid {} and cannot switch accounts: run the agent as root, or map jobs to the agent's own account",
+        nix::unistd::geteuid().is_root() || has_capability(CAP_CHOWN),
+        "the site policy maps this job to account {} (uid {}), but the agent runs as uid {} without the capabilities to switch accounts: run the agent as root or with CAP_SETUID, CAP_SETGID, CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_KILL (packaging/systemd/testbot-agent.service)",
         account.name,
         account.uid,
         nix::unistd::geteuid()
@@ -433,6 +440,23 @@ pub fn job_owner(job: &JobContext) -> nix::unistd::Uid {
     job.run_as
         .as_ref()
         .map_or_else(nix::unistd::geteuid, |account| account.uid)
+}
+
+/// Linux capability numbers the agent checks for (`capabilities(7)`).
+pub const CAP_CHOWN: u32 = 0;
+pub const CAP_SETUID: u32 = 7;
+
+/// Whether the agent holds a capability in its effective set (read from `/proc/self/status`).
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|set| set & (1 << cap) != 0)
 }
 
 #[cfg(test)]

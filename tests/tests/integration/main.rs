@@ -1,6 +1,7 @@
 //! End-to-end tests of the fleet: real brokers, agents and CLI processes on loopback.
 
 mod action;
+mod agent_account;
 mod bad_input;
 mod cli;
 mod containers;
