@@ -54,6 +54,11 @@ pub struct AccountMapping {
     /// The GitHub login that triggered the run (exact). Default: any actor.
     #[serde(default)]
     pub actor: Option<String>,
+    /// GitHub's numeric id of `actor` (the token's `actor_id`): a job of the login whose id
+    /// differs (the login was renamed and taken by someone else) is refused, not mapped.
+    /// Default: not pinned.
+    #[serde(default)]
+    pub actor_id: Option<u64>,
     /// A repository glob (`owner/name`, `owner/*`). Default: any repository.
     #[serde(default)]
     pub repository: Option<String>,
@@ -127,8 +132,10 @@ pub struct LocalAccount {
 }
 
 impl IdentitySettings {
-    /// How the account of a job with these claims is chosen; `None` when nothing maps it.
-    pub fn choose(&self, claims: &WorkflowClaims) -> Option<AccountChoice> {
+    /// How the account of a job with these claims is chosen; `None` when nothing maps it. `Err`
+    /// (a sentence for the submitter) when the entry matching the job's login pins another
+    /// `actor_id`: the job is refused, not passed on to a later entry or the default.
+    pub fn choose(&self, claims: &WorkflowClaims) -> Result<Option<AccountChoice>, String> {
         let mapped = self.map.iter().position(|entry| {
             entry.actor.as_ref().is_none_or(|a| *a == claims.actor)
                 && entry
@@ -137,20 +144,35 @@ impl IdentitySettings {
                     .is_none_or(|r| glob_match(r, &claims.repository))
         });
         if let Some(index) = mapped {
-            return Some(AccountChoice::Named {
-                name: self.map[index].account.clone(),
+            let entry = &self.map[index];
+            if let Some(pinned) = entry.actor_id
+                && claims.actor_id.as_deref() != Some(pinned.to_string().as_str())
+            {
+                return Err(format!(
+                    "actor {} has id {}, but identity.map[{index}] pins that login to id {pinned}: the login may have passed to someone else, so the job is not mapped to account {}",
+                    claims.actor,
+                    claims
+                        .actor_id
+                        .as_deref()
+                        .unwrap_or("none (the token carries no actor_id)"),
+                    entry.account
+                ));
+            }
+            return Ok(Some(AccountChoice::Named {
+                name: entry.account.clone(),
                 source: AccountSource::Map { index },
-            });
+            }));
         }
         if let Some(script) = &self.script {
-            return Some(AccountChoice::Script(script.clone()));
+            return Ok(Some(AccountChoice::Script(script.clone())));
         }
-        self.default_account
+        Ok(self
+            .default_account
             .as_ref()
             .map(|name| AccountChoice::Named {
                 name: name.clone(),
                 source: AccountSource::Default,
-            })
+            }))
     }
 
     /// Every account name the file writes (map entries, then the default).
