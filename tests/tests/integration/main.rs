@@ -7,6 +7,7 @@ mod cli;
 mod containers;
 mod drain;
 mod enrollment;
+mod identity_script;
 mod kubernetes;
 mod leases;
 mod load;
