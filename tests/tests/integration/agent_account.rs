@@ -16,7 +16,7 @@ const AGENT_ACCOUNT: &str = "testbot-agent";
 /// The capabilities `packaging/systemd/testbot-agent.service` gives the agent.
 const UNIT_CAPS: &str = "+setuid,+setgid,+chown,+dac_override,+fowner,+kill";
 
-fn policy(issuer: &str, account: &str) -> String {
+fn policy(issuer: &str, identity: &str) -> String {
     format!(
         r#"
 [oidc]
@@ -25,8 +25,7 @@ audience = "{AUDIENCE}"
 
 [executors.shell]
 
-[identity]
-default_account = "{account}"
+{identity}
 
 [[rules]]
 name = "lab"
@@ -37,10 +36,15 @@ events = ["push"]
     )
 }
 
-/// A fleet with `REPO` registered, its directory open to other accounts, a policy mapping jobs
-/// to `account`, and the work and state directories of agent `login1` given to the agent's
-/// account. Returns the fleet, the policy and the state directory.
-async fn fleet_for_unprivileged_agent(account: &str) -> (Fleet, PathBuf, PathBuf) {
+/// The `[identity]` table mapping every job to `account`.
+fn default_account(account: &str) -> String {
+    format!("[identity]\ndefault_account = \"{account}\"\n")
+}
+
+/// A fleet with `REPO` registered, its directory open to other accounts, a policy with the
+/// `[identity]` table `identity`, and the work and state directories of agent `login1` given to
+/// the agent's account. Returns the fleet, the policy and the state directory.
+async fn fleet_for_unprivileged_agent(identity: &str) -> (Fleet, PathBuf, PathBuf) {
     ensure_account(AGENT_ACCOUNT);
     ensure_account(JOB_ACCOUNT);
     let fleet = Fleet::start_oidc(|_| {}).await;
@@ -54,7 +58,7 @@ async fn fleet_for_unprivileged_agent(account: &str) -> (Fleet, PathBuf, PathBuf
         .await
         .unwrap();
     let policy_path = fleet.dir.path().join("policy.toml");
-    std::fs::write(&policy_path, policy(&fleet.issuer().url, account)).unwrap();
+    std::fs::write(&policy_path, policy(&fleet.issuer().url, identity)).unwrap();
     let agent = nix::unistd::User::from_name(AGENT_ACCOUNT)
         .unwrap()
         .unwrap();
@@ -101,7 +105,8 @@ fn stderr_of(fleet: &Fleet, process: &testbot_e2e::Process) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_refuses_to_start_when_jobs_would_run_as_its_own_account() {
-    let (fleet, policy, _state) = fleet_for_unprivileged_agent(AGENT_ACCOUNT).await;
+    let (fleet, policy, _state) =
+        fleet_for_unprivileged_agent(&default_account(AGENT_ACCOUNT)).await;
     let wrapper = as_agent_account(None);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let extra = format!("policy = \"{}\"\n", policy.display());
@@ -125,7 +130,8 @@ async fn an_agent_refuses_to_start_when_jobs_would_run_as_its_own_account() {
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_of_an_agent_with_the_units_capabilities_cannot_read_its_key_or_use_its_capabilities()
 {
-    let (fleet, policy, state_dir) = fleet_for_unprivileged_agent(JOB_ACCOUNT).await;
+    let (fleet, policy, state_dir) =
+        fleet_for_unprivileged_agent(&default_account(JOB_ACCOUNT)).await;
     let wrapper = as_agent_account(Some(UNIT_CAPS));
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let extra = format!("policy = \"{}\"\n", policy.display());
@@ -173,5 +179,54 @@ async fn jobs_of_an_agent_with_the_units_capabilities_cannot_read_its_key_or_use
             & 0o7777,
         0o600
     );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_the_identity_script_maps_to_the_agents_own_account_is_refused() {
+    // The script is only known when the job is about to run, so the start-up check cannot see it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.path().join("map-account");
+    let body = format!("#!/bin/sh\ncat >/dev/null\necho {AGENT_ACCOUNT}\n");
+    std::fs::write(&script, &body).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()).as_ref());
+    let identity = format!(
+        "[identity.script]\npath = \"{}\"\nsha256 = \"{sha256}\"\n",
+        script.display()
+    );
+    let (fleet, policy, _state) = fleet_for_unprivileged_agent(&identity).await;
+    let wrapper = as_agent_account(Some(UNIT_CAPS));
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let extra = format!("policy = \"{}\"\n", policy.display());
+    let _agent = fleet.spawn_agent_through(&wrapper, "login1", &extra);
+    fleet.wait_policy_agents(1).await;
+    let marker = fleet.dir.path().join("ran-as-the-agent");
+    let job = fleet
+        .workflow(REPO)
+        .submit(&JobSpec {
+            script: format!("touch {}", marker.display()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (done, log) = fleet.finished(&job).await;
+    assert_eq!(done.state, JobState::Error, "{log}");
+    let uid = nix::unistd::User::from_name(AGENT_ACCOUNT)
+        .unwrap()
+        .unwrap()
+        .uid;
+    assert_eq!(
+        done.reason.as_deref(),
+        Some(
+            format!(
+                "refused by the site policy of agent login1: the site policy maps this job to account {AGENT_ACCOUNT} (uid {uid}), the agent's own account: a job running as the agent could read its private key, so it is refused unless the agent's configuration sets allow_jobs_as_agent_account = true"
+            )
+            .as_str()
+        ),
+        "{log}"
+    );
+    assert!(!marker.exists(), "the job ran as the agent");
     fleet.stop().await;
 }
