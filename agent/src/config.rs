@@ -7,7 +7,8 @@
 //! name = "login1"
 //! labels = ["linux", "x86_64"]
 //! concurrency = 2
-//! work_dir = "/var/lib/testbot-agent"
+//! work_dir = "/var/lib/testbot-agent/work"
+//! state_dir = "/var/lib/testbot-agent/state"
 //! ```
 
 use std::path::{Path, PathBuf};
