@@ -68,6 +68,81 @@ fn load_policy(config: &AgentConfig) -> anyhow::Result<Option<Arc<SitePolicy>>> 
     Ok(Some(Arc::new(policy)))
 }
 
+/// Refuses a policy under which jobs would run as the agent's own account (they could read its
+/// key and records, and act as the agent) unless the configuration allows it by name, and one
+/// that maps jobs to other accounts when the agent cannot switch to them.
+fn check_accounts(config: &AgentConfig, policy: &SitePolicy) -> anyhow::Result<()> {
+    let me = nix::unistd::geteuid();
+    let path = config
+        .policy
+        .as_deref()
+        .unwrap_or(std::path::Path::new("?"));
+    for name in policy.identity().named_accounts() {
+        // Accounts that do not exist are reported by `load_policy`.
+        let Ok(account) = crate::identity::lookup_account(name) else {
+            continue;
+        };
+        if account.uid == me {
+            anyhow::ensure!(
+                config.allow_jobs_as_agent_account,
+                "The site policy {} maps jobs to account {} (uid {}), which is the account the agent runs as: such jobs could read the agent's private key and job records in {} and act as this agent. Map jobs to other accounts (the agent then needs root, or the capabilities in packaging/systemd/testbot-agent.service), or set allow_jobs_as_agent_account = true in the agent configuration if that is really intended.",
+                path.display(),
+                account.name,
+                account.uid,
+                config.state_dir().display()
+            );
+        } else {
+            anyhow::ensure!(
+                me.is_root() || crate::executor::has_capability(crate::executor::CAP_SETUID),
+                "The site policy {} maps jobs to account {} (uid {}), but the agent runs as uid {me} without CAP_SETUID and cannot switch to it: run the agent as root, or with the capabilities in packaging/systemd/testbot-agent.service.",
+                path.display(),
+                account.name,
+                account.uid
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Makes the state directory the agent's alone: created with mode 0700, tightened if looser,
+/// refused if it belongs to someone else or overlaps the work directory.
+fn prepare_state_dir(config: &AgentConfig) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    config.check_state_dir().map_err(anyhow::Error::msg)?;
+    let dir = config.state_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("Cannot create the state directory {}", dir.display()))?;
+    let meta = std::fs::metadata(&dir)
+        .with_context(|| format!("Cannot read the state directory {}", dir.display()))?;
+    let me = nix::unistd::geteuid();
+    anyhow::ensure!(
+        meta.uid() == me.as_raw(),
+        "The state directory {} belongs to uid {}, not to the agent (uid {me}): give it to the agent's account (chown) or set state_dir to a directory of its own.",
+        dir.display(),
+        meta.uid()
+    );
+    if meta.mode() & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o7777), "The state directory was open to others; setting its mode to 0700.");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("Cannot set the mode of {}", dir.display()))?;
+    }
+    // Before the state directory had a place of its own, the identity lay in the work directory.
+    let old = config.work_dir.join(crate::enroll::IDENTITY_FILE);
+    anyhow::ensure!(
+        dir.join(crate::enroll::IDENTITY_FILE).exists() || !old.exists(),
+        "{} holds this agent's identity, but the identity now lives in state_dir {}, out of the jobs' reach: move {} and {} from {} there (with the slurm, docker, podman or kubernetes directory of job records, if any), then start the agent again.",
+        old.display(),
+        dir.display(),
+        crate::enroll::IDENTITY_FILE,
+        crate::enroll::KEY_FILE,
+        config.work_dir.display()
+    );
+    Ok(())
+}
+
 /// A configured agent, ready to run.
 pub struct Agent {
     name: String,
@@ -151,12 +226,21 @@ impl Agent {
             );
         }
         let name = config.resolve_name();
-        std::fs::create_dir_all(config.work_dir.join("jobs")).map_err(|e| {
+        if let Some(policy) = &policy {
+            check_accounts(&config, policy)?;
+        }
+        prepare_state_dir(&config)?;
+        let jobs = config.work_dir.join("jobs");
+        std::fs::create_dir_all(&jobs).map_err(|e| {
             anyhow::anyhow!(
                 "Cannot create work directory {}: {e}",
                 config.work_dir.display()
             )
         })?;
+        // Job accounts pass through to their own directories, but cannot list the others.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&jobs, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("Cannot set the mode of {}", jobs.display()))?;
         Ok(Agent {
             name,
             config,
@@ -205,6 +289,7 @@ impl Agent {
             site: policy.as_ref().map(|policy| SiteGate {
                 policy: policy.clone(),
                 verifier: OidcVerifier::new(policy.oidc()),
+                allow_agent_account: config.allow_jobs_as_agent_account,
             }),
             workflow_jobs_without_policy: config.allow_workflow_jobs_without_policy,
         });

@@ -7,7 +7,8 @@
 //! name = "login1"
 //! labels = ["linux", "x86_64"]
 //! concurrency = 2
-//! work_dir = "/var/lib/testbot-agent"
+//! work_dir = "/var/lib/testbot-agent/work"
+//! state_dir = "/var/lib/testbot-agent/state"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -63,10 +64,20 @@ pub struct AgentConfig {
     /// A file holding the enrollment token (first line). Default: none.
     #[serde(default)]
     pub enrollment_token_file: Option<PathBuf>,
-    /// Where the agent keeps its identity (`identity.json`) and private key (`agent-key.pk8`,
-    /// mode 0600). Default: `work_dir`.
+    /// Where the agent keeps its identity (`identity.json`), its private key (`agent-key.pk8`)
+    /// and the records of running jobs: a directory of the agent's own that no job can read. The
+    /// agent creates it with mode 0700 and tightens a looser one at start; it must lie outside
+    /// `work_dir` (which job accounts traverse, and which for Slurm is on a shared file system).
+    /// Default: `/var/lib/testbot-agent/state`.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Lets the site policy map jobs to the agent's own account. Such a job can read whatever
+    /// the agent can, its private key and job records included, and so act as this agent at the
+    /// broker; only for a site where that is acceptable. Without it the agent refuses to start
+    /// when the policy names its own account, and refuses a job an identity script maps to it.
+    /// Default: false.
+    #[serde(default)]
+    pub allow_jobs_as_agent_account: bool,
     /// The site policy file: which repositories, refs, events and users may run jobs here, with
     /// which executors and resources, as which local account. Without one, the agent runs the
     /// jobs operators submit, as its own user: only for a private fleet (`testbot up`).
@@ -88,8 +99,8 @@ pub struct AgentConfig {
     /// How many jobs run at once. Default: 1.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// Where job directories are created (`WORK_DIR/jobs/job-ID-ATTEMPT`). Default:
-    /// `/var/lib/testbot-agent`.
+    /// Where job directories are created (`WORK_DIR/jobs/job-ID-ATTEMPT`); job accounts must be
+    /// able to traverse it. Default: `/var/lib/testbot-agent/work`.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,
     /// The executor: `shell`, `slurm`, `docker`, `podman`, `kubernetes` or `noop`. Default:
@@ -131,7 +142,10 @@ fn default_concurrency() -> usize {
     1
 }
 fn default_work_dir() -> PathBuf {
-    PathBuf::from("/var/lib/testbot-agent")
+    PathBuf::from("/var/lib/testbot-agent/work")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/testbot-agent/state")
 }
 fn default_executor() -> ExecutorKind {
     ExecutorKind::Shell
@@ -157,7 +171,9 @@ fn de_duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
 }
 
 impl AgentConfig {
-    /// A configuration with every default, for embedding (tests, `testbot up`).
+    /// A configuration with every default, for embedding (tests, `testbot up`), but with its
+    /// state beside `work_dir` ([`AgentConfig::state_dir_beside`]), so agents embedded side by
+    /// side keep apart.
     pub fn new(
         broker_url: impl Into<String>,
         enrollment_token: SecretString,
@@ -167,7 +183,8 @@ impl AgentConfig {
             broker_url: broker_url.into(),
             enrollment_token: Some(enrollment_token),
             enrollment_token_file: None,
-            state_dir: None,
+            state_dir: Some(AgentConfig::state_dir_beside(&work_dir)),
+            allow_jobs_as_agent_account: false,
             policy: None,
             allow_workflow_jobs_without_policy: false,
             name: None,
@@ -232,6 +249,20 @@ impl AgentConfig {
                 ));
             }
         }
+        self.check_state_dir()
+    }
+
+    /// The state directory must not overlap the work directory.
+    pub fn check_state_dir(&self) -> Result<(), String> {
+        let state_dir = self.state_dir();
+        if state_dir.starts_with(&self.work_dir) || self.work_dir.starts_with(&state_dir) {
+            return Err(format!(
+                "state_dir {} and work_dir {} overlap: jobs reach into work_dir, and the agent's key and job records must be out of their reach; set state_dir to a directory outside work_dir (default {})",
+                state_dir.display(),
+                self.work_dir.display(),
+                default_state_dir().display()
+            ));
+        }
         Ok(())
     }
 
@@ -258,11 +289,17 @@ impl AgentConfig {
         Ok(Some(SecretString::from(token)))
     }
 
-    /// Where the identity lives.
+    /// Where the identity and the job records live.
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(|| self.work_dir.clone())
+        self.state_dir.clone().unwrap_or_else(default_state_dir)
+    }
+
+    /// `WORK_DIR-state`: the state directory of an agent embedded with its work directory at
+    /// `work_dir`.
+    pub fn state_dir_beside(work_dir: &Path) -> PathBuf {
+        let mut name = work_dir.file_name().unwrap_or_default().to_os_string();
+        name.push("-state");
+        work_dir.with_file_name(name)
     }
 
     /// The configured name, or the host name.
@@ -307,6 +344,45 @@ mod tests {
         assert_eq!(config.kill_grace, defaults.kill_grace);
         assert_eq!(config.poll_wait, defaults.poll_wait);
         assert_eq!(config.keep_job_dirs, defaults.keep_job_dirs);
+        assert_eq!(config.state_dir(), default_state_dir());
+        assert_eq!(
+            config.allow_jobs_as_agent_account,
+            defaults.allow_jobs_as_agent_account
+        );
+    }
+
+    #[test]
+    fn the_state_directory_stays_out_of_the_work_directory() {
+        let config = AgentConfig::parse("broker_url = \"https://x\"\n").unwrap();
+        assert_eq!(
+            config.state_dir(),
+            PathBuf::from("/var/lib/testbot-agent/state")
+        );
+        assert_eq!(
+            config.work_dir,
+            PathBuf::from("/var/lib/testbot-agent/work")
+        );
+        for (work, state) in [
+            ("/srv/ci", "/srv/ci/state"),
+            ("/srv/ci", "/srv/ci"),
+            ("/srv/ci/work", "/srv/ci"),
+        ] {
+            let err = AgentConfig::parse(&format!(
+                "broker_url = \"https://x\"\nwork_dir = \"{work}\"\nstate_dir = \"{state}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.contains(&format!("state_dir {state} and work_dir {work} overlap")),
+                "{err}"
+            );
+        }
+        let embedded = AgentConfig::new(
+            "x",
+            SecretString::from("t"),
+            PathBuf::from("/tmp/f/agent-a"),
+        );
+        assert_eq!(embedded.state_dir(), PathBuf::from("/tmp/f/agent-a-state"));
+        assert!(embedded.check_state_dir().is_ok());
     }
 
     #[test]

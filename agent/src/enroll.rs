@@ -14,8 +14,8 @@ use testbot_proto::agents::PolicySummary;
 use testbot_proto::client::{Backoff, BrokerClient, ClientError};
 use testbot_proto::sites::EnrollRequest;
 
-const IDENTITY_FILE: &str = "identity.json";
-const KEY_FILE: &str = "agent-key.pk8";
+pub(crate) const IDENTITY_FILE: &str = "identity.json";
+pub(crate) const KEY_FILE: &str = "agent-key.pk8";
 
 /// Who the agent is at its broker.
 #[derive(Clone)]

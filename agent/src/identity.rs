@@ -54,6 +54,11 @@ pub struct AccountMapping {
     /// The GitHub login that triggered the run (exact). Default: any actor.
     #[serde(default)]
     pub actor: Option<String>,
+    /// GitHub's numeric id of `actor` (the token's `actor_id`): a job of the login whose id
+    /// differs (the login was renamed and taken by someone else) is refused, not mapped.
+    /// Default: not pinned.
+    #[serde(default)]
+    pub actor_id: Option<u64>,
     /// A repository glob (`owner/name`, `owner/*`). Default: any repository.
     #[serde(default)]
     pub repository: Option<String>,
@@ -127,8 +132,10 @@ pub struct LocalAccount {
 }
 
 impl IdentitySettings {
-    /// How the account of a job with these claims is chosen; `None` when nothing maps it.
-    pub fn choose(&self, claims: &WorkflowClaims) -> Option<AccountChoice> {
+    /// How the account of a job with these claims is chosen; `None` when nothing maps it. `Err`
+    /// (a sentence for the submitter) when the entry matching the job's login pins another
+    /// `actor_id`: the job is refused, not passed on to a later entry or the default.
+    pub fn choose(&self, claims: &WorkflowClaims) -> Result<Option<AccountChoice>, String> {
         let mapped = self.map.iter().position(|entry| {
             entry.actor.as_ref().is_none_or(|a| *a == claims.actor)
                 && entry
@@ -137,20 +144,35 @@ impl IdentitySettings {
                     .is_none_or(|r| glob_match(r, &claims.repository))
         });
         if let Some(index) = mapped {
-            return Some(AccountChoice::Named {
-                name: self.map[index].account.clone(),
+            let entry = &self.map[index];
+            if let Some(pinned) = entry.actor_id
+                && claims.actor_id.as_deref() != Some(pinned.to_string().as_str())
+            {
+                return Err(format!(
+                    "actor {} has id {}, but identity.map[{index}] pins that login to id {pinned}: the login may have passed to someone else, so the job is not mapped to account {}",
+                    claims.actor,
+                    claims
+                        .actor_id
+                        .as_deref()
+                        .unwrap_or("none (the token carries no actor_id)"),
+                    entry.account
+                ));
+            }
+            return Ok(Some(AccountChoice::Named {
+                name: entry.account.clone(),
                 source: AccountSource::Map { index },
-            });
+            }));
         }
         if let Some(script) = &self.script {
-            return Some(AccountChoice::Script(script.clone()));
+            return Ok(Some(AccountChoice::Script(script.clone())));
         }
-        self.default_account
+        Ok(self
+            .default_account
             .as_ref()
             .map(|name| AccountChoice::Named {
                 name: name.clone(),
                 source: AccountSource::Default,
-            })
+            }))
     }
 
     /// Every account name the file writes (map entries, then the default).
@@ -204,12 +226,63 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 /// Checks that the script on disk is the one the policy pins, and that nobody but its owner can
 /// change it. The error says what to do.
 pub fn check_script(script: &AccountScript) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
+    open_script(script).map(|_| ())
+}
+
+/// Opens the identity script once and checks what was opened: a regular file (not a link) owned
+/// by root or the agent's account, writable by no one else, in directories no one else can
+/// write to (sticky ones aside), whose sha256 is the pinned one. The caller executes this open
+/// file ([`run_opened`]), never the path again, so the file cannot be swapped between the check
+/// and the run.
+pub fn open_script(script: &AccountScript) -> Result<std::fs::File, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
     let path = script.path.display();
-    let meta = std::fs::metadata(&script.path)
+    let agent = Uid::effective().as_raw();
+    let owned_by_us = |uid: u32| uid == 0 || uid == agent;
+    let mut ancestors = script.path.ancestors().skip(1).peekable();
+    let parent = ancestors.peek().copied();
+    for dir in ancestors {
+        let meta = std::fs::metadata(dir).map_err(|e| {
+            format!(
+                "cannot read directory {} of identity script {path}: {e}",
+                dir.display()
+            )
+        })?;
+        if Some(dir) == parent && !owned_by_us(meta.uid()) {
+            return Err(format!(
+                "directory {} of identity script {path} is owned by uid {}: it must be owned by root or by the agent's account",
+                dir.display(),
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(format!(
+                "directory {} of identity script {path} is writable by group or others (mode {:o}), so the script could be swapped: chmod go-w it",
+                dir.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&script.path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) {
+                format!("identity script {path} is a symbolic link: set identity.script.path to the file itself")
+            } else {
+                format!("cannot read identity script {path}: {e}")
+            }
+        })?;
+    let meta = file
+        .metadata()
         .map_err(|e| format!("cannot read identity script {path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("identity script {path} is not a regular file"));
+    }
     let owner = meta.uid();
-    if owner != 0 && owner != Uid::effective().as_raw() {
+    if !owned_by_us(owner) {
         return Err(format!(
             "identity script {path} is owned by uid {owner}: it must be owned by root or by the agent's account"
         ));
@@ -220,24 +293,63 @@ pub fn check_script(script: &AccountScript) -> Result<(), String> {
             meta.mode() & 0o7777
         ));
     }
-    let actual = sha256_file(&script.path)
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read identity script {path}: {e}"))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let actual: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     if !actual.eq_ignore_ascii_case(&script.sha256) {
         return Err(format!(
             "identity script {path} has sha256 {actual}, but the policy pins {}: refusing to run it; if the change is intended, put the new hash in identity.script.sha256",
             script.sha256
         ));
     }
-    Ok(())
+    Ok(file)
 }
 
 /// Runs the identity script: hash checked first, claims as JSON on stdin, a clean environment,
 /// its own process group, a time limit. Returns the account name it printed.
 pub async fn run_script(script: &AccountScript, claims: &WorkflowClaims) -> Result<String, String> {
-    check_script(script)?;
+    let file = open_script(script)?;
+    run_opened(&file, script, claims).await
+}
+
+/// Makes `fd` survive the `exec` of `command` in the child only. The interpreter of a `#!`
+/// script opens `/proc/self/fd/N` after the exec, so the descriptor must still be open then;
+/// clearing close-on-exec in the agent itself instead would hand it to every process the agent
+/// starts meanwhile, jobs included.
+#[allow(unsafe_code)]
+fn keep_open_across_exec(command: &mut tokio::process::Command, fd: std::os::fd::RawFd) {
+    // SAFETY: between fork and exec the closure calls only fcntl(2), which is
+    // async-signal-safe, on a descriptor the parent keeps open until the child has started.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map(|_| ())
+            .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Runs the identity script `file` (opened and checked by [`open_script`]) through
+/// `/proc/self/fd/N`: the kernel, and the script's interpreter after it, open the very file
+/// whose hash was checked.
+pub async fn run_opened(
+    file: &std::fs::File,
+    script: &AccountScript,
+    claims: &WorkflowClaims,
+) -> Result<String, String> {
+    use std::os::fd::AsRawFd as _;
+    let fd = file.as_raw_fd();
+    let mut command = tokio::process::Command::new(format!("/proc/self/fd/{fd}"));
+    keep_open_across_exec(&mut command, fd);
     let path = script.path.display();
     let input = serde_json::to_vec(claims).map_err(|e| format!("cannot encode the claims: {e}"))?;
-    let mut child = tokio::process::Command::new(&script.path)
+    let mut child = command
         .env_clear()
         .env("PATH", SCRIPT_PATH_ENV)
         .env("LC_ALL", "C")
@@ -508,6 +620,90 @@ esac"#;
         assert!(
             !marker.exists(),
             "a script with the wrong hash must not run"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_script_that_runs_is_the_one_whose_hash_was_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("swapped-in-ran");
+        let (path, sha256) = script(dir.path(), "cat >/dev/null; echo daemon");
+        let pinned = AccountScript {
+            path: path.clone(),
+            sha256,
+            timeout: Duration::from_secs(5),
+        };
+        let file = open_script(&pinned).unwrap();
+        // Between the check and the run, someone puts another file at the path.
+        let other = dir.path().join("other");
+        std::fs::write(
+            &other,
+            format!("#!/bin/bash\ntouch {}\necho bin\n", marker.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let mut ran = Err(String::new());
+        for _ in 0..20 {
+            ran = run_opened(&file, &pinned, &claims("alice", "o/app")).await;
+            match &ran {
+                Err(e) if e.contains("Text file busy") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(ran.unwrap(), "daemon");
+        assert!(!marker.exists(), "the swapped-in file ran");
+        // The path now holds a file of another hash: the next run refuses it.
+        assert!(
+            run_script(&pinned, &claims("alice", "o/app"))
+                .await
+                .unwrap_err()
+                .contains("but the policy pins")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_script_in_a_directory_others_can_write_or_behind_a_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        let (path, sha256) = script(&open, "echo daemon");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let in_open_dir = AccountScript {
+            path: path.clone(),
+            sha256: sha256.clone(),
+            timeout: Duration::from_secs(5),
+        };
+        let err = run_script(&in_open_dir, &claims("alice", "o/app"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "directory {} of identity script {} is writable by group or others (mode 777), so the script could be swapped: chmod go-w it",
+                open.display(),
+                path.display()
+            )
+        );
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let behind_link = AccountScript {
+            path: link.clone(),
+            sha256,
+            timeout: Duration::from_secs(5),
+        };
+        let err = run_script(&behind_link, &claims("alice", "o/app"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "identity script {} is a symbolic link: set identity.script.path to the file itself",
+                link.display()
+            )
         );
     }
 

@@ -105,6 +105,9 @@ pub fn check_without_policy(
 pub struct SiteGate {
     pub policy: Arc<SitePolicy>,
     pub verifier: OidcVerifier,
+    /// The configuration's `allow_jobs_as_agent_account`: whether a job may run as the agent's
+    /// own account.
+    pub allow_agent_account: bool,
 }
 
 /// A job the site allows, and how it runs.
@@ -162,6 +165,14 @@ impl SiteGate {
             Decision::Deny { reason } => Err(Refusal::refused(reason)),
             Decision::Allow { rule, account } => {
                 let account = crate::identity::resolve(&account, &claims).await?;
+                // The names in the policy were checked at start; an identity script's answer
+                // only now.
+                if account.uid == nix::unistd::geteuid() && !self.allow_agent_account {
+                    return Err(Refusal::refused(format!(
+                        "the site policy maps this job to account {} (uid {}), the agent's own account: a job running as the agent could read its private key, so it is refused unless the agent's configuration sets allow_jobs_as_agent_account = true",
+                        account.name, account.uid
+                    )));
+                }
                 tracing::info!(
                     job_id = %assignment.job_id,
                     repository = %claims.repository,

@@ -64,6 +64,12 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// `WORK-state`: where the harness keeps the state of the agent whose work directory is `work`
+/// (as [`AgentConfig::new`] does).
+pub fn state_dir_beside(work: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-state", work.display()))
+}
+
 /// A free TCP port on loopback (for a broker that must restart on the same address).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -403,20 +409,7 @@ impl Fleet {
 
     /// Starts a `testbot-agent` process with this configuration (TOML written to the data dir).
     pub fn spawn_agent(&self, name: &str, extra_toml: &str) -> Process {
-        let work = self.dir.path().join(format!("agent-{name}"));
-        let token_file = self.dir.path().join("enrollment.token");
-        std::fs::write(&token_file, self.enrollment_token.expose_secret()).unwrap();
-        let config = self.dir.path().join(format!("agent-{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"{name}\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\nkill_grace = \"2s\"\n{extra_toml}\n",
-                self.url,
-                token_file.display(),
-                work.display()
-            ),
-        )
-        .unwrap();
+        let config = self.agent_config_file(name, extra_toml);
         Process::spawn(
             "testbot-agent",
             &["run", "--config", config.to_str().unwrap()],
@@ -424,6 +417,49 @@ impl Fleet {
             self.dir.path(),
         )
         .expect("agent process")
+    }
+
+    /// Starts a `testbot-agent` process as [`Fleet::spawn_agent`] does, but through `wrapper`
+    /// (a program and its arguments, e.g. `setpriv` to run it as another account).
+    pub fn spawn_agent_through(&self, wrapper: &[&str], name: &str, extra_toml: &str) -> Process {
+        let config = self.agent_config_file(name, extra_toml);
+        let agent = bin_path("testbot-agent");
+        let mut args: Vec<&str> = wrapper[1..].to_vec();
+        args.extend([
+            agent.to_str().unwrap(),
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        Process::spawn_at(
+            Path::new(wrapper[0]),
+            &args,
+            &[],
+            self.dir.path(),
+            self.dir.path(),
+        )
+        .expect("agent process")
+    }
+
+    /// The configuration file of agent `name`: work directory `agent-NAME` and state directory
+    /// `agent-NAME-state` in the data dir, and `extra_toml`.
+    pub fn agent_config_file(&self, name: &str, extra_toml: &str) -> PathBuf {
+        let work = self.dir.path().join(format!("agent-{name}"));
+        let token_file = self.dir.path().join("enrollment.token");
+        std::fs::write(&token_file, self.enrollment_token.expose_secret()).unwrap();
+        let config = self.dir.path().join(format!("agent-{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nstate_dir = \"{}\"\npoll_wait = \"5s\"\nkill_grace = \"2s\"\n{extra_toml}\n",
+                self.url,
+                token_file.display(),
+                work.display(),
+                state_dir_beside(&work).display()
+            ),
+        )
+        .unwrap();
+        config
     }
 
     /// Submits a job with just a script.

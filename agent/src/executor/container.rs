@@ -328,10 +328,12 @@ impl ContainerExecutor {
             .or_else(|| self.settings.default_image.clone())
             .context("the job names no image and the site has no default_image")?;
         testbot_proto::jobs::validate_image(&image).map_err(anyhow::Error::msg)?;
+        // The directory is fresh and still the agent's (mode 0700): files are created new, with
+        // their own modes, before it is handed to the job's account.
         let workspace = job.dir.join("workspace");
-        tokio::fs::create_dir_all(&workspace).await?;
-        tokio::fs::write(job.dir.join("script.sh"), &job.spec.script).await?;
-        write_private(&job.dir.join(ENV_FILE), env_file(&job.spec.env).as_bytes())?;
+        super::private_dir(&workspace)?;
+        super::write_new_file(&job.dir.join("script.sh"), job.spec.script.as_bytes())?;
+        super::write_new_file(&job.dir.join(ENV_FILE), env_file(&job.spec.env).as_bytes())?;
         if let Some(account) = super::switches_account(job) {
             super::hand_over(&job.dir, account)?;
         }
@@ -451,7 +453,9 @@ impl ContainerExecutor {
             .with_context(|| format!("unexpected inspect output: {text:?}"))?;
         // docker reports OOM kills in the container's state; podman (4.x) leaves the file
         // `oom` in the directory it was started from.
-        let oom = fields.next() == Some("true") || job.dir.join("oom").exists();
+        // The marker is conmon's (root's) regular file; a link in its place is not believed.
+        let oom = fields.next() == Some("true")
+            || std::fs::symlink_metadata(job.dir.join("oom")).is_ok_and(|m| m.is_file());
         let limit = job.spec.resources.memory_mib;
         if oom {
             let limit = limit.map(|m| format!(" of {m} MiB")).unwrap_or_default();
@@ -490,20 +494,6 @@ fn env_file(env: &std::collections::BTreeMap<String, String>) -> String {
     env.iter()
         .map(|(name, value)| format!("export {name}='{}'\n", value.replace('\'', "'\\''")))
         .collect()
-}
-
-/// Writes a file only its owner can read (the job's variables may be secrets).
-fn write_private(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let _ = std::fs::remove_file(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut file| file.write_all(contents))
-        .with_context(|| format!("Cannot write {}", path.display()))
 }
 
 /// Variables of the agent's own environment the engine's client gets: where the engine and its

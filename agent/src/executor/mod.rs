@@ -284,6 +284,11 @@ pub fn find_program(program: &str) -> anyhow::Result<PathBuf> {
 /// `cgroup_procs` is given (a job cgroup's `cgroup.procs`, opened by the agent), the child moves
 /// itself into that cgroup first, before it can start anything that would escape it. The agent's
 /// own account needs no switch.
+///
+/// An agent that is not root but holds capabilities (the systemd unit gives it the few it needs
+/// as ambient capabilities) would pass them on: a uid change from a non-root uid keeps them, and
+/// ambient capabilities survive `exec`. The child therefore clears its ambient set before the
+/// exec, so the program starts with none.
 pub fn command_as(
     job: &JobContext,
     program: &str,
@@ -301,14 +306,12 @@ pub fn command_as(
         }
         None => None,
     };
-    if switch.is_some() || cgroup_procs.is_some() {
-        pre_exec_confine(&mut command, cgroup_procs, switch);
-    }
+    pre_exec_confine(&mut command, cgroup_procs, switch);
     Ok(command)
 }
 
 /// Runs in the forked child before exec: joins the job's cgroup, then drops to the account.
-/// Only async-signal-safe calls (write, setgroups, setgid, setuid), as the agent is
+/// Only async-signal-safe calls (write, setgroups, setgid, setuid, prctl), as the agent is
 /// multi-threaded.
 #[allow(unsafe_code)]
 fn pre_exec_confine(
@@ -326,6 +329,20 @@ fn pre_exec_confine(
             nix::unistd::setgroups(groups)?;
             nix::unistd::setgid(*gid)?;
             nix::unistd::setuid(*uid)?;
+        }
+        // Whatever the agent holds as ambient capabilities must not cross the exec.
+        // SAFETY: prctl with integer arguments only; no memory is passed.
+        let cleared = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        if cleared != 0 {
+            return Err(std::io::Error::last_os_error());
         }
         Ok(())
     };
@@ -356,41 +373,208 @@ pub fn switches_account(job: &JobContext) -> Option<&LocalAccount> {
 }
 
 /// Gives the job directory and everything in it to `account`, so the job can write there and
-/// leaves no files the account cannot remove. Only root can do this; any other agent must run
-/// jobs as itself.
+/// leaves no files the account cannot remove. Needs root or `CAP_CHOWN`; any other agent must
+/// run jobs as itself.
+///
+/// Everything is listed while the directory still belongs to the agent (mode 0700, so no other
+/// account can reach into it), then given away deepest first and the directory itself last: a
+/// process of the account that is already running cannot swap an entry for a symbolic link
+/// half-way and have the agent follow it.
 pub fn hand_over(
     dir: &std::path::Path,
     account: &crate::identity::LocalAccount,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
-        nix::unistd::geteuid().is_root(),
-        "the site policy maps this job to account {} (uid {}), but the agent runs as uid {} and cannot switch accounts: run the agent as root, or map jobs to the agent's own account",
+        nix::unistd::geteuid().is_root() || has_capability(CAP_CHOWN),
+        "the site policy maps this job to account {} (uid {}), but the agent runs as uid {} without the capabilities to switch accounts: run the agent as root or with CAP_SETUID, CAP_SETGID, CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_KILL (packaging/systemd/testbot-agent.service)",
         account.name,
         account.uid,
         nix::unistd::geteuid()
     );
     let (uid, gid) = (Some(account.uid.as_raw()), Some(account.gid.as_raw()));
+    let mut listed = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(path) = pending.pop() {
-        std::os::unix::fs::lchown(&path, uid, gid)
-            .with_context(|| format!("Cannot give {} to {}", path.display(), account.name))?;
-        if path.is_dir() && !path.is_symlink() {
+        let meta = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("Cannot read {}", path.display()))?;
+        if meta.is_dir() {
             for entry in std::fs::read_dir(&path)? {
                 pending.push(entry?.path());
             }
         }
+        listed.push(path);
+    }
+    for path in listed.iter().rev() {
+        std::os::unix::fs::lchown(path, uid, gid)
+            .with_context(|| format!("Cannot give {} to {}", path.display(), account.name))?;
     }
     Ok(())
 }
 
-/// Creates an empty directory at `dir`, removing what a previous attempt left there.
+/// Creates an empty directory at `dir` (mode 0700, whatever the umask), removing what a previous
+/// attempt left there.
 pub async fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
     match tokio::fs::remove_dir_all(dir).await {
         Ok(()) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(err).with_context(|| format!("Cannot clear {}", dir.display())),
     }
-    tokio::fs::create_dir_all(dir)
-        .await
-        .with_context(|| format!("Cannot create {}", dir.display()))
+    if let Some(parent) = dir.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .with_context(|| format!("Cannot create {}", parent.display()))?;
+    }
+    private_dir(dir)
+}
+
+/// Creates the directory `path` with mode 0700; it must not exist yet (a job directory is fresh,
+/// so anything already there is not the agent's).
+pub fn private_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("Cannot create {}", path.display()))
+}
+
+/// Writes a new file into a job directory before it is handed over: created, never opened if
+/// something is already there, with mode 0600 whatever the umask.
+pub fn write_new_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .with_context(|| format!("Cannot create {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("Cannot write {}", path.display()))
+}
+
+/// Why a file in a job's directory was not opened.
+#[derive(Debug)]
+pub enum JobFileError {
+    /// There is no such file (not yet, or no more).
+    Missing,
+    /// The file is not one the agent may read for the job: what it is instead, as a phrase
+    /// ("it is a symbolic link").
+    Refused(String),
+    Io(std::io::Error),
+}
+
+/// Opens a file the agent reads in a directory the job's account owns, where the job may have
+/// put anything in its place: a symbolic link is never followed (it could point at a key only
+/// the agent may read), nothing blocks (a FIFO would hold the agent forever), and only a regular
+/// file owned by `owner` is accepted (not a device such as `/dev/zero`, nor a hard link to
+/// someone else's file).
+pub fn open_job_file(path: &Path, owner: nix::unistd::Uid) -> Result<std::fs::File, JobFileError> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _};
+    let flags =
+        nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(JobFileError::Missing);
+        }
+        Err(err) if err.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
+            return Err(JobFileError::Refused("it is a symbolic link".into()));
+        }
+        Err(err) => return Err(JobFileError::Io(err)),
+    };
+    let meta = file.metadata().map_err(JobFileError::Io)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(JobFileError::Refused(format!(
+            "it is {what}, not a regular file"
+        )));
+    }
+    if meta.uid() != owner.as_raw() {
+        return Err(JobFileError::Refused(format!(
+            "it belongs to uid {}, not to the job's account (uid {owner})",
+            meta.uid()
+        )));
+    }
+    Ok(file)
+}
+
+/// The uid that owns the files of a job's directory once it is handed over: the job's account,
+/// or the agent's own.
+pub fn job_owner(job: &JobContext) -> nix::unistd::Uid {
+    job.run_as
+        .as_ref()
+        .map_or_else(nix::unistd::geteuid, |account| account.uid)
+}
+
+/// Linux capability numbers the agent checks for (`capabilities(7)`).
+pub const CAP_CHOWN: u32 = 0;
+pub const CAP_SETUID: u32 = 7;
+
+/// Whether the agent holds a capability in its effective set (read from `/proc/self/status`).
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|set| set & (1 << cap) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[tokio::test]
+    async fn job_directories_and_their_files_are_private_whatever_the_umask() {
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path().join("jobs").join("job-1-1");
+        fresh_dir(&job).await.unwrap();
+        private_dir(&job.join("workspace")).unwrap();
+        write_new_file(&job.join("script.sh"), b"true").unwrap();
+        nix::sys::stat::umask(old);
+        assert_eq!(mode(&job), 0o700);
+        assert_eq!(mode(&job.join("workspace")), 0o700);
+        assert_eq!(mode(&job.join("script.sh")), 0o600);
+
+        // What is already there is never opened: a link planted where a file is to be written.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "untouched").unwrap();
+        std::os::unix::fs::symlink(&target, job.join("stdout.log")).unwrap();
+        assert!(write_new_file(&job.join("stdout.log"), b"").is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+        // A second attempt starts from an empty directory again.
+        fresh_dir(&job).await.unwrap();
+        assert_eq!(std::fs::read_dir(&job).unwrap().count(), 0);
+        assert_eq!(mode(&job), 0o700);
+    }
 }

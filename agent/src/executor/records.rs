@@ -64,12 +64,30 @@ impl JobRecords {
         self.dir.join(format!("job-{job}.json"))
     }
 
+    /// Writes a record: mode 0600 in a directory of mode 0700, whatever the umask (a record holds
+    /// the job's lease, script and environment values).
     pub fn save(&self, record: &JobRecord) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
             .with_context(|| format!("Cannot create {}", self.dir.display()))?;
+        let bytes = serde_json::to_vec(record)?;
         let path = self.path(record.job.job_id);
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(record)?)
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&tmp)
+            .with_context(|| format!("Cannot create {}", tmp.display()))?;
+        // A temporary file left by a crash keeps the mode it was created with.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| file.write_all(&bytes))
             .with_context(|| format!("Cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("Cannot write {}", path.display()))?;
         Ok(())
@@ -175,6 +193,22 @@ mod tests {
             lease: "l".into(),
             heartbeat_interval_ms: 1000,
         }
+    }
+
+    #[test]
+    fn records_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode =
+            |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let dir = tempfile::tempdir().unwrap();
+        let records = JobRecords::new(dir.path().join("slurm"));
+        let saved = records.save(&JobRecord::started("h".into(), &context(dir.path())));
+        nix::sys::stat::umask(old);
+        saved.unwrap();
+        // A record holds the job's lease, script and environment values.
+        assert_eq!(mode(&dir.path().join("slurm")), 0o700);
+        assert_eq!(mode(&dir.path().join("slurm/job-4.json")), 0o600);
     }
 
     #[test]

@@ -106,14 +106,14 @@ impl ShellExecutor {
         log: LogSink,
         stop: CancellationToken,
     ) -> anyhow::Result<ExecOutcome> {
+        // The directory is fresh and still the agent's (mode 0700): files are created new, with
+        // their own modes, before it is handed to the job's account.
         let script = job.dir.join("script.sh");
-        tokio::fs::write(&script, &job.spec.script)
-            .await
-            .with_context(|| format!("Cannot write {}", script.display()))?;
+        super::write_new_file(&script, job.spec.script.as_bytes())?;
         let tmp = job.dir.join("tmp");
-        tokio::fs::create_dir_all(&tmp).await?;
+        super::private_dir(&tmp)?;
         let workspace = job.dir.join("workspace");
-        tokio::fs::create_dir_all(&workspace).await?;
+        super::private_dir(&workspace)?;
 
         if let Some(account) = super::switches_account(job) {
             super::hand_over(&job.dir, account)?;

@@ -27,7 +27,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use testbot_proto::jobs::JobState;
 use testbot_proto::logs::{MAX_LINE_BYTES, Stream};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tokio::process::Command;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -217,20 +216,22 @@ impl SlurmExecutor {
                 );
             }
         }
+        // The directory is fresh and still the agent's (mode 0700): files are created new, with
+        // their own modes, before it is handed to the job's account.
         let workspace = job.dir.join("workspace");
-        tokio::fs::create_dir_all(&workspace).await?;
-        tokio::fs::write(job.dir.join("script.sh"), &job.spec.script).await?;
+        super::private_dir(&workspace)?;
+        super::write_new_file(&job.dir.join("script.sh"), job.spec.script.as_bytes())?;
         let batch = job.dir.join("batch.sh");
-        tokio::fs::write(
+        super::write_new_file(
             &batch,
             format!(
                 "#!/bin/bash\n# testbot job {} attempt {}\nexec bash --noprofile --norc -eo pipefail \"$TESTBOT_JOB_DIR/script.sh\"\n",
                 job.id, job.attempt
-            ),
-        )
-        .await?;
+            )
+            .as_bytes(),
+        )?;
         for file in ["stdout.log", "stderr.log"] {
-            tokio::fs::write(job.dir.join(file), b"").await?;
+            super::write_new_file(&job.dir.join(file), b"")?;
         }
         if let Some(account) = super::switches_account(job) {
             super::hand_over(&job.dir, account)?;
@@ -308,8 +309,9 @@ impl SlurmExecutor {
         log: &LogSink,
         stop: &CancellationToken,
     ) -> anyhow::Result<ExecOutcome> {
-        let mut stdout = Tail::new(record.job.dir.join("stdout.log"), record.stdout_pos);
-        let mut stderr = Tail::new(record.job.dir.join("stderr.log"), record.stderr_pos);
+        let owner = super::job_owner(job);
+        let mut stdout = Tail::new(record.job.dir.join("stdout.log"), record.stdout_pos, owner);
+        let mut stderr = Tail::new(record.job.dir.join("stderr.log"), record.stderr_pos, owner);
         // Slurm enforces the time limit (`--time`); the agent's own deadline is a backstop.
         let deadline = Instant::now() + job.timeout + TIME_LIMIT_BACKSTOP;
         let mut state_interval = STATE_INTERVAL_MIN;
@@ -319,8 +321,16 @@ impl SlurmExecutor {
         let mut tick = tokio::time::interval(TAIL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Tailing is one branch, so cancel and the deadline are heard while output is read
+            // (or while the sink makes it wait); a pump stopped half-way loses nothing.
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = async {
+                    tick.tick().await;
+                    // Positions are saved when the broker acknowledges the lines
+                    // ([`Executor::checkpoint`]).
+                    stdout.pump(Stream::Stdout, log).await;
+                    stderr.pump(Stream::Stderr, log).await;
+                } => {}
                 _ = stop.cancelled(), if stopping.is_none() => {
                     log.system(format!("cancelling Slurm job {}", record.handle)).await;
                     self.scancel(&record.handle).await;
@@ -338,9 +348,6 @@ impl SlurmExecutor {
                     next_state_check = Instant::now();
                 }
             }
-            // Positions are saved when the broker acknowledges the lines ([`Executor::checkpoint`]).
-            stdout.pump(Stream::Stdout, log).await;
-            stderr.pump(Stream::Stderr, log).await;
             if Instant::now() < next_state_check {
                 continue;
             }
@@ -374,8 +381,8 @@ impl SlurmExecutor {
             if status.is_terminal() {
                 // Slurm has closed the files; take what is left, including a last line without
                 // a newline.
-                stdout.pump(Stream::Stdout, log).await;
-                stderr.pump(Stream::Stderr, log).await;
+                stdout.drain(Stream::Stdout, log).await;
+                stderr.drain(Stream::Stderr, log).await;
                 stdout.flush(Stream::Stdout, log).await;
                 stderr.flush(Stream::Stderr, log).await;
                 let outcome = match stopping {
@@ -566,67 +573,139 @@ pub fn outcome_of(status: &SlurmStatus, limit: Duration) -> ExecOutcome {
     }
 }
 
+/// The most read from one output file at a time: reads are bounded, so a file that grows
+/// without end cannot make the agent hold more than this (plus one unfinished line).
+const READ_PIECE: usize = 64 * 1024;
+/// The most read from one output file per [`Tail::pump`].
+const READ_PER_PUMP: usize = 16 * READ_PIECE;
+
+/// What one [`Tail::pump`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pumped {
+    /// Nothing new (or the file is gone for now, or refused).
+    Idle,
+    /// New bytes; `more`: the read stopped at [`READ_PER_PUMP`], there may be more.
+    Read { more: bool },
+}
+
 /// Follows a growing file from a byte position, turning complete lines into log records.
+///
+/// The file lies in the job's directory, which belongs to the job's account: the job can replace
+/// it with a symbolic link (to `/etc/munge/munge.key`, `/etc/shadow`, the agent's key), a FIFO or
+/// a device. Each read opens it with [`super::open_job_file`] (no links followed, nothing that
+/// blocks, only a regular file of the job's account); once it has been refused the tail stops
+/// for good and says why in the log. Reads are bounded, and the tail is cancel-safe: a line
+/// counts as consumed only once it has been handed to the sink.
 struct Tail {
     path: PathBuf,
+    /// The account whose file this must be.
+    owner: nix::unistd::Uid,
     /// Bytes consumed: everything before is in the log.
     pos: u64,
     /// Bytes read past `pos` that do not end in a newline yet.
     partial: Vec<u8>,
+    /// The file was refused; nothing more is read from it.
+    refused: bool,
 }
 
 impl Tail {
-    fn new(path: PathBuf, pos: u64) -> Tail {
+    fn new(path: PathBuf, pos: u64, owner: nix::unistd::Uid) -> Tail {
         Tail {
             path,
+            owner,
             pos,
             partial: Vec::new(),
+            refused: false,
         }
     }
 
-    /// Reads what the file gained; sends complete lines. True if any line was sent.
-    async fn pump(&mut self, stream: Stream, log: &LogSink) -> bool {
-        let Ok(mut file) = tokio::fs::File::open(&self.path).await else {
-            return false;
-        };
+    /// Reads what the file gained (at most [`READ_PER_PUMP`]) and sends complete lines.
+    async fn pump(&mut self, stream: Stream, log: &LogSink) -> Pumped {
+        if self.refused {
+            return Pumped::Idle;
+        }
         let read_from = self.pos + self.partial.len() as u64;
-        if file
-            .seek(std::io::SeekFrom::Start(read_from))
+        let (path, owner) = (self.path.clone(), self.owner);
+        let read = tokio::task::spawn_blocking(move || read_job_file(&path, owner, read_from))
             .await
-            .is_err()
-        {
-            return false;
-        }
-        let mut fresh = Vec::new();
-        if file.read_to_end(&mut fresh).await.is_err() || fresh.is_empty() {
-            return false;
-        }
+            .unwrap_or_else(|err| Err(super::JobFileError::Io(std::io::Error::other(err))));
+        let fresh = match read {
+            Ok(fresh) if fresh.is_empty() => return Pumped::Idle,
+            Ok(fresh) => fresh,
+            Err(super::JobFileError::Missing) => return Pumped::Idle,
+            Err(super::JobFileError::Refused(what)) => {
+                self.refused = true;
+                let name = self
+                    .path
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                tracing::warn!(path = %self.path.display(), reason = %what, "Refused to read a job's output file.");
+                log.system(format!(
+                    "stopped reading {name}: {what}, not the file the job was given; the agent reads only that file, so the rest of this output is not shown"
+                ))
+                .await;
+                return Pumped::Idle;
+            }
+            Err(super::JobFileError::Io(err)) => {
+                tracing::warn!(path = %self.path.display(), ?err, "Cannot read a job's output file; retrying.");
+                return Pumped::Idle;
+            }
+        };
+        let more = fresh.len() >= READ_PER_PUMP;
         self.partial.extend_from_slice(&fresh);
-        let mut sent = false;
         while let Some(newline) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=newline).collect();
-            self.pos += line.len() as u64;
-            send_line(&line[..line.len() - 1], stream, log, self.pos).await;
-            sent = true;
+            let end = self.pos + newline as u64 + 1;
+            send_line(&self.partial[..newline], stream, log, end).await;
+            self.partial.drain(..=newline);
+            self.pos = end;
         }
         // A line longer than the limit is sent in pieces rather than held forever.
         while self.partial.len() >= MAX_LINE_BYTES {
-            let piece: Vec<u8> = self.partial.drain(..MAX_LINE_BYTES).collect();
-            self.pos += piece.len() as u64;
-            send_line(&piece, stream, log, self.pos).await;
-            sent = true;
+            let end = self.pos + MAX_LINE_BYTES as u64;
+            send_line(&self.partial[..MAX_LINE_BYTES], stream, log, end).await;
+            self.partial.drain(..MAX_LINE_BYTES);
+            self.pos = end;
         }
-        sent
+        Pumped::Read { more }
+    }
+
+    /// Reads everything the file still has (the job has ended, the file is closed).
+    async fn drain(&mut self, stream: Stream, log: &LogSink) {
+        while self.pump(stream, log).await == (Pumped::Read { more: true }) {}
     }
 
     /// Sends a last line that has no newline (the job has ended).
     async fn flush(&mut self, stream: Stream, log: &LogSink) {
         if !self.partial.is_empty() {
-            let line = std::mem::take(&mut self.partial);
-            self.pos += line.len() as u64;
-            send_line(&line, stream, log, self.pos).await;
+            let end = self.pos + self.partial.len() as u64;
+            send_line(&self.partial, stream, log, end).await;
+            self.partial.clear();
+            self.pos = end;
         }
     }
+}
+
+/// Reads at most [`READ_PER_PUMP`] bytes of a job's file from `offset`, in pieces of
+/// [`READ_PIECE`] (blocking).
+fn read_job_file(
+    path: &std::path::Path,
+    owner: nix::unistd::Uid,
+    offset: u64,
+) -> Result<Vec<u8>, super::JobFileError> {
+    use std::os::unix::fs::FileExt as _;
+    let file = super::open_job_file(path, owner)?;
+    let mut out = Vec::new();
+    let mut piece = vec![0; READ_PIECE];
+    while out.len() < READ_PER_PUMP {
+        match file.read_at(&mut piece, offset + out.len() as u64) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&piece[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) if out.is_empty() => return Err(super::JobFileError::Io(err)),
+            Err(_) => break,
+        }
+    }
+    Ok(out)
 }
 
 async fn send_line(bytes: &[u8], stream: Stream, log: &LogSink, pos: u64) {
@@ -638,6 +717,127 @@ async fn send_line(bytes: &[u8], stream: Stream, log: &LogSink, pos: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every line the sink received so far.
+    fn received(lines: &mut tokio::sync::mpsc::Receiver<super::super::LogRecord>) -> Vec<String> {
+        let mut texts = Vec::new();
+        while let Ok(line) = lines.try_recv() {
+            texts.push(line.text);
+        }
+        texts
+    }
+
+    /// A job directory holding a secret the job must not see, and a path for its stdout.log.
+    fn job_dir_with_secret() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("munge.key");
+        std::fs::write(&secret, "SECRET-KEY-BYTES\n").unwrap();
+        let log = dir.path().join("stdout.log");
+        (dir, secret, log)
+    }
+
+    #[tokio::test]
+    async fn a_tail_does_not_follow_a_symlink_to_a_secret() {
+        let (_dir, secret, path) = job_dir_with_secret();
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        let (sink, mut lines) = LogSink::new(16);
+        let mut tail = Tail::new(path.clone(), 0, nix::unistd::geteuid());
+        assert_eq!(tail.pump(Stream::Stdout, &sink).await, Pumped::Idle);
+        let texts = received(&mut lines);
+        assert!(texts.iter().all(|t| !t.contains("SECRET")), "{texts:?}");
+        assert_eq!(
+            texts,
+            [
+                "testbot: stopped reading stdout.log: it is a symbolic link, not the file the job was given; the agent reads only that file, so the rest of this output is not shown"
+            ]
+        );
+        // Once refused, for good: putting a file back does not resume the stream.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "SECRET-KEY-BYTES\n").unwrap();
+        assert_eq!(tail.pump(Stream::Stdout, &sink).await, Pumped::Idle);
+        assert!(received(&mut lines).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_tail_refuses_a_fifo_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (sink, mut lines) = LogSink::new(16);
+        let mut tail = Tail::new(path, 0, nix::unistd::geteuid());
+        let pumped = tokio::time::timeout(Duration::from_secs(5), tail.pump(Stream::Stdout, &sink))
+            .await
+            .expect("reading a FIFO must not block the job's slot");
+        assert_eq!(pumped, Pumped::Idle);
+        let texts = received(&mut lines);
+        assert_eq!(texts.len(), 1, "{texts:?}");
+        assert!(
+            texts[0].contains("it is a FIFO, not a regular file"),
+            "{texts:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tail_refuses_dev_zero_and_other_accounts_files() {
+        let (_dir, secret, path) = job_dir_with_secret();
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        let (sink, mut lines) = LogSink::new(16);
+        let mut tail = Tail::new(path, 0, nix::unistd::geteuid());
+        let pumped = tokio::time::timeout(Duration::from_secs(5), tail.pump(Stream::Stdout, &sink))
+            .await
+            .expect("a link to /dev/zero is not read");
+        assert_eq!(pumped, Pumped::Idle);
+        assert!(received(&mut lines)[0].contains("it is a symbolic link"));
+        // The device itself (as a hard link would show it).
+        let mut tail = Tail::new(PathBuf::from("/dev/zero"), 0, nix::unistd::geteuid());
+        assert_eq!(tail.pump(Stream::Stdout, &sink).await, Pumped::Idle);
+        assert!(received(&mut lines)[0].contains("it is a device, not a regular file"));
+        // A regular file of another account (a hard link to someone else's file).
+        let other = nix::unistd::Uid::from_raw(nix::unistd::geteuid().as_raw() + 4242);
+        let mut tail = Tail::new(secret, 0, other);
+        assert_eq!(tail.pump(Stream::Stdout, &sink).await, Pumped::Idle);
+        let texts = received(&mut lines);
+        assert!(
+            texts[0].contains(&format!(
+                "it belongs to uid {}, not to the job's account (uid {other})",
+                nix::unistd::geteuid()
+            )),
+            "{texts:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tail_reads_in_bounded_pieces_and_loses_nothing_when_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        // Three short lines, then far more than one pump reads.
+        let mut text = String::from("one\ntwo\nthree\n");
+        text.push_str(&"x".repeat(READ_PER_PUMP * 2));
+        std::fs::write(&path, &text).unwrap();
+        let (sink, mut lines) = LogSink::new(1);
+        let mut tail = Tail::new(path, 0, nix::unistd::geteuid());
+        // The sink takes one line and then makes the tail wait: cancelling it there (as a
+        // cancelled job does) must neither lose nor repeat a line.
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(200), tail.pump(Stream::Stdout, &sink))
+                .await;
+        assert!(cancelled.is_err(), "the full sink holds the pump");
+        let mut texts = received(&mut lines);
+        let (sink, mut lines) = LogSink::new(1024);
+        assert_eq!(
+            tail.pump(Stream::Stdout, &sink).await,
+            Pumped::Read { more: true }
+        );
+        texts.extend(received(&mut lines));
+        assert_eq!(texts[..3], ["one", "two", "three"]);
+        // What is held back is less than a line.
+        assert!(tail.partial.len() < MAX_LINE_BYTES);
+        tail.drain(Stream::Stdout, &sink).await;
+        tail.flush(Stream::Stdout, &sink).await;
+        texts.extend(received(&mut lines));
+        let xs: usize = texts[3..].iter().map(String::len).sum();
+        assert_eq!(xs, READ_PER_PUMP * 2);
+    }
 
     #[test]
     fn scontrol_lines_parse() {

@@ -272,11 +272,12 @@ impl SitePolicy {
             return deny(reason);
         }
         match self.identity.choose(claims) {
-            Some(account) => Decision::Allow {
+            Err(reason) => deny(reason),
+            Ok(Some(account)) => Decision::Allow {
                 rule: allowing.rule.clone(),
                 account,
             },
-            None => deny(format!(
+            Ok(None) => deny(format!(
                 "no local account is mapped for actor {} of repository {}: the site's [identity] has no map entry for it and no default_account",
                 claims.actor, claims.repository
             )),
@@ -361,7 +362,7 @@ impl SitePolicy {
     /// refused. (With a [`Decision::Allow`] at hand, [`identity::resolve`] on its `account` does
     /// the same without choosing again.)
     pub async fn resolve_account(&self, claims: &WorkflowClaims) -> Result<LocalAccount, String> {
-        let choice = self.identity.choose(claims).ok_or_else(|| {
+        let choice = self.identity.choose(claims)?.ok_or_else(|| {
             format!(
                 "no local account is mapped for actor {} of repository {}",
                 claims.actor, claims.repository
@@ -516,6 +517,31 @@ fn rule_denial(rule: &Rule, claims: &WorkflowClaims, executor: &str) -> Result<(
             claims.repository,
             list(&rule.repositories)
         ));
+    }
+    if let Some(ids) = &rule.repository_ids
+        && !ids.iter().any(|id| id.to_string() == claims.repository_id)
+    {
+        return Err(format!(
+            "repository {} has id {}, not one of the pinned repository_ids {}: the name may have passed to another repository (renamed, or deleted and created again)",
+            claims.repository,
+            claims.repository_id,
+            list(ids)
+        ));
+    }
+    if let Some(ids) = &rule.repository_owner_ids {
+        let owner_id = claims.repository_owner_id.as_deref();
+        if !ids
+            .iter()
+            .any(|id| Some(id.to_string().as_str()) == owner_id)
+        {
+            return Err(format!(
+                "owner {} of repository {} has id {}, not one of the pinned repository_owner_ids {}: the name may have passed to another account",
+                claims.repository_owner,
+                claims.repository,
+                owner_id.unwrap_or("none (the token carries no repository_owner_id)"),
+                list(ids)
+            ));
+        }
     }
     if let Some(refs) = &rule.refs
         && !any_match(refs, &claims.git_ref)

@@ -446,6 +446,16 @@ pub struct Rule {
     /// Repository globs (`owner/name`, `owner/*`). Required, not empty.
     #[serde(default)]
     pub repositories: Vec<String>,
+    /// GitHub's numeric ids of the repositories this rule allows (the token's `repository_id`):
+    /// a repository renamed, or deleted and created again under the same name, no longer
+    /// matches. Default: any id.
+    #[serde(default)]
+    pub repository_ids: Option<Vec<u64>>,
+    /// GitHub's numeric ids of the owners (users or organisations) whose repositories this rule
+    /// allows (the token's `repository_owner_id`): someone who takes over a released owner name
+    /// is not that owner. Default: any id.
+    #[serde(default)]
+    pub repository_owner_ids: Option<Vec<u64>>,
     /// Git ref globs (`refs/heads/main`, `refs/tags/v*`). Default: any ref.
     #[serde(default)]
     pub refs: Option<Vec<String>>,

@@ -866,6 +866,9 @@ fn example_claims(repository: &str, git_ref: &str, event: &str, actor: &str) -> 
         event_name: event.into(),
         actor: actor.into(),
         job_workflow_ref: format!("{repository}/.github/workflows/ci.yml@{git_ref}"),
+        // The ids site-configs/hpc-slurm.toml pins.
+        repository_owner_id: Some("41001".into()),
+        actor_id: Some(if actor == "alice" { "41002" } else { "9" }.into()),
         ..claims()
     }
 }
@@ -884,6 +887,13 @@ fn check_hpc_slurm(policy: &SitePolicy) {
     assert!(decision.is_allowed(), "{decision:?}");
     let tag = example_claims("climate-lab/model", "refs/tags/v1.2.0", "push", "carol");
     assert!(policy.evaluate(&tag, &job(), "slurm").is_allowed());
+    // The lab's name under another owner, and alice's login under another user: refused.
+    let mut taken = main.clone();
+    taken.repository_owner_id = Some("666".into());
+    assert!(!policy.evaluate(&taken, &spec, "slurm").is_allowed());
+    let mut impostor = main.clone();
+    impostor.actor_id = Some("666".into());
+    assert!(!policy.evaluate(&impostor, &spec, "slurm").is_allowed());
     let branch = example_claims("climate-lab/model", "refs/heads/feature", "push", "alice");
     assert!(!policy.evaluate(&branch, &job(), "slurm").is_allowed());
     let prt = example_claims(
@@ -1052,4 +1062,135 @@ fn defaults_must_fit_their_caps() {
     // Executors without caps leave a job as it asked.
     let r = policy.resources(&job(), "shell");
     assert_eq!((r.cpus, r.memory_mib), (None, None));
+}
+
+// ---- Pinning names to GitHub's ids ----
+
+/// BASE with the main-branch rule pinned to owner id 100 and repository ids 7 and 8, and alice
+/// pinned to actor id 42.
+fn pinned() -> SitePolicy {
+    let text = edited(
+        "repositories = [\"my-org/*\"]\n",
+        "repositories = [\"my-org/*\"]\nrepository_owner_ids = [100]\nrepository_ids = [7, 8]\n",
+    )
+    .replace("actor = \"alice\"\n", "actor = \"alice\"\nactor_id = 42\n");
+    SitePolicy::parse(&text).unwrap()
+}
+
+/// Claims of my-org/app (id 7, owner id 100) run by alice (id 42): what the pins expect.
+fn pinned_claims() -> WorkflowClaims {
+    let mut c = claims();
+    c.repository_id = "7".into();
+    c.repository_owner_id = Some("100".into());
+    c.actor_id = Some("42".into());
+    c
+}
+
+#[test]
+fn a_repository_name_with_another_owner_id_is_denied_once_pinned() {
+    let policy = pinned();
+    assert!(
+        policy
+            .evaluate(&pinned_claims(), &job(), "slurm")
+            .is_allowed()
+    );
+    // The same name, now held by another account (the old owner renamed or deleted itself).
+    let mut c = pinned_claims();
+    c.repository_owner_id = Some("666".into());
+    assert_eq!(
+        policy.evaluate(&c, &job(), "slurm"),
+        Decision::Deny {
+            reason: "owner my-org of repository my-org/app has id 666, not one of the pinned repository_owner_ids [100]: the name may have passed to another account (rule \"main-branch\")".into()
+        }
+    );
+    c.repository_owner_id = None;
+    let Decision::Deny { reason } = policy.evaluate(&c, &job(), "slurm") else {
+        panic!("a token without the owner's id passed the pin")
+    };
+    assert!(
+        reason.contains("has id none (the token carries no repository_owner_id)"),
+        "{reason}"
+    );
+    // A repository deleted and created again under its name has a new id.
+    let mut c = pinned_claims();
+    c.repository_id = "9".into();
+    let Decision::Deny { reason } = policy.evaluate(&c, &job(), "slurm") else {
+        panic!("a new repository under a pinned name passed")
+    };
+    assert!(
+        reason.starts_with(
+            "repository my-org/app has id 9, not one of the pinned repository_ids [7, 8]"
+        ),
+        "{reason}"
+    );
+    // Without pins, names alone decide, as before.
+    assert!(self::policy().evaluate(&c, &job(), "slurm").is_allowed());
+}
+
+#[tokio::test]
+async fn a_mapped_login_with_another_actor_id_is_refused() {
+    let policy = pinned();
+    let Decision::Allow { account, .. } = policy.evaluate(&pinned_claims(), &job(), "slurm") else {
+        panic!("alice with her own id is allowed")
+    };
+    assert_eq!(account.to_string(), "account daemon (identity.map[0])");
+    // Someone else under alice's login: refused, not mapped to alice's account nor to the
+    // default one.
+    let mut c = pinned_claims();
+    c.actor_id = Some("4242".into());
+    let want = "actor alice has id 4242, but identity.map[0] pins that login to id 42: the login may have passed to someone else, so the job is not mapped to account daemon";
+    assert_eq!(
+        policy.evaluate(&c, &job(), "slurm"),
+        Decision::Deny {
+            reason: want.into()
+        }
+    );
+    assert_eq!(policy.resolve_account(&c).await.unwrap_err(), want);
+    c.actor_id = None;
+    assert!(!policy.evaluate(&c, &job(), "slurm").is_allowed());
+}
+
+#[test]
+fn pins_are_parsed_strictly_and_placed() {
+    let text = edited(
+        "repositories = [\"my-org/*\"]\n",
+        "repositories = [\"my-org/*\"]\nrepository_owner_ids = []\n",
+    );
+    let err = parse_error(&text);
+    assert_eq!(
+        err,
+        format!(
+            "{}:24: rule \"main-branch\": repository_owner_ids is empty, so no job could match: list GitHub's ids, or leave repository_owner_ids out",
+            line_of(&text, "repository_owner_ids")
+        )
+    );
+    let text = edited(
+        "repositories = [\"my-org/*\"]\n",
+        "repositories = [\"my-org/*\"]\nrepository_ids = [\"123\"]\n",
+    );
+    let err = parse_error(&text);
+    assert!(
+        err.starts_with(&format!("{}:", line_of(&text, "repository_ids")))
+            && err.contains("invalid type: string \"123\""),
+        "{err}"
+    );
+    let text = edited(
+        "repository = \"my-org/special\"\n",
+        "repository = \"my-org/special\"\nactor_id = 7\n",
+    );
+    let err = parse_error(&text);
+    assert!(
+        err.starts_with(&format!("{}:", line_of(&text, "actor_id = 7")))
+            && err.ends_with("identity.map[1].actor_id pins a login, but the entry names no actor: set actor to the login whose id this is"),
+        "{err}"
+    );
+    let text = edited(
+        "repositories = [\"my-org/*\"]\n",
+        "repositories = [\"my-org/*\"]\nrepository_owner_id = 1\n",
+    );
+    let err = parse_error(&text);
+    assert!(
+        err.contains("did you mean `repository_owner_ids`?"),
+        "{err}"
+    );
 }

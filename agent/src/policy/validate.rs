@@ -342,6 +342,14 @@ fn check_identity(policy: &SitePolicy) -> Result<(), Invalid> {
         if let Some(repository) = &entry.repository {
             check_repository_glob(repository).map_err(|e| bad(format!("{base}.repository"), e))?;
         }
+        if entry.actor_id.is_some() && entry.actor.is_none() {
+            return Err(bad(
+                format!("{base}.actor_id"),
+                format!(
+                    "identity.map[{i}].actor_id pins a login, but the entry names no actor: set actor to the login whose id this is"
+                ),
+            ));
+        }
         validate_account_name(&entry.account).map_err(|e| {
             bad(
                 format!("{base}.account"),
@@ -420,6 +428,19 @@ fn check_rules(policy: &SitePolicy) -> Result<(), Invalid> {
         for (j, pattern) in rule.repositories.iter().enumerate() {
             check_repository_glob(pattern)
                 .map_err(|e| bad(format!("{base}.repositories.{j}"), format!("{what}: {e}")))?;
+        }
+        for (key, ids) in [
+            ("repository_ids", &rule.repository_ids),
+            ("repository_owner_ids", &rule.repository_owner_ids),
+        ] {
+            if ids.as_ref().is_some_and(Vec::is_empty) {
+                return Err(bad(
+                    format!("{base}.{key}"),
+                    format!(
+                        "{what}: {key} is empty, so no job could match: list GitHub's ids, or leave {key} out"
+                    ),
+                ));
+            }
         }
         let lists = [
             (

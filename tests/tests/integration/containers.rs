@@ -332,7 +332,7 @@ async fn at_start_up_an_agent_removes_containers_of_jobs_it_no_longer_knows() {
     // A container this agent left behind, for a job it has no record of (a crash at the wrong
     // moment, or a lost state directory).
     let instance = testbot_agent::executor::ContainerExecutor::instance_of(
-        &fleet.dir.path().join("agent-vm1"),
+        &testbot_e2e::state_dir_beside(&fleet.dir.path().join("agent-vm1")),
     );
     let stray = format!("testbot-{instance}-job-999-1");
     let started = std::process::Command::new("docker")

@@ -119,7 +119,9 @@ fn add_agent(fleet: &mut Fleet, cluster: &Cluster, policy: &Path, name: &str) {
 
 /// The label value that marks the Jobs of the fleet's agent `name`.
 fn instance(fleet: &Fleet, name: &str) -> String {
-    ContainerExecutor::instance_of(&fleet.dir.path().join(format!("agent-{name}")))
+    ContainerExecutor::instance_of(&testbot_e2e::state_dir_beside(
+        &fleet.dir.path().join(format!("agent-{name}")),
+    ))
 }
 
 fn job(script: &str) -> JobSpec {
@@ -614,10 +616,11 @@ async fn an_agent_in_a_pod_runs_jobs_with_its_service_account() {
     std::fs::write(
         &config,
         format!(
-            "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"k8s-pod\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\nkill_grace = \"1s\"\nexecutor = \"kubernetes\"\npolicy = \"{}\"\n",
+            "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"k8s-pod\"\nwork_dir = \"{}\"\nstate_dir = \"{}\"\npoll_wait = \"5s\"\nkill_grace = \"1s\"\nexecutor = \"kubernetes\"\npolicy = \"{}\"\n",
             fleet.url,
             token_file.display(),
             dir.join("agent-k8s-pod").display(),
+            dir.join("agent-k8s-pod-state").display(),
             policy.display()
         ),
     )

@@ -2,12 +2,14 @@
 
 mod action;
 mod admin_token;
+mod agent_account;
 mod bad_input;
 mod cli;
 mod containers;
 mod drain;
 mod enrollment;
 mod forwarded_tokens;
+mod identity_script;
 mod job_env;
 mod kubernetes;
 mod leases;

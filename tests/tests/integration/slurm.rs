@@ -310,3 +310,79 @@ async fn a_killed_agent_restarts_and_re_attaches_to_its_slurm_job() {
     assert_eq!(log.matches("submitted to Slurm as job").count(), 1, "{log}");
     fleet.stop().await;
 }
+
+/// A file only root can read, of random text lines; returns its path and its lines.
+fn root_only_secret(dir: &Path) -> (std::path::PathBuf, Vec<String>) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let rng = ring::rand::SystemRandom::new();
+    let lines: Vec<String> = (0..64)
+        .map(|_| {
+            let bytes: [u8; 16] = ring::rand::generate(&rng).unwrap().expose();
+            hex::encode(bytes)
+        })
+        .collect();
+    let path = dir.join("root-only.key");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (path, lines)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_swaps_its_log_for_a_symlink_does_not_get_the_target_read() {
+    let (mut fleet, policy) = slurm_fleet(Duration::from_secs(5)).await;
+    start_slurm_agent(&mut fleet, &policy).await;
+    let (secret, secret_lines) = root_only_secret(fleet.dir.path());
+    // The job owns its directory: it swaps the file Slurm writes its output to for a link to a
+    // file only root (the agent) can read. Slurm goes on writing to the unlinked file.
+    let script = format!(
+        "echo before the swap; sleep 1; log=\"$TESTBOT_JOB_DIR/stdout.log\"; \
+         test ! -r {secret}; rm \"$log\"; ln -s {secret} \"$log\"; \
+         echo after the swap; sleep 2; echo done",
+        secret = secret.display()
+    );
+    let job = fleet.workflow(REPO).submit(&spec(&script)).await.unwrap();
+    let (done, log) = fleet.finished(&job).await;
+    for line in &secret_lines {
+        assert!(
+            !log.contains(line.as_str()),
+            "the secret reached the log:\n{log}"
+        );
+    }
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert!(log.contains(" O before the swap\n"), "{log}");
+    assert!(
+        log.contains(
+            "testbot: stopped reading stdout.log: it is a symbolic link, not the file the job was given"
+        ),
+        "{log}"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_swaps_its_log_for_a_fifo_can_still_be_cancelled() {
+    let (mut fleet, policy) = slurm_fleet(Duration::from_secs(5)).await;
+    start_slurm_agent(&mut fleet, &policy).await;
+    // Opening a FIFO for reading waits for a writer: an agent that did so would hold the job's
+    // slot for good, deaf to cancel and to the time limit.
+    let script = "echo started; sleep 1; log=\"$TESTBOT_JOB_DIR/stdout.log\"; rm \"$log\"; \
+                  mkfifo \"$log\"; touch \"$TESTBOT_JOB_DIR/swapped\"; sleep 300";
+    let job = fleet.workflow(REPO).submit(&spec(script)).await.unwrap();
+    let swapped = fleet
+        .dir
+        .path()
+        .join(format!("agent-login1/jobs/job-{}-1/swapped", job.id));
+    wait_for("the job to swap its log for a FIFO", WAIT, || async {
+        swapped.exists().then_some(())
+    })
+    .await;
+    fleet.client().cancel(job.id).await.unwrap();
+    let (done, log) = fleet.finished(&job).await;
+    assert_eq!(done.state, JobState::Cancelled, "{log}");
+    assert_eq!(slurm_state(&slurm_job_id(&log)), "CANCELLED");
+    assert!(
+        log.contains("testbot: stopped reading stdout.log: it is a FIFO, not a regular file"),
+        "{log}"
+    );
+    fleet.stop().await;
+}
