@@ -342,6 +342,25 @@ impl Fleet {
         }
     }
 
+    /// Enrolls an agent without a site policy that takes workflow jobs, and polls once (finding
+    /// nothing) so the broker knows what it takes; it never polls again by itself.
+    pub async fn enroll_taking_workflow_jobs(&self, name: &str) -> EnrolledAgent {
+        let agent = self.enroll(name).await;
+        agent
+            .client
+            .poll(&testbot_proto::agents::PollRequest {
+                agent: name.to_string(),
+                labels: vec![],
+                executor: "shell".into(),
+                wait_ms: Some(0),
+                policy: None,
+                workflow_jobs_without_policy: true,
+            })
+            .await
+            .expect("poll");
+        agent
+    }
+
     /// A freshly enrolled agent identity's client (for driving the agent protocol by hand).
     pub async fn agent_client(&self) -> BrokerClient {
         self.enroll(&format!("manual-{}", free_port())).await.client

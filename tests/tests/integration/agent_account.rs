@@ -6,7 +6,7 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 
-use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account};
+use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, TEST_SITE, WAIT, ensure_account};
 use testbot_proto::jobs::{JobSpec, JobState};
 use testbot_proto::repos::RepoRegistration;
 
@@ -221,7 +221,7 @@ async fn a_job_the_identity_script_maps_to_the_agents_own_account_is_refused() {
         done.reason.as_deref(),
         Some(
             format!(
-                "refused by the site policy of agent login1: the site policy maps this job to account {AGENT_ACCOUNT} (uid {uid}), the agent's own account: a job running as the agent could read its private key, so it is refused unless the agent's configuration sets allow_jobs_as_agent_account = true"
+                "refused by agent {TEST_SITE}/login1: the site policy maps this job to account {AGENT_ACCOUNT} (uid {uid}), the agent's own account: a job running as the agent could read its private key, so it is refused unless the agent's configuration sets allow_jobs_as_agent_account = true; no other enrolled agent may take this job"
             )
             .as_str()
         ),

@@ -21,7 +21,7 @@ async fn an_agent_cannot_use_a_claimed_jobs_token_against_the_registration_or_si
         .await
         .unwrap();
     let registration = operator.repo(REPO).await.unwrap();
-    let agent = fleet.enroll("curious").await;
+    let agent = fleet.enroll_taking_workflow_jobs("curious").await;
 
     // Two jobs of one workflow run (a matrix), each submitted with its own token.
     let issuer = fleet.issuer();

@@ -250,13 +250,13 @@ async fn an_agent_without_a_writable_cgroup_says_so_and_still_runs_jobs() {
     let dir = fleet.dir.path();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let work = dir.join("agent-unprivileged");
-    std::fs::create_dir(&work).unwrap();
-    std::os::unix::fs::chown(
-        &work,
-        Some(account.uid.as_raw()),
-        Some(account.gid.as_raw()),
-    )
-    .unwrap();
+    let state = dir.join("agent-unprivileged-state");
+    for path in [&work, &state] {
+        std::fs::create_dir(path).unwrap();
+        std::os::unix::fs::chown(path, Some(account.uid.as_raw()), Some(account.gid.as_raw()))
+            .unwrap();
+    }
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
     let token = dir.join("enrollment.token");
     std::fs::write(
         &token,
@@ -268,10 +268,11 @@ async fn an_agent_without_a_writable_cgroup_says_so_and_still_runs_jobs() {
     std::fs::write(
         &config,
         format!(
-            "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"unprivileged\"\nwork_dir = \"{}\"\npoll_wait = \"5s\"\n",
+            "broker_url = \"{}\"\nenrollment_token_file = \"{}\"\nname = \"unprivileged\"\nwork_dir = \"{}\"\nstate_dir = \"{}\"\npoll_wait = \"5s\"\n",
             fleet.url,
             token.display(),
-            work.display()
+            work.display(),
+            state.display()
         ),
     )
     .unwrap();

@@ -3,7 +3,7 @@
 //! token's lifetime at the time the broker accepted the job, within the site's
 //! `oidc.max_queue_age`.
 
-use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account, wait_for};
+use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, TEST_SITE, WAIT, ensure_account, wait_for};
 use testbot_proto::jobs::{JobSpec, JobState};
 use testbot_proto::oidc::{DEFAULT_LEEWAY, unix_now};
 use testbot_proto::repos::RepoRegistration;
@@ -114,12 +114,15 @@ async fn a_job_queued_longer_than_the_site_allows_is_refused() {
     let reason = done.reason.unwrap_or_default();
     assert!(
         reason.starts_with(&format!(
-            "refused by the site policy of agent hpc1: OIDC token refused: the job was accepted at \
+            "refused by agent {TEST_SITE}/hpc1: OIDC token refused: the job was accepted at \
              {accepted}, longer ago than this site's oidc.max_queue_age of 1 s (now "
         )),
         "{reason}"
     );
-    assert!(reason.ends_with("); submit it again"), "{reason}");
+    assert!(
+        reason.ends_with("); submit it again; no other enrolled agent may take this job"),
+        "{reason}"
+    );
     assert!(
         !testbot_e2e::stdout_lines(&log).contains(&"ran".to_string()),
         "{log}"

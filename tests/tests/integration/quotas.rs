@@ -42,7 +42,7 @@ fn quota_code(result: Result<testbot_proto::jobs::Job, ClientError>) -> (u16, St
 async fn a_repository_that_floods_the_queue_gets_429_and_others_do_not() {
     let fleet = Fleet::start_oidc(|config| config.settings.limits.max_queued_per_repo = 3).await;
     // An enrolled agent that never polls: every job stays queued.
-    fleet.enroll("offline").await;
+    fleet.enroll_taking_workflow_jobs("offline").await;
     register(&fleet, "flood/repo").await;
     register(&fleet, "quiet/repo").await;
 
@@ -82,7 +82,7 @@ async fn a_repository_that_floods_the_queue_gets_429_and_others_do_not() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sites_queue_is_bounded_across_repositories() {
     let fleet = Fleet::start_oidc(|config| config.settings.limits.max_queued_per_site = 2).await;
-    fleet.enroll("offline").await;
+    fleet.enroll_taking_workflow_jobs("offline").await;
     for repo in ["a/one", "b/two", "c/three"] {
         register(&fleet, repo).await;
     }

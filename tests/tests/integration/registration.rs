@@ -149,7 +149,7 @@ fn recreated_message(bound: (&str, &str), presented: (&str, &str)) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_repository_recreated_under_a_registered_name_does_not_inherit_the_registration() {
     let fleet = Fleet::start_oidc(|_| {}).await;
-    fleet.enroll("any-job").await;
+    fleet.enroll_taking_workflow_jobs("any-job").await;
     let operator = fleet.client();
     operator
         .register_repo(&RepoRegistration {
@@ -212,7 +212,7 @@ async fn a_github_admin_registration_is_bound_to_the_ids_github_reports() {
     .await;
     let github_url = github.url.clone();
     let fleet = Fleet::start_oidc(move |config| config.github_api_url = github_url).await;
-    fleet.enroll("any-job").await;
+    fleet.enroll_taking_workflow_jobs("any-job").await;
     let repo = fleet
         .client_with("ghp_admin")
         .register_repo(&RepoRegistration {

@@ -34,6 +34,8 @@ audience = "{AUDIENCE}"
 
 [executors.slurm]
 max_cpus = 2
+# Jobs that ask for nothing get one core, so the tests' jobs share the 2-core node.
+default_cpus = 1
 max_time = "5m"
 partitions = ["debug", "batch"]
 

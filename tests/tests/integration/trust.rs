@@ -102,19 +102,7 @@ async fn forged_and_misused_workflow_tokens_are_refused_with_the_exact_reason() 
     register(&fleet, registration(REPO)).await;
     // An enrolled agent without a site policy that takes workflow jobs accepts any job (it
     // polls once, so the broker knows what it takes, and never again).
-    let agent = fleet.enroll("any-job").await;
-    agent
-        .client
-        .poll(&testbot_proto::agents::PollRequest {
-            agent: "any-job".into(),
-            labels: vec![],
-            executor: "shell".into(),
-            wait_ms: Some(0),
-            policy: None,
-            workflow_jobs_without_policy: true,
-        })
-        .await
-        .unwrap();
+    fleet.enroll_taking_workflow_jobs("any-job").await;
     register(
         &fleet,
         RepoRegistration {
