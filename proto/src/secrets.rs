@@ -109,6 +109,49 @@ impl Masker {
         self.needles.is_empty()
     }
 
+    /// A piece of a line too long to ship whole, masked: besides whole values, the start of a
+    /// value at its end (when the line goes on in the next piece) and the end of a value at its
+    /// start (when it continues the previous piece), so a value cut in two shows in neither.
+    /// This may mask a few characters that only look like the start or end of a value.
+    pub fn mask_piece(&self, text: &str, continues: bool, goes_on: bool) -> String {
+        let mut text = self.mask(text).into_owned();
+        if continues
+            && let Some(len) = self
+                .needles
+                .iter()
+                .filter_map(|needle| {
+                    needle
+                        .char_indices()
+                        .skip(1)
+                        .map(|(i, _)| &needle[i..])
+                        .find(|suffix| text.starts_with(suffix))
+                        .map(str::len)
+                })
+                .max()
+        {
+            text.replace_range(..len, MASK);
+        }
+        if goes_on
+            && let Some(len) = self
+                .needles
+                .iter()
+                .filter_map(|needle| {
+                    needle
+                        .char_indices()
+                        .skip(1)
+                        .map(|(i, _)| &needle[..i])
+                        .filter(|prefix| text.ends_with(prefix))
+                        .map(str::len)
+                        .max()
+                })
+                .max()
+        {
+            let start = text.len() - len;
+            text.replace_range(start.., MASK);
+        }
+        text
+    }
+
     /// `text` with every occurrence of a secret value replaced by [`MASK`].
     pub fn mask<'t>(&self, text: &'t str) -> Cow<'t, str> {
         let mut text = Cow::Borrowed(text);
@@ -186,5 +229,18 @@ mod tests {
         assert_eq!(masker.mask("-----END KEY-----"), "***");
         assert!(matches!(masker.mask("nothing here"), Cow::Borrowed(_)));
         assert!(Masker::new(["abc"]).is_empty());
+    }
+
+    #[test]
+    fn a_value_cut_between_two_pieces_of_a_long_line_shows_in_neither() {
+        let masker = Masker::new(["hunter22"]);
+        assert_eq!(masker.mask_piece("xxxxhunt", false, true), "xxxx***");
+        assert_eq!(
+            masker.mask_piece("er22 and hunter22", true, false),
+            "*** and ***"
+        );
+        // Only a piece's edges are looked at, and only on the sides where the line was cut.
+        assert_eq!(masker.mask_piece("er22 hunt", false, false), "er22 hunt");
+        assert_eq!(masker.mask_piece("nothing", true, true), "nothing");
     }
 }

@@ -122,6 +122,26 @@ async fn a_queued_jobs_secret_is_hidden_from_the_api_but_kept_for_the_agent() {
     let log = fleet.log(job.id).await;
     assert!(log.contains(" O ***\n"), "{log}");
     assert!(!log.contains(VALUE), "{log}");
+
+    // A line too long to ship whole is cut into pieces; the value straddles the cut, and
+    // neither part of it shows.
+    let mut long = spec.clone();
+    long.script = "line=$(printf '%16380s' '' | tr ' ' x)$TOKEN; echo \"$line\"".into();
+    let job = fleet.client().submit(&long).await.unwrap();
+    assert_eq!(fleet.wait_finished(job.id).await.state, JobState::Succeeded);
+    let log = fleet.log(job.id).await;
+    assert!(
+        log.contains("xxx***"),
+        "{}",
+        &log[log.len().saturating_sub(300)..]
+    );
+    for part in ["xtk-7", "f3a9c21e5"] {
+        assert!(
+            !log.contains(part),
+            "{part} in {}",
+            &log[log.len().saturating_sub(300)..]
+        );
+    }
     wait_for("the stored value to be dropped", WAIT, || async {
         (!stored_row(&fleet, job.id).contains(VALUE)).then_some(())
     })
