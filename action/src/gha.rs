@@ -39,6 +39,8 @@ struct Inputs {
     image: Option<String>,
     resources: Resources,
     env: BTreeMap<String, String>,
+    /// Names of `env` variables that are secret (the `secret-env` input).
+    secret_env: Vec<String>,
     timeout_minutes: Option<u64>,
     repeat: u32,
     audience: String,
@@ -88,6 +90,31 @@ impl Inputs {
                 .with_context(|| format!("input env: {line:?} is not NAME=value"))?;
             env.insert(name.trim().to_string(), value.to_string());
         }
+        // A secret's value comes from the `env` input or, better, from the step's own `env:`
+        // (`TOKEN: ${{ secrets.TOKEN }}`), so it is not written into the action's inputs.
+        let secret_env: Vec<String> = input("secret-env")
+            .map(|l| {
+                l.split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in &secret_env {
+            if !env.contains_key(name) {
+                let value = std::env::var(name).map_err(|_| {
+                    anyhow::anyhow!(
+                        "input secret-env names {name}, which is neither in input env nor in the step's environment: add `{name}: ${{{{ secrets.{name} }}}}` to the step's env"
+                    )
+                })?;
+                env.insert(name.clone(), value);
+            }
+            // GitHub masks what it knows as a secret already; a value built in the workflow it
+            // does not, so say so for every line of it.
+            for line in env[name].lines().filter(|l| !l.trim().is_empty()) {
+                println!("::add-mask::{line}");
+            }
+        }
         let memory_mib = input("memory")
             .map(|m| crate::parse_memory_mib(&m).map_err(anyhow::Error::msg))
             .transpose()?;
@@ -118,6 +145,7 @@ impl Inputs {
                 ..Resources::default()
             },
             env,
+            secret_env,
             timeout_minutes: number("timeout-minutes")?.or(time_minutes),
             repeat: number("repeat")?.unwrap_or(1).max(1),
             audience,
@@ -141,6 +169,7 @@ impl Inputs {
             name,
             labels,
             env: self.env.clone(),
+            secret_env: self.secret_env.clone(),
             timeout_secs: self.timeout_minutes.map(|m| m * 60),
             executor: self.executor.clone(),
             image: self.image.clone(),

@@ -183,6 +183,15 @@ struct JobArgs {
     /// An environment variable for the job, NAME=VALUE (repeatable).
     #[arg(short, long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// A secret environment variable for the job, NAME=VALUE (repeatable): shown as *** by the
+    /// broker and masked in the log. A value on the command line is seen by every user of this
+    /// machine (`ps`); prefer --secret-env.
+    #[arg(long = "secret", value_parser = parse_env, value_name = "NAME=VALUE")]
+    secrets: Vec<(String, String)>,
+    /// A secret environment variable for the job whose value is taken from this command's own
+    /// environment variable NAME (repeatable), so it never appears on a command line.
+    #[arg(long = "secret-env", value_name = "NAME")]
+    secret_env: Vec<String>,
     /// Time limit, e.g. 90s, 10m, 2h.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
@@ -250,6 +259,8 @@ impl JobArgs {
             site,
             mut labels,
             env,
+            secrets,
+            secret_env,
             timeout,
             name,
             executor,
@@ -275,11 +286,27 @@ impl JobArgs {
         if let Some(site) = site {
             labels.push(format!("site:{site}"));
         }
+        let mut env = env.into_iter().collect::<BTreeMap<_, _>>();
+        let mut secret_names = Vec::new();
+        for (name, value) in secrets {
+            env.insert(name.clone(), value);
+            secret_names.push(name);
+        }
+        for name in secret_env {
+            let value = std::env::var(&name).with_context(|| {
+                format!(
+                    "--secret-env {name}: this command's environment has no variable {name} (set it, e.g. `read -rs {name}; export {name}`)"
+                )
+            })?;
+            env.insert(name.clone(), value);
+            secret_names.push(name);
+        }
         let spec = JobSpec {
             script,
             name,
             labels,
-            env: env.into_iter().collect::<BTreeMap<_, _>>(),
+            env,
+            secret_env: secret_names,
             timeout_secs: timeout.map(|t| t.as_secs().max(1)),
             executor,
             image,

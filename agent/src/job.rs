@@ -356,6 +356,8 @@ impl JobRunner {
         let id = ctx.id;
         let lease = ctx.lease.clone();
         let (sink, rx) = LogSink::new(LOG_CHANNEL_CAPACITY);
+        // The job's secret values are masked in everything it sends the broker about the job.
+        let masker = ctx.spec.masker();
         let shipper = tokio::spawn({
             let executor = self.executor.clone();
             let ctx = ctx.clone();
@@ -363,6 +365,7 @@ impl JobRunner {
                 self.client.clone(),
                 id,
                 lease.clone(),
+                masker.clone(),
                 log_offset,
                 rx,
                 {
@@ -407,7 +410,7 @@ impl JobRunner {
             }
         };
         let reason = *stop_reason.lock().expect("stop reason poisoned");
-        let outcome = match result {
+        let mut outcome = match result {
             Ok(ExecOutcome::Exited(code)) => Outcome::exited(code),
             Ok(ExecOutcome::Signalled(signal)) => Outcome::signalled(signal),
             Ok(ExecOutcome::TimedOut(limit)) => Outcome::with_state(
@@ -432,7 +435,8 @@ impl JobRunner {
                 Outcome::with_state(JobState::Error, format!("executor failed: {err:#}"))
             }
         };
-        if let Some(reason) = &outcome.reason {
+        if let Some(reason) = &mut outcome.reason {
+            *reason = masker.mask(reason).into_owned();
             sink.system(reason.clone()).await;
         }
         drop(sink);

@@ -4,12 +4,16 @@
 //! round trip, and lines that arrive during a request are batched into the next one. A chunk
 //! that fails for want of the broker is re-sent from the same offset until it is acknowledged:
 //! the broker ignores bytes it already holds, so nothing is lost or doubled.
+//!
+//! Every line (stdout, stderr and the agent's own `testbot:` lines) and every fact passes the
+//! job's [`Masker`] first: a secret variable's value never leaves the agent in a log.
 
 use std::time::Duration;
 
 use testbot_proto::client::{Backoff, BrokerClient, ClientError};
 use testbot_proto::jobs::JobId;
-use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, Stream, format_line};
+use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, MAX_LINE_BYTES, Stream, format_line};
+use testbot_proto::secrets::Masker;
 use tokio::sync::mpsc;
 
 use crate::executor::{Checkpoint, LogRecord};
@@ -28,13 +32,15 @@ pub enum ShipEnd {
     Refused(String),
 }
 
-/// Ships records from `rx` until the channel closes, starting at byte `offset` of the job's log.
-/// `on_ack` hears, after each acknowledged chunk that held lines read from files, up to which
+/// Ships records from `rx` until the channel closes, starting at byte `offset` of the job's log,
+/// with the job's secret values masked by `masker`. `on_ack` hears, after each acknowledged chunk that held lines read from files, up to which
 /// file positions the broker now has the output.
+#[allow(clippy::too_many_arguments)]
 pub async fn ship_log(
     client: BrokerClient,
     id: JobId,
     lease: String,
+    masker: Masker,
     mut offset: u64,
     mut rx: mpsc::Receiver<LogRecord>,
     mut on_send: impl FnMut(Checkpoint) + Send,
@@ -43,17 +49,32 @@ pub async fn ship_log(
     let mut pending = String::new();
     let mut marks = Marks::default();
     let mut facts: Vec<(String, String)> = Vec::new();
+    let mut cuts = Cuts::default();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         if pending.is_empty() {
             match rx.recv().await {
-                Some(record) => push(&mut pending, &mut marks, &mut facts, record),
+                Some(record) => push(
+                    &mut pending,
+                    &mut marks,
+                    &mut facts,
+                    &mut cuts,
+                    &masker,
+                    record,
+                ),
                 None => return ShipEnd::Complete(offset),
             }
         }
         while pending.len() < TARGET_CHUNK_BYTES {
             match rx.try_recv() {
-                Ok(record) => push(&mut pending, &mut marks, &mut facts, record),
+                Ok(record) => push(
+                    &mut pending,
+                    &mut marks,
+                    &mut facts,
+                    &mut cuts,
+                    &masker,
+                    record,
+                ),
                 Err(_) => break,
             }
         }
@@ -117,20 +138,55 @@ fn refusal(err: &ClientError) -> ShipEnd {
     }
 }
 
-/// Adds a record to the pending chunk (a line) or to the facts to send (metadata).
+/// Adds a record to the pending chunk (a line) or to the facts to send (metadata), masked.
 fn push(
     pending: &mut String,
     marks: &mut Marks,
     facts: &mut Vec<(String, String)>,
+    cuts: &mut Cuts,
+    masker: &Masker,
     record: LogRecord,
 ) {
-    if let Some(fact) = record.metadata {
-        facts.push(fact);
+    if let Some((key, value)) = record.metadata {
+        facts.push((key, masker.mask(&value).into_owned()));
         return;
     }
-    pending.push_str(&format_line(record.ts_ms, record.stream, &record.text));
+    let text = cuts.mask(masker, record.stream, &record.text);
+    pending.push_str(&format_line(record.ts_ms, record.stream, &text));
     if let Some(pos) = record.mark {
         marks.pending.push((pending.len(), record.stream, pos));
+    }
+}
+
+/// Which output streams are in the middle of a line too long to ship whole: executors cut such a
+/// line into pieces of about [`MAX_LINE_BYTES`], and a secret value may straddle a cut.
+#[derive(Debug, Default)]
+struct Cuts {
+    stdout: bool,
+    stderr: bool,
+}
+
+impl Cuts {
+    /// `text` masked, with the edges of a piece of a cut line masked too.
+    fn mask<'t>(
+        &mut self,
+        masker: &Masker,
+        stream: Stream,
+        text: &'t str,
+    ) -> std::borrow::Cow<'t, str> {
+        let cut = match stream {
+            Stream::Stdout => &mut self.stdout,
+            Stream::Stderr => &mut self.stderr,
+            Stream::System => return masker.mask(text),
+        };
+        let continues = *cut;
+        // A piece is as long as a piece gets (cut on a character boundary) and ends no line.
+        let goes_on = text.len() + 3 >= MAX_LINE_BYTES && !text.ends_with('\n');
+        *cut = goes_on;
+        if masker.is_empty() || !(continues || goes_on) {
+            return masker.mask(text);
+        }
+        masker.mask_piece(text, continues, goes_on).into()
     }
 }
 
@@ -169,5 +225,81 @@ fn chunk_end(pending: &str) -> usize {
     match pending[..MAX_CHUNK_BYTES].rfind('\n') {
         Some(nl) => nl + 1,
         None => pending.floor_char_boundary(MAX_CHUNK_BYTES),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_cut_with_a_long_line_is_masked_in_both_pieces() {
+        let masker = Masker::new(["s3cr3t-value"]);
+        let mut cuts = Cuts::default();
+        let first = format!("{}s3cr3t", "x".repeat(MAX_LINE_BYTES - 6));
+        let first = cuts.mask(&masker, Stream::Stdout, &first).into_owned();
+        assert!(first.ends_with("x***"), "{}", &first[first.len() - 10..]);
+        // Another stream's line between the pieces changes nothing.
+        assert_eq!(cuts.mask(&masker, Stream::Stderr, "-value"), "-value");
+        assert_eq!(
+            cuts.mask(&masker, Stream::Stdout, "-value end\n"),
+            "*** end\n"
+        );
+        // The line ended: the next one is not a continuation.
+        assert_eq!(cuts.mask(&masker, Stream::Stdout, "-value"), "-value");
+    }
+
+    #[test]
+    fn lines_and_facts_are_masked_before_they_are_queued() {
+        let masker = Masker::new(["s3cr3t-value"]);
+        let mut cuts = Cuts::default();
+        let (mut pending, mut marks, mut facts) = (String::new(), Marks::default(), Vec::new());
+        for (stream, text) in [
+            (Stream::Stdout, "token s3cr3t-value"),
+            (Stream::Stderr, "s3cr3t-values3cr3t-value"),
+            (
+                Stream::System,
+                "testbot: the executor failed: bad s3cr3t-value",
+            ),
+        ] {
+            let record = LogRecord {
+                ts_ms: 0,
+                stream,
+                text: text.into(),
+                mark: None,
+                metadata: None,
+            };
+            push(
+                &mut pending,
+                &mut marks,
+                &mut facts,
+                &mut cuts,
+                &masker,
+                record,
+            );
+        }
+        let fact = LogRecord {
+            ts_ms: 0,
+            stream: Stream::System,
+            text: String::new(),
+            mark: None,
+            metadata: Some(("note".into(), "s3cr3t-value".into())),
+        };
+        push(
+            &mut pending,
+            &mut marks,
+            &mut facts,
+            &mut cuts,
+            &masker,
+            fact,
+        );
+        assert!(!pending.contains("s3cr3t"), "{pending}");
+        assert!(pending.contains(" O token ***\n"), "{pending}");
+        assert!(pending.contains(" E ******\n"), "{pending}");
+        assert!(
+            pending.ends_with("the executor failed: bad ***\n"),
+            "{pending}"
+        );
+        assert_eq!(facts, [("note".to_string(), "***".to_string())]);
     }
 }

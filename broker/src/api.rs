@@ -535,7 +535,8 @@ async fn poll_handler(
                 lease_ttl_ms: state.settings.lease_ttl.as_millis() as u64,
                 heartbeat_interval_ms: state.settings.heartbeat_interval.as_millis() as u64,
                 log_offset: model.log_bytes as u64,
-                spec: model.spec()?,
+                // The one answer that carries secret values: the agent needs them to run the job.
+                spec: model.spec_for_agent()?,
                 oidc_token: model.oidc_token.clone(),
                 accepted_at_ms: Some(model.created_at_ms),
             };

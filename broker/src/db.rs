@@ -44,7 +44,7 @@ const READ_CONNECTIONS: u32 = 4;
 /// The columns of [`JobModel`], in its field order.
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
      lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \
-     repository, run_id, submitted_by, oidc_token, metadata";
+     repository, run_id, submitted_by, oidc_token, metadata, secret_env";
 
 /// A row of `jobs`.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -69,6 +69,9 @@ pub struct JobModel {
     pub submitted_by: Option<String>,
     pub oidc_token: Option<String>,
     pub metadata: Option<String>,
+    /// The values of the spec's secret variables (a JSON object), until the job ends; `spec`
+    /// holds `***` in their place.
+    pub secret_env: Option<String>,
 }
 
 /// Who a job is for, recorded with it at submission.
@@ -91,15 +94,44 @@ impl JobModel {
         self.state.parse().unwrap_or(JobState::Error)
     }
 
+    /// The spec as stored, and as everyone but the agent running the job sees it: secret
+    /// variables' values are `***`.
     pub fn spec(&self) -> anyhow::Result<JobSpec> {
         serde_json::from_str(&self.spec)
             .with_context(|| format!("Stored spec of job {} is not valid JSON", self.id))
     }
 
+    /// The spec with its secret variables' values, for the agent that claimed the job. Fails
+    /// rather than hand out `***` as a value when they are gone (the job has ended).
+    pub fn spec_for_agent(&self) -> anyhow::Result<JobSpec> {
+        let mut spec = self.spec()?;
+        if spec.secret_env.is_empty() {
+            return Ok(spec);
+        }
+        let values: std::collections::BTreeMap<String, String> = self
+            .secret_env
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .with_context(|| format!("Stored secret variables of job {} are not valid", self.id))?
+            .with_context(|| format!("Job {} has ended; its secret variables are gone", self.id))?;
+        for name in &spec.secret_env {
+            let value = values.get(name).with_context(|| {
+                format!(
+                    "Job {} has no stored value for secret variable {name}",
+                    self.id
+                )
+            })?;
+            spec.env.insert(name.clone(), value.clone());
+        }
+        Ok(spec)
+    }
+
     pub fn to_job(&self) -> anyhow::Result<Job> {
         Ok(Job {
             id: self.job_id(),
-            spec: self.spec()?,
+            // Masked again, whatever is stored: no answer but the assignment shows a secret.
+            spec: self.spec()?.masked(),
             state: self.state(),
             reason: self.reason.clone(),
             exit_code: self.exit_code,
@@ -480,7 +512,17 @@ impl Db {
         origin: &JobOrigin,
         jti: Option<(&str, i64)>,
     ) -> anyhow::Result<Option<JobModel>> {
-        let spec_json = serde_json::to_string(spec)?;
+        // Secret values are kept apart from the spec, which is shown to readers of the job.
+        let spec_json = serde_json::to_string(&spec.masked())?;
+        let secret_env = (!spec.secret_env.is_empty())
+            .then(|| {
+                serde_json::to_string(
+                    &spec
+                        .secret_values()
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                )
+            })
+            .transpose()?;
         let labels = serde_json::to_string(&spec.labels)?;
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
@@ -491,8 +533,8 @@ impl Db {
         }
         let sql = format!(
             "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id, submitted_by,
-                 oidc_token, sites, submit_jti)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 oidc_token, sites, submit_jti, secret_env)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              RETURNING {JOB_COLUMNS}"
         );
         let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -509,6 +551,7 @@ impl Db {
                     .transpose()?,
             )
             .bind(jti.map(|(jti, _)| jti))
+            .bind(secret_env)
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::results::Outcome;
+use crate::secrets;
 
 /// A job's identifier: a positive integer assigned by the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -61,6 +62,12 @@ pub struct JobSpec {
     /// start with `TESTBOT_`. Default: none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Names of `env` variables whose values are secret: the broker shows them as `***` in every
+    /// answer but the agent's assignment and forgets them once the job ends, and the agent
+    /// masks them in the job's log. Each must be a key of `env`, with a value of at least
+    /// [`secrets::MIN_SECRET_CHARS`] characters. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env: Vec<String>,
     /// Wall-clock limit in seconds; the agent stops the job after it. Default: the agent's own
     /// limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -242,6 +249,7 @@ impl JobSpec {
                 return Err(format!("env.{name} contains a NUL byte"));
             }
         }
+        secrets::validate_secret_env(self)?;
         if self.timeout_secs == Some(0) {
             return Err("timeout_secs must be at least 1".into());
         }

@@ -10,6 +10,7 @@
 //! - [`logs`]: log chunks (keyed by byte offset) and the line format of a stored log.
 //! - [`repos`]: repository registration.
 //! - [`results`]: how a job ended, as reported by the agent.
+//! - [`secrets`]: secret job variables: how they are checked, shown as `***` and masked in logs.
 //! - [`signing`]: Ed25519 signatures on agent requests.
 //! - [`sites`]: sites, enrollment tokens and enrolled agents.
 //! - [`error`]: the JSON error envelope every endpoint uses.
@@ -27,6 +28,7 @@ pub mod logs;
 pub mod oidc;
 pub mod repos;
 pub mod results;
+pub mod secrets;
 pub mod signing;
 pub mod sites;
 

@@ -506,6 +506,10 @@ rules:
 - apiGroups: [\"\", events.k8s.io]
   resources: [events]
   verbs: [get, list, watch]
+# A job's secret variables go into a Secret owned by its Job, never into the pod spec.
+- apiGroups: [\"\"]
+  resources: [secrets]
+  verbs: [create, patch, delete, list]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding

@@ -10,7 +10,11 @@
 //!   service account, without its API token unless the policy asks for it. The script runs with
 //!   `sh -e -c` in `/work`, an `emptyDir`. The pod shares its process namespace, so the script
 //!   is not PID 1 and a SIGTERM stops it.
-//! - Jobs and pods carry the labels `testbot/agent` (this agent's instance), `testbot/job` and
+//! - The job's secret variables are in a Secret named like the Job and owned by it (so it goes
+//!   with the Job, also when `ttlSecondsAfterFinished` removes it); the container takes them
+//!   with `secretKeyRef`, so their values are not in the Job or pod spec that anyone who may
+//!   read pods in the namespace sees. The agent deletes the Secret with the Job.
+//! - Jobs, pods and Secrets carry the labels `testbot/agent` (this agent's instance), `testbot/job` and
 //!   `testbot/attempt`: a restarted agent re-attaches to its Jobs by them and removes the ones it
 //!   no longer knows.
 //! - The pod's log (stdout and stderr as one stream: Kubernetes keeps them together) is followed
@@ -28,12 +32,13 @@ use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::batch::v1::{Job, JobSpec as KubeJobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, Pod, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, Pod, PodSecurityContext,
+    PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use testbot_proto::jobs::{JobId, JobState};
 use testbot_proto::logs::Stream;
@@ -106,7 +111,9 @@ impl Executor for KubernetesExecutor {
 
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            self.delete(&self.job_name(job.id, job.attempt), None).await;
+            let name = self.job_name(job.id, job.attempt);
+            self.delete(&name, None).await;
+            self.delete_secret(&name).await;
             self.records.remove(job.id);
             super::remove_job_dir(job).await;
         })
@@ -143,6 +150,7 @@ impl Executor for KubernetesExecutor {
             let name = self.job_name(job.job_id, job.attempt);
             tracing::warn!(job_id = %job.job_id, kubernetes_job = %name, "Deleting a Kubernetes Job whose lease is gone.");
             self.delete(&name, None).await;
+            self.delete_secret(&name).await;
             self.records.remove(job.job_id);
             let _ = tokio::fs::remove_dir_all(&job.dir).await;
         })
@@ -242,6 +250,92 @@ impl KubernetesExecutor {
         Ok(Api::namespaced(self.client()?, &self.settings.namespace))
     }
 
+    fn secrets(&self) -> anyhow::Result<Api<Secret>> {
+        Ok(Api::namespaced(self.client()?, &self.settings.namespace))
+    }
+
+    /// The Secret that holds the job's secret variables, named like its Job; `None` when the job
+    /// has none.
+    pub fn secret_object(&self, job: &JobContext) -> Option<Secret> {
+        let values: BTreeMap<String, String> = job
+            .spec
+            .secret_values()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        if values.is_empty() {
+            return None;
+        }
+        Some(Secret {
+            metadata: ObjectMeta {
+                name: Some(self.job_name(job.id, job.attempt)),
+                namespace: Some(self.settings.namespace.clone()),
+                labels: Some(self.labels(job)),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            string_data: Some(values),
+            ..Default::default()
+        })
+    }
+
+    /// Creates the job's Secret, replacing one an earlier agent left under its name.
+    async fn create_secret(&self, secret: &Secret, log: &LogSink) -> anyhow::Result<()> {
+        let secrets = self.secrets()?;
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let ns = &self.settings.namespace;
+        let mut created = call(secrets.create(&PostParams::default(), secret)).await;
+        if let Err(kube::Error::Api(status)) = &created
+            && status.is_already_exists()
+        {
+            log.system(format!("removing a stale Kubernetes Secret {ns}/{name}"))
+                .await;
+            self.delete_secret(&name).await;
+            created = call(secrets.create(&PostParams::default(), secret)).await;
+        }
+        created.map_err(|err| {
+            anyhow::anyhow!(
+                "Kubernetes refused to create Secret {ns}/{name} for the job's secret variables: {}; the agent's account needs create, patch, delete and list on secrets in the namespace",
+                describe(&err)
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Makes the Job the owner of its Secret, so Kubernetes removes the Secret with the Job even
+    /// when the agent does not (the agent deletes it itself too).
+    async fn own_secret(&self, name: &str, job: &Job) {
+        let (Ok(secrets), Some(uid)) = (self.secrets(), job.metadata.uid.clone()) else {
+            return;
+        };
+        let patch = serde_json::json!({
+            "metadata": {
+                "ownerReferences": [{
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": name,
+                    "uid": uid,
+                }]
+            }
+        });
+        if let Err(err) =
+            call(secrets.patch(name, &PatchParams::default(), &Patch::Merge(&patch))).await
+        {
+            tracing::warn!(kubernetes_secret = name, err = %describe(&err), "Cannot make the Kubernetes Job the owner of its Secret; the agent deletes it with the Job.");
+        }
+    }
+
+    /// Deletes the job's Secret `name`, if there is one.
+    async fn delete_secret(&self, name: &str) {
+        let Ok(secrets) = self.secrets() else { return };
+        match call(secrets.delete(name, &DeleteParams::default())).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(err) => {
+                tracing::warn!(kubernetes_secret = name, err = %describe(&err), "Cannot delete the Kubernetes Secret of a job.");
+            }
+        }
+    }
+
     /// The Job's name: `testbot-INSTANCE-JOB-ATTEMPT` (at most 52 characters, a DNS label).
     fn job_name(&self, job: JobId, attempt: u32) -> String {
         format!("testbot-{}-{job}-{attempt}", self.instance)
@@ -302,12 +396,26 @@ impl KubernetesExecutor {
             var("TESTBOT_AGENT", job.agent.clone()),
             var("TESTBOT_WORKSPACE", "/work".into()),
         ];
-        env.extend(
-            job.spec
-                .env
-                .iter()
-                .map(|(name, value)| var(name, value.clone())),
-        );
+        // Secret values stay out of the spec: the container reads them from the job's Secret.
+        let secret_name = self.job_name(job.id, job.attempt);
+        env.extend(job.spec.env.iter().map(|(name, value)| {
+            if job.spec.secret_env.contains(name) {
+                EnvVar {
+                    name: name.clone(),
+                    value: None,
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: secret_name.clone(),
+                            key: name.clone(),
+                            optional: Some(false),
+                        }),
+                        ..Default::default()
+                    }),
+                }
+            } else {
+                var(name, value.clone())
+            }
+        }));
         let container = Container {
             name: CONTAINER.to_string(),
             image: Some(image.to_string()),
@@ -420,6 +528,11 @@ impl KubernetesExecutor {
         let name = self.job_name(job.id, job.attempt);
         let ns = &self.settings.namespace;
         let jobs = self.jobs()?;
+        // The Secret first: a pod that started before it existed would fail to start.
+        let secret = self.secret_object(job);
+        if let Some(secret) = &secret {
+            self.create_secret(secret, log).await?;
+        }
         let mut created = call(jobs.create(&PostParams::default(), &object)).await;
         if let Err(kube::Error::Api(status)) = &created
             && status.is_already_exists()
@@ -431,12 +544,21 @@ impl KubernetesExecutor {
                 .await;
             created = call(jobs.create(&PostParams::default(), &object)).await;
         }
-        created.map_err(|err| {
-            anyhow::anyhow!(
-                "Kubernetes refused to create Job {ns}/{name}: {}",
-                describe(&err)
-            )
-        })?;
+        let created = match created {
+            Ok(created) => created,
+            Err(err) => {
+                if secret.is_some() {
+                    self.delete_secret(&name).await;
+                }
+                anyhow::bail!(
+                    "Kubernetes refused to create Job {ns}/{name}: {}",
+                    describe(&err)
+                );
+            }
+        };
+        if secret.is_some() {
+            self.own_secret(&name, &created).await;
+        }
         self.records.save(&JobRecord::started(name.clone(), job))?;
         log.metadata("kubernetes_job", format!("{ns}/{name}")).await;
         log.system(format!("created Kubernetes Job {ns}/{name} from {image}"))
@@ -684,6 +806,22 @@ impl KubernetesExecutor {
                     "Deleting a Kubernetes Job of a job this agent no longer knows."
                 );
                 self.delete(&name, None).await;
+            }
+        }
+        // A Secret whose Job was never created, or is gone.
+        let Ok(secrets) = self.secrets() else { return };
+        let listed = match call(secrets.list(&params)).await {
+            Ok(listed) => listed,
+            Err(err) => {
+                tracing::warn!(err = %describe(&err), "Cannot list this agent's Kubernetes Secrets.");
+                return;
+            }
+        };
+        for object in listed {
+            if let Some(name) = object.metadata.name
+                && !known.contains(&name)
+            {
+                self.delete_secret(&name).await;
             }
         }
     }
@@ -946,6 +1084,37 @@ mod tests {
         let env = container["env"].as_array().unwrap();
         assert!(env.contains(&serde_json::json!({"name": "GREETING", "value": "hi"})));
         assert!(env.contains(&serde_json::json!({"name": "TESTBOT_JOB_ID", "value": "7"})));
+    }
+
+    #[test]
+    fn secret_values_are_in_the_jobs_secret_and_not_in_its_pod_spec() {
+        let executor = executor();
+        let mut job = context(Some(1500));
+        assert!(executor.secret_object(&job).is_none());
+        job.spec.env.insert("TOKEN".into(), "s3cr3t-value".into());
+        job.spec.secret_env.push("TOKEN".into());
+        let object =
+            serde_json::to_string(&executor.job_object(&job, "ghcr.io/o/ci:1").unwrap()).unwrap();
+        assert!(!object.contains("s3cr3t-value"), "{object}");
+        assert!(object.contains(r#"{"name":"TOKEN","valueFrom":{"secretKeyRef":{"key":"TOKEN","name":"testbot-0123456789-7-2","optional":false}}}"#), "{object}");
+        // A plain variable keeps its value in the spec.
+        assert!(
+            object.contains(r#"{"name":"GREETING","value":"hi"}"#),
+            "{object}"
+        );
+        let secret = executor.secret_object(&job).unwrap();
+        assert_eq!(
+            secret.metadata.name.as_deref(),
+            Some("testbot-0123456789-7-2")
+        );
+        assert_eq!(
+            secret.string_data,
+            Some(BTreeMap::from([(
+                "TOKEN".to_string(),
+                "s3cr3t-value".to_string()
+            )]))
+        );
+        assert_eq!(secret.metadata.labels, Some(executor.labels(&job)));
     }
 
     #[test]

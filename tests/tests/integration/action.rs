@@ -67,6 +67,9 @@ fn workflow_repo(dir: &Path, workflow: &str) -> PathBuf {
     repo
 }
 
+/// The value of the workflow's secret variable `DEPLOY_TOKEN`.
+const SECRET: &str = "deploy-9d4e61b0";
+
 struct Run {
     script: String,
     /// Which repository's workflow the token says this is; `None`: no id-token permission.
@@ -93,6 +96,8 @@ fn start_act(fleet: &Fleet, run: &Run) -> (Process, PathBuf) {
         format!("TESTBOT_SCRIPT={}", run.script),
         "--env".into(),
         format!("TESTBOT_AUDIENCE={}", testbot_e2e::AUDIENCE),
+        "--env".into(),
+        format!("TESTBOT_SECRET={SECRET}"),
         "--env".into(),
         format!("TESTBOT_CLI={}", bin_path("testbot").display()),
     ];
@@ -162,7 +167,11 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
     let (status, out) = act(
         &fleet,
         Run {
-            script: "echo \"remote says: $GREETING\"; echo on agent $TESTBOT_AGENT".into(),
+            script: format!(
+                "echo \"remote says: $GREETING\"; echo on agent $TESTBOT_AGENT; \
+                 echo \"token: $DEPLOY_TOKEN\"; {}",
+                testbot_e2e::check_value("DEPLOY_TOKEN", SECRET)
+            ),
             token_repo: Some(REPO),
         },
     )
@@ -195,6 +204,19 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
     assert!(out.contains("| agent | runner1 |"), "{out}");
     // The OIDC token is masked: it never appears in the log.
     assert!(!out.contains("eyJ"), "a token leaked into the log:\n{out}");
+    // The secret variable reached the job, and neither the step log, the stored log nor the
+    // broker's answers show it.
+    assert!(out.contains("token: ***"), "{out}");
+    assert!(out.contains("received whole"), "{out}");
+    assert!(
+        !out.contains(SECRET),
+        "the secret leaked into the step log:\n{out}"
+    );
+    let log = fleet.log(job.id).await;
+    assert!(log.contains(" O token: ***\n"), "{log}");
+    assert!(!log.contains(SECRET), "{log}");
+    assert_eq!(job.spec.env["DEPLOY_TOKEN"], "***");
+    assert_eq!(job.spec.secret_env, ["DEPLOY_TOKEN"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -47,7 +47,7 @@ async fn bad_requests_are_refused_with_a_clear_error_and_store_nothing() {
             body: r#"{"script": "echo hi", "scirpt": "x"}"#.into(),
             status: 400,
             code: "invalid_json",
-            message: "unknown field `scirpt`, expected one of `script`, `name`, `labels`, `env`, `timeout_secs`, `executor`, `image`, `resources`",
+            message: "unknown field `scirpt`, expected one of `script`, `name`, `labels`, `env`, `secret_env`, `timeout_secs`, `executor`, `image`, `resources`",
         },
         Case {
             what: "wrong type",

@@ -375,3 +375,52 @@ async fn at_start_up_an_agent_removes_containers_of_jobs_it_no_longer_knows() {
     .await;
     fleet.stop().await;
 }
+
+/// A secret variable reaches the container's script, but neither the container's configuration
+/// (what `docker inspect` shows any user of the engine) nor the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_docker_job_receives_its_secret_which_stays_out_of_the_container_config_and_log() {
+    const VALUE: &str = "hello-secret-0c5e";
+    let (mut fleet, policy) = container_fleet().await;
+    add_agent(&mut fleet, &policy, ExecutorKind::Docker, "vm1");
+    fleet.wait_policy_agents(1).await;
+    let mut spec = job(
+        "docker",
+        &format!(
+            "echo \"$GREETING\"; echo \"got:$GREETING:end\"; {}; sleep 4",
+            testbot_e2e::check_value("GREETING", VALUE)
+        ),
+    );
+    spec.env.insert("GREETING".into(), VALUE.into());
+    spec.secret_env.push("GREETING".into());
+    let submitted = fleet.workflow(REPO).submit(&spec).await.unwrap();
+    assert_eq!(submitted.spec.env["GREETING"], "***");
+    wait_for("the job to print", WAIT, || async {
+        fleet
+            .log(submitted.id)
+            .await
+            .contains(" O received whole\n")
+            .then_some(())
+    })
+    .await;
+    let instance = testbot_agent::executor::ContainerExecutor::instance_of(
+        &testbot_e2e::state_dir_beside(&fleet.dir.path().join("agent-vm1")),
+    );
+    let name = format!("testbot-{instance}-job-{}-1", submitted.id);
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", &name])
+        .output()
+        .unwrap();
+    let inspect = String::from_utf8_lossy(&inspect.stdout).to_string();
+    assert!(inspect.contains("TESTBOT_JOB_ID"), "{inspect}");
+    assert!(!inspect.contains(VALUE), "{inspect}");
+    let (done, log) = fleet.finished(&submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(
+        testbot_e2e::stdout_lines(&log),
+        ["***", "got:***:end", "received whole"],
+        "{log}"
+    );
+    assert!(!log.contains(VALUE), "{log}");
+    fleet.stop().await;
+}

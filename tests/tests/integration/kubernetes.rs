@@ -705,3 +705,125 @@ async fn an_agent_in_a_pod_runs_jobs_with_its_service_account() {
     .await;
     fleet.stop().await;
 }
+
+/// A cluster started by an older `tests/kubernetes/start.sh` gave the agent no rights on
+/// Secrets; this grants the rights the current one gives (create, patch, delete and list on
+/// secrets in the namespace), as their own Role, when the agent lacks them.
+fn grant_secret_rights(cluster: &Cluster) {
+    let can = std::process::Command::new(kubectl_path())
+        .args(["auth", "can-i", "patch", "secrets", "--as", "testbot-agent"])
+        .args(["--namespace", &cluster.namespace])
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&can.stdout).trim() == "yes" {
+        return;
+    }
+    let ns = &cluster.namespace;
+    let manifest = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "testbot-agent-secrets", "namespace": ns},
+                "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete", "list"]}],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "testbot-agent-secrets", "namespace": ns},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "testbot-agent-secrets"},
+                "subjects": [
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "testbot-agent"},
+                    {"kind": "ServiceAccount", "name": "testbot-agent", "namespace": ns},
+                ],
+            },
+        ],
+    });
+    let file =
+        std::env::temp_dir().join(format!("testbot-secret-rights-{}.json", std::process::id()));
+    std::fs::write(&file, manifest.to_string()).unwrap();
+    kubectl(&["apply", "--filename", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+}
+
+/// A secret variable reaches the pod's script, but not the Job or pod spec (which anyone who may
+/// read pods in the namespace sees) nor the log; the Secret that carries it goes with the Job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kubernetes_job_receives_its_secret_which_stays_out_of_the_pod_spec_and_log() {
+    const VALUE: &str = "hello-secret-5b81";
+    let (mut fleet, cluster, policy) = kubernetes_fleet().await;
+    grant_secret_rights(&cluster);
+    add_agent(&mut fleet, &cluster, &policy, "k8s1");
+    fleet.wait_policy_agents(1).await;
+    let mut spec = job(&format!(
+        "echo \"$GREETING\"; echo \"got:$GREETING:end\"; {}; \
+         i=0; while [ ! -e /work/go ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done",
+        testbot_e2e::check_value("GREETING", VALUE)
+    ));
+    spec.env.insert("GREETING".into(), VALUE.into());
+    spec.secret_env.push("GREETING".into());
+    let submitted = fleet.workflow(REPO).submit(&spec).await.unwrap();
+    let pod = wait_for("the job to print while its pod runs", WAIT, || async {
+        let job = fleet.client().job(submitted.id).await.unwrap();
+        let log = fleet.log(submitted.id).await;
+        log.contains(" O received whole\n")
+            .then(|| job.metadata.get("kubernetes_pod").cloned())
+            .flatten()
+    })
+    .await;
+    let name = format!("testbot-{}-{}-1", instance(&fleet, "k8s1"), submitted.id);
+    for (kind, object) in [("pod", pod.as_str()), ("job", name.as_str())] {
+        let read_back = kubectl(&[
+            "get",
+            kind,
+            object,
+            "--namespace",
+            &cluster.namespace,
+            "--output",
+            "json",
+        ]);
+        assert!(read_back.contains("GREETING"), "{read_back}");
+        assert!(!read_back.contains(VALUE), "{kind} {object}: {read_back}");
+    }
+    kubectl(&[
+        "exec",
+        "--namespace",
+        &cluster.namespace,
+        &pod,
+        "--",
+        "touch",
+        "/work/go",
+    ]);
+    let (done, log) = fleet.finished(&submitted).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(
+        testbot_e2e::stdout_lines(&log),
+        ["***", "got:***:end", "received whole"],
+        "{log}"
+    );
+    assert!(!log.contains(VALUE), "{log}");
+    nothing_left(&cluster, &fleet, &done).await;
+    let selector = format!(
+        "testbot/agent={},testbot/job={}",
+        instance(&fleet, "k8s1"),
+        done.id
+    );
+    wait_for("the job's Secret to be deleted", WAIT, || async {
+        kubectl(&[
+            "get",
+            "secrets",
+            "--namespace",
+            &cluster.namespace,
+            "--selector",
+            &selector,
+            "--output",
+            "name",
+        ])
+        .is_empty()
+        .then_some(())
+    })
+    .await;
+    fleet.stop().await;
+}

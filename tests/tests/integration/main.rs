@@ -23,6 +23,7 @@ mod restart;
 mod revocation;
 mod robustness;
 mod routing;
+mod secrets;
 mod site_policy;
 mod slurm;
 mod trust;
