@@ -1,11 +1,12 @@
-//! Clients that hold the broker's resources: a request trickled in byte by byte, and crowds of
-//! log followers on one job.
+//! Clients that hold the broker's resources: a request trickled in byte by byte, crowds of
+//! log followers on one job, floods of idle connections, and headers sent a byte at a time.
 
 use std::time::Duration;
 
 use secrecy::ExposeSecret as _;
-use testbot_e2e::{Fleet, refusal};
+use testbot_e2e::{Fleet, WAIT, refusal, wait_for};
 use testbot_proto::jobs::JobSpec;
+use testbot_proto::jobs::JobState;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,4 +82,150 @@ async fn the_followers_of_one_job_are_bounded() {
         || async { client.log_stream(job.id, 0, true).await.ok().map(|_| ()) },
     )
     .await;
+}
+
+/// Reads from `tcp` until the broker closes it; returns whatever it sent, or `None` if the
+/// connection is still open after `limit`.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    let mut answer = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// Sends `GET /api/v1/health` on a fresh connection; returns the whole answer.
+async fn raw_health(addr: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET /api/v1/health HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    read_until_closed(&mut tcp, Duration::from_secs(10))
+        .await
+        .expect("the broker answers and closes")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_past_the_limit_are_refused_and_the_fleet_keeps_working() {
+    const LIMIT: usize = 8;
+    const EXTRA: usize = 8;
+    let mut fleet = Fleet::start_with(|config| {
+        config.settings.max_connections = LIMIT;
+        config.settings.header_read_timeout = Duration::from_secs(4);
+        // Shorter than the job, so it only succeeds if heartbeats get through the flood.
+        config.settings.lease_ttl = Duration::from_secs(3);
+        config.settings.heartbeat_interval = Duration::from_secs(1);
+    })
+    .await;
+    let addr = fleet.url.trim_start_matches("http://").to_string();
+    fleet.add_agent(fleet.agent_config("steady"));
+    let job = fleet.submit("echo start; sleep 8; echo end").await;
+    wait_for("the job to start", WAIT, || async {
+        fleet.log(job.id).await.contains(" O start\n").then_some(())
+    })
+    .await;
+
+    // A flood of connections that never send a byte.
+    let mut flood = Vec::new();
+    for _ in 0..LIMIT + EXTRA {
+        flood.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // A client connecting now is told to come back, in the API's error shape.
+    let answer = raw_health(&addr).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1\r\n"), "{answer}");
+    assert!(
+        answer.contains(&format!(
+            r#""message":"the broker is serving {LIMIT} connections, the most it allows (--max-connections {LIMIT}); try again in a moment""#
+        )),
+        "{answer}"
+    );
+    // The connections past the limit are closed at once; at most LIMIT stay open.
+    let mut held = Vec::new();
+    for mut tcp in flood {
+        if read_until_closed(&mut tcp, Duration::from_secs(2))
+            .await
+            .is_none()
+        {
+            held.push(tcp);
+        }
+    }
+    assert!(
+        held.len() <= LIMIT,
+        "{} idle connections held open, more than --max-connections {LIMIT}",
+        held.len()
+    );
+    // Idle connections it does hold are closed after --header-read-timeout.
+    for tcp in &mut held {
+        assert!(
+            read_until_closed(tcp, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "an idle connection was held past --header-read-timeout"
+        );
+    }
+    // The agent kept its lease through the flood and the job ran to its end.
+    let done = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(
+        done.attempts, 1,
+        "the lease was lost during the flood: {log}"
+    );
+    assert!(log.contains(" O end\n"), "{log}");
+    assert!(raw_health(&addr).await.starts_with("HTTP/1.1 200"));
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_trickling_its_headers_is_disconnected() {
+    let fleet = Fleet::start_with(|config| {
+        config.settings.header_read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr = fleet.url.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(format!("GET /api/v1/health HTTP/1.1\r\nhost: {addr}\r\nx-slow: ").as_bytes())
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    // Meanwhile other clients are served as usual.
+    fleet.client().health().await.unwrap();
+    // One more header byte every 100 ms, for at most 10 s, until the broker hangs up.
+    let mut cut_off = None;
+    for _ in 0..100 {
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut buf)).await {
+            // Still open: trickle on.
+            Err(_) => {
+                if tcp.write_all(b"a").await.is_err() {
+                    cut_off = Some(started.elapsed());
+                    break;
+                }
+            }
+            // An answer (408) or the close.
+            Ok(_) => {
+                cut_off = Some(started.elapsed());
+                break;
+            }
+        }
+    }
+    let cut_off = cut_off.expect("the broker held a client trickling its headers for 10s");
+    assert!(
+        cut_off < Duration::from_secs(5),
+        "the broker cut off the trickling client only after {cut_off:?}"
+    );
+    assert!(raw_health(&addr).await.starts_with("HTTP/1.1 200"));
+    fleet.stop().await;
 }

@@ -1,0 +1,238 @@
+//! Serving HTTP connections: at most `--max-connections` at once, each closed when its request
+//! headers take longer than `--header-read-timeout` (a client trickling them in, or a kept-alive
+//! connection left idle), and all drained on shutdown.
+//!
+//! Every open connection costs a file descriptor and buffers. Without these bounds a flood of
+//! connections that never send a byte, or send their headers a byte at a time, exhausts the
+//! broker's descriptors, and then it can accept no heartbeat and open no database file.
+//!
+//! A connection past the limit is not left waiting in the kernel's accept queue, where a flood
+//! would hold real clients behind it until their connect timed out: it is accepted and answered
+//! `503 unavailable` with `Retry-After`, which agents and the CLI retry. Answering needs the
+//! request's headers, so up to [`MAX_REFUSING`] such connections are given
+//! [`REFUSAL_HEADER_TIMEOUT`] to send them; connections past that too are closed at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::IntoResponse as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::ApiError;
+
+/// Default of `--max-connections`: a fleet of a few hundred agents (each holds a poll and a
+/// heartbeat), their log followers and CLIs.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Default of `--header-read-timeout`: well above the heartbeat interval, so an agent's
+/// kept-alive connection is reused rather than closed between two heartbeats.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many connections past the limit may be waiting for their `503` at once.
+pub const MAX_REFUSING: usize = 64;
+
+/// How long a connection past the limit may take to send the request it is refused.
+pub const REFUSAL_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the client is told to wait before connecting again, in seconds.
+const RETRY_AFTER_SECS: u64 = 1;
+
+/// How long to wait before accepting again after the listener failed (out of descriptors).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// How often at most a flood of refused connections is logged.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Bounds on the connections the broker serves.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, then stops accepting and waits
+/// until every connection has finished its request in progress and closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    let serving = Arc::new(Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let connections = TaskTracker::new();
+    let mut refusals = RefusalLog::default();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) if is_connection_error(&err) => continue,
+                Err(err) => {
+                    tracing::error!(?err, "Cannot accept a connection; retrying in a second.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        // Log chunks are small writes that followers wait for: do not let Nagle's algorithm
+        // hold them back (it added ~40 ms to every followed line).
+        let _ = tcp.set_nodelay(true);
+        if let Ok(permit) = serving.clone().try_acquire_owned() {
+            connections.spawn(serve_connection(
+                tcp,
+                peer,
+                app.clone(),
+                limits.header_read_timeout,
+                shutdown.clone(),
+                permit,
+            ));
+            continue;
+        }
+        refusals.refused(limits.max_connections);
+        if let Ok(permit) = refusing.clone().try_acquire_owned() {
+            connections.spawn(refuse_connection(
+                tcp,
+                limits.max_connections,
+                limits.header_read_timeout.min(REFUSAL_HEADER_TIMEOUT),
+                permit,
+            ));
+        }
+        // Otherwise dropping `tcp` closes it at once.
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Serves one connection until it closes; on shutdown, lets the request in progress finish
+/// (held polls and followed logs end by themselves) and closes.
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    header_read_timeout: Duration,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        // Slow or idle clients cut off, clients that hung up: not the broker's problem.
+        tracing::debug!(%peer, %err, "Connection closed with an error.");
+    }
+}
+
+/// Answers the request of a connection past the limit with `503` and closes it.
+async fn refuse_connection(
+    tcp: TcpStream,
+    max_connections: usize,
+    header_read_timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+) {
+    let service = hyper::service::service_fn(move |_request| async move {
+        Ok::<_, std::convert::Infallible>(refusal(max_connections))
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(false);
+    let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+}
+
+/// The answer to a request on a connection past the limit.
+fn refusal(max_connections: usize) -> axum::response::Response {
+    let mut response = ApiError::Unavailable(format!(
+        "the broker is serving {max_connections} connections, the most it allows \
+         (--max-connections {max_connections}); try again in a moment"
+    ))
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(RETRY_AFTER_SECS),
+    );
+    response
+}
+
+/// Errors of one connection that `accept` reports; the listener itself is fine.
+fn is_connection_error(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Logs refused connections once per [`REFUSAL_LOG_INTERVAL`], not once per connection (a
+/// flood would flood the log too).
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, max_connections: usize) {
+        self.unlogged += 1;
+        if self
+            .last
+            .is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        self.last = Some(tokio::time::Instant::now());
+        tracing::warn!(
+            refused = self.unlogged,
+            max_connections,
+            "Refused connections past --max-connections."
+        );
+        self.unlogged = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_refusal_says_what_to_do_and_when_to_retry() {
+        let response = refusal(8);
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(response.headers()[axum::http::header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: testbot_proto::error::ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body.error.code, "unavailable");
+        assert_eq!(
+            body.error.message,
+            "the broker is serving 8 connections, the most it allows (--max-connections 8); \
+             try again in a moment"
+        );
+    }
+}
