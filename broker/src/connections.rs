@@ -14,6 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -113,8 +114,10 @@ pub async fn serve(
     connections.wait().await;
 }
 
-/// Serves one connection until it closes; on shutdown, lets the request in progress finish
-/// (held polls and followed logs end by themselves) and closes.
+/// Serves one connection until it closes. On shutdown it lets the request in progress finish
+/// (held polls and followed logs end by themselves) and closes; a connection that has not yet
+/// sent a whole request is closed at once, so a client that connects and sends nothing, or
+/// trickles its headers, cannot hold up a restart.
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -123,7 +126,15 @@ async fn serve_connection(
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
-    let service = hyper_util::service::TowerToHyperService::new(app);
+    let requested = Arc::new(AtomicBool::new(false));
+    let service = hyper::service::service_fn({
+        let app = hyper_util::service::TowerToHyperService::new(app);
+        let requested = requested.clone();
+        move |request| {
+            requested.store(true, Ordering::Relaxed);
+            hyper::service::Service::call(&app, request)
+        }
+    });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -133,6 +144,10 @@ async fn serve_connection(
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = shutdown.cancelled() => {
+            if !requested.load(Ordering::Relaxed) {
+                return;
+            }
+            // Closes a kept-alive connection between requests at once.
             connection.as_mut().graceful_shutdown();
             connection.await
         }

@@ -229,3 +229,31 @@ async fn a_client_trickling_its_headers_is_disconnected() {
     assert!(raw_health(&addr).await.starts_with("HTTP/1.1 200"));
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_without_a_request_do_not_hold_up_shutdown() {
+    // The default --header-read-timeout (30s): shutdown must not wait for it.
+    let fleet = Fleet::start().await;
+    let addr = fleet.url.trim_start_matches("http://").to_string();
+    let silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut trickling = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickling
+        .write_all(format!("GET /api/v1/health HTTP/1.1\r\nhost: {addr}\r\n").as_bytes())
+        .await
+        .unwrap();
+    // A kept-alive connection that has been answered once, and one with a request in progress.
+    let client = fleet.client();
+    client.health().await.unwrap();
+    let job = fleet.submit("true").await;
+    let follower = client.log_stream(job.id, 0, true).await.unwrap();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), fleet.stop())
+        .await
+        .expect("the broker waited for connections that never sent a request");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    drop((silent, trickling, follower));
+}
