@@ -230,6 +230,82 @@ impl RefusalLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// Serves a router answering `GET /` on loopback with `max_connections`.
+    async fn start(max_connections: usize) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            app,
+            ConnectionLimits {
+                max_connections,
+                header_read_timeout: Duration::from_secs(30),
+            },
+            shutdown.clone(),
+        ));
+        (addr, shutdown)
+    }
+
+    /// Sends `GET /` on a fresh connection; returns the answer, empty if the connection was
+    /// closed without one, or `None` if nothing happened within 5 s.
+    async fn get(addr: SocketAddr) -> Option<String> {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let _ = tcp
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+            .await
+            .ok()
+            .map(|_| String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_a_client_is_told_to_retry_until_a_place_frees() {
+        let (addr, shutdown) = start(2).await;
+        let first = TcpStream::connect(addr).await.unwrap();
+        let _second = TcpStream::connect(addr).await.unwrap();
+        let refused = get(addr).await.unwrap();
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(refused.contains("retry-after: 1\r\n"), "{refused}");
+        // A connection that closes frees its place.
+        drop(first);
+        let mut answered = None;
+        for _ in 0..100 {
+            let answer = get(addr).await.unwrap();
+            if answer.starts_with("HTTP/1.1 200") {
+                answered = Some(answer);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            answered.is_some(),
+            "the closed connection's place was not freed"
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn past_the_refusals_too_a_connection_is_closed_at_once() {
+        let (addr, shutdown) = start(1).await;
+        let mut idle = Vec::new();
+        for _ in 0..1 + MAX_REFUSING {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let started = tokio::time::Instant::now();
+        assert_eq!(get(addr).await.as_deref(), Some(""));
+        assert!(
+            started.elapsed() < REFUSAL_HEADER_TIMEOUT,
+            "closed only after {:?}",
+            started.elapsed()
+        );
+        shutdown.cancel();
+    }
 
     #[tokio::test]
     async fn the_refusal_says_what_to_do_and_when_to_retry() {
