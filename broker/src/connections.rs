@@ -4,7 +4,8 @@
 //!
 //! Every open connection costs a file descriptor and buffers. Without these bounds a flood of
 //! connections that never send a byte, or send their headers a byte at a time, exhausts the
-//! broker's descriptors, and then it can accept no heartbeat and open no database file.
+//! broker's descriptors, and then it can accept no heartbeat and open no database file. Each
+//! connection's buffer is bounded too ([`MAX_CONNECTION_BUFFER`]: larger headers get `431`).
 //!
 //! A connection past the limit is not left waiting in the kernel's accept queue, where a flood
 //! would hold real clients behind it until their connect timed out: it is accepted and answered
@@ -40,6 +41,11 @@ pub const MAX_REFUSING: usize = 64;
 
 /// How long a connection past the limit may take to send the request it is refused.
 pub const REFUSAL_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The most a connection may make the broker buffer: a request's headers must fit (the
+/// largest the broker's clients send, an OIDC token in `authorization`, is a few KiB). hyper's
+/// default, ~400 KiB, would let `--max-connections` slow clients hold 400 MiB.
+pub const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 
 /// What the client is told to wait before connecting again, in seconds.
 const RETRY_AFTER_SECS: u64 = 1;
@@ -138,7 +144,9 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_CONNECTION_BUFFER)
+        .max_header_size(MAX_CONNECTION_BUFFER);
     let connection = builder.serve_connection(TokioIo::new(tcp), service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
@@ -172,6 +180,8 @@ async fn refuse_connection(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_CONNECTION_BUFFER)
+        .max_header_size(MAX_CONNECTION_BUFFER)
         .keep_alive(false);
     let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
 }

@@ -257,3 +257,23 @@ async fn connections_without_a_request_do_not_hold_up_shutdown() {
     );
     drop((silent, trickling, follower));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_headers_are_bounded_in_size() {
+    let fleet = Fleet::start().await;
+    let addr = fleet.url.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // 100 KiB of headers: each connection may make the broker buffer only so much.
+    let mut head = format!("GET /api/v1/health HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for i in 0..50 {
+        head.push_str(&format!("x-filler-{i}: {}\r\n", "a".repeat(2048)));
+    }
+    head.push_str("\r\n");
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let answer = read_until_closed(&mut tcp, Duration::from_secs(10))
+        .await
+        .expect("the broker answers and closes");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(raw_health(&addr).await.starts_with("HTTP/1.1 200"));
+    fleet.stop().await;
+}
