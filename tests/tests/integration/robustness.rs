@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use secrecy::ExposeSecret as _;
-use testbot_e2e::{Fleet, WAIT, refusal, wait_for};
+use testbot_e2e::{Fleet, Process, WAIT, free_port, refusal, wait_for};
 use testbot_proto::jobs::JobSpec;
 use testbot_proto::jobs::JobState;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -276,4 +276,72 @@ async fn request_headers_are_bounded_in_size() {
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     assert!(raw_health(&addr).await.starts_with("HTTP/1.1 200"));
     fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_broker_binary_bounds_connections_by_its_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    // A header bound too short for real clients is refused, saying what would go wrong.
+    let mut refused = Process::spawn(
+        "testbot-broker",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().join("refused").to_str().unwrap(),
+            "--header-read-timeout",
+            "500ms",
+        ],
+        &[],
+        dir.path(),
+    )
+    .unwrap();
+    assert!(!refused.wait(WAIT).await.success());
+    let stderr = std::fs::read_to_string(dir.path().join(format!("{}.err", refused.name))).unwrap();
+    assert!(
+        stderr.contains(
+            "--header-read-timeout must be at least 1s, or clients on slow links cannot send \
+             their requests"
+        ),
+        "{stderr}"
+    );
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _broker = Process::spawn(
+        "testbot-broker",
+        &[
+            "--listen",
+            &addr,
+            "--data-dir",
+            dir.path().join("broker").to_str().unwrap(),
+            "--max-connections",
+            "2",
+            "--header-read-timeout",
+            "1s",
+        ],
+        &[],
+        dir.path(),
+    )
+    .unwrap();
+    wait_for("the broker to answer", WAIT, || async {
+        tokio::net::TcpStream::connect(&addr).await.ok()?;
+        Some(())
+    })
+    .await;
+    let _idle = [
+        tokio::net::TcpStream::connect(&addr).await.unwrap(),
+        tokio::net::TcpStream::connect(&addr).await.unwrap(),
+    ];
+    let answer = raw_health(&addr).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("(--max-connections 2)"), "{answer}");
+    // The idle connections are closed after --header-read-timeout, and their places freed.
+    wait_for("the idle connections' places to be freed", WAIT, || async {
+        raw_health(&addr)
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await;
 }
