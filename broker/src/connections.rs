@@ -7,15 +7,20 @@
 //! broker's descriptors, and then it can accept no heartbeat and open no database file. Each
 //! connection's buffer is bounded too ([`MAX_CONNECTION_BUFFER`]: larger headers get `431`).
 //!
-//! A connection past the limit is not left waiting in the kernel's accept queue, where a flood
-//! would hold real clients behind it until their connect timed out: it is accepted and answered
-//! `503 unavailable` with `Retry-After`, which agents and the CLI retry. Answering needs the
-//! request's headers, so up to [`MAX_REFUSING`] such connections are given
-//! [`REFUSAL_HEADER_TIMEOUT`] to send them; connections past that too are closed at once.
+//! When every place is taken, a newcomer that has sent bytes (an idle flood never does) takes
+//! the place of the oldest connection that has not sent a whole request within
+//! [`DISPLACE_AFTER`]: real clients send theirs the moment they connect, so those are the ones
+//! that connect and wait, or trickle their headers, and a flood of them displaces only itself.
+//! A newcomer that finds no such place is not left in the kernel's accept queue, where it would
+//! sit behind the flood until its connect timed out: it is accepted and answered
+//! `503 unavailable` with `Retry-After`, which agents and the CLI retry. Both need the newcomer to
+//! send its request, so up to [`MAX_REFUSING`] newcomers at once are given
+//! [`REFUSAL_HEADER_TIMEOUT`] for it; one that sends nothing, and any past those, is closed.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -53,6 +58,14 @@ const RETRY_AFTER_SECS: u64 = 1;
 /// How long to wait before accepting again after the listener failed (out of descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_secs(1);
 
+/// How long a connection has to send its first request before a newcomer may take its place.
+/// Real clients send theirs within a round trip; the grace keeps a flood that reconnects as fast
+/// as it is displaced from displacing them before they could.
+const DISPLACE_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a connection that displaced another waits for its place.
+const DISPLACE_WAIT: Duration = Duration::from_secs(1);
+
 /// How often at most a flood of refused connections is logged.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -61,6 +74,79 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct ConnectionLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+}
+
+/// The connections that have not yet sent a whole request, oldest first, each with when it got
+/// its place and the token that closes it.
+#[derive(Clone, Default)]
+struct Unrequested(Arc<Mutex<UnrequestedMap>>);
+
+#[derive(Default)]
+struct UnrequestedMap {
+    next_key: u64,
+    by_age: BTreeMap<u64, (tokio::time::Instant, CancellationToken)>,
+}
+
+impl Unrequested {
+    /// Adds a connection; returns its key and the token that closes it.
+    fn insert(&self) -> (u64, CancellationToken) {
+        let token = CancellationToken::new();
+        let mut map = self.lock();
+        map.next_key += 1;
+        let key = map.next_key;
+        map.by_age
+            .insert(key, (tokio::time::Instant::now(), token.clone()));
+        (key, token)
+    }
+
+    fn remove(&self, key: u64) {
+        self.lock().by_age.remove(&key);
+    }
+
+    /// Closes the oldest connection that has had [`DISPLACE_AFTER`] to send a request and has
+    /// not; whether there was one.
+    fn displace_oldest(&self) -> bool {
+        let mut map = self.lock();
+        let Some(entry) = map.by_age.first_entry() else {
+            return false;
+        };
+        if entry.get().0.elapsed() < DISPLACE_AFTER {
+            return false;
+        }
+        entry.remove().1.cancel();
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, UnrequestedMap> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One served connection's place and what it needs to give it up.
+struct Place {
+    key: u64,
+    unrequested: Unrequested,
+    displaced: CancellationToken,
+}
+
+impl Place {
+    /// Counts a connection that just got its place among those that sent no request yet.
+    fn new(unrequested: &Unrequested) -> Place {
+        let (key, displaced) = unrequested.insert();
+        Place {
+            key,
+            displaced,
+            unrequested: unrequested.clone(),
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.unrequested.remove(self.key);
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then stops accepting and waits
@@ -73,6 +159,7 @@ pub async fn serve(
 ) {
     let serving = Arc::new(Semaphore::new(limits.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let unrequested = Unrequested::default();
     let connections = TaskTracker::new();
     let mut refusals = RefusalLog::default();
     loop {
@@ -93,27 +180,44 @@ pub async fn serve(
         // Log chunks are small writes that followers wait for: do not let Nagle's algorithm
         // hold them back (it added ~40 ms to every followed line).
         let _ = tcp.set_nodelay(true);
+        let serve = {
+            let (app, shutdown) = (app.clone(), shutdown.clone());
+            let header_read_timeout = limits.header_read_timeout;
+            move |tcp, place, permit| {
+                serve_connection(tcp, peer, app, header_read_timeout, shutdown, place, permit)
+            }
+        };
         if let Ok(permit) = serving.clone().try_acquire_owned() {
-            connections.spawn(serve_connection(
-                tcp,
-                peer,
-                app.clone(),
-                limits.header_read_timeout,
-                shutdown.clone(),
-                permit,
-            ));
+            connections.spawn(serve(tcp, Place::new(&unrequested), permit));
             continue;
         }
+        let Ok(waiting) = refusing.clone().try_acquire_owned() else {
+            // Dropping `tcp` closes it at once.
+            refusals.refused(limits.max_connections);
+            continue;
+        };
+        // Every place is taken. Once this client has sent something (an idle flood never
+        // does), it takes the place of the oldest connection that has not sent a request, if
+        // there is one; otherwise it is refused.
+        let (serving, unrequested) = (serving.clone(), unrequested.clone());
+        let max_connections = limits.max_connections;
+        let refusal_timeout = limits.header_read_timeout.min(REFUSAL_HEADER_TIMEOUT);
+        connections.spawn(async move {
+            let sent = tokio::time::timeout(refusal_timeout, has_data(&tcp)).await;
+            if sent != Ok(true) {
+                return;
+            }
+            if unrequested.displace_oldest()
+                && let Ok(Ok(permit)) =
+                    tokio::time::timeout(DISPLACE_WAIT, serving.acquire_owned()).await
+            {
+                drop(waiting);
+                serve(tcp, Place::new(&unrequested), permit).await;
+                return;
+            }
+            refuse_connection(tcp, max_connections, refusal_timeout, waiting).await;
+        });
         refusals.refused(limits.max_connections);
-        if let Ok(permit) = refusing.clone().try_acquire_owned() {
-            connections.spawn(refuse_connection(
-                tcp,
-                limits.max_connections,
-                limits.header_read_timeout.min(REFUSAL_HEADER_TIMEOUT),
-                permit,
-            ));
-        }
-        // Otherwise dropping `tcp` closes it at once.
     }
     drop(listener);
     connections.close();
@@ -123,21 +227,26 @@ pub async fn serve(
 /// Serves one connection until it closes. On shutdown it lets the request in progress finish
 /// (held polls and followed logs end by themselves) and closes; a connection that has not yet
 /// sent a whole request is closed at once, so a client that connects and sends nothing, or
-/// trickles its headers, cannot hold up a restart.
+/// trickles its headers, cannot hold up a restart. Such a connection is also closed when a new
+/// one takes its place.
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     app: Router,
     header_read_timeout: Duration,
     shutdown: CancellationToken,
+    place: Place,
     _permit: OwnedSemaphorePermit,
 ) {
     let requested = Arc::new(AtomicBool::new(false));
     let service = hyper::service::service_fn({
         let app = hyper_util::service::TowerToHyperService::new(app);
-        let requested = requested.clone();
+        let (requested, unrequested, key) =
+            (requested.clone(), place.unrequested.clone(), place.key);
         move |request| {
-            requested.store(true, Ordering::Relaxed);
+            if !requested.swap(true, Ordering::Relaxed) {
+                unrequested.remove(key);
+            }
             hyper::service::Service::call(&app, request)
         }
     });
@@ -149,15 +258,26 @@ async fn serve_connection(
         .max_header_size(MAX_CONNECTION_BUFFER);
     let connection = builder.serve_connection(TokioIo::new(tcp), service);
     let mut connection = std::pin::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = shutdown.cancelled() => {
-            if !requested.load(Ordering::Relaxed) {
-                return;
+    let mut displaced_too_late = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            _ = shutdown.cancelled() => {
+                if !requested.load(Ordering::Relaxed) {
+                    return;
+                }
+                // Closes a kept-alive connection between requests at once.
+                connection.as_mut().graceful_shutdown();
+                break connection.await;
             }
-            // Closes a kept-alive connection between requests at once.
-            connection.as_mut().graceful_shutdown();
-            connection.await
+            _ = place.displaced.cancelled(), if !displaced_too_late => {
+                if !requested.load(Ordering::Relaxed) {
+                    tracing::debug!(%peer, "Closed a connection that sent no request to make room.");
+                    return;
+                }
+                // Its request arrived meanwhile: serve it; the newcomer waits or is refused.
+                displaced_too_late = true;
+            }
         }
     };
     if let Err(err) = result {
@@ -200,6 +320,12 @@ fn refusal(max_connections: usize) -> axum::response::Response {
     response
 }
 
+/// Waits until the client has sent bytes (true) or closed its side (false).
+async fn has_data(tcp: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(tcp.peek(&mut first).await, Ok(n) if n > 0)
+}
+
 /// Errors of one connection that `accept` reports; the listener itself is fine.
 fn is_connection_error(err: &std::io::Error) -> bool {
     matches!(
@@ -210,7 +336,7 @@ fn is_connection_error(err: &std::io::Error) -> bool {
     )
 }
 
-/// Logs refused connections once per [`REFUSAL_LOG_INTERVAL`], not once per connection (a
+/// Logs connections past the limit once per [`REFUSAL_LOG_INTERVAL`], not once per connection (a
 /// flood would flood the log too).
 #[derive(Default)]
 struct RefusalLog {
@@ -231,7 +357,8 @@ impl RefusalLog {
         tracing::warn!(
             refused = self.unlogged,
             max_connections,
-            "Refused connections past --max-connections."
+            "Connections arrived with every place taken (--max-connections): they take the \
+             places of connections that sent no request, or are refused."
         );
         self.unlogged = 0;
     }
@@ -297,6 +424,31 @@ mod tests {
             answered.is_some(),
             "the closed connection's place was not freed"
         );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_client_takes_the_place_of_a_connection_that_sent_nothing() {
+        let (addr, shutdown) = start(2).await;
+        let mut idle = [
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        // Refused while the idle connections are within their grace, served after it.
+        let mut answer = get(addr).await.unwrap();
+        for _ in 0..100 {
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            answer = get(addr).await.unwrap();
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // The oldest idle connection gave up its place.
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
         shutdown.cancel();
     }
 

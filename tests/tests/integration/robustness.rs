@@ -345,3 +345,78 @@ async fn the_broker_binary_bounds_connections_by_its_flags() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sustained_flood_of_idle_connections_does_not_lock_clients_out() {
+    const LIMIT: usize = 8;
+    let mut fleet = Fleet::start_with(|config| {
+        config.settings.max_connections = LIMIT;
+        // Long enough that no idle connection is closed for being idle during the test.
+        config.settings.header_read_timeout = Duration::from_secs(60);
+        config.settings.lease_ttl = Duration::from_secs(3);
+        config.settings.heartbeat_interval = Duration::from_secs(1);
+    })
+    .await;
+    let addr = fleet.url.trim_start_matches("http://").to_string();
+    fleet.add_agent(fleet.agent_config("steady"));
+    let job = fleet.submit("echo start; sleep 4; echo end").await;
+    wait_for("the job to start", WAIT, || async {
+        fleet.log(job.id).await.contains(" O start\n").then_some(())
+    })
+    .await;
+
+    // Twice the limit in connections that never send a byte, each reopened at once when the
+    // broker closes it, until the test ends (at most a minute).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..2 * LIMIT {
+        let (addr, stop, opened) = (addr.clone(), stop.clone(), opened.clone());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !stop.is_cancelled() && tokio::time::Instant::now() < deadline {
+                let Ok(mut tcp) = tokio::net::TcpStream::connect(&addr).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::select! {
+                    _ = read_until_closed(&mut tcp, Duration::from_secs(60)) => {}
+                    _ = stop.cancelled() => {}
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+    wait_for("the flood to open its connections", WAIT, || async {
+        (opened.load(std::sync::atomic::Ordering::Relaxed) >= 2 * LIMIT).then_some(())
+    })
+    .await;
+
+    // Clients on fresh connections are served, one after another (retrying a 503 for at most
+    // 2 s, as agents and the CLI do), and the job runs to its end.
+    for _ in 0..20 {
+        let client = fleet.client();
+        let mut tries = 0;
+        while let Err(err) = client.health().await {
+            tries += 1;
+            assert!(tries < 20, "a fresh client is locked out: {err}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let done = fleet.wait_finished(job.id).await;
+    stop.cancel();
+    wait_for("the flood to end", WAIT, || async {
+        raw_health(&addr)
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    assert_eq!(
+        done.attempts, 1,
+        "the lease was lost during the flood: {log}"
+    );
+    fleet.stop().await;
+}
