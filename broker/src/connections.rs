@@ -41,10 +41,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// kept-alive connection is reused rather than closed between two heartbeats.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How many connections past the limit may be waiting for their `503` at once.
+/// How many newcomers that found every place taken may be waiting at once for their request (to
+/// take a place or be refused).
 pub const MAX_REFUSING: usize = 64;
 
-/// How long a connection past the limit may take to send the request it is refused.
+/// How long a newcomer that found every place taken may take to send its request.
 pub const REFUSAL_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The most a connection may make the broker buffer: a request's headers must fit (the
@@ -66,7 +67,7 @@ const DISPLACE_AFTER: Duration = Duration::from_secs(1);
 /// How long a connection that displaced another waits for its place.
 const DISPLACE_WAIT: Duration = Duration::from_secs(1);
 
-/// How often at most a flood of refused connections is logged.
+/// How often at most newcomers that found every place taken are logged.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Bounds on the connections the broker serves.
