@@ -79,6 +79,17 @@ pub struct BrokerOpts {
     /// How many clients may follow one job's log at once; more get `429 quota_exceeded`.
     #[arg(long, env = "TESTBOT_MAX_LOG_FOLLOWERS", default_value_t = crate::limits::DEFAULT_MAX_LOG_FOLLOWERS)]
     pub max_log_followers: usize,
+    /// How many connections the broker serves at once (each agent holds about two: its poll
+    /// and its heartbeat; each log follower one). A client connecting past it is answered
+    /// `503 unavailable` with `Retry-After` and retries. Keep it well below the broker's
+    /// open-file limit (`LimitNOFILE`).
+    #[arg(long, env = "TESTBOT_MAX_CONNECTIONS", default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// The longest a connection may take to send a request's headers, counted from when it
+    /// opened or its previous response ended: a client trickling its headers, or a kept-alive
+    /// connection left idle, is closed after it.
+    #[arg(long, env = "TESTBOT_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
 }
 
 impl BrokerOpts {
@@ -102,6 +113,8 @@ impl BrokerOpts {
             job_retention,
             request_timeout,
             max_log_followers,
+            max_connections,
+            header_read_timeout,
         } = self;
         let oidc = oidc_audience.map(|audience| OidcSettings {
             issuer: oidc_issuer,
@@ -137,6 +150,12 @@ impl BrokerOpts {
             humantime::format_duration(request_timeout),
             humantime::format_duration(poll_timeout)
         );
+        anyhow::ensure!(max_connections >= 1, "--max-connections must be at least 1");
+        anyhow::ensure!(
+            header_read_timeout >= Duration::from_secs(1),
+            "--header-read-timeout must be at least 1s, or clients on slow links cannot send \
+             their requests"
+        );
         Ok(BrokerConfig {
             listen,
             data_dir,
@@ -155,6 +174,8 @@ impl BrokerOpts {
                 },
                 request_timeout,
                 max_log_followers,
+                max_connections,
+                header_read_timeout,
             },
             oidc,
             oidc_keys,

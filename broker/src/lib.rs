@@ -7,6 +7,8 @@
 //!
 //! Layout:
 //! - [`server`]: process wiring ([`Broker::start`]) and the lease sweeper.
+//! - [`connections`]: serving HTTP connections: the connection limit, the header-read timeout,
+//!   graceful shutdown.
 //! - [`api`]: the router ([`api::create_app`]) and its handlers.
 //! - [`db`]: the SQLite facade; [`dispatch`]: waking waiting polls; [`events`]: per-job wake-ups
 //!   for log followers and held heartbeats.
@@ -23,6 +25,7 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod connections;
 pub mod db;
 pub mod dispatch;
 pub mod error;

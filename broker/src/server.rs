@@ -50,6 +50,8 @@ impl BrokerConfig {
                 limits: crate::limits::Limits::default(),
                 request_timeout: Duration::from_secs(60),
                 max_log_followers: crate::limits::DEFAULT_MAX_LOG_FOLLOWERS,
+                max_connections: crate::connections::DEFAULT_MAX_CONNECTIONS,
+                header_read_timeout: crate::connections::DEFAULT_HEADER_READ_TIMEOUT,
             },
             oidc: None,
             oidc_keys: None,
@@ -67,7 +69,7 @@ pub struct Broker {
     /// The operator token (also in `data_dir/admin.token`).
     pub admin_token: SecretString,
     shutdown: CancellationToken,
-    server: JoinHandle<anyhow::Result<()>>,
+    server: JoinHandle<()>,
     sweeper: JoinHandle<()>,
     db: Db,
 }
@@ -119,22 +121,17 @@ impl Broker {
             log_followers: Arc::default(),
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
+        let limits = crate::connections::ConnectionLimits {
+            max_connections: state.settings.max_connections,
+            header_read_timeout: state.settings.header_read_timeout,
+        };
         let app = crate::api::create_app(state);
-        let server = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                use axum::serve::ListenerExt as _;
-                // Log chunks are small writes that followers wait for: do not let Nagle's
-                // algorithm hold them back (it added ~40 ms to every followed line).
-                let listener = listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown.cancelled_owned())
-                    .await
-                    .context("HTTP server failed")
-            }
-        });
+        let server = tokio::spawn(crate::connections::serve(
+            listener,
+            app,
+            limits,
+            shutdown.clone(),
+        ));
         tracing::info!(%addr, data_dir = %data_dir.display(), "Broker listening.");
         Ok(Broker {
             addr,
@@ -181,10 +178,7 @@ impl Broker {
 
     /// Serves until the shutdown token is cancelled, then closes the database.
     pub async fn wait(self) -> anyhow::Result<()> {
-        let result = match self.server.await {
-            Ok(result) => result,
-            Err(err) => Err(anyhow::Error::new(err).context("HTTP server task failed")),
-        };
+        let result = self.server.await.context("HTTP server task failed");
         self.shutdown.cancel();
         let _ = self.sweeper.await;
         self.db.close().await;

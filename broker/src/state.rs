@@ -34,6 +34,11 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// How many clients may follow one job's log at once.
     pub max_log_followers: usize,
+    /// How many connections the broker serves at once; more are refused.
+    pub max_connections: usize,
+    /// The longest a connection may take to send a request's headers, counted from when it
+    /// opened or its previous response ended: slow and idle connections are closed after it.
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Clone)]

@@ -99,6 +99,10 @@ pub fn install_crypto_provider() {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The default limit for one ordinary API call.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle kept-alive connection is kept for reuse: less than the broker's default
+/// `--header-read-timeout` (30 s), after which the broker closes it, so the client drops it first
+/// rather than sending a request on a connection the broker is closing that moment.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How a client proves who it is.
 #[derive(Clone)]
@@ -154,6 +158,7 @@ impl BrokerClient {
         }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .tcp_nodelay(true)
             .user_agent(concat!("testbot/", env!("CARGO_PKG_VERSION")));
         if base.starts_with("http://") {
