@@ -321,25 +321,7 @@ impl Fleet {
     /// Enrolls an agent named `name` in `site` (for driving the agent protocol by hand).
     pub async fn enroll_in(&self, site: &str, name: &str) -> EnrolledAgent {
         let token = self.site_enrollment_token(site).await;
-        let (pkcs8, public_key) = testbot_proto::signing::generate_key().unwrap();
-        let enrollment = self
-            .client()
-            .enroll(&testbot_proto::sites::EnrollRequest {
-                enrollment_token: token.expose_secret().to_string(),
-                name: name.to_string(),
-                public_key,
-                policy: None,
-            })
-            .await
-            .expect("enrollment");
-        let key = std::sync::Arc::new(ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8).unwrap());
-        let client = BrokerClient::for_agent(&self.url, enrollment.agent_id.clone(), key.clone())
-            .expect("client");
-        EnrolledAgent {
-            id: enrollment.agent_id,
-            key,
-            client,
-        }
+        self.enroll_with(&token, name).await
     }
 
     /// Enrolls an agent without a site policy that takes workflow jobs, and polls once (finding
@@ -368,11 +350,16 @@ impl Fleet {
 
     /// Enrolls an agent named `name` in [`TEST_SITE`].
     pub async fn enroll(&self, name: &str) -> EnrolledAgent {
+        self.enroll_with(&self.enrollment_token, name).await
+    }
+
+    /// Enrolls an agent named `name` with the enrollment token `token`.
+    async fn enroll_with(&self, token: &SecretString, name: &str) -> EnrolledAgent {
         let (pkcs8, public_key) = testbot_proto::signing::generate_key().unwrap();
         let enrollment = self
             .client()
             .enroll(&testbot_proto::sites::EnrollRequest {
-                enrollment_token: self.enrollment_token.expose_secret().to_string(),
+                enrollment_token: token.expose_secret().to_string(),
                 name: name.to_string(),
                 public_key,
                 policy: None,
