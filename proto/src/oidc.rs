@@ -621,13 +621,10 @@ mod verifier {
 
         /// Verifies a token, refreshing the key set first if the token names a key it lacks.
         pub async fn verify(&self, token: &str) -> Result<WorkflowClaims, OidcError> {
-            let kid = token_key_id(token)?;
-            if !self.keys().contains(&kid) {
-                self.refresh(&kid).await?;
-            }
+            let keys = self.keys_for(token).await?;
             verify_token(
                 token,
-                &self.keys(),
+                &keys,
                 &self.inner.settings,
                 (self.inner.clock)(),
                 self.inner.leeway,
@@ -642,19 +639,25 @@ mod verifier {
             accepted_at: i64,
             max_queue_age: Duration,
         ) -> Result<WorkflowClaims, OidcError> {
-            let kid = token_key_id(token)?;
-            if !self.keys().contains(&kid) {
-                self.refresh(&kid).await?;
-            }
+            let keys = self.keys_for(token).await?;
             verify_queued_token(
                 token,
-                &self.keys(),
+                &keys,
                 &self.inner.settings,
                 (self.inner.clock)(),
                 accepted_at,
                 self.inner.leeway,
                 max_queue_age,
             )
+        }
+
+        /// The key set to verify `token` with, refreshed first if it lacks the token's key.
+        async fn keys_for(&self, token: &str) -> Result<Arc<KeySet>, OidcError> {
+            let kid = token_key_id(token)?;
+            if !self.keys().contains(&kid) {
+                self.refresh(&kid).await?;
+            }
+            Ok(self.keys())
         }
 
         fn keys(&self) -> Arc<KeySet> {
