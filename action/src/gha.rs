@@ -53,6 +53,18 @@ fn input(name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// An input that lists words, separated by commas or whitespace.
+fn input_list(name: &str) -> Vec<String> {
+    input(name)
+        .map(|l| {
+            l.split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn number<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
     input(name)
         .map(|v| {
@@ -71,14 +83,7 @@ impl Inputs {
             !run.trim().is_empty(),
             "input run is required: the script to run on the remote machine"
         );
-        let labels = input("labels")
-            .map(|l| {
-                l.split(|c: char| c == ',' || c.is_whitespace())
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let labels = input_list("labels");
         let mut env = BTreeMap::new();
         for line in input("env").unwrap_or_default().lines() {
             let line = line.trim();
@@ -92,14 +97,7 @@ impl Inputs {
         }
         // A secret's value comes from the `env` input or, better, from the step's own `env:`
         // (`TOKEN: ${{ secrets.TOKEN }}`), so it is not written into the action's inputs.
-        let secret_env: Vec<String> = input("secret-env")
-            .map(|l| {
-                l.split(|c: char| c == ',' || c.is_whitespace())
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let secret_env = input_list("secret-env");
         for name in &secret_env {
             if !env.contains_key(name) {
                 let value = std::env::var(name).map_err(|_| {
