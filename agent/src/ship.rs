@@ -46,39 +46,22 @@ pub async fn ship_log(
     mut on_send: impl FnMut(Checkpoint) + Send,
     mut on_ack: impl FnMut(Checkpoint) + Send,
 ) -> ShipEnd {
-    let mut pending = String::new();
-    let mut marks = Marks::default();
-    let mut facts: Vec<(String, String)> = Vec::new();
-    let mut cuts = Cuts::default();
+    let mut queued = Queued::new(masker);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
-        if pending.is_empty() {
+        if queued.pending.is_empty() {
             match rx.recv().await {
-                Some(record) => push(
-                    &mut pending,
-                    &mut marks,
-                    &mut facts,
-                    &mut cuts,
-                    &masker,
-                    record,
-                ),
+                Some(record) => queued.push(record),
                 None => return ShipEnd::Complete(offset),
             }
         }
-        while pending.len() < TARGET_CHUNK_BYTES {
+        while queued.pending.len() < TARGET_CHUNK_BYTES {
             match rx.try_recv() {
-                Ok(record) => push(
-                    &mut pending,
-                    &mut marks,
-                    &mut facts,
-                    &mut cuts,
-                    &masker,
-                    record,
-                ),
+                Ok(record) => queued.push(record),
                 Err(_) => break,
             }
         }
-        for (key, value) in facts.drain(..) {
+        for (key, value) in queued.facts.drain(..) {
             let request = testbot_proto::agents::MetadataRequest {
                 lease: lease.clone(),
                 key,
@@ -89,16 +72,16 @@ pub async fn ship_log(
                 tracing::warn!(job_id = %id, %err, key = %request.key, "Cannot record job metadata.");
             }
         }
-        if pending.is_empty() {
+        if queued.pending.is_empty() {
             continue;
         }
-        let cut = chunk_end(&pending);
+        let cut = chunk_end(&queued.pending);
         let chunk = LogChunk {
             lease: lease.clone(),
             offset,
-            data: pending[..cut].to_string(),
+            data: queued.pending[..cut].to_string(),
         };
-        let mut sent = marks.clone();
+        let mut sent = queued.marks.clone();
         sent.acknowledge(cut);
         let after = Checkpoint {
             log_offset: offset + cut as u64,
@@ -110,8 +93,8 @@ pub async fn ship_log(
             Ok(_) => {
                 backoff.reset();
                 offset += cut as u64;
-                pending.drain(..cut);
-                marks = sent;
+                queued.pending.drain(..cut);
+                queued.marks = sent;
                 on_ack(after);
             }
             Err(err) if err.is_retryable() => {
@@ -138,23 +121,43 @@ fn refusal(err: &ClientError) -> ShipEnd {
     }
 }
 
-/// Adds a record to the pending chunk (a line) or to the facts to send (metadata), masked.
-fn push(
-    pending: &mut String,
-    marks: &mut Marks,
-    facts: &mut Vec<(String, String)>,
-    cuts: &mut Cuts,
-    masker: &Masker,
-    record: LogRecord,
-) {
-    if let Some((key, value)) = record.metadata {
-        facts.push((key, masker.mask(&value).into_owned()));
-        return;
+/// What is read from the job and not yet sent: log lines, their file positions, and facts.
+struct Queued {
+    /// Formatted log lines.
+    pending: String,
+    marks: Marks,
+    /// Metadata to send, (key, value).
+    facts: Vec<(String, String)>,
+    cuts: Cuts,
+    masker: Masker,
+}
+
+impl Queued {
+    fn new(masker: Masker) -> Queued {
+        Queued {
+            pending: String::new(),
+            marks: Marks::default(),
+            facts: Vec::new(),
+            cuts: Cuts::default(),
+            masker,
+        }
     }
-    let text = cuts.mask(masker, record.stream, &record.text);
-    pending.push_str(&format_line(record.ts_ms, record.stream, &text));
-    if let Some(pos) = record.mark {
-        marks.pending.push((pending.len(), record.stream, pos));
+
+    /// Adds a record to the pending chunk (a line) or to the facts to send (metadata), masked.
+    fn push(&mut self, record: LogRecord) {
+        if let Some((key, value)) = record.metadata {
+            self.facts
+                .push((key, self.masker.mask(&value).into_owned()));
+            return;
+        }
+        let text = self.cuts.mask(&self.masker, record.stream, &record.text);
+        self.pending
+            .push_str(&format_line(record.ts_ms, record.stream, &text));
+        if let Some(pos) = record.mark {
+            self.marks
+                .pending
+                .push((self.pending.len(), record.stream, pos));
+        }
     }
 }
 
@@ -251,9 +254,7 @@ mod tests {
 
     #[test]
     fn lines_and_facts_are_masked_before_they_are_queued() {
-        let masker = Masker::new(["s3cr3t-value"]);
-        let mut cuts = Cuts::default();
-        let (mut pending, mut marks, mut facts) = (String::new(), Marks::default(), Vec::new());
+        let mut queued = Queued::new(Masker::new(["s3cr3t-value"]));
         for (stream, text) in [
             (Stream::Stdout, "token s3cr3t-value"),
             (Stream::Stderr, "s3cr3t-values3cr3t-value"),
@@ -269,14 +270,7 @@ mod tests {
                 mark: None,
                 metadata: None,
             };
-            push(
-                &mut pending,
-                &mut marks,
-                &mut facts,
-                &mut cuts,
-                &masker,
-                record,
-            );
+            queued.push(record);
         }
         let fact = LogRecord {
             ts_ms: 0,
@@ -285,14 +279,8 @@ mod tests {
             mark: None,
             metadata: Some(("note".into(), "s3cr3t-value".into())),
         };
-        push(
-            &mut pending,
-            &mut marks,
-            &mut facts,
-            &mut cuts,
-            &masker,
-            fact,
-        );
+        queued.push(fact);
+        let Queued { pending, facts, .. } = queued;
         assert!(!pending.contains("s3cr3t"), "{pending}");
         assert!(pending.contains(" O token ***\n"), "{pending}");
         assert!(pending.contains(" E ******\n"), "{pending}");
