@@ -694,7 +694,7 @@ async fn append_log_handler(
             chunk.offset,
             chunk.data.as_bytes(),
             state.settings.max_log_bytes,
-            &log_cut_notice(state.settings.max_log_bytes),
+            || log_cut_notice(state.settings.max_log_bytes),
         )
         .await?;
     match result {

@@ -1360,9 +1360,9 @@ impl Db {
     /// holds are skipped, so a re-sent chunk is a no-op.
     ///
     /// The first chunk that would pass `max_log_bytes` is cut: its whole lines that fit are
-    /// stored, then the system line `cut_notice` (past the limit, so that it always fits), and
-    /// the job's metadata `log_truncated` says where the log was cut. That chunk and every later
-    /// one answer [`AppendResult::TooLarge`].
+    /// stored, then the system line `cut_notice()` words (past the limit, so that it always
+    /// fits), and the job's metadata `log_truncated` says where the log was cut. That chunk and
+    /// every later one answer [`AppendResult::TooLarge`].
     pub async fn append_log(
         &self,
         id: JobId,
@@ -1370,7 +1370,7 @@ impl Db {
         offset: u64,
         data: &[u8],
         max_log_bytes: u64,
-        cut_notice: &str,
+        cut_notice: impl FnOnce() -> String,
     ) -> sqlx::Result<AppendResult> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
@@ -1414,7 +1414,11 @@ impl Db {
                 .rposition(|&b| b == b'\n')
                 .map_or(0, |nl| nl + 1);
             let kept = append_raw(&mut tx, id, log_bytes, &tail[..fits]).await?;
-            let line = format_line(now_ms(), Stream::System, &format!("testbot: {cut_notice}"));
+            let line = format_line(
+                now_ms(),
+                Stream::System,
+                &format!("testbot: {}", cut_notice()),
+            );
             let total = append_raw(&mut tx, id, kept, line.as_bytes()).await?;
             sqlx::query(
                 "UPDATE jobs SET metadata = json_set(coalesce(metadata, '{}'), '$.log_truncated', ?2)
