@@ -17,9 +17,9 @@
 use testbot_proto::oidc::WorkflowClaims;
 
 use crate::auth::Principal;
-use crate::db::{JobModel, RepoModel, RepositoryIds};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::{JobModel, RepoModel, RepositoryIds};
 
 /// What a caller wants to do with a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,11 +51,11 @@ pub async fn authorize_job_access(
             job.id, claims.repository, claims.run_id
         )));
     }
-    if !state.db.jti_used(&claims.jti).await? {
+    if !state.store.jti_used(&claims.jti).await? {
         return Ok(());
     }
     let submitted_this_job =
-        state.db.submit_jti(job.job_id()).await?.as_deref() == Some(claims.jti.as_str());
+        state.store.submit_jti(job.job_id()).await?.as_deref() == Some(claims.jti.as_str());
     match access {
         JobAccess::Read if submitted_this_job => Ok(()),
         JobAccess::Read => Err(ApiError::Forbidden(format!(
@@ -86,7 +86,7 @@ pub async fn check_repository_ids(
     let bound = match repo.ids() {
         Some(ids) => ids,
         None => state
-            .db
+            .store
             .bind_repo_ids(&repo.name, &presented)
             .await?
             .unwrap_or_else(|| presented.clone()),

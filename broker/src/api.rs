@@ -36,13 +36,14 @@ use tower_http::trace::TraceLayer;
 use crate::access::{JobAccess, authorize_job_access, check_repository_ids};
 use crate::auth::Principal;
 use crate::auth::{Role, generate_token, token_hash};
-use crate::db::{
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::github::GitHubError;
+use crate::lifecycle::jobs;
+use crate::state::AppState;
+use crate::store::{
     AgentModel, AppendResult, EnrollRefusal, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal,
     RepositoryIds, SiteModel,
 };
-use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
-use crate::github::GitHubError;
-use crate::state::AppState;
 
 /// How stale an agent's `last_seen` may get before a poll refreshes it.
 const AGENT_SEEN_RESOLUTION: Duration = Duration::from_secs(30);
@@ -146,7 +147,7 @@ async fn health_handler() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
-fn to_job(model: &crate::db::JobModel) -> Result<Job, ApiError> {
+fn to_job(model: &crate::store::JobModel) -> Result<Job, ApiError> {
     Ok(model.to_job()?)
 }
 
@@ -168,7 +169,7 @@ async fn submit_handler(
         Principal::Workflow { claims, token } => {
             let sites = admit_workflow_job(&state, claims, &spec).await?;
             crate::limits::check_queue_quota(
-                &state.db,
+                &*state.store,
                 &state.settings.limits,
                 &claims.repository,
                 &spec,
@@ -196,12 +197,9 @@ async fn submit_handler(
             )));
         }
     };
-    let model = state
-        .db
-        .insert_job(&spec, &origin, jti)
+    let model = jobs::submit(&state, &spec, &origin, jti)
         .await?
         .ok_or_else(|| replayed(jti))?;
-    crate::routing::job_queued(&state, model.job_id()).await;
     tracing::debug!(job_id = model.id, "Job queued.");
     Ok((StatusCode::CREATED, axum::Json(to_job(&model)?)))
 }
@@ -221,7 +219,7 @@ async fn admit_workflow_job(
     claims: &WorkflowClaims,
     spec: &JobSpec,
 ) -> Result<Vec<String>, ApiError> {
-    let repo = state.db.repo(&claims.repository).await?.ok_or_else(|| {
+    let repo = state.store.repo(&claims.repository).await?.ok_or_else(|| {
         ApiError::Forbidden(format!(
             "repository {} is not registered with this broker; a maintainer registers it with \
              `testbot repo register {}`",
@@ -293,16 +291,16 @@ async fn list_handler(
         validate_word("site", site).map_err(ApiError::BadRequest)?;
     }
     let models = state
-        .db
+        .store
         .jobs(query.state, query.site.as_deref(), limit)
         .await?;
     let jobs = models.iter().map(to_job).collect::<Result<_, _>>()?;
     Ok(axum::Json(JobList { jobs }))
 }
 
-async fn find_job(state: &AppState, id: JobId) -> Result<crate::db::JobModel, ApiError> {
+async fn find_job(state: &AppState, id: JobId) -> Result<crate::store::JobModel, ApiError> {
     state
-        .db
+        .store
         .job(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("job {id} does not exist")))
@@ -334,17 +332,9 @@ async fn cancel_handler(
         JobAccess::Cancel,
     )
     .await?;
-    let model = state
-        .db
-        .request_cancel(id)
+    let model = jobs::cancel(&state, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("job {id} does not exist")))?;
-    if model.state().is_terminal() {
-        state.log_events.finished(id);
-        state.control_events.finished(id);
-    } else {
-        state.control_events.notify(id);
-    }
     tracing::info!(job_id = %id, state = %model.state(), "Cancel requested.");
     Ok(axum::Json(to_job(&model)?))
 }
@@ -373,7 +363,7 @@ async fn log_handler(
         None
     };
     let follower = LogFollower {
-        rx: state.log_events.subscribe(id),
+        rx: state.log_watchers.subscribe(id),
         state,
         id,
         offset: query.offset,
@@ -414,13 +404,13 @@ impl LogFollower {
     async fn next_bytes(&mut self) -> anyhow::Result<Option<Bytes>> {
         loop {
             // Read the state before the bytes: a job seen finished has all its log stored.
-            let finished = match self.state.db.job(self.id).await? {
+            let finished = match self.state.store.job(self.id).await? {
                 Some(job) => job.state().is_terminal(),
                 None => true,
             };
             let data = self
                 .state
-                .db
+                .store
                 .read_log(self.id, self.offset, LOG_READ_BYTES)
                 .await?;
             if !data.is_empty() {
@@ -433,7 +423,7 @@ impl LogFollower {
             tokio::select! {
                 changed = self.rx.changed() => {
                     if changed.is_err() {
-                        self.rx = self.state.log_events.subscribe(self.id);
+                        self.rx = self.state.log_watchers.subscribe(self.id);
                     }
                 }
                 _ = tokio::time::sleep(FOLLOW_RECHECK) => {}
@@ -495,7 +485,7 @@ async fn poll_handler(
     if stale || policy_json != agent.policy {
         let offer_json = serde_json::to_string(&*offer).map_err(anyhow::Error::from)?;
         state
-            .db
+            .store
             .record_offer(&agent.id, policy_json.as_deref(), &offer_json)
             .await?;
     }
@@ -517,11 +507,7 @@ async fn poll_handler(
         // Register before trying to claim, so a job queued in between still wakes this poll.
         let mut ticket = state.dispatcher.register(poll, offer.clone());
         let lease = new_lease()?;
-        if let Some(model) = state
-            .db
-            .claim_job(&taker, &lease, lease_expiry(&state))
-            .await?
-        {
+        if let Some(model) = jobs::claim(&state, &taker, &lease, lease_expiry(&state)).await? {
             drop(ticket);
             // The wake-up may have been for another job than the one claimed: pass it on.
             if let Some(signal) = unused_signal.take() {
@@ -593,9 +579,7 @@ async fn start_handler(
     ApiJson(req): ApiJson<LeaseRequest>,
 ) -> Result<axum::Json<LeaseStatus>, ApiError> {
     principal.require_agent()?;
-    let renewal = state
-        .db
-        .start_job(id, &req.lease, lease_expiry(&state))
+    let renewal = jobs::start(&state, id, &req.lease, lease_expiry(&state))
         .await?
         .map_err(|r| refusal_error(id, r))?;
     Ok(lease_status(&state, renewal))
@@ -610,10 +594,10 @@ async fn heartbeat_handler(
     ApiJson(req): ApiJson<LeaseRequest>,
 ) -> Result<axum::Json<LeaseStatus>, ApiError> {
     principal.require_agent()?;
-    let mut rx = state.control_events.subscribe(id);
+    let mut rx = state.control_watchers.subscribe(id);
     let renew = || async {
         state
-            .db
+            .store
             .renew_lease(id, &req.lease, lease_expiry(&state))
             .await?
             .map_err(|r| refusal_error(id, r))
@@ -623,7 +607,7 @@ async fn heartbeat_handler(
         Err(err) => {
             // A heartbeat for a job that does not exist or has ended must leave nothing behind.
             drop(rx);
-            state.control_events.forget_unused(id);
+            state.control_watchers.forget_unused(id);
             return Err(err);
         }
     };
@@ -666,7 +650,7 @@ async fn metadata_handler(
         ));
     }
     let model = state
-        .db
+        .store
         .set_metadata(id, &req.lease, &req.key, &req.value)
         .await?
         .map_err(|r| refusal_error(id, r))?;
@@ -686,44 +670,26 @@ async fn append_log_handler(
             chunk.data.len()
         )));
     }
-    let result = state
-        .db
-        .append_log(
-            id,
-            &chunk.lease,
-            chunk.offset,
-            chunk.data.as_bytes(),
-            state.settings.max_log_bytes,
-            || log_cut_notice(state.settings.max_log_bytes),
-        )
-        .await?;
+    let result = jobs::append_log(
+        &state,
+        id,
+        &chunk.lease,
+        chunk.offset,
+        chunk.data.as_bytes(),
+    )
+    .await?;
     match result {
-        AppendResult::Appended(log_bytes) => {
-            state.log_events.notify(id);
-            Ok(axum::Json(LogAck { log_bytes }))
-        }
+        AppendResult::Appended(log_bytes) => Ok(axum::Json(LogAck { log_bytes })),
         AppendResult::Refused(refusal) => Err(refusal_error(id, refusal)),
         AppendResult::Gap { log_bytes } => Err(ApiError::LogGap(format!(
             "chunk starts at byte {} but the log of job {id} ends at byte {log_bytes}; resend from byte {log_bytes}",
             chunk.offset
         ))),
-        AppendResult::TooLarge { log_bytes } => {
-            // The first refusal stored the notice line: followers must see it.
-            state.log_events.notify(id);
-            Err(ApiError::LogTooLarge(format!(
-                "the log of job {id} would pass the limit of {} bytes (it holds {log_bytes})",
-                state.settings.max_log_bytes
-            )))
-        }
+        AppendResult::TooLarge { log_bytes } => Err(ApiError::LogTooLarge(format!(
+            "the log of job {id} would pass the limit of {} bytes (it holds {log_bytes})",
+            state.settings.max_log_bytes
+        ))),
     }
-}
-
-/// The system line that ends a log cut at the broker's limit.
-fn log_cut_notice(max_log_bytes: u64) -> String {
-    format!(
-        "the log reached the broker's limit of {max_log_bytes} bytes ({:.1} MiB, counting each line with its timestamp and stream); the rest of the job's output is not stored, and the job runs on to its end. An operator can raise the limit with `testbot-broker --max-log-bytes`.",
-        max_log_bytes as f64 / (1024.0 * 1024.0)
-    )
 }
 
 async fn finish_handler(
@@ -739,16 +705,12 @@ async fn finish_handler(
             req.outcome.state
         )));
     }
-    let model = state
-        .db
-        .finish_job(id, &req.lease, &req.outcome)
+    let model = jobs::finish(&state, id, &req.lease, &req.outcome)
         .await?
         .map_err(|r| {
             tracing::warn!(job_id = %id, refusal = ?r, "Refused a result under an invalid lease.");
             refusal_error(id, r)
         })?;
-    state.log_events.finished(id);
-    state.control_events.finished(id);
     tracing::info!(job_id = %id, state = %model.state(), agent = ?model.agent, "Job finished.");
     Ok(axum::Json(to_job(&model)?))
 }
@@ -780,7 +742,7 @@ async fn register_repo_handler(
             .await?
         }
         _ => state
-            .db
+            .store
             .upsert_repo(
                 &registration.name,
                 &settings,
@@ -809,7 +771,7 @@ async fn self_register_repo(
     registered_by: &str,
     ids: &RepositoryIds,
     jti: Option<(&str, i64)>,
-) -> Result<crate::db::RepoModel, ApiError> {
+) -> Result<crate::store::RepoModel, ApiError> {
     if !state.settings.allow_self_registration {
         return Err(ApiError::Forbidden(format!(
             "this broker does not let workflows register repositories: the operator registers \
@@ -818,13 +780,13 @@ async fn self_register_repo(
         )));
     }
     match state
-        .db
+        .store
         .insert_repo_if_absent(name, settings, registered_by, ids, jti)
         .await?
     {
-        crate::db::FirstRegistration::Created(model) => Ok(model),
-        crate::db::FirstRegistration::Replayed => Err(replayed(jti)),
-        crate::db::FirstRegistration::Exists => Err(ApiError::Forbidden(format!(
+        crate::store::FirstRegistration::Created(model) => Ok(model),
+        crate::store::FirstRegistration::Replayed => Err(replayed(jti)),
+        crate::store::FirstRegistration::Exists => Err(ApiError::Forbidden(format!(
             "repository {name} is registered already, and a workflow token cannot change a \
              registration; the operator or an admin of {name} (with a GitHub token) changes it"
         ))),
@@ -887,7 +849,7 @@ async fn list_repos_handler(
 ) -> Result<axum::Json<RepoList>, ApiError> {
     principal.require_operator()?;
     let repos = state
-        .db
+        .store
         .repos()
         .await?
         .iter()
@@ -913,7 +875,7 @@ async fn repo_handler(
         other => other.require_operator()?,
     }
     let model = state
-        .db
+        .store
         .repo(&name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("repository {name} is not registered")))?;
@@ -935,7 +897,7 @@ async fn remove_repo_handler(
         )));
     }
     let (removed_by, _, _) = prove_repo_control(&state, &principal, &name).await?;
-    if !state.db.delete_repo(&name).await? {
+    if !state.store.delete_repo(&name).await? {
         return Err(ApiError::NotFound(format!(
             "repository {name} is not registered"
         )));
@@ -975,7 +937,7 @@ async fn create_site_handler(
     principal.require_operator()?;
     validate_word("site name", &req.name).map_err(ApiError::BadRequest)?;
     let site = state
-        .db
+        .store
         .create_site(&req.name)
         .await?
         .ok_or_else(|| ApiError::Conflict(format!("site {} exists already", req.name)))?;
@@ -988,7 +950,7 @@ async fn list_sites_handler(
     principal: Principal,
 ) -> Result<axum::Json<SiteList>, ApiError> {
     principal.require_operator()?;
-    let sites = state.db.sites().await?.iter().map(to_site).collect();
+    let sites = state.store.sites().await?.iter().map(to_site).collect();
     Ok(axum::Json(SiteList { sites }))
 }
 
@@ -1001,7 +963,7 @@ async fn enrollment_token_handler(
 ) -> Result<(StatusCode, axum::Json<EnrollmentToken>), ApiError> {
     principal.require_operator()?;
     let site = state
-        .db
+        .store
         .site(&name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("site {name} does not exist")))?;
@@ -1018,7 +980,7 @@ async fn enrollment_token_handler(
     let token = generate_token(Role::Enrollment)?;
     let expires_at_ms = now_ms() + (req.ttl_secs.min(365 * 24 * 3600) * 1000) as i64;
     state
-        .db
+        .store
         .create_enrollment_token(
             &token_hash(token.expose_secret()),
             &name,
@@ -1044,11 +1006,11 @@ async fn revoke_site_handler(
     ApiPath(name): ApiPath<String>,
 ) -> Result<axum::Json<Site>, ApiError> {
     principal.require_operator()?;
-    if !state.db.revoke_site(&name).await? {
+    if !state.store.revoke_site(&name).await? {
         return Err(ApiError::NotFound(format!("site {name} does not exist")));
     }
     tracing::warn!(site = %name, "Site revoked.");
-    let site = state.db.site(&name).await?.expect("the site exists");
+    let site = state.store.site(&name).await?.expect("the site exists");
     Ok(axum::Json(to_site(&site)))
 }
 
@@ -1057,7 +1019,13 @@ async fn list_agents_handler(
     principal: Principal,
 ) -> Result<axum::Json<AgentList>, ApiError> {
     principal.require_operator()?;
-    let agents = state.db.agents().await?.iter().map(to_agent_info).collect();
+    let agents = state
+        .store
+        .agents()
+        .await?
+        .iter()
+        .map(to_agent_info)
+        .collect();
     Ok(axum::Json(AgentList { agents }))
 }
 
@@ -1067,10 +1035,10 @@ async fn revoke_agent_handler(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<AgentInfo>, ApiError> {
     principal.require_operator()?;
-    if !state.db.revoke_agent(&id).await? {
+    if !state.store.revoke_agent(&id).await? {
         return Err(ApiError::NotFound(format!("agent {id} does not exist")));
     }
-    let agent = state.db.agent(&id).await?.expect("the agent exists");
+    let agent = state.store.agent(&id).await?.expect("the agent exists");
     tracing::warn!(agent = %id, site = %agent.site, name = %agent.name, "Agent revoked.");
     Ok(axum::Json(to_agent_info(&agent)))
 }
@@ -1085,7 +1053,7 @@ async fn enroll_handler(
     // Anyone can call this route: refuse unknown tokens on a read connection, so a flood of
     // them never waits for (or holds up) the one writer that heartbeats need.
     if !state
-        .db
+        .store
         .enrollment_token_exists(&token_hash(req.enrollment_token.trim()))
         .await?
     {
@@ -1101,7 +1069,7 @@ async fn enroll_handler(
         .map_err(anyhow::Error::from)?;
     let id = format!("agt_{}", testbot_proto::signing::random_hex(12));
     let agent = state
-        .db
+        .store
         .enroll_agent(
             &token_hash(req.enrollment_token.trim()),
             &id,

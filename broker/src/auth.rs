@@ -18,9 +18,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 use testbot_proto::oidc::{OidcError, OidcVerifier, WorkflowClaims};
 
-use crate::db::{AgentModel, Db};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::{AgentModel, Store};
 
 /// What a bearer token issued by the broker is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +162,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    pub async fn load(db: &Db, oidc: Option<OidcVerifier>) -> anyhow::Result<Self> {
+    pub async fn load(db: &dyn Store, oidc: Option<OidcVerifier>) -> anyhow::Result<Self> {
         let auth = Authenticator {
             tokens: Arc::default(),
             oidc,
@@ -199,7 +199,7 @@ impl Authenticator {
     /// `file` with mode 0600.
     pub async fn ensure_token_file(
         &self,
-        db: &Db,
+        db: &dyn Store,
         role: Role,
         name: &str,
         file: &Path,
@@ -371,7 +371,7 @@ pub async fn verify_agent_signature(
         )));
     }
     let agent = state
-        .db
+        .store
         .agent(&agent_id)
         .await?
         .ok_or_else(|| ApiError::AgentRevoked(format!("agent {agent_id} is not enrolled")))?;
@@ -413,7 +413,13 @@ pub async fn verify_agent_signature(
     // Checked after the signature, so an attacker cannot burn an agent's nonces.
     if !state
         .nonces
-        .record(&agent_id, &nonce, timestamp_ms + MAX_CLOCK_SKEW_MS)
+        .record(
+            &*state.store,
+            &agent_id,
+            &nonce,
+            timestamp_ms + MAX_CLOCK_SKEW_MS,
+        )
+        .await?
     {
         return Err(ApiError::Unauthorized(
             "the request nonce was used before: a replayed request".into(),

@@ -20,6 +20,11 @@ pub struct BrokerOpts {
     /// `agent.token`). Created if missing.
     #[arg(long, env = "TESTBOT_DATA_DIR", default_value = "/var/lib/testbot")]
     pub data_dir: PathBuf,
+    /// A PostgreSQL database to keep jobs in instead of SQLite in --data-dir
+    /// (`postgres://USER:PASSWORD@HOST:PORT/DATABASE`): several brokers given the same database
+    /// share the queue, and agents and clients may talk to any of them.
+    #[arg(long, env = "TESTBOT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// How long a job's lease lasts without a heartbeat before the job is requeued.
     #[arg(long, env = "TESTBOT_LEASE_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease_ttl: Duration,
@@ -97,6 +102,7 @@ impl BrokerOpts {
         let BrokerOpts {
             listen,
             data_dir,
+            database_url,
             lease_ttl,
             heartbeat_interval,
             max_attempts,
@@ -159,6 +165,7 @@ impl BrokerOpts {
         Ok(BrokerConfig {
             listen,
             data_dir,
+            database_url,
             settings: Settings {
                 lease_ttl,
                 heartbeat_interval: heartbeat_interval.min(lease_ttl / 3),

@@ -74,9 +74,15 @@ impl ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(err: sqlx::Error) -> Self {
-        ApiError::Internal(anyhow::Error::new(err).context("Database error"))
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        match err {
+            crate::store::StoreError::Unavailable(err) => {
+                tracing::warn!(?err, "The database is unavailable.");
+                ApiError::Unavailable("the broker's database is unavailable; try again".into())
+            }
+            crate::store::StoreError::Internal(err) => ApiError::Internal(err),
+        }
     }
 }
 

@@ -29,7 +29,7 @@ pub struct RepoPermission {
     pub login: String,
     pub admin: bool,
     /// GitHub's ids of the repository and its owner, when GitHub sent them.
-    pub ids: Option<crate::db::RepositoryIds>,
+    pub ids: Option<crate::store::RepositoryIds>,
 }
 
 #[derive(Clone, Debug)]
@@ -85,7 +85,7 @@ impl GitHubApi {
         Ok(RepoPermission {
             login: user.login,
             admin: repository.permissions.is_some_and(|p| p.admin),
-            ids: repository.id.map(|id| crate::db::RepositoryIds {
+            ids: repository.id.map(|id| crate::store::RepositoryIds {
                 repository_id: id.to_string(),
                 repository_owner_id: repository.owner.and_then(|o| o.id).map(|id| id.to_string()),
             }),

@@ -1,7 +1,7 @@
 //! The testbot broker: a durable job queue with leases, a log store with live fan-out, and the
 //! HTTP API that clients and agents use.
 //!
-//! Jobs are stored in SQLite (WAL). Agents long-poll for work and are woken the moment a job they
+//! Jobs are stored in SQLite (WAL), or in PostgreSQL shared by several brokers. Agents long-poll for work and are woken the moment a job they
 //! can take is queued; each claim is a lease renewed by heartbeats, and a lease that runs out
 //! requeues the job (up to a bounded number of attempts), so every job gets exactly one result.
 //!
@@ -10,8 +10,9 @@
 //! - [`connections`]: serving HTTP connections: the connection limit, the header-read timeout,
 //!   graceful shutdown.
 //! - [`api`]: the router ([`api::create_app`]) and its handlers.
-//! - [`db`]: the SQLite facade; [`dispatch`]: waking waiting polls; [`events`]: per-job wake-ups
-//!   for log followers and held heartbeats.
+//! - [`lifecycle`]: every change of a job, what it means (`testbot:` lines, requeues), and the
+//!   job-event bus that followers, held heartbeats and waiting polls hear it on.
+//! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL implementations.
 //! - [`routing`]: which job an agent may be offered, and jobs agents hand back.
 //! - [`auth`]: bearer tokens and principals; [`error`]: the JSON error type and extractors.
 //! - [`access`]: what a workflow token may do besides submitting (forwarded tokens), and the
@@ -26,15 +27,14 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod connections;
-pub mod db;
-pub mod dispatch;
 pub mod error;
-pub mod events;
 pub mod github;
+pub mod lifecycle;
 pub mod limits;
 pub mod nonces;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod store;
 
 pub use server::{Broker, BrokerConfig};

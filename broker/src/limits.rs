@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use testbot_proto::jobs::{JobId, JobSpec};
 
-use crate::db::Db;
 use crate::error::ApiError;
+use crate::store::Store;
 
 /// Default of `--max-queued-per-repo`.
 pub const DEFAULT_MAX_QUEUED_PER_REPO: u32 = 500;
@@ -127,7 +127,7 @@ fn sites_of(spec: &JobSpec, allowed_sites: &[String]) -> Vec<String> {
 /// Refuses a workflow's job when its repository, or a site it is for, has a full queue.
 /// Checked before the job is stored: submissions racing each other may pass a quota by a few.
 pub async fn check_queue_quota(
-    db: &Db,
+    db: &dyn Store,
     limits: &Limits,
     repository: &str,
     spec: &JobSpec,
@@ -156,7 +156,11 @@ pub async fn check_queue_quota(
 
 /// Deletes the jobs (with their logs) that ended more than `retention` before `now_ms`.
 /// Returns how many were deleted.
-pub async fn sweep_finished_jobs(db: &Db, now_ms: i64, retention: Duration) -> anyhow::Result<u64> {
+pub async fn sweep_finished_jobs(
+    db: &dyn Store,
+    now_ms: i64,
+    retention: Duration,
+) -> anyhow::Result<u64> {
     let cutoff = now_ms.saturating_sub(retention.as_millis() as i64);
     let mut deleted = 0;
     loop {
@@ -173,9 +177,6 @@ pub async fn sweep_finished_jobs(db: &Db, now_ms: i64, retention: Duration) -> a
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::JobOrigin;
-    use testbot_proto::jobs::JobState;
-    use testbot_proto::results::Outcome;
 
     fn spec(labels: &[&str]) -> JobSpec {
         JobSpec {
@@ -195,91 +196,5 @@ mod tests {
             sites_of(&spec(&[]), &["a".into(), "b".into()]),
             Vec::<String>::new()
         );
-    }
-
-    async fn stored_token(db: &Db, id: i64) -> Option<String> {
-        db.stored_oidc_token(testbot_proto::jobs::JobId(id))
-            .await
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn a_finished_jobs_token_is_dropped_and_the_job_deleted_after_retention() {
-        let dir = std::env::temp_dir().join(format!(
-            "testbot-limits-{}",
-            testbot_proto::signing::random_hex(8)
-        ));
-        let db = Db::open(&dir).await.unwrap();
-        let origin = JobOrigin {
-            repository: Some("hpc-lab/solver".into()),
-            oidc_token: Some("header.payload.signature".into()),
-            ..JobOrigin::default()
-        };
-        let finished = db
-            .insert_job(&spec(&[]), &origin, None)
-            .await
-            .unwrap()
-            .unwrap();
-        let queued = db
-            .insert_job(&spec(&[]), &origin, None)
-            .await
-            .unwrap()
-            .unwrap();
-        let offer = crate::routing::Offer {
-            site: "site".into(),
-            labels: vec![],
-            executor: "shell".into(),
-            policy: None,
-            // The job is a workflow's: an agent without a policy takes it only when allowed.
-            workflow_jobs_without_policy: true,
-        };
-        let taker = crate::db::JobTaker {
-            agent: "site/a1",
-            offer: &offer,
-        };
-        let claimed = db
-            .claim_job(&taker, "lease", testbot_proto::now_ms() + 60_000)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(claimed.id, finished.id);
-        assert!(stored_token(&db, finished.id).await.is_some());
-        db.finish_job(
-            finished.job_id(),
-            "lease",
-            &Outcome::with_state(JobState::Succeeded, "done"),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        assert_eq!(stored_token(&db, finished.id).await, None);
-        // A queued job keeps its token: the agent that claims it verifies it.
-        assert!(stored_token(&db, queued.id).await.is_some());
-        // Cancelled before it started: ended, so its token goes too.
-        let cancelled = db
-            .insert_job(&spec(&[]), &origin, None)
-            .await
-            .unwrap()
-            .unwrap();
-        db.request_cancel(cancelled.job_id()).await.unwrap();
-        assert_eq!(stored_token(&db, cancelled.id).await, None);
-
-        let retention = Duration::from_secs(3600);
-        let now = testbot_proto::now_ms();
-        assert_eq!(sweep_finished_jobs(&db, now, retention).await.unwrap(), 0);
-        let later = now + retention.as_millis() as i64 + 1000;
-        assert_eq!(sweep_finished_jobs(&db, later, retention).await.unwrap(), 2);
-        assert!(db.job(finished.job_id()).await.unwrap().is_none());
-        assert!(db.job(cancelled.job_id()).await.unwrap().is_none());
-        assert!(
-            db.read_log(cancelled.job_id(), 0, 1024)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        // Queued jobs are never swept.
-        assert!(db.job(queued.job_id()).await.unwrap().is_some());
-        db.close().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::db::Db;
+use crate::store::{Store, StoreResult};
 
 #[derive(Debug, Default)]
 pub struct NonceGuard {
@@ -21,7 +21,7 @@ pub struct NonceGuard {
 
 impl NonceGuard {
     /// The nonces the database holds that have not expired.
-    pub async fn load(db: &Db, now_ms: i64) -> sqlx::Result<NonceGuard> {
+    pub async fn load(db: &dyn Store, now_ms: i64) -> StoreResult<NonceGuard> {
         let live = db.live_nonces(now_ms).await?;
         let seen = live
             .into_iter()
@@ -33,25 +33,37 @@ impl NonceGuard {
         })
     }
 
-    /// Records a nonce; false if it was seen before (a replay).
-    pub fn record(&self, agent: &str, nonce: &str, expires_at_ms: i64) -> bool {
+    /// Records a nonce; false if it was seen before (a replay). With a database that other
+    /// brokers share, the database decides, so a request replayed to another broker is refused
+    /// too; otherwise this broker's memory does, and the nonce is saved with the next batch.
+    pub async fn record(
+        &self,
+        db: &dyn Store,
+        agent: &str,
+        nonce: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<bool> {
         let key = (agent.to_string(), nonce.to_string());
-        let mut seen = self.seen.lock().expect("nonce map poisoned");
-        if seen.contains_key(&key) {
-            return false;
+        {
+            let mut seen = self.seen.lock().expect("nonce map poisoned");
+            if seen.contains_key(&key) {
+                return Ok(false);
+            }
+            seen.insert(key, expires_at_ms);
         }
-        seen.insert(key, expires_at_ms);
-        drop(seen);
+        if db.shared() {
+            return db.use_nonce(agent, nonce, expires_at_ms).await;
+        }
         self.unsaved.lock().expect("nonce list poisoned").push((
             agent.to_string(),
             nonce.to_string(),
             expires_at_ms,
         ));
-        true
+        Ok(true)
     }
 
     /// Writes the nonces recorded since the last call and forgets expired ones.
-    pub async fn persist(&self, db: &Db, now_ms: i64) -> sqlx::Result<()> {
+    pub async fn persist(&self, db: &dyn Store, now_ms: i64) -> StoreResult<()> {
         let batch = std::mem::take(&mut *self.unsaved.lock().expect("nonce list poisoned"));
         if !batch.is_empty()
             && let Err(err) = db.insert_nonces(&batch).await

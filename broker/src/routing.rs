@@ -12,12 +12,12 @@ use serde::{Deserialize, Serialize};
 use testbot_proto::agents::{
     JobIdentity, PolicySummary, ReleaseKind, ReleaseOutcome, ReleaseRequest,
 };
-use testbot_proto::jobs::{JobId, JobSpec, JobState};
+use testbot_proto::jobs::{JobId, JobSpec};
 use testbot_proto::now_ms;
 
-use crate::db::LeaseRefusal;
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::store::LeaseRefusal;
 
 /// The label prefix only the broker gives out: every agent offers `site:SITE` of its enrolled
 /// site, and a job asking for `site:NAME` runs only there.
@@ -179,7 +179,7 @@ const REOFFER_JOBS: i64 = 2048;
 
 /// Wakes a waiting agent that may take job `id` (just queued or queued again).
 pub async fn job_queued(state: &AppState, id: JobId) {
-    match state.db.routed_job(id).await {
+    match state.store.routed_job(id).await {
         Ok(Some(job)) => state.dispatcher.job_queued(job),
         Ok(None) => {}
         Err(err) => tracing::error!(job_id = %id, ?err, "Cannot read a queued job for routing."),
@@ -197,7 +197,13 @@ pub async fn first_taker(
     with_labels: bool,
 ) -> Result<Result<String, Vec<String>>, ApiError> {
     let mut reasons: Vec<String> = Vec::new();
-    for (site, name, policy, offer) in state.db.active_agent_offers().await? {
+    for crate::store::AgentOffer {
+        site,
+        name,
+        policy,
+        offer,
+    } in state.store.active_agent_offers().await?
+    {
         let who = format!("{site}/{name}");
         if except == Some(who.as_str()) {
             continue;
@@ -249,7 +255,7 @@ fn unpolled_admits(
 
 /// Why a queued job waits, for its submitter: which agent may take it, or why none may.
 pub async fn why_waiting(state: &AppState, id: JobId) -> Result<Option<String>, ApiError> {
-    let Some(job) = state.db.routed_job(id).await? else {
+    let Some(job) = state.store.routed_job(id).await? else {
         return Ok(None);
     };
     Ok(Some(match first_taker(state, &job, None, true).await? {
@@ -283,14 +289,14 @@ pub async fn release(
         reason.truncate(end);
     }
     let job = state
-        .db
+        .store
         .routed_job(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("job {id} does not exist")))?;
     let now = now_ms();
     let (hold, requeue_reason, final_reason) = match req.kind {
         ReleaseKind::Transient => {
-            let releases = state.db.job_releases(id).await?.unwrap_or(0);
+            let releases = state.store.job_releases(id).await?.unwrap_or(0);
             let hold = TRANSIENT_HOLD
                 .saturating_mul(1u32 << releases.clamp(0, 16))
                 .min(MAX_TRANSIENT_HOLD);
@@ -318,15 +324,21 @@ pub async fn release(
             )
         }
     };
-    let release = crate::db::Release {
+    let release = crate::store::Release {
         lease: &req.lease,
         agent,
         hold_until_ms: now + hold.as_millis() as i64,
-        requeue_reason: &requeue_reason,
-        final_reason: final_reason.as_deref(),
-        max_releases: MAX_RELEASES,
     };
-    let model = match state.db.release_job(id, &release).await? {
+    let released = crate::lifecycle::jobs::release(
+        state,
+        id,
+        &release,
+        &requeue_reason,
+        final_reason.as_deref(),
+        MAX_RELEASES,
+    )
+    .await?;
+    let model = match released {
         Ok(model) => model,
         Err(LeaseRefusal::NoSuchJob) => {
             return Err(ApiError::NotFound(LeaseRefusal::NoSuchJob.describe(id)));
@@ -334,13 +346,6 @@ pub async fn release(
         Err(other) => return Err(ApiError::LeaseLost(other.describe(id))),
     };
     let job_state = model.state();
-    if job_state == JobState::Queued {
-        state.log_events.notify(id);
-        state.dispatcher.job_queued(job);
-    } else {
-        state.log_events.finished(id);
-        state.control_events.finished(id);
-    }
     Ok(ReleaseOutcome {
         state: job_state,
         reason: model.reason.unwrap_or_default(),
@@ -351,7 +356,7 @@ pub async fn release(
 /// [`REOFFER_INTERVAL`] (`reoffer`) offers the queue to the agents still waiting, each job waking
 /// at most one agent that may take it.
 pub async fn sweep(state: &AppState, reoffer: bool) {
-    match state.db.end_holds(now_ms()).await {
+    match state.store.end_holds(now_ms()).await {
         Ok(ids) => {
             for id in ids {
                 job_queued(state, id).await;
@@ -362,7 +367,7 @@ pub async fn sweep(state: &AppState, reoffer: bool) {
     if !reoffer || state.dispatcher.waiting() == 0 {
         return;
     }
-    match state.db.queued_jobs(0, REOFFER_JOBS).await {
+    match state.store.queued_jobs(0, REOFFER_JOBS).await {
         Ok(jobs) => {
             for queued in jobs {
                 if state.dispatcher.waiting() == 0 {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use secrecy::{ExposeSecret as _, SecretString};
-use testbot_proto::jobs::JobState;
 use testbot_proto::now_ms;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -15,15 +14,18 @@ use tokio_util::sync::CancellationToken;
 use testbot_proto::oidc::{KeySet, OidcSettings, OidcVerifier};
 
 use crate::auth::{Authenticator, Role};
-use crate::db::Db;
 use crate::state::{AppState, Settings};
+use crate::store::SharedStore;
 
 /// Everything needed to start a broker.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub listen: SocketAddr,
-    /// Holds `testbot.db`, `admin.token` and `agent.token`.
+    /// Holds `testbot.db` (unless `database_url` names another database), `admin.token` and
+    /// `agent.token`.
     pub data_dir: PathBuf,
+    /// The database; `None`: SQLite in `data_dir`.
+    pub database_url: Option<String>,
     pub settings: Settings,
     /// Which workflow OIDC tokens are accepted; `None`: none are.
     pub oidc: Option<OidcSettings>,
@@ -39,6 +41,7 @@ impl BrokerConfig {
         BrokerConfig {
             listen,
             data_dir,
+            database_url: None,
             settings: Settings {
                 lease_ttl: Duration::from_secs(30),
                 heartbeat_interval: Duration::from_secs(10),
@@ -71,7 +74,7 @@ pub struct Broker {
     shutdown: CancellationToken,
     server: JoinHandle<()>,
     sweeper: JoinHandle<()>,
-    db: Db,
+    store: SharedStore,
 }
 
 impl Broker {
@@ -80,44 +83,39 @@ impl Broker {
         let BrokerConfig {
             listen,
             data_dir,
+            database_url,
             settings,
             oidc,
             oidc_keys,
             github_api_url,
         } = config;
-        let db = Db::open(&data_dir).await?;
+        let db = crate::store::open(database_url.as_deref(), &data_dir).await?;
         let verifier = oidc.map(|settings| match oidc_keys {
             Some(keys) => OidcVerifier::with_keys(settings, keys),
             None => OidcVerifier::new(settings),
         });
-        let auth = Authenticator::load(&db, verifier).await?;
+        let auth = Authenticator::load(&*db, verifier).await?;
         let admin_token = auth
-            .ensure_token_file(&db, Role::Operator, "admin", &data_dir.join("admin.token"))
+            .ensure_token_file(&*db, Role::Operator, "admin", &data_dir.join("admin.token"))
             .await?;
-        let extended = db
-            .extend_active_leases(now_ms() + settings.lease_ttl.as_millis() as i64)
-            .await?;
-        if extended > 0 {
-            tracing::info!(
-                jobs = extended,
-                "Extended the leases of running jobs after start-up."
-            );
-        }
+        extend_leases_after_downtime(&*db, &settings).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("Cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let wiring = crate::state::Wiring::new();
         let state = AppState {
-            db: db.clone(),
+            store: db.clone(),
             auth,
-            dispatcher: Default::default(),
-            log_events: Default::default(),
-            control_events: Default::default(),
+            bus: wiring.bus,
+            dispatcher: wiring.dispatcher,
+            log_watchers: wiring.log_watchers,
+            control_watchers: wiring.control_watchers,
             settings: Arc::new(settings),
             shutdown: shutdown.clone(),
             github: crate::github::GitHubApi::new(github_api_url),
-            nonces: Arc::new(crate::nonces::NonceGuard::load(&db, now_ms()).await?),
+            nonces: Arc::new(crate::nonces::NonceGuard::load(&*db, now_ms()).await?),
             log_followers: Arc::default(),
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
@@ -139,7 +137,7 @@ impl Broker {
             shutdown,
             server,
             sweeper,
-            db,
+            store: db,
         })
     }
 
@@ -153,9 +151,9 @@ impl Broker {
         ttl: Duration,
     ) -> anyhow::Result<SecretString> {
         testbot_proto::jobs::validate_word("site name", site).map_err(anyhow::Error::msg)?;
-        self.db.create_site(site).await?;
+        self.store.create_site(site).await?;
         let token = crate::auth::generate_token(Role::Enrollment)?;
-        self.db
+        self.store
             .create_enrollment_token(
                 &crate::auth::token_hash(token.expose_secret()),
                 site,
@@ -181,7 +179,7 @@ impl Broker {
         let result = self.server.await.context("HTTP server task failed");
         self.shutdown.cancel();
         let _ = self.sweeper.await;
-        self.db.close().await;
+        self.store.close().await;
         result
     }
 
@@ -192,70 +190,67 @@ impl Broker {
     }
 }
 
+/// The sweeper's period for a lease time-to-live: a lease that runs out is noticed within it.
+fn sweep_period(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// After every broker was stopped for a while, gives running jobs' leases a full time-to-live
+/// from now: their agents could not renew them meanwhile. A broker that starts while another
+/// one sweeps (a rolling restart) extends nothing, so restarts cannot keep a lost job alive.
+async fn extend_leases_after_downtime(
+    store: &dyn crate::store::Store,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    let now = now_ms();
+    let quiet_for = store.last_sweep_ms().await?.map(|at| now - at);
+    // Missing a few sweeps is not downtime; a whole lease time-to-live is.
+    let grace = (sweep_period(settings.lease_ttl) * 3).as_millis() as i64;
+    if quiet_for.is_some_and(|quiet| quiet <= grace) {
+        return Ok(());
+    }
+    let extended = store
+        .extend_active_leases(now + settings.lease_ttl.as_millis() as i64)
+        .await?;
+    if extended > 0 {
+        tracing::info!(
+            jobs = extended,
+            quiet_ms = ?quiet_for,
+            "Extended the leases of running jobs: no broker swept them for a while."
+        );
+    }
+    Ok(())
+}
+
 async fn sweep_leases(state: AppState) {
-    let period =
-        (state.settings.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let period = sweep_period(state.settings.lease_ttl);
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_prune = tokio::time::Instant::now();
+    let mut timers = SweepTimers {
+        last_prune: tokio::time::Instant::now(),
+        last_retention_sweep: None,
+    };
     let mut last_reoffer = tokio::time::Instant::now();
-    let mut last_retention_sweep: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = state.shutdown.cancelled() => {
-                if let Err(err) = state.nonces.persist(&state.db, now_ms()).await {
+                if let Err(err) = state.nonces.persist(&*state.store, now_ms()).await {
                     tracing::error!(?err, "Cannot save agent request nonces.");
                 }
                 return;
             }
         }
-        if last_prune.elapsed() >= JTI_PRUNE_INTERVAL {
-            last_prune = tokio::time::Instant::now();
-            // Leeway: a token is accepted up to a minute past its expiry.
-            let horizon = now_ms() / 1000 - testbot_proto::oidc::DEFAULT_LEEWAY.as_secs() as i64;
-            if let Err(err) = state.db.prune_jtis(horizon).await {
-                tracing::error!(?err, "Cannot prune used OIDC token ids.");
-            }
-            if let Err(err) = state.db.prune_nonces(now_ms()).await {
-                tracing::error!(?err, "Cannot prune agent request nonces.");
-            }
-        }
-        if last_retention_sweep
-            .is_none_or(|at| at.elapsed() >= state.settings.limits.sweep_interval())
-        {
-            last_retention_sweep = Some(tokio::time::Instant::now());
-            sweep_retention(&state).await;
-        }
-        if let Err(err) = state.nonces.persist(&state.db, now_ms()).await {
+        if let Err(err) = state.nonces.persist(&*state.store, now_ms()).await {
             tracing::error!(?err, "Cannot save agent request nonces.");
         }
-        match state
-            .db
-            .expire_leases(now_ms(), state.settings.max_attempts)
-            .await
-        {
-            Ok(expired) => {
-                for lease in expired {
-                    let id = lease.job.job_id();
-                    let job_state = lease.job.state();
-                    tracing::warn!(
-                        job_id = %id,
-                        agent = ?lease.job.agent,
-                        state = %job_state,
-                        reason = ?lease.job.reason,
-                        "Lease expired."
-                    );
-                    if job_state == JobState::Queued {
-                        state.log_events.notify(id);
-                        crate::routing::job_queued(&state, id).await;
-                    } else {
-                        state.log_events.finished(id);
-                        state.control_events.finished(id);
-                    }
-                }
-            }
-            Err(err) => tracing::error!(?err, "Cannot expire leases."),
+        // Brokers sharing a database take turns: one sweeps, the others wait their turn.
+        let leading = state.store.lead_sweeper().await.unwrap_or_else(|err| {
+            tracing::error!(?err, "Cannot tell whether this broker sweeps.");
+            false
+        });
+        if leading {
+            sweep_shared(&state, &mut timers).await;
         }
         let reoffer = last_reoffer.elapsed() >= crate::routing::REOFFER_INTERVAL;
         if reoffer {
@@ -265,10 +260,57 @@ async fn sweep_leases(state: AppState) {
     }
 }
 
+/// When the sweeper last did its less frequent work.
+struct SweepTimers {
+    last_prune: tokio::time::Instant,
+    last_retention_sweep: Option<tokio::time::Instant>,
+}
+
+/// The sweeper's work on the database, done by one broker at a time: expired leases, token ids
+/// and nonces, retention.
+async fn sweep_shared(state: &AppState, timers: &mut SweepTimers) {
+    if timers.last_prune.elapsed() >= JTI_PRUNE_INTERVAL {
+        timers.last_prune = tokio::time::Instant::now();
+        // Leeway: a token is accepted up to a minute past its expiry.
+        let horizon = now_ms() / 1000 - testbot_proto::oidc::DEFAULT_LEEWAY.as_secs() as i64;
+        if let Err(err) = state.store.prune_jtis(horizon).await {
+            tracing::error!(?err, "Cannot prune used OIDC token ids.");
+        }
+        if let Err(err) = state.store.prune_nonces(now_ms()).await {
+            tracing::error!(?err, "Cannot prune agent request nonces.");
+        }
+    }
+    if timers
+        .last_retention_sweep
+        .is_none_or(|at| at.elapsed() >= state.settings.limits.sweep_interval())
+    {
+        timers.last_retention_sweep = Some(tokio::time::Instant::now());
+        sweep_retention(state).await;
+    }
+    let now = now_ms();
+    match crate::lifecycle::jobs::expire_leases(state, now).await {
+        Ok(ended) => {
+            for job in ended {
+                tracing::warn!(
+                    job_id = %job.id,
+                    agent = ?job.agent,
+                    state = %job.state(),
+                    reason = ?job.reason,
+                    "Lease expired."
+                );
+            }
+        }
+        Err(err) => tracing::error!(?err, "Cannot expire leases."),
+    }
+    if let Err(err) = state.store.record_sweep(now).await {
+        tracing::error!(?err, "Cannot record the sweep.");
+    }
+}
+
 /// Deletes the jobs whose retention ran out, with their logs.
 async fn sweep_retention(state: &AppState) {
     let retention = state.settings.limits.job_retention;
-    match crate::limits::sweep_finished_jobs(&state.db, now_ms(), retention).await {
+    match crate::limits::sweep_finished_jobs(&*state.store, now_ms(), retention).await {
         Ok(0) => {}
         Ok(deleted) => tracing::info!(
             jobs = deleted,

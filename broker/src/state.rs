@@ -6,9 +6,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::db::Db;
-use crate::dispatch::Dispatcher;
-use crate::events::JobEvents;
+use crate::lifecycle::dispatch::Dispatcher;
+use crate::lifecycle::events::EventBus;
+use crate::lifecycle::watch::{JobWatchers, Wakes};
+use crate::store::SharedStore;
 
 /// Tunables the handlers need at run time.
 #[derive(Debug, Clone)]
@@ -43,13 +44,16 @@ pub struct Settings {
 
 #[derive(Clone)]
 pub struct AppState {
-    pub db: Db,
+    pub store: SharedStore,
     pub auth: Authenticator,
+    /// Every change of a job is published here (see [`crate::lifecycle::jobs`]).
+    pub bus: Arc<EventBus>,
+    /// Waiting polls, woken by the bus when a job they may take is queued.
     pub dispatcher: Arc<Dispatcher>,
     /// Wakes log followers: appends, results.
-    pub log_events: Arc<JobEvents>,
+    pub log_watchers: Arc<JobWatchers>,
     /// Wakes held heartbeats: cancel requests, results.
-    pub control_events: Arc<JobEvents>,
+    pub control_watchers: Arc<JobWatchers>,
     pub settings: Arc<Settings>,
     /// Cancelled when the broker shuts down: held polls and log follows end.
     pub shutdown: CancellationToken,
@@ -59,4 +63,37 @@ pub struct AppState {
     pub github: crate::github::GitHubApi,
     /// Who follows which job's log, for `max_log_followers`.
     pub log_followers: Arc<crate::limits::Followers>,
+}
+
+/// The bus and its subscribers inside the broker, wired together.
+pub struct Wiring {
+    pub bus: Arc<EventBus>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub log_watchers: Arc<JobWatchers>,
+    pub control_watchers: Arc<JobWatchers>,
+}
+
+impl Wiring {
+    pub fn new() -> Wiring {
+        let dispatcher = Arc::new(Dispatcher::default());
+        let log_watchers = Arc::new(JobWatchers::new(Wakes::Log));
+        let control_watchers = Arc::new(JobWatchers::new(Wakes::Control));
+        let bus = Arc::new(EventBus::new(vec![
+            dispatcher.clone(),
+            log_watchers.clone(),
+            control_watchers.clone(),
+        ]));
+        Wiring {
+            bus,
+            dispatcher,
+            log_watchers,
+            control_watchers,
+        }
+    }
+}
+
+impl Default for Wiring {
+    fn default() -> Self {
+        Wiring::new()
+    }
 }

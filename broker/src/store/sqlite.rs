@@ -1,4 +1,4 @@
-//! Storage: SQLite in WAL mode behind a small [`Db`] facade.
+//! The SQLite store (WAL mode): the embedded default.
 //!
 //! All writes go through one connection, so SQLite never makes a writer wait on its busy
 //! handler (whose sleeps would show up as dispatch latency); reads use a separate pool and see
@@ -16,11 +16,18 @@ use sqlx::sqlite::{
 use std::sync::Arc;
 
 use sqlx::{Connection as _, Row as _, Sqlite, SqliteConnection, Transaction};
-use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
-use testbot_proto::logs::{Stream, format_line};
+use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
-use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::Outcome;
+
+use super::{
+    AgentModel, AgentOffer, ApiTokenModel, AppendResult, EnrollRefusal, FirstRegistration,
+    JobModel, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal, LogCut, QueuedJob, Release,
+    RepoModel, RepositoryIds, SiteModel, Store, StoreError, StoreResult, Transition,
+};
+
+/// The SQLite schema's migrations, applied at start-up.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The locked writing connection.
 struct WriteGuard<'a>(tokio::sync::MutexGuard<'a, Option<SqliteConnection>>);
@@ -46,186 +53,12 @@ const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts,
      lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \
      repository, run_id, submitted_by, oidc_token, metadata, secret_env";
 
-/// A row of `jobs`.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct JobModel {
-    pub id: i64,
-    pub spec: String,
-    pub state: String,
-    pub reason: Option<String>,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub attempts: i64,
-    pub agent: Option<String>,
-    pub lease: Option<String>,
-    pub lease_expires_at_ms: Option<i64>,
-    pub cancel_requested: bool,
-    pub log_bytes: i64,
-    pub created_at_ms: i64,
-    pub started_at_ms: Option<i64>,
-    pub finished_at_ms: Option<i64>,
-    pub repository: Option<String>,
-    pub run_id: Option<String>,
-    pub submitted_by: Option<String>,
-    pub oidc_token: Option<String>,
-    pub metadata: Option<String>,
-    /// The values of the spec's secret variables (a JSON object), until the job ends; `spec`
-    /// holds `***` in their place.
-    pub secret_env: Option<String>,
-}
-
-/// Who a job is for, recorded with it at submission.
-#[derive(Debug, Clone, Default)]
-pub struct JobOrigin {
-    pub repository: Option<String>,
-    pub run_id: Option<String>,
-    pub submitted_by: String,
-    pub oidc_token: Option<String>,
-    /// Sites the job may run on; empty: any.
-    pub sites: Vec<String>,
-}
-
-impl JobModel {
-    pub fn job_id(&self) -> JobId {
-        JobId(self.id)
-    }
-
-    pub fn state(&self) -> JobState {
-        self.state.parse().unwrap_or(JobState::Error)
-    }
-
-    /// The spec as stored, and as everyone but the agent running the job sees it: secret
-    /// variables' values are `***`.
-    pub fn spec(&self) -> anyhow::Result<JobSpec> {
-        serde_json::from_str(&self.spec)
-            .with_context(|| format!("Stored spec of job {} is not valid JSON", self.id))
-    }
-
-    /// The spec with its secret variables' values, for the agent that claimed the job. Fails
-    /// rather than hand out `***` as a value when they are gone (the job has ended).
-    pub fn spec_for_agent(&self) -> anyhow::Result<JobSpec> {
-        let mut spec = self.spec()?;
-        if spec.secret_env.is_empty() {
-            return Ok(spec);
-        }
-        let values: std::collections::BTreeMap<String, String> = self
-            .secret_env
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .with_context(|| format!("Stored secret variables of job {} are not valid", self.id))?
-            .with_context(|| format!("Job {} has ended; its secret variables are gone", self.id))?;
-        for name in &spec.secret_env {
-            let value = values.get(name).with_context(|| {
-                format!(
-                    "Job {} has no stored value for secret variable {name}",
-                    self.id
-                )
-            })?;
-            spec.env.insert(name.clone(), value.clone());
-        }
-        Ok(spec)
-    }
-
-    pub fn to_job(&self) -> anyhow::Result<Job> {
-        Ok(Job {
-            id: self.job_id(),
-            // Masked again, whatever is stored: no answer but the assignment shows a secret.
-            spec: self.spec()?.masked(),
-            state: self.state(),
-            reason: self.reason.clone(),
-            exit_code: self.exit_code,
-            signal: self.signal,
-            attempts: self.attempts as u32,
-            agent: self.agent.clone(),
-            cancel_requested: self.cancel_requested,
-            log_bytes: self.log_bytes as u64,
-            repository: self.repository.clone(),
-            submitted_by: self.submitted_by.clone(),
-            metadata: self
-                .metadata
-                .as_deref()
-                .and_then(|m| serde_json::from_str(m).ok())
-                .unwrap_or_default(),
-            created_at_ms: self.created_at_ms,
-            started_at_ms: self.started_at_ms,
-            finished_at_ms: self.finished_at_ms,
-            waiting: None,
-        })
-    }
-}
-
-/// A row of `repos`.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct RepoModel {
-    pub name: String,
-    pub settings: String,
-    pub registered_by: String,
-    pub created_at_ms: i64,
-    pub updated_at_ms: i64,
-    /// GitHub's id of the repository the registration is bound to; `None` until known.
-    pub repository_id: Option<String>,
-    pub repository_owner_id: Option<String>,
-}
-
 /// The columns of [`RepoModel`], in its field order.
 const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, updated_at_ms, repository_id, repository_owner_id";
-
-/// GitHub's ids of a repository and its owner, which, unlike names, are never reused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepositoryIds {
-    pub repository_id: String,
-    pub repository_owner_id: Option<String>,
-}
-
-impl RepoModel {
-    pub fn settings(&self) -> anyhow::Result<RepoSettings> {
-        serde_json::from_str(&self.settings)
-            .with_context(|| format!("Stored settings of repository {} are not valid", self.name))
-    }
-
-    pub fn to_repo(&self) -> anyhow::Result<Repo> {
-        Ok(Repo {
-            name: self.name.clone(),
-            settings: self.settings()?,
-            registered_by: self.registered_by.clone(),
-            created_at_ms: self.created_at_ms,
-            updated_at_ms: self.updated_at_ms,
-            repository_id: self.repository_id.clone(),
-            repository_owner_id: self.repository_owner_id.clone(),
-        })
-    }
-
-    /// The ids the registration is bound to, once known.
-    pub fn ids(&self) -> Option<RepositoryIds> {
-        Some(RepositoryIds {
-            repository_id: self.repository_id.clone()?,
-            repository_owner_id: self.repository_owner_id.clone(),
-        })
-    }
-}
-
-/// The outcome of a first registration.
-#[derive(Debug, Clone)]
-pub enum FirstRegistration {
-    Created(RepoModel),
-    /// The repository is registered already; nothing changed.
-    Exists,
-    /// The token was used before; nothing changed.
-    Replayed,
-}
 
 /// How many queued jobs a claim reads at a time while looking for one its agent may take; it
 /// reads on through the whole queue, a page at a time.
 const CLAIM_PAGE: i64 = 256;
-
-/// The agent asking for work, as the claim query matches it.
-#[derive(Debug, Clone, Copy)]
-pub struct JobTaker<'a> {
-    /// The name recorded on the job (`site/name`).
-    pub agent: &'a str,
-    pub offer: &'a crate::routing::Offer,
-}
 
 /// The columns of a job routing reads.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -250,69 +83,9 @@ impl RoutingRow {
     }
 }
 
-/// A queued job as routing reads it, with its id.
-#[derive(Debug, Clone)]
-pub struct QueuedJob {
-    pub id: i64,
-    pub job: crate::routing::RoutedJob,
-}
-
-/// A job an agent handed back, and what to do with it.
-#[derive(Debug, Clone)]
-pub struct Release<'a> {
-    pub lease: &'a str,
-    /// The agent (`site/name`), held back from the job until `hold_until_ms`.
-    pub agent: &'a str,
-    pub hold_until_ms: i64,
-    /// The job's reason and log line when it is queued again.
-    pub requeue_reason: &'a str,
-    /// Set when no other agent could run the job: it ends `error` with this reason.
-    pub final_reason: Option<&'a str>,
-    /// After this many releases the job ends `error` (with `final_reason` or the release's).
-    pub max_releases: u32,
-}
-
-/// A row of `sites`.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct SiteModel {
-    pub name: String,
-    pub created_at_ms: i64,
-    pub revoked_at_ms: Option<i64>,
-}
-
-/// A row of `agents`.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct AgentModel {
-    pub id: String,
-    pub site: String,
-    pub name: String,
-    pub public_key: Vec<u8>,
-    pub policy: Option<String>,
-    pub enrolled_at_ms: i64,
-    pub last_seen_ms: Option<i64>,
-    pub revoked_at_ms: Option<i64>,
-    /// When the agent's site was revoked, if it was.
-    pub site_revoked_at_ms: Option<i64>,
-}
-
 const AGENT_COLUMNS: &str = "agents.id, agents.site, agents.name, agents.public_key, agents.policy, \
      agents.enrolled_at_ms, agents.last_seen_ms, agents.revoked_at_ms, \
      sites.revoked_at_ms AS site_revoked_at_ms";
-
-/// Why an enrollment was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EnrollRefusal {
-    UnknownToken,
-    Expired,
-    UsedUp,
-    SiteRevoked(String),
-    NameTaken {
-        site: String,
-        name: String,
-    },
-    /// Another agent (possibly revoked) was enrolled with the same public key.
-    KeyTaken,
-}
 
 /// Records a token id inside `tx`; false if it is there already.
 async fn record_jti(
@@ -339,29 +112,6 @@ async fn enrolled_key(tx: &mut Transaction<'_, Sqlite>, public_key: &[u8]) -> sq
         .await
 }
 
-/// A row of `api_tokens`.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct ApiTokenModel {
-    pub token_hash: String,
-    pub role: String,
-    pub name: String,
-}
-
-/// What happened to a job whose lease ran out.
-#[derive(Debug, Clone)]
-pub struct ExpiredLease {
-    pub job: JobModel,
-    /// The job's labels, for waking a matching agent when it was requeued.
-    pub labels: Vec<String>,
-}
-
-/// A lease renewed (by a start or a heartbeat), and what the agent should know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseRenewal {
-    pub cancel_requested: bool,
-    pub log_bytes: u64,
-}
-
 impl LeaseRenewal {
     fn from_row(row: &sqlx::sqlite::SqliteRow) -> Self {
         LeaseRenewal {
@@ -371,49 +121,9 @@ impl LeaseRenewal {
     }
 }
 
-/// Why a call made under a lease was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LeaseRefusal {
-    NoSuchJob,
-    /// The job has its result already.
-    Finished(JobState),
-    /// The job was requeued or handed to another lease.
-    Superseded,
-}
-
-impl LeaseRefusal {
-    pub fn describe(&self, id: JobId) -> String {
-        match self {
-            LeaseRefusal::NoSuchJob => format!("job {id} does not exist"),
-            LeaseRefusal::Finished(state) => {
-                format!("the lease is no longer valid: job {id} already has its result ({state})")
-            }
-            LeaseRefusal::Superseded => format!(
-                "the lease is no longer valid: job {id} was requeued after the lease expired"
-            ),
-        }
-    }
-}
-
-/// The outcome of a log append.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppendResult {
-    /// The log now holds this many bytes.
-    Appended(u64),
-    Refused(LeaseRefusal),
-    /// The chunk starts after the end of the stored log.
-    Gap {
-        log_bytes: u64,
-    },
-    /// Appending would pass the per-job log limit.
-    TooLarge {
-        log_bytes: u64,
-    },
-}
-
-/// The broker's database.
+/// The SQLite store: one file, `testbot.db`, in the broker's data directory.
 #[derive(Clone)]
-pub struct Db {
+pub struct SqliteStore {
     /// The one writing connection, held directly rather than through a pool of one: a pool's
     /// acquire and release cost more than most of the statements (measured in
     /// docs/performance.md).
@@ -421,9 +131,9 @@ pub struct Db {
     read: SqlitePool,
 }
 
-impl Db {
+impl SqliteStore {
     /// Opens (creating if needed) `testbot.db` in `data_dir` and runs migrations.
-    pub async fn open(data_dir: &Path) -> anyhow::Result<Db> {
+    pub async fn open(data_dir: &Path) -> anyhow::Result<SqliteStore> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("Cannot create data directory {}", data_dir.display()))?;
         let path = data_dir.join("testbot.db");
@@ -439,7 +149,7 @@ impl Db {
         let mut write = SqliteConnection::connect_with(&options)
             .await
             .with_context(|| format!("Cannot open database {}", path.display()))?;
-        sqlx::migrate!("./migrations")
+        MIGRATOR
             .run(&mut write)
             .await
             .with_context(|| format!("Cannot migrate database {}", path.display()))?;
@@ -449,14 +159,7 @@ impl Db {
             .connect_with(options.read_only(true))
             .await
             .with_context(|| format!("Cannot open database {} for reading", path.display()))?;
-        Ok(Db { write, read })
-    }
-
-    pub async fn close(&self) {
-        self.read.close().await;
-        if let Some(write) = self.write.lock().await.take() {
-            let _ = write.close().await;
-        }
+        Ok(SqliteStore { write, read })
     }
 
     /// The writing connection, for one statement or one transaction.
@@ -468,13 +171,113 @@ impl Db {
         Ok(WriteGuard(guard))
     }
 
-    pub async fn api_tokens(&self) -> sqlx::Result<Vec<ApiTokenModel>> {
-        sqlx::query_as("SELECT token_hash, role, name FROM api_tokens")
-            .fetch_all(&self.read)
+    async fn job_state(&self, id: i64) -> sqlx::Result<Option<String>> {
+        sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.read)
             .await
     }
 
-    pub async fn upsert_api_token(&self, hash: &str, role: &str, name: &str) -> sqlx::Result<()> {
+    async fn lease_refusal(&self, id: JobId) -> sqlx::Result<LeaseRefusal> {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
+            .bind(id.0)
+            .fetch_optional(&mut *self.writer().await?)
+            .await?;
+        Ok(match state.map(|s| s.parse::<JobState>()) {
+            None => LeaseRefusal::NoSuchJob,
+            Some(Ok(state)) if state.is_terminal() => LeaseRefusal::Finished(state),
+            Some(_) => LeaseRefusal::Superseded,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn health(&self) -> StoreResult<()> {
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.read)
+                .await?;
+        check_migrations(&MIGRATOR, applied)
+    }
+
+    async fn use_nonce(
+        &self,
+        agent_id: &str,
+        nonce: &str,
+        expires_at_ms: i64,
+    ) -> StoreResult<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO agent_nonces (agent_id, nonce, expires_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(agent_id)
+        .bind(nonce)
+        .bind(expires_at_ms)
+        .execute(&mut *self.writer().await?)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn jobs_by_state(&self) -> StoreResult<Vec<(JobState, u64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state")
+                .fetch_all(&self.read)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(state, n)| Some((state.parse().ok()?, n as u64)))
+            .collect())
+    }
+
+    async fn lead_sweeper(&self) -> StoreResult<bool> {
+        // One broker owns a SQLite database: it is always the sweeper.
+        Ok(true)
+    }
+
+    async fn record_sweep(&self, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO sweeps (id, last_sweep_ms) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET last_sweep_ms = excluded.last_sweep_ms",
+        )
+        .bind(now_ms)
+        .execute(&mut *self.writer().await?)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_sweep_ms(&self) -> StoreResult<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT last_sweep_ms FROM sweeps WHERE id = 1")
+                .fetch_optional(&self.read)
+                .await?,
+        )
+    }
+
+    async fn close(&self) {
+        self.read.close().await;
+        if let Some(write) = self.write.lock().await.take() {
+            let _ = write.close().await;
+        }
+    }
+
+    async fn api_tokens(&self) -> StoreResult<Vec<ApiTokenModel>> {
+        sqlx::query_as("SELECT token_hash, role, name FROM api_tokens")
+            .fetch_all(&self.read)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn upsert_api_token(&self, hash: &str, role: &str, name: &str) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO api_tokens (token_hash, role, name, created_at_ms) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (token_hash) DO UPDATE SET role = excluded.role, name = excluded.name",
@@ -488,9 +291,7 @@ impl Db {
         Ok(())
     }
 
-    /// Deletes the tokens of `role` named `name` other than the one hashed `keep`; returns how
-    /// many there were.
-    pub async fn retire_api_tokens(&self, role: &str, name: &str, keep: &str) -> sqlx::Result<u64> {
+    async fn retire_api_tokens(&self, role: &str, name: &str, keep: &str) -> StoreResult<u64> {
         Ok(
             sqlx::query(
                 "DELETE FROM api_tokens WHERE role = ?1 AND name = ?2 AND token_hash != ?3",
@@ -504,14 +305,12 @@ impl Db {
         )
     }
 
-    /// Stores a queued job. With `jti`, the token's id is recorded in the same transaction, and
-    /// a token seen before stores nothing: `Ok(None)`.
-    pub async fn insert_job(
+    async fn insert_job(
         &self,
         spec: &JobSpec,
         origin: &JobOrigin,
         jti: Option<(&str, i64)>,
-    ) -> anyhow::Result<Option<JobModel>> {
+    ) -> StoreResult<Option<JobModel>> {
         // Secret values are kept apart from the spec, which is shown to readers of the job.
         let spec_json = serde_json::to_string(&spec.masked())?;
         let secret_env = (!spec.secret_env.is_empty())
@@ -558,8 +357,7 @@ impl Db {
         Ok(Some(model))
     }
 
-    /// Records a token id; false when it was recorded before (a replay).
-    pub async fn use_jti(&self, jti: &str, expires_at: i64) -> sqlx::Result<bool> {
+    async fn use_jti(&self, jti: &str, expires_at: i64) -> StoreResult<bool> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         let fresh = record_jti(&mut tx, jti, expires_at).await?;
@@ -567,8 +365,7 @@ impl Db {
         Ok(fresh)
     }
 
-    /// Forgets token ids whose tokens have expired (they can no longer be replayed anyway).
-    pub async fn prune_jtis(&self, now_secs: i64) -> sqlx::Result<u64> {
+    async fn prune_jtis(&self, now_secs: i64) -> StoreResult<u64> {
         Ok(sqlx::query("DELETE FROM oidc_jtis WHERE expires_at < ?1")
             .bind(now_secs)
             .execute(&mut *self.writer().await?)
@@ -576,28 +373,28 @@ impl Db {
             .rows_affected())
     }
 
-    pub async fn repo(&self, name: &str) -> sqlx::Result<Option<RepoModel>> {
+    async fn repo(&self, name: &str) -> StoreResult<Option<RepoModel>> {
         let sql = format!("SELECT {REPO_COLUMNS} FROM repos WHERE name = ?1");
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(name)
             .fetch_optional(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    pub async fn repos(&self) -> sqlx::Result<Vec<RepoModel>> {
+    async fn repos(&self) -> StoreResult<Vec<RepoModel>> {
         let sql = format!("SELECT {REPO_COLUMNS} FROM repos ORDER BY name");
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .fetch_all(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// Binds a registration that has no ids yet to `ids`; returns the ids it is bound to now
-    /// (another request may have bound it first). `None` if the repository is not registered.
-    pub async fn bind_repo_ids(
+    async fn bind_repo_ids(
         &self,
         name: &str,
         ids: &RepositoryIds,
-    ) -> sqlx::Result<Option<RepositoryIds>> {
+    ) -> StoreResult<Option<RepositoryIds>> {
         let row: Option<(String, Option<String>)> = sqlx::query_as(
             "UPDATE repos SET repository_id = coalesce(repository_id, ?2),
                  repository_owner_id = CASE WHEN repository_id IS NULL THEN ?3
@@ -618,17 +415,15 @@ impl Db {
         )
     }
 
-    /// Whether a workflow token's id has been recorded (it submitted a job or registered a
-    /// repository).
-    pub async fn jti_used(&self, jti: &str) -> sqlx::Result<bool> {
+    async fn jti_used(&self, jti: &str) -> StoreResult<bool> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM oidc_jtis WHERE jti = ?1)")
             .bind(jti)
             .fetch_one(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// The id of the workflow token that submitted a job.
-    pub async fn submit_jti(&self, id: JobId) -> sqlx::Result<Option<String>> {
+    async fn submit_jti(&self, id: JobId) -> StoreResult<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT submit_jti FROM jobs WHERE id = ?1")
                 .bind(id.0)
@@ -638,17 +433,14 @@ impl Db {
         )
     }
 
-    /// Registers a repository or replaces its settings. With `ids`, binds it to them; without,
-    /// keeps the ids it is bound to. With `jti`, the token's id is recorded in the same
-    /// transaction; a token seen before changes nothing: `Ok(None)`.
-    pub async fn upsert_repo(
+    async fn upsert_repo(
         &self,
         name: &str,
         settings: &str,
         registered_by: &str,
         ids: Option<&RepositoryIds>,
         jti: Option<(&str, i64)>,
-    ) -> anyhow::Result<Option<RepoModel>> {
+    ) -> StoreResult<Option<RepoModel>> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         if let Some((jti, expires_at)) = jti
@@ -681,16 +473,14 @@ impl Db {
         Ok(Some(model))
     }
 
-    /// Registers a repository unless it is registered already (a workflow's self-registration).
-    /// With `jti`, the token's id is recorded in the same transaction.
-    pub async fn insert_repo_if_absent(
+    async fn insert_repo_if_absent(
         &self,
         name: &str,
         settings: &str,
         registered_by: &str,
         ids: &RepositoryIds,
         jti: Option<(&str, i64)>,
-    ) -> anyhow::Result<FirstRegistration> {
+    ) -> StoreResult<FirstRegistration> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         if let Some((jti, expires_at)) = jti
@@ -721,7 +511,7 @@ impl Db {
         Ok(FirstRegistration::Created(model))
     }
 
-    pub async fn create_site(&self, name: &str) -> sqlx::Result<Option<SiteModel>> {
+    async fn create_site(&self, name: &str) -> StoreResult<Option<SiteModel>> {
         sqlx::query_as(
             "INSERT INTO sites (name, created_at_ms) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING
              RETURNING name, created_at_ms, revoked_at_ms",
@@ -730,24 +520,25 @@ impl Db {
         .bind(now_ms())
         .fetch_optional(&mut *self.writer().await?)
         .await
+        .map_err(StoreError::from)
     }
 
-    pub async fn site(&self, name: &str) -> sqlx::Result<Option<SiteModel>> {
+    async fn site(&self, name: &str) -> StoreResult<Option<SiteModel>> {
         sqlx::query_as("SELECT name, created_at_ms, revoked_at_ms FROM sites WHERE name = ?1")
             .bind(name)
             .fetch_optional(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    pub async fn sites(&self) -> sqlx::Result<Vec<SiteModel>> {
+    async fn sites(&self) -> StoreResult<Vec<SiteModel>> {
         sqlx::query_as("SELECT name, created_at_ms, revoked_at_ms FROM sites ORDER BY name")
             .fetch_all(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// Revokes a site: its agents are refused from their next request on, and its enrollment
-    /// tokens die. False when there is no such site.
-    pub async fn revoke_site(&self, name: &str) -> sqlx::Result<bool> {
+    async fn revoke_site(&self, name: &str) -> StoreResult<bool> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         let found = sqlx::query(
@@ -767,13 +558,13 @@ impl Db {
         Ok(found)
     }
 
-    pub async fn create_enrollment_token(
+    async fn create_enrollment_token(
         &self,
         token_hash: &str,
         site: &str,
         uses: u32,
         expires_at_ms: i64,
-    ) -> sqlx::Result<()> {
+    ) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO enrollment_tokens (token_hash, site, uses_left, expires_at_ms, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -788,23 +579,22 @@ impl Db {
         Ok(())
     }
 
-    /// Whether an enrollment token with this hash exists (used up or expired, maybe).
-    pub async fn enrollment_token_exists(&self, token_hash: &str) -> sqlx::Result<bool> {
+    async fn enrollment_token_exists(&self, token_hash: &str) -> StoreResult<bool> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM enrollment_tokens WHERE token_hash = ?1)")
             .bind(token_hash)
             .fetch_one(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// Spends one use of an enrollment token and records the agent, in one transaction.
-    pub async fn enroll_agent(
+    async fn enroll_agent(
         &self,
         token_hash: &str,
         id: &str,
         name: &str,
         public_key: &[u8],
         policy: Option<&str>,
-    ) -> anyhow::Result<Result<AgentModel, EnrollRefusal>> {
+    ) -> StoreResult<Result<AgentModel, EnrollRefusal>> {
         let now = now_ms();
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
@@ -869,7 +659,7 @@ impl Db {
         Ok(Ok(agent))
     }
 
-    pub async fn agent(&self, id: &str) -> sqlx::Result<Option<AgentModel>> {
+    async fn agent(&self, id: &str) -> StoreResult<Option<AgentModel>> {
         let sql = format!(
             "SELECT {AGENT_COLUMNS} FROM agents JOIN sites ON sites.name = agents.site
              WHERE agents.id = ?1"
@@ -878,9 +668,10 @@ impl Db {
             .bind(id)
             .fetch_optional(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    pub async fn agents(&self) -> sqlx::Result<Vec<AgentModel>> {
+    async fn agents(&self) -> StoreResult<Vec<AgentModel>> {
         let sql = format!(
             "SELECT {AGENT_COLUMNS} FROM agents JOIN sites ON sites.name = agents.site
              ORDER BY agents.site, agents.name, agents.enrolled_at_ms"
@@ -888,10 +679,10 @@ impl Db {
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .fetch_all(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// False when there is no such agent.
-    pub async fn revoke_agent(&self, id: &str) -> sqlx::Result<bool> {
+    async fn revoke_agent(&self, id: &str) -> StoreResult<bool> {
         Ok(sqlx::query(
             "UPDATE agents SET revoked_at_ms = coalesce(revoked_at_ms, ?2) WHERE id = ?1",
         )
@@ -903,8 +694,7 @@ impl Db {
             > 0)
     }
 
-    /// Stores nonces of signed requests (see [`crate::nonces`]), in one transaction.
-    pub async fn insert_nonces(&self, nonces: &[(String, String, i64)]) -> sqlx::Result<()> {
+    async fn insert_nonces(&self, nonces: &[(String, String, i64)]) -> StoreResult<()> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         for (agent_id, nonce, expires_at_ms) in nonces {
@@ -918,20 +708,20 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 
-    /// Nonces whose requests are still inside the clock window.
-    pub async fn live_nonces(&self, now_ms: i64) -> sqlx::Result<Vec<(String, String, i64)>> {
+    async fn live_nonces(&self, now_ms: i64) -> StoreResult<Vec<(String, String, i64)>> {
         sqlx::query_as(
             "SELECT agent_id, nonce, expires_at_ms FROM agent_nonces WHERE expires_at_ms >= ?1",
         )
         .bind(now_ms)
         .fetch_all(&self.read)
         .await
+        .map_err(StoreError::from)
     }
 
-    pub async fn prune_nonces(&self, now_ms: i64) -> sqlx::Result<u64> {
+    async fn prune_nonces(&self, now_ms: i64) -> StoreResult<u64> {
         Ok(
             sqlx::query("DELETE FROM agent_nonces WHERE expires_at_ms < ?1")
                 .bind(now_ms)
@@ -941,33 +731,7 @@ impl Db {
         )
     }
 
-    /// Records what an agent's policy accepts (it may change at an agent restart) and when it
-    /// was last seen.
-    pub async fn agent_polled(&self, id: &str, policy: Option<&str>) -> sqlx::Result<()> {
-        sqlx::query("UPDATE agents SET policy = ?2, last_seen_ms = ?3 WHERE id = ?1")
-            .bind(id)
-            .bind(policy)
-            .bind(now_ms())
-            .execute(&mut *self.writer().await?)
-            .await?;
-        Ok(())
-    }
-
-    /// Policies of the agents that can take work now: not revoked, site not revoked.
-    pub async fn active_agent_policies(
-        &self,
-    ) -> sqlx::Result<Vec<(String, String, Option<String>)>> {
-        sqlx::query_as(
-            "SELECT agents.site, agents.name, agents.policy FROM agents
-             JOIN sites ON sites.name = agents.site
-             WHERE agents.revoked_at_ms IS NULL AND sites.revoked_at_ms IS NULL",
-        )
-        .fetch_all(&self.read)
-        .await
-    }
-
-    /// Removes a registration; false when there was none.
-    pub async fn delete_repo(&self, name: &str) -> sqlx::Result<bool> {
+    async fn delete_repo(&self, name: &str) -> StoreResult<bool> {
         Ok(sqlx::query("DELETE FROM repos WHERE name = ?1")
             .bind(name)
             .execute(&mut *self.writer().await?)
@@ -976,21 +740,21 @@ impl Db {
             > 0)
     }
 
-    pub async fn job(&self, id: JobId) -> sqlx::Result<Option<JobModel>> {
+    async fn job(&self, id: JobId) -> StoreResult<Option<JobModel>> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(id.0)
             .fetch_optional(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// Newest first; `site`: only jobs labelled for that site or run by one of its agents.
-    pub async fn jobs(
+    async fn jobs(
         &self,
         state: Option<JobState>,
         site: Option<&str>,
         limit: u32,
-    ) -> sqlx::Result<Vec<JobModel>> {
+    ) -> StoreResult<Vec<JobModel>> {
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs
              WHERE (?1 IS NULL OR state = ?1)
@@ -1005,20 +769,15 @@ impl Db {
             .bind(site)
             .fetch_all(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// Claims the oldest queued job `taker` may run, under a new lease. SQL narrows the queue by
-    /// what it can check cheaply (labels, registered sites, executor, operator or workflow job,
-    /// jobs the agent handed back lately); routing then reads on, a page at a time, through every
-    /// remaining candidate, so a backlog no agent here may take never hides a job behind it.
-    /// Candidates are read outside the write lock; the claim itself re-checks that the job is
-    /// still queued and, for a site with `max_concurrent_jobs`, that the site is under it.
-    pub async fn claim_job(
+    async fn claim_job(
         &self,
         taker: &JobTaker<'_>,
         lease: &str,
         lease_expires_at_ms: i64,
-    ) -> anyhow::Result<Option<JobModel>> {
+    ) -> StoreResult<Option<JobModel>> {
         let offer = taker.offer;
         let labels = serde_json::to_string(&offer.all_labels())?;
         let cap = offer
@@ -1101,15 +860,7 @@ impl Db {
         }
     }
 
-    async fn job_state(&self, id: i64) -> sqlx::Result<Option<String>> {
-        sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
-            .bind(id)
-            .fetch_optional(&self.read)
-            .await
-    }
-
-    /// Queued jobs after id `after`, oldest first, at most `limit`, as routing reads them.
-    pub async fn queued_jobs(&self, after: i64, limit: i64) -> anyhow::Result<Vec<QueuedJob>> {
+    async fn queued_jobs(&self, after: i64, limit: i64) -> StoreResult<Vec<QueuedJob>> {
         let sql = format!(
             "SELECT {ROUTING_COLUMNS} FROM jobs
              WHERE state = 'queued' AND id > ?1 ORDER BY id LIMIT ?2"
@@ -1129,18 +880,16 @@ impl Db {
             .collect()
     }
 
-    /// One job as routing reads it, whatever its state.
-    pub async fn routed_job(&self, id: JobId) -> anyhow::Result<Option<crate::routing::RoutedJob>> {
+    async fn routed_job(&self, id: JobId) -> StoreResult<Option<crate::routing::RoutedJob>> {
         let sql = format!("SELECT {ROUTING_COLUMNS} FROM jobs WHERE id = ?1");
         let row: Option<RoutingRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(id.0)
             .fetch_optional(&self.read)
             .await?;
-        row.map(|row| row.routed()).transpose()
+        Ok(row.map(|row| row.routed()).transpose()?)
     }
 
-    /// How many times a job was handed back.
-    pub async fn job_releases(&self, id: JobId) -> sqlx::Result<Option<u32>> {
+    async fn job_releases(&self, id: JobId) -> StoreResult<Option<u32>> {
         let releases: Option<i64> = sqlx::query_scalar("SELECT releases FROM jobs WHERE id = ?1")
             .bind(id.0)
             .fetch_optional(&self.read)
@@ -1148,14 +897,7 @@ impl Db {
         Ok(releases.map(|r| r.clamp(0, i64::from(u32::MAX)) as u32))
     }
 
-    /// Records what an agent offered in its poll (policy summary and routing offer, both as
-    /// JSON) and when it was last seen, in one statement: an agent seen polling has its offer.
-    pub async fn record_offer(
-        &self,
-        id: &str,
-        policy: Option<&str>,
-        offer: &str,
-    ) -> sqlx::Result<()> {
+    async fn record_offer(&self, id: &str, policy: Option<&str>, offer: &str) -> StoreResult<()> {
         sqlx::query("UPDATE agents SET policy = ?2, offer = ?3, last_seen_ms = ?4 WHERE id = ?1")
             .bind(id)
             .bind(policy)
@@ -1166,28 +908,22 @@ impl Db {
         Ok(())
     }
 
-    /// The agents that can take work now (not revoked, site not revoked): `site/name`, the
-    /// policy they enrolled or last polled with, and their last offer (None before a poll).
-    pub async fn active_agent_offers(
-        &self,
-    ) -> sqlx::Result<Vec<(String, String, Option<String>, Option<String>)>> {
-        sqlx::query_as(
+    async fn active_agent_offers(&self) -> StoreResult<Vec<AgentOffer>> {
+        Ok(sqlx::query_as(
             "SELECT agents.site, agents.name, agents.policy, agents.offer FROM agents
              JOIN sites ON sites.name = agents.site
              WHERE agents.revoked_at_ms IS NULL AND sites.revoked_at_ms IS NULL",
         )
         .fetch_all(&self.read)
-        .await
+        .await?)
     }
 
-    /// Hands a job back from the agent holding `release.lease`: queued again (without using up
-    /// an attempt) with the agent held back from it, or ended `error` when no other agent could
-    /// run it or it was handed back too often.
-    pub async fn release_job(
+    async fn release_job(
         &self,
         id: JobId,
         release: &Release<'_>,
-    ) -> anyhow::Result<Result<JobModel, LeaseRefusal>> {
+        decide: &(dyn Fn(u32) -> Transition + Send + Sync),
+    ) -> StoreResult<Result<JobModel, LeaseRefusal>> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         let releases: Option<i64> = sqlx::query_scalar(
@@ -1203,17 +939,8 @@ impl Db {
             drop(conn);
             return Ok(Err(self.lease_refusal(id).await?));
         };
-        let now = now_ms();
-        let too_often = releases + 1 >= i64::from(release.max_releases);
-        let final_reason = match release.final_reason {
-            Some(reason) => Some(reason.to_string()),
-            None if too_often => Some(format!(
-                "{}; handed back {} times, giving up",
-                release.requeue_reason,
-                releases + 1
-            )),
-            None => None,
-        };
+        let to = decide(releases.clamp(0, i64::from(u32::MAX)) as u32);
+        let finished = to.state.is_terminal().then(now_ms);
         let sql = format!(
             "UPDATE jobs SET state = ?2, reason = ?3, lease = NULL, lease_expires_at_ms = NULL,
                  attempts = MAX(attempts - 1, 0), releases = releases + 1,
@@ -1221,18 +948,14 @@ impl Db {
                  finished_at_ms = ?4
              WHERE id = ?1 RETURNING {JOB_COLUMNS}"
         );
-        let (state, reason, finished) = match &final_reason {
-            Some(reason) => (JobState::Error, reason.clone(), Some(now)),
-            None => (JobState::Queued, release.requeue_reason.to_string(), None),
-        };
         let updated: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(id.0)
-            .bind(state.as_str())
-            .bind(&reason)
+            .bind(to.state.as_str())
+            .bind(&to.reason)
             .bind(finished)
             .fetch_one(&mut *tx)
             .await?;
-        if state == JobState::Queued {
+        if to.state == JobState::Queued {
             sqlx::query(
                 "INSERT INTO job_holds (job_id, agent, until_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT (job_id, agent) DO UPDATE SET until_ms = excluded.until_ms",
@@ -1243,8 +966,13 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        let line = format_line(now, Stream::System, &format!("testbot: {reason}"));
-        let log_bytes = append_raw(&mut tx, id, updated.log_bytes as u64, line.as_bytes()).await?;
+        let log_bytes = append_raw(
+            &mut tx,
+            id,
+            updated.log_bytes as u64,
+            to.log_line.as_bytes(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(Ok(JobModel {
             log_bytes: log_bytes as i64,
@@ -1252,9 +980,7 @@ impl Db {
         }))
     }
 
-    /// Ends the holds that ran out before `now_ms`; returns the jobs still queued that they
-    /// held back, so their agents can be woken.
-    pub async fn end_holds(&self, now_ms: i64) -> sqlx::Result<Vec<JobId>> {
+    async fn end_holds(&self, now_ms: i64) -> StoreResult<Vec<JobId>> {
         let ids: Vec<i64> =
             sqlx::query_scalar("DELETE FROM job_holds WHERE until_ms <= ?1 RETURNING job_id")
                 .bind(now_ms)
@@ -1271,14 +997,13 @@ impl Db {
         Ok(queued)
     }
 
-    /// Sets one metadata entry of a leased job.
-    pub async fn set_metadata(
+    async fn set_metadata(
         &self,
         id: JobId,
         lease: &str,
         key: &str,
         value: &str,
-    ) -> anyhow::Result<Result<JobModel, LeaseRefusal>> {
+    ) -> StoreResult<Result<JobModel, LeaseRefusal>> {
         let sql = format!(
             "UPDATE jobs SET metadata = json_set(coalesce(metadata, '{{}}'), '$.' || ?3, ?4)
              WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
@@ -1297,13 +1022,12 @@ impl Db {
         })
     }
 
-    /// Marks a leased job running and renews its lease. `Ok(cancel_requested)` on success.
-    pub async fn start_job(
+    async fn start_job(
         &self,
         id: JobId,
         lease: &str,
         lease_expires_at_ms: i64,
-    ) -> sqlx::Result<Result<LeaseRenewal, LeaseRefusal>> {
+    ) -> StoreResult<Result<LeaseRenewal, LeaseRefusal>> {
         let row = sqlx::query(
             "UPDATE jobs SET state = 'running', started_at_ms = ?3, lease_expires_at_ms = ?4
              WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
@@ -1321,13 +1045,12 @@ impl Db {
         }
     }
 
-    /// Renews a lease. `Ok(cancel_requested)` on success.
-    pub async fn renew_lease(
+    async fn renew_lease(
         &self,
         id: JobId,
         lease: &str,
         lease_expires_at_ms: i64,
-    ) -> sqlx::Result<Result<LeaseRenewal, LeaseRefusal>> {
+    ) -> StoreResult<Result<LeaseRenewal, LeaseRefusal>> {
         let row = sqlx::query(
             "UPDATE jobs SET lease_expires_at_ms = MAX(lease_expires_at_ms, ?3)
              WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
@@ -1344,34 +1067,15 @@ impl Db {
         }
     }
 
-    async fn lease_refusal(&self, id: JobId) -> sqlx::Result<LeaseRefusal> {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
-            .bind(id.0)
-            .fetch_optional(&mut *self.writer().await?)
-            .await?;
-        Ok(match state.map(|s| s.parse::<JobState>()) {
-            None => LeaseRefusal::NoSuchJob,
-            Some(Ok(state)) if state.is_terminal() => LeaseRefusal::Finished(state),
-            Some(_) => LeaseRefusal::Superseded,
-        })
-    }
-
-    /// Appends `data` at byte `offset` of the job's log, under `lease`. Bytes the log already
-    /// holds are skipped, so a re-sent chunk is a no-op.
-    ///
-    /// The first chunk that would pass `max_log_bytes` is cut: its whole lines that fit are
-    /// stored, then the system line `cut_notice()` words (past the limit, so that it always
-    /// fits), and the job's metadata `log_truncated` says where the log was cut. That chunk and
-    /// every later one answer [`AppendResult::TooLarge`].
-    pub async fn append_log(
+    async fn append_log(
         &self,
         id: JobId,
         lease: &str,
         offset: u64,
         data: &[u8],
         max_log_bytes: u64,
-        cut_notice: impl FnOnce() -> String,
-    ) -> sqlx::Result<AppendResult> {
+        cut: &(dyn Fn(u64) -> LogCut + Send + Sync),
+    ) -> StoreResult<AppendResult> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         let row: Option<(Option<String>, String, i64)> =
@@ -1414,18 +1118,14 @@ impl Db {
                 .rposition(|&b| b == b'\n')
                 .map_or(0, |nl| nl + 1);
             let kept = append_raw(&mut tx, id, log_bytes, &tail[..fits]).await?;
-            let line = format_line(
-                now_ms(),
-                Stream::System,
-                &format!("testbot: {}", cut_notice()),
-            );
-            let total = append_raw(&mut tx, id, kept, line.as_bytes()).await?;
+            let cut = cut(kept);
+            let total = append_raw(&mut tx, id, kept, cut.log_line.as_bytes()).await?;
             sqlx::query(
                 "UPDATE jobs SET metadata = json_set(coalesce(metadata, '{}'), '$.log_truncated', ?2)
                  WHERE id = ?1",
             )
             .bind(id.0)
-            .bind(format!("at byte {kept} (the limit is {max_log_bytes} bytes)"))
+            .bind(&cut.note)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -1436,14 +1136,12 @@ impl Db {
         Ok(AppendResult::Appended(total))
     }
 
-    /// Records a job's one result. `Err` when the lease is no longer valid, which is how a late
-    /// result from an agent that lost its lease is refused.
-    pub async fn finish_job(
+    async fn finish_job(
         &self,
         id: JobId,
         lease: &str,
         outcome: &Outcome,
-    ) -> sqlx::Result<Result<JobModel, LeaseRefusal>> {
+    ) -> StoreResult<Result<JobModel, LeaseRefusal>> {
         let sql = format!(
             "UPDATE jobs SET state = ?3, reason = ?4, exit_code = ?5, signal = ?6,
                  finished_at_ms = ?7, lease = NULL, lease_expires_at_ms = NULL
@@ -1466,37 +1164,35 @@ impl Db {
         }
     }
 
-    /// Cancels a queued job at once, or asks the agent running it to stop. A finished job is
-    /// left as it is. `None` if there is no such job.
-    pub async fn request_cancel(&self, id: JobId) -> anyhow::Result<Option<JobModel>> {
+    async fn request_cancel(
+        &self,
+        id: JobId,
+        queued: &Transition,
+    ) -> StoreResult<Option<JobModel>> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1")
-            .bind(id.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(state) = state.map(|s| s.parse::<JobState>().unwrap_or(JobState::Error)) else {
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT state, log_bytes FROM jobs WHERE id = ?1")
+                .bind(id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((state, log_bytes)) = row else {
             return Ok(None);
         };
-        match state {
+        match state.parse::<JobState>().unwrap_or(JobState::Error) {
             JobState::Queued => {
-                let reason = "cancelled before it started";
                 sqlx::query(
-                    "UPDATE jobs SET state = 'cancelled', reason = ?2, finished_at_ms = ?3,
+                    "UPDATE jobs SET state = ?2, reason = ?3, finished_at_ms = ?4,
                          cancel_requested = 1
                      WHERE id = ?1",
                 )
                 .bind(id.0)
-                .bind(reason)
-                .bind(now_ms())
+                .bind(queued.state.as_str())
+                .bind(&queued.reason)
+                .bind(queued.state.is_terminal().then(now_ms))
                 .execute(&mut *tx)
                 .await?;
-                let log_bytes: i64 = sqlx::query_scalar("SELECT log_bytes FROM jobs WHERE id = ?1")
-                    .bind(id.0)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let line = format_line(now_ms(), Stream::System, &format!("testbot: {reason}"));
-                append_raw(&mut tx, id, log_bytes as u64, line.as_bytes()).await?;
+                append_raw(&mut tx, id, log_bytes as u64, queued.log_line.as_bytes()).await?;
             }
             JobState::Assigned | JobState::Running => {
                 sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?1")
@@ -1515,83 +1211,62 @@ impl Db {
         Ok(Some(job))
     }
 
-    /// Handles every lease that expired before `now_ms`: the job is requeued, or ends `error`
-    /// after `max_attempts` claims, or `cancelled` if a user had asked for that.
-    pub async fn expire_leases(
+    async fn expired_leases(&self, now_ms: i64) -> StoreResult<Vec<JobModel>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE state IN ('assigned', 'running') AND lease_expires_at_ms < ?1 ORDER BY id"
+        );
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(now_ms)
+            .fetch_all(&self.read)
+            .await?)
+    }
+
+    async fn expire_lease(
         &self,
+        id: JobId,
+        lease: &str,
         now_ms: i64,
-        max_attempts: u32,
-    ) -> anyhow::Result<Vec<ExpiredLease>> {
+        to: &Transition,
+    ) -> StoreResult<Result<JobModel, LeaseRefusal>> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
-             WHERE state IN ('assigned', 'running') AND lease_expires_at_ms < ?1"
+            "UPDATE jobs SET state = ?3, reason = ?4, lease = NULL, lease_expires_at_ms = NULL,
+                 finished_at_ms = ?5
+             WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
+               AND lease_expires_at_ms < ?6
+             RETURNING {JOB_COLUMNS}"
         );
-        let expired: Vec<JobModel> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let updated: Option<JobModel> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .bind(lease)
+            .bind(to.state.as_str())
+            .bind(&to.reason)
+            .bind(to.state.is_terminal().then_some(now_ms))
             .bind(now_ms)
-            .fetch_all(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-        let mut handled = Vec::with_capacity(expired.len());
-        for job in expired {
-            let agent = job.agent.clone().unwrap_or_else(|| "?".into());
-            let attempts = job.attempts as u32;
-            let (state, reason) = if job.cancel_requested {
-                (
-                    JobState::Cancelled,
-                    format!("cancelled; agent {agent} was lost before it confirmed"),
-                )
-            } else if attempts >= max_attempts {
-                (
-                    JobState::Error,
-                    format!(
-                        "agent lost: agent {agent} stopped renewing its lease \
-                         (attempt {attempts} of {max_attempts})"
-                    ),
-                )
-            } else {
-                (
-                    JobState::Queued,
-                    format!(
-                        "requeued: agent {agent} stopped renewing its lease \
-                         (attempt {attempts} of {max_attempts})"
-                    ),
-                )
-            };
-            let finished = state.is_terminal().then_some(now_ms);
-            let sql = format!(
-                "UPDATE jobs SET state = ?2, reason = ?3, lease = NULL, lease_expires_at_ms = NULL,
-                     finished_at_ms = ?4
-                 WHERE id = ?1 RETURNING {JOB_COLUMNS}"
-            );
-            let updated: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(job.id)
-                .bind(state.as_str())
-                .bind(&reason)
-                .bind(finished)
-                .fetch_one(&mut *tx)
-                .await?;
-            let line = format_line(now_ms, Stream::System, &format!("testbot: {reason}"));
-            append_raw(
-                &mut tx,
-                job.job_id(),
-                updated.log_bytes as u64,
-                line.as_bytes(),
-            )
-            .await?;
-            let labels = updated.spec().map(|s| s.labels).unwrap_or_default();
-            handled.push(ExpiredLease {
-                job: updated,
-                labels,
-            });
-        }
+        let Some(updated) = updated else {
+            drop(tx);
+            drop(conn);
+            return Ok(Err(self.lease_refusal(id).await?));
+        };
+        let log_bytes = append_raw(
+            &mut tx,
+            id,
+            updated.log_bytes as u64,
+            to.log_line.as_bytes(),
+        )
+        .await?;
         tx.commit().await?;
-        Ok(handled)
+        Ok(Ok(JobModel {
+            log_bytes: log_bytes as i64,
+            ..updated
+        }))
     }
 
-    /// Gives every active lease at least until `until_ms`: after a broker restart, agents must
-    /// not lose their jobs for the time the broker was down.
-    pub async fn extend_active_leases(&self, until_ms: i64) -> sqlx::Result<u64> {
+    async fn extend_active_leases(&self, until_ms: i64) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE jobs SET lease_expires_at_ms = MAX(lease_expires_at_ms, ?1)
              WHERE state IN ('assigned', 'running')",
@@ -1602,17 +1277,15 @@ impl Db {
         Ok(done.rows_affected())
     }
 
-    /// How many workflow jobs of `repository` wait in the queue.
-    pub async fn queued_jobs_of_repo(&self, repository: &str) -> sqlx::Result<i64> {
+    async fn queued_jobs_of_repo(&self, repository: &str) -> StoreResult<i64> {
         sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE repository = ?1 AND state = 'queued'")
             .bind(repository)
             .fetch_one(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// How many workflow jobs for `site` (labelled `site:NAME`, or allowed only there) wait in
-    /// the queue.
-    pub async fn queued_jobs_for_site(&self, site: &str) -> sqlx::Result<i64> {
+    async fn queued_jobs_for_site(&self, site: &str) -> StoreResult<i64> {
         sqlx::query_scalar(
             "SELECT COUNT(*) FROM jobs
              WHERE state = 'queued' AND repository IS NOT NULL
@@ -1622,14 +1295,10 @@ impl Db {
         .bind(site)
         .fetch_one(&self.read)
         .await
+        .map_err(StoreError::from)
     }
 
-    /// Deletes up to `limit` jobs that ended before `cutoff_ms`, with their logs.
-    pub async fn delete_jobs_finished_before(
-        &self,
-        cutoff_ms: i64,
-        limit: i64,
-    ) -> sqlx::Result<u64> {
+    async fn delete_jobs_finished_before(&self, cutoff_ms: i64, limit: i64) -> StoreResult<u64> {
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         let ids = "SELECT id FROM jobs WHERE finished_at_ms < ?1 ORDER BY finished_at_ms LIMIT ?2";
@@ -1652,8 +1321,7 @@ impl Db {
         Ok(deleted)
     }
 
-    /// The OIDC token stored with a job (to hand to the agent that claims it).
-    pub async fn stored_oidc_token(&self, id: JobId) -> sqlx::Result<Option<String>> {
+    async fn stored_oidc_token(&self, id: JobId) -> StoreResult<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT oidc_token FROM jobs WHERE id = ?1")
                 .bind(id.0)
@@ -1663,20 +1331,14 @@ impl Db {
         )
     }
 
-    /// When the oldest queued job was created, if any job is queued.
-    pub async fn oldest_queued_at(&self) -> sqlx::Result<Option<i64>> {
+    async fn oldest_queued_at(&self) -> StoreResult<Option<i64>> {
         sqlx::query_scalar("SELECT MIN(created_at_ms) FROM jobs WHERE state = 'queued'")
             .fetch_one(&self.read)
             .await
+            .map_err(StoreError::from)
     }
 
-    /// Up to about `max_bytes` of the job's log from byte `offset`.
-    pub async fn read_log(
-        &self,
-        id: JobId,
-        offset: u64,
-        max_bytes: usize,
-    ) -> sqlx::Result<Vec<u8>> {
+    async fn read_log(&self, id: JobId, offset: u64, max_bytes: usize) -> StoreResult<Vec<u8>> {
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
             "SELECT start_offset, data FROM log_chunks
              WHERE job_id = ?1 AND start_offset >= COALESCE(
@@ -1724,4 +1386,20 @@ async fn append_raw(
         .execute(&mut **tx)
         .await?;
     Ok(total)
+}
+
+/// Whether the newest migration applied (`applied`) is the newest `migrator` knows.
+pub(crate) fn check_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Option<i64>,
+) -> StoreResult<()> {
+    let expected = migrator.iter().map(|m| m.version).max();
+    if applied == expected {
+        return Ok(());
+    }
+    Err(StoreError::Internal(anyhow::anyhow!(
+        "the database schema is at migration {} but this broker expects {}",
+        applied.map_or("none".to_string(), |v| v.to_string()),
+        expected.map_or("none".to_string(), |v| v.to_string()),
+    )))
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
+use super::events::{JobChange, JobEvent, Subscriber};
 use crate::routing::{Offer, RoutedJob};
 
 /// A wake-up: this job was queued.
@@ -71,10 +72,14 @@ impl Dispatcher {
         }
     }
 
-    /// `job` was queued: wake the longest-waiting agent that may take it.
+    /// `job` is queued: wake the longest-waiting agent that may take it.
     pub fn job_queued(&self, job: RoutedJob) {
+        self.offer(Arc::new(job));
+    }
+
+    fn offer(&self, job: Arc<RoutedJob>) {
         self.send(Signal {
-            job: Arc::new(job),
+            job,
             tried: BTreeSet::new(),
         });
     }
@@ -110,6 +115,14 @@ impl Dispatcher {
     /// How many polls are waiting.
     pub fn waiting(&self) -> usize {
         self.waiters.lock().expect("dispatcher poisoned").len()
+    }
+}
+
+impl Subscriber for Dispatcher {
+    fn on_event(&self, event: &JobEvent) {
+        if let JobChange::Queued { job, .. } = &event.change {
+            self.offer(job.clone());
+        }
     }
 }
 

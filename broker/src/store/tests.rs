@@ -1,0 +1,911 @@
+//! The contract both stores keep: every test here runs against each backend on an empty
+//! database. A behaviour one backend has and the other lacks fails here, not in production.
+
+use std::time::Duration;
+
+use testbot_proto::jobs::{JobId, JobSpec, JobState};
+use testbot_proto::now_ms;
+use testbot_proto::results::Outcome;
+
+use super::*;
+use crate::lifecycle::transitions;
+use crate::routing::Offer;
+
+/// A fresh, empty store, removed again by [`Fresh::finish`].
+pub(crate) struct Fresh {
+    pub store: SharedStore,
+    dir: std::path::PathBuf,
+}
+
+impl Fresh {
+    pub async fn sqlite() -> Fresh {
+        let dir = std::env::temp_dir().join(format!(
+            "testbot-store-{}",
+            testbot_proto::signing::random_hex(8)
+        ));
+        let store = open(None, &dir).await.expect("open SQLite");
+        Fresh { store, dir }
+    }
+
+    pub async fn finish(self) {
+        self.store.close().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs each named test against every backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let fresh = super::Fresh::sqlite().await;
+                    super::$name(&*fresh.store).await;
+                    fresh.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    a_job_goes_from_queued_to_its_one_result,
+    a_late_call_under_an_old_lease_is_refused,
+    a_claim_takes_only_jobs_the_offer_admits_oldest_first,
+    a_site_at_its_concurrency_limit_claims_nothing,
+    a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit,
+    an_expired_lease_is_ended_as_decided_unless_it_was_renewed,
+    a_hand_back_applies_the_decision_and_holds_the_agent_back,
+    cancelling_ends_a_queued_job_and_flags_a_running_one,
+    a_token_id_is_used_once_and_a_replay_stores_nothing,
+    a_nonce_is_used_once_per_agent,
+    a_repository_registration_binds_ids_once,
+    enrollment_spends_a_token_and_refuses_what_it_must,
+    credentials_are_dropped_when_a_job_ends_and_retention_deletes_it,
+    statistics_sweeps_and_health,
+);
+
+fn spec(labels: &[&str]) -> JobSpec {
+    JobSpec {
+        script: "true".into(),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        ..JobSpec::default()
+    }
+}
+
+fn offer(site: &str, labels: &[&str]) -> Offer {
+    Offer {
+        site: site.into(),
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        executor: "shell".into(),
+        policy: None,
+        workflow_jobs_without_policy: true,
+    }
+}
+
+fn operator() -> JobOrigin {
+    JobOrigin {
+        submitted_by: "operator admin".into(),
+        ..JobOrigin::default()
+    }
+}
+
+fn later() -> i64 {
+    now_ms() + 60_000
+}
+
+async fn queue(store: &dyn Store, labels: &[&str]) -> JobModel {
+    store
+        .insert_job(&spec(labels), &operator(), None)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn claim(store: &dyn Store, agent: &str, offer: &Offer, lease: &str) -> Option<JobModel> {
+    let taker = JobTaker { agent, offer };
+    store.claim_job(&taker, lease, later()).await.unwrap()
+}
+
+async fn log_of(store: &dyn Store, id: JobId) -> String {
+    String::from_utf8(store.read_log(id, 0, 1 << 20).await.unwrap()).unwrap()
+}
+
+async fn a_job_goes_from_queued_to_its_one_result(store: &dyn Store) {
+    let job = queue(store, &[]).await;
+    assert_eq!(job.state(), JobState::Queued);
+    let claimed = claim(store, "s/a", &offer("s", &[]), "l1").await.unwrap();
+    assert_eq!(
+        (claimed.id, claimed.state(), claimed.attempts),
+        (job.id, JobState::Assigned, 1)
+    );
+    assert_eq!(claimed.agent.as_deref(), Some("s/a"));
+    let renewal = store
+        .start_job(job.job_id(), "l1", later())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!renewal.cancel_requested);
+    assert_eq!(
+        store.job(job.job_id()).await.unwrap().unwrap().state(),
+        JobState::Running
+    );
+    store
+        .renew_lease(job.job_id(), "l1", later())
+        .await
+        .unwrap()
+        .unwrap();
+    let model = store
+        .set_metadata(job.job_id(), "l1", "slurm_job_id", "42")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(model.metadata.unwrap().contains("\"slurm_job_id\":\"42\""));
+    let done = store
+        .finish_job(job.job_id(), "l1", &Outcome::succeeded())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (done.state(), done.exit_code),
+        (JobState::Succeeded, Some(0))
+    );
+    assert!(done.finished_at_ms.is_some() && done.lease.is_none());
+    // Its one result: a second finish is refused.
+    assert_eq!(
+        store
+            .finish_job(job.job_id(), "l1", &Outcome::succeeded())
+            .await
+            .unwrap()
+            .unwrap_err(),
+        LeaseRefusal::Finished(JobState::Succeeded)
+    );
+    let listed = store
+        .jobs(Some(JobState::Succeeded), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(store.jobs(None, Some("s"), 10).await.unwrap().len(), 1);
+    assert!(
+        store
+            .jobs(None, Some("other"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn a_late_call_under_an_old_lease_is_refused(store: &dyn Store) {
+    let job = queue(store, &[]).await;
+    claim(store, "s/a", &offer("s", &[]), "old").await.unwrap();
+    let to = transitions::lease_expired(&store.job(job.job_id()).await.unwrap().unwrap(), 3, 0);
+    store.extend_active_leases(0).await.unwrap();
+    // The lease runs out and the job is claimed again under a new one.
+    let far = later() + 120_000;
+    store
+        .expire_lease(job.job_id(), "old", far, &to)
+        .await
+        .unwrap()
+        .unwrap();
+    claim(store, "s/b", &offer("s", &[]), "new").await.unwrap();
+    let id = job.job_id();
+    assert_eq!(
+        store.start_job(id, "old", later()).await.unwrap(),
+        Err(LeaseRefusal::Superseded)
+    );
+    assert_eq!(
+        store.renew_lease(id, "old", later()).await.unwrap(),
+        Err(LeaseRefusal::Superseded)
+    );
+    assert_eq!(
+        store
+            .append_log(id, "old", 0, b"x\n", 1 << 20, &|k| transitions::log_cut(
+                1, k, 0
+            ))
+            .await
+            .unwrap(),
+        AppendResult::Refused(LeaseRefusal::Superseded)
+    );
+    assert_eq!(
+        store
+            .finish_job(id, "old", &Outcome::succeeded())
+            .await
+            .unwrap()
+            .unwrap_err(),
+        LeaseRefusal::Superseded
+    );
+    assert_eq!(
+        store
+            .finish_job(JobId(999_999), "old", &Outcome::succeeded())
+            .await
+            .unwrap()
+            .unwrap_err(),
+        LeaseRefusal::NoSuchJob
+    );
+    store
+        .finish_job(id, "new", &Outcome::succeeded())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+async fn a_claim_takes_only_jobs_the_offer_admits_oldest_first(store: &dyn Store) {
+    let gpu = queue(store, &["gpu"]).await;
+    let plain = queue(store, &[]).await;
+    let elsewhere = queue(store, &["site:elsewhere"]).await;
+    let plain2 = queue(store, &[]).await;
+    // The cpu agent skips the gpu job and takes the plain ones in order.
+    let cpu = offer("here", &[]);
+    assert_eq!(
+        claim(store, "here/cpu", &cpu, "a").await.unwrap().id,
+        plain.id
+    );
+    assert_eq!(
+        claim(store, "here/cpu", &cpu, "b").await.unwrap().id,
+        plain2.id
+    );
+    assert!(claim(store, "here/cpu", &cpu, "c").await.is_none());
+    assert_eq!(
+        claim(store, "here/gpu", &offer("here", &["gpu"]), "d")
+            .await
+            .unwrap()
+            .id,
+        gpu.id
+    );
+    assert_eq!(
+        claim(
+            store,
+            "elsewhere/x",
+            &offer("elsewhere", &["site:elsewhere"]),
+            "e"
+        )
+        .await
+        .unwrap()
+        .id,
+        elsewhere.id
+    );
+    let queued: Vec<i64> = store
+        .queued_jobs(0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    assert!(queued.is_empty());
+    // Workflow jobs: a taker that takes only operator jobs does not get them.
+    let workflow = store
+        .insert_job(
+            &spec(&[]),
+            &JobOrigin {
+                repository: Some("lab/solver".into()),
+                sites: vec!["here".into()],
+                ..operator()
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let operator_only = Offer {
+        workflow_jobs_without_policy: false,
+        ..offer("here", &[])
+    };
+    assert!(claim(store, "here/op", &operator_only, "f").await.is_none());
+    let routed = store.routed_job(workflow.job_id()).await.unwrap().unwrap();
+    assert_eq!(routed.sites, Some(vec!["here".to_string()]));
+    assert_eq!(store.queued_jobs_of_repo("lab/solver").await.unwrap(), 1);
+    assert_eq!(store.queued_jobs_for_site("here").await.unwrap(), 1);
+    assert!(
+        claim(store, "other/x", &offer("other", &[]), "g")
+            .await
+            .is_none()
+    );
+    assert_eq!(
+        claim(store, "here/cpu", &cpu, "h").await.unwrap().id,
+        workflow.id
+    );
+}
+
+async fn a_site_at_its_concurrency_limit_claims_nothing(store: &dyn Store) {
+    let summary: testbot_proto::agents::PolicySummary = serde_json::from_value(serde_json::json!({
+        "repositories": ["lab/*"],
+        "executors": [{ "executor": "shell" }],
+        "max_concurrent_jobs": 1,
+    }))
+    .unwrap();
+    let limited = Offer {
+        policy: Some(summary),
+        ..offer("s", &[])
+    };
+    // A site with a policy takes workflow jobs only.
+    let workflow = JobOrigin {
+        repository: Some("lab/solver".into()),
+        ..operator()
+    };
+    queue(store, &[]).await;
+    store
+        .insert_job(&spec(&[]), &workflow, None)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .insert_job(&spec(&[]), &workflow, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let first = claim(store, "s/a", &limited, "l1").await.unwrap();
+    assert!(
+        first.repository.is_some(),
+        "the operator job is not for a site with a policy"
+    );
+    assert!(
+        claim(store, "s/b", &limited, "l2").await.is_none(),
+        "the site is at its limit"
+    );
+    store
+        .finish_job(first.job_id(), "l1", &Outcome::succeeded())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        claim(store, "s/b", &limited, "l3").await.is_some(),
+        "under its limit again"
+    );
+}
+
+async fn a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit(store: &dyn Store) {
+    let job = queue(store, &[]).await;
+    let id = job.job_id();
+    claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    let cut = |kept| transitions::log_cut(64, kept, 0);
+    assert_eq!(
+        store
+            .append_log(id, "l", 0, b"one\n", 64, &cut)
+            .await
+            .unwrap(),
+        AppendResult::Appended(4)
+    );
+    // Re-sent, and re-sent overlapping: nothing doubled.
+    assert_eq!(
+        store
+            .append_log(id, "l", 0, b"one\n", 64, &cut)
+            .await
+            .unwrap(),
+        AppendResult::Appended(4)
+    );
+    assert_eq!(
+        store
+            .append_log(id, "l", 0, b"one\ntwo\n", 64, &cut)
+            .await
+            .unwrap(),
+        AppendResult::Appended(8)
+    );
+    assert_eq!(
+        store
+            .append_log(id, "l", 20, b"x\n", 64, &cut)
+            .await
+            .unwrap(),
+        AppendResult::Gap { log_bytes: 8 }
+    );
+    assert_eq!(log_of(store, id).await, "one\ntwo\n");
+    assert_eq!(store.read_log(id, 4, 100).await.unwrap(), b"two\n");
+    // Past the limit: the whole lines that fit, then the notice, then nothing more.
+    let long = "abcdefghij\n".repeat(10);
+    let result = store
+        .append_log(id, "l", 8, long.as_bytes(), 64, &cut)
+        .await
+        .unwrap();
+    let AppendResult::TooLarge { log_bytes } = result else {
+        panic!("expected the log to be cut, got {result:?}");
+    };
+    let log = log_of(store, id).await;
+    assert_eq!(log.len() as u64, log_bytes);
+    assert!(log.starts_with("one\ntwo\nabcdefghij\n"));
+    assert!(log.contains("testbot: the log reached the broker's limit of 64 bytes"));
+    let model = store.job(id).await.unwrap().unwrap();
+    assert!(
+        model
+            .metadata
+            .unwrap()
+            .contains("at byte 63 (the limit is 64 bytes)")
+    );
+    assert!(matches!(
+        store
+            .append_log(id, "l", log_bytes, b"more\n", 64, &cut)
+            .await
+            .unwrap(),
+        AppendResult::TooLarge { .. }
+    ));
+    assert_eq!(log_of(store, id).await, log);
+}
+
+async fn an_expired_lease_is_ended_as_decided_unless_it_was_renewed(store: &dyn Store) {
+    let job = queue(store, &[]).await;
+    let id = job.job_id();
+    claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    let now = now_ms();
+    assert!(store.expired_leases(now).await.unwrap().is_empty());
+    store.extend_active_leases(0).await.unwrap();
+    let until = later();
+    let expired = store.expired_leases(until).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    let to = transitions::lease_expired(&expired[0], 3, now);
+    // Renewed meanwhile: the sweep's decision no longer applies.
+    store
+        .renew_lease(id, "l", until + 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .expire_lease(id, "l", until, &to)
+            .await
+            .unwrap()
+            .is_err()
+    );
+    let requeued = store
+        .expire_lease(id, "l", until + 120_000, &to)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(requeued.state(), JobState::Queued);
+    assert!(requeued.lease.is_none() && requeued.finished_at_ms.is_none());
+    assert!(
+        log_of(store, id)
+            .await
+            .contains("testbot: requeued: agent s/a stopped renewing")
+    );
+    assert_eq!(requeued.log_bytes as usize, log_of(store, id).await.len());
+    // The last attempt ends it.
+    let again = claim(store, "s/a", &offer("s", &[]), "l2").await.unwrap();
+    let to = transitions::lease_expired(&again, 2, now);
+    let ended = store
+        .expire_lease(id, "l2", until + 180_000, &to)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state(), JobState::Error);
+    assert!(ended.finished_at_ms.is_some());
+}
+
+async fn a_hand_back_applies_the_decision_and_holds_the_agent_back(store: &dyn Store) {
+    let job = queue(store, &[]).await;
+    let id = job.job_id();
+    let any = offer("s", &[]);
+    claim(store, "s/a", &any, "l").await.unwrap();
+    let release = Release {
+        lease: "l",
+        agent: "s/a",
+        hold_until_ms: later(),
+    };
+    let seen = std::sync::Mutex::new(None);
+    let requeued = store
+        .release_job(id, &release, &|releases| {
+            *seen.lock().unwrap() = Some(releases);
+            transitions::released("queued again", None, releases, 3, 0)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*seen.lock().unwrap(), Some(0));
+    assert_eq!((requeued.state(), requeued.attempts), (JobState::Queued, 0));
+    assert_eq!(store.job_releases(id).await.unwrap(), Some(1));
+    // Held back from the agent that handed it back, not from others.
+    assert!(claim(store, "s/a", &any, "l2").await.is_none());
+    assert!(store.end_holds(now_ms()).await.unwrap().is_empty());
+    claim(store, "s/b", &any, "l3").await.unwrap();
+    let ended = store
+        .release_job(
+            id,
+            &Release {
+                lease: "l3",
+                ..release
+            },
+            &|releases| transitions::released("r", Some("nobody else may run it"), releases, 3, 0),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.state(), JobState::Error);
+    assert_eq!(ended.reason.as_deref(), Some("nobody else may run it"));
+    assert!(
+        log_of(store, id)
+            .await
+            .contains("testbot: nobody else may run it")
+    );
+    assert_eq!(
+        store.end_holds(later() + 1).await.unwrap(),
+        Vec::<JobId>::new()
+    );
+    let refused = store
+        .release_job(id, &release, &|r| transitions::released("r", None, r, 3, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.unwrap_err(),
+        LeaseRefusal::Finished(JobState::Error)
+    );
+}
+
+async fn cancelling_ends_a_queued_job_and_flags_a_running_one(store: &dyn Store) {
+    let running = queue(store, &[]).await;
+    claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    let queued = queue(store, &[]).await;
+    let to = transitions::cancelled_before_start(0);
+    let cancelled = store
+        .request_cancel(queued.job_id(), &to)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    assert!(cancelled.finished_at_ms.is_some());
+    assert!(
+        log_of(store, queued.job_id())
+            .await
+            .contains("testbot: cancelled before it started")
+    );
+    let flagged = store
+        .request_cancel(running.job_id(), &to)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(flagged.state(), JobState::Assigned);
+    assert!(flagged.cancel_requested);
+    assert!(
+        store
+            .renew_lease(running.job_id(), "l", later())
+            .await
+            .unwrap()
+            .unwrap()
+            .cancel_requested
+    );
+    assert!(
+        store
+            .request_cancel(JobId(999_999), &to)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // An ended job stays as it is.
+    let again = store
+        .request_cancel(queued.job_id(), &to)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.log_bytes, cancelled.log_bytes);
+}
+
+async fn a_token_id_is_used_once_and_a_replay_stores_nothing(store: &dyn Store) {
+    let exp = now_ms() / 1000 + 600;
+    assert!(
+        store
+            .insert_job(&spec(&[]), &operator(), Some(("jti-1", exp)))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .insert_job(&spec(&[]), &operator(), Some(("jti-1", exp)))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.queued_jobs(0, 10).await.unwrap().len(), 1);
+    assert!(store.jti_used("jti-1").await.unwrap());
+    assert!(!store.jti_used("jti-2").await.unwrap());
+    assert!(store.use_jti("jti-2", exp).await.unwrap());
+    assert!(!store.use_jti("jti-2", exp).await.unwrap());
+    let job = store.queued_jobs(0, 1).await.unwrap().remove(0);
+    assert_eq!(
+        store.submit_jti(JobId(job.id)).await.unwrap().as_deref(),
+        Some("jti-1")
+    );
+    assert!(
+        store
+            .upsert_repo("lab/x", "{}", "someone", None, Some(("jti-2", exp)))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.prune_jtis(exp + 1).await.unwrap(), 2);
+    assert!(!store.jti_used("jti-1").await.unwrap());
+}
+
+async fn a_nonce_is_used_once_per_agent(store: &dyn Store) {
+    let until = later();
+    assert!(store.use_nonce("agent-1", "n1", until).await.unwrap());
+    assert!(!store.use_nonce("agent-1", "n1", until).await.unwrap());
+    assert!(store.use_nonce("agent-2", "n1", until).await.unwrap());
+    store
+        .insert_nonces(&[("agent-3".into(), "n2".into(), until)])
+        .await
+        .unwrap();
+    assert_eq!(store.live_nonces(now_ms()).await.unwrap().len(), 3);
+    assert_eq!(store.prune_nonces(until + 1).await.unwrap(), 3);
+    assert!(store.live_nonces(now_ms()).await.unwrap().is_empty());
+}
+
+async fn a_repository_registration_binds_ids_once(store: &dyn Store) {
+    let ids = RepositoryIds {
+        repository_id: "101".into(),
+        repository_owner_id: Some("7".into()),
+    };
+    let created = store
+        .insert_repo_if_absent("lab/solver", r#"{"sites":["hpc"]}"#, "workflow", &ids, None)
+        .await
+        .unwrap();
+    assert!(matches!(created, FirstRegistration::Created(_)));
+    assert!(matches!(
+        store
+            .insert_repo_if_absent("lab/solver", "{}", "workflow", &ids, None)
+            .await
+            .unwrap(),
+        FirstRegistration::Exists
+    ));
+    // Replacing settings keeps the ids; binding other ids changes nothing.
+    let updated = store
+        .upsert_repo("lab/solver", "{}", "operator", None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.ids(), Some(ids.clone()));
+    let other = RepositoryIds {
+        repository_id: "999".into(),
+        repository_owner_id: None,
+    };
+    assert_eq!(
+        store.bind_repo_ids("lab/solver", &other).await.unwrap(),
+        Some(ids.clone())
+    );
+    assert_eq!(store.bind_repo_ids("lab/none", &other).await.unwrap(), None);
+    let unbound = store
+        .upsert_repo("lab/new", "{}", "operator", None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(unbound.ids(), None);
+    assert_eq!(
+        store.bind_repo_ids("lab/new", &other).await.unwrap(),
+        Some(other)
+    );
+    assert_eq!(store.repos().await.unwrap().len(), 2);
+    assert!(store.delete_repo("lab/new").await.unwrap());
+    assert!(!store.delete_repo("lab/new").await.unwrap());
+    assert!(store.repo("lab/new").await.unwrap().is_none());
+}
+
+async fn enrollment_spends_a_token_and_refuses_what_it_must(store: &dyn Store) {
+    assert!(store.create_site("hpc").await.unwrap().is_some());
+    assert!(store.create_site("hpc").await.unwrap().is_none());
+    store
+        .create_enrollment_token("t1", "hpc", 2, later())
+        .await
+        .unwrap();
+    store
+        .create_enrollment_token("old", "hpc", 1, now_ms() - 1)
+        .await
+        .unwrap();
+    assert!(store.enrollment_token_exists("t1").await.unwrap());
+    let agent = store
+        .enroll_agent("t1", "id-1", "login1", b"key-1", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (agent.site.as_str(), agent.name.as_str()),
+        ("hpc", "login1")
+    );
+    let refusal = |r: StoreResult<Result<AgentModel, EnrollRefusal>>| r.unwrap().unwrap_err();
+    assert_eq!(
+        refusal(
+            store
+                .enroll_agent("t1", "id-2", "login2", b"key-1", None)
+                .await
+        ),
+        EnrollRefusal::KeyTaken
+    );
+    assert_eq!(
+        refusal(
+            store
+                .enroll_agent("t1", "id-2", "login1", b"key-2", None)
+                .await
+        ),
+        EnrollRefusal::NameTaken {
+            site: "hpc".into(),
+            name: "login1".into()
+        }
+    );
+    assert_eq!(
+        refusal(store.enroll_agent("nope", "id-2", "x", b"k", None).await),
+        EnrollRefusal::UnknownToken
+    );
+    assert_eq!(
+        refusal(store.enroll_agent("old", "id-2", "x", b"k", None).await),
+        EnrollRefusal::Expired
+    );
+    store
+        .enroll_agent("t1", "id-2", "login2", b"key-2", Some("{}"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        refusal(
+            store
+                .enroll_agent("t1", "id-3", "login3", b"key-3", None)
+                .await
+        ),
+        EnrollRefusal::UsedUp
+    );
+    store
+        .record_offer("id-2", Some("{}"), r#"{"site":"hpc"}"#)
+        .await
+        .unwrap();
+    let offers = store.active_agent_offers().await.unwrap();
+    assert_eq!(offers.len(), 2);
+    assert!(
+        offers
+            .iter()
+            .any(|o| o.name == "login2" && o.offer.is_some())
+    );
+    assert!(
+        store
+            .agent("id-2")
+            .await
+            .unwrap()
+            .unwrap()
+            .last_seen_ms
+            .is_some()
+    );
+    assert!(store.revoke_agent("id-1").await.unwrap());
+    assert!(!store.revoke_agent("id-9").await.unwrap());
+    assert_eq!(store.active_agent_offers().await.unwrap().len(), 1);
+    store
+        .create_enrollment_token("t2", "hpc", 5, later())
+        .await
+        .unwrap();
+    assert!(store.revoke_site("hpc").await.unwrap());
+    assert!(!store.enrollment_token_exists("t2").await.unwrap());
+    assert!(
+        store
+            .agents()
+            .await
+            .unwrap()
+            .iter()
+            .all(|a| a.site_revoked_at_ms.is_some())
+    );
+    assert!(store.active_agent_offers().await.unwrap().is_empty());
+    assert_eq!(store.sites().await.unwrap().len(), 1);
+    // Operator tokens.
+    store
+        .upsert_api_token("h1", "operator", "admin")
+        .await
+        .unwrap();
+    store
+        .upsert_api_token("h2", "operator", "admin")
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .retire_api_tokens("operator", "admin", "h2")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.api_tokens().await.unwrap().len(), 1);
+}
+
+async fn credentials_are_dropped_when_a_job_ends_and_retention_deletes_it(store: &dyn Store) {
+    let mut secret = spec(&[]);
+    secret.env.insert("TOKEN".into(), "s3cret".into());
+    secret.secret_env = vec!["TOKEN".into()];
+    let origin = JobOrigin {
+        repository: Some("lab/solver".into()),
+        oidc_token: Some("header.payload.signature".into()),
+        ..operator()
+    };
+    let finished = store
+        .insert_job(&secret, &origin, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !finished.spec.contains("s3cret"),
+        "the stored spec is masked"
+    );
+    let queued = store
+        .insert_job(&spec(&[]), &origin, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let claimed = claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    assert_eq!(claimed.id, finished.id);
+    assert_eq!(claimed.spec_for_agent().unwrap().env["TOKEN"], "s3cret");
+    assert!(
+        store
+            .stored_oidc_token(finished.job_id())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    store
+        .finish_job(
+            finished.job_id(),
+            "l",
+            &Outcome::with_state(JobState::Failed, "exit 1"),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let ended = store.job(finished.job_id()).await.unwrap().unwrap();
+    assert_eq!(ended.secret_env, None);
+    assert_eq!(
+        store.stored_oidc_token(finished.job_id()).await.unwrap(),
+        None
+    );
+    // A queued job keeps its token: the agent that claims it verifies it.
+    assert!(
+        store
+            .stored_oidc_token(queued.job_id())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let cancelled = store
+        .insert_job(&spec(&[]), &origin, None)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .request_cancel(cancelled.job_id(), &transitions::cancelled_before_start(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.stored_oidc_token(cancelled.job_id()).await.unwrap(),
+        None
+    );
+
+    let retention = Duration::from_secs(3600);
+    let now = now_ms();
+    assert_eq!(
+        crate::limits::sweep_finished_jobs(store, now, retention)
+            .await
+            .unwrap(),
+        0
+    );
+    let after = now + retention.as_millis() as i64 + 1000;
+    assert_eq!(
+        crate::limits::sweep_finished_jobs(store, after, retention)
+            .await
+            .unwrap(),
+        2
+    );
+    assert!(store.job(finished.job_id()).await.unwrap().is_none());
+    assert!(
+        store
+            .read_log(cancelled.job_id(), 0, 1024)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.job(queued.job_id()).await.unwrap().is_some());
+}
+
+async fn statistics_sweeps_and_health(store: &dyn Store) {
+    store.health().await.unwrap();
+    assert_eq!(store.oldest_queued_at().await.unwrap(), None);
+    let first = queue(store, &[]).await;
+    queue(store, &[]).await;
+    claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    assert!(store.oldest_queued_at().await.unwrap().is_some());
+    let by_state = store.jobs_by_state().await.unwrap();
+    assert!(by_state.contains(&(JobState::Queued, 1)));
+    assert!(by_state.contains(&(JobState::Assigned, 1)));
+    assert_eq!(first.state(), JobState::Queued);
+    assert_eq!(store.last_sweep_ms().await.unwrap(), None);
+    assert!(store.lead_sweeper().await.unwrap());
+    store.record_sweep(1234).await.unwrap();
+    store.record_sweep(5678).await.unwrap();
+    assert_eq!(store.last_sweep_ms().await.unwrap(), Some(5678));
+}
