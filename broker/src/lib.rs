@@ -9,7 +9,7 @@
 //! - [`server`]: process wiring ([`Broker::start`]) and the lease sweeper.
 //! - [`connections`]: serving HTTP connections: the connection limit, the header-read timeout,
 //!   graceful shutdown.
-//! - [`api`]: the router ([`api::create_app`]) and its handlers.
+//! - [`api`]: the router ([`api::create_app`]) and its handlers, one file per resource.
 //! - [`lifecycle`]: every change of a job, what it means (`testbot:` lines, requeues), and the
 //!   job-event bus that followers, held heartbeats and waiting polls hear it on.
 //! - [`store`]: the [`store::Store`] trait and its SQLite and PostgreSQL implementations.

@@ -5,6 +5,7 @@
 //! heartbeats, waiting polls (and whatever subscribes later) hear of it there.
 //!
 //! Layout:
+//! - [`admission`]: whether a workflow may submit a job, and to which sites.
 //! - [`jobs`]: the operations (submit, claim, start, append, finish, cancel, hand back, expire).
 //! - [`transitions`]: the decisions: what an expired lease or a hand-back means, and how the
 //!   `testbot:` system lines in a job's log read.
@@ -12,6 +13,7 @@
 //! - [`watch`]: per-job wake-ups for log followers and held heartbeats.
 //! - [`dispatch`]: waking the one waiting poll that may take a queued job.
 
+pub mod admission;
 pub mod dispatch;
 pub mod events;
 pub mod jobs;
