@@ -74,6 +74,8 @@ pub struct Broker {
     shutdown: CancellationToken,
     server: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    /// Sends and hears job events to and from other brokers sharing the database.
+    relay: Option<JoinHandle<()>>,
     store: SharedStore,
 }
 
@@ -104,7 +106,14 @@ impl Broker {
             .with_context(|| format!("Cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
-        let wiring = crate::state::Wiring::new();
+        // Brokers sharing a PostgreSQL database hear each other's job events.
+        let relay = db.shared().then(crate::store::notify::Relay::new);
+        let wiring = crate::state::Wiring::with(
+            relay
+                .iter()
+                .map(|r| r.outbox.clone() as Arc<dyn crate::lifecycle::events::Subscriber>)
+                .collect(),
+        );
         let state = AppState {
             store: db.clone(),
             auth,
@@ -117,6 +126,14 @@ impl Broker {
             github: crate::github::GitHubApi::new(github_api_url),
             nonces: Arc::new(crate::nonces::NonceGuard::load(&*db, now_ms()).await?),
             log_followers: Arc::default(),
+        };
+        let relay = match (relay, database_url.as_deref()) {
+            (Some(relay), Some(url)) => Some(
+                relay
+                    .start(url, state.bus.clone(), db.clone(), shutdown.clone())
+                    .await?,
+            ),
+            _ => None,
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
         let limits = crate::connections::ConnectionLimits {
@@ -137,6 +154,7 @@ impl Broker {
             shutdown,
             server,
             sweeper,
+            relay,
             store: db,
         })
     }
@@ -179,6 +197,9 @@ impl Broker {
         let result = self.server.await.context("HTTP server task failed");
         self.shutdown.cancel();
         let _ = self.sweeper.await;
+        if let Some(relay) = self.relay {
+            let _ = relay.await;
+        }
         self.store.close().await;
         result
     }

@@ -74,15 +74,23 @@ pub struct Wiring {
 }
 
 impl Wiring {
+    /// The bus with the broker's own subscribers.
     pub fn new() -> Wiring {
+        Wiring::with(Vec::new())
+    }
+
+    /// The bus with the broker's own subscribers and `more` (the relay to other brokers).
+    pub fn with(more: Vec<Arc<dyn crate::lifecycle::events::Subscriber>>) -> Wiring {
         let dispatcher = Arc::new(Dispatcher::default());
         let log_watchers = Arc::new(JobWatchers::new(Wakes::Log));
         let control_watchers = Arc::new(JobWatchers::new(Wakes::Control));
-        let bus = Arc::new(EventBus::new(vec![
+        let mut subscribers: Vec<Arc<dyn crate::lifecycle::events::Subscriber>> = vec![
             dispatcher.clone(),
             log_watchers.clone(),
             control_watchers.clone(),
-        ]));
+        ];
+        subscribers.extend(more);
+        let bus = Arc::new(EventBus::new(subscribers));
         Wiring {
             bus,
             dispatcher,

@@ -35,6 +35,8 @@ pub struct JobEvent {
     pub change: JobChange,
     /// When the change was made (ms since the epoch).
     pub at_ms: i64,
+    /// Made by another broker sharing the database (see [`crate::store::notify`]).
+    pub remote: bool,
 }
 
 /// Called for each event as it is published; must not block.
@@ -59,13 +61,27 @@ impl EventBus {
         }
     }
 
-    /// Publishes a change made now.
+    /// Publishes a change this broker made now.
     pub fn publish(&self, id: JobId, change: JobChange) {
-        let event = JobEvent {
+        self.send(JobEvent {
             id,
             change,
             at_ms: testbot_proto::now_ms(),
-        };
+            remote: false,
+        });
+    }
+
+    /// Publishes a change another broker made at `at_ms`.
+    pub fn publish_remote(&self, id: JobId, change: JobChange, at_ms: i64) {
+        self.send(JobEvent {
+            id,
+            change,
+            at_ms,
+            remote: true,
+        });
+    }
+
+    fn send(&self, event: JobEvent) {
         for subscriber in &self.subscribers {
             subscriber.on_event(&event);
         }

@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`sqlite`]: the embedded default (one file in the data directory, nothing to install).
 //! - [`postgres`]: for several brokers sharing one database.
+//! - [`notify`]: job events between brokers sharing a PostgreSQL database.
 //! - [`tests`]: the conformance suite both run.
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
 use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::Outcome;
 
+pub mod notify;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
