@@ -3,7 +3,8 @@
 //! - [`Fleet`] starts a broker in this process on `127.0.0.1:0` with a fresh data directory,
 //!   and adds agents (in process, or as `testbot-agent` processes).
 //! - [`Process`] is a child process (broker, agent, CLI) that is killed by PID when dropped, so
-//!   no test leaves anything running.
+//!   no test leaves anything running; [`BrokerProcess`] is a real broker process, also on a
+//!   data directory that already holds data.
 //! - [`oidc::TestIssuer`] is a local OIDC issuer of GitHub's shape; [`github::FakeGitHub`] fakes
 //!   the GitHub REST calls the broker makes.
 //! - [`wait_for`] waits on a condition with a deadline; tests never sleep a fixed time to let
@@ -173,6 +174,82 @@ impl Process {
             .await
             .unwrap_or_else(|_| panic!("{} did not exit within {timeout:?}", self.name))
             .expect("wait for process")
+    }
+}
+
+/// A real `testbot-broker` process on loopback whose data directory may already hold data: a
+/// broker restarted on its own data, or a newer broker started on an older release's database.
+pub struct BrokerProcess {
+    pub process: Process,
+    pub url: String,
+    /// The operator token: `DATA_DIR/admin.token`, as found there or written by the broker.
+    pub admin_token: SecretString,
+    log_dir: PathBuf,
+}
+
+impl BrokerProcess {
+    /// Starts `testbot-broker --listen 127.0.0.1:PORT --data-dir DATA_DIR ARGS...` (output in
+    /// `log_dir`) and waits until it answers. Panics with the broker's error output if it exits
+    /// instead (e.g. it cannot migrate the database it was given).
+    pub async fn start(port: u16, data_dir: &Path, log_dir: &Path, args: &[&str]) -> BrokerProcess {
+        let listen = format!("127.0.0.1:{port}");
+        let mut all = vec![
+            "--listen",
+            &listen,
+            "--data-dir",
+            data_dir.to_str().expect("UTF-8 data dir"),
+        ];
+        all.extend_from_slice(args);
+        let mut process =
+            Process::spawn("testbot-broker", &all, &[], log_dir).expect("broker process");
+        let url = format!("http://{listen}");
+        let health = BrokerClient::new(&url, SecretString::from(String::new())).expect("client");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = process.child.try_wait().expect("broker status") {
+                let stderr = std::fs::read_to_string(log_dir.join(format!("{}.err", process.name)))
+                    .unwrap_or_default();
+                panic!("the broker exited ({status}) instead of serving:\n{stderr}");
+            }
+            if health.health().await.is_ok() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the broker did not answer within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The broker writes the token file (if missing) before it listens.
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).expect("admin.token");
+        BrokerProcess {
+            process,
+            url,
+            admin_token: SecretString::from(token.trim().to_string()),
+            log_dir: log_dir.to_path_buf(),
+        }
+    }
+
+    /// A client with the operator token.
+    pub fn client(&self) -> BrokerClient {
+        BrokerClient::new(&self.url, self.admin_token.clone()).expect("client")
+    }
+
+    /// What the broker wrote to its standard error so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.log_dir.join(format!("{}.err", self.process.name)))
+            .unwrap_or_default()
+    }
+
+    /// SIGTERM, and checks that the broker stops cleanly.
+    pub async fn stop(mut self) {
+        self.process.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.process.wait(WAIT).await;
+        assert!(
+            status.success(),
+            "the broker stops cleanly on SIGTERM ({status}):\n{}",
+            self.stderr()
+        );
     }
 }
 

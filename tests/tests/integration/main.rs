@@ -27,3 +27,4 @@ mod secrets;
 mod site_policy;
 mod slurm;
 mod trust;
+mod upgrade;
