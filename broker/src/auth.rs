@@ -213,6 +213,24 @@ impl Authenticator {
         };
         let token = match existing {
             Some(token) => SecretString::from(token),
+            // Brokers sharing a database share its tokens: a new one here would retire the
+            // token the others hold.
+            None if db.shared()
+                && db
+                    .api_tokens()
+                    .await?
+                    .iter()
+                    .any(|t| t.role == role.as_str() && t.name == name) =>
+            {
+                anyhow::bail!(
+                    "{} is missing, but the database, which other brokers share, already has the {} \
+                     token {name}: copy {} from another broker's data directory here (every \
+                     broker of one database uses the same token)",
+                    file.display(),
+                    role.as_str(),
+                    file.file_name().unwrap_or_default().to_string_lossy()
+                );
+            }
             None => {
                 let token = generate_token(role)?;
                 write_secret_file(file, token.expose_secret())?;

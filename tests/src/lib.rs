@@ -13,8 +13,10 @@
 //! Real binaries are found next to the test executable (`target/debug`), so run
 //! `cargo build --workspace --bins` before the tests (`scripts/test.sh` does).
 
+pub mod chaos;
 pub mod github;
 pub mod oidc;
+pub mod postgres;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -736,4 +738,50 @@ pub fn kill_group(pgid: i32) {
         nix::unistd::Pid::from_raw(pgid),
         nix::sys::signal::Signal::SIGKILL,
     );
+}
+
+/// The agent poll endpoint, and a poll body that asks for no waiting.
+const POLL: &str = "/api/v1/agent/poll";
+pub const POLL_BODY: &str = r#"{"agent": "x", "executor": "shell", "wait_ms": 0}"#;
+
+/// Sends a poll to the broker at `url` signed by `agent` with the given parts (signed over
+/// `signed_body`, sending `sent_body`), returning (status, error message or body).
+pub async fn send_signed_poll(
+    url: &str,
+    agent: &EnrolledAgent,
+    timestamp_ms: i64,
+    nonce: &str,
+    signed_body: &str,
+    sent_body: &str,
+) -> (u16, String) {
+    let message = testbot_proto::signing::signing_string(
+        &agent.id,
+        "POST",
+        POLL,
+        timestamp_ms,
+        nonce,
+        signed_body.as_bytes(),
+    );
+    let signature = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        agent.key.sign(message.as_bytes()).as_ref(),
+    );
+    let resp = reqwest::Client::new()
+        .post(format!("{url}{POLL}"))
+        .header("content-type", "application/json")
+        .header(testbot_proto::signing::AGENT_HEADER, &agent.id)
+        .header(testbot_proto::signing::TIMESTAMP_HEADER, timestamp_ms)
+        .header(testbot_proto::signing::NONCE_HEADER, nonce)
+        .header(testbot_proto::signing::SIGNATURE_HEADER, signature)
+        .body(sent_body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    (status, message)
 }

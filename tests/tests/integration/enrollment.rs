@@ -1,11 +1,10 @@
 //! Sites, agent enrollment and signed agent requests: the attacks on them, each refused with
 //! its exact reason.
 
-use base64::Engine as _;
 use testbot_e2e::refusal;
 use testbot_e2e::{EnrolledAgent, Fleet, TEST_SITE};
 use testbot_proto::client::BrokerClient;
-use testbot_proto::signing::{self, signing_string};
+use testbot_proto::signing;
 use testbot_proto::sites::{EnrollRequest, EnrollmentTokenRequest};
 
 fn enroll_request(token: &str, name: &str) -> EnrollRequest {
@@ -17,10 +16,8 @@ fn enroll_request(token: &str, name: &str) -> EnrollRequest {
     }
 }
 
-const POLL: &str = "/api/v1/agent/poll";
-const POLL_BODY: &str = r#"{"agent": "x", "executor": "shell", "wait_ms": 0}"#;
+const POLL_BODY: &str = testbot_e2e::POLL_BODY;
 
-/// Sends a poll signed by `agent` with the given parts, returning (status, message).
 async fn send_signed(
     fleet: &Fleet,
     agent: &EnrolledAgent,
@@ -29,34 +26,15 @@ async fn send_signed(
     signed_body: &str,
     sent_body: &str,
 ) -> (u16, String) {
-    let message = signing_string(
-        &agent.id,
-        "POST",
-        POLL,
+    testbot_e2e::send_signed_poll(
+        &fleet.url,
+        agent,
         timestamp_ms,
         nonce,
-        signed_body.as_bytes(),
-    );
-    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(agent.key.sign(message.as_bytes()).as_ref());
-    let resp = reqwest::Client::new()
-        .post(format!("{}{POLL}", fleet.url))
-        .header("content-type", "application/json")
-        .header(signing::AGENT_HEADER, &agent.id)
-        .header(signing::TIMESTAMP_HEADER, timestamp_ms)
-        .header(signing::NONCE_HEADER, nonce)
-        .header(signing::SIGNATURE_HEADER, signature)
-        .body(sent_body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let message = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or(text);
-    (status, message)
+        signed_body,
+        sent_body,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,8 @@ mod action;
 mod admin_token;
 mod agent_account;
 mod bad_input;
+mod brokers;
+mod chaos;
 mod cli;
 mod containers;
 mod drain;
