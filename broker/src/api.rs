@@ -95,6 +95,7 @@ pub fn create_app(state: AppState) -> Router {
     let api = api.merge(agent);
     Router::new()
         .nest(testbot_proto::API_PREFIX, api)
+        .merge(crate::health::routes())
         .fallback(not_found_handler)
         .method_not_allowed_fallback(method_not_allowed_handler)
         .layer(axum::middleware::from_fn_with_state(
