@@ -33,6 +33,8 @@ pub struct BrokerConfig {
     pub oidc_keys: Option<KeySet>,
     /// The GitHub REST API, for checking a user token's permission on a repository.
     pub github_api_url: String,
+    /// The bearer token `/metrics` asks for; `None`: it is open.
+    pub metrics_token: Option<SecretString>,
 }
 
 impl BrokerConfig {
@@ -59,6 +61,7 @@ impl BrokerConfig {
             oidc: None,
             oidc_keys: None,
             github_api_url: crate::github::GITHUB_API_URL.into(),
+            metrics_token: None,
         }
     }
 }
@@ -74,6 +77,7 @@ pub struct Broker {
     shutdown: CancellationToken,
     server: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    metrics_events: JoinHandle<()>,
     store: SharedStore,
 }
 
@@ -88,6 +92,7 @@ impl Broker {
             oidc,
             oidc_keys,
             github_api_url,
+            metrics_token,
         } = config;
         let db = crate::store::open(database_url.as_deref(), &data_dir).await?;
         let verifier = oidc.map(|settings| match oidc_keys {
@@ -117,8 +122,14 @@ impl Broker {
             github: crate::github::GitHubApi::new(github_api_url),
             nonces: Arc::new(crate::nonces::NonceGuard::load(&*db, now_ms()).await?),
             log_followers: Arc::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new(metrics_token.as_ref())?),
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
+        let metrics_events = tokio::spawn(crate::metrics::record_job_events(
+            state.metrics.clone(),
+            state.bus.subscribe(),
+            shutdown.clone(),
+        ));
         let limits = crate::connections::ConnectionLimits {
             max_connections: state.settings.max_connections,
             header_read_timeout: state.settings.header_read_timeout,
@@ -137,6 +148,7 @@ impl Broker {
             shutdown,
             server,
             sweeper,
+            metrics_events,
             store: db,
         })
     }
@@ -179,6 +191,7 @@ impl Broker {
         let result = self.server.await.context("HTTP server task failed");
         self.shutdown.cancel();
         let _ = self.sweeper.await;
+        let _ = self.metrics_events.await;
         self.store.close().await;
         result
     }
