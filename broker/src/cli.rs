@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use testbot_proto::oidc::{KeySet, OidcSettings};
 
 use crate::server::BrokerConfig;
@@ -95,6 +96,12 @@ pub struct BrokerOpts {
     /// connection left idle, is closed after it.
     #[arg(long, env = "TESTBOT_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+    /// A bearer token that `GET /metrics` asks for (`Authorization: Bearer TOKEN`; other
+    /// requests get `401`). Without it, `/metrics` is open to anyone who can reach --listen, as
+    /// most exporters are: the metrics show counts, timings, site names and the broker's
+    /// version, never jobs, logs or tokens. `/healthz` and `/readyz` stay open either way.
+    #[arg(long, env = "TESTBOT_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<SecretString>,
 }
 
 impl BrokerOpts {
@@ -121,6 +128,7 @@ impl BrokerOpts {
             max_log_followers,
             max_connections,
             header_read_timeout,
+            metrics_token,
         } = self;
         let oidc = oidc_audience.map(|audience| OidcSettings {
             issuer: oidc_issuer,
@@ -162,6 +170,12 @@ impl BrokerOpts {
             "--header-read-timeout must be at least 1s, or clients on slow links cannot send \
              their requests"
         );
+        anyhow::ensure!(
+            metrics_token
+                .as_ref()
+                .is_none_or(|token| !token.expose_secret().trim().is_empty()),
+            "--metrics-token is empty; give a token, or leave it out to serve /metrics openly"
+        );
         Ok(BrokerConfig {
             listen,
             data_dir,
@@ -187,6 +201,7 @@ impl BrokerOpts {
             oidc,
             oidc_keys,
             github_api_url,
+            metrics_token,
         })
     }
 }

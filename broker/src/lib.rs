@@ -20,6 +20,7 @@
 //! - [`github`]: the GitHub REST calls the broker makes (repository permission checks).
 //! - [`nonces`]: replay protection for signed agent requests.
 //! - [`limits`]: queue quotas and the retention sweep of finished jobs.
+//! - [`health`]: `/healthz` and `/readyz`; [`metrics`]: `/metrics` for Prometheus.
 //! - [`cli`]: the `testbot-broker` command-line flags.
 
 pub mod access;
@@ -29,8 +30,10 @@ pub mod cli;
 pub mod connections;
 pub mod error;
 pub mod github;
+pub mod health;
 pub mod lifecycle;
 pub mod limits;
+pub mod metrics;
 pub mod nonces;
 pub mod routing;
 pub mod server;

@@ -33,6 +33,8 @@ pub struct BrokerConfig {
     pub oidc_keys: Option<KeySet>,
     /// The GitHub REST API, for checking a user token's permission on a repository.
     pub github_api_url: String,
+    /// The bearer token `/metrics` asks for; `None`: it is open.
+    pub metrics_token: Option<SecretString>,
 }
 
 impl BrokerConfig {
@@ -59,6 +61,7 @@ impl BrokerConfig {
             oidc: None,
             oidc_keys: None,
             github_api_url: crate::github::GITHUB_API_URL.into(),
+            metrics_token: None,
         }
     }
 }
@@ -76,6 +79,7 @@ pub struct Broker {
     sweeper: JoinHandle<()>,
     /// Sends and hears job events to and from other brokers sharing the database.
     relay: Option<JoinHandle<()>>,
+    metrics_events: JoinHandle<()>,
     store: SharedStore,
 }
 
@@ -90,6 +94,7 @@ impl Broker {
             oidc,
             oidc_keys,
             github_api_url,
+            metrics_token,
         } = config;
         let db = crate::store::open(database_url.as_deref(), &data_dir).await?;
         let verifier = oidc.map(|settings| match oidc_keys {
@@ -126,6 +131,7 @@ impl Broker {
             github: crate::github::GitHubApi::new(github_api_url),
             nonces: Arc::new(crate::nonces::NonceGuard::load(&*db, now_ms()).await?),
             log_followers: Arc::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new(metrics_token.as_ref())?),
         };
         let relay = match (relay, database_url.as_deref()) {
             (Some(relay), Some(url)) => Some(
@@ -136,6 +142,11 @@ impl Broker {
             _ => None,
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
+        let metrics_events = tokio::spawn(crate::metrics::record_job_events(
+            state.metrics.clone(),
+            state.bus.subscribe(),
+            shutdown.clone(),
+        ));
         let limits = crate::connections::ConnectionLimits {
             max_connections: state.settings.max_connections,
             header_read_timeout: state.settings.header_read_timeout,
@@ -155,6 +166,7 @@ impl Broker {
             server,
             sweeper,
             relay,
+            metrics_events,
             store: db,
         })
     }
@@ -200,6 +212,7 @@ impl Broker {
         if let Some(relay) = self.relay {
             let _ = relay.await;
         }
+        let _ = self.metrics_events.await;
         self.store.close().await;
         result
     }

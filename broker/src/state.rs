@@ -63,6 +63,8 @@ pub struct AppState {
     pub github: crate::github::GitHubApi,
     /// Who follows which job's log, for `max_log_followers`.
     pub log_followers: Arc<crate::limits::Followers>,
+    /// What `/metrics` shows besides what it reads from the store.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The bus and its subscribers inside the broker, wired together.

@@ -72,6 +72,8 @@ pub fn create_app(state: AppState) -> Router {
     let api = api.merge(agent);
     Router::new()
         .nest(testbot_proto::API_PREFIX, api)
+        .merge(crate::health::routes())
+        .merge(crate::metrics::routes())
         .fallback(not_found_handler)
         .method_not_allowed_fallback(method_not_allowed_handler)
         .layer(axum::middleware::from_fn_with_state(
@@ -81,6 +83,10 @@ pub fn create_app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::track_http,
+        ))
         .with_state(state)
 }
 

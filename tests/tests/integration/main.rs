@@ -17,6 +17,7 @@ mod kubernetes;
 mod leases;
 mod load;
 mod logs;
+mod metrics;
 mod policy_cli;
 mod queued_tokens;
 mod quotas;
