@@ -137,13 +137,74 @@ impl Executor for RecordingExecutor {
     }
 }
 
-/// A broker with default settings in a fresh data directory, and `agents` agents of
-/// concurrency 1.
+/// Where the brokers keep their jobs.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// A PostgreSQL maintenance database to create each fleet's database in; `None`: SQLite.
+    pub database_url: Option<String>,
+    /// Brokers sharing the database.
+    pub brokers: usize,
+}
+
+impl Storage {
+    pub fn describe(&self) -> String {
+        match (&self.database_url, self.brokers) {
+            (None, _) => "SQLite, 1 broker".into(),
+            (Some(_), 1) => "PostgreSQL, 1 broker".into(),
+            (Some(_), n) => format!("PostgreSQL, {n} brokers sharing it"),
+        }
+    }
+}
+
+/// A fresh PostgreSQL database for one fleet, dropped when the fleet stops.
+struct BenchDatabase {
+    maintenance_url: String,
+    name: String,
+    url: String,
+}
+
+impl BenchDatabase {
+    async fn create(maintenance_url: &str) -> anyhow::Result<BenchDatabase> {
+        use sqlx::Connection as _;
+        let name = format!("testbot_bench_{}", testbot_proto::signing::random_hex(6));
+        let mut conn = sqlx::PgConnection::connect(maintenance_url)
+            .await
+            .context("Cannot connect to --database-url")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .context("Cannot create the benchmark's database")?;
+        let base = maintenance_url
+            .rsplit_once('/')
+            .map_or(maintenance_url, |(base, _)| base);
+        Ok(BenchDatabase {
+            maintenance_url: maintenance_url.to_string(),
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+
+    async fn drop_database(&self) -> anyhow::Result<()> {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.maintenance_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Brokers with default settings (SQLite in a fresh data directory, or PostgreSQL shared by
+/// several), and `agents` agents of concurrency 1 spread over them.
 pub struct BenchFleet {
     /// A client with the operator token, for submitting and watching jobs.
     pub client: BrokerClient,
     pub starts: Arc<StartLog>,
-    broker: Broker,
+    brokers: Vec<Broker>,
+    database: Option<BenchDatabase>,
     agents: Vec<(Shutdown, JoinHandle<anyhow::Result<()>>)>,
     /// Holds the broker's data and the agents' work directories; removed when dropped, after
     /// everything else has stopped.
@@ -151,18 +212,39 @@ pub struct BenchFleet {
 }
 
 impl BenchFleet {
-    pub async fn start(executor: ExecutorChoice, agents: usize) -> anyhow::Result<BenchFleet> {
+    pub async fn start(
+        storage: &Storage,
+        executor: ExecutorChoice,
+        agents: usize,
+    ) -> anyhow::Result<BenchFleet> {
         let dir = tempfile::tempdir().context("Cannot create a temporary directory")?;
-        let config = BrokerConfig::new(
-            "127.0.0.1:0".parse().expect("static address"),
-            dir.path().join("broker"),
-        );
-        let broker = Broker::start(config)
-            .await
-            .context("Cannot start the broker")?;
-        let url = broker.url();
-        let client = BrokerClient::new(&url, broker.admin_token.clone())?;
-        let enrollment_token = broker
+        let database = match &storage.database_url {
+            Some(url) => Some(BenchDatabase::create(url).await?),
+            None => None,
+        };
+        let mut brokers: Vec<Broker> = Vec::with_capacity(storage.brokers);
+        for i in 0..storage.brokers {
+            let data_dir = dir.path().join(format!("broker-{i}"));
+            if let Some(first) = brokers.first() {
+                // Brokers of one database share its operator token.
+                std::fs::create_dir_all(&data_dir)?;
+                std::fs::write(
+                    data_dir.join("admin.token"),
+                    secrecy::ExposeSecret::expose_secret(&first.admin_token),
+                )?;
+            }
+            let mut config =
+                BrokerConfig::new("127.0.0.1:0".parse().expect("static address"), data_dir);
+            config.database_url = database.as_ref().map(|db| db.url.clone());
+            brokers.push(
+                Broker::start(config)
+                    .await
+                    .with_context(|| format!("Cannot start broker {i}"))?,
+            );
+        }
+        let urls: Vec<String> = brokers.iter().map(Broker::url).collect();
+        let client = BrokerClient::new(&urls[0], brokers[0].admin_token.clone())?;
+        let enrollment_token = brokers[0]
             .enrollment_token(SITE, agents.try_into()?, ENROLLMENT_TTL)
             .await
             .context("Cannot issue an enrollment token")?;
@@ -174,13 +256,14 @@ impl BenchFleet {
         let mut fleet = BenchFleet {
             client,
             starts,
-            broker,
+            brokers,
+            database,
             agents: Vec::with_capacity(agents),
             dir,
         };
         for i in 0..agents {
             let mut config = AgentConfig::new(
-                url.clone(),
+                urls[i % urls.len()].clone(),
                 enrollment_token.clone(),
                 fleet.dir.path().join(format!("agent-{i}")),
             );
@@ -208,7 +291,8 @@ impl BenchFleet {
     /// Stops the agents (cancelling anything still running) and then the broker.
     pub async fn stop(self) -> anyhow::Result<()> {
         let BenchFleet {
-            broker,
+            brokers,
+            database,
             agents,
             dir,
             ..
@@ -232,7 +316,14 @@ impl BenchFleet {
                 first_error.get_or_insert(err);
             }
         }
-        let broker_stopped = broker.shutdown().await.context("Cannot stop the broker");
+        let mut broker_stopped = Ok(());
+        for broker in brokers {
+            let stopped = broker.shutdown().await.context("Cannot stop a broker");
+            broker_stopped = broker_stopped.and(stopped);
+        }
+        if let Some(database) = database {
+            database.drop_database().await?;
+        }
         drop(dir);
         match first_error {
             Some(err) => Err(err),

@@ -72,6 +72,14 @@ struct Opts {
     /// Concurrent submitting clients in throughput measurements.
     #[arg(long, env = "TESTBOT_BENCH_SUBMITTERS", default_value_t = 32)]
     submitters: usize,
+    /// A PostgreSQL server's maintenance database (`postgres://USER@HOST:PORT/postgres`): each
+    /// fleet gets a fresh database there instead of SQLite. Default: SQLite.
+    #[arg(long, env = "TESTBOT_BENCH_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Brokers sharing the PostgreSQL database (agents are spread over them, jobs are
+    /// submitted to the first). More than 1 needs --database-url.
+    #[arg(long, env = "TESTBOT_BENCH_BROKERS", default_value_t = 1)]
+    brokers: usize,
     /// A short run (fewer runs and jobs) for checking that the benchmark works.
     #[arg(long, env = "TESTBOT_BENCH_QUICK")]
     quick: bool,
@@ -99,8 +107,19 @@ async fn try_main(opts: Opts) -> anyhow::Result<()> {
         mut agents,
         mut executor,
         submitters,
+        database_url,
+        brokers,
         quick,
     } = opts;
+    anyhow::ensure!(brokers >= 1, "--brokers must be at least 1");
+    anyhow::ensure!(
+        brokers == 1 || database_url.is_some(),
+        "--brokers {brokers} needs --database-url: several brokers share a PostgreSQL database"
+    );
+    let storage = std::sync::Arc::new(fleet::Storage {
+        database_url,
+        brokers,
+    });
     let pick = |value: Option<usize>, normal: usize, short: usize| {
         value.unwrap_or(if quick { short } else { normal })
     };
@@ -128,7 +147,9 @@ async fn try_main(opts: Opts) -> anyhow::Result<()> {
     let plans: Vec<RunPlan> = executor
         .iter()
         .flat_map(|&executor| {
+            let storage = storage.clone();
             agents.iter().map(move |&agents| RunPlan {
+                storage: storage.clone(),
                 executor,
                 agents,
                 latency_jobs,
@@ -142,7 +163,8 @@ async fn try_main(opts: Opts) -> anyhow::Result<()> {
         .collect();
     let machine = machine();
     eprintln!(
-        "testbot-bench: {machine}; {runs} runs of {} configurations",
+        "testbot-bench: {machine}; {}; {runs} runs of {} configurations",
+        storage.describe(),
         plans.len()
     );
 
@@ -180,7 +202,7 @@ async fn try_main(opts: Opts) -> anyhow::Result<()> {
     }
 
     let report = render_report(
-        &machine,
+        &format!("{machine}; {}", storage.describe()),
         &results,
         &Settings {
             runs,

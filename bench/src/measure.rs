@@ -27,8 +27,9 @@ const IDLE_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 const LIST_LIMIT: u32 = 1000;
 
 /// What one run measures.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunPlan {
+    pub storage: std::sync::Arc<crate::fleet::Storage>,
     pub executor: ExecutorChoice,
     pub agents: usize,
     /// Jobs submitted one at a time, each after the previous one finished.
@@ -61,7 +62,7 @@ pub struct RunResult {
 
 /// Starts a fleet, measures, and stops the fleet whatever happened.
 pub async fn run_once(plan: &RunPlan) -> anyhow::Result<RunResult> {
-    let fleet = BenchFleet::start(plan.executor, plan.agents).await?;
+    let fleet = BenchFleet::start(&plan.storage, plan.executor, plan.agents).await?;
     let result = measure(&fleet, plan).await;
     let stopped = fleet.stop().await;
     let result = result?;

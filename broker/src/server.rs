@@ -354,3 +354,69 @@ async fn sweep_retention(state: &AppState) {
         Err(err) => tracing::error!(?err, "Cannot delete finished jobs past their retention."),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::Offer;
+    use crate::store::{JobOrigin, JobTaker};
+
+    #[tokio::test]
+    async fn leases_are_extended_after_downtime_but_not_while_another_broker_sweeps() {
+        let dir = std::env::temp_dir().join(format!(
+            "testbot-downtime-{}",
+            testbot_proto::signing::random_hex(8)
+        ));
+        let store = crate::store::open(None, &dir).await.unwrap();
+        let settings = BrokerConfig::new("127.0.0.1:0".parse().unwrap(), dir.clone()).settings;
+        let spec = testbot_proto::jobs::JobSpec {
+            script: "true".into(),
+            ..Default::default()
+        };
+        store
+            .insert_job(&spec, &JobOrigin::default(), None)
+            .await
+            .unwrap()
+            .unwrap();
+        let offer = Offer {
+            site: "s".into(),
+            labels: vec![],
+            executor: "shell".into(),
+            policy: None,
+            workflow_jobs_without_policy: false,
+        };
+        let taker = JobTaker {
+            agent: "s/a",
+            offer: &offer,
+        };
+        let id = store
+            .claim_job(&taker, "l", 1000)
+            .await
+            .unwrap()
+            .unwrap()
+            .job_id();
+        let lease_of = |store: crate::store::SharedStore| async move {
+            store
+                .job(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .lease_expires_at_ms
+                .unwrap()
+        };
+        // Another broker swept just now: a broker joining it extends nothing.
+        store.record_sweep(now_ms()).await.unwrap();
+        extend_leases_after_downtime(&*store, &settings)
+            .await
+            .unwrap();
+        assert_eq!(lease_of(store.clone()).await, 1000);
+        // Nobody swept for a minute: every broker was down; the lease gets a full time-to-live.
+        store.record_sweep(now_ms() - 60_000).await.unwrap();
+        extend_leases_after_downtime(&*store, &settings)
+            .await
+            .unwrap();
+        assert!(lease_of(store.clone()).await >= now_ms() + 25_000);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
