@@ -189,6 +189,61 @@ impl JobModel {
     }
 }
 
+/// A new job as both stores write it: the spec masked (it is shown to readers of the job), the
+/// secret variables' values apart, and the JSON the claim query matches on.
+pub(crate) struct StoredJob {
+    pub spec: String,
+    /// The spec's labels, a JSON array.
+    pub labels: String,
+    /// The values of the spec's secret variables, a JSON object; `None` without any.
+    pub secret_env: Option<String>,
+    /// The sites the job may run on, a JSON array; `None`: any.
+    pub sites: Option<String>,
+}
+
+impl StoredJob {
+    pub fn new(spec: &JobSpec, origin: &JobOrigin) -> serde_json::Result<StoredJob> {
+        let secret_env = (!spec.secret_env.is_empty())
+            .then(|| {
+                serde_json::to_string(
+                    &spec
+                        .secret_values()
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                )
+            })
+            .transpose()?;
+        Ok(StoredJob {
+            spec: serde_json::to_string(&spec.masked())?,
+            labels: serde_json::to_string(&spec.labels)?,
+            secret_env,
+            sites: (!origin.sites.is_empty())
+                .then(|| serde_json::to_string(&origin.sites))
+                .transpose()?,
+        })
+    }
+}
+
+/// The columns of a job routing reads.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct RoutingRow {
+    pub id: i64,
+    pub spec: String,
+    pub sites: Option<String>,
+    pub repository: Option<String>,
+    pub oidc_token: Option<String>,
+}
+
+impl RoutingRow {
+    pub fn routed(&self) -> anyhow::Result<crate::routing::RoutedJob> {
+        crate::routing::RoutedJob::from_stored(
+            &self.spec,
+            self.sites.as_deref(),
+            self.repository.as_deref(),
+            self.oidc_token.as_deref(),
+        )
+    }
+}
+
 /// A row of `repos`.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RepoModel {
@@ -643,4 +698,20 @@ pub async fn open(url: Option<&str>, data_dir: &std::path::Path) -> anyhow::Resu
             "--database-url {url:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)"
         ),
     }
+}
+
+/// Whether the newest migration applied (`applied`) is the newest `migrator` knows.
+pub(crate) fn check_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Option<i64>,
+) -> StoreResult<()> {
+    let expected = migrator.iter().map(|m| m.version).max();
+    if applied == expected {
+        return Ok(());
+    }
+    Err(StoreError::Internal(anyhow::anyhow!(
+        "the database schema is at migration {} but this broker expects {}",
+        applied.map_or("none".to_string(), |v| v.to_string()),
+        expected.map_or("none".to_string(), |v| v.to_string()),
+    )))
 }
