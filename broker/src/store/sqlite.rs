@@ -1332,12 +1332,16 @@ impl Store for SqliteStore {
 }
 
 /// Appends bytes at the end of a job's log (which holds `log_bytes` bytes); returns the new size.
+/// Nothing to append stores no chunk: an empty one would take the offset of the next.
 async fn append_raw(
     tx: &mut Transaction<'_, Sqlite>,
     id: JobId,
     log_bytes: u64,
     data: &[u8],
 ) -> sqlx::Result<u64> {
+    if data.is_empty() {
+        return Ok(log_bytes);
+    }
     sqlx::query("INSERT INTO log_chunks (job_id, start_offset, data) VALUES (?1, ?2, ?3)")
         .bind(id.0)
         .bind(log_bytes as i64)

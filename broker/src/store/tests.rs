@@ -55,6 +55,7 @@ conformance!(
     a_claim_takes_only_jobs_the_offer_admits_oldest_first,
     a_site_at_its_concurrency_limit_claims_nothing,
     a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit,
+    a_chunk_whose_first_line_does_not_fit_is_cut_before_it,
     an_expired_lease_is_ended_as_decided_unless_it_was_renewed,
     a_hand_back_applies_the_decision_and_holds_the_agent_back,
     cancelling_ends_a_queued_job_and_flags_a_running_one,
@@ -418,6 +419,35 @@ async fn a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit(store: 
         AppendResult::TooLarge { .. }
     ));
     assert_eq!(log_of(store, id).await, log);
+}
+
+async fn a_chunk_whose_first_line_does_not_fit_is_cut_before_it(store: &dyn Store) {
+    let job = queue(store, &[]).await;
+    let id = job.job_id();
+    claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    let cut = |kept| transitions::log_cut(64, kept, 0);
+    store
+        .append_log(id, "l", 0, b"one\n", 64, &cut)
+        .await
+        .unwrap();
+    // Not one whole line of it fits: the notice follows the bytes already stored.
+    let long = format!("{}\n", "x".repeat(100));
+    let result = store
+        .append_log(id, "l", 4, long.as_bytes(), 64, &cut)
+        .await
+        .unwrap();
+    let AppendResult::TooLarge { log_bytes } = result else {
+        panic!("expected the log to be cut, got {result:?}");
+    };
+    let log = log_of(store, id).await;
+    assert_eq!(log.len() as u64, log_bytes);
+    let (kept, notice) = log.split_once('\n').unwrap();
+    assert_eq!(kept, "one");
+    assert!(notice.contains("testbot: the log reached"), "{log}");
+    assert_eq!(
+        store.job(id).await.unwrap().unwrap().log_bytes as u64,
+        log_bytes
+    );
 }
 
 async fn an_expired_lease_is_ended_as_decided_unless_it_was_renewed(store: &dyn Store) {
