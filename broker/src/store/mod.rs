@@ -7,8 +7,9 @@
 //!
 //! Layout:
 //! - [`sqlite`]: the embedded default (one file in the data directory, nothing to install).
-//! - [`postgres`]: for several brokers sharing one database.
-//! - [`tests`]: the conformance suite both run.
+//! - [`postgres`]: for several brokers sharing one database (`--database-url postgres://…`);
+//!   claims skip rows other brokers are claiming, and one broker at a time sweeps.
+//! - [`tests`]: the conformance suite both run, and what only a shared database must do.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
 use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::Outcome;
 
+pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -44,9 +46,19 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolClosed | sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
                 StoreError::Unavailable(anyhow::Error::new(err))
             }
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| server_unavailable(&c)) => {
+                StoreError::Unavailable(anyhow::Error::new(err))
+            }
             other => StoreError::Internal(anyhow::Error::new(other).context("Database error")),
         }
     }
+}
+
+/// Whether a PostgreSQL error code (SQLSTATE) says the server cannot serve now, rather than that
+/// the statement failed: a lost connection (class 08), a server shutting down or starting
+/// (57P01-57P03), too many connections (53300).
+fn server_unavailable(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 impl From<anyhow::Error> for StoreError {
@@ -690,13 +702,33 @@ pub struct AgentOffer {
 pub async fn open(url: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<SharedStore> {
     match url {
         None => Ok(Arc::new(sqlite::SqliteStore::open(data_dir).await?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(postgres::PgStore::open(url).await?))
+        }
         Some(url) if url.starts_with("sqlite:") => anyhow::bail!(
             "--database-url {url:?}: SQLite is the default and lives in --data-dir; give no \
              --database-url to use it"
         ),
         Some(url) => anyhow::bail!(
-            "--database-url {url:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)"
+            "--database-url {:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)",
+            without_password(url)
         ),
+    }
+}
+
+/// `url` with the password of its user, if it has one, replaced by `***`: for messages.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        _ => url.to_string(),
     }
 }
 

@@ -1,8 +1,13 @@
 //! The contract both stores keep: every test here runs against each backend on an empty
 //! database. A behaviour one backend has and the other lacks fails here, not in production.
+//!
+//! The PostgreSQL runs need a server: `TESTBOT_TEST_DATABASE_URL` names a database there that
+//! may create others (`postgres://postgres@127.0.0.1:15432/postgres`), and each test gets a
+//! database of its own. [`shared`] holds the tests of what only a shared database does.
 
 use std::time::Duration;
 
+use sqlx::Connection as _;
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
 use testbot_proto::results::Outcome;
@@ -11,10 +16,18 @@ use super::*;
 use crate::lifecycle::transitions;
 use crate::routing::Offer;
 
+mod shared;
+
 /// A fresh, empty store, removed again by [`Fresh::finish`].
 pub(crate) struct Fresh {
     pub store: SharedStore,
-    dir: std::path::PathBuf,
+    place: Place,
+}
+
+/// Where a fresh store keeps its data.
+enum Place {
+    Dir(std::path::PathBuf),
+    Database(TestDatabase),
 }
 
 impl Fresh {
@@ -24,13 +37,110 @@ impl Fresh {
             testbot_proto::signing::random_hex(8)
         ));
         let store = open(None, &dir).await.expect("open SQLite");
-        Fresh { store, dir }
+        Fresh {
+            store,
+            place: Place::Dir(dir),
+        }
+    }
+
+    pub async fn postgres() -> Fresh {
+        let database = TestDatabase::create().await;
+        let store = database.open().await;
+        Fresh {
+            store,
+            place: Place::Database(database),
+        }
     }
 
     pub async fn finish(self) {
         self.store.close().await;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        match self.place {
+            Place::Dir(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Place::Database(database) => drop(database),
+        }
     }
+}
+
+/// The environment variable naming the test PostgreSQL's maintenance database.
+const TEST_DATABASE_URL: &str = "TESTBOT_TEST_DATABASE_URL";
+
+/// An empty database on the test PostgreSQL, dropped (with whatever is still connected to it)
+/// when this is dropped, also when a test fails.
+pub(crate) struct TestDatabase {
+    admin_url: String,
+    name: String,
+    /// The database's URL.
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        let admin_url = std::env::var(TEST_DATABASE_URL).unwrap_or_else(|_| {
+            panic!(
+                "{TEST_DATABASE_URL} is not set: start the test PostgreSQL with \
+                 `eval \"$(tests/postgres/start.sh)\"`; scripts/test.sh does"
+            )
+        });
+        let name = format!("testbot_test_{}", testbot_proto::signing::random_hex(8));
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|err| panic!("cannot connect to {TEST_DATABASE_URL}: {err}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create a test database");
+        let _ = admin.close().await;
+        let url = with_database(&admin_url, &name);
+        TestDatabase {
+            admin_url,
+            name,
+            url,
+        }
+    }
+
+    /// A store on the database, as a broker opens it.
+    pub async fn open(&self) -> SharedStore {
+        open(Some(&self.url), std::path::Path::new("/nonexistent"))
+            .await
+            .expect("open PostgreSQL")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Dropped from async code, perhaps while a test panics: on a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(async {
+                    let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await?;
+                    admin.close().await
+                })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) && !std::thread::panicking() {
+            panic!("cannot drop test database {}: {dropped:?}", self.name);
+        }
+    }
+}
+
+/// `url` with its database (the path) replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let query = path.find('?').map_or("", |q| &path[q..]);
+    format!("{scheme}://{authority}/{database}{query}")
 }
 
 /// Runs each named test against every backend.
@@ -46,6 +156,17 @@ macro_rules! conformance {
                 }
             )*
         }
+
+        mod postgres_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let fresh = super::Fresh::postgres().await;
+                    super::$name(&*fresh.store).await;
+                    fresh.finish().await;
+                }
+            )*
+        }
     };
 }
 
@@ -53,6 +174,7 @@ conformance!(
     a_job_goes_from_queued_to_its_one_result,
     a_late_call_under_an_old_lease_is_refused,
     a_claim_takes_only_jobs_the_offer_admits_oldest_first,
+    a_spec_is_kept_as_submitted,
     a_site_at_its_concurrency_limit_claims_nothing,
     a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit,
     a_chunk_whose_first_line_does_not_fit_is_cut_before_it,
@@ -142,7 +264,9 @@ async fn a_job_goes_from_queued_to_its_one_result(store: &dyn Store) {
         .await
         .unwrap()
         .unwrap();
-    assert!(model.metadata.unwrap().contains("\"slurm_job_id\":\"42\""));
+    let metadata: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(model.metadata.as_deref().unwrap()).unwrap();
+    assert_eq!(metadata["slurm_job_id"], "42");
     let done = store
         .finish_job(job.job_id(), "l1", &Outcome::succeeded())
         .await
@@ -306,6 +430,26 @@ async fn a_claim_takes_only_jobs_the_offer_admits_oldest_first(store: &dyn Store
         claim(store, "here/cpu", &cpu, "h").await.unwrap().id,
         workflow.id
     );
+}
+
+async fn a_spec_is_kept_as_submitted(store: &dyn Store) {
+    // Whatever a script holds, even a character no SQL text type may: it is JSON-escaped.
+    let mut odd = spec(&["gpu"]);
+    odd.script = "printf 'a\0b'; echo \"\u{1F980} \\\" '\"".into();
+    odd.executor = Some("shell".into());
+    odd.name = Some("nul \0 in the name".into());
+    let job = store
+        .insert_job(&odd, &operator(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.spec().unwrap(), odd);
+    let claimed = claim(store, "s/a", &offer("s", &["gpu"]), "l")
+        .await
+        .expect("claimed");
+    assert_eq!(claimed.spec_for_agent().unwrap(), odd);
+    let listed = store.jobs(None, None, 10).await.unwrap();
+    assert_eq!(listed[0].spec().unwrap(), odd);
 }
 
 async fn a_site_at_its_concurrency_limit_claims_nothing(store: &dyn Store) {
