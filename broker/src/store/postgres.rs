@@ -120,6 +120,12 @@ impl PgStore {
         let shown = shown_url(&options);
         let mut conn = connect(&options)
             .await
+            .map_err(|err| match err {
+                // Its message is all there is to say (sqlx's wrapper would say it twice).
+                sqlx::Error::Io(err) => anyhow::Error::new(err),
+                sqlx::Error::Database(err) => anyhow::anyhow!("{}", err.message()),
+                err => anyhow::Error::new(err),
+            })
             .with_context(|| format!("Cannot connect to PostgreSQL at {shown}"))?;
         MIGRATOR
             .run(&mut conn)

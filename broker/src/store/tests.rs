@@ -1083,3 +1083,36 @@ async fn statistics_sweeps_and_health(store: &dyn Store) {
     store.record_sweep(5678).await.unwrap();
     assert_eq!(store.last_sweep_ms().await.unwrap(), Some(5678));
 }
+
+/// The message of a store that fails to open.
+async fn open_error(url: &str) -> String {
+    match open(Some(url), std::path::Path::new("/nonexistent")).await {
+        Ok(_) => panic!("{url} opened"),
+        Err(err) => format!("{err:#}"),
+    }
+}
+
+#[tokio::test]
+async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let unreachable = open_error(&format!(
+        "postgres://testbot:hunter2@127.0.0.1:{port}/queue"
+    ))
+    .await;
+    let named =
+        format!("Cannot connect to PostgreSQL at postgres://testbot@127.0.0.1:{port}/queue: ");
+    assert!(unreachable.starts_with(&named), "{unreachable}");
+    let invalid = open_error("postgresql://testbot:hunter2@[::1]:99999/queue").await;
+    assert!(invalid.contains("not a valid PostgreSQL URL"), "{invalid}");
+    let other = open_error("mysql://root:hunter2@db.example/jobs?x=1").await;
+    assert!(
+        other.contains("\"mysql://root:***@db.example/jobs?x=1\""),
+        "{other}"
+    );
+    for message in [unreachable, invalid, other] {
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+}
