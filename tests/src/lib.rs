@@ -6,6 +6,8 @@
 //!   no test leaves anything running.
 //! - [`oidc::TestIssuer`] is a local OIDC issuer of GitHub's shape; [`github::FakeGitHub`] fakes
 //!   the GitHub REST calls the broker makes.
+//! - [`postgres::TestDatabase`] is an empty database on the test PostgreSQL, for brokers started
+//!   with `--database-url` (or [`BrokerConfig::database_url`]).
 //! - [`wait_for`] waits on a condition with a deadline; tests never sleep a fixed time to let
 //!   something happen.
 //!
@@ -14,6 +16,7 @@
 
 pub mod github;
 pub mod oidc;
+pub mod postgres;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

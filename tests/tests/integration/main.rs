@@ -16,6 +16,7 @@ mod leases;
 mod load;
 mod logs;
 mod policy_cli;
+mod postgres;
 mod queued_tokens;
 mod quotas;
 mod registration;
