@@ -1,5 +1,6 @@
 //! Brokers on PostgreSQL (`--database-url`): a broker killed and restarted on its database loses
-//! nothing, and two brokers on one database share its queue, one of them sweeping at a time.
+//! nothing, two brokers on one database share its queue, one of them sweeping at a time, and
+//! what an agent sends is kept as it is on SQLite.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,9 +8,11 @@ use std::time::Duration;
 use secrecy::SecretString;
 use testbot_agent::{Agent, AgentConfig, Shutdown};
 use testbot_e2e::postgres::TestDatabase;
-use testbot_e2e::{Process, WAIT, free_port, stdout_lines, wait_for};
+use testbot_e2e::{Fleet, Process, WAIT, free_port, refusal, stdout_lines, wait_for};
+use testbot_proto::agents::{MetadataRequest, PollRequest, ReleaseKind, ReleaseRequest};
 use testbot_proto::client::BrokerClient;
 use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
+use testbot_proto::results::{FinishRequest, Outcome};
 
 /// A `testbot-broker` process on `database`, keeping its token files in `data_dir`.
 struct BrokerProcess {
@@ -245,4 +248,88 @@ async fn two_brokers_on_one_database_share_the_queue_and_take_turns_sweeping() {
     .await;
     stop_agent(agent).await;
     other.stop().await;
+}
+
+/// A NUL character, which no PostgreSQL text column can hold: in an agent's text, it is handled
+/// as on SQLite, where it could be stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agents_text_with_a_nul_character_is_handled_alike_on_both_databases() {
+    let database = TestDatabase::create().await;
+    let fleets = [
+        Fleet::start().await,
+        Fleet::start_with(|config| config.database_url = Some(database.url.clone())).await,
+    ];
+    for fleet in fleets {
+        let agent = fleet.enroll("by-hand").await;
+        let poll = PollRequest {
+            agent: "by-hand".into(),
+            labels: vec![],
+            executor: "shell".into(),
+            wait_ms: Some(5000),
+            policy: None,
+            workflow_jobs_without_policy: false,
+        };
+        let job = fleet.submit("true").await;
+        let lease = agent
+            .client
+            .poll(&poll)
+            .await
+            .unwrap()
+            .expect("claimed")
+            .lease;
+        let (status, message) = refusal(
+            agent
+                .client
+                .set_metadata(
+                    job.id,
+                    &MetadataRequest {
+                        lease: lease.clone(),
+                        key: "note".into(),
+                        value: "a\0b".into(),
+                    },
+                )
+                .await,
+        );
+        assert_eq!(status, 400, "{message}");
+        assert!(message.contains("NUL"), "{message}");
+        let done = agent
+            .client
+            .finish(
+                job.id,
+                &FinishRequest {
+                    lease,
+                    outcome: Outcome::with_state(JobState::Failed, "exit\0ed"),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.reason.as_deref(), Some("exit\u{FFFD}ed"));
+
+        let handed_back = fleet.submit("true").await;
+        let lease = agent
+            .client
+            .poll(&poll)
+            .await
+            .unwrap()
+            .expect("claimed")
+            .lease;
+        let released = agent
+            .client
+            .release(
+                handed_back.id,
+                &ReleaseRequest {
+                    lease,
+                    reason: "no\0account".into(),
+                    kind: ReleaseKind::Refused,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            released.reason.contains("no\u{FFFD}account"),
+            "{}",
+            released.reason
+        );
+        fleet.stop().await;
+    }
 }
