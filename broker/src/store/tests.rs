@@ -184,6 +184,7 @@ conformance!(
     a_token_id_is_used_once_and_a_replay_stores_nothing,
     a_nonce_is_used_once_per_agent,
     a_repository_registration_binds_ids_once,
+    a_repository_is_found_whatever_the_case_of_its_name,
     enrollment_spends_a_token_and_refuses_what_it_must,
     credentials_are_dropped_when_a_job_ends_and_retention_deletes_it,
     statistics_sweeps_and_health,
@@ -848,6 +849,53 @@ async fn a_repository_registration_binds_ids_once(store: &dyn Store) {
     assert!(store.delete_repo("lab/new").await.unwrap());
     assert!(!store.delete_repo("lab/new").await.unwrap());
     assert!(store.repo("lab/new").await.unwrap().is_none());
+}
+
+async fn a_repository_is_found_whatever_the_case_of_its_name(store: &dyn Store) {
+    // GitHub matches names without regard to case; a registration is kept as first spelled.
+    store
+        .upsert_repo("Lab/Solver", "{}", "operator", None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.repo("lab/SOLVER").await.unwrap().unwrap().name,
+        "Lab/Solver"
+    );
+    let updated = store
+        .upsert_repo("LAB/solver", r#"{"sites":["hpc"]}"#, "operator", None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.name, "Lab/Solver");
+    assert!(updated.settings.contains("hpc"));
+    let ids = RepositoryIds {
+        repository_id: "101".into(),
+        repository_owner_id: None,
+    };
+    assert!(matches!(
+        store
+            .insert_repo_if_absent("lab/solver", "{}", "workflow", &ids, None)
+            .await
+            .unwrap(),
+        FirstRegistration::Exists
+    ));
+    store
+        .upsert_repo("lab/other", "{}", "operator", None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let names: Vec<String> = store
+        .repos()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    // In the order of the names without case (by bytes, "Lab/Solver" would come first).
+    assert_eq!(names, ["lab/other", "Lab/Solver"]);
+    assert!(store.delete_repo("lab/solver").await.unwrap());
+    assert!(store.repo("Lab/Solver").await.unwrap().is_none());
 }
 
 async fn enrollment_spends_a_token_and_refuses_what_it_must(store: &dyn Store) {
