@@ -40,11 +40,13 @@ const SWEEPER_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// The session-level advisory lock the sweeping broker holds ("testbot" and 1).
 const SWEEPER_LOCK: i64 = 0x7465_7374_626f_7401;
 
-/// The key spaces of transaction-level advisory locks, taken with a second key (PostgreSQL
-/// keeps two-key locks apart from one-key ones such as [`SWEEPER_LOCK`]).
-/// A site's claims, while a claim counts the site's busy jobs against its cap.
+// The key spaces of transaction-level advisory locks, each taken with a second key (PostgreSQL
+// keeps two-key locks apart from one-key ones such as `SWEEPER_LOCK`).
+/// A site's claims (second key: the site name's hash), while one counts the site's busy jobs
+/// against its cap.
 const SITE_CLAIMS_LOCK_SPACE: i32 = 0x7462_0001;
-/// Enrollment: one at a time, as it checks that no agent has the key before adding one.
+/// Enrollment (second key: 0), one at a time: each checks that no agent has its key before
+/// adding one.
 const ENROLLMENT_LOCK_SPACE: i32 = 0x7462_0002;
 
 /// How many queued jobs a claim reads at a time while looking for one its agent may take; it
@@ -81,7 +83,7 @@ pub struct PgStore {
     sweeper: tokio::sync::Mutex<Option<SweeperSession>>,
 }
 
-/// `url` as it may be shown: without its password.
+/// The database's URL as it may be shown: without the password.
 fn shown_url(options: &PgConnectOptions) -> String {
     let host = match options.get_socket() {
         Some(socket) => socket.display().to_string(),
