@@ -23,7 +23,8 @@ pub struct BrokerOpts {
     pub data_dir: PathBuf,
     /// A PostgreSQL database to keep jobs in instead of SQLite in --data-dir
     /// (`postgres://USER:PASSWORD@HOST:PORT/DATABASE`): several brokers given the same database
-    /// share the queue, and agents and clients may talk to any of them.
+    /// share the queue, and agents and clients may talk to any of them. Give them all the same
+    /// `admin.token` in their --data-dir.
     #[arg(long, env = "TESTBOT_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// How long a job's lease lasts without a heartbeat before the job is requeued.

@@ -275,7 +275,7 @@ pub async fn release(
     agent: &str,
     req: &ReleaseRequest,
 ) -> Result<ReleaseOutcome, ApiError> {
-    let mut reason = req.reason.trim().to_string();
+    let mut reason = crate::lifecycle::transitions::agent_text(req.reason.trim());
     if reason.is_empty() {
         return Err(ApiError::BadRequest(
             "reason is empty: say why the job was not run".into(),

@@ -96,6 +96,9 @@ impl Broker {
             github_api_url,
             metrics_token,
         } = config;
+        // The token files live here whichever database holds the jobs.
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("Cannot create data directory {}", data_dir.display()))?;
         let db = crate::store::open(database_url.as_deref(), &data_dir).await?;
         let verifier = oidc.map(|settings| match oidc_keys {
             Some(keys) => OidcVerifier::with_keys(settings, keys),

@@ -7,6 +7,8 @@
 //!   data directory that already holds data.
 //! - [`oidc::TestIssuer`] is a local OIDC issuer of GitHub's shape; [`github::FakeGitHub`] fakes
 //!   the GitHub REST calls the broker makes.
+//! - [`postgres::TestDatabase`] is an empty database on the test PostgreSQL, for brokers started
+//!   with `--database-url` (or [`BrokerConfig::database_url`]).
 //! - [`wait_for`] waits on a condition with a deadline; tests never sleep a fixed time to let
 //!   something happen.
 //!

@@ -235,6 +235,12 @@ pub(super) async fn metadata_handler(
             "metadata value is longer than 1024 bytes".into(),
         ));
     }
+    if req.value.contains('\0') {
+        return Err(ApiError::BadRequest(format!(
+            "metadata value of {} contains a NUL byte",
+            req.key
+        )));
+    }
     let model = state
         .store
         .set_metadata(id, &req.lease, &req.key, &req.value)

@@ -124,7 +124,11 @@ pub async fn finish(
     lease: &str,
     outcome: &Outcome,
 ) -> StoreResult<Result<JobModel, LeaseRefusal>> {
-    let finished = state.store.finish_job(id, lease, outcome).await?;
+    let outcome = Outcome {
+        reason: outcome.reason.as_deref().map(transitions::agent_text),
+        ..outcome.clone()
+    };
+    let finished = state.store.finish_job(id, lease, &outcome).await?;
     if let Ok(model) = &finished {
         state.bus.publish(
             id,

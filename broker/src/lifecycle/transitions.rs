@@ -11,6 +11,12 @@ pub fn system_line(at_ms: i64, text: &str) -> String {
     format_line(at_ms, Stream::System, &format!("testbot: {text}"))
 }
 
+/// An agent's text (a job's reason) as the job keeps it: a NUL character, which means nothing in
+/// a sentence and which no PostgreSQL text column can hold, becomes U+FFFD.
+pub fn agent_text(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
 fn transition(state: JobState, reason: String, at_ms: i64) -> Transition {
     Transition {
         log_line: system_line(at_ms, &reason),
@@ -100,6 +106,12 @@ pub fn log_cut(max_log_bytes: u64, kept: u64, at_ms: i64) -> LogCut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agents_text_loses_its_nul_characters() {
+        assert_eq!(agent_text("exit\0ed \0"), "exit\u{FFFD}ed \u{FFFD}");
+        assert_eq!(agent_text("plain"), "plain");
+    }
 
     fn leased(attempts: i64, cancel_requested: bool) -> JobModel {
         JobModel {

@@ -7,9 +7,10 @@
 //!
 //! Layout:
 //! - [`sqlite`]: the embedded default (one file in the data directory, nothing to install).
-//! - [`postgres`]: for several brokers sharing one database.
+//! - [`postgres`]: for several brokers sharing one database (`--database-url postgres://…`);
+//!   claims skip rows other brokers are claiming, and one broker at a time sweeps.
 //! - [`notify`]: job events between brokers sharing a PostgreSQL database.
-//! - [`tests`]: the conformance suite both run.
+//! - [`tests`]: the conformance suite both run, and what only a shared database must do.
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::Outcome;
 
 pub mod notify;
+pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -46,9 +48,19 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolClosed | sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
                 StoreError::Unavailable(anyhow::Error::new(err))
             }
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| server_unavailable(&c)) => {
+                StoreError::Unavailable(anyhow::Error::new(err))
+            }
             other => StoreError::Internal(anyhow::Error::new(other).context("Database error")),
         }
     }
+}
+
+/// Whether a PostgreSQL error code (SQLSTATE) says the server cannot serve now, rather than that
+/// the statement failed: a lost connection (class 08), a server shutting down or starting
+/// (57P01-57P03), too many connections (53300).
+fn server_unavailable(sqlstate: &str) -> bool {
+    sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 impl From<anyhow::Error> for StoreError {
@@ -188,6 +200,61 @@ impl JobModel {
             finished_at_ms: self.finished_at_ms,
             waiting: None,
         })
+    }
+}
+
+/// A new job as both stores write it: the spec masked (it is shown to readers of the job), the
+/// secret variables' values apart, and the JSON the claim query matches on.
+pub(crate) struct StoredJob {
+    pub spec: String,
+    /// The spec's labels, a JSON array.
+    pub labels: String,
+    /// The values of the spec's secret variables, a JSON object; `None` without any.
+    pub secret_env: Option<String>,
+    /// The sites the job may run on, a JSON array; `None`: any.
+    pub sites: Option<String>,
+}
+
+impl StoredJob {
+    pub fn new(spec: &JobSpec, origin: &JobOrigin) -> serde_json::Result<StoredJob> {
+        let secret_env = (!spec.secret_env.is_empty())
+            .then(|| {
+                serde_json::to_string(
+                    &spec
+                        .secret_values()
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                )
+            })
+            .transpose()?;
+        Ok(StoredJob {
+            spec: serde_json::to_string(&spec.masked())?,
+            labels: serde_json::to_string(&spec.labels)?,
+            secret_env,
+            sites: (!origin.sites.is_empty())
+                .then(|| serde_json::to_string(&origin.sites))
+                .transpose()?,
+        })
+    }
+}
+
+/// The columns of a job routing reads.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct RoutingRow {
+    pub id: i64,
+    pub spec: String,
+    pub sites: Option<String>,
+    pub repository: Option<String>,
+    pub oidc_token: Option<String>,
+}
+
+impl RoutingRow {
+    pub fn routed(&self) -> anyhow::Result<crate::routing::RoutedJob> {
+        crate::routing::RoutedJob::from_stored(
+            &self.spec,
+            self.sites.as_deref(),
+            self.repository.as_deref(),
+            self.oidc_token.as_deref(),
+        )
     }
 }
 
@@ -637,12 +704,48 @@ pub struct AgentOffer {
 pub async fn open(url: Option<&str>, data_dir: &std::path::Path) -> anyhow::Result<SharedStore> {
     match url {
         None => Ok(Arc::new(sqlite::SqliteStore::open(data_dir).await?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(postgres::PgStore::open(url).await?))
+        }
         Some(url) if url.starts_with("sqlite:") => anyhow::bail!(
             "--database-url {url:?}: SQLite is the default and lives in --data-dir; give no \
              --database-url to use it"
         ),
         Some(url) => anyhow::bail!(
-            "--database-url {url:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)"
+            "--database-url {:?} is not a PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE)",
+            without_password(url)
         ),
     }
+}
+
+/// `url` with the password of its user, if it has one, replaced by `***`: for messages.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Whether the newest migration applied (`applied`) is the newest `migrator` knows.
+pub(crate) fn check_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    applied: Option<i64>,
+) -> StoreResult<()> {
+    let expected = migrator.iter().map(|m| m.version).max();
+    if applied == expected {
+        return Ok(());
+    }
+    Err(StoreError::Internal(anyhow::anyhow!(
+        "the database schema is at migration {} but this broker expects {}",
+        applied.map_or("none".to_string(), |v| v.to_string()),
+        expected.map_or("none".to_string(), |v| v.to_string()),
+    )))
 }

@@ -23,7 +23,8 @@ use testbot_proto::results::Outcome;
 use super::{
     AgentModel, AgentOffer, ApiTokenModel, AppendResult, EnrollRefusal, FirstRegistration,
     JobModel, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal, LogCut, QueuedJob, Release,
-    RepoModel, RepositoryIds, SiteModel, Store, StoreError, StoreResult, Transition,
+    RepoModel, RepositoryIds, RoutingRow, SiteModel, Store, StoreError, StoreResult, StoredJob,
+    Transition, check_migrations,
 };
 
 /// The SQLite schema's migrations, applied at start-up.
@@ -60,28 +61,7 @@ const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, update
 /// reads on through the whole queue, a page at a time.
 const CLAIM_PAGE: i64 = 256;
 
-/// The columns of a job routing reads.
-#[derive(Debug, Clone, sqlx::FromRow)]
-struct RoutingRow {
-    id: i64,
-    spec: String,
-    sites: Option<String>,
-    repository: Option<String>,
-    oidc_token: Option<String>,
-}
-
 const ROUTING_COLUMNS: &str = "id, spec, sites, repository, oidc_token";
-
-impl RoutingRow {
-    fn routed(&self) -> anyhow::Result<crate::routing::RoutedJob> {
-        crate::routing::RoutedJob::from_stored(
-            &self.spec,
-            self.sites.as_deref(),
-            self.repository.as_deref(),
-            self.oidc_token.as_deref(),
-        )
-    }
-}
 
 const AGENT_COLUMNS: &str = "agents.id, agents.site, agents.name, agents.public_key, agents.policy, \
      agents.enrolled_at_ms, agents.last_seen_ms, agents.revoked_at_ms, \
@@ -311,18 +291,7 @@ impl Store for SqliteStore {
         origin: &JobOrigin,
         jti: Option<(&str, i64)>,
     ) -> StoreResult<Option<JobModel>> {
-        // Secret values are kept apart from the spec, which is shown to readers of the job.
-        let spec_json = serde_json::to_string(&spec.masked())?;
-        let secret_env = (!spec.secret_env.is_empty())
-            .then(|| {
-                serde_json::to_string(
-                    &spec
-                        .secret_values()
-                        .collect::<std::collections::BTreeMap<_, _>>(),
-                )
-            })
-            .transpose()?;
-        let labels = serde_json::to_string(&spec.labels)?;
+        let stored = StoredJob::new(spec, origin)?;
         let mut conn = self.writer().await?;
         let mut tx = conn.begin().await?;
         if let Some((jti, expires_at)) = jti
@@ -337,20 +306,16 @@ impl Store for SqliteStore {
              RETURNING {JOB_COLUMNS}"
         );
         let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(spec_json)
-            .bind(labels)
+            .bind(stored.spec)
+            .bind(stored.labels)
             .bind(now_ms())
             .bind(&origin.repository)
             .bind(&origin.run_id)
             .bind(&origin.submitted_by)
             .bind(&origin.oidc_token)
-            .bind(
-                (!origin.sites.is_empty())
-                    .then(|| serde_json::to_string(&origin.sites))
-                    .transpose()?,
-            )
+            .bind(stored.sites)
             .bind(jti.map(|(jti, _)| jti))
-            .bind(secret_env)
+            .bind(stored.secret_env)
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -1367,12 +1332,16 @@ impl Store for SqliteStore {
 }
 
 /// Appends bytes at the end of a job's log (which holds `log_bytes` bytes); returns the new size.
+/// Nothing to append stores no chunk: an empty one would take the offset of the next.
 async fn append_raw(
     tx: &mut Transaction<'_, Sqlite>,
     id: JobId,
     log_bytes: u64,
     data: &[u8],
 ) -> sqlx::Result<u64> {
+    if data.is_empty() {
+        return Ok(log_bytes);
+    }
     sqlx::query("INSERT INTO log_chunks (job_id, start_offset, data) VALUES (?1, ?2, ?3)")
         .bind(id.0)
         .bind(log_bytes as i64)
@@ -1386,20 +1355,4 @@ async fn append_raw(
         .execute(&mut **tx)
         .await?;
     Ok(total)
-}
-
-/// Whether the newest migration applied (`applied`) is the newest `migrator` knows.
-pub(crate) fn check_migrations(
-    migrator: &sqlx::migrate::Migrator,
-    applied: Option<i64>,
-) -> StoreResult<()> {
-    let expected = migrator.iter().map(|m| m.version).max();
-    if applied == expected {
-        return Ok(());
-    }
-    Err(StoreError::Internal(anyhow::anyhow!(
-        "the database schema is at migration {} but this broker expects {}",
-        applied.map_or("none".to_string(), |v| v.to_string()),
-        expected.map_or("none".to_string(), |v| v.to_string()),
-    )))
 }

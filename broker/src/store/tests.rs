@@ -1,8 +1,13 @@
 //! The contract both stores keep: every test here runs against each backend on an empty
 //! database. A behaviour one backend has and the other lacks fails here, not in production.
+//!
+//! The PostgreSQL runs need a server: `TESTBOT_TEST_DATABASE_URL` names a database there that
+//! may create others (`postgres://postgres@127.0.0.1:15432/postgres`), and each test gets a
+//! database of its own. [`shared`] holds the tests of what only a shared database does.
 
 use std::time::Duration;
 
+use sqlx::Connection as _;
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
 use testbot_proto::results::Outcome;
@@ -11,10 +16,18 @@ use super::*;
 use crate::lifecycle::transitions;
 use crate::routing::Offer;
 
+mod shared;
+
 /// A fresh, empty store, removed again by [`Fresh::finish`].
 pub(crate) struct Fresh {
     pub store: SharedStore,
-    dir: std::path::PathBuf,
+    place: Place,
+}
+
+/// Where a fresh store keeps its data.
+enum Place {
+    Dir(std::path::PathBuf),
+    Database(TestDatabase),
 }
 
 impl Fresh {
@@ -24,13 +37,110 @@ impl Fresh {
             testbot_proto::signing::random_hex(8)
         ));
         let store = open(None, &dir).await.expect("open SQLite");
-        Fresh { store, dir }
+        Fresh {
+            store,
+            place: Place::Dir(dir),
+        }
+    }
+
+    pub async fn postgres() -> Fresh {
+        let database = TestDatabase::create().await;
+        let store = database.open().await;
+        Fresh {
+            store,
+            place: Place::Database(database),
+        }
     }
 
     pub async fn finish(self) {
         self.store.close().await;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        match self.place {
+            Place::Dir(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Place::Database(database) => drop(database),
+        }
     }
+}
+
+/// The environment variable naming the test PostgreSQL's maintenance database.
+const TEST_DATABASE_URL: &str = "TESTBOT_TEST_DATABASE_URL";
+
+/// An empty database on the test PostgreSQL, dropped (with whatever is still connected to it)
+/// when this is dropped, also when a test fails.
+pub(crate) struct TestDatabase {
+    admin_url: String,
+    name: String,
+    /// The database's URL.
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        let admin_url = std::env::var(TEST_DATABASE_URL).unwrap_or_else(|_| {
+            panic!(
+                "{TEST_DATABASE_URL} is not set: start the test PostgreSQL with \
+                 `eval \"$(tests/postgres/start.sh)\"`; scripts/test.sh does"
+            )
+        });
+        let name = format!("testbot_test_{}", testbot_proto::signing::random_hex(8));
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|err| panic!("cannot connect to {TEST_DATABASE_URL}: {err}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create a test database");
+        let _ = admin.close().await;
+        let url = with_database(&admin_url, &name);
+        TestDatabase {
+            admin_url,
+            name,
+            url,
+        }
+    }
+
+    /// A store on the database, as a broker opens it.
+    pub async fn open(&self) -> SharedStore {
+        open(Some(&self.url), std::path::Path::new("/nonexistent"))
+            .await
+            .expect("open PostgreSQL")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Dropped from async code, perhaps while a test panics: on a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(async {
+                    let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await?;
+                    admin.close().await
+                })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) && !std::thread::panicking() {
+            panic!("cannot drop test database {}: {dropped:?}", self.name);
+        }
+    }
+}
+
+/// `url` with its database (the path) replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let query = path.find('?').map_or("", |q| &path[q..]);
+    format!("{scheme}://{authority}/{database}{query}")
 }
 
 /// Runs each named test against every backend.
@@ -46,6 +156,17 @@ macro_rules! conformance {
                 }
             )*
         }
+
+        mod postgres_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let fresh = super::Fresh::postgres().await;
+                    super::$name(&*fresh.store).await;
+                    fresh.finish().await;
+                }
+            )*
+        }
     };
 }
 
@@ -53,14 +174,17 @@ conformance!(
     a_job_goes_from_queued_to_its_one_result,
     a_late_call_under_an_old_lease_is_refused,
     a_claim_takes_only_jobs_the_offer_admits_oldest_first,
+    a_spec_is_kept_as_submitted,
     a_site_at_its_concurrency_limit_claims_nothing,
     a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit,
+    a_chunk_whose_first_line_does_not_fit_is_cut_before_it,
     an_expired_lease_is_ended_as_decided_unless_it_was_renewed,
     a_hand_back_applies_the_decision_and_holds_the_agent_back,
     cancelling_ends_a_queued_job_and_flags_a_running_one,
     a_token_id_is_used_once_and_a_replay_stores_nothing,
     a_nonce_is_used_once_per_agent,
     a_repository_registration_binds_ids_once,
+    a_repository_is_found_whatever_the_case_of_its_name,
     enrollment_spends_a_token_and_refuses_what_it_must,
     credentials_are_dropped_when_a_job_ends_and_retention_deletes_it,
     statistics_sweeps_and_health,
@@ -141,7 +265,9 @@ async fn a_job_goes_from_queued_to_its_one_result(store: &dyn Store) {
         .await
         .unwrap()
         .unwrap();
-    assert!(model.metadata.unwrap().contains("\"slurm_job_id\":\"42\""));
+    let metadata: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(model.metadata.as_deref().unwrap()).unwrap();
+    assert_eq!(metadata["slurm_job_id"], "42");
     let done = store
         .finish_job(job.job_id(), "l1", &Outcome::succeeded())
         .await
@@ -307,6 +433,26 @@ async fn a_claim_takes_only_jobs_the_offer_admits_oldest_first(store: &dyn Store
     );
 }
 
+async fn a_spec_is_kept_as_submitted(store: &dyn Store) {
+    // Whatever a script holds, even a character no SQL text type may: it is JSON-escaped.
+    let mut odd = spec(&["gpu"]);
+    odd.script = "printf 'a\0b'; echo \"\u{1F980} \\\" '\"".into();
+    odd.executor = Some("shell".into());
+    odd.name = Some("nul \0 in the name".into());
+    let job = store
+        .insert_job(&odd, &operator(), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.spec().unwrap(), odd);
+    let claimed = claim(store, "s/a", &offer("s", &["gpu"]), "l")
+        .await
+        .expect("claimed");
+    assert_eq!(claimed.spec_for_agent().unwrap(), odd);
+    let listed = store.jobs(None, None, 10).await.unwrap();
+    assert_eq!(listed[0].spec().unwrap(), odd);
+}
+
 async fn a_site_at_its_concurrency_limit_claims_nothing(store: &dyn Store) {
     let summary: testbot_proto::agents::PolicySummary = serde_json::from_value(serde_json::json!({
         "repositories": ["lab/*"],
@@ -418,6 +564,35 @@ async fn a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit(store: 
         AppendResult::TooLarge { .. }
     ));
     assert_eq!(log_of(store, id).await, log);
+}
+
+async fn a_chunk_whose_first_line_does_not_fit_is_cut_before_it(store: &dyn Store) {
+    let job = queue(store, &[]).await;
+    let id = job.job_id();
+    claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    let cut = |kept| transitions::log_cut(64, kept, 0);
+    store
+        .append_log(id, "l", 0, b"one\n", 64, &cut)
+        .await
+        .unwrap();
+    // Not one whole line of it fits: the notice follows the bytes already stored.
+    let long = format!("{}\n", "x".repeat(100));
+    let result = store
+        .append_log(id, "l", 4, long.as_bytes(), 64, &cut)
+        .await
+        .unwrap();
+    let AppendResult::TooLarge { log_bytes } = result else {
+        panic!("expected the log to be cut, got {result:?}");
+    };
+    let log = log_of(store, id).await;
+    assert_eq!(log.len() as u64, log_bytes);
+    let (kept, notice) = log.split_once('\n').unwrap();
+    assert_eq!(kept, "one");
+    assert!(notice.contains("testbot: the log reached"), "{log}");
+    assert_eq!(
+        store.job(id).await.unwrap().unwrap().log_bytes as u64,
+        log_bytes
+    );
 }
 
 async fn an_expired_lease_is_ended_as_decided_unless_it_was_renewed(store: &dyn Store) {
@@ -676,6 +851,53 @@ async fn a_repository_registration_binds_ids_once(store: &dyn Store) {
     assert!(store.repo("lab/new").await.unwrap().is_none());
 }
 
+async fn a_repository_is_found_whatever_the_case_of_its_name(store: &dyn Store) {
+    // GitHub matches names without regard to case; a registration is kept as first spelled.
+    store
+        .upsert_repo("Lab/Solver", "{}", "operator", None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.repo("lab/SOLVER").await.unwrap().unwrap().name,
+        "Lab/Solver"
+    );
+    let updated = store
+        .upsert_repo("LAB/solver", r#"{"sites":["hpc"]}"#, "operator", None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(updated.name, "Lab/Solver");
+    assert!(updated.settings.contains("hpc"));
+    let ids = RepositoryIds {
+        repository_id: "101".into(),
+        repository_owner_id: None,
+    };
+    assert!(matches!(
+        store
+            .insert_repo_if_absent("lab/solver", "{}", "workflow", &ids, None)
+            .await
+            .unwrap(),
+        FirstRegistration::Exists
+    ));
+    store
+        .upsert_repo("lab/other", "{}", "operator", None, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let names: Vec<String> = store
+        .repos()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    // In the order of the names without case (by bytes, "Lab/Solver" would come first).
+    assert_eq!(names, ["lab/other", "Lab/Solver"]);
+    assert!(store.delete_repo("lab/solver").await.unwrap());
+    assert!(store.repo("Lab/Solver").await.unwrap().is_none());
+}
+
 async fn enrollment_spends_a_token_and_refuses_what_it_must(store: &dyn Store) {
     assert!(store.create_site("hpc").await.unwrap().is_some());
     assert!(store.create_site("hpc").await.unwrap().is_none());
@@ -908,4 +1130,37 @@ async fn statistics_sweeps_and_health(store: &dyn Store) {
     store.record_sweep(1234).await.unwrap();
     store.record_sweep(5678).await.unwrap();
     assert_eq!(store.last_sweep_ms().await.unwrap(), Some(5678));
+}
+
+/// The message of a store that fails to open.
+async fn open_error(url: &str) -> String {
+    match open(Some(url), std::path::Path::new("/nonexistent")).await {
+        Ok(_) => panic!("{url} opened"),
+        Err(err) => format!("{err:#}"),
+    }
+}
+
+#[tokio::test]
+async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let unreachable = open_error(&format!(
+        "postgres://testbot:hunter2@127.0.0.1:{port}/queue"
+    ))
+    .await;
+    let named =
+        format!("Cannot connect to PostgreSQL at postgres://testbot@127.0.0.1:{port}/queue: ");
+    assert!(unreachable.starts_with(&named), "{unreachable}");
+    let invalid = open_error("postgresql://testbot:hunter2@[::1]:99999/queue").await;
+    assert!(invalid.contains("not a valid PostgreSQL URL"), "{invalid}");
+    let other = open_error("mysql://root:hunter2@db.example/jobs?x=1").await;
+    assert!(
+        other.contains("\"mysql://root:***@db.example/jobs?x=1\""),
+        "{other}"
+    );
+    for message in [unreachable, invalid, other] {
+        assert!(!message.contains("hunter2"), "{message}");
+    }
 }

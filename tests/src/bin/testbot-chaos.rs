@@ -57,9 +57,7 @@ async fn main() -> std::process::ExitCode {
         timeout: Duration::from_secs(1800),
     })
     .await;
-    if let Some(db) = db {
-        db.drop_database().await;
-    }
+    drop(db);
     for violation in &report.violations {
         eprintln!("{violation}");
     }

@@ -19,6 +19,7 @@ mod load;
 mod logs;
 mod metrics;
 mod policy_cli;
+mod postgres;
 mod queued_tokens;
 mod quotas;
 mod registration;
