@@ -13,11 +13,7 @@ use testbot_proto::jobs::{JobSpec, JobState};
 
 /// A second broker on the fleet's database, with the fleet's operator token (brokers of one
 /// database share it).
-async fn second_broker(fleet: &Fleet, database_url: &str) -> Broker {
-    second_broker_with(fleet, database_url, |_| {}).await
-}
-
-async fn second_broker_with(
+async fn second_broker(
     fleet: &Fleet,
     database_url: &str,
     tune: impl FnOnce(&mut BrokerConfig),
@@ -27,9 +23,7 @@ async fn second_broker_with(
     std::fs::write(dir.join("admin.token"), fleet.admin_token.expose_secret()).unwrap();
     let mut config = BrokerConfig::new("127.0.0.1:0".parse().unwrap(), dir);
     config.database_url = Some(database_url.to_string());
-    config.settings.lease_ttl = Duration::from_secs(2);
-    config.settings.heartbeat_interval = Duration::from_millis(500);
-    config.settings.poll_timeout = Duration::from_secs(5);
+    tune(&mut config);
     Broker::start(config)
         .await
         .expect("the second broker starts")
@@ -51,7 +45,7 @@ async fn two_brokers_share_the_queue_the_log_and_the_cancel() {
         tune(config);
     })
     .await;
-    let b = second_broker_with(&fleet, &db.url, tune).await;
+    let b = second_broker(&fleet, &db.url, tune).await;
     let client_b = BrokerClient::new(&b.url(), fleet.admin_token.clone()).unwrap();
 
     // The agent talks to broker A only; the client to broker B only.
