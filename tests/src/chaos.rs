@@ -385,9 +385,13 @@ fn agent_config(dir: &Path, i: usize, proxy_url: &str, token: &str, concurrency:
     config
 }
 
+/// Most jobs a run may have: the broker lists at most this many at once.
+pub const MAX_JOBS: usize = 1000;
+
 /// Runs the plan; the report's `violations` lists what went wrong.
 pub async fn run(plan: Plan) -> Report {
     testbot_proto::client::install_crypto_provider();
+    assert!(plan.jobs <= MAX_JOBS, "at most {MAX_JOBS} jobs");
     assert!(
         plan.brokers == 1 || plan.database_url.is_some(),
         "several brokers need a shared PostgreSQL database"
@@ -541,18 +545,15 @@ fn jitter(rng: &mut Rng, every: Duration) -> Duration {
     Duration::from_millis(ms / 2 + rng.below(ms + 1))
 }
 
-/// How many jobs have no result yet; `None` while no broker answers.
+/// How many jobs have no result yet; `None` while no broker answers. One list, so that a job
+/// moving between states (queued again after a lost lease) cannot slip between two queries.
 async fn unfinished(client: &BrokerClient) -> Option<usize> {
-    let mut n = 0;
-    for state in [JobState::Queued, JobState::Assigned, JobState::Running] {
-        let query = JobListQuery {
-            state: Some(state),
-            limit: Some(1000),
-            ..JobListQuery::default()
-        };
-        n += client.jobs(&query).await.ok()?.jobs.len();
-    }
-    Some(n)
+    let query = JobListQuery {
+        limit: Some(MAX_JOBS as u32),
+        ..JobListQuery::default()
+    };
+    let jobs = client.jobs(&query).await.ok()?.jobs;
+    Some(jobs.iter().filter(|job| !job.state.is_terminal()).count())
 }
 
 /// Checks one job's result and log against what it printed.
