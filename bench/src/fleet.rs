@@ -156,47 +156,6 @@ impl Storage {
     }
 }
 
-/// A fresh PostgreSQL database for one fleet, dropped when the fleet stops.
-struct BenchDatabase {
-    maintenance_url: String,
-    name: String,
-    url: String,
-}
-
-impl BenchDatabase {
-    async fn create(maintenance_url: &str) -> anyhow::Result<BenchDatabase> {
-        use sqlx::Connection as _;
-        let name = format!("testbot_bench_{}", testbot_proto::signing::random_hex(6));
-        let mut conn = sqlx::PgConnection::connect(maintenance_url)
-            .await
-            .context("Cannot connect to --database-url")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .context("Cannot create the benchmark's database")?;
-        let base = maintenance_url
-            .rsplit_once('/')
-            .map_or(maintenance_url, |(base, _)| base);
-        Ok(BenchDatabase {
-            maintenance_url: maintenance_url.to_string(),
-            url: format!("{base}/{name}"),
-            name,
-        })
-    }
-
-    async fn drop_database(&self) -> anyhow::Result<()> {
-        use sqlx::Connection as _;
-        let mut conn = sqlx::PgConnection::connect(&self.maintenance_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&mut conn)
-        .await?;
-        Ok(())
-    }
-}
-
 /// Brokers with default settings (SQLite in a fresh data directory, or PostgreSQL shared by
 /// several), and `agents` agents of concurrency 1 spread over them.
 pub struct BenchFleet {
@@ -204,7 +163,8 @@ pub struct BenchFleet {
     pub client: BrokerClient,
     pub starts: Arc<StartLog>,
     brokers: Vec<Broker>,
-    database: Option<BenchDatabase>,
+    /// Dropped (and so removed) after the brokers stopped.
+    database: Option<testbot_broker::store::scratch::ScratchDatabase>,
     agents: Vec<(Shutdown, JoinHandle<anyhow::Result<()>>)>,
     /// Holds the broker's data and the agents' work directories; removed when dropped, after
     /// everything else has stopped.
@@ -219,7 +179,10 @@ impl BenchFleet {
     ) -> anyhow::Result<BenchFleet> {
         let dir = tempfile::tempdir().context("Cannot create a temporary directory")?;
         let database = match &storage.database_url {
-            Some(url) => Some(BenchDatabase::create(url).await?),
+            Some(url) => Some(
+                testbot_broker::store::scratch::ScratchDatabase::create(url, "testbot_bench")
+                    .await?,
+            ),
             None => None,
         };
         let mut brokers: Vec<Broker> = Vec::with_capacity(storage.brokers);
@@ -321,9 +284,7 @@ impl BenchFleet {
             let stopped = broker.shutdown().await.context("Cannot stop a broker");
             broker_stopped = broker_stopped.and(stopped);
         }
-        if let Some(database) = database {
-            database.drop_database().await?;
-        }
+        drop(database);
         drop(dir);
         match first_error {
             Some(err) => Err(err),

@@ -10,6 +10,7 @@
 //! - [`postgres`]: for several brokers sharing one database (`--database-url postgres://…`);
 //!   claims skip rows other brokers are claiming, and one broker at a time sweeps.
 //! - [`notify`]: job events between brokers sharing a PostgreSQL database.
+//! - [`scratch`]: throwaway PostgreSQL databases for tests and benchmarks.
 //! - [`tests`]: the conformance suite both run, and what only a shared database must do.
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use testbot_proto::results::Outcome;
 
 pub mod notify;
 pub mod postgres;
+pub mod scratch;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use sqlx::Connection as _;
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
 use testbot_proto::results::Outcome;
@@ -66,14 +65,8 @@ impl Fresh {
 /// The environment variable naming the test PostgreSQL's maintenance database.
 const TEST_DATABASE_URL: &str = "TESTBOT_TEST_DATABASE_URL";
 
-/// An empty database on the test PostgreSQL, dropped (with whatever is still connected to it)
-/// when this is dropped, also when a test fails.
-pub(crate) struct TestDatabase {
-    admin_url: String,
-    name: String,
-    /// The database's URL.
-    pub url: String,
-}
+/// An empty database on the test PostgreSQL, dropped when this is dropped.
+pub(crate) struct TestDatabase(super::scratch::ScratchDatabase);
 
 impl TestDatabase {
     pub async fn create() -> TestDatabase {
@@ -83,64 +76,19 @@ impl TestDatabase {
                  `eval \"$(tests/postgres/start.sh)\"`; scripts/test.sh does"
             )
         });
-        let name = format!("testbot_test_{}", testbot_proto::signing::random_hex(8));
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|err| panic!("cannot connect to {TEST_DATABASE_URL}: {err}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .expect("create a test database");
-        let _ = admin.close().await;
-        let url = with_database(&admin_url, &name);
-        TestDatabase {
-            admin_url,
-            name,
-            url,
-        }
+        TestDatabase(
+            super::scratch::ScratchDatabase::create(&admin_url, "testbot_test")
+                .await
+                .unwrap_or_else(|err| panic!("{err:#}")),
+        )
     }
 
     /// A store on the database, as a broker opens it.
     pub async fn open(&self) -> SharedStore {
-        open(Some(&self.url), std::path::Path::new("/nonexistent"))
+        open(Some(&self.0.url), std::path::Path::new("/nonexistent"))
             .await
             .expect("open PostgreSQL")
     }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        // Dropped from async code, perhaps while a test panics: on a runtime of its own.
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(async {
-                    let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut admin)
-                    .await?;
-                    admin.close().await
-                })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) && !std::thread::panicking() {
-            panic!("cannot drop test database {}: {dropped:?}", self.name);
-        }
-    }
-}
-
-/// `url` with its database (the path) replaced by `database`.
-fn with_database(url: &str, database: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("a URL");
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let query = path.find('?').map_or("", |q| &path[q..]);
-    format!("{scheme}://{authority}/{database}{query}")
 }
 
 /// Runs each named test against every backend.

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use testbot_e2e::chaos::{Faults, Plan, run};
-use testbot_e2e::postgres::TestDatabase;
+use testbot_e2e::postgres::test_database;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -38,7 +38,7 @@ async fn main() -> std::process::ExitCode {
     let db = if sqlite {
         None
     } else {
-        Some(TestDatabase::create().await)
+        Some(test_database().await)
     };
     let report = run(Plan {
         seed,

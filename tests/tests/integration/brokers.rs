@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use secrecy::ExposeSecret as _;
 use testbot_broker::{Broker, BrokerConfig};
-use testbot_e2e::postgres::TestDatabase;
+use testbot_e2e::postgres::test_database;
 use testbot_e2e::{Fleet, POLL_BODY, WAIT, send_signed_poll, stdout_lines, wait_for};
 use testbot_proto::client::{BrokerClient, follow_log};
 use testbot_proto::jobs::{JobSpec, JobState};
@@ -32,7 +32,7 @@ async fn second_broker(
 #[tokio::test(flavor = "multi_thread")]
 async fn two_brokers_share_the_queue_the_log_and_the_cancel() {
     testbot_proto::client::install_crypto_provider();
-    let db = TestDatabase::create().await;
+    let db = test_database().await;
     // Heartbeats far apart, so only the event from the other broker can end a held one soon.
     let tune = |config: &mut BrokerConfig| {
         config.settings.lease_ttl = Duration::from_secs(20);
@@ -156,7 +156,7 @@ async fn two_brokers_share_the_queue_the_log_and_the_cancel() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_without_the_shared_operator_token_refuses_to_start() {
-    let db = TestDatabase::create().await;
+    let db = test_database().await;
     let url = db.url.clone();
     let fleet = Fleet::start_with(|config| config.database_url = Some(url)).await;
     let dir = fleet.dir.path().join("broker-c");

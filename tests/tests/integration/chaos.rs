@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use testbot_e2e::chaos::{Faults, Plan, run};
-use testbot_e2e::postgres::TestDatabase;
+use testbot_e2e::postgres::test_database;
 
 fn seed() -> u64 {
     std::env::var("TESTBOT_CHAOS_SEED")
@@ -33,7 +33,7 @@ fn assert_passed(report: &testbot_e2e::chaos::Report) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_brokers_on_postgres_lose_no_job_and_no_line_under_kills_and_faults() {
-    let db = TestDatabase::create().await;
+    let db = test_database().await;
     let report = run(Plan {
         seed: seed(),
         jobs: 180,

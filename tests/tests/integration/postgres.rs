@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use testbot_agent::{Agent, AgentConfig, Shutdown};
-use testbot_e2e::postgres::TestDatabase;
+use testbot_e2e::postgres::{TestDatabase, test_database};
 use testbot_e2e::{Fleet, Process, WAIT, free_port, refusal, stdout_lines, wait_for};
 use testbot_proto::agents::{MetadataRequest, PollRequest, ReleaseKind, ReleaseRequest};
 use testbot_proto::client::BrokerClient;
@@ -145,7 +145,7 @@ fn script(lines: u32) -> JobSpec {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_killed_and_restarted_on_its_database_loses_nothing() {
-    let database = TestDatabase::create().await;
+    let database = test_database().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("broker");
     let port = free_port();
@@ -193,7 +193,7 @@ async fn a_broker_killed_and_restarted_on_its_database_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_brokers_on_one_database_share_the_queue_and_take_turns_sweeping() {
-    let database = TestDatabase::create().await;
+    let database = test_database().await;
     let dir = tempfile::tempdir().unwrap();
     let first = BrokerProcess::start(free_port(), &dir.path().join("a"), &database, dir.path());
     let first_client = first.client().await;
@@ -254,7 +254,7 @@ async fn two_brokers_on_one_database_share_the_queue_and_take_turns_sweeping() {
 /// as on SQLite, where it could be stored.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agents_text_with_a_nul_character_is_handled_alike_on_both_databases() {
-    let database = TestDatabase::create().await;
+    let database = test_database().await;
     let fleets = [
         Fleet::start().await,
         Fleet::start_with(|config| config.database_url = Some(database.url.clone())).await,

@@ -30,7 +30,7 @@ async fn close(stores: Vec<SharedStore>) {
 async fn brokers_starting_at_once_migrate_the_database_once() {
     let database = TestDatabase::create().await;
     let opened =
-        futures_util::future::join_all((0..6).map(|_| open(Some(&database.url), "/".as_ref())))
+        futures_util::future::join_all((0..6).map(|_| open(Some(&database.0.url), "/".as_ref())))
             .await;
     let stores: Vec<SharedStore> = opened
         .into_iter()
