@@ -65,12 +65,27 @@ impl ClientError {
 
 impl From<reqwest::Error> for ClientError {
     fn from(err: reqwest::Error) -> Self {
-        if err.is_decode() {
+        // reqwest calls a body cut short by a reset connection a decode error too: only an
+        // answer that arrived whole and does not parse is the broker's fault; anything else
+        // may go well when sent again.
+        if err.is_decode() && caused_by_json(&err) {
             return ClientError::Protocol(err.to_string());
         }
         // Connection refused, reset, timeouts, a broken body stream: the broker may come back.
         ClientError::Unavailable(with_causes(&err))
     }
+}
+
+/// Whether a JSON parse error is among the causes of `err`.
+fn caused_by_json(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(cause) = source {
+        if cause.is::<serde_json::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// An error and every cause under it, `outer: inner: ...` (reqwest's own message is often just
@@ -555,5 +570,57 @@ pub async fn follow_log(
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A one-shot HTTP server on loopback that answers 200 with `answer` (headers and body).
+    async fn answering(answer: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket.write_all(answer.as_bytes()).await;
+            // Dropped here: a body shorter than its Content-Length is cut off.
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_off_by_the_connection_is_retried_and_a_malformed_one_is_not() {
+        install_crypto_provider();
+        let token = SecretString::from("t".to_string());
+        let cut = answering(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":",
+        )
+        .await;
+        let err = BrokerClient::new(&cut, token.clone())
+            .unwrap()
+            .job(JobId(1))
+            .await
+            .unwrap_err();
+        assert!(
+            err.is_retryable(),
+            "a body cut short is worth retrying: {err:?}"
+        );
+        let malformed = answering(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"id\":}",
+        )
+        .await;
+        let err = BrokerClient::new(&malformed, token)
+            .unwrap()
+            .job(JobId(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Protocol(_)),
+            "a whole answer that does not parse is not retried: {err:?}"
+        );
     }
 }

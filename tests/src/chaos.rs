@@ -385,6 +385,9 @@ fn agent_config(dir: &Path, i: usize, proxy_url: &str, token: &str, concurrency:
     config
 }
 
+/// Jobs submitted at once.
+const SUBMITTERS: usize = 16;
+
 /// Most jobs a run may have: the broker lists at most this many at once.
 pub const MAX_JOBS: usize = 1000;
 
@@ -443,22 +446,32 @@ pub async fn run(plan: Plan) -> Report {
     // Every job is submitted before the chaos starts, straight to a broker: a submission whose
     // answer a fault swallowed would be sent again, and the run could not tell its two jobs
     // apart from a double run.
-    let mut jobs: Vec<(JobId, Kind, usize)> = Vec::with_capacity(plan.jobs);
-    for n in 0..plan.jobs {
-        let kind = match rng.below(3) {
+    let kinds: Vec<Kind> = (0..plan.jobs)
+        .map(|_| match rng.below(3) {
             0 => Kind::Instant,
             1 => Kind::Long,
             _ => Kind::Failing,
-        };
-        let job = client
-            .submit(&JobSpec {
-                script: kind.script(n),
-                ..JobSpec::default()
+        })
+        .collect();
+    // Many at once, so that the chaos starts while most jobs are still to run.
+    let jobs: Vec<(JobId, Kind, usize)> = {
+        use futures_util::StreamExt as _;
+        let client = &client;
+        futures_util::stream::iter(kinds.into_iter().enumerate())
+            .map(|(n, kind)| async move {
+                let job = client
+                    .submit(&JobSpec {
+                        script: kind.script(n),
+                        ..JobSpec::default()
+                    })
+                    .await
+                    .expect("submit");
+                (job.id, kind, n)
             })
+            .buffered(SUBMITTERS)
+            .collect()
             .await
-            .expect("submit");
-        jobs.push((job.id, kind, n));
-    }
+    };
 
     let mut report = Report {
         jobs: plan.jobs,

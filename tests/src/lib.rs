@@ -58,8 +58,12 @@ where
 /// A path to one of the workspace's binaries (built by `cargo build --workspace --bins`).
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/integration-HASH → target/debug/NAME
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // A test binary is target/debug/deps/integration-HASH, a program of this crate (such as
+    // testbot-chaos) target/debug/NAME: the workspace's binaries are in target/debug.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
