@@ -26,8 +26,9 @@ pub const SITE_LABEL_PREFIX: &str = "site:";
 /// Executors that run a job's `image`; others would ignore it.
 const IMAGE_EXECUTORS: [&str; 3] = ["docker", "podman", "kubernetes"];
 
-/// What a polling agent can take, as the broker knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a polling agent can take, as the broker knows it. Equal offers (identical agents) wait
+/// for work together: see [`crate::lifecycle::dispatch`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Offer {
     /// The site the agent enrolled in (from the broker's records, never from the request).
     pub site: String,
@@ -180,7 +181,7 @@ const REOFFER_JOBS: i64 = 2048;
 /// Wakes a waiting agent that may take job `id` (just queued or queued again).
 pub async fn job_queued(state: &AppState, id: JobId) {
     match state.store.routed_job(id).await {
-        Ok(Some(job)) => state.dispatcher.job_queued(job),
+        Ok(Some(job)) => state.dispatcher.job_queued(id, job),
         Ok(None) => {}
         Err(err) => tracing::error!(job_id = %id, ?err, "Cannot read a queued job for routing."),
     }
@@ -373,7 +374,7 @@ pub async fn sweep(state: &AppState, reoffer: bool) {
                 if state.dispatcher.waiting() == 0 {
                     break;
                 }
-                state.dispatcher.job_queued(queued.job);
+                state.dispatcher.job_queued(JobId(queued.id), queued.job);
             }
         }
         Err(err) => tracing::error!(?err, "Cannot read the queue."),

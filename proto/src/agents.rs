@@ -155,7 +155,7 @@ pub struct MetadataRequest {
 /// routes to the agent only jobs its site would take. It is a routing hint: the agent still
 /// verifies every job's token and applies its full policy before running anything. It can only
 /// narrow what the agent is sent: the broker never sends a job outside the agent's enrolled site.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySummary {
     /// Repository globs (`owner/*`, `owner/name`) some rule allows.
@@ -179,7 +179,7 @@ pub struct PolicySummary {
 
 /// One rule of a site policy, as routing matches it. `None` fields match anything, as in the
 /// policy file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSummary {
     pub name: String,
@@ -278,7 +278,7 @@ impl RuleSummary {
 }
 
 /// One allowed executor and the most a job may ask of it. `None` means no cap.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorCaps {
     /// `shell`, `slurm`, `docker`, `podman`, `kubernetes`.

@@ -192,6 +192,18 @@ impl BrokerClient {
         })
     }
 
+    /// A client for the same broker with other credentials that shares this client's
+    /// connections: one process acting as many agents (a load generator) keeps one connection
+    /// pool rather than one per identity. Each request still holds a connection of its own while
+    /// it is in flight.
+    pub fn sharing_connections(&self, credentials: Credentials) -> BrokerClient {
+        BrokerClient {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            credentials,
+        }
+    }
+
     pub fn base_url(&self) -> &str {
         &self.base
     }

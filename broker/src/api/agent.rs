@@ -88,15 +88,18 @@ pub(super) async fn poll_handler(
     let deadline = Instant::now() + wait;
     let poll = state.dispatcher.new_poll();
     // A wake-up this poll got but could not use: passed on if the next claim finds nothing.
-    let mut unused_signal = None;
+    let mut unused_signal: Option<crate::lifecycle::dispatch::Signal> = None;
     loop {
         // Register before trying to claim, so a job queued in between still wakes this poll.
         let mut ticket = state.dispatcher.register(poll, offer.clone());
         let lease = new_lease()?;
         if let Some(model) = jobs::claim(&state, &taker, &lease, lease_expiry(&state)).await? {
             drop(ticket);
-            // The wake-up may have been for another job than the one claimed: pass it on.
-            if let Some(signal) = unused_signal.take() {
+            // The wake-up may have been for another job than the one claimed: pass it on. One
+            // for this very job would only wake another poll to find nothing.
+            if let Some(signal) = unused_signal.take()
+                && signal.id != model.job_id()
+            {
                 state.dispatcher.pass_on(signal, poll);
             }
             tracing::debug!(job_id = model.id, agent = %agent_name, "Job claimed.");

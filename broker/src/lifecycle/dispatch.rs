@@ -1,16 +1,22 @@
 //! Waking idle agents the moment a job they can take is queued.
 //!
-//! An agent's long poll registers a [`Waiter`] with its routing [`Offer`], then tries to claim a
-//! job. When a job is queued, [`Dispatcher::job_queued`] hands one signal to the first waiter whose
-//! offer admits the job, so one enqueue wakes one agent that can take it (no thundering herd, no
-//! busy polling, and no waking of agents that cannot). A waiter that got a signal but could not
-//! use it (it claimed another job, or the job is held back from it) passes it on to a waiter not
-//! yet tried, so no wake-up is lost.
+//! An agent's long poll registers a waiter with its routing [`Offer`], then tries to claim a
+//! job. When a job is queued, [`Dispatcher::job_queued`] hands one signal to the longest-waiting
+//! poll whose offer admits the job, so one enqueue wakes one agent that can take it (no
+//! thundering herd, no busy polling, and no waking of agents that cannot). A poll that got a
+//! signal but could not use it (it claimed another job, or the job is held back from it) passes
+//! it on to a poll not yet tried, so no wake-up is lost.
+//!
+//! Polls with equal offers (identical agents) wait in one queue, so a queued job is matched
+//! once against each distinct offer rather than once per waiting poll: ten thousand idle agents
+//! of one kind that cannot take a job add one check to its dispatch, not ten thousand. Within a
+//! queue, and across queues, the poll that registered first is woken first.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use testbot_proto::jobs::JobId;
 use tokio::sync::oneshot;
 
 use super::events::{JobChange, JobEvent, Subscriber};
@@ -19,23 +25,30 @@ use crate::routing::{Offer, RoutedJob};
 /// A wake-up: this job was queued.
 #[derive(Debug)]
 pub struct Signal {
+    /// The queued job, so a poll that claimed this very job does not pass the wake-up on.
+    pub id: JobId,
     pub job: Arc<RoutedJob>,
     /// The polls already handed this signal.
     tried: BTreeSet<u64>,
 }
 
 struct Waiter {
-    id: u64,
     /// The poll this waiter belongs to (a poll registers again after each wake-up).
     poll: u64,
-    offer: Arc<Offer>,
     tx: oneshot::Sender<Signal>,
+}
+
+/// The waiting polls: by offer, then by registration (waiter ids rise).
+#[derive(Default)]
+struct Waiters {
+    queues: HashMap<Arc<Offer>, BTreeMap<u64, Waiter>>,
+    len: usize,
 }
 
 /// The set of polls waiting for work.
 #[derive(Default)]
 pub struct Dispatcher {
-    waiters: Mutex<VecDeque<Waiter>>,
+    waiters: Mutex<Waiters>,
     next_id: AtomicU64,
 }
 
@@ -43,6 +56,7 @@ pub struct Dispatcher {
 pub struct WaitTicket<'a> {
     dispatcher: &'a Dispatcher,
     id: u64,
+    offer: Arc<Offer>,
     rx: oneshot::Receiver<Signal>,
 }
 
@@ -56,29 +70,29 @@ impl Dispatcher {
     pub fn register(&self, poll: u64, offer: Arc<Offer>) -> WaitTicket<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .expect("dispatcher poisoned")
-            .push_back(Waiter {
-                id,
-                poll,
-                offer,
-                tx,
-            });
+        let mut waiters = self.lock();
+        waiters
+            .queues
+            .entry(offer.clone())
+            .or_default()
+            .insert(id, Waiter { poll, tx });
+        waiters.len += 1;
         WaitTicket {
             dispatcher: self,
             id,
+            offer,
             rx,
         }
     }
 
-    /// `job` is queued: wake the longest-waiting agent that may take it.
-    pub fn job_queued(&self, job: RoutedJob) {
-        self.offer(Arc::new(job));
+    /// Job `id` is queued: wake the longest-waiting agent that may take it.
+    pub fn job_queued(&self, id: JobId, job: RoutedJob) {
+        self.offer(id, Arc::new(job));
     }
 
-    fn offer(&self, job: Arc<RoutedJob>) {
+    fn offer(&self, id: JobId, job: Arc<RoutedJob>) {
         self.send(Signal {
+            id,
             job,
             tried: BTreeSet::new(),
         });
@@ -91,37 +105,66 @@ impl Dispatcher {
     }
 
     fn send(&self, mut signal: Signal) {
-        let mut waiters = self.waiters.lock().expect("dispatcher poisoned");
-        let mut i = 0;
-        while i < waiters.len() {
-            if waiters[i].tx.is_closed() {
-                waiters.remove(i);
-                continue;
-            }
-            if !signal.tried.contains(&waiters[i].poll)
-                && waiters[i].offer.admits(&signal.job).is_ok()
-            {
-                let waiter = waiters.remove(i).expect("index checked");
-                match waiter.tx.send(signal) {
-                    Ok(()) => return,
-                    Err(returned) => signal = returned,
+        let mut waiters = self.lock();
+        loop {
+            // Of the offers that admit the job, the one whose first poll not yet tried
+            // registered first. Each offer is checked only if its poll would be woken first.
+            let mut first: Option<(u64, &Arc<Offer>)> = None;
+            for (offer, queue) in &waiters.queues {
+                let Some(&id) = queue
+                    .iter()
+                    .find(|(_, waiter)| !signal.tried.contains(&waiter.poll))
+                    .map(|(id, _)| id)
+                else {
+                    continue;
+                };
+                if first.is_some_and(|(earliest, _)| earliest < id) {
+                    continue;
                 }
-                continue;
+                if offer.admits(&signal.job).is_ok() {
+                    first = Some((id, offer));
+                }
             }
-            i += 1;
+            let Some((id, offer)) = first.map(|(id, offer)| (id, offer.clone())) else {
+                return;
+            };
+            let Some(waiter) = waiters.remove(&offer, id) else {
+                return;
+            };
+            match waiter.tx.send(signal) {
+                Ok(()) => return,
+                // The poll has gone meanwhile: the next one.
+                Err(returned) => signal = returned,
+            }
         }
     }
 
     /// How many polls are waiting.
     pub fn waiting(&self) -> usize {
-        self.waiters.lock().expect("dispatcher poisoned").len()
+        self.lock().len
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().expect("dispatcher poisoned")
+    }
+}
+
+impl Waiters {
+    fn remove(&mut self, offer: &Arc<Offer>, id: u64) -> Option<Waiter> {
+        let queue = self.queues.get_mut(offer)?;
+        let waiter = queue.remove(&id)?;
+        if queue.is_empty() {
+            self.queues.remove(offer);
+        }
+        self.len -= 1;
+        Some(waiter)
     }
 }
 
 impl Subscriber for Dispatcher {
     fn on_event(&self, event: &JobEvent) {
         if let JobChange::Queued { job, .. } = &event.change {
-            self.offer(job.clone());
+            self.offer(event.id, job.clone());
         }
     }
 }
@@ -135,12 +178,13 @@ impl WaitTicket<'_> {
 
 impl Drop for WaitTicket<'_> {
     fn drop(&mut self) {
+        if self
+            .dispatcher
+            .lock()
+            .remove(&self.offer, self.id)
+            .is_some()
         {
-            let mut waiters = self.dispatcher.waiters.lock().expect("dispatcher poisoned");
-            if let Some(pos) = waiters.iter().position(|w| w.id == self.id) {
-                waiters.remove(pos);
-                return;
-            }
+            return;
         }
         // Already popped: if a signal was delivered but not used, hand it on.
         self.rx.close();
@@ -181,7 +225,7 @@ mod tests {
         let d = Dispatcher::default();
         let mut gpu = d.register(d.new_poll(), offer(&["gpu"]));
         let mut cpu = d.register(d.new_poll(), offer(&["cpu"]));
-        d.job_queued(job(&["cpu"]));
+        d.job_queued(JobId(1), job(&["cpu"]));
         tokio::time::timeout(std::time::Duration::from_secs(1), cpu.signalled())
             .await
             .unwrap();
@@ -198,7 +242,7 @@ mod tests {
     async fn a_job_no_waiter_can_take_wakes_none() {
         let d = Dispatcher::default();
         let mut other_site = d.register(d.new_poll(), offer(&[]));
-        d.job_queued(job(&["site:elsewhere"]));
+        d.job_queued(JobId(2), job(&["site:elsewhere"]));
         assert!(other_site.rx.try_recv().is_err());
         assert_eq!(d.waiting(), 1);
     }
@@ -208,7 +252,7 @@ mod tests {
         let d = Dispatcher::default();
         let first = d.register(d.new_poll(), offer(&[]));
         let mut second = d.register(d.new_poll(), offer(&[]));
-        d.job_queued(job(&[]));
+        d.job_queued(JobId(3), job(&[]));
         // The first waiter got the signal but claimed something else and went away.
         drop(first);
         tokio::time::timeout(std::time::Duration::from_secs(1), second.signalled())
@@ -221,7 +265,7 @@ mod tests {
         let d = Dispatcher::default();
         let (p1, p2) = (d.new_poll(), d.new_poll());
         let mut first = d.register(p1, offer(&[]));
-        d.job_queued(job(&[]));
+        d.job_queued(JobId(4), job(&[]));
         let signal = first.signalled().await.unwrap();
         // The first poll could not claim it and waits again, behind the second.
         let mut again = d.register(p1, offer(&[]));
@@ -236,6 +280,30 @@ mod tests {
         assert!(
             again.rx.try_recv().is_err(),
             "every poll tried it: it stops"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_longest_waiting_poll_is_woken_whatever_its_offer() {
+        let d = Dispatcher::default();
+        let mut first = d.register(d.new_poll(), offer(&["cpu"]));
+        let mut second = d.register(d.new_poll(), offer(&["cpu", "gpu"]));
+        let mut third = d.register(d.new_poll(), offer(&["cpu"]));
+        let mut never = d.register(d.new_poll(), offer(&["gpu"]));
+        for id in 1..=3 {
+            d.job_queued(JobId(id), job(&["cpu"]));
+        }
+        let woken = |rx: &mut oneshot::Receiver<Signal>| rx.try_recv().map(|signal| signal.id);
+        assert_eq!(woken(&mut first.rx), Ok(JobId(1)));
+        assert_eq!(woken(&mut second.rx), Ok(JobId(2)));
+        assert_eq!(woken(&mut third.rx), Ok(JobId(3)));
+        assert!(never.rx.try_recv().is_err());
+        assert_eq!(d.waiting(), 1);
+        drop(never);
+        assert_eq!(d.waiting(), 0);
+        assert!(
+            d.lock().queues.is_empty(),
+            "an offer no poll waits with is forgotten"
         );
     }
 }
