@@ -18,8 +18,16 @@ use tokio::sync::mpsc;
 
 use crate::executor::{Checkpoint, LogRecord};
 
-/// Send a chunk once it holds this many bytes, without waiting for more lines.
-const TARGET_CHUNK_BYTES: usize = 64 * 1024;
+/// Send a chunk once it holds this many bytes, without waiting for more lines. As much as the
+/// broker takes in one chunk: a job that prints fast is shipped in as few requests as can be,
+/// and each request costs the same (signing, a round trip, a transaction) whatever its size.
+const TARGET_CHUNK_BYTES: usize = MAX_CHUNK_BYTES;
+
+/// Most bytes a chunk's data may take escaped as a JSON string (each newline takes 2, each
+/// control character without a short escape 6: a colour code's ESC is `\u001b`). The broker's
+/// default body limit (1 MiB) holds such a chunk and its envelope with room to spare, however
+/// many control characters the job printed.
+const MAX_ENCODED_CHUNK_BYTES: usize = MAX_CHUNK_BYTES + MAX_CHUNK_BYTES / 4;
 
 /// How shipping ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,20 +228,73 @@ impl Marks {
     }
 }
 
-/// The end of the next chunk: all of `pending`, or the last whole line within the chunk limit.
+/// The end of the next chunk: all of `pending`, or the last whole line within the chunk limits
+/// ([`MAX_CHUNK_BYTES`] of log, [`MAX_ENCODED_CHUNK_BYTES`] once escaped for JSON).
 fn chunk_end(pending: &str) -> usize {
-    if pending.len() <= MAX_CHUNK_BYTES {
-        return pending.len();
+    let window = &pending.as_bytes()[..pending.len().min(MAX_CHUNK_BYTES)];
+    // The common case, in one pass that the compiler vectorises: the window fits escaped.
+    let escaped = window.len() + window.iter().map(|&b| json_extra(b)).sum::<usize>();
+    let end = if escaped <= MAX_ENCODED_CHUNK_BYTES {
+        window.len()
+    } else {
+        // Many escapes: stop where the escaped size reaches the limit.
+        let mut escaped = 0;
+        window
+            .iter()
+            .position(|&b| {
+                escaped += 1 + json_extra(b);
+                escaped > MAX_ENCODED_CHUNK_BYTES
+            })
+            .unwrap_or(window.len())
+    };
+    if end == pending.len() {
+        return end;
     }
-    match pending[..MAX_CHUNK_BYTES].rfind('\n') {
+    match pending.as_bytes()[..end].iter().rposition(|&b| b == b'\n') {
         Some(nl) => nl + 1,
-        None => pending.floor_char_boundary(MAX_CHUNK_BYTES),
+        None => pending.floor_char_boundary(end),
     }
+}
+
+/// The bytes a JSON string escape adds to `b`: 1 for `"`, `\\` and the control characters
+/// with a short escape (`\n`, `\t`, ...), 5 for other control characters (`\u001b`).
+fn json_extra(b: u8) -> usize {
+    let short = matches!(b, b'"' | b'\\' | b'\n' | b'\t' | b'\r' | 0x08 | 0x0c);
+    let control = b < 0x20;
+    usize::from(short) + 5 * usize::from(control && !short)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_end_at_a_line_within_both_limits() {
+        let line = format!("{}\n", "x".repeat(99));
+        // Small: all of it.
+        assert_eq!(chunk_end(&line.repeat(10)), 1000);
+        // Plain text: whole lines up to the size limit.
+        let plain = line.repeat(MAX_CHUNK_BYTES / 100 + 10);
+        let cut = chunk_end(&plain);
+        assert_eq!(cut, MAX_CHUNK_BYTES / 100 * 100);
+        // Colour codes everywhere: whole lines whose JSON form fits.
+        let coloured = format!("{}\n", "\u{1b}[0m".repeat(20)).repeat(MAX_CHUNK_BYTES / 80);
+        let cut = chunk_end(&coloured);
+        assert!(coloured[..cut].ends_with('\n'));
+        let encoded = serde_json::to_string(&coloured[..cut]).unwrap().len() - 2;
+        assert!(encoded <= MAX_ENCODED_CHUNK_BYTES, "{encoded}");
+        assert!(
+            encoded + 2 * 6 * 20 > MAX_ENCODED_CHUNK_BYTES,
+            "{encoded}: cut too early"
+        );
+        // Every escape counts as serde_json writes it.
+        let odd = "\"\\\n\t\r\u{8}\u{c}\u{1}\u{1f} é";
+        let extra: usize = odd.bytes().map(json_extra).sum();
+        assert_eq!(
+            odd.len() + extra,
+            serde_json::to_string(odd).unwrap().len() - 2
+        );
+    }
 
     #[test]
     fn a_secret_cut_with_a_long_line_is_masked_in_both_pieces() {
