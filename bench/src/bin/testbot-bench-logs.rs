@@ -17,6 +17,8 @@
 //!   its arrival at the follower (this process's clock: the same machine, the same clock);
 //!   p50, p99 and max within the run. **read → seen** is the same from the agent's own
 //!   timestamp of the line (when it read it, to the millisecond);
+//! - **read back**: the whole stored log read by a client once the job has ended (a log opened
+//!   after the fact, or a follower that joins late), in bytes per second;
 //! - the process's CPU time per second and its peak resident memory (broker, agent and clients
 //!   together: they share the process; the job's own processes are not counted).
 //!
@@ -202,13 +204,14 @@ async fn try_main(opts: Opts) -> anyhow::Result<()> {
             .with_context(|| format!("Run {run} failed"))?;
         eprintln!(
             "[run {run}/{runs}] ingest {:.1} MB/s; end to end {:.2} s; printed → seen p50 {:.1} ms, \
-             p99 {:.1} ms, max {:.1} ms ({} lines); {} stored ({:.1} s)",
+             p99 {:.1} ms, max {:.1} ms ({} lines); read back {:.0} MB/s; {} stored ({:.1} s)",
             result.ingest_bytes_per_sec / 1e6,
             result.end_to_end.as_secs_f64(),
             ms(result.printed_p50),
             ms(result.printed_p99),
             ms(result.printed_max),
             result.stamps,
+            result.log_bytes as f64 / 1e6 / result.read_back.as_secs_f64(),
             megabytes(result.log_bytes),
             began.elapsed().as_secs_f64()
         );
@@ -264,6 +267,8 @@ struct RunResult {
     stamps: usize,
     /// Process CPU time per second from submit until the follower had every byte.
     cpu_cores: Option<f64>,
+    /// Reading the whole stored log back once the job has ended (not following).
+    read_back: Duration,
     /// Peak resident memory of the process during the run.
     peak_rss: Option<u64>,
 }
@@ -346,6 +351,7 @@ async fn measure(fleet: &BenchFleet, plan: &Plan) -> anyhow::Result<RunResult> {
     let ingest = stored_at
         .saturating_duration_since(started_at)
         .max(POLL_INTERVAL);
+    let read_back = read_back(client, job.id, done.log_bytes).await?;
     let p = |samples: &[Duration], p: f64| percentile(samples, p).unwrap_or_default();
     Ok(RunResult {
         log_bytes: done.log_bytes,
@@ -359,8 +365,33 @@ async fn measure(fleet: &BenchFleet, plan: &Plan) -> anyhow::Result<RunResult> {
         read_p99: p(&followed.read, 99.0),
         stamps: followed.printed.len(),
         cpu_cores,
+        read_back,
         peak_rss,
     })
+}
+
+/// Reads the whole log of the ended job, as a client that opens it afterwards does; checks that
+/// it is all there.
+async fn read_back(client: &BrokerClient, id: JobId, log_bytes: u64) -> anyhow::Result<Duration> {
+    use futures_util::StreamExt as _;
+    let began = Instant::now();
+    let stream = client
+        .log_stream(id, 0, false)
+        .await
+        .with_context(|| format!("Cannot read the log of job {id}"))?;
+    let mut stream = std::pin::pin!(stream);
+    let mut bytes = 0u64;
+    while let Some(piece) = stream.next().await {
+        bytes += piece
+            .with_context(|| format!("The log of job {id} broke off"))?
+            .len() as u64;
+    }
+    let took = began.elapsed();
+    anyhow::ensure!(
+        bytes == log_bytes,
+        "Reading the log back gave {bytes} bytes of {log_bytes}"
+    );
+    Ok(took)
 }
 
 fn ensure_succeeded(job: &testbot_proto::jobs::Job) -> anyhow::Result<()> {
@@ -540,6 +571,9 @@ fn render_report(machine: &str, plan: &Plan, results: &[RunResult]) -> String {
     row("read → seen p50", "ms", 1, &|r| Some(ms(r.read_p50)));
     row("read → seen p99", "ms", 1, &|r| Some(ms(r.read_p99)));
     row("stamped lines", "", 0, &|r| Some(r.stamps as f64));
+    row("read back rate", "MB/s", 1, &|r| {
+        Some(r.log_bytes as f64 / 1e6 / r.read_back.as_secs_f64())
+    });
     row("CPU cores (process)", "", 2, &|r| r.cpu_cores);
     row("peak RSS (process)", "MB", 0, &|r| {
         r.peak_rss.map(|b| b as f64 / 1e6)
@@ -550,8 +584,9 @@ fn render_report(machine: &str, plan: &Plan, results: &[RunResult]) -> String {
         "ingest: log bytes stored ÷ (the agent starts the job → the broker's log_bytes reaches its \
          final size, sampled every {} ms). end to end: submit → the following client has every \
          byte. printed → seen: a stamped stderr line's `date +%s%N` → its arrival at the \
-         follower; read → seen: the agent's timestamp of the line (to the ms) → arrival. CPU and \
-         RSS are of the whole process (broker, agent and clients share it), not the job's.",
+         follower; read → seen: the agent's timestamp of the line (to the ms) → arrival. read back: \
+         the whole log read by a client once the job has ended (not following). CPU and RSS \
+         (from submit until the follower has every byte) are of the whole process (broker, agent and clients share it), not the job's.",
         POLL_INTERVAL.as_millis()
     );
     let _ = writeln!(out);
