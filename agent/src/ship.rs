@@ -1,7 +1,8 @@
 //! Shipping a job's output to the broker as it is produced.
 //!
 //! Lines are sent as soon as no request is in flight, so a lone line reaches followers within a
-//! round trip, and lines that arrive during a request are batched into the next one. A chunk
+//! round trip, and lines that arrive during a request are batched into the next one (taken from
+//! the executor and formatted while the request is in flight, up to a chunk's worth). A chunk
 //! that fails for want of the broker is re-sent from the same offset until it is acknowledged:
 //! the broker ignores bytes it already holds, so nothing is lost or doubled.
 //!
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use testbot_proto::client::{Backoff, BrokerClient, ClientError};
 use testbot_proto::jobs::JobId;
-use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, MAX_LINE_BYTES, Stream, format_line};
+use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, MAX_LINE_BYTES, Stream, push_line};
 use testbot_proto::secrets::Masker;
 use tokio::sync::mpsc;
 
@@ -97,12 +98,13 @@ pub async fn ship_log(
             stderr_pos: sent.stderr,
         };
         on_send(after);
-        match client.append_log(id, &chunk).await {
+        let sending = client.append_log(id, &chunk);
+        match while_sending(sending, &mut rx, &mut queued, cut + TARGET_CHUNK_BYTES).await {
             Ok(_) => {
                 backoff.reset();
                 offset += cut as u64;
                 queued.pending.drain(..cut);
-                queued.marks = sent;
+                queued.marks.acknowledge(cut);
                 on_ack(after);
             }
             Err(err) if err.is_retryable() => {
@@ -116,6 +118,40 @@ pub async fn ship_log(
                 // Keep reading so the job is never blocked on a full channel.
                 tokio::spawn(async move { while rx.recv().await.is_some() {} });
                 return end;
+            }
+        }
+    }
+}
+
+/// Waits for `request` (a chunk being sent), meanwhile taking records from `rx` until `queued`
+/// holds `limit` bytes: the next chunk is formatted while the broker stores this one, and the job
+/// is not held up waiting for room in the channel.
+async fn while_sending<T>(
+    request: impl std::future::Future<Output = T>,
+    rx: &mut mpsc::Receiver<LogRecord>,
+    queued: &mut Queued,
+    limit: usize,
+) -> T {
+    let mut request = std::pin::pin!(request);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut request => return done,
+            record = rx.recv(), if open && queued.pending.len() < limit => {
+                let Some(record) = record else {
+                    // The job's output ended; the loop above finds that out again.
+                    open = false;
+                    continue;
+                };
+                queued.push(record);
+                // Whatever else is waiting, before polling the request again.
+                while queued.pending.len() < limit {
+                    match rx.try_recv() {
+                        Ok(record) => queued.push(record),
+                        Err(_) => break,
+                    }
+                }
             }
         }
     }
@@ -138,6 +174,9 @@ struct Queued {
     facts: Vec<(String, String)>,
     cuts: Cuts,
     masker: Masker,
+    /// The time of the last line pushed, and that time formatted: lines come many a millisecond.
+    stamp_ms: Option<i64>,
+    stamp: String,
 }
 
 impl Queued {
@@ -148,6 +187,8 @@ impl Queued {
             facts: Vec::new(),
             cuts: Cuts::default(),
             masker,
+            stamp_ms: None,
+            stamp: String::new(),
         }
     }
 
@@ -159,8 +200,11 @@ impl Queued {
             return;
         }
         let text = self.cuts.mask(&self.masker, record.stream, &record.text);
-        self.pending
-            .push_str(&format_line(record.ts_ms, record.stream, &text));
+        if self.stamp_ms != Some(record.ts_ms) {
+            self.stamp_ms = Some(record.ts_ms);
+            self.stamp = testbot_proto::format_ms(record.ts_ms);
+        }
+        push_line(&mut self.pending, &self.stamp, record.stream, &text);
         if let Some(pos) = record.mark {
             self.marks
                 .pending
@@ -232,12 +276,22 @@ impl Marks {
 /// ([`MAX_CHUNK_BYTES`] of log, [`MAX_ENCODED_CHUNK_BYTES`] once escaped for JSON).
 fn chunk_end(pending: &str) -> usize {
     let window = &pending.as_bytes()[..pending.len().min(MAX_CHUNK_BYTES)];
-    // The common case, in one pass that the compiler vectorises: the window fits escaped.
-    let escaped = window.len() + window.iter().map(|&b| json_extra(b)).sum::<usize>();
-    let end = if escaped <= MAX_ENCODED_CHUNK_BYTES {
+    // The common case, in one pass that the compiler vectorises: the window fits escaped even
+    // if every byte that has an escape took the longest one.
+    let escapes: usize = window
+        .chunks(255)
+        .map(|piece| {
+            let count: u8 = piece
+                .iter()
+                .map(|&b| u8::from((b < 0x20) | (b == b'"') | (b == b'\\')))
+                .sum();
+            usize::from(count)
+        })
+        .sum();
+    let end = if window.len() + 5 * escapes <= MAX_ENCODED_CHUNK_BYTES {
         window.len()
     } else {
-        // Many escapes: stop where the escaped size reaches the limit.
+        // Many escapes: count them exactly, and stop where the escaped size reaches the limit.
         let mut escaped = 0;
         window
             .iter()
