@@ -204,7 +204,8 @@ async fn try_main(opts: Opts) -> anyhow::Result<()> {
             .with_context(|| format!("Run {run} failed"))?;
         eprintln!(
             "[run {run}/{runs}] ingest {:.1} MB/s; end to end {:.2} s; printed → seen p50 {:.1} ms, \
-             p99 {:.1} ms, max {:.1} ms ({} lines); read back {:.0} MB/s; {} stored ({:.1} s)",
+             p99 {:.1} ms, max {:.1} ms ({} lines); read back {:.0} MB/s; CPU {:.1} ms/MB; {} stored \
+             ({:.1} s)",
             result.ingest_bytes_per_sec / 1e6,
             result.end_to_end.as_secs_f64(),
             ms(result.printed_p50),
@@ -212,6 +213,7 @@ async fn try_main(opts: Opts) -> anyhow::Result<()> {
             ms(result.printed_max),
             result.stamps,
             result.log_bytes as f64 / 1e6 / result.read_back.as_secs_f64(),
+            result.cpu_ms_per_mb.unwrap_or(f64::NAN),
             megabytes(result.log_bytes),
             began.elapsed().as_secs_f64()
         );
@@ -267,6 +269,8 @@ struct RunResult {
     stamps: usize,
     /// Process CPU time per second from submit until the follower had every byte.
     cpu_cores: Option<f64>,
+    /// The same CPU time per megabyte stored: what the log costs, however busy the machine.
+    cpu_ms_per_mb: Option<f64>,
     /// Reading the whole stored log back once the job has ended (not following).
     read_back: Duration,
     /// Peak resident memory of the process during the run.
@@ -318,9 +322,9 @@ async fn measure(fleet: &BenchFleet, plan: &Plan) -> anyhow::Result<RunResult> {
     let sizes = tokio::spawn(watch_size(client.clone(), job.id));
     let followed = follower.await.context("The follower panicked")??;
     let wall = submit_at.elapsed();
-    let cpu_cores = cpu_before
+    let cpu = cpu_before
         .zip(process_cpu_time())
-        .map(|(before, after)| (after - before).as_secs_f64() / wall.as_secs_f64());
+        .map(|(before, after)| after - before);
     let peak_rss = if rss_reset { peak_rss() } else { None };
     let stored_at = sizes.await.context("The size watcher panicked")??;
 
@@ -364,7 +368,8 @@ async fn measure(fleet: &BenchFleet, plan: &Plan) -> anyhow::Result<RunResult> {
         read_p50: p(&followed.read, 50.0),
         read_p99: p(&followed.read, 99.0),
         stamps: followed.printed.len(),
-        cpu_cores,
+        cpu_cores: cpu.map(|cpu| cpu.as_secs_f64() / wall.as_secs_f64()),
+        cpu_ms_per_mb: cpu.map(|cpu| ms(cpu) / (done.log_bytes as f64 / 1e6)),
         read_back,
         peak_rss,
     })
@@ -575,6 +580,9 @@ fn render_report(machine: &str, plan: &Plan, results: &[RunResult]) -> String {
         Some(r.log_bytes as f64 / 1e6 / r.read_back.as_secs_f64())
     });
     row("CPU cores (process)", "", 2, &|r| r.cpu_cores);
+    row("CPU time per stored MB (process)", "ms", 1, &|r| {
+        r.cpu_ms_per_mb
+    });
     row("peak RSS (process)", "MB", 0, &|r| {
         r.peak_rss.map(|b| b as f64 / 1e6)
     });
