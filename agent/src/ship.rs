@@ -1,7 +1,8 @@
 //! Shipping a job's output to the broker as it is produced.
 //!
 //! Lines are sent as soon as no request is in flight, so a lone line reaches followers within a
-//! round trip, and lines that arrive during a request are batched into the next one. A chunk
+//! round trip, and lines that arrive during a request are batched into the next one (taken from
+//! the executor and formatted while the request is in flight, up to a chunk's worth). A chunk
 //! that fails for want of the broker is re-sent from the same offset until it is acknowledged:
 //! the broker ignores bytes it already holds, so nothing is lost or doubled.
 //!
@@ -12,14 +13,22 @@ use std::time::Duration;
 
 use testbot_proto::client::{Backoff, BrokerClient, ClientError};
 use testbot_proto::jobs::JobId;
-use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, MAX_LINE_BYTES, Stream, format_line};
+use testbot_proto::logs::{LogChunk, MAX_CHUNK_BYTES, MAX_LINE_BYTES, Stream, push_line};
 use testbot_proto::secrets::Masker;
 use tokio::sync::mpsc;
 
 use crate::executor::{Checkpoint, LogRecord};
 
-/// Send a chunk once it holds this many bytes, without waiting for more lines.
-const TARGET_CHUNK_BYTES: usize = 64 * 1024;
+/// Send a chunk once it holds this many bytes, without waiting for more lines. As much as the
+/// broker takes in one chunk: a job that prints fast is shipped in as few requests as can be,
+/// and each request costs the same (signing, a round trip, a transaction) whatever its size.
+const TARGET_CHUNK_BYTES: usize = MAX_CHUNK_BYTES;
+
+/// Most bytes a chunk's data may take escaped as a JSON string (each newline takes 2, each
+/// control character without a short escape 6: a colour code's ESC is `\u001b`). The broker's
+/// default body limit (1 MiB) holds such a chunk and its envelope with room to spare, however
+/// many control characters the job printed.
+const MAX_ENCODED_CHUNK_BYTES: usize = MAX_CHUNK_BYTES + MAX_CHUNK_BYTES / 4;
 
 /// How shipping ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,12 +98,13 @@ pub async fn ship_log(
             stderr_pos: sent.stderr,
         };
         on_send(after);
-        match client.append_log(id, &chunk).await {
+        let sending = client.append_log(id, &chunk);
+        match while_sending(sending, &mut rx, &mut queued, cut + TARGET_CHUNK_BYTES).await {
             Ok(_) => {
                 backoff.reset();
                 offset += cut as u64;
                 queued.pending.drain(..cut);
-                queued.marks = sent;
+                queued.marks.acknowledge(cut);
                 on_ack(after);
             }
             Err(err) if err.is_retryable() => {
@@ -108,6 +118,40 @@ pub async fn ship_log(
                 // Keep reading so the job is never blocked on a full channel.
                 tokio::spawn(async move { while rx.recv().await.is_some() {} });
                 return end;
+            }
+        }
+    }
+}
+
+/// Waits for `request` (a chunk being sent), meanwhile taking records from `rx` until `queued`
+/// holds `limit` bytes: the next chunk is formatted while the broker stores this one, and the job
+/// is not held up waiting for room in the channel.
+async fn while_sending<T>(
+    request: impl std::future::Future<Output = T>,
+    rx: &mut mpsc::Receiver<LogRecord>,
+    queued: &mut Queued,
+    limit: usize,
+) -> T {
+    let mut request = std::pin::pin!(request);
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut request => return done,
+            record = rx.recv(), if open && queued.pending.len() < limit => {
+                let Some(record) = record else {
+                    // The job's output ended; the loop above finds that out again.
+                    open = false;
+                    continue;
+                };
+                queued.push(record);
+                // Whatever else is waiting, before polling the request again.
+                while queued.pending.len() < limit {
+                    match rx.try_recv() {
+                        Ok(record) => queued.push(record),
+                        Err(_) => break,
+                    }
+                }
             }
         }
     }
@@ -130,6 +174,9 @@ struct Queued {
     facts: Vec<(String, String)>,
     cuts: Cuts,
     masker: Masker,
+    /// The time of the last line pushed, and that time formatted: lines come many a millisecond.
+    stamp_ms: Option<i64>,
+    stamp: String,
 }
 
 impl Queued {
@@ -140,6 +187,8 @@ impl Queued {
             facts: Vec::new(),
             cuts: Cuts::default(),
             masker,
+            stamp_ms: None,
+            stamp: String::new(),
         }
     }
 
@@ -151,8 +200,11 @@ impl Queued {
             return;
         }
         let text = self.cuts.mask(&self.masker, record.stream, &record.text);
-        self.pending
-            .push_str(&format_line(record.ts_ms, record.stream, &text));
+        if self.stamp_ms != Some(record.ts_ms) {
+            self.stamp_ms = Some(record.ts_ms);
+            self.stamp = testbot_proto::format_ms(record.ts_ms);
+        }
+        push_line(&mut self.pending, &self.stamp, record.stream, &text);
         if let Some(pos) = record.mark {
             self.marks
                 .pending
@@ -220,20 +272,83 @@ impl Marks {
     }
 }
 
-/// The end of the next chunk: all of `pending`, or the last whole line within the chunk limit.
+/// The end of the next chunk: all of `pending`, or the last whole line within the chunk limits
+/// ([`MAX_CHUNK_BYTES`] of log, [`MAX_ENCODED_CHUNK_BYTES`] once escaped for JSON).
 fn chunk_end(pending: &str) -> usize {
-    if pending.len() <= MAX_CHUNK_BYTES {
-        return pending.len();
+    let window = &pending.as_bytes()[..pending.len().min(MAX_CHUNK_BYTES)];
+    // The common case, in one pass that the compiler vectorises: the window fits escaped even
+    // if every byte that has an escape took the longest one.
+    let escapes: usize = window
+        .chunks(255)
+        .map(|piece| {
+            let count: u8 = piece
+                .iter()
+                .map(|&b| u8::from((b < 0x20) | (b == b'"') | (b == b'\\')))
+                .sum();
+            usize::from(count)
+        })
+        .sum();
+    let end = if window.len() + 5 * escapes <= MAX_ENCODED_CHUNK_BYTES {
+        window.len()
+    } else {
+        // Many escapes: count them exactly, and stop where the escaped size reaches the limit.
+        let mut escaped = 0;
+        window
+            .iter()
+            .position(|&b| {
+                escaped += 1 + json_extra(b);
+                escaped > MAX_ENCODED_CHUNK_BYTES
+            })
+            .unwrap_or(window.len())
+    };
+    if end == pending.len() {
+        return end;
     }
-    match pending[..MAX_CHUNK_BYTES].rfind('\n') {
+    match pending.as_bytes()[..end].iter().rposition(|&b| b == b'\n') {
         Some(nl) => nl + 1,
-        None => pending.floor_char_boundary(MAX_CHUNK_BYTES),
+        None => pending.floor_char_boundary(end),
     }
+}
+
+/// The bytes a JSON string escape adds to `b`: 1 for `"`, `\\` and the control characters
+/// with a short escape (`\n`, `\t`, ...), 5 for other control characters (`\u001b`).
+fn json_extra(b: u8) -> usize {
+    let short = matches!(b, b'"' | b'\\' | b'\n' | b'\t' | b'\r' | 0x08 | 0x0c);
+    let control = b < 0x20;
+    usize::from(short) + 5 * usize::from(control && !short)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_end_at_a_line_within_both_limits() {
+        let line = format!("{}\n", "x".repeat(99));
+        // Small: all of it.
+        assert_eq!(chunk_end(&line.repeat(10)), 1000);
+        // Plain text: whole lines up to the size limit.
+        let plain = line.repeat(MAX_CHUNK_BYTES / 100 + 10);
+        let cut = chunk_end(&plain);
+        assert_eq!(cut, MAX_CHUNK_BYTES / 100 * 100);
+        // Colour codes everywhere: whole lines whose JSON form fits.
+        let coloured = format!("{}\n", "\u{1b}[0m".repeat(20)).repeat(MAX_CHUNK_BYTES / 80);
+        let cut = chunk_end(&coloured);
+        assert!(coloured[..cut].ends_with('\n'));
+        let encoded = serde_json::to_string(&coloured[..cut]).unwrap().len() - 2;
+        assert!(encoded <= MAX_ENCODED_CHUNK_BYTES, "{encoded}");
+        assert!(
+            encoded + 2 * 6 * 20 > MAX_ENCODED_CHUNK_BYTES,
+            "{encoded}: cut too early"
+        );
+        // Every escape counts as serde_json writes it.
+        let odd = "\"\\\n\t\r\u{8}\u{c}\u{1}\u{1f} é";
+        let extra: usize = odd.bytes().map(json_extra).sum();
+        assert_eq!(
+            odd.len() + extra,
+            serde_json::to_string(odd).unwrap().len() - 2
+        );
+    }
 
     #[test]
     fn a_secret_cut_with_a_long_line_is_masked_in_both_pieces() {

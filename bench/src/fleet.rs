@@ -156,8 +156,8 @@ impl Storage {
     }
 }
 
-/// Brokers with default settings (SQLite in a fresh data directory, or PostgreSQL shared by
-/// several), and `agents` agents of concurrency 1 spread over them.
+/// Brokers with default settings unless told otherwise (SQLite in a fresh data directory, or
+/// PostgreSQL shared by several), and `agents` agents of concurrency 1 spread over them.
 pub struct BenchFleet {
     /// A client with the operator token, for submitting and watching jobs.
     pub client: BrokerClient,
@@ -176,6 +176,17 @@ impl BenchFleet {
         storage: &Storage,
         executor: ExecutorChoice,
         agents: usize,
+    ) -> anyhow::Result<BenchFleet> {
+        Self::start_with(storage, executor, agents, |_| {}).await
+    }
+
+    /// Like [`BenchFleet::start`], with each broker's configuration changed by `configure`
+    /// before it starts (e.g. a larger log limit).
+    pub async fn start_with(
+        storage: &Storage,
+        executor: ExecutorChoice,
+        agents: usize,
+        configure: impl Fn(&mut BrokerConfig),
     ) -> anyhow::Result<BenchFleet> {
         let dir = tempfile::tempdir().context("Cannot create a temporary directory")?;
         let database = match &storage.database_url {
@@ -199,6 +210,7 @@ impl BenchFleet {
             let mut config =
                 BrokerConfig::new("127.0.0.1:0".parse().expect("static address"), data_dir);
             config.database_url = database.as_ref().map(|db| db.url.clone());
+            configure(&mut config);
             brokers.push(
                 Broker::start(config)
                     .await

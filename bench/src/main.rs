@@ -7,13 +7,12 @@
 //! spreads over all of them; the table shows the median of each figure across runs.
 //!
 //! Layout:
-//! - [`fleet`]: the broker, the agents, and the executor wrapper that stamps job starts.
+//! - [`testbot_bench::fleet`]: the broker, the agents, and the executor wrapper that stamps job
+//!   starts.
 //! - [`measure`]: one run: warm-up, latency with one job in flight, throughput with many.
-//! - [`stats`]: percentiles and medians.
+//! - [`testbot_bench::stats`]: percentiles and medians.
 
-mod fleet;
 mod measure;
-mod stats;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -22,9 +21,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 
-use crate::fleet::ExecutorChoice;
+use testbot_bench::fleet::{self, ExecutorChoice};
+use testbot_bench::stats::{median, ms};
+use testbot_bench::system::machine;
+
 use crate::measure::{RunPlan, RunResult, run_once};
-use crate::stats::{median, ms};
 
 /// Target: median submit → agent start latency.
 const TARGET_START_P50: Duration = Duration::from_millis(10);
@@ -377,19 +378,4 @@ fn agents_label(agents: usize) -> String {
 
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
-}
-
-/// The CPU count and model, for the report.
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} CPUs ({model})")
 }

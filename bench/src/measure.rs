@@ -11,8 +11,9 @@ use testbot_proto::client::BrokerClient;
 use testbot_proto::jobs::{JobId, JobListQuery, JobSpec, JobState};
 use tokio::time::Instant;
 
-use crate::fleet::{BenchFleet, ExecutorChoice};
-use crate::stats::percentile;
+use testbot_bench::fleet::{BenchFleet, ExecutorChoice};
+use testbot_bench::stats::percentile;
+use testbot_bench::system::process_cpu_time;
 
 /// Jobs run before measuring (at least two per agent), so every agent has connected and every
 /// code path is warm.
@@ -29,7 +30,7 @@ const LIST_LIMIT: u32 = 1000;
 /// What one run measures.
 #[derive(Debug, Clone)]
 pub struct RunPlan {
-    pub storage: std::sync::Arc<crate::fleet::Storage>,
+    pub storage: std::sync::Arc<testbot_bench::fleet::Storage>,
     pub executor: ExecutorChoice,
     pub agents: usize,
     /// Jobs submitted one at a time, each after the previous one finished.
@@ -160,21 +161,6 @@ fn since_ms(from: SystemTime, ms: i64) -> Duration {
     (UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
         .duration_since(from)
         .unwrap_or_default()
-}
-
-/// The CPU time (user and system) this process has used, from `/proc/self/stat`.
-fn process_cpu_time() -> Option<Duration> {
-    /// `/proc` counts in USER_HZ ticks, which Linux fixes at 100 per second.
-    const TICKS_PER_SEC: u64 = 100;
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which is in parentheses and may contain spaces:
-    // state is field 3, utime 14 and stime 15.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis(
-        (utime + stime) * 1000 / TICKS_PER_SEC,
-    ))
 }
 
 /// Follows the job's log until the broker closes it, which it does the moment the job has its

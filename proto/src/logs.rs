@@ -80,20 +80,28 @@ impl Stream {
 /// Formats one record, newline included. Newlines inside `text` are replaced by spaces, so one
 /// record is always one line.
 pub fn format_line(ts_ms: i64, stream: Stream, text: &str) -> String {
+    let mut line = String::with_capacity(text.len() + 28);
+    push_line(&mut line, &crate::format_ms(ts_ms), stream, text);
+    line
+}
+
+/// Appends one record to `out`, as [`format_line`] formats it, with its time already formatted
+/// (`timestamp`, from [`crate::format_ms`]): a writer of many lines formats each millisecond
+/// once.
+pub fn push_line(out: &mut String, timestamp: &str, stream: Stream, text: &str) {
     let text = text.strip_suffix('\n').unwrap_or(text);
     let text = text.strip_suffix('\r').unwrap_or(text);
-    let mut line = String::with_capacity(text.len() + 28);
-    line.push_str(&crate::format_ms(ts_ms));
-    line.push(' ');
-    line.push(stream.code());
-    line.push(' ');
+    out.reserve(timestamp.len() + text.len() + 4);
+    out.push_str(timestamp);
+    out.push(' ');
+    out.push(stream.code());
+    out.push(' ');
     if text.contains('\n') {
-        line.push_str(&text.replace('\n', " "));
+        out.push_str(&text.replace('\n', " "));
     } else {
-        line.push_str(text);
+        out.push_str(text);
     }
-    line.push('\n');
-    line
+    out.push('\n');
 }
 
 /// One parsed record of a stored log.
@@ -140,6 +148,19 @@ mod tests {
         assert_eq!(parsed.stream, Stream::Stderr);
         assert_eq!(parsed.text, "oops");
         assert_eq!(parsed.timestamp, "2025-11-22T07:50:00.123Z");
+    }
+
+    #[test]
+    fn pushed_lines_are_formatted_lines() {
+        let mut out = String::new();
+        let stamp = crate::format_ms(1_763_797_800_123);
+        push_line(&mut out, &stamp, Stream::Stdout, "one\r\n");
+        push_line(&mut out, &stamp, Stream::Stderr, "two\nlines");
+        assert_eq!(
+            out,
+            format_line(1_763_797_800_123, Stream::Stdout, "one\r\n")
+                + &format_line(1_763_797_800_123, Stream::Stderr, "two\nlines")
+        );
     }
 
     #[test]

@@ -248,9 +248,13 @@ fn status_outcome(status: std::process::ExitStatus) -> ExecOutcome {
     }
 }
 
+/// How much of a pipe is read at a time: as much as a Linux pipe holds by default, so a job that
+/// prints fast is read in few system calls.
+const PIPE_READ_BYTES: usize = 64 * 1024;
+
 /// Reads a pipe line by line (lines longer than [`MAX_LINE_BYTES`] are split) into the sink.
 async fn read_lines(pipe: impl AsyncRead + Unpin, stream: Stream, log: LogSink) {
-    let mut reader = BufReader::new(pipe);
+    let mut reader = BufReader::with_capacity(PIPE_READ_BYTES, pipe);
     let mut line = Vec::new();
     loop {
         let available = match reader.fill_buf().await {
@@ -263,20 +267,27 @@ async fn read_lines(pipe: impl AsyncRead + Unpin, stream: Stream, log: LogSink) 
         if available.is_empty() {
             break;
         }
-        let (take, complete) = match available.iter().position(|b| *b == b'\n') {
+        let (take, complete) = match memchr::memchr(b'\n', available) {
             Some(pos) => (pos + 1, true),
             None => (available.len(), false),
         };
         line.extend_from_slice(&available[..take]);
         reader.consume(take);
         if complete || line.len() >= MAX_LINE_BYTES {
-            log.line(stream, String::from_utf8_lossy(&line).into_owned())
-                .await;
+            log.line(stream, text_of(&line)).await;
             line.clear();
         }
     }
     if !line.is_empty() {
-        log.line(stream, String::from_utf8_lossy(&line).into_owned())
-            .await;
+        log.line(stream, text_of(&line)).await;
+    }
+}
+
+/// The line as text; bytes that are not UTF-8 become U+FFFD.
+fn text_of(line: &[u8]) -> String {
+    // Checking first is much faster than the lossy conversion for the usual, valid line.
+    match std::str::from_utf8(line) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(line).into_owned(),
     }
 }

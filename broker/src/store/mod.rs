@@ -664,7 +664,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Result<JobModel, LeaseRefusal>>;
     /// Gives every active lease at least until `until_ms`.
     async fn extend_active_leases(&self, until_ms: i64) -> StoreResult<u64>;
-    /// Up to about `max_bytes` of the job's log from byte `offset`.
+    /// Up to about `max_bytes` of the job's log from byte `offset`: the stored chunks that hold
+    /// bytes from `offset` and start before `offset + max_bytes`, so at most `max_bytes` and one
+    /// chunk. Only those chunks are read from the database.
     async fn read_log(&self, id: JobId, offset: u64, max_bytes: usize) -> StoreResult<Vec<u8>>;
 
     // Queue statistics, quotas and retention.

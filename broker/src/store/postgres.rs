@@ -1284,10 +1284,12 @@ impl Store for PgStore {
              WHERE job_id = $1 AND start_offset >= COALESCE(
                  (SELECT MAX(start_offset) FROM log_chunks
                   WHERE job_id = $1 AND start_offset <= $2), 0)
+               AND start_offset < $3
              ORDER BY start_offset LIMIT 256",
         )
         .bind(id.0)
         .bind(offset as i64)
+        .bind(i64::try_from(offset.saturating_add(max_bytes as u64)).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::new();
