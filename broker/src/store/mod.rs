@@ -88,6 +88,67 @@ pub struct Transition {
     pub log_line: String,
 }
 
+/// The job's row as an append reads it (in the append's transaction).
+pub(crate) struct LogRow<'a> {
+    pub lease: Option<&'a str>,
+    pub state: &'a str,
+    pub log_bytes: u64,
+    /// Whether the log was cut at its limit already.
+    pub cut: bool,
+}
+
+/// What an append stores, decided from the job's row alone: the same in every store.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AppendPlan<'a> {
+    /// Nothing to store; the answer.
+    Answer(AppendResult),
+    /// Store `bytes` at the end of the log.
+    Store(&'a [u8]),
+    /// Store `bytes` (the whole lines that fit) at the end of the log, then the cut notice.
+    Cut(&'a [u8]),
+}
+
+/// See [`Store::append_log`]: refusals, a gap, bytes stored already (skipped), the cut.
+pub(crate) fn plan_append<'a>(
+    row: Option<LogRow<'_>>,
+    lease: &str,
+    offset: u64,
+    data: &'a [u8],
+    max_log_bytes: u64,
+) -> AppendPlan<'a> {
+    let Some(row) = row else {
+        return AppendPlan::Answer(AppendResult::Refused(LeaseRefusal::NoSuchJob));
+    };
+    let state = row.state.parse::<JobState>().unwrap_or(JobState::Error);
+    if state.is_terminal() {
+        return AppendPlan::Answer(AppendResult::Refused(LeaseRefusal::Finished(state)));
+    }
+    if row.lease != Some(lease) {
+        return AppendPlan::Answer(AppendResult::Refused(LeaseRefusal::Superseded));
+    }
+    let log_bytes = row.log_bytes;
+    if offset > log_bytes {
+        return AppendPlan::Answer(AppendResult::Gap { log_bytes });
+    }
+    let end = offset + data.len() as u64;
+    if end <= log_bytes {
+        return AppendPlan::Answer(AppendResult::Appended(log_bytes));
+    }
+    let tail = &data[(log_bytes - offset) as usize..];
+    if end <= max_log_bytes {
+        return AppendPlan::Store(tail);
+    }
+    if row.cut {
+        return AppendPlan::Answer(AppendResult::TooLarge { log_bytes });
+    }
+    let room = max_log_bytes.saturating_sub(log_bytes) as usize;
+    let fits = tail[..room.min(tail.len())]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |nl| nl + 1);
+    AppendPlan::Cut(&tail[..fits])
+}
+
 /// What the store writes when a job's log reaches its limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogCut {

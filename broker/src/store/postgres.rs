@@ -17,10 +17,10 @@ use testbot_proto::now_ms;
 use testbot_proto::results::Outcome;
 
 use super::{
-    AgentModel, AgentOffer, ApiTokenModel, AppendResult, EnrollRefusal, FirstRegistration,
-    JobModel, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal, LogCut, QueuedJob, Release,
-    RepoModel, RepositoryIds, RoutingRow, SiteModel, Store, StoreResult, StoredJob, Transition,
-    check_migrations,
+    AgentModel, AgentOffer, ApiTokenModel, AppendPlan, AppendResult, EnrollRefusal,
+    FirstRegistration, JobModel, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal, LogCut, LogRow,
+    QueuedJob, Release, RepoModel, RepositoryIds, RoutingRow, SiteModel, Store, StoreResult,
+    StoredJob, Transition, check_migrations, plan_append,
 };
 
 /// The PostgreSQL schema's migrations, applied at start-up. sqlx's migrator holds an advisory
@@ -1086,58 +1086,44 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         // Locked: a chunk re-sent to another broker meanwhile waits, then finds it stored.
         let row: Option<(Option<String>, String, i64, bool)> = sqlx::query_as(
+            // Locked: a chunk re-sent to another broker meanwhile waits, then finds it stored.
             "SELECT lease, state, log_bytes, (metadata ->> 'log_truncated') IS NOT NULL
              FROM jobs WHERE id = $1 FOR UPDATE",
         )
         .bind(id.0)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((held, state, log_bytes, already_cut)) = row else {
-            return Ok(AppendResult::Refused(LeaseRefusal::NoSuchJob));
-        };
-        let state = state.parse::<JobState>().unwrap_or(JobState::Error);
-        if state.is_terminal() {
-            return Ok(AppendResult::Refused(LeaseRefusal::Finished(state)));
-        }
-        if held.as_deref() != Some(lease) {
-            return Ok(AppendResult::Refused(LeaseRefusal::Superseded));
-        }
-        let log_bytes = log_bytes as u64;
-        if offset > log_bytes {
-            return Ok(AppendResult::Gap { log_bytes });
-        }
-        let end = offset + data.len() as u64;
-        if end <= log_bytes {
-            return Ok(AppendResult::Appended(log_bytes));
-        }
-        let tail = &data[(log_bytes - offset) as usize..];
-        if end > max_log_bytes {
-            if already_cut {
-                return Ok(AppendResult::TooLarge { log_bytes });
+        let row = row.as_ref().map(|(lease, state, log_bytes, cut)| LogRow {
+            lease: lease.as_deref(),
+            state,
+            log_bytes: *log_bytes as u64,
+            cut: *cut,
+        });
+        let log_bytes = row.as_ref().map_or(0, |row| row.log_bytes);
+        let (kept, notice) = match plan_append(row, lease, offset, data, max_log_bytes) {
+            AppendPlan::Answer(answer) => return Ok(answer),
+            AppendPlan::Store(bytes) => {
+                let total = append_raw(&mut tx, id, log_bytes, bytes).await?;
+                tx.commit().await?;
+                return Ok(AppendResult::Appended(total));
             }
-            let room = max_log_bytes.saturating_sub(log_bytes) as usize;
-            let fits = tail[..room.min(tail.len())]
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(0, |nl| nl + 1);
-            let kept = append_raw(&mut tx, id, log_bytes, &tail[..fits]).await?;
-            let cut = cut(kept);
-            let total = append_raw(&mut tx, id, kept, cut.log_line.as_bytes()).await?;
-            sqlx::query(
-                "UPDATE jobs SET metadata = coalesce(metadata, '{}')
-                     || jsonb_build_object('log_truncated', $2::text)
-                 WHERE id = $1",
-            )
-            .bind(id.0)
-            .bind(&cut.note)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            return Ok(AppendResult::TooLarge { log_bytes: total });
-        }
-        let total = append_raw(&mut tx, id, log_bytes, tail).await?;
+            AppendPlan::Cut(bytes) => {
+                let kept = append_raw(&mut tx, id, log_bytes, bytes).await?;
+                (kept, cut(kept))
+            }
+        };
+        let total = append_raw(&mut tx, id, kept, notice.log_line.as_bytes()).await?;
+        sqlx::query(
+            "UPDATE jobs SET metadata = coalesce(metadata, '{}')
+                 || jsonb_build_object('log_truncated', $2::text)
+             WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(&notice.note)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(AppendResult::Appended(total))
+        Ok(AppendResult::TooLarge { log_bytes: total })
     }
 
     async fn finish_job(
