@@ -114,7 +114,7 @@ impl Inputs {
             }
         }
         let memory_mib = input("memory")
-            .map(|m| crate::parse_memory_mib(&m).map_err(anyhow::Error::msg))
+            .map(|m| testbot_proto::units::parse_memory_mib(&m).map_err(anyhow::Error::msg))
             .transpose()?;
         let time_minutes: Option<u64> = match input("time") {
             None => None,

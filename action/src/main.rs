@@ -110,6 +110,20 @@ enum Command {
     /// Enrolled agents (operator).
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// A repository's `.github/testbot.toml` (the GitHub App's jobs and when they run).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check a `.github/testbot.toml` without a broker: prints each job and when it runs, or
+    /// `FILE:LINE:COL: message` and exits 1.
+    Check {
+        /// The file. Default: `.github/testbot.toml` in the current directory.
+        #[arg(default_value = testbot_proto::repo_config::CONFIG_PATH)]
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,7 +222,7 @@ struct JobArgs {
     #[arg(long)]
     cpus: Option<u32>,
     /// Memory, e.g. 512M, 4G (MiB without a suffix).
-    #[arg(long, value_parser = parse_memory_mib)]
+    #[arg(long, value_parser = testbot_proto::units::parse_memory_mib)]
     memory: Option<u64>,
     /// GPUs.
     #[arg(long)]
@@ -222,27 +236,6 @@ struct JobArgs {
     /// The script (words are joined with spaces), run with bash -eo pipefail.
     #[arg(last = true)]
     script: Vec<String>,
-}
-
-/// `512`, `512M`, `4G`, `1T` → MiB.
-fn parse_memory_mib(text: &str) -> Result<u64, String> {
-    let upper = text.trim().to_ascii_uppercase();
-    let upper = upper.strip_suffix('B').unwrap_or(&upper);
-    let (digits, factor) = match upper.char_indices().last() {
-        Some((i, 'K')) => (&upper[..i], 0),
-        Some((i, 'M')) => (&upper[..i], 1),
-        Some((i, 'G')) => (&upper[..i], 1024),
-        Some((i, 'T')) => (&upper[..i], 1024 * 1024),
-        _ => (upper, 1),
-    };
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a memory size; write e.g. 512M or 4G"))?;
-    Ok(if factor == 0 {
-        value.div_ceil(1024)
-    } else {
-        value * factor
-    })
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -472,7 +465,28 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
             let client = client(&url, token)?;
             agent_command(&client, command, json).await.map(|()| 0)
         }
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file, json),
     }
+}
+
+/// `testbot config check`: 0 when the file is valid, 1 (with the error on stderr) when not.
+fn config_check(file: &std::path::Path, json: bool) -> anyhow::Result<i32> {
+    use testbot_proto::repo_config::RepoConfig;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("Cannot read {}", file.display()))?;
+    let config = match RepoConfig::parse(&text) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{}:{err}", file.display());
+            return Ok(1);
+        }
+    };
+    if json {
+        output::print_json(&config)?;
+    } else {
+        output::print_repo_config(file, &config);
+    }
+    Ok(0)
 }
 
 async fn repo_command(

@@ -101,6 +101,18 @@ pub fn print_jobs(jobs: &[Job]) {
     }
 }
 
+/// What `testbot config check` prints for a valid file: each job, where it runs and when.
+pub fn print_repo_config(file: &std::path::Path, config: &testbot_proto::repo_config::RepoConfig) {
+    let count = config.jobs.len();
+    let noun = if count == 1 { "job" } else { "jobs" };
+    println!("{}: ok ({count} {noun})", file.display());
+    for (name, job) in &config.jobs {
+        println!("  {name}");
+        println!("    runs on: {}", job.describe_placement());
+        println!("    when:    {}", job.on.describe().join("; "));
+    }
+}
+
 fn first_line(text: &str, max: usize) -> String {
     let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     if line.chars().count() > max {

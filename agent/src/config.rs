@@ -316,14 +316,7 @@ impl AgentConfig {
 }
 
 /// 1-based line and column (in characters) of a byte offset, for `FILE:LINE:COL:` messages.
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.chars().count(), |nl| {
-        before[nl + 1..].chars().count()
-    }) + 1;
-    (line, col)
-}
+pub(crate) use testbot_proto::toml_errors::line_col;
 
 #[cfg(test)]
 mod tests {

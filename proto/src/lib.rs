@@ -9,28 +9,36 @@
 //! - [`agents`]: the agent side of the protocol: poll, assignment, start, heartbeat.
 //! - [`logs`]: log chunks (keyed by byte offset) and the line format of a stored log.
 //! - [`repos`]: repository registration.
+//! - [`commands`]: the `/testbot` comment commands.
+//! - [`repo_config`]: a repository's `.github/testbot.toml` (the GitHub App's jobs and triggers).
 //! - [`results`]: how a job ended, as reported by the agent.
 //! - [`secrets`]: secret job variables: how they are checked, shown as `***` and masked in logs.
 //! - [`signing`]: Ed25519 signatures on agent requests.
 //! - [`sites`]: sites, enrollment tokens and enrolled agents.
 //! - [`error`]: the JSON error envelope every endpoint uses.
 //! - [`glob`]: the `*`/`?` patterns of policy rules.
+//! - [`units`]: memory sizes as people write them (`512M`, `64G`).
+//! - [`toml_errors`]: errors in a TOML file placed at `LINE:COL`, with "did you mean".
 //! - [`oidc`]: GitHub Actions OIDC claims and their verification (broker and agent both use it).
 //! - [`client`] (feature `client`): a typed HTTP client for the broker.
 
 pub mod agents;
 #[cfg(feature = "client")]
 pub mod client;
+pub mod commands;
 pub mod error;
 pub mod glob;
 pub mod jobs;
 pub mod logs;
 pub mod oidc;
+pub mod repo_config;
 pub mod repos;
 pub mod results;
 pub mod secrets;
 pub mod signing;
 pub mod sites;
+pub mod toml_errors;
+pub mod units;
 
 /// Sets up `tracing` for a daemon or CLI: `RUST_LOG`-style filter (default `default_filter`),
 /// written to stderr, with colours only on a terminal.

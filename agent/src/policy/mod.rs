@@ -32,9 +32,9 @@
 //! Layout:
 //! - [`settings`]: the file's tables, as serde reads them.
 //! - `validate`: checks across values, after parsing.
-//! - `errors`: [`PolicyError`], placed at `LINE:COL`, with "did you mean" suggestions.
+//! - [`PolicyError`]: placed at `LINE:COL`, with "did you mean" suggestions
+//!   ([`testbot_proto::toml_errors`], shared with the repository config).
 
-mod errors;
 pub mod settings;
 mod validate;
 
@@ -50,9 +50,10 @@ use testbot_proto::jobs::{JobSpec, Resources};
 use testbot_proto::oidc::{OidcSettings, WorkflowClaims};
 
 use crate::identity::{self, AccountChoice, IdentitySettings, LocalAccount};
-pub use errors::PolicyError;
 use settings::{ExecutorLimits, ExecutorName, Executors, OidcPolicy, Rule};
 pub use settings::{format_duration, format_mib};
+/// What is wrong with a policy file, and where.
+pub use testbot_proto::toml_errors::FileError as PolicyError;
 pub use validate::GITHUB_EVENTS;
 
 /// A validated site policy. Built only by [`SitePolicy::load`] and [`SitePolicy::parse`].

@@ -486,43 +486,7 @@ pub fn default_events() -> Vec<String> {
     vec!["push".into(), "schedule".into(), "workflow_dispatch".into()]
 }
 
-/// Parses a memory size the way Slurm writes it: `512M`, `64G`, `1T` (powers of 1024; `MB`,
-/// `MiB`, `GB`, `GiB`, `TB`, `TiB` too), or a bare number of MiB. Returns MiB.
-pub fn parse_memory_mib(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split);
-    let bad = || {
-        format!(
-            "{text:?} is not a memory size; write e.g. \"512M\", \"64G\" or \"1T\" (powers of 1024)"
-        )
-    };
-    let number: u64 = digits.parse().map_err(|_| bad())?;
-    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "m" | "mb" | "mib" => 1,
-        "g" | "gb" | "gib" => 1024,
-        "t" | "tb" | "tib" => 1024 * 1024,
-        _ => return Err(bad()),
-    };
-    let mib = number.checked_mul(factor).ok_or_else(bad)?;
-    if mib == 0 {
-        return Err(format!(
-            "{text:?} is zero; the smallest memory size is \"1M\""
-        ));
-    }
-    Ok(mib)
-}
-
-/// MiB as an admin writes them: `64G` when a whole number of GiB, else `512M`.
-pub fn format_mib(mib: u64) -> String {
-    if mib >= 1024 && mib.is_multiple_of(1024) {
-        format!("{}G", mib / 1024)
-    } else {
-        format!("{mib}M")
-    }
-}
+pub use testbot_proto::units::{format_mib, parse_memory_mib};
 
 /// A duration as written in the file: `90s`, `30m`, `2h`, `1h 30m`.
 pub fn format_duration(d: Duration) -> String {

@@ -8,9 +8,9 @@ use std::time::Duration;
 use testbot_proto::jobs::{validate_image, validate_word};
 
 use super::SitePolicy;
-use super::errors::closest;
 use super::settings::{ContainerSettings, ExecutorName, KubernetesSettings, format_duration};
 use crate::identity::validate_account_name;
+use testbot_proto::toml_errors::closest;
 
 /// The events of GitHub Actions a rule may name.
 pub const GITHUB_EVENTS: &[&str] = &[

@@ -7,6 +7,7 @@ mod bad_input;
 mod brokers;
 mod chaos;
 mod cli;
+mod config_cli;
 mod containers;
 mod drain;
 mod enrollment;

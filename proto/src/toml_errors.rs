@@ -1,4 +1,5 @@
-//! Errors in a policy file, placed at their line and column, with a suggestion for a misspelt
+//! Errors in a TOML file an admin or a maintainer writes (a site policy, a repository's
+//! `.github/testbot.toml`), placed at their line and column, with a suggestion for a misspelt
 //! key or value.
 
 use std::fmt;
@@ -6,18 +7,17 @@ use std::ops::Range;
 
 use toml::Spanned;
 
-use crate::config::line_col;
 use toml::de::{DeTable, DeValue};
 
-/// What is wrong with a policy file, and where.
+/// What is wrong with a TOML file, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyError {
+pub struct FileError {
     /// 1-based line and column of the offending key or value, when the error has a place.
     pub position: Option<(usize, usize)>,
     pub message: String,
 }
 
-impl fmt::Display for PolicyError {
+impl fmt::Display for FileError {
     /// `LINE:COL: message`, or only the message when it has no place in the file.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.position {
@@ -27,12 +27,12 @@ impl fmt::Display for PolicyError {
     }
 }
 
-impl std::error::Error for PolicyError {}
+impl std::error::Error for FileError {}
 
-impl PolicyError {
+impl FileError {
     /// A TOML syntax or type error, with a suggestion added to unknown keys and values.
-    pub(super) fn from_toml(text: &str, err: &toml::de::Error) -> PolicyError {
-        PolicyError {
+    pub fn from_toml(text: &str, err: &toml::de::Error) -> FileError {
+        FileError {
             position: err.span().map(|span| line_col(text, span.start)),
             message: with_suggestion(err.message().trim_end()),
         }
@@ -40,8 +40,8 @@ impl PolicyError {
 
     /// A semantic error about the value at `path` (dotted keys, array indexes as numbers:
     /// `rules.1.refs.0`). The error is placed at the deepest part of the path the file has.
-    pub(super) fn at_path(text: &str, path: &str, message: String) -> PolicyError {
-        PolicyError {
+    pub fn at_path(text: &str, path: &str, message: String) -> FileError {
+        FileError {
             position: span_of_path(text, path).map(|span| line_col(text, span.start)),
             message,
         }
@@ -102,7 +102,7 @@ fn unknown_and_expected(message: &str) -> Option<(&str, Vec<String>)> {
 }
 
 /// The candidate closest to `got` by edit distance, if close enough to be a likely typo.
-pub(super) fn closest<'a>(got: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub fn closest<'a>(got: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (got.chars().count() / 3).max(1);
     candidates
         .map(|c| (edit_distance(got, c), c))
@@ -136,6 +136,16 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     d[a.len()][b.len()]
+}
+
+/// The 1-based line and column of byte `offset` in `text` (columns count characters).
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.chars().count(), |nl| {
+        before[nl + 1..].chars().count()
+    }) + 1;
+    (line, col)
 }
 
 #[cfg(test)]
