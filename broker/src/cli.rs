@@ -103,6 +103,25 @@ pub struct BrokerOpts {
     /// version, never jobs, logs or tokens. `/healthz` and `/readyz` stay open either way.
     #[arg(long, env = "TESTBOT_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<SecretString>,
+    /// Run the GitHub App with this App id (its settings page shows it): webhooks at
+    /// `/api/v1/github/webhook`, jobs from `.github/testbot.toml`, check runs. Needs
+    /// --github-app-key-file and --github-webhook-secret-file.
+    #[arg(long, env = "TESTBOT_GITHUB_APP_ID")]
+    pub github_app_id: Option<u64>,
+    /// The App's private key, as downloaded from its settings (PEM).
+    #[arg(long, env = "TESTBOT_GITHUB_APP_KEY_FILE", requires = "github_app_id")]
+    pub github_app_key_file: Option<PathBuf>,
+    /// A file holding the App's webhook secret.
+    #[arg(
+        long,
+        env = "TESTBOT_GITHUB_WEBHOOK_SECRET_FILE",
+        requires = "github_app_id"
+    )]
+    pub github_webhook_secret_file: Option<PathBuf>,
+    /// The broker's URL as users and GitHub reach it (for the links the App posts). Default:
+    /// http://--listen.
+    #[arg(long, env = "TESTBOT_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 impl BrokerOpts {
@@ -130,7 +149,27 @@ impl BrokerOpts {
             max_connections,
             header_read_timeout,
             metrics_token,
+            github_app_id,
+            github_app_key_file,
+            github_webhook_secret_file,
+            public_url,
         } = self;
+        let public_url = public_url.unwrap_or_else(|| format!("http://{listen}"));
+        let github_app = match (
+            github_app_id,
+            github_app_key_file,
+            github_webhook_secret_file,
+        ) {
+            (None, None, None) => None,
+            (Some(app_id), Some(key), Some(secret)) => Some(crate::server::GitHubAppConfig {
+                credentials: crate::github::app::AppCredentials::load(app_id, &key, &secret)?,
+                public_url: public_url.clone(),
+            }),
+            _ => anyhow::bail!(
+                "the GitHub App needs all of --github-app-id, --github-app-key-file and \
+                 --github-webhook-secret-file"
+            ),
+        };
         let oidc = oidc_audience.map(|audience| OidcSettings {
             issuer: oidc_issuer,
             audience,
@@ -203,6 +242,7 @@ impl BrokerOpts {
             oidc_keys,
             github_api_url,
             metrics_token,
+            github_app,
         })
     }
 }

@@ -35,6 +35,16 @@ pub struct BrokerConfig {
     pub github_api_url: String,
     /// The bearer token `/metrics` asks for; `None`: it is open.
     pub metrics_token: Option<SecretString>,
+    /// The GitHub App this broker runs; `None`: no App (webhooks answer 404).
+    pub github_app: Option<GitHubAppConfig>,
+}
+
+/// What the broker needs to run the GitHub App.
+#[derive(Debug, Clone)]
+pub struct GitHubAppConfig {
+    pub credentials: crate::github::app::AppCredentials,
+    /// The broker's URL as users reach it, for the links the App posts.
+    pub public_url: String,
 }
 
 impl BrokerConfig {
@@ -62,6 +72,7 @@ impl BrokerConfig {
             oidc_keys: None,
             github_api_url: crate::github::GITHUB_API_URL.into(),
             metrics_token: None,
+            github_app: None,
         }
     }
 }
@@ -80,6 +91,8 @@ pub struct Broker {
     /// Sends and hears job events to and from other brokers sharing the database.
     relay: Option<JoinHandle<()>>,
     metrics_events: JoinHandle<()>,
+    /// The GitHub App's delivery consumer and check-run syncer.
+    github_tasks: Vec<JoinHandle<()>>,
     store: SharedStore,
 }
 
@@ -95,6 +108,7 @@ impl Broker {
             oidc_keys,
             github_api_url,
             metrics_token,
+            github_app,
         } = config;
         // The token files live here whichever database holds the jobs.
         std::fs::create_dir_all(&data_dir)
@@ -131,7 +145,10 @@ impl Broker {
             control_watchers: wiring.control_watchers,
             settings: Arc::new(settings),
             shutdown: shutdown.clone(),
-            github: crate::github::GitHubApi::new(github_api_url),
+            github: crate::github::GitHubApi::new(github_api_url.clone()),
+            github_app: github_app.map(|app| {
+                crate::github::GitHubApp::new(app.credentials, &github_api_url, &app.public_url)
+            }),
             nonces: Arc::new(crate::nonces::NonceGuard::load(&*db, now_ms()).await?),
             log_followers: Arc::default(),
             metrics: Arc::new(crate::metrics::Metrics::new(metrics_token.as_ref())?),
@@ -145,6 +162,19 @@ impl Broker {
             _ => None,
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
+        let github_tasks = match &state.github_app {
+            Some(app) => vec![
+                tokio::spawn(crate::github::process::run_consumer(
+                    state.clone(),
+                    app.clone(),
+                )),
+                tokio::spawn(crate::github::checks::run_syncer(
+                    state.clone(),
+                    app.clone(),
+                )),
+            ],
+            None => Vec::new(),
+        };
         let metrics_events = tokio::spawn(crate::metrics::record_job_events(
             state.metrics.clone(),
             state.bus.subscribe(),
@@ -170,6 +200,7 @@ impl Broker {
             sweeper,
             relay,
             metrics_events,
+            github_tasks,
             store: db,
         })
     }
@@ -216,6 +247,9 @@ impl Broker {
             let _ = relay.await;
         }
         let _ = self.metrics_events.await;
+        for task in self.github_tasks {
+            let _ = task.await;
+        }
         self.store.close().await;
         result
     }

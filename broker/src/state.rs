@@ -65,6 +65,8 @@ pub struct AppState {
     pub log_followers: Arc<crate::limits::Followers>,
     /// What `/metrics` shows besides what it reads from the store.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The GitHub App, when the broker runs one.
+    pub github_app: Option<Arc<crate::github::GitHubApp>>,
 }
 
 /// The bus and its subscribers inside the broker, wired together.

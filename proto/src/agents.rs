@@ -113,6 +113,10 @@ pub struct Assignment {
     /// runs anything. None for jobs an operator submitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oidc_token: Option<String>,
+    /// What made a job the GitHub App created, for the agent to verify with GitHub itself.
+    /// None for workflow and operator jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<crate::provenance::Provenance>,
     /// When the broker accepted the job (Unix milliseconds). The agent checks the token's
     /// lifetime at this time, within its site's `oidc.max_queue_age` of now, since a job may wait
     /// in the queue far longer than a token lives. None (older brokers): checked at now.

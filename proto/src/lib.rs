@@ -10,6 +10,7 @@
 //! - [`logs`]: log chunks (keyed by byte offset) and the line format of a stored log.
 //! - [`repos`]: repository registration.
 //! - [`commands`]: the `/testbot` comment commands.
+//! - [`provenance`]: what made a GitHub App job, for the agent to verify.
 //! - [`repo_config`]: a repository's `.github/testbot.toml` (the GitHub App's jobs and triggers).
 //! - [`results`]: how a job ended, as reported by the agent.
 //! - [`secrets`]: secret job variables: how they are checked, shown as `***` and masked in logs.
@@ -31,6 +32,7 @@ pub mod glob;
 pub mod jobs;
 pub mod logs;
 pub mod oidc;
+pub mod provenance;
 pub mod repo_config;
 pub mod repos;
 pub mod results;

@@ -103,6 +103,7 @@ pub(super) async fn poll_handler(
                 state.dispatcher.pass_on(signal, poll);
             }
             tracing::debug!(job_id = model.id, agent = %agent_name, "Job claimed.");
+            let provenance = crate::github::jobs::provenance_of(&*state.store, &model).await?;
             let assignment = Assignment {
                 job_id: model.job_id(),
                 attempt: model.attempts as u32,
@@ -113,6 +114,7 @@ pub(super) async fn poll_handler(
                 // The one answer that carries secret values: the agent needs them to run the job.
                 spec: model.spec_for_agent()?,
                 oidc_token: model.oidc_token.clone(),
+                provenance,
                 accepted_at_ms: Some(model.created_at_ms),
             };
             return Ok(axum::Json(assignment).into_response());

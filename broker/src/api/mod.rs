@@ -69,7 +69,16 @@ pub fn create_app(state: AppState) -> Router {
             state.clone(),
             crate::auth::verify_agent_signature,
         ));
-    let api = api.merge(agent);
+    // GitHub's deliveries are larger than API requests, and verified by their own signature.
+    let github = Router::new()
+        .route(
+            crate::github::webhook::WEBHOOK_PATH,
+            post(crate::github::webhook::webhook_handler),
+        )
+        .layer(DefaultBodyLimit::max(
+            crate::github::webhook::MAX_WEBHOOK_BYTES,
+        ));
+    let api = api.merge(agent).merge(github);
     Router::new()
         .nest(testbot_proto::API_PREFIX, api)
         .merge(crate::health::routes())

@@ -53,6 +53,18 @@ pub async fn submit(
     Ok(Some(model))
 }
 
+/// Queues a job of the GitHub App with its check-run record.
+pub async fn submit_app_job(
+    state: &AppState,
+    spec: &JobSpec,
+    origin: &JobOrigin,
+    app: &crate::store::github::NewAppJob<'_>,
+) -> StoreResult<JobModel> {
+    let model = state.store.insert_app_job(spec, origin, app).await?;
+    publish_queued(state, model.job_id(), false).await;
+    Ok(model)
+}
+
 /// Claims the oldest queued job `taker` may run, under `lease`.
 pub async fn claim(
     state: &AppState,

@@ -20,6 +20,7 @@ use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
 use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::Outcome;
 
+pub mod github;
 pub mod notify;
 pub mod postgres;
 pub mod scratch;
@@ -506,7 +507,7 @@ pub enum AppendResult {
 /// The broker's database: every operation the broker performs on it. Each method is one
 /// transaction: a crash leaves the old state or the new one, never half of one.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: github::GitHubStore + Send + Sync + 'static {
     /// Which backend this is, for logs and `/metrics` (`sqlite`, `postgres`).
     fn backend(&self) -> &'static str;
     /// Whether other brokers may share this database (then replay checks must ask it).

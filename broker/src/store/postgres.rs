@@ -53,6 +53,8 @@ const ENROLLMENT_LOCK_SPACE: i32 = 0x7462_0002;
 /// reads on through the whole queue, a page at a time.
 const CLAIM_PAGE: i64 = 256;
 
+mod github;
+
 /// The columns of [`JobModel`], in its field order.
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
      lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \

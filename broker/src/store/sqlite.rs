@@ -28,6 +28,8 @@ use super::{
     StoreResult, StoredJob, Transition, check_migrations, plan_append,
 };
 
+mod github;
+
 /// The SQLite schema's migrations, applied at start-up.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 

@@ -23,19 +23,19 @@ pub(crate) struct Fresh {
     place: Place,
 }
 
-/// Where a fresh store keeps its data.
+/// Where a fresh store keeps its data; removed when dropped, also when a test fails.
 enum Place {
-    Dir(std::path::PathBuf),
+    Dir(tempfile::TempDir),
     Database(TestDatabase),
 }
 
 impl Fresh {
     pub async fn sqlite() -> Fresh {
-        let dir = std::env::temp_dir().join(format!(
-            "testbot-store-{}",
-            testbot_proto::signing::random_hex(8)
-        ));
-        let store = open(None, &dir).await.expect("open SQLite");
+        let dir = tempfile::Builder::new()
+            .prefix("testbot-store-")
+            .tempdir()
+            .expect("create a data directory");
+        let store = open(None, dir.path()).await.expect("open SQLite");
         Fresh {
             store,
             place: Place::Dir(dir),
@@ -54,9 +54,7 @@ impl Fresh {
     pub async fn finish(self) {
         self.store.close().await;
         match self.place {
-            Place::Dir(dir) => {
-                let _ = std::fs::remove_dir_all(dir);
-            }
+            Place::Dir(dir) => drop(dir),
             Place::Database(database) => drop(database),
         }
     }
@@ -136,6 +134,10 @@ conformance!(
     enrollment_spends_a_token_and_refuses_what_it_must,
     credentials_are_dropped_when_a_job_ends_and_retention_deletes_it,
     statistics_sweeps_and_health,
+    webhook_deliveries_are_queued_once_claimed_retried_and_finished,
+    installations_record_the_repositories_the_app_may_act_on,
+    app_jobs_keep_their_provenance_and_check_run_in_step,
+    a_comment_is_acted_on_once,
 );
 
 /// SQLite alone: a steady stream of log appends never leaves the checkpointer a quiet moment to
@@ -161,7 +163,9 @@ async fn sqlite_keeps_its_wal_bounded_under_a_steady_stream_of_appends() {
     let Place::Dir(dir) = &fresh.place else {
         unreachable!("a SQLite store lives in a directory")
     };
-    let wal = std::fs::metadata(dir.join("testbot.db-wal")).unwrap().len();
+    let wal = std::fs::metadata(dir.path().join("testbot.db-wal"))
+        .unwrap()
+        .len();
     // The writer's threshold is 16 MB, and the WAL runs past it by some chunks before it rewinds
     // (20-29 MB seen). Without the writer's checkpoints it holds all 64 MiB (70 MB seen).
     assert!(wal < 40 << 20, "the WAL grew to {wal} bytes");
@@ -1115,6 +1119,253 @@ async fn statistics_sweeps_and_health(store: &dyn Store) {
 }
 
 /// The message of a store that fails to open.
+fn delivery<'a>(id: &'a str, at: i64) -> crate::store::github::NewDelivery<'a> {
+    crate::store::github::NewDelivery {
+        id,
+        event: "push",
+        action: None,
+        payload: b"{\"ref\":\"refs/heads/main\"}",
+        received_at_ms: at,
+    }
+}
+
+async fn webhook_deliveries_are_queued_once_claimed_retried_and_finished(store: &dyn Store) {
+    use crate::store::github::DeliveryOutcome;
+    let now = now_ms();
+    assert!(store.queue_delivery(&delivery("d-1", now)).await.unwrap());
+    assert!(
+        store
+            .queue_delivery(&delivery("d-2", now + 1))
+            .await
+            .unwrap()
+    );
+    // A redelivery changes nothing.
+    assert!(
+        !store
+            .queue_delivery(&delivery("d-1", now + 5))
+            .await
+            .unwrap()
+    );
+
+    // Oldest first; a claimed delivery is not claimed again while its claim lasts.
+    let first = store
+        .claim_delivery(now + 10, 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.id.as_str(), first.attempts), ("d-1", 1));
+    assert_eq!(first.payload, b"{\"ref\":\"refs/heads/main\"}");
+    let second = store
+        .claim_delivery(now + 10, 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.id, "d-2");
+    assert!(
+        store
+            .claim_delivery(now + 10, 60_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A claim that ran out (its broker died) is taken again.
+    let again = store
+        .claim_delivery(now + 70_000, 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.id.as_str(), again.attempts), ("d-1", 2));
+
+    // A retry waits for its time; done and failed deliveries are not claimed again.
+    store
+        .finish_delivery(
+            "d-1",
+            DeliveryOutcome::Retry {
+                error: "GitHub is down",
+                retry_at_ms: now + 200_000,
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .finish_delivery("d-2", DeliveryOutcome::Done)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_delivery(now + 150_000, 60_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let retried = store
+        .claim_delivery(now + 200_000, 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((retried.id.as_str(), retried.attempts), ("d-1", 3));
+    assert_eq!(retried.error.as_deref(), Some("GitHub is down"));
+    store
+        .finish_delivery(
+            "d-1",
+            DeliveryOutcome::Failed {
+                error: "no such repository",
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_delivery(now + 900_000, 60_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let failed = store.delivery("d-1").await.unwrap().unwrap();
+    assert_eq!(
+        (failed.state.as_str(), failed.error.as_deref()),
+        ("failed", Some("no such repository"))
+    );
+    assert_eq!(store.delivery("d-2").await.unwrap().unwrap().state, "done");
+
+    // Processed deliveries are forgotten after the retention; their ids may then come again.
+    assert_eq!(store.prune_deliveries(now_ms() + 1).await.unwrap(), 2);
+    assert!(store.delivery("d-1").await.unwrap().is_none());
+    assert!(store.queue_delivery(&delivery("d-1", now)).await.unwrap());
+}
+
+async fn installations_record_the_repositories_the_app_may_act_on(store: &dyn Store) {
+    use crate::store::github::InstalledRepo;
+    let repo = |id, name: &str| InstalledRepo {
+        id,
+        full_name: name.into(),
+    };
+    assert_eq!(store.installation_of(11).await.unwrap(), None);
+    store
+        .save_installation(
+            5,
+            "octo-org",
+            &[repo(11, "octo-org/a"), repo(12, "octo-org/b")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.installation_of(11).await.unwrap(), Some(5));
+    assert_eq!(store.installation_of(12).await.unwrap(), Some(5));
+    // Saving again replaces the list.
+    store
+        .save_installation(5, "octo-org", &[repo(12, "octo-org/b")])
+        .await
+        .unwrap();
+    assert_eq!(store.installation_of(11).await.unwrap(), None);
+    assert!(
+        store
+            .change_installation_repos(5, &[repo(13, "octo-org/c")], &[12])
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.installation_of(12).await.unwrap(), None);
+    assert_eq!(store.installation_of(13).await.unwrap(), Some(5));
+    // Unknown installations are said to be unknown, not invented.
+    assert!(
+        !store
+            .change_installation_repos(6, &[repo(14, "x/y")], &[])
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.installation_of(14).await.unwrap(), None);
+    // Uninstalling forgets its repositories.
+    assert!(store.delete_installation(5).await.unwrap());
+    assert!(!store.delete_installation(5).await.unwrap());
+    assert_eq!(store.installation_of(13).await.unwrap(), None);
+}
+
+async fn app_jobs_keep_their_provenance_and_check_run_in_step(store: &dyn Store) {
+    use crate::store::github::NewAppJob;
+    let origin = JobOrigin {
+        repository: Some("octo-org/a".into()),
+        submitted_by: testbot_proto::provenance::APP_SUBMITTER.into(),
+        sites: vec!["hpc".into()],
+        ..JobOrigin::default()
+    };
+    let app = NewAppJob {
+        provenance: r#"{"event":"push"}"#,
+        installation_id: 5,
+        repository: "octo-org/a",
+        head_sha: "abc",
+        check_name: "unit",
+    };
+    let job = store
+        .insert_app_job(&spec(&["slurm"]), &origin, &app)
+        .await
+        .unwrap();
+    assert_eq!(job.state(), JobState::Queued);
+    assert_eq!(
+        job.submitted_by.as_deref(),
+        Some(testbot_proto::provenance::APP_SUBMITTER)
+    );
+    let plain = queue(store, &[]).await;
+    assert!(store.app_job(plain.job_id()).await.unwrap().is_none());
+
+    let row = store.app_job(job.job_id()).await.unwrap().unwrap();
+    assert_eq!(row.provenance, r#"{"event":"push"}"#);
+    assert_eq!(
+        (row.check_name.as_str(), row.head_sha.as_str()),
+        ("unit", "abc")
+    );
+    assert_eq!(
+        (row.check_run_id, row.synced_state.as_deref()),
+        (None, None)
+    );
+
+    // Behind until synced; in step after; behind again when the job moves on.
+    let now = now_ms();
+    let due = store.check_runs_to_sync(now, 10).await.unwrap();
+    assert_eq!(
+        due.iter().map(|r| r.job_id).collect::<Vec<_>>(),
+        vec![job.id]
+    );
+    assert_eq!(due[0].state, "queued");
+    store
+        .check_run_synced(job.job_id(), 77, "queued")
+        .await
+        .unwrap();
+    assert!(store.check_runs_to_sync(now, 10).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .app_job_by_check_run(77)
+            .await
+            .unwrap()
+            .unwrap()
+            .job_id,
+        job.id
+    );
+    assert!(store.app_job_by_check_run(78).await.unwrap().is_none());
+    claim(store, "hpc/a1", &offer("hpc", &["slurm"]), "l1")
+        .await
+        .unwrap();
+    let due = store.check_runs_to_sync(now, 10).await.unwrap();
+    assert_eq!(
+        (due[0].state.as_str(), due[0].check_run_id),
+        ("assigned", Some(77))
+    );
+
+    // A failed update waits for its retry time.
+    store
+        .check_run_sync_failed(job.job_id(), now + 10_000)
+        .await
+        .unwrap();
+    assert!(store.check_runs_to_sync(now, 10).await.unwrap().is_empty());
+    let due = store.check_runs_to_sync(now + 10_000, 10).await.unwrap();
+    assert_eq!(due[0].sync_attempts, 1);
+}
+
+async fn a_comment_is_acted_on_once(store: &dyn Store) {
+    assert!(store.claim_comment(1001, now_ms()).await.unwrap());
+    assert!(!store.claim_comment(1001, now_ms()).await.unwrap());
+    assert!(store.claim_comment(1002, now_ms()).await.unwrap());
+}
+
 async fn open_error(url: &str) -> String {
     match open(Some(url), std::path::Path::new("/nonexistent")).await {
         Ok(_) => panic!("{url} opened"),

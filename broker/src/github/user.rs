@@ -1,27 +1,15 @@
-//! The little of GitHub's REST API the broker needs without a GitHub App: whether the holder of
-//! a user token administers a repository. The base URL is configurable (GitHub Enterprise
-//! Server, and a local fake in tests).
+//! The little of GitHub's REST API the broker needs without the App: whether the holder of a
+//! user token administers a repository.
 
 use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
-/// GitHub.com's REST API.
-pub const GITHUB_API_URL: &str = "https://api.github.com";
-
 /// How long one call to GitHub may take.
 const GITHUB_TIMEOUT: Duration = Duration::from_secs(15);
 
-#[derive(Debug, thiserror::Error)]
-pub enum GitHubError {
-    /// The token is not valid (401) or cannot see the repository (403, 404).
-    #[error("{0}")]
-    Refused(String),
-    /// GitHub could not be asked.
-    #[error("cannot reach the GitHub API: {0}")]
-    Unavailable(String),
-}
+use super::GitHubError;
 
 /// A user's standing on one repository.
 #[derive(Debug, Clone, PartialEq, Eq)]

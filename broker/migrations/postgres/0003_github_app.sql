@@ -1,0 +1,54 @@
+-- The GitHub App: what migrations/sqlite/0012_github_app.sql builds, in PostgreSQL's types.
+
+CREATE TABLE github_deliveries (
+    id               TEXT    PRIMARY KEY,               -- X-GitHub-Delivery
+    event            TEXT    NOT NULL,
+    action           TEXT,
+    payload          BYTEA   NOT NULL,                  -- the body, as signed
+    received_at_ms   BIGINT  NOT NULL,
+    state            TEXT    NOT NULL DEFAULT 'queued' CHECK (state IN ('queued', 'done', 'failed')),
+    attempts         BIGINT  NOT NULL DEFAULT 0,
+    not_before_ms    BIGINT  NOT NULL,
+    claimed_until_ms BIGINT,
+    error            TEXT,
+    finished_at_ms   BIGINT
+);
+
+CREATE INDEX github_deliveries_due ON github_deliveries (not_before_ms) WHERE state = 'queued';
+CREATE INDEX github_deliveries_by_finished_at ON github_deliveries (finished_at_ms)
+    WHERE finished_at_ms IS NOT NULL;
+
+CREATE TABLE github_installations (
+    id            BIGINT PRIMARY KEY,
+    account       TEXT   NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+
+CREATE TABLE github_installation_repos (
+    installation_id BIGINT NOT NULL REFERENCES github_installations (id) ON DELETE CASCADE,
+    repository_id   BIGINT NOT NULL,
+    full_name       TEXT   COLLATE case_insensitive NOT NULL,
+    PRIMARY KEY (installation_id, repository_id)
+);
+
+CREATE INDEX github_installation_repos_by_repository ON github_installation_repos (repository_id);
+
+CREATE TABLE github_jobs (
+    job_id          BIGINT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+    provenance      TEXT   NOT NULL,
+    installation_id BIGINT NOT NULL,
+    repository      TEXT   NOT NULL,
+    head_sha        TEXT   NOT NULL,
+    check_name      TEXT   NOT NULL,                  -- the name GitHub shows
+    check_run_id    BIGINT,
+    synced_state    TEXT,
+    sync_attempts   BIGINT NOT NULL DEFAULT 0,
+    sync_after_ms   BIGINT NOT NULL DEFAULT 0
+);
+
+CREATE INDEX github_jobs_by_check_run ON github_jobs (check_run_id);
+
+CREATE TABLE github_comments_handled (
+    comment_id    BIGINT PRIMARY KEY,
+    handled_at_ms BIGINT NOT NULL
+);

@@ -1,0 +1,244 @@
+//! Check runs: one per App job on its commit, kept in step with the job.
+//!
+//! The store records, per App job, the job state its check run last showed. The syncer wakes
+//! on every job event (and every [`SYNC_POLL`] besides, for retries and for changes another
+//! broker made), takes the App jobs whose check run is behind, and creates or updates each.
+//! A failed update is retried with backoff; nothing is lost if the broker stops in between,
+//! since the store still says the check run is behind. On a shared database only the broker
+//! that leads the sweeper syncs, so a check run is never created twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use testbot_proto::jobs::{Job, JobState};
+use testbot_proto::logs::{Stream, parse_line};
+use testbot_proto::now_ms;
+
+use super::{GitHubApp, GitHubError};
+use crate::state::AppState;
+use crate::store::github::AppJobModel;
+
+/// How often the syncer looks without being woken.
+const SYNC_POLL: Duration = Duration::from_secs(5);
+
+/// How long the syncer waits after a wake-up, so that a burst of changes is one pass.
+const SYNC_DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Check runs synced per pass.
+const SYNC_BATCH: i64 = 64;
+
+/// How many lines of the log's end a finished check run shows.
+const SUMMARY_LOG_LINES: usize = 30;
+
+/// How much of the log's end is read for them.
+const SUMMARY_LOG_BYTES: u64 = 16 * 1024;
+
+/// Runs until shutdown.
+pub async fn run_syncer(state: AppState, app: Arc<GitHubApp>) {
+    let mut events = state.bus.subscribe();
+    loop {
+        if state.store.lead_sweeper().await.unwrap_or(false) {
+            sync_due(&state, &app).await;
+        }
+        tokio::select! {
+            () = app.checks.notified() => {}
+            event = events.recv() => {
+                if matches!(event, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(SYNC_POLL) => {}
+            () = state.shutdown.cancelled() => return,
+        }
+        tokio::time::sleep(SYNC_DEBOUNCE).await;
+    }
+}
+
+async fn sync_due(state: &AppState, app: &GitHubApp) {
+    let due = match state.store.check_runs_to_sync(now_ms(), SYNC_BATCH).await {
+        Ok(due) => due,
+        Err(err) => {
+            tracing::warn!(?err, "Cannot read the check runs to update.");
+            return;
+        }
+    };
+    for row in due {
+        let id = row.job_id();
+        match sync_one(state, app, &row).await {
+            Ok((check_run_id, shown)) => {
+                if let Err(err) = state.store.check_run_synced(id, check_run_id, &shown).await {
+                    tracing::warn!(job_id = %id, ?err, "Cannot record a check run update.");
+                }
+            }
+            Err(err) => {
+                let backoff = Duration::from_secs(2u64.pow(row.sync_attempts.clamp(0, 8) as u32));
+                tracing::warn!(job_id = %id, %err, retry_in = ?backoff, "Cannot update a check run.");
+                let retry_at = now_ms() + backoff.as_millis() as i64;
+                if let Err(err) = state.store.check_run_sync_failed(id, retry_at).await {
+                    tracing::warn!(job_id = %id, ?err, "Cannot record a failed check run update.");
+                }
+            }
+        }
+    }
+}
+
+/// Brings one check run up to the job's state: `(check run id, the state it now shows)`.
+async fn sync_one(
+    state: &AppState,
+    app: &GitHubApp,
+    row: &AppJobModel,
+) -> Result<(i64, String), GitHubError> {
+    let Some(model) = state
+        .store
+        .job(row.job_id())
+        .await
+        .map_err(|e| GitHubError::Unavailable(format!("the broker's database: {e:?}")))?
+    else {
+        return Err(GitHubError::Refused(format!("job {} is gone", row.job_id)));
+    };
+    let job = model
+        .to_job()
+        .map_err(|e| GitHubError::Unavailable(format!("job {}: {e:#}", row.job_id)))?;
+    let tail = if job.state.is_terminal() {
+        log_tail(state, &job).await
+    } else {
+        String::new()
+    };
+    let body = check_run_body(row, &job, &tail, &app.public_url);
+    let client = app.client.installation(row.installation_id).await?;
+    let what = format!("the check run of job {}", row.job_id);
+    let answer: CheckRunId = match row.check_run_id {
+        None => {
+            let route = format!("/repos/{}/check-runs", row.repository);
+            client.post(route, Some(&body)).await
+        }
+        Some(check_run_id) => {
+            let route = format!("/repos/{}/check-runs/{check_run_id}", row.repository);
+            client.patch(route, Some(&body)).await
+        }
+    }
+    .map_err(|e| GitHubError::from_octocrab(&what, e))?;
+    Ok((answer.id, job.state.as_str().to_string()))
+}
+
+#[derive(serde::Deserialize)]
+struct CheckRunId {
+    id: i64,
+}
+
+/// The last lines of a finished job's log, as text.
+async fn log_tail(state: &AppState, job: &Job) -> String {
+    let from = job.log_bytes.saturating_sub(SUMMARY_LOG_BYTES);
+    let Ok(bytes) = state
+        .store
+        .read_log(job.id, from, SUMMARY_LOG_BYTES as usize)
+        .await
+    else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if from > 0 && !lines.is_empty() {
+        // The first line was cut.
+        lines.remove(0);
+    }
+    let start = lines.len().saturating_sub(SUMMARY_LOG_LINES);
+    lines[start..]
+        .iter()
+        .map(|line| {
+            let line = parse_line(line);
+            match line.stream {
+                Stream::System => format!("{} (testbot)", line.text),
+                _ => line.text.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The JSON body of a check-run create or update for `job`'s present state.
+pub fn check_run_body(
+    row: &AppJobModel,
+    job: &Job,
+    log_tail: &str,
+    public_url: &str,
+) -> serde_json::Value {
+    let (status, conclusion) = match job.state {
+        JobState::Queued => ("queued", None),
+        JobState::Assigned | JobState::Running => ("in_progress", None),
+        JobState::Succeeded => ("completed", Some("success")),
+        JobState::Failed if is_timeout(job) => ("completed", Some("timed_out")),
+        JobState::Failed | JobState::Error => ("completed", Some("failure")),
+        JobState::Cancelled => ("completed", Some("cancelled")),
+    };
+    let title = match job.state {
+        JobState::Queued => "Waiting for an agent".to_string(),
+        JobState::Assigned => format!("Starting on {}", job.agent.as_deref().unwrap_or("an agent")),
+        JobState::Running => format!("Running on {}", job.agent.as_deref().unwrap_or("an agent")),
+        JobState::Succeeded => "Succeeded".to_string(),
+        JobState::Failed => match job.exit_code {
+            Some(code) => format!("Failed with exit code {code}"),
+            None => "Failed".to_string(),
+        },
+        JobState::Cancelled => "Cancelled".to_string(),
+        JobState::Error => "Could not run".to_string(),
+    };
+    let mut summary = vec![format!("testbot job **{}**", job.id)];
+    if let Some(agent) = &job.agent {
+        summary.push(format!("agent `{agent}`"));
+    }
+    if let Some(scheduler) = job.metadata.get("slurm_job_id") {
+        summary.push(format!("Slurm job `{scheduler}`"));
+    }
+    if let (Some(start), Some(end)) = (job.started_at_ms, job.finished_at_ms) {
+        let secs = ((end - start).max(0) as u64).div_ceil(1000);
+        summary.push(format!(
+            "ran for {}",
+            humantime::format_duration(Duration::from_secs(secs))
+        ));
+    }
+    let mut summary = summary.join(" · ");
+    if let Some(reason) = &job.reason {
+        summary.push_str(&format!("\n\n{}", escape_markdown(reason)));
+    }
+    summary.push_str(&format!(
+        "\n\nFollow it with `testbot logs -f {}` (broker {public_url}).",
+        job.id
+    ));
+    let mut body = serde_json::json!({
+        "name": row.check_name,
+        "head_sha": row.head_sha,
+        "external_id": job.id.to_string(),
+        "status": status,
+        "output": { "title": title, "summary": summary },
+    });
+    if let Some(conclusion) = conclusion {
+        body["conclusion"] = conclusion.into();
+    }
+    if !log_tail.is_empty() {
+        body["output"]["text"] = format!(
+            "The end of the log:\n\n```text\n{}\n```",
+            log_tail.replace("```", "`\u{200b}``")
+        )
+        .into();
+    }
+    body
+}
+
+fn is_timeout(job: &Job) -> bool {
+    job.reason
+        .as_deref()
+        .is_some_and(|r| r.contains("time limit") || r.contains("timed out"))
+}
+
+/// Job output and reasons go into Markdown: keep them from forming links, images or HTML.
+fn escape_markdown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\`*_{}[]()<>#+!|~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}

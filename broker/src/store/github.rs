@@ -1,0 +1,150 @@
+//! What the GitHub App keeps: webhook deliveries queued for processing, installations and
+//! their repositories, the App's jobs with their provenance and check runs, and the comments
+//! it acted on. A part of [`super::Store`] of its own, implemented beside each backend
+//! (`sqlite/github.rs`, `postgres/github.rs`).
+
+use testbot_proto::jobs::{JobId, JobSpec};
+
+use super::{JobModel, JobOrigin, StoreResult};
+
+/// A verified webhook delivery, to queue.
+#[derive(Debug, Clone)]
+pub struct NewDelivery<'a> {
+    /// `X-GitHub-Delivery`.
+    pub id: &'a str,
+    /// `X-GitHub-Event`.
+    pub event: &'a str,
+    /// The payload's `action`, when it has one.
+    pub action: Option<&'a str>,
+    pub payload: &'a [u8],
+    pub received_at_ms: i64,
+}
+
+/// A queued delivery, as claimed for processing.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryModel {
+    pub id: String,
+    pub event: String,
+    pub action: Option<String>,
+    pub payload: Vec<u8>,
+    pub received_at_ms: i64,
+    pub state: String,
+    /// Including the attempt just claimed.
+    pub attempts: i64,
+    pub error: Option<String>,
+}
+
+/// How processing a delivery ended.
+#[derive(Debug, Clone, Copy)]
+pub enum DeliveryOutcome<'a> {
+    Done,
+    /// Try again at `retry_at_ms`.
+    Retry {
+        error: &'a str,
+        retry_at_ms: i64,
+    },
+    /// Given up on (the error is kept for the operator).
+    Failed {
+        error: &'a str,
+    },
+}
+
+/// A repository an installation lets the App act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledRepo {
+    pub id: i64,
+    pub full_name: String,
+}
+
+/// The check run to keep for a new App job.
+#[derive(Debug, Clone)]
+pub struct NewAppJob<'a> {
+    /// `Provenance` as JSON.
+    pub provenance: &'a str,
+    pub installation_id: i64,
+    pub repository: &'a str,
+    pub head_sha: &'a str,
+    /// The check run's name (the job's, with the run's number when there are several).
+    pub check_name: &'a str,
+}
+
+/// An App job, with its check run and the job's present state.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AppJobModel {
+    pub job_id: i64,
+    pub provenance: String,
+    pub installation_id: i64,
+    pub repository: String,
+    pub head_sha: String,
+    pub check_name: String,
+    pub check_run_id: Option<i64>,
+    /// The job state the check run shows; None: not created yet.
+    pub synced_state: Option<String>,
+    pub sync_attempts: i64,
+    /// The job's state now.
+    pub state: String,
+}
+
+impl AppJobModel {
+    pub fn job_id(&self) -> JobId {
+        JobId(self.job_id)
+    }
+}
+
+#[async_trait::async_trait]
+pub trait GitHubStore: Send + Sync {
+    /// Queues a verified delivery; false when a delivery with its id was queued before (a
+    /// redelivery), which changes nothing.
+    async fn queue_delivery(&self, delivery: &NewDelivery<'_>) -> StoreResult<bool>;
+    /// Claims the oldest queued delivery that is due and not claimed (or whose claim ran out),
+    /// for `claim_ms`, counting an attempt.
+    async fn claim_delivery(
+        &self,
+        now_ms: i64,
+        claim_ms: i64,
+    ) -> StoreResult<Option<DeliveryModel>>;
+    /// Records how processing a delivery ended.
+    async fn finish_delivery(&self, id: &str, outcome: DeliveryOutcome<'_>) -> StoreResult<()>;
+    async fn delivery(&self, id: &str) -> StoreResult<Option<DeliveryModel>>;
+    /// Forgets deliveries processed before `cutoff_ms` (their ids no longer de-duplicate).
+    async fn prune_deliveries(&self, cutoff_ms: i64) -> StoreResult<u64>;
+
+    /// Records an installation and replaces its repositories with `repos`.
+    async fn save_installation(
+        &self,
+        id: i64,
+        account: &str,
+        repos: &[InstalledRepo],
+    ) -> StoreResult<()>;
+    /// Adds and removes repositories of a known installation (`installation_repositories`).
+    /// False when the installation is not known.
+    async fn change_installation_repos(
+        &self,
+        id: i64,
+        added: &[InstalledRepo],
+        removed: &[i64],
+    ) -> StoreResult<bool>;
+    /// Forgets an installation (uninstalled); false if it was not known.
+    async fn delete_installation(&self, id: i64) -> StoreResult<bool>;
+    /// The installation that lets the App act on repository `repository_id`, if any.
+    async fn installation_of(&self, repository_id: i64) -> StoreResult<Option<i64>>;
+
+    /// Inserts an App job and its check-run record in one transaction.
+    async fn insert_app_job(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        app: &NewAppJob<'_>,
+    ) -> StoreResult<JobModel>;
+    async fn app_job(&self, id: JobId) -> StoreResult<Option<AppJobModel>>;
+    async fn app_job_by_check_run(&self, check_run_id: i64) -> StoreResult<Option<AppJobModel>>;
+    /// App jobs whose check run does not show the job's state yet, due at `now_ms`, oldest
+    /// first.
+    async fn check_runs_to_sync(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<AppJobModel>>;
+    /// GitHub now shows `state` for the job (and the check run's id, once created).
+    async fn check_run_synced(&self, id: JobId, check_run_id: i64, state: &str) -> StoreResult<()>;
+    /// Updating the check run failed; try again after `retry_at_ms`.
+    async fn check_run_sync_failed(&self, id: JobId, retry_at_ms: i64) -> StoreResult<()>;
+    /// Records that the App acts on comment `comment_id`; false if it did before.
+    async fn claim_comment(&self, comment_id: i64, now_ms: i64) -> StoreResult<bool>;
+}

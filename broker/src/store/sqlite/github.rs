@@ -1,0 +1,324 @@
+//! [`GitHubStore`] on SQLite.
+
+use sqlx::Connection as _;
+use testbot_proto::jobs::{JobId, JobSpec};
+use testbot_proto::now_ms;
+
+use super::{JOB_COLUMNS, SqliteStore};
+use crate::store::github::{
+    AppJobModel, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo, NewAppJob, NewDelivery,
+};
+use crate::store::{JobModel, JobOrigin, StoreError, StoreResult, StoredJob};
+
+const DELIVERY_COLUMNS: &str = "id, event, action, payload, received_at_ms, state, attempts, error";
+
+const APP_JOB_COLUMNS: &str = "g.job_id, g.provenance, g.installation_id, g.repository, \
+     g.head_sha, g.check_name, g.check_run_id, g.synced_state, g.sync_attempts, j.state";
+
+#[async_trait::async_trait]
+impl GitHubStore for SqliteStore {
+    async fn queue_delivery(&self, d: &NewDelivery<'_>) -> StoreResult<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO github_deliveries (id, event, action, payload, received_at_ms, not_before_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(d.id)
+        .bind(d.event)
+        .bind(d.action)
+        .bind(d.payload)
+        .bind(d.received_at_ms)
+        .execute(&mut *self.writer().await?)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn claim_delivery(
+        &self,
+        now_ms: i64,
+        claim_ms: i64,
+    ) -> StoreResult<Option<DeliveryModel>> {
+        let sql = format!(
+            "UPDATE github_deliveries
+                SET claimed_until_ms = ?1 + ?2, attempts = attempts + 1
+              WHERE id = (SELECT id FROM github_deliveries
+                           WHERE state = 'queued' AND not_before_ms <= ?1
+                             AND (claimed_until_ms IS NULL OR claimed_until_ms <= ?1)
+                           ORDER BY received_at_ms, id LIMIT 1)
+             RETURNING {DELIVERY_COLUMNS}"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(now_ms)
+            .bind(claim_ms)
+            .fetch_optional(&mut *self.writer().await?)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn finish_delivery(&self, id: &str, outcome: DeliveryOutcome<'_>) -> StoreResult<()> {
+        let (state, error, not_before, finished) = match outcome {
+            DeliveryOutcome::Done => ("done", None, None, Some(now_ms())),
+            DeliveryOutcome::Retry { error, retry_at_ms } => {
+                ("queued", Some(error), Some(retry_at_ms), None)
+            }
+            DeliveryOutcome::Failed { error } => ("failed", Some(error), None, Some(now_ms())),
+        };
+        sqlx::query(
+            "UPDATE github_deliveries
+                SET state = ?2, error = ?3, not_before_ms = COALESCE(?4, not_before_ms),
+                    finished_at_ms = ?5, claimed_until_ms = NULL
+              WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(state)
+        .bind(error)
+        .bind(not_before)
+        .bind(finished)
+        .execute(&mut *self.writer().await?)
+        .await?;
+        Ok(())
+    }
+
+    async fn delivery(&self, id: &str) -> StoreResult<Option<DeliveryModel>> {
+        let sql = format!("SELECT {DELIVERY_COLUMNS} FROM github_deliveries WHERE id = ?1");
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn prune_deliveries(&self, cutoff_ms: i64) -> StoreResult<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM github_deliveries WHERE finished_at_ms IS NOT NULL AND finished_at_ms < ?1",
+        )
+        .bind(cutoff_ms)
+        .execute(&mut *self.writer().await?)
+        .await?
+        .rows_affected())
+    }
+
+    async fn save_installation(
+        &self,
+        id: i64,
+        account: &str,
+        repos: &[InstalledRepo],
+    ) -> StoreResult<()> {
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
+        sqlx::query(
+            "INSERT INTO github_installations (id, account, updated_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET account = excluded.account,
+                 updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(id)
+        .bind(account)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM github_installation_repos WHERE installation_id = ?1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        for repo in repos {
+            insert_repo(&mut tx, id, repo).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn change_installation_repos(
+        &self,
+        id: i64,
+        added: &[InstalledRepo],
+        removed: &[i64],
+    ) -> StoreResult<bool> {
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
+        let known = sqlx::query("UPDATE github_installations SET updated_at_ms = ?2 WHERE id = ?1")
+            .bind(id)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !known {
+            return Ok(false);
+        }
+        for repo in added {
+            insert_repo(&mut tx, id, repo).await?;
+        }
+        for repository_id in removed {
+            sqlx::query(
+                "DELETE FROM github_installation_repos
+                  WHERE installation_id = ?1 AND repository_id = ?2",
+            )
+            .bind(id)
+            .bind(repository_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn delete_installation(&self, id: i64) -> StoreResult<bool> {
+        Ok(
+            sqlx::query("DELETE FROM github_installations WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *self.writer().await?)
+                .await?
+                .rows_affected()
+                == 1,
+        )
+    }
+
+    async fn installation_of(&self, repository_id: i64) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar(
+            "SELECT installation_id FROM github_installation_repos WHERE repository_id = ?1
+              ORDER BY installation_id LIMIT 1",
+        )
+        .bind(repository_id)
+        .fetch_optional(&self.read)
+        .await
+        .map_err(StoreError::from)
+    }
+
+    async fn insert_app_job(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        app: &NewAppJob<'_>,
+    ) -> StoreResult<JobModel> {
+        let stored = StoredJob::new(spec, origin)?;
+        let mut conn = self.writer().await?;
+        let mut tx = conn.begin().await?;
+        let sql = format!(
+            "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id, submitted_by,
+                 oidc_token, sites, submit_jti, secret_env)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, NULL, ?7, NULL, ?8)
+             RETURNING {JOB_COLUMNS}"
+        );
+        let model: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(stored.spec)
+            .bind(stored.labels)
+            .bind(now_ms())
+            .bind(&origin.repository)
+            .bind(&origin.run_id)
+            .bind(&origin.submitted_by)
+            .bind(stored.sites)
+            .bind(stored.secret_env)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO github_jobs (job_id, provenance, installation_id, repository, head_sha,
+                 check_name)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(model.id)
+        .bind(app.provenance)
+        .bind(app.installation_id)
+        .bind(app.repository)
+        .bind(app.head_sha)
+        .bind(app.check_name)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(model)
+    }
+
+    async fn app_job(&self, id: JobId) -> StoreResult<Option<AppJobModel>> {
+        let sql = format!(
+            "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
+              WHERE g.job_id = ?1"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn app_job_by_check_run(&self, check_run_id: i64) -> StoreResult<Option<AppJobModel>> {
+        let sql = format!(
+            "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
+              WHERE g.check_run_id = ?1"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(check_run_id)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn check_runs_to_sync(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<AppJobModel>> {
+        let sql = format!(
+            "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
+              WHERE g.synced_state IS NOT j.state AND g.sync_after_ms <= ?1
+              ORDER BY g.job_id LIMIT ?2"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn check_run_synced(&self, id: JobId, check_run_id: i64, state: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE github_jobs SET check_run_id = ?2, synced_state = ?3, sync_attempts = 0,
+                    sync_after_ms = 0
+              WHERE job_id = ?1",
+        )
+        .bind(id.0)
+        .bind(check_run_id)
+        .bind(state)
+        .execute(&mut *self.writer().await?)
+        .await?;
+        Ok(())
+    }
+
+    async fn check_run_sync_failed(&self, id: JobId, retry_at_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE github_jobs SET sync_attempts = sync_attempts + 1, sync_after_ms = ?2
+              WHERE job_id = ?1",
+        )
+        .bind(id.0)
+        .bind(retry_at_ms)
+        .execute(&mut *self.writer().await?)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim_comment(&self, comment_id: i64, now_ms: i64) -> StoreResult<bool> {
+        Ok(sqlx::query(
+            "INSERT INTO github_comments_handled (comment_id, handled_at_ms) VALUES (?1, ?2)
+             ON CONFLICT (comment_id) DO NOTHING",
+        )
+        .bind(comment_id)
+        .bind(now_ms)
+        .execute(&mut *self.writer().await?)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+}
+
+async fn insert_repo(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    installation_id: i64,
+    repo: &InstalledRepo,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO github_installation_repos (installation_id, repository_id, full_name)
+         VALUES (?1, ?2, ?3)
+         ON CONFLICT (installation_id, repository_id) DO UPDATE SET full_name = excluded.full_name",
+    )
+    .bind(installation_id)
+    .bind(repo.id)
+    .bind(&repo.full_name)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

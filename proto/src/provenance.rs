@@ -1,0 +1,116 @@
+//! Where a job the GitHub App created comes from: the facts a site's agent checks with GitHub
+//! itself before it runs anything (see the provenance table in `docs/github-app.md`).
+//!
+//! A workflow job proves itself with its OIDC token; an App job has no token, so the broker
+//! records what made it (the event, the repository and its id, the exact commit, the config's
+//! job name, who asked) and the agent verifies each fact against GitHub's REST API with its own
+//! credentials. A compromised broker can therefore replay a real event for the same commit, but
+//! cannot invent a commit, a script, or an approval.
+
+use serde::{Deserialize, Serialize};
+
+/// Who submits App jobs, as recorded on them (`submitted_by`).
+pub const APP_SUBMITTER: &str = "github-app";
+
+/// What made an App job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Provenance {
+    /// A push to a branch (post-merge CI).
+    Push {
+        #[serde(flatten)]
+        commit: CommitRef,
+        /// The branch pushed (without `refs/heads/`).
+        branch: String,
+        /// Who pushed (GitHub login).
+        pushed_by: String,
+    },
+}
+
+/// The repository, commit and config job every provenance names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRef {
+    /// `owner/name`.
+    pub repository: String,
+    /// GitHub's id of the repository (stable across renames; a name can be re-used).
+    pub repository_id: u64,
+    /// The full commit id the job runs.
+    pub sha: String,
+    /// The job's name in `.github/testbot.toml`.
+    pub job: String,
+    /// The commit whose `.github/testbot.toml` declares the job (for a push: `sha` itself).
+    pub config_sha: String,
+}
+
+impl Provenance {
+    /// The repository, commit and job.
+    pub fn commit(&self) -> &CommitRef {
+        match self {
+            Provenance::Push { commit, .. } => commit,
+        }
+    }
+
+    /// The event's name as a site policy names it (`push`).
+    pub fn event(&self) -> &'static str {
+        match self {
+            Provenance::Push { .. } => "push",
+        }
+    }
+
+    /// The git ref the commit was reached by (`refs/heads/main`).
+    pub fn git_ref(&self) -> String {
+        match self {
+            Provenance::Push { branch, .. } => format!("refs/heads/{branch}"),
+        }
+    }
+
+    /// One line for logs and refusals: `push of owner/repo@abc1234 to main (job unit)`.
+    pub fn describe(&self) -> String {
+        let c = self.commit();
+        let short = c.sha.get(..12).unwrap_or(&c.sha);
+        match self {
+            Provenance::Push {
+                branch, pushed_by, ..
+            } => format!(
+                "push of {}@{short} to {branch} by {pushed_by} (job {})",
+                c.repository, c.job
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provenance_round_trips_and_refuses_unknown_fields() {
+        let p = Provenance::Push {
+            commit: CommitRef {
+                repository: "o/r".into(),
+                repository_id: 7,
+                sha: "a".repeat(40),
+                job: "unit".into(),
+                config_sha: "a".repeat(40),
+            },
+            branch: "main".into(),
+            pushed_by: "alice".into(),
+        };
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["event"], "push");
+        assert_eq!(json["repository_id"], 7);
+        assert_eq!(
+            serde_json::from_value::<Provenance>(json.clone()).unwrap(),
+            p
+        );
+        let mut extra = json;
+        extra["script"] = "rm -rf /".into();
+        assert!(serde_json::from_value::<Provenance>(extra).is_err());
+        assert_eq!(p.git_ref(), "refs/heads/main");
+        assert!(
+            p.describe()
+                .starts_with("push of o/r@aaaaaaaaaaaa to main by alice")
+        );
+    }
+}
