@@ -17,11 +17,21 @@ fn base_payload(
     repo: Option<&str>,
     sender: &str,
 ) -> Value {
+    patched(shared, world, example(event, action), repo, sender)
+}
+
+/// `payload` with `repository`, `sender` and `installation` of the model.
+fn patched(
+    shared: &Shared,
+    world: &World,
+    mut payload: Value,
+    repo: Option<&str>,
+    sender: &str,
+) -> Value {
     let render = Render {
         base: &shared.url,
         world,
     };
-    let mut payload = example(event, action);
     let object = payload.as_object_mut().expect("a payload is an object");
     object.remove("organization");
     object.remove("enterprise");
@@ -130,11 +140,19 @@ pub(crate) fn issue_comment(
     action: &str,
     before: Option<&str>,
 ) -> Delivery {
-    let mut payload = base_payload(
+    let on_pull_request = world
+        .pulls
+        .contains_key(&(comment.repo.clone(), comment.issue_number));
+    let mut template = if on_pull_request {
+        super::webhooks::issue_comment_on_pull_request()
+    } else {
+        example("issue_comment", Some(action))
+    };
+    template["action"] = json!(action);
+    let mut payload = patched(
         shared,
         world,
-        "issue_comment",
-        Some(action),
+        template,
         Some(&comment.repo),
         &comment.author,
     );

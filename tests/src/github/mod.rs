@@ -187,13 +187,14 @@ pub struct FakeGitHub {
     /// The secret webhooks are signed with.
     pub webhook_secret: String,
     shared: Arc<Shared>,
-    server: tokio::task::JoinHandle<()>,
+    shutdown: tokio_util::sync::CancellationToken,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for FakeGitHub {
     fn drop(&mut self) {
-        self.server.abort();
+        // Graceful: idle keep-alive connections close too, instead of outliving the fake.
+        self.shutdown.cancel();
     }
 }
 
@@ -256,23 +257,29 @@ impl FakeGitHub {
             webhook_secret: WEBHOOK_SECRET.into(),
             hooks: Arc::default(),
         });
-        shared.world.lock().unwrap().account("testbot-org").kind = "Organization";
         let app = axum::Router::new()
             .fallback(server::handler)
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stopped = shutdown.clone().cancelled_owned();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await;
         });
-        FakeGitHub {
+        let github = FakeGitHub {
             url,
             app_id: APP_ID,
             app_private_key_pem: jwt::APP_PRIVATE_KEY_PEM.into(),
             webhook_secret: WEBHOOK_SECRET.into(),
             shared,
-            server,
+            shutdown,
             _dir: dir,
-        }
+        };
+        let app_owner = github.world().app_owner.clone();
+        github.create_org(&app_owner);
+        github
     }
 
     fn world(&self) -> std::sync::MutexGuard<'_, World> {

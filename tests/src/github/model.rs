@@ -256,6 +256,8 @@ pub struct RecordedRequest {
     pub template: Option<String>,
     pub query: Vec<(String, String)>,
     pub identity: Identity,
+    /// The token it carried (bearer, or the password of HTTP basic auth), if any.
+    pub token: Option<String>,
     /// The JSON body, when there was one.
     pub body: Option<Value>,
     pub status: u16,

@@ -221,6 +221,7 @@ fn record(
         template,
         query,
         identity: auth.identity.clone(),
+        token: auth.token.clone(),
         body,
         status,
     });

@@ -511,7 +511,25 @@ async fn installation_tokens_come_from_a_valid_jwt_and_expire() {
     .await;
     assert_eq!(status, 200);
 
+    // Tokens live as long as the fake is told; a zero lifetime makes them stale at once.
+    github.set_token_lifetime(std::time::Duration::ZERO);
+    let stale = installation_token(&github, installation.id).await;
+    let (status, _) = status_of(
+        &github,
+        reqwest::Method::GET,
+        "/repos/hpc-lab/app",
+        Some(&stale),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+
     let requests = github.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.token.as_deref() == Some(fresh.as_str()) && r.status == 200)
+    );
     assert!(requests.iter().any(|r| r.identity == Identity::App
         && r.template.as_deref() == Some("/app/installations/{installation_id}/access_tokens")
         && r.status == 201));

@@ -1,6 +1,7 @@
 //! Webhook deliveries as GitHub sends them: GitHub's example payloads (vendored from
 //! `@octokit/webhooks-examples`, gzipped), the headers (`X-GitHub-Event`, `X-GitHub-Delivery`,
-//! `X-GitHub-Hook-ID`, `X-Hub-Signature-256`, ...) and a deliverer.
+//! `X-GitHub-Hook-ID`, `X-Hub-Signature-256`, ...) and a deliverer. One more example, of a
+//! comment on a pull request, comes from GitHub's documentation.
 
 use std::io::Read as _;
 use std::sync::LazyLock;
@@ -34,6 +35,17 @@ pub fn examples() -> impl Iterator<Item = (&'static str, &'static Value)> {
     EXAMPLES
         .iter()
         .map(|(name, payload)| (name.as_str(), payload))
+}
+
+/// GitHub's example of an `issue_comment` created on a pull request (GitHub's published examples
+/// are all on issues), from GitHub's documentation.
+const ISSUE_COMMENT_ON_PULL_REQUEST: &str =
+    include_str!("../../fixtures/github/issue_comment.created-on-pr.json");
+
+/// GitHub's example of a comment on a pull request (`issue_comment` created; `issue` has
+/// `pull_request`).
+pub fn issue_comment_on_pull_request() -> Value {
+    serde_json::from_str(ISSUE_COMMENT_ON_PULL_REQUEST).expect("the example is JSON")
 }
 
 /// GitHub's example of `event` with `action` (the first one without an action when `None`).
