@@ -4,6 +4,7 @@
 use serde_json::{Value, json};
 
 use super::Shared;
+use super::git::{CommitInfo, FileChange};
 use super::model::{CheckRun, Comment, Installation, PullRequest, Review, World};
 use super::render::{Render, time};
 use super::webhooks::{Delivery, example, merge_into};
@@ -70,6 +71,8 @@ pub(crate) struct RefUpdate<'a> {
     pub after: &'a str,
     pub pusher: &'a str,
     pub forced: bool,
+    /// The commits pushed, oldest first, with the files each changed.
+    pub commits: &'a [(CommitInfo, Vec<FileChange>)],
 }
 
 /// `push` of `update` to `repo`.
@@ -80,6 +83,7 @@ pub(crate) fn push(shared: &Shared, world: &World, repo: &str, update: &RefUpdat
         after,
         pusher,
         forced,
+        commits,
     } = *update;
     let mut payload = base_payload(shared, world, "push", None, Some(repo), pusher);
     let base = &shared.url;
@@ -94,12 +98,38 @@ pub(crate) fn push(shared: &Shared, world: &World, repo: &str, update: &RefUpdat
             "forced": forced,
             "base_ref": null,
             "compare": format!("{base}/{repo}/compare/{}...{}", &before[..12.min(before.len())], &after[..12.min(after.len())]),
-            "commits": [],
-            "head_commit": null,
+            "commits": commits.iter().map(|(info, files)| pushed_commit(base, repo, info, files)).collect::<Vec<_>>(),
+            "head_commit": commits.last().map(|(info, files)| pushed_commit(base, repo, info, files)),
             "pusher": {"name": pusher, "email": format!("{pusher}@users.noreply.example.com")},
         }),
     );
     delivery(shared, "push", payload)
+}
+
+/// One commit of a `push` payload.
+fn pushed_commit(base: &str, repo: &str, info: &CommitInfo, files: &[FileChange]) -> Value {
+    let person =
+        |(name, email, _): &(String, String, String)| json!({"name": name, "email": email});
+    let with_status = |status: &str| {
+        files
+            .iter()
+            .filter(|f| f.status == status)
+            .map(|f| f.filename.clone())
+            .collect::<Vec<_>>()
+    };
+    json!({
+        "id": info.sha,
+        "tree_id": info.tree,
+        "distinct": true,
+        "message": info.message,
+        "timestamp": info.committer.2,
+        "url": format!("{base}/{repo}/commit/{}", info.sha),
+        "author": person(&info.author),
+        "committer": person(&info.committer),
+        "added": with_status("added"),
+        "removed": with_status("removed"),
+        "modified": with_status("modified"),
+    })
 }
 
 /// `pull_request` with `action` (opened, synchronize, closed, ...).

@@ -208,6 +208,32 @@ pub fn owner_id(owner: &str) -> u64 {
     70_000 + owner.bytes().map(u64::from).sum::<u64>()
 }
 
+/// The commits a push from `before` to `after` brings (as GitHub lists them: at most 20, the
+/// newest last; a new branch lists its head only), with the files each changed.
+async fn pushed_commits(
+    git_dir: &std::path::Path,
+    before: Option<&str>,
+    after: &str,
+) -> Vec<(git::CommitInfo, Vec<git::FileChange>)> {
+    let shas = match before {
+        Some(before) => git::commits_between(git_dir, before, after)
+            .await
+            .unwrap_or_default(),
+        None => vec![after.to_string()],
+    };
+    let mut commits = Vec::new();
+    for sha in shas.iter().rev().take(20).rev() {
+        let Ok(info) = git::commit_info(git_dir, sha).await else {
+            continue;
+        };
+        let files = git::changed_files(git_dir, info.parents.first().map(String::as_str), sha)
+            .await
+            .unwrap_or_default();
+        commits.push((info, files));
+    }
+    commits
+}
+
 impl FakeGitHub {
     /// Serves `users`, keyed by token: each administers the repositories in `admin_of` and reads
     /// those in `reader_of` (all public; created empty).
@@ -557,6 +583,7 @@ impl FakeGitHub {
         const ZERO: &str = "0000000000000000000000000000000000000000";
         let full = repository.full_name();
         let before_sha = before.clone().unwrap_or(ZERO.into());
+        let commits = pushed_commits(&repository.git_dir, before.as_deref(), after).await;
         let mut deliveries = {
             let world = self.world();
             let update = events::RefUpdate {
@@ -565,6 +592,7 @@ impl FakeGitHub {
                 after,
                 pusher: &repository.owner,
                 forced,
+                commits: &commits,
             };
             vec![events::push(&self.shared, &world, &full, &update)]
         };
@@ -721,6 +749,7 @@ impl FakeGitHub {
         let sha = git::merge_commit(&base.git_dir, &base_tip, &pr.head_sha, &message)
             .await
             .expect("merging");
+        let commits = pushed_commits(&base.git_dir, Some(&base_tip), &sha).await;
         git::update_ref(&base.git_dir, &reference, &sha)
             .await
             .expect("moving the base branch");
@@ -751,6 +780,7 @@ impl FakeGitHub {
                         after: &sha,
                         pusher: merged_by,
                         forced: false,
+                        commits: &commits,
                     },
                 ),
             ]

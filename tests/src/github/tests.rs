@@ -940,6 +940,21 @@ async fn model_actions_emit_webhooks_with_the_models_values() {
     );
     assert_eq!(ping.payload["hook_id"], 55_500_001);
     assert!(deliveries.iter().all(|d| d.id.len() == 36));
+    assert_eq!(push.payload["head_commit"]["id"], head.as_str());
+    assert_eq!(push.payload["commits"][0]["added"][0], "f");
+    // The broker reads webhooks with octocrab's models: each payload must fit them.
+    for delivery in &deliveries {
+        let parsed = octocrab::models::webhook_events::WebhookEvent::try_from_header_and_body(
+            &delivery.event,
+            &delivery.body(),
+        );
+        assert!(
+            parsed.is_ok(),
+            "{} {:?}: {parsed:?}",
+            delivery.event,
+            delivery.action()
+        );
+    }
 
     // Check run buttons and uninstalling.
     let sha = github.resolve(REPO, "main").await.unwrap();
@@ -975,6 +990,18 @@ async fn model_actions_emit_webhooks_with_the_models_values() {
         ]
     );
     assert_eq!(deliveries[0].payload["check_run"]["id"], run.id.0);
+    for delivery in &deliveries {
+        let parsed = octocrab::models::webhook_events::WebhookEvent::try_from_header_and_body(
+            &delivery.event,
+            &delivery.body(),
+        );
+        assert!(
+            parsed.is_ok(),
+            "{} {:?}: {parsed:?}",
+            delivery.event,
+            delivery.action()
+        );
+    }
     assert_eq!(
         deliveries[1].payload["requested_action"]["identifier"],
         "cancel"
