@@ -29,10 +29,7 @@ fn patched(
     repo: Option<&str>,
     sender: &str,
 ) -> Value {
-    let render = Render {
-        base: &shared.url,
-        world,
-    };
+    let render = Render::new(&shared.url, world);
     let object = payload.as_object_mut().expect("a payload is an object");
     object.remove("organization");
     object.remove("enterprise");
@@ -149,10 +146,7 @@ pub(crate) fn pull_request(
         Some(&pr.repo),
         sender,
     );
-    let render = Render {
-        base: &shared.url,
-        world,
-    };
+    let render = Render::new(&shared.url, world);
     merge_into(&mut payload["pull_request"], render.pull_request(pr, false));
     payload["number"] = json!(pr.number);
     if action == "synchronize" {
@@ -186,10 +180,7 @@ pub(crate) fn issue_comment(
         Some(&comment.repo),
         &comment.author,
     );
-    let render = Render {
-        base: &shared.url,
-        world,
-    };
+    let render = Render::new(&shared.url, world);
     merge_into(&mut payload["comment"], render.comment(comment));
     if let Some(pr) = world
         .pulls
@@ -237,10 +228,7 @@ pub(crate) fn review_submitted(shared: &Shared, world: &World, review: &Review) 
         Some(&review.repo),
         &review.author,
     );
-    let render = Render {
-        base: &shared.url,
-        world,
-    };
+    let render = Render::new(&shared.url, world);
     let mut value = render.review(review);
     // Webhooks spell review states in lower case.
     value["state"] = json!(review.state.to_ascii_lowercase());
@@ -268,10 +256,7 @@ pub(crate) fn check_run(
         Some(&run.repo),
         sender,
     );
-    let render = Render {
-        base: &shared.url,
-        world,
-    };
+    let render = Render::new(&shared.url, world);
     let mut value = render.check_run(run);
     value["check_suite"] = json!({
         "id": run.id + 500_000_000,
@@ -300,10 +285,7 @@ pub(crate) fn installation(
     sender: &str,
 ) -> Delivery {
     let mut payload = base_payload(shared, world, "installation", Some(action), None, sender);
-    let render = Render {
-        base: &shared.url,
-        world,
-    };
+    let render = Render::new(&shared.url, world);
     merge_into(
         &mut payload["installation"],
         render.installation(installation),
@@ -327,7 +309,7 @@ pub(crate) fn ping(shared: &Shared, world: &World) -> Delivery {
     let hook_id = shared.hook_id;
     merge_into(
         &mut payload,
-        json!({"hook_id": hook_id, "sender": Render { base: &shared.url, world }.user(&world.app_owner)}),
+        json!({"hook_id": hook_id, "sender": Render::new(&shared.url, world).user(&world.app_owner)}),
     );
     if let Some(hook) = payload.get_mut("hook") {
         hook["id"] = json!(hook_id);

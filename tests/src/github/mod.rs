@@ -12,7 +12,9 @@
 //!   (with their history), reactions, the App and its installations.
 //! - [`git`]: the bare repositories: commits with the `git` CLI, and smart HTTP through
 //!   `git http-backend` at `{url}/{owner}/{repo}.git`.
-//! - `server`: the REST endpoints at GitHub's paths, answering in GitHub's shapes.
+//! - `server`: one handler matches each request to GitHub's operation, checks it, answers
+//!   from the model and checks the answer; the operations by resource (`app`, `repos`,
+//!   `pulls`, `issues`, `checks`) and smart-HTTP git (`git_http`).
 //! - [`openapi`]: the request and response checks against `openapi-subset.json`.
 //! - [`jwt`]: the App's RS256 JWTs (sign as an App does; check as GitHub does).
 //! - [`webhooks`]: GitHub's example payloads, signatures, headers and deliveries; `events`

@@ -26,7 +26,11 @@ pub struct Render<'a> {
     pub world: &'a World,
 }
 
-impl Render<'_> {
+impl<'a> Render<'a> {
+    pub fn new(base: &'a str, world: &'a World) -> Render<'a> {
+        Render { base, world }
+    }
+
     pub fn account(&self, account: &Account) -> Value {
         let base = self.base;
         // A bot's login (`name[bot]`) is escaped in URLs, as GitHub does.
