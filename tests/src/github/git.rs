@@ -376,6 +376,68 @@ pub async fn changed_files(
     Ok(changes)
 }
 
+/// What a pull request from `head` into `base` changes (GitHub's `commits`, `additions`,
+/// `deletions`, `changed_files`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PullStats {
+    pub commits: u64,
+    pub additions: u64,
+    pub deletions: u64,
+    pub changed_files: u64,
+}
+
+/// [`PullStats`] of `head` against `base`, from their merge base.
+pub async fn pull_stats(git_dir: &Path, base: &str, head: &str) -> anyhow::Result<PullStats> {
+    let (_, _, merge_base) = ahead_behind(git_dir, base, head).await?;
+    let merge_base = merge_base.context("the pull request shares no history with its base")?;
+    let commits = commits_between(git_dir, &merge_base, head).await?.len() as u64;
+    let files = changed_files(git_dir, Some(&merge_base), head).await?;
+    Ok(PullStats {
+        commits,
+        additions: files.iter().map(|f| f.additions).sum(),
+        deletions: files.iter().map(|f| f.deletions).sum(),
+        changed_files: files.len() as u64,
+    })
+}
+
+/// One entry of a directory.
+#[derive(Clone, Debug)]
+pub struct TreeEntry {
+    /// `blob`, `tree` or `commit` (a submodule).
+    pub kind: String,
+    pub sha: String,
+    /// Blobs only.
+    pub size: Option<u64>,
+    pub name: String,
+}
+
+/// The entries of directory `path` in commit `sha`, or `None` when it is not a directory.
+pub async fn directory_at(git_dir: &Path, sha: &str, path: &str) -> Option<Vec<TreeEntry>> {
+    let spec = format!("{sha}:{path}");
+    if git(git_dir, &["cat-file", "-t", &spec], None).await.ok()? != "tree" {
+        return None;
+    }
+    let listing = git(git_dir, &["ls-tree", "-l", "-z", &spec], None)
+        .await
+        .ok()?;
+    let entries = listing
+        .split('\0')
+        .filter(|line| !line.is_empty())
+        .filter_map(|line| {
+            // `<mode> <type> <sha> <size>\t<name>`
+            let (meta, name) = line.split_once('\t')?;
+            let mut fields = meta.split_whitespace().skip(1);
+            Some(TreeEntry {
+                kind: fields.next()?.to_string(),
+                sha: fields.next()?.to_string(),
+                size: fields.next().and_then(|s| s.parse().ok()),
+                name: name.to_string(),
+            })
+        })
+        .collect();
+    Some(entries)
+}
+
 /// The blob at `path` in commit `sha`: (blob sha, content), or `None` when there is no file.
 pub async fn file_at(git_dir: &Path, sha: &str, path: &str) -> Option<(String, Vec<u8>)> {
     let spec = format!("{sha}:{path}");

@@ -622,12 +622,16 @@ impl FakeGitHub {
             let base_sha = git::resolve(&base.git_dir, &format!("refs/heads/{}", pr.base_ref))
                 .await
                 .unwrap_or_default();
+            let stats = git::pull_stats(&base.git_dir, &base_sha, after)
+                .await
+                .unwrap_or_default();
             let mut world = self.world();
             let Some(stored) = world.pulls.get_mut(&(pr.repo.clone(), pr.number)) else {
                 continue;
             };
             stored.head_sha = after.to_string();
             stored.base_sha = base_sha;
+            stored.stats = stats;
             stored.updated_at = SystemTime::now();
             let stored = stored.clone();
             deliveries.push(events::pull_request(
@@ -679,6 +683,9 @@ impl FakeGitHub {
         )
         .await
         .expect("creating refs/pull/N/head");
+        let stats = git::pull_stats(&base.git_dir, &base_sha, &head_sha)
+            .await
+            .expect("the pull request's head shares history with its base");
         let delivery = {
             let mut world = self.world();
             world.account(author);
@@ -699,6 +706,7 @@ impl FakeGitHub {
                 merged: false,
                 merge_commit_sha: None,
                 merged_by: None,
+                stats,
                 created_at: now,
                 updated_at: now,
                 closed_at: None,

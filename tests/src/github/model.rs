@@ -138,6 +138,8 @@ pub struct PullRequest {
     pub merged: bool,
     pub merge_commit_sha: Option<String>,
     pub merged_by: Option<String>,
+    /// What it changes against its base, as of its last open or push.
+    pub stats: super::git::PullStats,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
     pub closed_at: Option<SystemTime>,

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use super::git::{CommitInfo, FileChange};
+use super::git::{CommitInfo, FileChange, TreeEntry};
 use super::model::{
     Account, CheckRun, Comment, CommitComment, Installation, PullRequest, Reaction, Repository,
     Review, World,
@@ -360,10 +360,10 @@ impl<'a> Render<'a> {
                     "comments": comments,
                     "review_comments": 0,
                     "maintainer_can_modify": false,
-                    "commits": 1,
-                    "additions": 0,
-                    "deletions": 0,
-                    "changed_files": 0,
+                    "commits": pr.stats.commits,
+                    "additions": pr.stats.additions,
+                    "deletions": pr.stats.deletions,
+                    "changed_files": pr.stats.changed_files,
                 }),
             );
         }
@@ -593,6 +593,53 @@ impl<'a> Render<'a> {
             "download_url": format!("{base}/{full}/raw/{reference}/{path}"),
             "_links": {"self": url, "git": git_url, "html": html_url},
         })
+    }
+
+    /// A directory's listing (`content-directory`).
+    pub fn content_directory(
+        &self,
+        repo: &Repository,
+        path: &str,
+        reference: &str,
+        entries: &[TreeEntry],
+    ) -> Value {
+        let (base, full) = (self.base, repo.full_name());
+        let items: Vec<Value> = entries
+            .iter()
+            .map(|entry| {
+                let path = format!("{path}/{}", entry.name);
+                let kind = match entry.kind.as_str() {
+                    "tree" => "dir",
+                    "commit" => "submodule",
+                    _ => "file",
+                };
+                let url = format!("{base}/repos/{full}/contents/{path}?ref={reference}");
+                let git_url = format!(
+                    "{base}/repos/{full}/git/{}s/{}",
+                    if kind == "dir" { "tree" } else { "blob" },
+                    entry.sha
+                );
+                let html_url = format!(
+                    "{base}/{full}/{}/{reference}/{path}",
+                    if kind == "dir" { "tree" } else { "blob" }
+                );
+                let download_url =
+                    (kind == "file").then(|| format!("{base}/{full}/raw/{reference}/{path}"));
+                json!({
+                    "type": kind,
+                    "size": entry.size.unwrap_or(0),
+                    "name": entry.name,
+                    "path": path,
+                    "sha": entry.sha,
+                    "url": url,
+                    "git_url": git_url,
+                    "html_url": html_url,
+                    "download_url": download_url,
+                    "_links": {"self": url, "git": git_url, "html": html_url},
+                })
+            })
+            .collect();
+        json!(items)
     }
 }
 

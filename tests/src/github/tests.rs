@@ -211,6 +211,21 @@ async fn octocrab_reads_a_repository_its_contents_and_commits() {
         contents.take_items()[0].decoded_content().as_deref(),
         Some("jobs = 1\n")
     );
+    let listing = client
+        .repos("hpc-lab", "app")
+        .get_content()
+        .path("ci")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listing.items.len(), 1);
+    assert_eq!(
+        (
+            listing.items[0].path.as_str(),
+            listing.items[0].r#type.as_str()
+        ),
+        ("ci/testbot.toml", "file")
+    );
     let missing = client
         .repos("hpc-lab", "app")
         .get_content()
@@ -367,6 +382,15 @@ async fn check_runs_are_created_and_updated_with_an_installation_token() {
     )
     .await;
     assert_eq!(status, 403);
+    let (status, _) = status_of(
+        &github,
+        reqwest::Method::POST,
+        "/repos/hpc-lab/app/check-runs",
+        Some(&token),
+        Some(json!({"name": "x", "head_sha": "main"})),
+    )
+    .await;
+    assert_eq!(status, 422, "a check run's head_sha is a full sha");
     let reader = github.read_only_token(&[REPO]);
     let (status, _) = status_of(
         &github,
@@ -608,6 +632,10 @@ async fn comments_reactions_reviews_and_permissions_through_octocrab() {
     assert_eq!(one["state"], "APPROVED");
     let fetched = client.pulls("hpc-lab", "app").get(pr.number).await.unwrap();
     assert_eq!(fetched.head.sha, head);
+    assert_eq!(
+        (fetched.commits, fetched.additions, fetched.changed_files),
+        (Some(1), Some(1), Some(1))
+    );
     let files = client
         .pulls("hpc-lab", "app")
         .list_files(pr.number)

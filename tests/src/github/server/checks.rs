@@ -23,6 +23,14 @@ pub(super) async fn create_check_run(call: &Call<'_>) -> Answer {
     writer(shared, auth, &repo, true)?;
     let body = body.cloned().unwrap_or_default();
     let head = body["head_sha"].as_str().unwrap_or_default().to_string();
+    // GitHub takes a commit's full sha here, not a branch name.
+    let full_sha = head.len() == 40 && head.bytes().all(|b| b.is_ascii_hexdigit());
+    if !full_sha {
+        return Err(Reply::error(
+            422,
+            &format!("No commit found for SHA: {head}"),
+        ));
+    }
     let sha = resolve_or(
         &repo,
         &head,

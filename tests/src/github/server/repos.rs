@@ -43,6 +43,13 @@ pub(super) async fn get_content(call: &Call<'_>) -> Answer {
     )
     .await?;
     let path = op.param("path").trim_matches('/').to_string();
+    if let Some(entries) = git::directory_at(&repo.git_dir, &sha, &path).await {
+        let world = shared.world.lock().unwrap();
+        return Ok(Reply::ok(
+            200,
+            Render::new(base, &world).content_directory(&repo, &path, &reference, &entries),
+        ));
+    }
     let (blob, content) = git::file_at(&repo.git_dir, &sha, &path)
         .await
         .ok_or_else(Reply::not_found)?;
