@@ -55,8 +55,10 @@ fn patched(
     payload
 }
 
-fn delivery(shared: &Shared, event: &str, payload: Value) -> Delivery {
-    Delivery::new(event, shared.hook_id, payload)
+fn delivery(shared: &Shared, world: &World, event: &str, payload: Value) -> Delivery {
+    let mut delivery = Delivery::new(event, shared.hook_id, payload);
+    delivery.installation_target_id = world.app_id;
+    delivery
 }
 
 /// A branch or tag that moved, as a `push` webhook describes it.
@@ -100,7 +102,7 @@ pub(crate) fn push(shared: &Shared, world: &World, repo: &str, update: &RefUpdat
             "pusher": {"name": pusher, "email": format!("{pusher}@users.noreply.example.com")},
         }),
     );
-    delivery(shared, "push", payload)
+    delivery(shared, world, "push", payload)
 }
 
 /// One commit of a `push` payload.
@@ -153,7 +155,7 @@ pub(crate) fn pull_request(
         payload["before"] = json!(before.unwrap_or_default());
         payload["after"] = json!(pr.head_sha);
     }
-    delivery(shared, "pull_request", payload)
+    delivery(shared, world, "pull_request", payload)
 }
 
 /// `issue_comment` with `action` (created, edited: `before` is the old body).
@@ -215,7 +217,7 @@ pub(crate) fn issue_comment(
             }
         }
     }
-    delivery(shared, "issue_comment", payload)
+    delivery(shared, world, "issue_comment", payload)
 }
 
 /// `pull_request_review` submitted.
@@ -236,7 +238,7 @@ pub(crate) fn review_submitted(shared: &Shared, world: &World, review: &Review) 
     if let Some(pr) = world.pulls.get(&(review.repo.clone(), review.number)) {
         merge_into(&mut payload["pull_request"], render.pull_request(pr, true));
     }
-    delivery(shared, "pull_request_review", payload)
+    delivery(shared, world, "pull_request_review", payload)
 }
 
 /// `check_run` with `action` (rerequested; requested_action with `identifier`).
@@ -273,7 +275,7 @@ pub(crate) fn check_run(
     if let Some(identifier) = identifier {
         payload["requested_action"] = json!({"identifier": identifier});
     }
-    delivery(shared, "check_run", payload)
+    delivery(shared, world, "check_run", payload)
 }
 
 /// `installation` created or deleted.
@@ -300,7 +302,7 @@ pub(crate) fn installation(
     if let Some(object) = payload.as_object_mut() {
         object.remove("requester");
     }
-    delivery(shared, "installation", payload)
+    delivery(shared, world, "installation", payload)
 }
 
 /// `ping`, as GitHub sends when a webhook is set up.
@@ -316,5 +318,5 @@ pub(crate) fn ping(shared: &Shared, world: &World) -> Delivery {
         hook["app_id"] = json!(world.app_id);
         hook["updated_at"] = json!(time(std::time::SystemTime::now()));
     }
-    delivery(shared, "ping", payload)
+    delivery(shared, world, "ping", payload)
 }

@@ -32,6 +32,26 @@ pub struct OpenApi {
     validators: Mutex<HashMap<String, Arc<jsonschema::Validator>>>,
 }
 
+/// What is wrong with a request, by part.
+#[derive(Clone, Debug, Default)]
+pub struct RequestProblems {
+    /// Path and query parameters: missing, undocumented, or not of their schema.
+    pub parameters: Vec<String>,
+    /// The JSON body: missing, unexpected, or not of its schema (GitHub answers 422).
+    pub body: Vec<String>,
+}
+
+impl RequestProblems {
+    pub fn is_empty(&self) -> bool {
+        self.parameters.is_empty() && self.body.is_empty()
+    }
+
+    /// Every problem, parameters first.
+    pub fn all(&self) -> impl Iterator<Item = &String> {
+        self.parameters.iter().chain(&self.body)
+    }
+}
+
 /// A request matched to an operation of the description.
 #[derive(Clone, Debug)]
 pub struct Operation {
@@ -124,13 +144,13 @@ impl OpenApi {
         }
     }
 
-    /// What is wrong with a request for `op` with `query` and `body` (empty when nothing).
+    /// What is wrong with a request for `op` with `query` and `body`.
     pub fn check_request(
         &self,
         op: &Operation,
         query: &[(String, String)],
         body: Option<&Value>,
-    ) -> Vec<String> {
+    ) -> RequestProblems {
         let mut problems = Vec::new();
         let spec = self.op_json(op);
         let raw_parameters = spec["parameters"].as_array().cloned().unwrap_or_default();
@@ -180,11 +200,12 @@ impl OpenApi {
                 ));
             }
         }
+        let mut body_problems = Vec::new();
         let request_body = self.resolve(&spec["requestBody"]);
         match (body, request_body.is_null()) {
-            (Some(_), true) => problems.push("this operation takes no request body".into()),
+            (Some(_), true) => body_problems.push("this operation takes no request body".into()),
             (None, false) if request_body["required"] == true => {
-                problems.push("the request body is missing".into());
+                body_problems.push("the request body is missing".into());
             }
             (None, _) => {}
             (Some(body), false) => {
@@ -193,11 +214,14 @@ impl OpenApi {
                     op_pointer(op)
                 );
                 for error in self.errors(&pointer, body) {
-                    problems.push(format!("request body: {error}"));
+                    body_problems.push(format!("request body: {error}"));
                 }
             }
         }
-        problems
+        RequestProblems {
+            parameters: problems,
+            body: body_problems,
+        }
     }
 
     /// What is wrong with a response of `status` carrying `body` for `op`.

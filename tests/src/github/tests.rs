@@ -163,7 +163,7 @@ fn the_validator_catches_a_response_that_breaks_githubs_schema() {
         api.check_response(&op, 404, Some(&json!({"message": "Not Found"})))
             .is_empty()
     );
-    // A nullable field (`conclusion`) takes null; an enum outside its values does not.
+    // An enum outside its values is a problem of the body.
     let get = api.operation("GET", "/repos/o/r/check-runs/5").unwrap();
     assert_eq!(get.param("check_run_id"), "5");
     let bad_status = api.check_request(
@@ -172,8 +172,23 @@ fn the_validator_catches_a_response_that_breaks_githubs_schema() {
         Some(&json!({"name": "x", "head_sha": "a", "status": "done"})),
     );
     assert!(
-        bad_status.iter().any(|p| p.contains("status")),
+        bad_status.body.iter().any(|p| p.contains("status")),
         "{bad_status:?}"
+    );
+    assert!(bad_status.parameters.is_empty(), "{bad_status:?}");
+    // Parameters: of their type, and only those GitHub documents.
+    let pull = api.operation("GET", "/repos/o/r/pulls/abc").unwrap();
+    let problems = api.check_request(&pull, &[("per_page".into(), "5".into())], None);
+    assert!(
+        problems
+            .parameters
+            .iter()
+            .any(|p| p.contains("pull_number")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.parameters.iter().any(|p| p.contains("per_page")),
+        "{problems:?}"
     );
     let contents = api
         .operation("GET", "/repos/o/r/contents/src/lib.rs")
@@ -598,6 +613,18 @@ async fn comments_reactions_reviews_and_permissions_through_octocrab() {
         )
         .await
         .unwrap();
+    // A comment made through the API is announced too, as GitHub does (the App sees its own).
+    let announced = github.take_deliveries();
+    let last = announced.last().unwrap();
+    assert_eq!(
+        (last.event.as_str(), last.action()),
+        ("issue_comment", Some("created"))
+    );
+    assert_eq!(
+        last.payload["comment"]["user"]["login"],
+        "testbot-fake[bot]"
+    );
+    assert_eq!(last.payload["comment"]["id"], comment.id.0);
     let stored = github.comments(REPO, pr.number);
     assert_eq!(
         (stored.len(), stored[0].id, stored[0].author.as_str()),
@@ -1099,6 +1126,10 @@ async fn deliveries_are_signed_and_can_be_sent_twice_or_with_a_wrong_signature()
         header(1, "x-github-delivery")
     );
     assert_eq!(header(0, "x-github-hook-id"), "55500001");
+    assert_eq!(
+        header(0, "x-github-hook-installation-target-id"),
+        APP_ID.to_string()
+    );
     assert!(header(0, "user-agent").starts_with("GitHub-Hookshot/"));
     assert_eq!(header(0, "content-type"), "application/json");
     assert_eq!(

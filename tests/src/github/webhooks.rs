@@ -93,6 +93,8 @@ pub struct Delivery {
     pub id: String,
     /// `X-GitHub-Hook-ID`.
     pub hook_id: u64,
+    /// `X-GitHub-Hook-Installation-Target-ID`: the App's id (its webhook belongs to the App).
+    pub installation_target_id: u64,
     pub payload: Value,
 }
 
@@ -102,6 +104,7 @@ impl Delivery {
             event: event.to_string(),
             id: new_delivery_id(),
             hook_id,
+            installation_target_id: 0,
             payload,
         }
     }
@@ -128,6 +131,10 @@ impl Delivery {
             ("X-GitHub-Event", self.event.clone()),
             ("X-GitHub-Delivery", self.id.clone()),
             ("X-GitHub-Hook-ID", self.hook_id.to_string()),
+            (
+                "X-GitHub-Hook-Installation-Target-ID",
+                self.installation_target_id.to_string(),
+            ),
             (
                 "X-GitHub-Hook-Installation-Target-Type",
                 "integration".into(),

@@ -195,10 +195,8 @@ pub(crate) async fn handler(
         problems.push("the request body is not JSON".to_string());
     }
     let request_problems = openapi::github().check_request(&op, &query, json_body.as_ref());
-    let bad_body = request_problems
-        .iter()
-        .any(|p| p.starts_with("request body") || p.contains("request body"));
-    problems.extend(request_problems);
+    let bad_body = !request_problems.body.is_empty();
+    problems.extend(request_problems.all().cloned());
     let reply = if !body.is_empty() && json_body.is_none() {
         Reply::error(400, "Problems parsing JSON")
     } else if bad_body {
