@@ -378,6 +378,29 @@ impl FakeGitHub {
         jwt::app_jwt_now(self.app_id, &self.app_private_key_pem)
     }
 
+    /// The login the App acts as (`<slug>[bot]`): the author of its comments.
+    pub fn app_bot_login(&self) -> String {
+        self.world().bot_login()
+    }
+
+    /// Makes the next call of `method` `template` (GitHub's path template, as in
+    /// `/repos/{owner}/{repo}/check-runs`) fail with `status` and GitHub's error shape, without
+    /// touching the model: for testing how a client copes with GitHub's 5xx, rate limits and
+    /// the like. Call it again to fail more calls.
+    pub fn fail_next(&self, method: &str, template: &str, status: u16) {
+        assert!(
+            openapi::github()
+                .operation_by_template(method, template)
+                .is_some(),
+            "the fake serves no {method} {template}"
+        );
+        self.world().injected_failures.push((
+            method.to_ascii_uppercase(),
+            template.to_string(),
+            status,
+        ));
+    }
+
     // ---- repositories and git ----
 
     /// Creates `full_name` (`owner/name`) with one commit (a README) on its default branch

@@ -280,6 +280,8 @@ pub(crate) struct World {
     pub installations: BTreeMap<u64, Installation>,
     pub requests: Vec<RecordedRequest>,
     pub violations: Vec<String>,
+    /// Failures to answer instead of the model: (method, path template, status), first first.
+    pub injected_failures: Vec<(String, String, u16)>,
     pub token_lifetime: Duration,
     pub app_id: u64,
     pub app_slug: String,
@@ -304,6 +306,7 @@ impl World {
             installations: BTreeMap::new(),
             requests: Vec::new(),
             violations: Vec::new(),
+            injected_failures: Vec::new(),
             token_lifetime: Duration::from_secs(3600),
             app_id,
             app_slug: "testbot-fake".into(),
@@ -344,7 +347,8 @@ impl World {
         self.repos.get_mut(&full_name.to_ascii_lowercase())
     }
 
-    /// Who `token` is (`None`: not a token of the fake, or an expired one).
+    /// Who `token` is (`Invalid`: not a token of the fake, an expired one, or one of an
+    /// installation that is gone).
     pub fn identity_of_token(&self, token: &str) -> Identity {
         match self.tokens.get(token) {
             None => Identity::Invalid("Bad credentials".into()),

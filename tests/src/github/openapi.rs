@@ -128,6 +128,13 @@ impl OpenApi {
         best.map(|(_, op)| op)
     }
 
+    /// Whether the description has `method` on path template `template`.
+    pub fn operation_by_template(&self, method: &str, template: &str) -> Option<&Value> {
+        self.document["paths"]
+            .get(template)?
+            .get(method.to_ascii_lowercase())
+    }
+
     fn op_json(&self, op: &Operation) -> &Value {
         &self.document["paths"][&op.template][op.method.to_ascii_lowercase()]
     }

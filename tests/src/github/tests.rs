@@ -359,6 +359,21 @@ async fn check_runs_are_created_and_updated_with_an_installation_token() {
         .await
         .unwrap();
     assert_eq!(fetched.conclusion.as_deref(), Some("success"));
+    // An injected failure answers once, in GitHub's error shape, and leaves the model alone.
+    github.fail_next(
+        "PATCH",
+        "/repos/{owner}/{repo}/check-runs/{check_run_id}",
+        502,
+    );
+    let failed = checks
+        .update_check_run(run.id)
+        .status(CheckRunStatus::InProgress)
+        .send()
+        .await;
+    assert!(
+        matches!(failed, Err(octocrab::Error::GitHub { ref source, .. }) if source.status_code == 502),
+        "{failed:?}"
+    );
     let listed = checks
         .list_check_runs_for_git_ref(octocrab::params::repos::Commitish(sha.clone()))
         .send()
@@ -453,7 +468,36 @@ async fn a_bad_request_body_is_a_violation_and_answered_422() {
         violations.iter().any(|v| v.contains("great")),
         "{violations:?}"
     );
-    assert!(github.check_runs(REPO).is_empty());
+    // GitHub's schema also ties fields together: completing a run needs a conclusion.
+    let run: Value = octocrab(&github, Some(&token))
+        .post(
+            "/repos/hpc-lab/app/check-runs",
+            Some(&json!({"name": "x", "head_sha": sha})),
+        )
+        .await
+        .unwrap();
+    let path = format!("/repos/hpc-lab/app/check-runs/{}", run["id"]);
+    let (status, _) = status_of(
+        &github,
+        reqwest::Method::PATCH,
+        &path,
+        Some(&token),
+        Some(json!({"status": "completed"})),
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert!(
+        github
+            .violations()
+            .iter()
+            .any(|v| v.starts_with("PATCH") && v.contains("anyOf")),
+        "{:?}",
+        github.violations()
+    );
+    // Neither the bad create nor the bad update reached the model.
+    let runs = github.check_runs(REPO);
+    assert_eq!((runs.len(), runs[0].history.len()), (1, 1));
+
     let failed = std::panic::catch_unwind(|| github.assert_conforms());
     assert!(
         failed.is_err(),

@@ -197,8 +197,18 @@ pub(crate) async fn handler(
     let request_problems = openapi::github().check_request(&op, &query, json_body.as_ref());
     let bad_body = !request_problems.body.is_empty();
     problems.extend(request_problems.all().cloned());
+    let injected = {
+        let mut world = shared.world.lock().unwrap();
+        let position = world
+            .injected_failures
+            .iter()
+            .position(|(m, t, _)| *m == op.method && *t == op.template);
+        position.map(|i| world.injected_failures.remove(i).2)
+    };
     let reply = if !body.is_empty() && json_body.is_none() {
         Reply::error(400, "Problems parsing JSON")
+    } else if let Some(status) = injected {
+        Reply::error(status, "The fake GitHub was told to fail this call.")
     } else if bad_body {
         Reply::error(422, "Invalid request.")
     } else {
