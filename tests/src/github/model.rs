@@ -326,9 +326,16 @@ impl World {
         if let Some(account) = self.accounts.get(login) {
             return account.clone();
         }
+        let id = super::owner_id(login);
+        if let Some(other) = self.accounts.values().find(|a| a.id == id) {
+            panic!(
+                "accounts {login} and {} of the fake would share id {id}: name one differently",
+                other.login
+            );
+        }
         let account = Account {
             login: login.to_string(),
-            id: super::owner_id(login),
+            id,
             kind: if login.ends_with("[bot]") {
                 "Bot"
             } else {

@@ -1236,3 +1236,49 @@ async fn start_keeps_serving_users_by_token() {
     assert_eq!(status, 404);
     github.assert_conforms();
 }
+
+#[tokio::test]
+async fn tags_and_force_pushes_are_pushes() {
+    let github = FakeGitHub::start_app().await;
+    github.create_repo(REPO, Visibility::Public).await;
+    let first = github.resolve(REPO, "main").await.unwrap();
+    let second = github.commit(REPO, "main", &[("a", "1")], "One").await;
+    github.create_tag(REPO, "v1.0", &second).await;
+    github.force_push(REPO, "main", &first).await;
+    let deliveries = github.take_deliveries();
+    let pushes: Vec<(&str, &str, &str, bool)> = deliveries
+        .iter()
+        .map(|d| {
+            let p = &d.payload;
+            let text = |key: &str| p[key].as_str().unwrap_or_default();
+            (
+                text("ref"),
+                text("before"),
+                text("after"),
+                p["forced"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        pushes,
+        [
+            ("refs/heads/main", first.as_str(), second.as_str(), false),
+            (
+                "refs/tags/v1.0",
+                "0000000000000000000000000000000000000000",
+                second.as_str(),
+                false
+            ),
+            ("refs/heads/main", second.as_str(), first.as_str(), true),
+        ]
+    );
+    assert_eq!(deliveries[1].payload["created"], true);
+    assert_eq!(
+        github.resolve(REPO, "v1.0").await.as_deref(),
+        Some(second.as_str())
+    );
+    assert_eq!(
+        github.resolve(REPO, "main").await.as_deref(),
+        Some(first.as_str())
+    );
+}
