@@ -38,6 +38,16 @@
 //!
 //! [`FakeGitHub::start`] keeps the older, smaller use: users given by token, each the admin or a
 //! reader of some public repositories.
+//!
+//! Serving another operation: add its method and path to `OPERATIONS` in
+//! `tests/fixtures/github/update.sh` and run it (the subset gains the operation and the schemas
+//! it uses), write its handler in the `server` file of its resource, and add a row to the
+//! dispatch table in `server/mod.rs`. Until then a call of it is a 404 and a violation.
+//!
+//! What the checks do not cover: headers (`Accept`, `X-GitHub-Api-Version`, rate-limit and
+//! pagination headers are neither checked nor sent), pagination itself (lists come whole), and
+//! GitHub's rules that its description does not state (who may do what is modelled by hand in
+//! `model` and `server`).
 
 mod events;
 pub mod git;
