@@ -5,8 +5,9 @@
 //! - [`Process`] is a child process (broker, agent, CLI) that is killed by PID when dropped, so
 //!   no test leaves anything running; [`BrokerProcess`] is a real broker process, also on a
 //!   data directory that already holds data.
-//! - [`oidc::TestIssuer`] is a local OIDC issuer of GitHub's shape; [`github::FakeGitHub`] fakes
-//!   the GitHub REST calls the broker makes.
+//! - [`oidc::TestIssuer`] is a local OIDC issuer of GitHub's shape; [`github::FakeGitHub`] is a
+//!   stateful fake GitHub (REST, git over HTTP, webhooks, an App), checked against GitHub's
+//!   OpenAPI description.
 //! - [`postgres::TestDatabase`] is an empty database on the test PostgreSQL, for brokers started
 //!   with `--database-url` (or [`BrokerConfig::database_url`]).
 //! - [`wait_for`] waits on a condition with a deadline; tests never sleep a fixed time to let
