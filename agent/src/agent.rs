@@ -286,11 +286,15 @@ impl Agent {
             work_dir: config.work_dir.clone(),
             max_job_time: config.max_job_time,
             keep_job_dirs: config.keep_job_dirs,
-            site: policy.as_ref().map(|policy| SiteGate {
-                policy: policy.clone(),
-                verifier: OidcVerifier::new(policy.oidc()),
-                allow_agent_account: config.allow_jobs_as_agent_account,
-            }),
+            site: match policy.as_ref() {
+                None => None,
+                Some(policy) => Some(SiteGate {
+                    policy: policy.clone(),
+                    verifier: OidcVerifier::new(policy.oidc()),
+                    github: crate::job::AppJobs::from_policy(policy)?,
+                    allow_agent_account: config.allow_jobs_as_agent_account,
+                }),
+            },
             workflow_jobs_without_policy: config.allow_workflow_jobs_without_policy,
         });
         // The site caps how many jobs run at once, whatever the agent's own setting (the broker

@@ -90,6 +90,12 @@ pub fn check_without_policy(
             "the job asks for image {image}; executor {executor} runs no images"
         )));
     }
+    if assignment.provenance.is_some() {
+        return Err(Refusal::refused(
+            "this agent has no site policy; GitHub App jobs need one with a [github] table, so \
+             that the agent checks each job with GitHub itself",
+        ));
+    }
     if assignment.oidc_token.is_some() && !workflow_jobs {
         return Err(Refusal::refused(
             "this agent has no site policy and takes operator jobs only (a site policy, or \
@@ -105,9 +111,57 @@ pub fn check_without_policy(
 pub struct SiteGate {
     pub policy: Arc<SitePolicy>,
     pub verifier: OidcVerifier,
+    /// GitHub App jobs, when the policy's `[github]` table takes them.
+    pub github: Option<AppJobs>,
     /// The configuration's `allow_jobs_as_agent_account`: whether a job may run as the agent's
     /// own account.
     pub allow_agent_account: bool,
+}
+
+/// How the agent checks GitHub App jobs: the events the site takes, and GitHub with the site's
+/// own credentials.
+pub struct AppJobs {
+    pub accept: Vec<String>,
+    pub verifier: crate::github::GitHubVerifier,
+    /// The site's read-only token, for fetching private repositories.
+    pub token: Option<secrecy::SecretString>,
+}
+
+impl AppJobs {
+    /// From the policy's `[github]` table (reading its `token_file`); None without one.
+    pub fn from_policy(policy: &SitePolicy) -> anyhow::Result<Option<AppJobs>> {
+        use anyhow::Context as _;
+        let Some(github) = policy.github() else {
+            return Ok(None);
+        };
+        let token = match &github.token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "Cannot read the site's GitHub token ([github] token_file) {}",
+                        path.display()
+                    )
+                })?;
+                let token = text.trim().to_string();
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "{}: the GitHub token is empty",
+                    path.display()
+                );
+                Some(secrecy::SecretString::from(token))
+            }
+        };
+        Ok(Some(AppJobs {
+            accept: github.accept.clone(),
+            verifier: crate::github::GitHubVerifier::new(
+                &github.api_url,
+                &github.git_url,
+                token.clone(),
+            ),
+            token,
+        }))
+    }
 }
 
 /// A job the site allows, and how it runs.
@@ -117,11 +171,115 @@ struct Admission {
     /// What the job runs with: its own resources with the site's defaults and caps filled in
     /// (`None`: as it asked, without a policy).
     resources: Option<testbot_proto::jobs::Resources>,
+    /// A GitHub App job's verified commit, checked out into the workspace before it runs.
+    checkout: Option<crate::github::VerifiedJob>,
 }
 
 impl SiteGate {
     /// Verifies the job's token and applies the policy; `Err` is the denial, for the submitter.
-    async fn admit(&self, assignment: &Assignment, executor: &str) -> Result<Admission, Refusal> {
+    async fn admit(
+        &self,
+        assignment: &Assignment,
+        executor: &str,
+        agent: &str,
+    ) -> Result<Admission, Refusal> {
+        let (claims, checkout) = match &assignment.provenance {
+            Some(provenance) => {
+                // An agent is named SITE/NAME.
+                let site = agent.split_once('/').map_or(agent, |(site, _)| site);
+                let verified = self
+                    .verify_app_job(assignment, provenance, executor, site)
+                    .await?;
+                (verified.claims.clone(), Some(verified))
+            }
+            None => (self.verify_token(assignment).await?, None),
+        };
+        let spec = &assignment.spec;
+        if let Some(wanted) = &spec.executor
+            && wanted != executor
+        {
+            return Err(Refusal::refused(format!(
+                "the job asks for executor {wanted}; this agent runs {executor}"
+            )));
+        }
+        match self.policy.evaluate(&claims, spec, executor) {
+            Decision::Deny { reason } => Err(Refusal::refused(reason)),
+            Decision::Allow { rule, account } => {
+                let account = crate::identity::resolve(&account, &claims).await?;
+                // The names in the policy were checked at start; an identity script's answer
+                // only now.
+                if account.uid == nix::unistd::geteuid() && !self.allow_agent_account {
+                    return Err(Refusal::refused(format!(
+                        "the site policy maps this job to account {} (uid {}), the agent's own account: a job running as the agent could read its private key, so it is refused unless the agent's configuration sets allow_jobs_as_agent_account = true",
+                        account.name, account.uid
+                    )));
+                }
+                tracing::info!(
+                    job_id = %assignment.job_id,
+                    repository = %claims.repository,
+                    git_ref = %claims.git_ref,
+                    event = %claims.event_name,
+                    actor = %claims.actor,
+                    %rule,
+                    account = %account.name,
+                    "Job allowed by the site policy."
+                );
+                Ok(Admission {
+                    run_as: Some(account),
+                    timeout: self.policy.time_limit(spec, executor),
+                    resources: Some(self.policy.resources(spec, executor)),
+                    checkout,
+                })
+            }
+        }
+    }
+
+    /// A GitHub App job: the site takes its event, and GitHub confirms what the broker says.
+    async fn verify_app_job(
+        &self,
+        assignment: &Assignment,
+        provenance: &testbot_proto::provenance::Provenance,
+        executor: &str,
+        site: &str,
+    ) -> Result<crate::github::VerifiedJob, Refusal> {
+        let Some(app) = &self.github else {
+            return Err(Refusal::refused(format!(
+                "this site takes no GitHub App jobs ({}); its policy has no [github] table",
+                provenance.describe()
+            )));
+        };
+        if !app.accept.iter().any(|e| e == provenance.event()) {
+            return Err(Refusal::refused(format!(
+                "this site takes GitHub App jobs of events {}, not {}",
+                app.accept.join(", "),
+                provenance.event()
+            )));
+        }
+        if executor == "kubernetes" {
+            return Err(Refusal::refused(
+                "the kubernetes executor cannot run GitHub App jobs yet: their commit is checked \
+                 out on the agent's machine, which a pod does not see",
+            ));
+        }
+        app.verifier
+            .verify(provenance, &assignment.spec, site)
+            .await
+            .map_err(|e| match e {
+                crate::github::VerifyError::Refused(reason) => {
+                    Refusal::refused(format!("GitHub does not confirm the job: {reason}"))
+                }
+                crate::github::VerifyError::Unavailable(reason) => Refusal {
+                    reason: format!("cannot check the job with GitHub now: {reason}"),
+                    kind: ReleaseKind::Transient,
+                },
+            })
+    }
+
+    /// A workflow job: its OIDC token, verified here.
+    async fn verify_token(
+        &self,
+        assignment: &Assignment,
+    ) -> Result<testbot_proto::oidc::WorkflowClaims, Refusal> {
         let token = assignment.oidc_token.as_deref().ok_or_else(|| {
             Refusal::refused(
                 "the job carries no GitHub OIDC token; this site runs only jobs from verified workflows",
@@ -153,46 +311,44 @@ impl SiteGate {
                 kind,
             }
         })?;
-        let spec = &assignment.spec;
-        if let Some(wanted) = &spec.executor
-            && wanted != executor
-        {
-            return Err(Refusal::refused(format!(
-                "the job asks for executor {wanted}; this agent runs {executor}"
-            )));
-        }
-        match self.policy.evaluate(&claims, spec, executor) {
-            Decision::Deny { reason } => Err(Refusal::refused(reason)),
-            Decision::Allow { rule, account } => {
-                let account = crate::identity::resolve(&account, &claims).await?;
-                // The names in the policy were checked at start; an identity script's answer
-                // only now.
-                if account.uid == nix::unistd::geteuid() && !self.allow_agent_account {
-                    return Err(Refusal::refused(format!(
-                        "the site policy maps this job to account {} (uid {}), the agent's own account: a job running as the agent could read its private key, so it is refused unless the agent's configuration sets allow_jobs_as_agent_account = true",
-                        account.name, account.uid
-                    )));
-                }
-                tracing::info!(
-                    job_id = %assignment.job_id,
-                    repository = %claims.repository,
-                    git_ref = %claims.git_ref,
-                    actor = %claims.actor,
-                    %rule,
-                    account = %account.name,
-                    "Job allowed by the site policy."
-                );
-                Ok(Admission {
-                    run_as: Some(account),
-                    timeout: self.policy.time_limit(spec, executor),
-                    resources: Some(self.policy.resources(spec, executor)),
-                })
-            }
-        }
+        Ok(claims)
     }
 }
 
+/// How a job's execution begins.
+enum Start {
+    /// In a fresh directory; a GitHub App job's verified commit is checked out first.
+    Fresh(Option<Box<crate::github::VerifiedJob>>),
+    /// Following a job the executor kept running while the agent restarted.
+    Resume,
+}
+
 impl JobRunner {
+    /// A fresh job directory, with a GitHub App job's commit checked out in its workspace.
+    async fn prepare(
+        &self,
+        ctx: &JobContext,
+        checkout: Option<&crate::github::VerifiedJob>,
+        sink: &LogSink,
+    ) -> anyhow::Result<()> {
+        fresh_dir(&ctx.dir).await?;
+        let Some(job) = checkout else {
+            return Ok(());
+        };
+        let token = self
+            .site
+            .as_ref()
+            .and_then(|gate| gate.github.as_ref())
+            .and_then(|app| app.token.as_ref());
+        crate::github::checkout(job, token, &ctx.dir.join("workspace")).await?;
+        sink.system(format!(
+            "checked out {}@{} (verified with GitHub)",
+            job.claims.repository, job.sha
+        ))
+        .await;
+        Ok(())
+    }
+
     /// Runs one assigned job to its reported end. `hard_stop` cancels the job (second signal).
     pub async fn run(&self, assignment: Assignment, hard_stop: &CancellationToken) {
         let id = assignment.job_id;
@@ -230,8 +386,12 @@ impl JobRunner {
                     .map(Duration::from_secs)
                     .map_or(self.max_job_time, |t| t.min(self.max_job_time)),
                 resources: None,
+                checkout: None,
             }),
-            Some(gate) => gate.admit(&assignment, self.executor.name()).await,
+            Some(gate) => {
+                gate.admit(&assignment, self.executor.name(), &self.agent)
+                    .await
+            }
         };
         let admission = match admission {
             Ok(admission) => admission,
@@ -286,8 +446,13 @@ impl JobRunner {
             lease,
             heartbeat_interval_ms: assignment.heartbeat_interval_ms,
         };
-        self.execute(ctx, assignment.log_offset, false, hard_stop)
-            .await;
+        self.execute(
+            ctx,
+            assignment.log_offset,
+            Start::Fresh(admission.checkout.map(Box::new)),
+            hard_stop,
+        )
+        .await;
     }
 
     /// Picks up a job the executor was running when the agent last stopped: renews its lease
@@ -341,16 +506,17 @@ impl JobRunner {
             lease: detached.lease,
             heartbeat_interval_ms: detached.heartbeat_interval_ms,
         };
-        self.execute(ctx, log_offset, true, hard_stop).await;
+        self.execute(ctx, log_offset, Start::Resume, hard_stop)
+            .await;
     }
 
-    /// Runs (or, with `resume`, follows again) a job with heartbeats and live log shipping,
+    /// Runs (or follows again, after a restart) a job with heartbeats and live log shipping,
     /// then reports its result.
     async fn execute(
         &self,
         ctx: JobContext,
         log_offset: u64,
-        resume: bool,
+        start: Start,
         hard_stop: &CancellationToken,
     ) {
         let id = ctx.id;
@@ -389,24 +555,27 @@ impl JobRunner {
             reporting.clone(),
         ));
 
-        let result = if resume {
-            sink.system(format!(
-                "agent {} restarted; re-attached to the job (attempt {})",
-                self.agent, ctx.attempt
-            ))
-            .await;
-            self.executor.resume(&ctx, sink.clone(), stop.clone()).await
-        } else {
-            sink.system(format!(
-                "running on agent {} with the {} executor (attempt {})",
-                self.agent,
-                self.executor.name(),
-                ctx.attempt
-            ))
-            .await;
-            match fresh_dir(&ctx.dir).await {
-                Ok(()) => self.executor.run(&ctx, sink.clone(), stop.clone()).await,
-                Err(err) => Err(err),
+        let result = match start {
+            Start::Resume => {
+                sink.system(format!(
+                    "agent {} restarted; re-attached to the job (attempt {})",
+                    self.agent, ctx.attempt
+                ))
+                .await;
+                self.executor.resume(&ctx, sink.clone(), stop.clone()).await
+            }
+            Start::Fresh(checkout) => {
+                sink.system(format!(
+                    "running on agent {} with the {} executor (attempt {})",
+                    self.agent,
+                    self.executor.name(),
+                    ctx.attempt
+                ))
+                .await;
+                match self.prepare(&ctx, checkout.as_deref(), &sink).await {
+                    Ok(()) => self.executor.run(&ctx, sink.clone(), stop.clone()).await,
+                    Err(err) => Err(err),
+                }
             }
         };
         let reason = *stop_reason.lock().expect("stop reason poisoned");

@@ -11,11 +11,13 @@
 //! - [`enroll`]: the agent's identity: enrollment, its Ed25519 key, signed requests.
 //! - [`policy`]: the site policy TOML: rules, executor caps, and [`policy::SitePolicy::evaluate`].
 //! - [`identity`]: which local account a job runs as (static map, default, or admin script).
+//! - [`github`]: GitHub App jobs checked with GitHub itself, and their commit checked out.
 
 pub mod agent;
 pub mod config;
 pub mod enroll;
 pub mod executor;
+pub mod github;
 pub mod identity;
 pub mod job;
 pub mod policy;

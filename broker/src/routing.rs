@@ -49,8 +49,11 @@ pub struct RoutedJob {
     pub spec: JobSpec,
     /// The sites its repository's registration allows; None: any.
     pub sites: Option<Vec<String>>,
-    /// Its workflow identity; None: an operator submitted it.
+    /// Its workflow identity (for an App job: from its provenance); None: an operator
+    /// submitted it.
     pub identity: Option<JobIdentity>,
+    /// For a GitHub App job: its event, which a site's policy must accept.
+    pub app_event: Option<String>,
 }
 
 impl RoutedJob {
@@ -60,9 +63,20 @@ impl RoutedJob {
         sites: Option<&str>,
         repository: Option<&str>,
         oidc_token: Option<&str>,
+        provenance: Option<&str>,
     ) -> anyhow::Result<RoutedJob> {
         let spec: JobSpec = serde_json::from_str(spec)?;
         let sites: Option<Vec<String>> = sites.map(serde_json::from_str).transpose()?;
+        if let Some(provenance) = provenance {
+            let provenance: testbot_proto::provenance::Provenance =
+                serde_json::from_str(provenance)?;
+            return Ok(RoutedJob {
+                spec,
+                sites: sites.filter(|s| !s.is_empty()),
+                identity: Some(provenance.identity()),
+                app_event: Some(provenance.event().to_string()),
+            });
+        }
         let identity = repository.map(|repository| {
             // The token was verified when the job was submitted. Without one (it cannot be
             // read), only the repository is known and rules on other claims do not match.
@@ -78,6 +92,7 @@ impl RoutedJob {
             spec,
             sites: sites.filter(|s| !s.is_empty()),
             identity,
+            app_event: None,
         })
     }
 }
@@ -147,6 +162,17 @@ impl Offer {
                 "the job asks for image {image}; executor {} runs no images",
                 self.executor
             ));
+        }
+        if let Some(event) = &job.app_event {
+            let accepted = self
+                .policy
+                .as_ref()
+                .is_some_and(|policy| policy.app_events.contains(event));
+            if !accepted {
+                return Err(format!(
+                    "this agent's site takes no GitHub App jobs of event {event} (its policy's [github] accept)"
+                ));
+            }
         }
         match &self.policy {
             Some(policy) => policy.admits(job.identity.as_ref(), &job.spec, Some(&self.executor)),
@@ -401,6 +427,7 @@ mod tests {
             spec,
             sites: None,
             identity,
+            app_event: None,
         }
     }
 
@@ -431,7 +458,63 @@ mod tests {
             }],
             env_allow: Some(vec![]),
             max_concurrent_jobs: None,
+            app_events: vec![],
         }
+    }
+
+    /// An App job goes only to sites whose policy takes its event, and then by the same rules
+    /// as a workflow job, on the identity its provenance gives it.
+    #[test]
+    fn app_jobs_go_to_sites_that_accept_their_event() {
+        let provenance = serde_json::json!({
+            "event": "push", "repository": "hpc-lab/x", "repository_id": 7,
+            "sha": "a".repeat(40), "job": "unit", "config_sha": "a".repeat(40),
+            "branch": "main", "pushed_by": "octocat",
+        })
+        .to_string();
+        let app_job = RoutedJob::from_stored(
+            "{\"script\":\"make\"}",
+            None,
+            Some("hpc-lab/x"),
+            None,
+            Some(&provenance),
+        )
+        .unwrap();
+        assert_eq!(app_job.app_event.as_deref(), Some("push"));
+        assert_eq!(
+            app_job.identity.as_ref().unwrap().git_ref,
+            "refs/heads/main"
+        );
+
+        let refusing = offer("hpc", "shell", Some(main_only()));
+        let err = refusing.admits(&app_job).unwrap_err();
+        assert!(
+            err.contains("takes no GitHub App jobs of event push"),
+            "{err}"
+        );
+        assert!(offer("hpc", "shell", None).admits(&app_job).is_err());
+
+        let mut accepting = main_only();
+        accepting.app_events = vec!["push".into()];
+        assert_eq!(
+            offer("hpc", "shell", Some(accepting.clone())).admits(&app_job),
+            Ok(())
+        );
+        // The rules still apply: a push to another branch is not offered.
+        let feature = provenance.replace("\"main\"", "\"feature\"");
+        let other = RoutedJob::from_stored(
+            "{\"script\":\"make\"}",
+            None,
+            Some("hpc-lab/x"),
+            None,
+            Some(&feature),
+        )
+        .unwrap();
+        assert!(
+            offer("hpc", "shell", Some(accepting))
+                .admits(&other)
+                .is_err()
+        );
     }
 
     #[test]

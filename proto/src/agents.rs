@@ -179,6 +179,10 @@ pub struct PolicySummary {
     /// How many jobs the site runs at once, over all its agents. None: no cap at the broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_jobs: Option<u32>,
+    /// The GitHub App events whose jobs the site takes (its policy's `[github] accept`).
+    /// Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub app_events: Vec<String>,
 }
 
 /// One rule of a site policy, as routing matches it. `None` fields match anything, as in the

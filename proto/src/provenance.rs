@@ -65,6 +65,27 @@ impl Provenance {
         }
     }
 
+    /// The job's identity as routing and a site policy's rules read it: the repository, the
+    /// verified ref and the event. An App job has no workflow (its `job_workflow_ref` names the
+    /// config file, which no `workflows` glob of a rule is written for) and no actor GitHub
+    /// vouches for (empty, which no `actors` glob matches).
+    pub fn identity(&self) -> crate::agents::JobIdentity {
+        let c = self.commit();
+        let git_ref = self.git_ref();
+        crate::agents::JobIdentity {
+            repository: c.repository.clone(),
+            job_workflow_ref: format!(
+                "{}/{}@{git_ref}",
+                c.repository,
+                crate::repo_config::CONFIG_PATH
+            ),
+            git_ref,
+            event_name: self.event().to_string(),
+            actor: String::new(),
+            environment: None,
+        }
+    }
+
     /// One line for logs and refusals: `push of owner/repo@abc1234 to main (job unit)`.
     pub fn describe(&self) -> String {
         let c = self.commit();

@@ -331,7 +331,7 @@ impl ContainerExecutor {
         // The directory is fresh and still the agent's (mode 0700): files are created new, with
         // their own modes, before it is handed to the job's account.
         let workspace = job.dir.join("workspace");
-        super::private_dir(&workspace)?;
+        super::workspace_dir(&workspace)?;
         super::write_new_file(&job.dir.join("script.sh"), job.spec.script.as_bytes())?;
         super::write_new_file(&job.dir.join(ENV_FILE), env_file(&job.spec.env).as_bytes())?;
         if let Some(account) = super::switches_account(job) {

@@ -437,6 +437,18 @@ pub fn private_dir(path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("Cannot create {}", path.display()))
 }
 
+/// The job's `workspace/`: created empty (mode 0700), or kept as the agent left it when it
+/// checked out the job's commit there (the job directory is fresh and still the agent's, so
+/// nothing else can have made it).
+pub fn workspace_dir(path: &Path) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => anyhow::bail!("{} is not a directory", path.display()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => private_dir(path),
+        Err(err) => Err(err).with_context(|| format!("Cannot read {}", path.display())),
+    }
+}
+
 /// Writes a new file into a job directory before it is handed over: created, never opened if
 /// something is already there, with mode 0600 whatever the umask.
 pub fn write_new_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

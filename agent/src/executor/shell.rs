@@ -113,7 +113,7 @@ impl ShellExecutor {
         let tmp = job.dir.join("tmp");
         super::private_dir(&tmp)?;
         let workspace = job.dir.join("workspace");
-        super::private_dir(&workspace)?;
+        super::workspace_dir(&workspace)?;
 
         if let Some(account) = super::switches_account(job) {
             super::hand_over(&job.dir, account)?;

@@ -219,7 +219,7 @@ impl SlurmExecutor {
         // The directory is fresh and still the agent's (mode 0700): files are created new, with
         // their own modes, before it is handed to the job's account.
         let workspace = job.dir.join("workspace");
-        super::private_dir(&workspace)?;
+        super::workspace_dir(&workspace)?;
         super::write_new_file(&job.dir.join("script.sh"), job.spec.script.as_bytes())?;
         let batch = job.dir.join("batch.sh");
         super::write_new_file(

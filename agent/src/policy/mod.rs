@@ -75,6 +75,10 @@ pub struct SitePolicy {
     env_allow: Vec<String>,
     /// Which tokens are accepted. Required (for `audience`).
     oidc: OidcPolicy,
+    /// GitHub App jobs: which events, and the credentials the agent checks them with.
+    /// Default: none are taken.
+    #[serde(default)]
+    github: Option<settings::GitHubPolicy>,
     /// Which local account a job runs as. Default: no mapping (every job is refused).
     #[serde(default)]
     identity: IdentitySettings,
@@ -153,6 +157,11 @@ impl SitePolicy {
             issuer: self.oidc.issuer.clone(),
             audience: self.oidc.audience.clone(),
         }
+    }
+
+    /// The `[github]` table, when the site takes GitHub App jobs.
+    pub fn github(&self) -> Option<&settings::GitHubPolicy> {
+        self.github.as_ref()
     }
 
     /// The longest a job may have waited in the broker's queue (`oidc.max_queue_age`).
@@ -436,6 +445,11 @@ impl SitePolicy {
             rules,
             env_allow: Some(self.env_allow.clone()),
             max_concurrent_jobs: Some(u32::try_from(self.max_concurrent_jobs).unwrap_or(u32::MAX)),
+            app_events: self
+                .github
+                .as_ref()
+                .map(|github| github.accept.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -475,6 +489,17 @@ impl SitePolicy {
         let mut out = String::new();
         let oidc = &self.oidc;
         out += &format!("oidc: issuer {}, audience {}\n", oidc.issuer, oidc.audience);
+        if let Some(github) = &self.github {
+            let credentials = match &github.token_file {
+                Some(path) => format!("with the token in {}", path.display()),
+                None => "without a token (public repositories only)".to_string(),
+            };
+            out += &format!(
+                "github: App jobs of {} checked with {} {credentials}\n",
+                list(&github.accept),
+                github.api_url
+            );
+        }
         out += &format!(
             "limits: {} concurrent job(s), max runtime {}, env_allow {}\n",
             self.max_concurrent_jobs,

@@ -35,6 +35,42 @@ fn default_max_queue_age() -> Duration {
     Duration::from_secs(24 * 3600)
 }
 
+/// The `[github]` table: which GitHub App jobs the site takes, and how the agent checks each with
+/// GitHub itself before it runs (see `crate::github`). Without it, App jobs are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitHubPolicy {
+    /// The App events whose jobs the site takes: `push` (post-merge CI). Required. Each job
+    /// must also be allowed by a rule, which sees the event, the verified repository and ids,
+    /// and the ref.
+    pub accept: Vec<String>,
+    /// GitHub's REST API. Default: `https://api.github.com`; GitHub Enterprise Server:
+    /// `https://HOST/api/v3`.
+    #[serde(default = "default_github_api_url")]
+    pub api_url: String,
+    /// Where repositories are fetched from: `{git_url}/OWNER/NAME.git`. Default:
+    /// `https://github.com`.
+    #[serde(default = "default_github_git_url")]
+    pub git_url: String,
+    /// A file with the site's own read-only GitHub token (a fine-grained token with
+    /// "Contents: read" and "Metadata: read" on the repositories), for private repositories and
+    /// a higher rate limit. Not the broker's, and never shown to jobs. Default: none (public
+    /// repositories only).
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+fn default_github_api_url() -> String {
+    "https://api.github.com".into()
+}
+
+fn default_github_git_url() -> String {
+    "https://github.com".into()
+}
+
+/// The App events a site may accept.
+pub const APP_EVENTS: &[&str] = &["push"];
+
 /// The executors a site allows, one table each. An executor without a table is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1194,3 +1194,38 @@ fn pins_are_parsed_strictly_and_placed() {
         "{err}"
     );
 }
+
+#[test]
+fn the_github_table_names_app_events_and_where_to_check_them() {
+    let with = |table: &str| {
+        edited(
+            "[executors.slurm]",
+            &format!("{table}\n\n[executors.slurm]"),
+        )
+    };
+    let policy = SitePolicy::parse(&with("[github]\naccept = [\"push\"]")).unwrap();
+    let github = policy.github().unwrap();
+    assert_eq!(github.accept, vec!["push"]);
+    assert_eq!(github.api_url, "https://api.github.com");
+    assert_eq!(github.git_url, "https://github.com");
+    assert_eq!(policy.summary().app_events, vec!["push"]);
+    assert!(policy.describe().contains("github: App jobs of [push]"));
+    assert!(
+        SitePolicy::parse(BASE)
+            .unwrap()
+            .summary()
+            .app_events
+            .is_empty()
+    );
+
+    let e = parse_error(&with("[github]\naccept = []"));
+    assert!(e.contains("github.accept is empty"), "{e}");
+    let e = parse_error(&with("[github]\naccept = [\"psuh\"]"));
+    assert!(e.ends_with("did you mean `push`?"), "{e}");
+    let e = parse_error(&with(
+        "[github]\naccept = [\"push\"]\napi_url = \"http://github.example\"",
+    ));
+    assert!(e.contains("must be an https:// URL"), "{e}");
+    let e = parse_error(&with("[github]\naccept = [\"push\"]\ntoken = \"ghp_x\""));
+    assert!(e.contains("unknown field `token`"), "{e}");
+}

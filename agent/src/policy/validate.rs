@@ -76,9 +76,54 @@ pub(super) fn validate(policy: &SitePolicy) -> Result<(), Invalid> {
         check_env_glob(pattern).map_err(|e| bad(format!("env_allow.{i}"), e))?;
     }
     check_oidc(policy)?;
+    check_github(policy)?;
     check_executors(policy)?;
     check_identity(policy)?;
     check_rules(policy)
+}
+
+fn check_github(policy: &SitePolicy) -> Result<(), Invalid> {
+    let Some(github) = &policy.github else {
+        return Ok(());
+    };
+    if github.accept.is_empty() {
+        return Err(bad(
+            "github.accept",
+            format!(
+                "github.accept is empty: name the App events the site takes ({}), or remove [github]",
+                super::settings::APP_EVENTS.join(", ")
+            ),
+        ));
+    }
+    for (i, event) in github.accept.iter().enumerate() {
+        if !super::settings::APP_EVENTS.contains(&event.as_str()) {
+            let hint = closest(event, super::settings::APP_EVENTS.iter().copied())
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            return Err(bad(
+                format!("github.accept.{i}"),
+                format!(
+                    "{event:?} is not an App event this agent checks (it checks: {}){hint}",
+                    super::settings::APP_EVENTS.join(", ")
+                ),
+            ));
+        }
+    }
+    for (field, url) in [
+        ("github.api_url", &github.api_url),
+        ("github.git_url", &github.git_url),
+    ] {
+        let loopback = ["http://127.", "http://localhost:", "http://[::1]:"]
+            .iter()
+            .any(|prefix| url.starts_with(prefix));
+        if !(url.starts_with("https://") || loopback) {
+            return Err(bad(
+                field,
+                format!("{field} {url:?} must be an https:// URL (http:// only on loopback)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_oidc(policy: &SitePolicy) -> Result<(), Invalid> {

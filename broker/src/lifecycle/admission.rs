@@ -66,6 +66,7 @@ pub async fn find_accepting_site(
         spec: spec.clone(),
         sites: (!sites.is_empty()).then(|| sites.to_vec()),
         identity: Some(claims.into()),
+        app_event: None,
     };
     let reasons = match crate::routing::first_taker(state, &job, None, false).await? {
         Ok(_) => return Ok(()),

@@ -217,6 +217,7 @@ mod tests {
             },
             sites: None,
             identity: None,
+            app_event: None,
         }
     }
 

@@ -52,6 +52,7 @@ fn routed(labels: &[&str], sites: Option<&[&str]>) -> RoutedJob {
         },
         sites: sites.map(|s| s.iter().map(|s| s.to_string()).collect()),
         identity: None,
+        app_event: None,
     }
 }
 

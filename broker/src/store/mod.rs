@@ -309,6 +309,8 @@ pub(crate) struct RoutingRow {
     pub sites: Option<String>,
     pub repository: Option<String>,
     pub oidc_token: Option<String>,
+    /// An App job's provenance.
+    pub provenance: Option<String>,
 }
 
 impl RoutingRow {
@@ -318,6 +320,7 @@ impl RoutingRow {
             self.sites.as_deref(),
             self.repository.as_deref(),
             self.oidc_token.as_deref(),
+            self.provenance.as_deref(),
         )
     }
 }

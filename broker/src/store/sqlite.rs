@@ -158,7 +158,8 @@ const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, update
 /// reads on through the whole queue, a page at a time.
 const CLAIM_PAGE: i64 = 256;
 
-const ROUTING_COLUMNS: &str = "id, spec, sites, repository, oidc_token";
+const ROUTING_COLUMNS: &str = "id, spec, sites, repository, oidc_token, \
+     (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) AS provenance";
 
 const AGENT_COLUMNS: &str = "agents.id, agents.site, agents.name, agents.public_key, agents.policy, \
      agents.enrolled_at_ms, agents.last_seen_ms, agents.revoked_at_ms, \

