@@ -104,21 +104,44 @@ async fn sync_one(
     } else {
         String::new()
     };
-    let body = check_run_body(row, &job, &tail, &app.public_url);
     let client = app.client.installation(row.installation_id).await?;
     let what = format!("the check run of job {}", row.job_id);
-    let answer: CheckRunId = match row.check_run_id {
+    let check_run_id = match row.check_run_id {
+        Some(id) => id,
         None => {
+            // Every check run starts queued, whatever the job did meanwhile, so that its
+            // history on GitHub reads as the job's did.
+            let queued = Job {
+                state: JobState::Queued,
+                ..job.clone()
+            };
+            let body = check_run_body(row, &queued, "", &app.public_url);
             let route = format!("/repos/{}/check-runs", row.repository);
-            client.post(route, Some(&body)).await
+            let created: CheckRunId = client
+                .post(route, Some(&body))
+                .await
+                .map_err(|e| GitHubError::from_octocrab(&what, e))?;
+            // Recorded at once: a failure below must not create a second check run.
+            if let Err(err) = state
+                .store
+                .check_run_synced(row.job_id(), created.id, JobState::Queued.as_str())
+                .await
+            {
+                tracing::warn!(job_id = row.job_id, ?err, "Cannot record a new check run.");
+            }
+            if job.state == JobState::Queued {
+                return Ok((created.id, job.state.as_str().to_string()));
+            }
+            created.id
         }
-        Some(check_run_id) => {
-            let route = format!("/repos/{}/check-runs/{check_run_id}", row.repository);
-            client.patch(route, Some(&body)).await
-        }
-    }
-    .map_err(|e| GitHubError::from_octocrab(&what, e))?;
-    Ok((answer.id, job.state.as_str().to_string()))
+    };
+    let body = check_run_body(row, &job, &tail, &app.public_url);
+    let route = format!("/repos/{}/check-runs/{check_run_id}", row.repository);
+    let _: CheckRunId = client
+        .patch(route, Some(&body))
+        .await
+        .map_err(|e| GitHubError::from_octocrab(&what, e))?;
+    Ok((check_run_id, job.state.as_str().to_string()))
 }
 
 #[derive(serde::Deserialize)]
