@@ -12,6 +12,7 @@ mod containers;
 mod drain;
 mod enrollment;
 mod forwarded_tokens;
+mod github_app;
 mod identity_script;
 mod job_env;
 mod kubernetes;

@@ -1,0 +1,443 @@
+//! The GitHub App end to end, against the fake GitHub (every request checked against GitHub's
+//! OpenAPI description): webhooks verified before anything reads them, a push to main running
+//! the repository's configured job at a site whose agent checked the job with GitHub itself and
+//! checked out the commit, its check run from queued to success; and an agent refusing what a
+//! lying broker hands it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testbot_broker::github::app::AppCredentials;
+use testbot_broker::server::GitHubAppConfig;
+use testbot_e2e::github::{APP_ID, FakeGitHub, Visibility, webhooks};
+use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, WAIT, ensure_account, wait_for};
+use testbot_proto::jobs::{Job, JobListQuery, JobState};
+
+const REPO: &str = "hpc-lab/solver";
+
+const CONFIG: &str = r#"
+[jobs.unit]
+executor = "shell"
+timeout = "5m"
+script = """
+echo "reading $(cat src/greeting.txt) from the checkout"
+test -f .github/testbot.toml
+"""
+
+[jobs.unit.on]
+push = { branches = ["main"] }
+
+[jobs.docs]
+script = "echo docs"
+
+[jobs.docs.on]
+push = { branches = ["main"], paths = ["docs/**"] }
+"#;
+
+/// The App's key and webhook secret in files, as an operator gives them to the broker.
+fn app_config(fake: &FakeGitHub, dir: &Path) -> GitHubAppConfig {
+    let key = dir.join("app.pem");
+    let secret = dir.join("webhook.secret");
+    std::fs::write(&key, &fake.app_private_key_pem).unwrap();
+    std::fs::write(&secret, format!("{}\n", fake.webhook_secret)).unwrap();
+    GitHubAppConfig {
+        credentials: AppCredentials::load(APP_ID, &key, &secret).expect("App credentials"),
+        public_url: "https://testbot.example.org".into(),
+    }
+}
+
+async fn app_fleet(fake: &FakeGitHub) -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app_config(fake, dir.path());
+    let url = fake.url.clone();
+    let fleet = Fleet::start_oidc(move |config| {
+        config.github_api_url = url;
+        config.github_app = Some(app);
+    })
+    .await;
+    drop(dir);
+    fleet
+}
+
+fn webhook_url(fleet: &Fleet) -> String {
+    format!("{}/api/v1/github/webhook", fleet.url)
+}
+
+/// A site that takes push jobs of `hpc-lab/*` on main, checked with the fake GitHub.
+fn app_policy(fleet: &Fleet, fake: &FakeGitHub) -> PathBuf {
+    let path = fleet.dir.path().join("app-policy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[oidc]
+issuer = "{issuer}"
+audience = "{AUDIENCE}"
+
+[github]
+accept = ["push"]
+api_url = "{github}"
+git_url = "{github}"
+
+[executors.shell]
+max_time = "5m"
+
+[identity]
+default_account = "{JOB_ACCOUNT}"
+
+[[rules]]
+name = "post-merge"
+repositories = ["hpc-lab/*"]
+refs = ["refs/heads/main"]
+events = ["push"]
+"#,
+            issuer = fleet.issuer().url,
+            github = fake.url,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn jobs_of(fleet: &Fleet) -> Vec<Job> {
+    fleet
+        .client()
+        .jobs(&JobListQuery::default())
+        .await
+        .unwrap()
+        .jobs
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_github_example_is_acknowledged_and_bad_signatures_change_nothing() {
+    let fake = FakeGitHub::start_app().await;
+    let fleet = app_fleet(&fake).await;
+    let url = webhook_url(&fleet);
+
+    // Every payload GitHub publishes, correctly signed: 2xx, never a 5xx.
+    let mut count = 0;
+    for (event, payload) in webhooks::examples() {
+        let delivery = webhooks::Delivery::new(event, 1, payload.clone());
+        let status = delivery.send(&url, &fake.webhook_secret).await.unwrap();
+        assert!(
+            (200..300).contains(&status),
+            "{event} {:?} got {status}",
+            delivery.action()
+        );
+        count += 1;
+    }
+    assert!(count > 300, "only {count} examples");
+
+    // A redelivery is acknowledged and does nothing more.
+    let ping = webhooks::Delivery::new(
+        "ping",
+        1,
+        serde_json::json!({"zen": "Keep it logically awesome.", "hook_id": 1}),
+    );
+    assert_eq!(ping.send(&url, &fake.webhook_secret).await.unwrap(), 202);
+    assert_eq!(ping.send(&url, &fake.webhook_secret).await.unwrap(), 200);
+
+    // Missing, wrong and stale (another secret's) signatures: 401 with what is wrong.
+    let http = reqwest::Client::new();
+    let push = webhooks::Delivery::new("ping", 1, serde_json::json!({"zen": "x"}));
+    let send = |signature: Option<String>, body: Vec<u8>| {
+        let mut request = http
+            .post(&url)
+            .header("X-GitHub-Event", "ping")
+            .header("X-GitHub-Delivery", push.id.clone())
+            .header("Content-Type", "application/json")
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("X-Hub-Signature-256", signature);
+        }
+        request.send()
+    };
+    let cases = [
+        (None, push.body(), "no X-Hub-Signature-256 header"),
+        (
+            Some(webhooks::signature("an old secret", &push.body())),
+            push.body(),
+            "does not match the body",
+        ),
+        (
+            Some(webhooks::signature(&fake.webhook_secret, &push.body())),
+            b"{\"zen\": \"tampered\"}".to_vec(),
+            "does not match the body",
+        ),
+        (Some("sha1=abc".into()), push.body(), "sha256="),
+    ];
+    for (signature, body, expected) in cases {
+        let response = send(signature, body).await.unwrap();
+        assert_eq!(response.status().as_u16(), 401);
+        let error: serde_json::Value = response.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{message}");
+    }
+    // None of them stored anything: the same delivery id, correctly signed, is new.
+    assert_eq!(push.send(&url, &fake.webhook_secret).await.unwrap(), 202);
+
+    // Larger than any delivery GitHub sends: refused before the signature is read.
+    let huge = vec![b' '; testbot_broker::github::webhook::MAX_WEBHOOK_BYTES + 1];
+    let response = send(Some(webhooks::signature(&fake.webhook_secret, &huge)), huge)
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_to_main_runs_the_configured_job_verified_at_the_site_with_its_check_run() {
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(app_policy(&fleet, &fake));
+    fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+
+    let sha = fake
+        .commit(
+            REPO,
+            "main",
+            &[
+                (".github/testbot.toml", CONFIG),
+                ("src/greeting.txt", "hello from the commit"),
+            ],
+            "Run the unit tests on the HPC site",
+        )
+        .await;
+
+    // The push runs `unit` (not `docs`: no file under docs/ changed).
+    let job = wait_for("the push's job", WAIT, || async {
+        jobs_of(&fleet).await.into_iter().next()
+    })
+    .await;
+    let job = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{log}");
+    assert_eq!(job.spec.name.as_deref(), Some("unit"));
+    assert!(
+        log.contains(&format!("checked out {REPO}@{sha} (verified with GitHub)")),
+        "{log}"
+    );
+    assert!(
+        log.contains("reading hello from the commit from the checkout"),
+        "{log}"
+    );
+    assert_eq!(jobs_of(&fleet).await.len(), 1, "only `unit` runs");
+
+    // Its check run went queued → in progress → success, on the pushed commit.
+    let run = wait_for("the check run to complete", WAIT, || async {
+        fake.check_runs(REPO)
+            .into_iter()
+            .find(|run| run.current().status == "completed")
+    })
+    .await;
+    assert_eq!(run.head_sha, sha);
+    let states: Vec<&str> = run.history.iter().map(|s| s.status.as_str()).collect();
+    assert_eq!(states.first(), Some(&"queued"), "{states:?}");
+    assert!(states.contains(&"in_progress"), "{states:?}");
+    let done = run.current();
+    assert_eq!(done.name, "unit");
+    assert_eq!(done.conclusion.as_deref(), Some("success"));
+    assert_eq!(
+        done.external_id.as_deref(),
+        Some(job.id.to_string().as_str())
+    );
+    assert!(
+        done.output
+            .summary
+            .as_deref()
+            .unwrap_or("")
+            .contains("agent `test-site/login1`"),
+        "{:?}",
+        done.output
+    );
+    assert!(
+        done.output
+            .text
+            .as_deref()
+            .unwrap_or("")
+            .contains("reading hello from the commit"),
+        "{:?}",
+        done.output
+    );
+    fake.assert_conforms();
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_that_does_not_parse_fails_a_check_run_that_says_where() {
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    let fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    let sha = fake
+        .commit(
+            REPO,
+            "main",
+            &[(
+                ".github/testbot.toml",
+                "[jobs.unit]\nscript = \"make\"\ntimout = \"5m\"\n",
+            )],
+            "Add a config with a typo",
+        )
+        .await;
+    let run = wait_for("the config's check run", WAIT, || async {
+        fake.check_runs(REPO).into_iter().next()
+    })
+    .await;
+    let state = run.current();
+    assert_eq!(run.head_sha, sha);
+    assert_eq!(
+        (state.status.as_str(), state.conclusion.as_deref()),
+        ("completed", Some("failure"))
+    );
+    assert!(
+        state
+            .output
+            .summary
+            .as_deref()
+            .unwrap_or("")
+            .contains(".github/testbot.toml:3:1: unknown field `timout`"),
+        "{:?}",
+        state.output
+    );
+    assert!(
+        state
+            .output
+            .summary
+            .as_deref()
+            .unwrap_or("")
+            .contains("did you mean `timeout`?")
+    );
+    assert!(jobs_of(&fleet).await.is_empty());
+    fake.assert_conforms();
+    fleet.stop().await;
+}
+
+/// Changes the broker's database behind its back, as a compromised broker would.
+async fn tamper(fleet: &Fleet, sql: &str, bind: &str, id: i64) {
+    use sqlx::ConnectOptions as _;
+    let path = fleet.dir.path().join("broker/testbot.db");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap();
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .bind(bind)
+        .bind(id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(done.rows_affected(), 1, "{sql}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+
+    // Three pushes to main queue three jobs while no agent runs; a commit on a feature branch
+    // (with the same config) never reaches main.
+    let marker = fleet.dir.path().join("a-lie-ran");
+    let mut shas = Vec::new();
+    for n in 0..3 {
+        shas.push(
+            fake.commit(
+                REPO,
+                "main",
+                &[
+                    (".github/testbot.toml", CONFIG),
+                    ("src/greeting.txt", &format!("push {n}")),
+                ],
+                "A push",
+            )
+            .await,
+        );
+    }
+    let feature = fake
+        .commit(
+            REPO,
+            "feature",
+            &[("src/greeting.txt", "unreviewed")],
+            "Not merged",
+        )
+        .await;
+    let jobs = wait_for("three queued jobs", WAIT, || async {
+        let jobs = jobs_of(&fleet).await;
+        (jobs.len() == 3).then_some(jobs)
+    })
+    .await;
+    let mut ids: Vec<i64> = jobs.iter().map(|j| j.id.0).collect();
+    ids.sort();
+
+    // The broker lies: another script; a commit that is not on main; another repository's id.
+    tamper(
+        &fleet,
+        "UPDATE jobs SET spec = json_set(spec, '$.script', ?1) WHERE id = ?2",
+        &format!("touch {}", marker.display()),
+        ids[0],
+    )
+    .await;
+    tamper(
+        &fleet,
+        "UPDATE github_jobs SET provenance = json_set(provenance, '$.sha', ?1, '$.config_sha', ?1) WHERE job_id = ?2",
+        &feature,
+        ids[1],
+    )
+    .await;
+    tamper(
+        &fleet,
+        "UPDATE github_jobs SET provenance = json_set(provenance, '$.repository_id', CAST(?1 AS INTEGER)) WHERE job_id = ?2",
+        "4242",
+        ids[2],
+    )
+    .await;
+
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(app_policy(&fleet, &fake));
+    fleet.add_agent(agent);
+    let expected = [
+        "GitHub does not confirm the job: the job's script differs from job unit in .github/testbot.toml",
+        &format!(
+            "GitHub does not confirm the job: commit {feature} is not on branch main of {REPO}"
+        ),
+        &format!("GitHub does not confirm the job: repository {REPO} has id "),
+    ];
+    for (id, expected) in ids.iter().zip(expected) {
+        let job = fleet.wait_finished(testbot_proto::jobs::JobId(*id)).await;
+        assert_eq!(job.state, JobState::Error, "{job:?}");
+        let reason = job.reason.clone().unwrap_or_default();
+        assert!(reason.contains(expected), "job {id}: {reason}");
+    }
+    assert!(!marker.exists(), "the lying broker's script ran");
+    // Each check run says the job could not run.
+    let failed = wait_for("three failed check runs", WAIT, || async {
+        let failed: Vec<_> = fake
+            .check_runs(REPO)
+            .into_iter()
+            .filter(|run| run.current().conclusion.as_deref() == Some("failure"))
+            .collect();
+        (failed.len() == 3).then_some(failed)
+    })
+    .await;
+    assert!(
+        failed
+            .iter()
+            .all(|run| run.current().output.title.as_deref() == Some("Could not run"))
+    );
+    let _ = shas;
+    fake.assert_conforms();
+    fleet.stop().await;
+}
