@@ -8,6 +8,11 @@
 //! - the repository of that name has that id (a name can pass to another repository);
 //! - for a push: the commit is reachable from the branch (`compare/{branch}...{sha}` is
 //!   `identical` or `behind`);
+//! - for a pull request: it is open here, targets the named base branch, comes from the named
+//!   head repository and its head is still the commit; the approving comment is on it, asks for
+//!   the job (on a fork's pull request, naming the commit in full), and its author has write
+//!   permission now (the permission API, which needs the site's token); the config's commit is
+//!   on the base branch;
 //! - the job's script and settings are exactly the named job of `.github/testbot.toml` at the
 //!   trusted commit (for a push, the commit itself), read by the agent, and the job's `site`, if
 //!   it names one, is this agent's site.
@@ -196,6 +201,27 @@ impl GitHubVerifier {
                 self.check_on_branch(&repo.full_name, branch, &commit.sha)
                     .await?;
             }
+            Provenance::PullRequest {
+                number,
+                base_branch,
+                head_repository,
+                approval,
+                ..
+            } => {
+                self.check_pull_request(
+                    &repo.full_name,
+                    *number,
+                    base_branch,
+                    head_repository,
+                    &commit.sha,
+                )
+                .await?;
+                self.check_approval(&repo.full_name, *number, provenance, approval)
+                    .await?;
+                // The config is the base branch's: its commit must be on that branch.
+                self.check_on_branch(&repo.full_name, base_branch, &commit.config_sha)
+                    .await?;
+            }
         }
         self.check_config(&repo.full_name, &commit.config_sha, &commit.job, spec, site)
             .await?;
@@ -227,6 +253,173 @@ impl GitHubVerifier {
             status => Err(VerifyError::Refused(format!(
                 "commit {sha} is not on branch {branch} of {repository} (GitHub compares it as {status})"
             ))),
+        }
+    }
+
+    /// The pull request is open on this repository, targets `base_branch`, comes from
+    /// `head_repository`, and its head is still `sha` (a later push needs a new approval).
+    async fn check_pull_request(
+        &self,
+        repository: &str,
+        number: u64,
+        base_branch: &str,
+        head_repository: &str,
+        sha: &str,
+    ) -> Result<(), VerifyError> {
+        #[derive(Deserialize)]
+        struct PullRequest {
+            state: String,
+            head: Side,
+            base: Side,
+        }
+        #[derive(Deserialize)]
+        struct Side {
+            #[serde(rename = "ref")]
+            git_ref: String,
+            sha: String,
+            #[serde(default)]
+            repo: Option<SideRepo>,
+        }
+        #[derive(Deserialize)]
+        struct SideRepo {
+            full_name: String,
+        }
+        let pr: PullRequest = self
+            .get(&format!("/repos/{repository}/pulls/{number}"), &[])
+            .await?
+            .ok_or_else(|| {
+                VerifyError::Refused(format!("{repository} has no pull request #{number}"))
+            })?;
+        if pr.state != "open" {
+            return Err(VerifyError::Refused(format!(
+                "pull request {repository}#{number} is {}",
+                pr.state
+            )));
+        }
+        if pr.head.sha != sha {
+            return Err(VerifyError::Refused(format!(
+                "the head of pull request {repository}#{number} is {}, not {sha}: a new push needs a new approval",
+                pr.head.sha
+            )));
+        }
+        if pr.base.git_ref != base_branch {
+            return Err(VerifyError::Refused(format!(
+                "pull request {repository}#{number} targets {}, not {base_branch}",
+                pr.base.git_ref
+            )));
+        }
+        let head = pr.head.repo.map(|r| r.full_name).unwrap_or_default();
+        if !head.eq_ignore_ascii_case(head_repository) {
+            return Err(VerifyError::Refused(format!(
+                "pull request {repository}#{number} comes from {head}, not {head_repository}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The approval exists on this pull request, asks for this job (naming this exact commit
+    /// when the code comes from a fork), and its author may write to the repository now.
+    async fn check_approval(
+        &self,
+        repository: &str,
+        number: u64,
+        provenance: &Provenance,
+        approval: &testbot_proto::provenance::Approval,
+    ) -> Result<(), VerifyError> {
+        use testbot_proto::commands::{Command, parse_comment};
+        use testbot_proto::provenance::Approval;
+        #[derive(Deserialize)]
+        struct Comment {
+            body: Option<String>,
+            issue_url: String,
+            user: Login,
+        }
+        #[derive(Deserialize)]
+        struct Login {
+            login: String,
+        }
+        let commit = provenance.commit();
+        let Approval::Comment { comment_id, by } = approval;
+        let comment: Comment = self
+            .get(
+                &format!("/repos/{repository}/issues/comments/{comment_id}"),
+                &[],
+            )
+            .await?
+            .ok_or_else(|| {
+                VerifyError::Refused(format!(
+                    "{repository} has no comment {comment_id} (the approval)"
+                ))
+            })?;
+        if !comment
+            .issue_url
+            .ends_with(&format!("/repos/{repository}/issues/{number}"))
+        {
+            return Err(VerifyError::Refused(format!(
+                "comment {comment_id} is not on pull request {repository}#{number}"
+            )));
+        }
+        if !comment.user.login.eq_ignore_ascii_case(by) {
+            return Err(VerifyError::Refused(format!(
+                "comment {comment_id} is by {}, not {by}",
+                comment.user.login
+            )));
+        }
+        let asks = parse_comment(comment.body.as_deref().unwrap_or(""))
+            .into_iter()
+            .flatten()
+            .any(|command| {
+                let (jobs, sha) = match &command {
+                    Command::Run { jobs, sha } | Command::Repeat { jobs, sha, .. } => (jobs, sha),
+                    _ => return false,
+                };
+                let job_asked = jobs.is_empty() || jobs.contains(&commit.job);
+                let commit_named = sha.as_deref() == Some(commit.sha.as_str());
+                job_asked && (commit_named || (sha.is_none() && !provenance.from_fork()))
+            });
+        if !asks {
+            return Err(VerifyError::Refused(if provenance.from_fork() {
+                format!(
+                    "comment {comment_id} does not approve commit {} of the fork's pull request by naming it (`/testbot run {}`)",
+                    commit.sha, commit.sha
+                )
+            } else {
+                format!("comment {comment_id} does not ask for job {}", commit.job)
+            }));
+        }
+        self.check_may_write(repository, &comment.user.login).await
+    }
+
+    /// `login` has write permission on `repository` now (asked with the site's own token).
+    async fn check_may_write(&self, repository: &str, login: &str) -> Result<(), VerifyError> {
+        #[derive(Deserialize)]
+        struct Permission {
+            permission: String,
+        }
+        if self.token.is_none() {
+            return Err(VerifyError::Refused(format!(
+                "checking that {login} may approve needs GitHub's permission API, which needs a token: set [github] token_file"
+            )));
+        }
+        let permission: Permission = self
+            .get(
+                &format!("/repos/{repository}/collaborators/{login}/permission"),
+                &[],
+            )
+            .await?
+            .ok_or_else(|| {
+                VerifyError::Refused(format!("{login} is not a collaborator of {repository}"))
+            })?;
+        if matches!(
+            permission.permission.as_str(),
+            "admin" | "maintain" | "write"
+        ) {
+            Ok(())
+        } else {
+            Err(VerifyError::Refused(format!(
+                "{login}, who approved, has {} permission on {repository}, not write",
+                permission.permission
+            )))
         }
     }
 
@@ -338,7 +531,10 @@ fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
             .clone()
             .or_else(|| Some(if repo.private { "private" } else { "public" }.to_string())),
         git_ref,
-        ref_type: Some("branch".into()),
+        ref_type: Some(match provenance {
+            Provenance::Push { .. } => "branch".into(),
+            Provenance::PullRequest { .. } => "pull".into(),
+        }),
         ref_protected: None,
         sha: commit.sha.clone(),
         event_name: provenance.event().into(),
@@ -354,7 +550,10 @@ fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
         run_number: None,
         run_attempt: None,
         head_ref: None,
-        base_ref: None,
+        base_ref: match provenance {
+            Provenance::PullRequest { base_branch, .. } => Some(base_branch.clone()),
+            Provenance::Push { .. } => None,
+        },
         runner_environment: None,
     }
 }

@@ -25,6 +25,40 @@ pub enum Provenance {
         /// Who pushed (GitHub login).
         pushed_by: String,
     },
+    /// A pull request, run because someone with write permission asked in a comment. The
+    /// commit is the pull request's head; the config is the base branch's, never the head's (a
+    /// fork must not change what runs, where, or with what).
+    PullRequest {
+        /// `repository` is the base repository; `sha` the head commit; `config_sha` the base
+        /// branch's head when the job was made.
+        #[serde(flatten)]
+        commit: CommitRef,
+        number: u64,
+        /// The branch the pull request targets (without `refs/heads/`).
+        base_branch: String,
+        /// `owner/name` of the head repository: a fork, or the base repository itself.
+        head_repository: String,
+        /// What approved running this commit.
+        approval: Approval,
+    },
+}
+
+/// What approved running a pull request's commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Approval {
+    /// A comment with a `/testbot run` or `/testbot repeat` command on the pull request. On a
+    /// fork's pull request, the command names the head commit in full.
+    Comment { comment_id: u64, by: String },
+}
+
+impl Approval {
+    /// The GitHub login that approved.
+    pub fn by(&self) -> &str {
+        match self {
+            Approval::Comment { by, .. } => by,
+        }
+    }
 }
 
 /// The repository, commit and config job every provenance names.
@@ -47,7 +81,19 @@ impl Provenance {
     /// The repository, commit and job.
     pub fn commit(&self) -> &CommitRef {
         match self {
-            Provenance::Push { commit, .. } => commit,
+            Provenance::Push { commit, .. } | Provenance::PullRequest { commit, .. } => commit,
+        }
+    }
+
+    /// Whether the commit comes from a fork (its pull request's head is another repository).
+    pub fn from_fork(&self) -> bool {
+        match self {
+            Provenance::Push { .. } => false,
+            Provenance::PullRequest {
+                commit,
+                head_repository,
+                ..
+            } => !head_repository.eq_ignore_ascii_case(&commit.repository),
         }
     }
 
@@ -55,6 +101,7 @@ impl Provenance {
     pub fn event(&self) -> &'static str {
         match self {
             Provenance::Push { .. } => "push",
+            Provenance::PullRequest { .. } => "pull_request",
         }
     }
 
@@ -62,6 +109,7 @@ impl Provenance {
     pub fn git_ref(&self) -> String {
         match self {
             Provenance::Push { branch, .. } => format!("refs/heads/{branch}"),
+            Provenance::PullRequest { number, .. } => format!("refs/pull/{number}/head"),
         }
     }
 
@@ -96,6 +144,14 @@ impl Provenance {
             } => format!(
                 "push of {}@{short} to {branch} by {pushed_by} (job {})",
                 c.repository, c.job
+            ),
+            Provenance::PullRequest {
+                number, approval, ..
+            } => format!(
+                "pull request {}#{number} at {short}, asked for by {} (job {})",
+                c.repository,
+                approval.by(),
+                c.job
             ),
         }
     }

@@ -40,7 +40,9 @@ fn default_max_queue_age() -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitHubPolicy {
-    /// The App events whose jobs the site takes: `push` (post-merge CI). Required. Each job
+    /// The App events whose jobs the site takes: `push` (post-merge CI), `pull_request` (run
+    /// when someone with write permission asks; a fork's only for the commit they name).
+    /// Required. Each job
     /// must also be allowed by a rule, which sees the event, the verified repository and ids,
     /// and the ref.
     pub accept: Vec<String>,
@@ -69,7 +71,7 @@ fn default_github_git_url() -> String {
 }
 
 /// The App events a site may accept.
-pub const APP_EVENTS: &[&str] = &["push"];
+pub const APP_EVENTS: &[&str] = &["push", "pull_request"];
 
 /// The executors a site allows, one table each. An executor without a table is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

@@ -14,10 +14,12 @@
 //! - [`config`]: reading `.github/testbot.toml` at a commit.
 //! - [`jobs`]: submitting App jobs; the provenance handed to agents.
 //! - [`checks`]: check runs.
+//! - [`commands`]: `/testbot` commands in pull request comments.
 //! - [`user`]: user-token checks for repository registration (no App needed).
 
 pub mod app;
 pub mod checks;
+pub mod commands;
 pub mod config;
 pub mod jobs;
 pub mod process;

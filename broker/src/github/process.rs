@@ -8,6 +8,7 @@
 //! - `push` to a branch: reads `.github/testbot.toml` at the pushed commit and submits each job
 //!   whose `on.push` names the branch (and whose `paths`, if any, match a changed file), with a
 //!   check run each. A config that does not parse gets a failed check run with the message.
+//! - `issue_comment` created on a pull request: its `/testbot` commands ([`super::commands`]).
 //! - anything else: acknowledged and ignored.
 //!
 //! A delivery that fails because GitHub or the database could not be reached is retried with
@@ -184,6 +185,9 @@ async fn process(
             Ok(())
         }
         ("push", _) => on_push(state, app, parse(delivery)?).await,
+        ("issue_comment", _) => {
+            Ok(super::commands::on_comment(state, app, parse(delivery)?).await?)
+        }
         _ => {
             tracing::debug!("Event not handled; acknowledged.");
             Ok(())
@@ -368,9 +372,9 @@ struct Account {
 }
 
 #[derive(Debug, Deserialize)]
-struct RepoRef {
-    id: i64,
-    full_name: String,
+pub struct RepoRef {
+    pub id: i64,
+    pub full_name: String,
 }
 
 impl RepoRef {
@@ -417,8 +421,8 @@ struct PushEvent {
 }
 
 #[derive(Debug, Deserialize)]
-struct IdOnly {
-    id: i64,
+pub struct IdOnly {
+    pub id: i64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -428,8 +432,8 @@ struct Pusher {
 }
 
 #[derive(Debug, Deserialize)]
-struct Login {
-    login: String,
+pub struct Login {
+    pub login: String,
 }
 
 #[derive(Debug, Deserialize)]

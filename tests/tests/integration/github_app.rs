@@ -441,3 +441,215 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+const PR_CONFIG: &str = r#"
+[jobs.unit]
+executor = "shell"
+script = 'echo "reading $(cat src/greeting.txt) from the checkout"'
+"#;
+
+/// A site that also takes pull request jobs, with a read-only token of its own (the
+/// permission API needs one).
+fn pr_policy(fleet: &Fleet, fake: &FakeGitHub) -> PathBuf {
+    let token = fleet.dir.path().join("github-read.token");
+    std::fs::write(&token, fake.read_only_token(&[REPO])).unwrap();
+    let path = fleet.dir.path().join("pr-policy.toml");
+    let policy = std::fs::read_to_string(app_policy(fleet, fake))
+        .unwrap()
+        .replace(
+            "accept = [\"push\"]",
+            &format!("accept = [\"push\", \"pull_request\"]\ntoken_file = \"{}\"", token.display()),
+        )
+        .replace(
+            "[[rules]]",
+            "[[rules]]\nname = \"asked-for\"\nrepositories = [\"hpc-lab/*\"]\nrefs = [\"refs/pull/*\"]\nevents = [\"pull_request\"]\n\n[[rules]]",
+        );
+    std::fs::write(&path, policy).unwrap();
+    path
+}
+
+async fn wait_reply(fake: &FakeGitHub, number: u64, containing: &str) -> String {
+    let bot = fake.app_bot_login();
+    wait_for(
+        &format!("a reply containing {containing:?}"),
+        WAIT,
+        || async {
+            fake.comments(REPO, number)
+                .into_iter()
+                .find(|c| c.author == bot && c.body.contains(containing))
+                .map(|c| c.body)
+        },
+    )
+    .await
+}
+
+async fn wait_jobs(fleet: &Fleet, count: usize) -> Vec<Job> {
+    wait_for(&format!("{count} jobs"), WAIT, || async {
+        let jobs = jobs_of(fleet).await;
+        (jobs.len() == count).then_some(jobs)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
+    use testbot_e2e::github::Permission;
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    fake.set_permission(REPO, "maintainer", Permission::Write);
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    fake.commit(
+        REPO,
+        "main",
+        &[
+            (".github/testbot.toml", PR_CONFIG),
+            ("src/greeting.txt", "main"),
+        ],
+        "Config",
+    )
+    .await;
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(pr_policy(&fleet, &fake));
+    let agent = fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+
+    // A pull request from a branch of the repository itself.
+    fake.commit(
+        REPO,
+        "feature",
+        &[("src/greeting.txt", "the feature")],
+        "Change",
+    )
+    .await;
+    let pr = fake
+        .open_pull_request(REPO, "main", REPO, "feature", "maintainer", "Change")
+        .await;
+    // Someone without write permission: a reply, nothing runs.
+    fake.comment(REPO, pr.number, "stranger", "/testbot run unit")
+        .await;
+    wait_reply(&fake, pr.number, "only people with write permission").await;
+    // Help lists the base branch's jobs.
+    fake.comment(REPO, pr.number, "stranger", "/testbot help")
+        .await;
+    wait_reply(&fake, pr.number, "| `unit` |").await;
+    // Unknown jobs and short shas are explained.
+    fake.comment(REPO, pr.number, "maintainer", "/testbot run 0123abc")
+        .await;
+    wait_reply(&fake, pr.number, "full 40-character sha").await;
+    assert!(jobs_of(&fleet).await.is_empty());
+
+    let asked = fake
+        .comment(
+            REPO,
+            pr.number,
+            "maintainer",
+            "Looks right.\n\n/testbot run unit",
+        )
+        .await;
+    let job = wait_jobs(&fleet, 1).await.remove(0);
+    let job = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{log}");
+    assert!(
+        log.contains("reading the feature from the checkout"),
+        "{log}"
+    );
+    let reactions = fake.reactions(asked.id);
+    assert!(
+        reactions.iter().any(|r| r.content == "eyes"),
+        "{reactions:?}"
+    );
+    // An edit of the same comment runs nothing again.
+    fake.edit_comment(asked.id, "/testbot run unit\n/testbot run unit")
+        .await;
+
+    // A fork's pull request: a plain command gets instructions; naming the head runs it.
+    fake.fork(REPO, "outsider").await;
+    let fork = "outsider/solver";
+    fake.commit(
+        fork,
+        "patch",
+        &[("src/greeting.txt", "a fork's change")],
+        "Patch",
+    )
+    .await;
+    let fpr = fake
+        .open_pull_request(REPO, "main", fork, "patch", "outsider", "Patch")
+        .await;
+    fake.comment(REPO, fpr.number, "maintainer", "/testbot run")
+        .await;
+    let reply = wait_reply(&fake, fpr.number, "comes from a fork").await;
+    assert!(
+        reply.contains(&format!("/testbot run {}", fpr.head_sha)),
+        "{reply}"
+    );
+    assert_eq!(jobs_of(&fleet).await.len(), 1);
+    let approval = fake
+        .comment(
+            REPO,
+            fpr.number,
+            "maintainer",
+            &format!("/testbot run {}", fpr.head_sha),
+        )
+        .await;
+    let jobs = wait_jobs(&fleet, 2).await;
+    let job = fleet.wait_finished(jobs[0].id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{log}");
+    assert!(
+        log.contains("reading a fork's change from the checkout"),
+        "{log}"
+    );
+
+    // A new push to the fork needs a new approval: the old one names the old commit.
+    fleet.agent_shutdown(agent).drain.cancel();
+    fleet.agent_exit(agent).await.unwrap();
+    let new_head = fake
+        .push_to_pull_request(REPO, fpr.number, &[("src/greeting.txt", "pwned")], "More")
+        .await;
+    fake.comment(
+        REPO,
+        fpr.number,
+        "maintainer",
+        &format!("/testbot run {}", fpr.head_sha),
+    )
+    .await;
+    wait_reply(&fake, fpr.number, "is not the head of this pull request").await;
+    assert_eq!(jobs_of(&fleet).await.len(), 2);
+    // A broker that replays the old approval for the new commit is refused at the site.
+    fake.comment(
+        REPO,
+        fpr.number,
+        "maintainer",
+        &format!("/testbot run {new_head}"),
+    )
+    .await;
+    let jobs = wait_jobs(&fleet, 3).await;
+    let replayed = jobs[0].id;
+    tamper(
+        &fleet,
+        "UPDATE github_jobs SET provenance = json_set(provenance, '$.approval.comment_id', CAST(?1 AS INTEGER)) WHERE job_id = ?2",
+        &approval.id.to_string(),
+        replayed.0,
+    )
+    .await;
+    let mut agent = fleet.agent_config("login2");
+    agent.policy = Some(pr_policy(&fleet, &fake));
+    fleet.add_agent(agent);
+    let expected = format!("does not approve commit {new_head} of the fork's pull request");
+    let job = wait_for("the site to refuse the replayed approval", WAIT, || async {
+        let job = fleet.client().job(replayed).await.unwrap();
+        job.reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&expected))
+            .then_some(job)
+    })
+    .await;
+    // Handed back for another agent (the first one is only stopped), never started.
+    assert_eq!(job.started_at_ms, None, "{job:?}");
+    fake.assert_conforms();
+    fleet.stop().await;
+}
