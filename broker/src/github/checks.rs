@@ -18,6 +18,12 @@ use super::{GitHubApp, GitHubError};
 use crate::state::AppState;
 use crate::store::github::AppJobModel;
 
+/// The identifier of a check run's re-run button.
+const RERUN: &str = "rerun";
+
+/// The identifier of a check run's cancel button.
+const CANCEL: &str = "cancel";
+
 /// How often the syncer looks without being woken.
 const SYNC_POLL: Duration = Duration::from_secs(5);
 
@@ -149,6 +155,99 @@ struct CheckRunId {
     id: i64,
 }
 
+/// A `check_run` delivery: GitHub's re-run (`rerequested`) or one of the run's buttons
+/// (`requested_action`).
+#[derive(Debug, serde::Deserialize)]
+pub struct CheckRunEvent {
+    pub action: String,
+    pub check_run: CheckRunRef,
+    #[serde(default)]
+    pub requested_action: Option<RequestedAction>,
+    pub repository: super::process::RepoRef,
+    pub sender: super::process::Login,
+    #[serde(default)]
+    pub installation: Option<super::process::IdOnly>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct CheckRunRef {
+    pub id: i64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct RequestedAction {
+    pub identifier: String,
+}
+
+/// Re-runs or cancels the job of a check run of the App's, for someone with write permission.
+pub async fn on_check_run(
+    state: &AppState,
+    app: &GitHubApp,
+    event: CheckRunEvent,
+) -> Result<(), GitHubError> {
+    let Some(installation) = &event.installation else {
+        return Ok(());
+    };
+    let identifier = match (event.action.as_str(), &event.requested_action) {
+        ("rerequested", _) => RERUN,
+        ("requested_action", Some(requested)) => match requested.identifier.as_str() {
+            RERUN => RERUN,
+            CANCEL => CANCEL,
+            _ => return Ok(()),
+        },
+        _ => return Ok(()),
+    };
+    let unavailable = |e: crate::store::StoreError| GitHubError::Unavailable(format!("{e:?}"));
+    let Some(row) = state
+        .store
+        .app_job_by_check_run(event.check_run.id)
+        .await
+        .map_err(unavailable)?
+    else {
+        // Not one of this App's check runs (another App's, or a config error's).
+        return Ok(());
+    };
+    let client = app.client.installation(installation.id).await?;
+    let repository = &event.repository.full_name;
+    if !row.repository.eq_ignore_ascii_case(repository)
+        || !super::commands::may_write(&client, repository, &event.sender.login).await?
+    {
+        tracing::info!(sender = %event.sender.login, check_run = event.check_run.id, "Check run action refused: no write permission.");
+        return Ok(());
+    }
+    if identifier == CANCEL {
+        crate::lifecycle::jobs::cancel(state, row.job_id())
+            .await
+            .map_err(unavailable)?;
+        return Ok(());
+    }
+    let provenance: testbot_proto::provenance::Provenance = serde_json::from_str(&row.provenance)
+        .map_err(|e| {
+        GitHubError::Refused(format!("stored provenance of job {}: {e}", row.job_id))
+    })?;
+    let commit = provenance.commit();
+    let config = match super::config::read(&client, &commit.repository, &commit.config_sha).await? {
+        super::config::ConfigAt::Valid(config) => config,
+        _ => {
+            return Err(GitHubError::Refused(format!(
+                "the config of job {} at {} is gone or not valid",
+                row.job_id, commit.config_sha
+            )));
+        }
+    };
+    let Some(job) = config.job(&commit.job) else {
+        return Err(GitHubError::Refused(format!(
+            "the config at {} has no job {}",
+            commit.config_sha, commit.job
+        )));
+    };
+    super::jobs::submit(state, installation.id, &provenance, job, 1)
+        .await
+        .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
+    tracing::info!(sender = %event.sender.login, job_id = row.job_id, "Job re-run from its check run.");
+    Ok(())
+}
+
 /// The last lines of a finished job's log, as text.
 async fn log_tail(state: &AppState, job: &Job) -> String {
     let from = job.log_bytes.saturating_sub(SUMMARY_LOG_BYTES);
@@ -238,6 +337,20 @@ pub fn check_run_body(
     if let Some(conclusion) = conclusion {
         body["conclusion"] = conclusion.into();
     }
+    // GitHub shows these buttons to people with write access; the App asks GitHub again.
+    body["actions"] = if job.state.is_terminal() {
+        serde_json::json!([{
+            "label": "Re-run",
+            "description": "Run this job again",
+            "identifier": RERUN,
+        }])
+    } else {
+        serde_json::json!([{
+            "label": "Cancel",
+            "description": "Stop this job",
+            "identifier": CANCEL,
+        }])
+    };
     if !log_tail.is_empty() {
         body["output"]["text"] = format!(
             "The end of the log:\n\n```text\n{}\n```",

@@ -4,6 +4,7 @@
 //! acted on) is parsed; for each command:
 //! - `help`: a reply listing the jobs of the base branch's `.github/testbot.toml` and when each
 //!   runs;
+//! - `cancel [JOB...]`: cancels the runs of the pull request's head (write permission);
 //! - `run` / `repeat N`: only for someone with write permission (asked of GitHub, not taken from
 //!   the payload's `author_association`). The jobs are the base branch's (a pull request cannot
 //!   change what runs); on a fork's pull request the command must name the head commit in full,
@@ -160,12 +161,14 @@ impl Context<'_> {
         };
         let (jobs, count, sha) = match command {
             Command::Help => return Ok(Outcome::Reply(help(&config, &base_branch))),
-            Command::Cancel { .. } => {
-                return Ok(Outcome::Reply(
-                    "`/testbot cancel` is not available yet; an operator can cancel with \
-                     `testbot cancel JOB`."
-                        .into(),
-                ));
+            Command::Cancel { jobs } => {
+                if !self.may_write().await? {
+                    return Ok(Outcome::Reply(format!(
+                        "only people with write permission on {} may cancel jobs here.",
+                        self.repository
+                    )));
+                }
+                return self.cancel(jobs, &pr.head.sha).await;
             }
             Command::Run { jobs, sha } => (jobs, 1, sha),
             Command::Repeat { count, jobs, sha } => (jobs, *count, sha),
@@ -259,6 +262,42 @@ impl Context<'_> {
         Ok(Outcome::Queued(queued))
     }
 
+    /// Cancels the named jobs' runs (all the App's runs, when none is named) on `sha`.
+    async fn cancel(&self, jobs: &[String], sha: &str) -> Result<Outcome, GitHubError> {
+        let unavailable = |e: crate::store::StoreError| GitHubError::Unavailable(format!("{e:?}"));
+        let active = self
+            .state
+            .store
+            .active_app_jobs_of_commit(self.repository, sha)
+            .await
+            .map_err(unavailable)?;
+        let mut cancelled = 0;
+        for row in active {
+            let name = serde_json::from_str::<Provenance>(&row.provenance)
+                .map(|p| p.commit().job.clone())
+                .unwrap_or_default();
+            if !jobs.is_empty() && !jobs.contains(&name) {
+                continue;
+            }
+            crate::lifecycle::jobs::cancel(self.state, row.job_id())
+                .await
+                .map_err(unavailable)?;
+            cancelled += 1;
+        }
+        let short = sha.get(..12).unwrap_or(sha);
+        Ok(Outcome::Reply(match cancelled {
+            0 => format!(
+                "no run of {} is going on for `{short}`.",
+                describe_jobs(jobs)
+            ),
+            n => format!(
+                "cancelled {n} run{} of {} on `{short}`.",
+                if n == 1 { "" } else { "s" },
+                describe_jobs(jobs)
+            ),
+        }))
+    }
+
     /// The base branch's head and its config, or the reply that says why there is none.
     async fn base_config(
         &self,
@@ -297,32 +336,7 @@ impl Context<'_> {
 
     /// Whether the comment's author may write to the repository, as GitHub says now.
     async fn may_write(&self) -> Result<bool, GitHubError> {
-        #[derive(Deserialize)]
-        struct Permission {
-            permission: String,
-        }
-        let route = format!(
-            "/repos/{}/collaborators/{}/permission",
-            self.repository, self.author
-        );
-        match self
-            .client
-            .get::<Permission, _, _>(route, None::<&()>)
-            .await
-        {
-            Ok(p) => Ok(matches!(
-                p.permission.as_str(),
-                "admin" | "maintain" | "write"
-            )),
-            Err(err) => {
-                let err = GitHubError::from_octocrab("the commenter's permission", err);
-                if err.is_not_found() {
-                    Ok(false)
-                } else {
-                    Err(err)
-                }
-            }
-        }
+        may_write(self.client, self.repository, self.author).await
     }
 
     async fn react(&self, content: &str) -> Result<(), GitHubError> {
@@ -346,6 +360,45 @@ impl Context<'_> {
             .await
             .map_err(|e| GitHubError::from_octocrab("a reply", e))?;
         Ok(())
+    }
+}
+
+/// Whether `login` has write permission on `repository` now, as GitHub says (not the
+/// payload's `author_association`).
+pub async fn may_write(
+    client: &octocrab::Octocrab,
+    repository: &str,
+    login: &str,
+) -> Result<bool, GitHubError> {
+    #[derive(Deserialize)]
+    struct Permission {
+        permission: String,
+    }
+    let route = format!("/repos/{repository}/collaborators/{login}/permission");
+    match client.get::<Permission, _, _>(route, None::<&()>).await {
+        Ok(p) => Ok(matches!(
+            p.permission.as_str(),
+            "admin" | "maintain" | "write"
+        )),
+        Err(err) => {
+            let err = GitHubError::from_octocrab("a user's permission", err);
+            if err.is_not_found() {
+                Ok(false)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+fn describe_jobs(jobs: &[String]) -> String {
+    if jobs.is_empty() {
+        "any job".into()
+    } else {
+        jobs.iter()
+            .map(|j| format!("`{j}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -384,7 +437,8 @@ fn help(config: &RepoConfig, branch: &str) -> String {
         );
     }
     text += "\nCommands (people with write permission): `/testbot run [JOB...]`, \
-             `/testbot repeat N [JOB...]`, `/testbot help`. On a pull request from a fork, \
+             `/testbot repeat N [JOB...]`, `/testbot cancel [JOB...]`, `/testbot help`. On a \
+             pull request from a fork, \
              name the commit you reviewed: `/testbot run SHA`.";
     text
 }

@@ -138,6 +138,12 @@ pub trait GitHubStore: Send + Sync {
     ) -> StoreResult<JobModel>;
     async fn app_job(&self, id: JobId) -> StoreResult<Option<AppJobModel>>;
     async fn app_job_by_check_run(&self, check_run_id: i64) -> StoreResult<Option<AppJobModel>>;
+    /// The App jobs of `repository` on commit `head_sha` that have not ended, oldest first.
+    async fn active_app_jobs_of_commit(
+        &self,
+        repository: &str,
+        head_sha: &str,
+    ) -> StoreResult<Vec<AppJobModel>>;
     /// App jobs whose check run does not show the job's state yet, due at `now_ms`, oldest
     /// first.
     async fn check_runs_to_sync(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<AppJobModel>>;

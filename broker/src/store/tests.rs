@@ -1372,6 +1372,22 @@ async fn app_jobs_keep_their_provenance_and_check_run_in_step(store: &dyn Store)
         ("assigned", Some(77))
     );
 
+    let active = store
+        .active_app_jobs_of_commit("octo-org/a", "abc")
+        .await
+        .unwrap();
+    assert_eq!(
+        active.iter().map(|r| r.job_id).collect::<Vec<_>>(),
+        vec![job.id]
+    );
+    assert!(
+        store
+            .active_app_jobs_of_commit("octo-org/a", "abd")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
     // A failed update waits for its retry time.
     store
         .check_run_sync_failed(job.job_id(), now + 10_000)

@@ -653,3 +653,110 @@ async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+const SLOW_CONFIG: &str = r#"
+[jobs.slow]
+executor = "shell"
+script = "echo started; sleep 120"
+
+[jobs.slow.on]
+push = { branches = ["main"] }
+"#;
+
+async fn wait_state(fleet: &Fleet, id: testbot_proto::jobs::JobId, state: JobState) -> Job {
+    wait_for(&format!("job {id} to be {state:?}"), WAIT, || async {
+        let job = fleet.client().job(id).await.unwrap();
+        (job.state == state).then_some(job)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_run_buttons_and_comments_cancel_and_re_run_for_writers_only() {
+    use testbot_e2e::github::Permission;
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    fake.set_permission(REPO, "maintainer", Permission::Write);
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(pr_policy(&fleet, &fake));
+    fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+
+    let sha = fake
+        .commit(
+            REPO,
+            "main",
+            &[(".github/testbot.toml", SLOW_CONFIG)],
+            "A slow job",
+        )
+        .await;
+    let first = wait_jobs(&fleet, 1).await.remove(0);
+    wait_state(&fleet, first.id, JobState::Running).await;
+    let run = wait_for("the check run in progress", WAIT, || async {
+        fake.check_runs(REPO)
+            .into_iter()
+            .find(|r| r.current().status == "in_progress" && r.head_sha == sha)
+    })
+    .await;
+    assert_eq!(run.current().actions[0]["identifier"], "cancel");
+
+    // Someone without write permission presses Cancel: nothing happens.
+    fake.request_check_run_action(run.id, "cancel", "stranger")
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fleet.client().job(first.id).await.unwrap().state,
+        JobState::Running
+    );
+    // A maintainer does: the job is cancelled, and so is its check run.
+    fake.request_check_run_action(run.id, "cancel", "maintainer")
+        .await;
+    wait_state(&fleet, first.id, JobState::Cancelled).await;
+    let cancelled = wait_for("the check run cancelled", WAIT, || async {
+        fake.check_runs(REPO)
+            .into_iter()
+            .find(|r| r.id == run.id && r.current().conclusion.as_deref() == Some("cancelled"))
+    })
+    .await;
+    assert_eq!(cancelled.current().actions[0]["identifier"], "rerun");
+
+    // GitHub's Re-run: a new job for the same commit, with a check run of its own.
+    fake.rerequest_check_run(run.id, "maintainer").await;
+    let again = wait_jobs(&fleet, 2).await.remove(0);
+    wait_state(&fleet, again.id, JobState::Running).await;
+    let checked_out = format!("checked out {REPO}@{sha}");
+    wait_for("the re-run to check out the commit", WAIT, || async {
+        fleet
+            .log(again.id)
+            .await
+            .contains(&checked_out)
+            .then_some(())
+    })
+    .await;
+
+    // `/testbot cancel` on a pull request cancels its head's runs.
+    fleet.client().cancel(again.id).await.unwrap();
+    wait_state(&fleet, again.id, JobState::Cancelled).await;
+    fake.commit(REPO, "feature", &[("README.md", "a change")], "Change")
+        .await;
+    let pr = fake
+        .open_pull_request(REPO, "main", REPO, "feature", "maintainer", "Change")
+        .await;
+    fake.comment(REPO, pr.number, "maintainer", "/testbot run slow")
+        .await;
+    let on_pr = wait_jobs(&fleet, 3).await.remove(0);
+    wait_state(&fleet, on_pr.id, JobState::Running).await;
+    fake.comment(REPO, pr.number, "stranger", "/testbot cancel")
+        .await;
+    wait_reply(&fake, pr.number, "may cancel jobs here").await;
+    fake.comment(REPO, pr.number, "maintainer", "/testbot cancel slow")
+        .await;
+    wait_reply(&fake, pr.number, "cancelled 1 run of `slow`").await;
+    wait_state(&fleet, on_pr.id, JobState::Cancelled).await;
+    fake.assert_conforms();
+    fleet.stop().await;
+}

@@ -251,6 +251,25 @@ impl GitHubStore for SqliteStore {
             .map_err(StoreError::from)
     }
 
+    async fn active_app_jobs_of_commit(
+        &self,
+        repository: &str,
+        head_sha: &str,
+    ) -> StoreResult<Vec<AppJobModel>> {
+        let sql = format!(
+            "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
+              WHERE g.repository = ?1 AND g.head_sha = ?2
+                AND j.state IN ('queued', 'assigned', 'running')
+              ORDER BY g.job_id"
+        );
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(repository)
+            .bind(head_sha)
+            .fetch_all(&self.read)
+            .await
+            .map_err(StoreError::from)
+    }
+
     async fn check_runs_to_sync(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<AppJobModel>> {
         let sql = format!(
             "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
