@@ -10,7 +10,9 @@
 //!
 //! Layout:
 //! - [`writer`]: the writer thread and its queue.
+//! - [`readers`]: the reading connections.
 
+mod readers;
 mod writer;
 
 use std::path::Path;
@@ -22,9 +24,7 @@ use anyhow::Context as _;
 use rusqlite::{OptionalExtension as _, Transaction, params};
 use sqlx::Connection as _;
 use sqlx::SqliteConnection;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
 use testbot_proto::results::Outcome;
@@ -32,16 +32,17 @@ use testbot_proto::results::Outcome;
 use super::{
     AgentModel, AgentOffer, ApiTokenModel, AppendPlan, AppendResult, EnrollRefusal,
     FirstRegistration, JobModel, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal, LogCut, LogRow,
-    QueuedJob, Release, RepoModel, RepositoryIds, RoutingRow, SiteModel, Store, StoreError,
-    StoreResult, StoredJob, Transition, check_migrations, plan_append,
+    QueuedJob, Release, RepoModel, RepositoryIds, RoutingRow, SiteModel, Store, StoreResult,
+    StoredJob, Transition, check_migrations, plan_append,
 };
+use readers::Readers;
 use writer::Writer;
 
 /// The SQLite schema's migrations, applied at start-up.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How many read connections to keep.
-const READ_CONNECTIONS: u32 = 4;
+const READ_CONNECTIONS: usize = 4;
 
 /// How long the writing connection waits for a lock held by another connection (a
 /// checkpoint, or another process opening the file) before the write fails.
@@ -161,11 +162,12 @@ macro_rules! agent_columns {
     };
 }
 
-const JOB_COLUMNS: &str = job_columns!();
-const REPO_COLUMNS: &str = repo_columns!();
-const AGENT_COLUMNS: &str = agent_columns!();
 /// The columns of [`RoutingRow`], in its field order.
-const ROUTING_COLUMNS: &str = "id, spec, sites, repository, oidc_token";
+macro_rules! routing_columns {
+    () => {
+        "id, spec, sites, repository, oidc_token"
+    };
+}
 
 fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobModel> {
     Ok(JobModel {
@@ -216,6 +218,24 @@ fn agent_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AgentModel> {
         last_seen_ms: row.get(6)?,
         revoked_at_ms: row.get(7)?,
         site_revoked_at_ms: row.get(8)?,
+    })
+}
+
+fn routing_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoutingRow> {
+    Ok(RoutingRow {
+        id: row.get(0)?,
+        spec: row.get(1)?,
+        sites: row.get(2)?,
+        repository: row.get(3)?,
+        oidc_token: row.get(4)?,
+    })
+}
+
+fn site_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SiteModel> {
+    Ok(SiteModel {
+        name: row.get(0)?,
+        created_at_ms: row.get(1)?,
+        revoked_at_ms: row.get(2)?,
     })
 }
 
@@ -281,6 +301,28 @@ enum Claim {
 /// reads on through the whole queue, a page at a time.
 const CLAIM_PAGE: i64 = 256;
 
+/// The queued jobs an agent may take, as far as SQL can tell: see [`SqliteStore::claim_job`].
+const CLAIM_SCAN: &str = concat!(
+    "SELECT ",
+    routing_columns!(),
+    " FROM jobs
+     WHERE state = 'queued' AND id > ?1
+       AND NOT EXISTS (
+           SELECT 1 FROM json_each(jobs.labels) AS wanted
+           WHERE wanted.value NOT IN (SELECT value FROM json_each(?2)))
+       AND (jobs.sites IS NULL
+            OR EXISTS (SELECT 1 FROM json_each(jobs.sites) WHERE value = ?3))
+       AND (json_extract(jobs.spec, '$.executor') IS NULL
+            OR json_extract(jobs.spec, '$.executor') = ?4)
+       AND (?5 IS NULL OR jobs.repository IS NOT NULL)
+       AND (?6 IS NULL OR jobs.repository IS NULL)
+       AND NOT EXISTS (
+           SELECT 1 FROM job_holds
+           WHERE job_holds.job_id = jobs.id AND job_holds.agent = ?7
+             AND job_holds.until_ms > ?8)
+     ORDER BY id LIMIT ?9"
+);
+
 /// A write that needs a decision made above the store (a callback the writer thread cannot
 /// borrow), taken before the write from what it expects to find, and checked in it.
 enum Attempt<T, D> {
@@ -293,7 +335,7 @@ enum Attempt<T, D> {
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: Arc<Writer>,
-    read: SqlitePool,
+    readers: Arc<Readers>,
     checkpointer: Arc<Checkpointer>,
 }
 
@@ -334,16 +376,26 @@ impl SqliteStore {
         let wrote = checkpointer.wrote.clone();
         let writer = Writer::start(write, move || wrote.notify_one())
             .context("Cannot start the SQLite writer thread")?;
-        let read = SqlitePoolOptions::new()
-            .max_connections(READ_CONNECTIONS)
-            .connect_with(options.read_only(true))
-            .await
+        let readers = Readers::open(&path, READ_CONNECTIONS)
             .with_context(|| format!("Cannot open database {} for reading", path.display()))?;
         Ok(SqliteStore {
             writer: Arc::new(writer),
-            read,
+            readers: Arc::new(readers),
             checkpointer,
         })
+    }
+
+    /// One column of a job's row, by a statement taking the job's id.
+    async fn job_column(&self, id: JobId, sql: &'static str) -> StoreResult<Option<String>> {
+        let value: Option<Option<String>> = self
+            .readers
+            .read(move |conn| {
+                conn.prepare_cached(sql)?
+                    .query_row([id.0], |row| row.get(0))
+                    .optional()
+            })
+            .await?;
+        Ok(value.flatten())
     }
 }
 
@@ -377,22 +429,31 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.writer.close().await;
         self.checkpointer.stop().await;
-        self.read.close().await;
+        self.readers.close();
     }
 
     async fn health(&self) -> StoreResult<()> {
-        let applied: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.read)
-                .await?;
+        let applied: Option<i64> = self
+            .readers
+            .read(|conn| {
+                conn.prepare_cached("SELECT MAX(version) FROM _sqlx_migrations WHERE success")?
+                    .query_row([], |row| row.get(0))
+            })
+            .await?;
         check_migrations(&MIGRATOR, applied)
     }
 
     async fn jobs_by_state(&self) -> StoreResult<Vec<(JobState, u64)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state")
-                .fetch_all(&self.read)
-                .await?;
+        let rows: Vec<(String, i64)> = self
+            .readers
+            .read(|conn| {
+                conn.prepare_cached(
+                    "SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state",
+                )?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect()
+            })
+            .await?;
         Ok(rows
             .into_iter()
             .filter_map(|(state, n)| Some((state.parse().ok()?, n as u64)))
@@ -400,118 +461,167 @@ impl Store for SqliteStore {
     }
 
     async fn last_sweep_ms(&self) -> StoreResult<Option<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT last_sweep_ms FROM sweeps WHERE id = 1")
-                .fetch_optional(&self.read)
-                .await?,
-        )
+        self.readers
+            .read(|conn| {
+                conn.prepare_cached("SELECT last_sweep_ms FROM sweeps WHERE id = 1")?
+                    .query_row([], |row| row.get(0))
+                    .optional()
+            })
+            .await
     }
 
     async fn api_tokens(&self) -> StoreResult<Vec<ApiTokenModel>> {
-        sqlx::query_as("SELECT token_hash, role, name FROM api_tokens")
-            .fetch_all(&self.read)
+        self.readers
+            .read(|conn| {
+                conn.prepare_cached("SELECT token_hash, role, name FROM api_tokens")?
+                    .query_map([], |row| {
+                        Ok(ApiTokenModel {
+                            token_hash: row.get(0)?,
+                            role: row.get(1)?,
+                            name: row.get(2)?,
+                        })
+                    })?
+                    .collect()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn repo(&self, name: &str) -> StoreResult<Option<RepoModel>> {
-        let sql = format!("SELECT {REPO_COLUMNS} FROM repos WHERE name = ?1");
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(name)
-            .fetch_optional(&self.read)
+        let name = name.to_owned();
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    repo_columns!(),
+                    " FROM repos WHERE name = ?1"
+                ))?
+                .query_row([name], repo_row)
+                .optional()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn repos(&self) -> StoreResult<Vec<RepoModel>> {
-        let sql = format!("SELECT {REPO_COLUMNS} FROM repos ORDER BY name");
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.read)
+        self.readers
+            .read(|conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    repo_columns!(),
+                    " FROM repos ORDER BY name"
+                ))?
+                .query_map([], repo_row)?
+                .collect()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn jti_used(&self, jti: &str) -> StoreResult<bool> {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM oidc_jtis WHERE jti = ?1)")
-            .bind(jti)
-            .fetch_one(&self.read)
+        let jti = jti.to_owned();
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM oidc_jtis WHERE jti = ?1)")?
+                    .query_row([jti], |row| row.get(0))
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn submit_jti(&self, id: JobId) -> StoreResult<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT submit_jti FROM jobs WHERE id = ?1")
-                .bind(id.0)
-                .fetch_optional(&self.read)
-                .await?
-                .flatten(),
-        )
+        self.job_column(id, "SELECT submit_jti FROM jobs WHERE id = ?1")
+            .await
     }
 
     async fn site(&self, name: &str) -> StoreResult<Option<SiteModel>> {
-        sqlx::query_as("SELECT name, created_at_ms, revoked_at_ms FROM sites WHERE name = ?1")
-            .bind(name)
-            .fetch_optional(&self.read)
+        let name = name.to_owned();
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT name, created_at_ms, revoked_at_ms FROM sites WHERE name = ?1",
+                )?
+                .query_row([name], site_row)
+                .optional()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn sites(&self) -> StoreResult<Vec<SiteModel>> {
-        sqlx::query_as("SELECT name, created_at_ms, revoked_at_ms FROM sites ORDER BY name")
-            .fetch_all(&self.read)
+        self.readers
+            .read(|conn| {
+                conn.prepare_cached(
+                    "SELECT name, created_at_ms, revoked_at_ms FROM sites ORDER BY name",
+                )?
+                .query_map([], site_row)?
+                .collect()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn enrollment_token_exists(&self, token_hash: &str) -> StoreResult<bool> {
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM enrollment_tokens WHERE token_hash = ?1)")
-            .bind(token_hash)
-            .fetch_one(&self.read)
+        let token_hash = token_hash.to_owned();
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM enrollment_tokens WHERE token_hash = ?1)",
+                )?
+                .query_row([token_hash], |row| row.get(0))
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn agent(&self, id: &str) -> StoreResult<Option<AgentModel>> {
-        let sql = format!(
-            "SELECT {AGENT_COLUMNS} FROM agents JOIN sites ON sites.name = agents.site
-             WHERE agents.id = ?1"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.read)
+        let id = id.to_owned();
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    agent_columns!(),
+                    " FROM agents JOIN sites ON sites.name = agents.site WHERE agents.id = ?1"
+                ))?
+                .query_row([id], agent_row)
+                .optional()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn agents(&self) -> StoreResult<Vec<AgentModel>> {
-        let sql = format!(
-            "SELECT {AGENT_COLUMNS} FROM agents JOIN sites ON sites.name = agents.site
-             ORDER BY agents.site, agents.name, agents.enrolled_at_ms"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.read)
+        self.readers
+            .read(|conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    agent_columns!(),
+                    " FROM agents JOIN sites ON sites.name = agents.site
+                     ORDER BY agents.site, agents.name, agents.enrolled_at_ms"
+                ))?
+                .query_map([], agent_row)?
+                .collect()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn live_nonces(&self, now_ms: i64) -> StoreResult<Vec<(String, String, i64)>> {
-        sqlx::query_as(
-            "SELECT agent_id, nonce, expires_at_ms FROM agent_nonces WHERE expires_at_ms >= ?1",
-        )
-        .bind(now_ms)
-        .fetch_all(&self.read)
-        .await
-        .map_err(StoreError::from)
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT agent_id, nonce, expires_at_ms FROM agent_nonces
+                     WHERE expires_at_ms >= ?1",
+                )?
+                .query_map([now_ms], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect()
+            })
+            .await
     }
 
     async fn job(&self, id: JobId) -> StoreResult<Option<JobModel>> {
-        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1");
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id.0)
-            .fetch_optional(&self.read)
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE id = ?1"
+                ))?
+                .query_row([id.0], job_row)
+                .optional()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn jobs(
@@ -520,32 +630,41 @@ impl Store for SqliteStore {
         site: Option<&str>,
         limit: u32,
     ) -> StoreResult<Vec<JobModel>> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
-             WHERE (?1 IS NULL OR state = ?1)
-               AND (?3 IS NULL
-                    OR EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE value = 'site:' || ?3)
-                    OR substr(agent, 1, length(?3) + 1) = ?3 || '/')
-             ORDER BY id DESC LIMIT ?2"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(state.map(|s| s.as_str()))
-            .bind(limit as i64)
-            .bind(site)
-            .fetch_all(&self.read)
+        let site = site.map(str::to_owned);
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs
+                     WHERE (?1 IS NULL OR state = ?1)
+                       AND (?3 IS NULL
+                            OR EXISTS (SELECT 1 FROM json_each(jobs.labels)
+                                       WHERE value = 'site:' || ?3)
+                            OR substr(agent, 1, length(?3) + 1) = ?3 || '/')
+                     ORDER BY id DESC LIMIT ?2"
+                ))?
+                .query_map(
+                    params![state.map(|s| s.as_str()), i64::from(limit), site],
+                    job_row,
+                )?
+                .collect()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn queued_jobs(&self, after: i64, limit: i64) -> StoreResult<Vec<QueuedJob>> {
-        let sql = format!(
-            "SELECT {ROUTING_COLUMNS} FROM jobs
-             WHERE state = 'queued' AND id > ?1 ORDER BY id LIMIT ?2"
-        );
-        let rows: Vec<RoutingRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.read)
+        let rows: Vec<RoutingRow> = self
+            .readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    routing_columns!(),
+                    " FROM jobs WHERE state = 'queued' AND id > ?1 ORDER BY id LIMIT ?2"
+                ))?
+                .query_map([after, limit], routing_row)?
+                .collect()
+            })
             .await?;
         rows.into_iter()
             .map(|row| {
@@ -558,108 +677,142 @@ impl Store for SqliteStore {
     }
 
     async fn routed_job(&self, id: JobId) -> StoreResult<Option<crate::routing::RoutedJob>> {
-        let sql = format!("SELECT {ROUTING_COLUMNS} FROM jobs WHERE id = ?1");
-        let row: Option<RoutingRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id.0)
-            .fetch_optional(&self.read)
+        let row: Option<RoutingRow> = self
+            .readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    routing_columns!(),
+                    " FROM jobs WHERE id = ?1"
+                ))?
+                .query_row([id.0], routing_row)
+                .optional()
+            })
             .await?;
         Ok(row.map(|row| row.routed()).transpose()?)
     }
 
     async fn job_releases(&self, id: JobId) -> StoreResult<Option<u32>> {
-        let releases: Option<i64> = sqlx::query_scalar("SELECT releases FROM jobs WHERE id = ?1")
-            .bind(id.0)
-            .fetch_optional(&self.read)
+        let releases: Option<i64> = self
+            .readers
+            .read(move |conn| {
+                conn.prepare_cached("SELECT releases FROM jobs WHERE id = ?1")?
+                    .query_row([id.0], |row| row.get(0))
+                    .optional()
+            })
             .await?;
         Ok(releases.map(|r| r.clamp(0, i64::from(u32::MAX)) as u32))
     }
 
     async fn active_agent_offers(&self) -> StoreResult<Vec<AgentOffer>> {
-        Ok(sqlx::query_as(
-            "SELECT agents.site, agents.name, agents.policy, agents.offer FROM agents
-             JOIN sites ON sites.name = agents.site
-             WHERE agents.revoked_at_ms IS NULL AND sites.revoked_at_ms IS NULL",
-        )
-        .fetch_all(&self.read)
-        .await?)
+        self.readers
+            .read(|conn| {
+                conn.prepare_cached(
+                    "SELECT agents.site, agents.name, agents.policy, agents.offer FROM agents
+                     JOIN sites ON sites.name = agents.site
+                     WHERE agents.revoked_at_ms IS NULL AND sites.revoked_at_ms IS NULL",
+                )?
+                .query_map([], |row| {
+                    Ok(AgentOffer {
+                        site: row.get(0)?,
+                        name: row.get(1)?,
+                        policy: row.get(2)?,
+                        offer: row.get(3)?,
+                    })
+                })?
+                .collect()
+            })
+            .await
     }
 
     async fn expired_leases(&self, now_ms: i64) -> StoreResult<Vec<JobModel>> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
-             WHERE state IN ('assigned', 'running') AND lease_expires_at_ms < ?1 ORDER BY id"
-        );
-        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(now_ms)
-            .fetch_all(&self.read)
-            .await?)
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs
+                     WHERE state IN ('assigned', 'running') AND lease_expires_at_ms < ?1
+                     ORDER BY id"
+                ))?
+                .query_map([now_ms], job_row)?
+                .collect()
+            })
+            .await
     }
 
     async fn queued_jobs_of_repo(&self, repository: &str) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE repository = ?1 AND state = 'queued'")
-            .bind(repository)
-            .fetch_one(&self.read)
+        let repository = repository.to_owned();
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT COUNT(*) FROM jobs WHERE repository = ?1 AND state = 'queued'",
+                )?
+                .query_row([repository], |row| row.get(0))
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn queued_jobs_for_site(&self, site: &str) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "SELECT COUNT(*) FROM jobs
-             WHERE state = 'queued' AND repository IS NOT NULL
-               AND (EXISTS (SELECT 1 FROM json_each(jobs.labels) WHERE value = 'site:' || ?1)
-                    OR jobs.sites = json_array(?1))",
-        )
-        .bind(site)
-        .fetch_one(&self.read)
-        .await
-        .map_err(StoreError::from)
+        let site = site.to_owned();
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT COUNT(*) FROM jobs
+                     WHERE state = 'queued' AND repository IS NOT NULL
+                       AND (EXISTS (SELECT 1 FROM json_each(jobs.labels)
+                                    WHERE value = 'site:' || ?1)
+                            OR jobs.sites = json_array(?1))",
+                )?
+                .query_row([site], |row| row.get(0))
+            })
+            .await
     }
 
     async fn stored_oidc_token(&self, id: JobId) -> StoreResult<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT oidc_token FROM jobs WHERE id = ?1")
-                .bind(id.0)
-                .fetch_optional(&self.read)
-                .await?
-                .flatten(),
-        )
+        self.job_column(id, "SELECT oidc_token FROM jobs WHERE id = ?1")
+            .await
     }
 
     async fn oldest_queued_at(&self) -> StoreResult<Option<i64>> {
-        sqlx::query_scalar("SELECT MIN(created_at_ms) FROM jobs WHERE state = 'queued'")
-            .fetch_one(&self.read)
+        self.readers
+            .read(|conn| {
+                conn.prepare_cached("SELECT MIN(created_at_ms) FROM jobs WHERE state = 'queued'")?
+                    .query_row([], |row| row.get(0))
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn read_log(&self, id: JobId, offset: u64, max_bytes: usize) -> StoreResult<Vec<u8>> {
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT start_offset, data FROM log_chunks
-             WHERE job_id = ?1 AND start_offset >= COALESCE(
-                 (SELECT MAX(start_offset) FROM log_chunks WHERE job_id = ?1 AND start_offset <= ?2), 0)
-               AND start_offset < ?3
-             ORDER BY start_offset LIMIT 256",
-        )
-        .bind(id.0)
-        .bind(offset as i64)
-        .bind(i64::try_from(offset.saturating_add(max_bytes as u64)).unwrap_or(i64::MAX))
-        .fetch_all(&self.read)
-        .await?;
-        let mut out = Vec::new();
-        for (start, data) in rows {
-            let start = start as u64;
-            let end = start + data.len() as u64;
-            if end <= offset {
-                continue;
-            }
-            let skip = offset.saturating_sub(start) as usize;
-            out.extend_from_slice(&data[skip..]);
-            if out.len() >= max_bytes {
-                break;
-            }
-        }
-        Ok(out)
+        let end = i64::try_from(offset.saturating_add(max_bytes as u64)).unwrap_or(i64::MAX);
+        self.readers
+            .read(move |conn| {
+                let mut chunks = conn.prepare_cached(
+                    "SELECT start_offset, data FROM log_chunks
+                     WHERE job_id = ?1 AND start_offset >= COALESCE(
+                         (SELECT MAX(start_offset) FROM log_chunks
+                          WHERE job_id = ?1 AND start_offset <= ?2), 0)
+                       AND start_offset < ?3
+                     ORDER BY start_offset LIMIT 256",
+                )?;
+                let mut rows = chunks.query(params![id.0, offset as i64, end])?;
+                let mut out = Vec::new();
+                while let Some(row) = rows.next()? {
+                    let start = row.get::<_, i64>(0)? as u64;
+                    let data = row.get_ref(1)?.as_blob()?;
+                    let end = start + data.len() as u64;
+                    if end <= offset {
+                        continue;
+                    }
+                    let skip = offset.saturating_sub(start) as usize;
+                    out.extend_from_slice(&data[skip..]);
+                    if out.len() >= max_bytes {
+                        break;
+                    }
+                }
+                Ok(out)
+            })
+            .await
     }
 
     async fn use_nonce(
@@ -1133,35 +1286,32 @@ impl Store for SqliteStore {
             (offer.policy.is_none() && !offer.workflow_jobs_without_policy).then_some(1);
         let mut after = 0i64;
         loop {
-            let sql = format!(
-                "SELECT {ROUTING_COLUMNS} FROM jobs
-                     WHERE state = 'queued' AND id > ?1
-                       AND NOT EXISTS (
-                           SELECT 1 FROM json_each(jobs.labels) AS wanted
-                           WHERE wanted.value NOT IN (SELECT value FROM json_each(?2)))
-                       AND (jobs.sites IS NULL
-                            OR EXISTS (SELECT 1 FROM json_each(jobs.sites) WHERE value = ?3))
-                       AND (json_extract(jobs.spec, '$.executor') IS NULL
-                            OR json_extract(jobs.spec, '$.executor') = ?4)
-                       AND (?5 IS NULL OR jobs.repository IS NOT NULL)
-                       AND (?6 IS NULL OR jobs.repository IS NULL)
-                       AND NOT EXISTS (
-                           SELECT 1 FROM job_holds
-                           WHERE job_holds.job_id = jobs.id AND job_holds.agent = ?7
-                             AND job_holds.until_ms > ?8)
-                     ORDER BY id LIMIT ?9"
+            let (labels, site, executor, agent) = (
+                labels.clone(),
+                offer.site.clone(),
+                offer.executor.clone(),
+                taker.agent.to_owned(),
             );
-            let page: Vec<RoutingRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(after)
-                .bind(&labels)
-                .bind(&offer.site)
-                .bind(&offer.executor)
-                .bind(workflow_only)
-                .bind(operator_only)
-                .bind(taker.agent)
-                .bind(now_ms())
-                .bind(CLAIM_PAGE)
-                .fetch_all(&self.read)
+            let page: Vec<RoutingRow> = self
+                .readers
+                .read(move |conn| {
+                    conn.prepare_cached(CLAIM_SCAN)?
+                        .query_map(
+                            params![
+                                after,
+                                labels,
+                                site,
+                                executor,
+                                workflow_only,
+                                operator_only,
+                                agent,
+                                now_ms(),
+                                CLAIM_PAGE,
+                            ],
+                            routing_row,
+                        )?
+                        .collect()
+                })
                 .await?;
             let Some(last) = page.last() else {
                 return Ok(None);
