@@ -288,6 +288,16 @@ fn append_raw(
     Ok(total)
 }
 
+/// What a claim's read of the queue found.
+enum Scan {
+    /// The oldest job the agent may take.
+    Admitted(i64),
+    /// None in a page that ended at this id: read on after it.
+    ReadOn(i64),
+    /// None at all.
+    End,
+}
+
 /// What a claim's write found.
 enum Claim {
     Claimed(Box<JobModel>),
@@ -1286,87 +1296,86 @@ impl Store for SqliteStore {
             (offer.policy.is_none() && !offer.workflow_jobs_without_policy).then_some(1);
         let mut after = 0i64;
         loop {
-            let (labels, site, executor, agent) = (
-                labels.clone(),
-                offer.site.clone(),
-                offer.executor.clone(),
-                taker.agent.to_owned(),
-            );
-            let page: Vec<RoutingRow> = self
+            let (labels, agent, wanted) = (labels.clone(), taker.agent.to_owned(), offer.clone());
+            // The queue is read row by row, only up to the first job the agent may take.
+            let scan = self
                 .readers
                 .read(move |conn| {
-                    conn.prepare_cached(CLAIM_SCAN)?
-                        .query_map(
-                            params![
-                                after,
-                                labels,
-                                site,
-                                executor,
-                                workflow_only,
-                                operator_only,
-                                agent,
-                                now_ms(),
-                                CLAIM_PAGE,
-                            ],
-                            routing_row,
-                        )?
-                        .collect()
+                    let mut scan = conn.prepare_cached(CLAIM_SCAN)?;
+                    let mut rows = scan.query(params![
+                        after,
+                        labels,
+                        wanted.site,
+                        wanted.executor,
+                        workflow_only,
+                        operator_only,
+                        agent,
+                        now_ms(),
+                        CLAIM_PAGE,
+                    ])?;
+                    let mut last = None;
+                    while let Some(row) = rows.next()? {
+                        let row = routing_row(row)?;
+                        if row.routed().is_ok_and(|job| wanted.admits(&job).is_ok()) {
+                            return Ok(Scan::Admitted(row.id));
+                        }
+                        last = Some(row.id);
+                    }
+                    Ok(last.map_or(Scan::End, Scan::ReadOn))
                 })
                 .await?;
-            let Some(last) = page.last() else {
-                return Ok(None);
-            };
-            after = last.id;
-            for row in page {
-                let id = row.id;
-                let admitted = row.routed().is_ok_and(|job| offer.admits(&job).is_ok());
-                if !admitted {
+            let id = match scan {
+                Scan::Admitted(id) => id,
+                Scan::ReadOn(last) => {
+                    after = last;
                     continue;
                 }
-                let (agent, lease, site) =
-                    (taker.agent.to_owned(), lease.to_owned(), offer.site.clone());
-                let claimed = self
-                    .writer
-                    .write(move |tx| {
-                        let claimed = tx
-                            .prepare_cached(concat!(
-                                "UPDATE jobs SET state = 'assigned', agent = ?1, lease = ?2,
-                                     lease_expires_at_ms = ?3, attempts = attempts + 1,
-                                     reason = NULL
-                                 WHERE id = ?4 AND state = 'queued'
-                                   AND (?5 IS NULL OR (
-                                       SELECT COUNT(*) FROM jobs AS busy
-                                       WHERE busy.state IN ('assigned', 'running')
-                                         AND substr(busy.agent, 1, length(?6) + 1) = ?6 || '/')
-                                       < ?5)
-                                 RETURNING ",
-                                job_columns!()
-                            ))?
-                            .query_row(
-                                params![agent, lease, lease_expires_at_ms, id, cap, site],
-                                job_row,
-                            )
-                            .optional()?;
-                        if let Some(job) = claimed {
-                            return Ok(Claim::Claimed(Box::new(job)));
-                        }
-                        let state: Option<String> = tx
-                            .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
-                            .query_row([id], |row| row.get(0))
-                            .optional()?;
-                        Ok(if state.as_deref() == Some("queued") {
-                            Claim::SiteFull
-                        } else {
-                            Claim::Taken
-                        })
+                Scan::End => return Ok(None),
+            };
+            after = id;
+            let (agent, lease, site) =
+                (taker.agent.to_owned(), lease.to_owned(), offer.site.clone());
+            let claimed = self
+                .writer
+                .write(move |tx| {
+                    let claimed = tx
+                        .prepare_cached(concat!(
+                            "UPDATE jobs SET state = 'assigned', agent = ?1, lease = ?2,
+                                 lease_expires_at_ms = ?3, attempts = attempts + 1,
+                                 reason = NULL
+                             WHERE id = ?4 AND state = 'queued'
+                               AND (?5 IS NULL OR (
+                                   SELECT COUNT(*) FROM jobs AS busy
+                                   WHERE busy.state IN ('assigned', 'running')
+                                     AND substr(busy.agent, 1, length(?6) + 1) = ?6 || '/')
+                                   < ?5)
+                             RETURNING ",
+                            job_columns!()
+                        ))?
+                        .query_row(
+                            params![agent, lease, lease_expires_at_ms, id, cap, site],
+                            job_row,
+                        )
+                        .optional()?;
+                    if let Some(job) = claimed {
+                        return Ok(Claim::Claimed(Box::new(job)));
+                    }
+                    let state: Option<String> = tx
+                        .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+                        .query_row([id], |row| row.get(0))
+                        .optional()?;
+                    Ok(if state.as_deref() == Some("queued") {
+                        Claim::SiteFull
+                    } else {
+                        Claim::Taken
                     })
-                    .await?;
-                match claimed {
-                    Claim::Claimed(job) => return Ok(Some(*job)),
-                    Claim::SiteFull => return Ok(None),
-                    Claim::Taken => {}
-                }
+                })
+                .await?;
+            match claimed {
+                Claim::Claimed(job) => return Ok(Some(*job)),
+                Claim::SiteFull => return Ok(None),
                 // Another agent claimed it meanwhile: read on.
+                Claim::Taken => {}
             }
         }
     }
