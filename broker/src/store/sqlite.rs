@@ -290,8 +290,8 @@ fn append_raw(
 
 /// What a claim's read of the queue found.
 enum Scan {
-    /// The oldest job the agent may take.
-    Admitted(i64),
+    /// The oldest jobs the agent may take, oldest first.
+    Admitted(Vec<i64>),
     /// None in a page that ended at this id: read on after it.
     ReadOn(i64),
     /// None at all.
@@ -303,15 +303,14 @@ enum Claim {
     Claimed(Box<JobModel>),
     /// The site is at its `max_concurrent_jobs`.
     SiteFull,
-    /// Another agent claimed the job meanwhile.
+    /// Other agents claimed the jobs meanwhile.
     Taken,
 }
 
-/// How many queued jobs a claim reads at a time while looking for one its agent may take; it
-/// reads on through the whole queue, a page at a time.
-const CLAIM_PAGE: i64 = 256;
-
 /// The queued jobs an agent may take, as far as SQL can tell: see [`SqliteStore::claim_job`].
+/// A claim reads on through the whole queue, 256 jobs at a time. The page is a literal: SQLite
+/// prepares a statement again each time a parameter of its `LIMIT` is bound, which took most of
+/// the claim's time.
 const CLAIM_SCAN: &str = concat!(
     "SELECT ",
     routing_columns!(),
@@ -330,8 +329,13 @@ const CLAIM_SCAN: &str = concat!(
            SELECT 1 FROM job_holds
            WHERE job_holds.job_id = jobs.id AND job_holds.agent = ?7
              AND job_holds.until_ms > ?8)
-     ORDER BY id LIMIT ?9"
+     ORDER BY id LIMIT 256"
 );
+
+/// How many jobs the agent may take a claim's read hands to its write, oldest first: agents
+/// polling at once read the same oldest jobs, and the write claims the first still queued,
+/// rather than each agent but one reading the queue again.
+const CLAIM_CANDIDATES: usize = 16;
 
 /// A write that needs a decision made above the store (a callback the writer thread cannot
 /// borrow), taken before the write from what it expects to find, and checked in it.
@@ -1311,70 +1315,74 @@ impl Store for SqliteStore {
                         operator_only,
                         agent,
                         now_ms(),
-                        CLAIM_PAGE,
                     ])?;
-                    let mut last = None;
+                    let (mut admitted, mut last) = (Vec::new(), None);
                     while let Some(row) = rows.next()? {
                         let row = routing_row(row)?;
                         if row.routed().is_ok_and(|job| wanted.admits(&job).is_ok()) {
-                            return Ok(Scan::Admitted(row.id));
+                            admitted.push(row.id);
+                            if admitted.len() == CLAIM_CANDIDATES {
+                                break;
+                            }
                         }
                         last = Some(row.id);
                     }
-                    Ok(last.map_or(Scan::End, Scan::ReadOn))
+                    Ok(match last {
+                        _ if !admitted.is_empty() => Scan::Admitted(admitted),
+                        Some(last) => Scan::ReadOn(last),
+                        None => Scan::End,
+                    })
                 })
                 .await?;
-            let id = match scan {
-                Scan::Admitted(id) => id,
+            let candidates = match scan {
+                Scan::Admitted(candidates) => candidates,
                 Scan::ReadOn(last) => {
                     after = last;
                     continue;
                 }
                 Scan::End => return Ok(None),
             };
-            after = id;
+            after = *candidates.last().expect("not empty");
             let (agent, lease, site) =
                 (taker.agent.to_owned(), lease.to_owned(), offer.site.clone());
             let claimed = self
                 .writer
                 .write(move |tx| {
-                    let claimed = tx
-                        .prepare_cached(concat!(
-                            "UPDATE jobs SET state = 'assigned', agent = ?1, lease = ?2,
-                                 lease_expires_at_ms = ?3, attempts = attempts + 1,
-                                 reason = NULL
-                             WHERE id = ?4 AND state = 'queued'
-                               AND (?5 IS NULL OR (
-                                   SELECT COUNT(*) FROM jobs AS busy
-                                   WHERE busy.state IN ('assigned', 'running')
-                                     AND substr(busy.agent, 1, length(?6) + 1) = ?6 || '/')
-                                   < ?5)
-                             RETURNING ",
-                            job_columns!()
-                        ))?
-                        .query_row(
-                            params![agent, lease, lease_expires_at_ms, id, cap, site],
-                            job_row,
-                        )
-                        .optional()?;
-                    if let Some(job) = claimed {
-                        return Ok(Claim::Claimed(Box::new(job)));
+                    let mut claim = tx.prepare_cached(concat!(
+                        "UPDATE jobs SET state = 'assigned', agent = ?1, lease = ?2,
+                             lease_expires_at_ms = ?3, attempts = attempts + 1, reason = NULL
+                         WHERE id = ?4 AND state = 'queued'
+                           AND (?5 IS NULL OR (
+                               SELECT COUNT(*) FROM jobs AS busy
+                               WHERE busy.state IN ('assigned', 'running')
+                                 AND substr(busy.agent, 1, length(?6) + 1) = ?6 || '/') < ?5)
+                         RETURNING ",
+                        job_columns!()
+                    ))?;
+                    let mut state = tx.prepare_cached("SELECT state FROM jobs WHERE id = ?1")?;
+                    for id in candidates {
+                        let claimed = claim
+                            .query_row(
+                                params![agent, lease, lease_expires_at_ms, id, cap, site],
+                                job_row,
+                            )
+                            .optional()?;
+                        if let Some(job) = claimed {
+                            return Ok(Claim::Claimed(Box::new(job)));
+                        }
+                        let now: Option<String> =
+                            state.query_row([id], |row| row.get(0)).optional()?;
+                        if now.as_deref() == Some("queued") {
+                            return Ok(Claim::SiteFull);
+                        }
                     }
-                    let state: Option<String> = tx
-                        .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
-                        .query_row([id], |row| row.get(0))
-                        .optional()?;
-                    Ok(if state.as_deref() == Some("queued") {
-                        Claim::SiteFull
-                    } else {
-                        Claim::Taken
-                    })
+                    Ok(Claim::Taken)
                 })
                 .await?;
             match claimed {
                 Claim::Claimed(job) => return Ok(Some(*job)),
                 Claim::SiteFull => return Ok(None),
-                // Another agent claimed it meanwhile: read on.
+                // Other agents claimed them meanwhile: read on.
                 Claim::Taken => {}
             }
         }
