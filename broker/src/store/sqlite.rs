@@ -1,12 +1,15 @@
 //! The SQLite store (WAL mode): the embedded default.
 //!
-//! All writes run on one thread of its own ([`writer`]), which owns the writing connection and
-//! commits every write waiting in its queue as one transaction, each write in a savepoint of its
-//! own (group commit); so SQLite never makes a writer wait on its busy handler, and a batch of
-//! writes costs one hand-off between threads and one commit. Reads use a separate pool and see
-//! every committed write, and a connection of its own copies the WAL back into the database (see
-//! [`Checkpointer`]). Each state change is one write, so a crash leaves either the old or the
-//! new state, never half of one.
+//! All writes run on one thread of their own ([`writer`]), which owns the writing connection
+//! (rusqlite) and commits every write waiting in its queue as one transaction, each write in a
+//! savepoint of its own (group commit); so SQLite never makes a writer wait on its busy handler,
+//! and a batch of writes costs one hand-off between threads and one commit. A new write is a
+//! closure: `self.writer.write(move |tx| { ...; Ok(value) }).await`, or `write_or_undo` for one
+//! that must undo what it did when it refuses. Reads borrow one of a few connections of their
+//! own on tokio's blocking threads ([`readers`]) and see every committed write; migrations run
+//! through sqlx before the writer opens, and a connection of its own copies the WAL back into
+//! the database (see [`Checkpointer`]). Each state change is one write, so a crash leaves
+//! either the old or the new state, never half of one.
 //!
 //! Layout:
 //! - [`writer`]: the writer thread and its queue.
