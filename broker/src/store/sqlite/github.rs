@@ -1,36 +1,93 @@
-//! [`GitHubStore`] on SQLite.
+//! [`GitHubStore`] on SQLite: writes on the writer thread, reads on the reading connections,
+//! as the rest of the SQLite store.
 
-use sqlx::Connection as _;
+use rusqlite::{OptionalExtension as _, params};
 use testbot_proto::jobs::{JobId, JobSpec};
 use testbot_proto::now_ms;
 
-use super::{JOB_COLUMNS, SqliteStore};
+use super::{SqliteStore, insert_job_row};
 use crate::store::github::{
     AppJobModel, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo, NewAppJob, NewDelivery,
 };
-use crate::store::{JobModel, JobOrigin, StoreError, StoreResult, StoredJob};
+use crate::store::{JobModel, JobOrigin, StoreResult, StoredJob};
 
-const DELIVERY_COLUMNS: &str = "id, event, action, payload, received_at_ms, state, attempts, error";
+macro_rules! delivery_columns {
+    () => {
+        "id, event, action, payload, received_at_ms, state, attempts, error"
+    };
+}
 
-const APP_JOB_COLUMNS: &str = "g.job_id, g.provenance, g.installation_id, g.repository, \
-     g.head_sha, g.check_name, g.check_run_id, g.synced_state, g.sync_attempts, j.state";
+macro_rules! app_job_columns {
+    () => {
+        "g.job_id, g.provenance, g.installation_id, g.repository, g.head_sha, g.check_name, \
+         g.check_run_id, g.synced_state, g.sync_attempts, j.state"
+    };
+}
+
+fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryModel> {
+    Ok(DeliveryModel {
+        id: row.get(0)?,
+        event: row.get(1)?,
+        action: row.get(2)?,
+        payload: row.get(3)?,
+        received_at_ms: row.get(4)?,
+        state: row.get(5)?,
+        attempts: row.get(6)?,
+        error: row.get(7)?,
+    })
+}
+
+fn app_job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AppJobModel> {
+    Ok(AppJobModel {
+        job_id: row.get(0)?,
+        provenance: row.get(1)?,
+        installation_id: row.get(2)?,
+        repository: row.get(3)?,
+        head_sha: row.get(4)?,
+        check_name: row.get(5)?,
+        check_run_id: row.get(6)?,
+        synced_state: row.get(7)?,
+        sync_attempts: row.get(8)?,
+        state: row.get(9)?,
+    })
+}
+
+fn insert_repo(
+    tx: &rusqlite::Transaction<'_>,
+    installation_id: i64,
+    repo: &InstalledRepo,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO github_installation_repos (installation_id, repository_id, full_name)
+         VALUES (?1, ?2, ?3)
+         ON CONFLICT (installation_id, repository_id) DO UPDATE SET full_name = excluded.full_name",
+    )?
+    .execute(params![installation_id, repo.id, repo.full_name])?;
+    Ok(())
+}
 
 #[async_trait::async_trait]
 impl GitHubStore for SqliteStore {
     async fn queue_delivery(&self, d: &NewDelivery<'_>) -> StoreResult<bool> {
-        let inserted = sqlx::query(
-            "INSERT INTO github_deliveries (id, event, action, payload, received_at_ms, not_before_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(d.id)
-        .bind(d.event)
-        .bind(d.action)
-        .bind(d.payload)
-        .bind(d.received_at_ms)
-        .execute(&mut *self.writer().await?)
-        .await?
-        .rows_affected();
-        Ok(inserted == 1)
+        let (id, event, action, payload, at) = (
+            d.id.to_owned(),
+            d.event.to_owned(),
+            d.action.map(str::to_owned),
+            d.payload.to_vec(),
+            d.received_at_ms,
+        );
+        self.writer
+            .write(move |tx| {
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT INTO github_deliveries
+                             (id, event, action, payload, received_at_ms, not_before_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO NOTHING",
+                    )?
+                    .execute(params![id, event, action, payload, at])?;
+                Ok(inserted == 1)
+            })
+            .await
     }
 
     async fn claim_delivery(
@@ -38,64 +95,76 @@ impl GitHubStore for SqliteStore {
         now_ms: i64,
         claim_ms: i64,
     ) -> StoreResult<Option<DeliveryModel>> {
-        let sql = format!(
-            "UPDATE github_deliveries
-                SET claimed_until_ms = ?1 + ?2, attempts = attempts + 1
-              WHERE id = (SELECT id FROM github_deliveries
-                           WHERE state = 'queued' AND not_before_ms <= ?1
-                             AND (claimed_until_ms IS NULL OR claimed_until_ms <= ?1)
-                           ORDER BY received_at_ms, id LIMIT 1)
-             RETURNING {DELIVERY_COLUMNS}"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(now_ms)
-            .bind(claim_ms)
-            .fetch_optional(&mut *self.writer().await?)
+        self.writer
+            .write(move |tx| {
+                tx.prepare_cached(concat!(
+                    "UPDATE github_deliveries
+                        SET claimed_until_ms = ?1 + ?2, attempts = attempts + 1
+                      WHERE id = (SELECT id FROM github_deliveries
+                                   WHERE state = 'queued' AND not_before_ms <= ?1
+                                     AND (claimed_until_ms IS NULL OR claimed_until_ms <= ?1)
+                                   ORDER BY received_at_ms, id LIMIT 1)
+                     RETURNING ",
+                    delivery_columns!()
+                ))?
+                .query_row(params![now_ms, claim_ms], delivery_row)
+                .optional()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn finish_delivery(&self, id: &str, outcome: DeliveryOutcome<'_>) -> StoreResult<()> {
         let (state, error, not_before, finished) = match outcome {
             DeliveryOutcome::Done => ("done", None, None, Some(now_ms())),
             DeliveryOutcome::Retry { error, retry_at_ms } => {
-                ("queued", Some(error), Some(retry_at_ms), None)
+                ("queued", Some(error.to_owned()), Some(retry_at_ms), None)
             }
-            DeliveryOutcome::Failed { error } => ("failed", Some(error), None, Some(now_ms())),
+            DeliveryOutcome::Failed { error } => {
+                ("failed", Some(error.to_owned()), None, Some(now_ms()))
+            }
         };
-        sqlx::query(
-            "UPDATE github_deliveries
-                SET state = ?2, error = ?3, not_before_ms = COALESCE(?4, not_before_ms),
-                    finished_at_ms = ?5, claimed_until_ms = NULL
-              WHERE id = ?1",
-        )
-        .bind(id)
-        .bind(state)
-        .bind(error)
-        .bind(not_before)
-        .bind(finished)
-        .execute(&mut *self.writer().await?)
-        .await?;
-        Ok(())
+        let id = id.to_owned();
+        self.writer
+            .write(move |tx| {
+                tx.prepare_cached(
+                    "UPDATE github_deliveries
+                        SET state = ?2, error = ?3, not_before_ms = COALESCE(?4, not_before_ms),
+                            finished_at_ms = ?5, claimed_until_ms = NULL
+                      WHERE id = ?1",
+                )?
+                .execute(params![id, state, error, not_before, finished])?;
+                Ok(())
+            })
+            .await
     }
 
     async fn delivery(&self, id: &str) -> StoreResult<Option<DeliveryModel>> {
-        let sql = format!("SELECT {DELIVERY_COLUMNS} FROM github_deliveries WHERE id = ?1");
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.read)
+        let id = id.to_owned();
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    delivery_columns!(),
+                    " FROM github_deliveries WHERE id = ?1"
+                ))?
+                .query_row([id], delivery_row)
+                .optional()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn prune_deliveries(&self, cutoff_ms: i64) -> StoreResult<u64> {
-        Ok(sqlx::query(
-            "DELETE FROM github_deliveries WHERE finished_at_ms IS NOT NULL AND finished_at_ms < ?1",
-        )
-        .bind(cutoff_ms)
-        .execute(&mut *self.writer().await?)
-        .await?
-        .rows_affected())
+        self.writer
+            .write(move |tx| {
+                let deleted = tx
+                    .prepare_cached(
+                        "DELETE FROM github_deliveries
+                          WHERE finished_at_ms IS NOT NULL AND finished_at_ms < ?1",
+                    )?
+                    .execute([cutoff_ms])?;
+                Ok(deleted as u64)
+            })
+            .await
     }
 
     async fn save_installation(
@@ -104,27 +173,26 @@ impl GitHubStore for SqliteStore {
         account: &str,
         repos: &[InstalledRepo],
     ) -> StoreResult<()> {
-        let mut conn = self.writer().await?;
-        let mut tx = conn.begin().await?;
-        sqlx::query(
-            "INSERT INTO github_installations (id, account, updated_at_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (id) DO UPDATE SET account = excluded.account,
-                 updated_at_ms = excluded.updated_at_ms",
-        )
-        .bind(id)
-        .bind(account)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM github_installation_repos WHERE installation_id = ?1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        for repo in repos {
-            insert_repo(&mut tx, id, repo).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let (account, repos) = (account.to_owned(), repos.to_vec());
+        self.writer
+            .write(move |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO github_installations (id, account, updated_at_ms)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (id) DO UPDATE SET account = excluded.account,
+                         updated_at_ms = excluded.updated_at_ms",
+                )?
+                .execute(params![id, account, now_ms()])?;
+                tx.prepare_cached(
+                    "DELETE FROM github_installation_repos WHERE installation_id = ?1",
+                )?
+                .execute([id])?;
+                for repo in &repos {
+                    insert_repo(tx, id, repo)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     async fn change_installation_repos(
@@ -133,55 +201,55 @@ impl GitHubStore for SqliteStore {
         added: &[InstalledRepo],
         removed: &[i64],
     ) -> StoreResult<bool> {
-        let mut conn = self.writer().await?;
-        let mut tx = conn.begin().await?;
-        let known = sqlx::query("UPDATE github_installations SET updated_at_ms = ?2 WHERE id = ?1")
-            .bind(id)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        if !known {
-            return Ok(false);
-        }
-        for repo in added {
-            insert_repo(&mut tx, id, repo).await?;
-        }
-        for repository_id in removed {
-            sqlx::query(
-                "DELETE FROM github_installation_repos
-                  WHERE installation_id = ?1 AND repository_id = ?2",
-            )
-            .bind(id)
-            .bind(repository_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(true)
+        let (added, removed) = (added.to_vec(), removed.to_vec());
+        self.writer
+            .write(move |tx| {
+                let known = tx
+                    .prepare_cached(
+                        "UPDATE github_installations SET updated_at_ms = ?2 WHERE id = ?1",
+                    )?
+                    .execute(params![id, now_ms()])?
+                    == 1;
+                if !known {
+                    return Ok(false);
+                }
+                for repo in &added {
+                    insert_repo(tx, id, repo)?;
+                }
+                for repository_id in &removed {
+                    tx.prepare_cached(
+                        "DELETE FROM github_installation_repos
+                          WHERE installation_id = ?1 AND repository_id = ?2",
+                    )?
+                    .execute(params![id, repository_id])?;
+                }
+                Ok(true)
+            })
+            .await
     }
 
     async fn delete_installation(&self, id: i64) -> StoreResult<bool> {
-        Ok(
-            sqlx::query("DELETE FROM github_installations WHERE id = ?1")
-                .bind(id)
-                .execute(&mut *self.writer().await?)
-                .await?
-                .rows_affected()
-                == 1,
-        )
+        self.writer
+            .write(move |tx| {
+                Ok(tx
+                    .prepare_cached("DELETE FROM github_installations WHERE id = ?1")?
+                    .execute([id])?
+                    == 1)
+            })
+            .await
     }
 
     async fn installation_of(&self, repository_id: i64) -> StoreResult<Option<i64>> {
-        sqlx::query_scalar(
-            "SELECT installation_id FROM github_installation_repos WHERE repository_id = ?1
-              ORDER BY installation_id LIMIT 1",
-        )
-        .bind(repository_id)
-        .fetch_optional(&self.read)
-        .await
-        .map_err(StoreError::from)
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT installation_id FROM github_installation_repos
+                      WHERE repository_id = ?1 ORDER BY installation_id LIMIT 1",
+                )?
+                .query_row([repository_id], |row| row.get(0))
+                .optional()
+            })
+            .await
     }
 
     async fn insert_app_job(
@@ -191,64 +259,64 @@ impl GitHubStore for SqliteStore {
         app: &NewAppJob<'_>,
     ) -> StoreResult<JobModel> {
         let stored = StoredJob::new(spec, origin)?;
-        let mut conn = self.writer().await?;
-        let mut tx = conn.begin().await?;
-        let sql = format!(
-            "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id, submitted_by,
-                 oidc_token, sites, submit_jti, secret_env)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, NULL, ?7, NULL, ?8)
-             RETURNING {JOB_COLUMNS}"
+        let origin = JobOrigin {
+            oidc_token: None,
+            ..origin.clone()
+        };
+        let (provenance, installation_id, repository, head_sha, check_name) = (
+            app.provenance.to_owned(),
+            app.installation_id,
+            app.repository.to_owned(),
+            app.head_sha.to_owned(),
+            app.check_name.to_owned(),
         );
-        let model: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(stored.spec)
-            .bind(stored.labels)
-            .bind(now_ms())
-            .bind(&origin.repository)
-            .bind(&origin.run_id)
-            .bind(&origin.submitted_by)
-            .bind(stored.sites)
-            .bind(stored.secret_env)
-            .fetch_one(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO github_jobs (job_id, provenance, installation_id, repository, head_sha,
-                 check_name)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .bind(model.id)
-        .bind(app.provenance)
-        .bind(app.installation_id)
-        .bind(app.repository)
-        .bind(app.head_sha)
-        .bind(app.check_name)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(model)
+        self.writer
+            .write(move |tx| {
+                let job = insert_job_row(tx, &stored, &origin, None)?;
+                tx.prepare_cached(
+                    "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
+                         head_sha, check_name)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    job.id,
+                    provenance,
+                    installation_id,
+                    repository,
+                    head_sha,
+                    check_name
+                ])?;
+                Ok(job)
+            })
+            .await
     }
 
     async fn app_job(&self, id: JobId) -> StoreResult<Option<AppJobModel>> {
-        let sql = format!(
-            "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
-              WHERE g.job_id = ?1"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id.0)
-            .fetch_optional(&self.read)
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    app_job_columns!(),
+                    " FROM github_jobs g JOIN jobs j ON j.id = g.job_id WHERE g.job_id = ?1"
+                ))?
+                .query_row([id.0], app_job_row)
+                .optional()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn app_job_by_check_run(&self, check_run_id: i64) -> StoreResult<Option<AppJobModel>> {
-        let sql = format!(
-            "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
-              WHERE g.check_run_id = ?1"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(check_run_id)
-            .fetch_optional(&self.read)
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    app_job_columns!(),
+                    " FROM github_jobs g JOIN jobs j ON j.id = g.job_id WHERE g.check_run_id = ?1"
+                ))?
+                .query_row([check_run_id], app_job_row)
+                .optional()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn active_app_jobs_of_commit(
@@ -256,88 +324,78 @@ impl GitHubStore for SqliteStore {
         repository: &str,
         head_sha: &str,
     ) -> StoreResult<Vec<AppJobModel>> {
-        let sql = format!(
-            "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
-              WHERE g.repository = ?1 AND g.head_sha = ?2
-                AND j.state IN ('queued', 'assigned', 'running')
-              ORDER BY g.job_id"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(repository)
-            .bind(head_sha)
-            .fetch_all(&self.read)
+        let (repository, head_sha) = (repository.to_owned(), head_sha.to_owned());
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    app_job_columns!(),
+                    " FROM github_jobs g JOIN jobs j ON j.id = g.job_id
+                      WHERE g.repository = ?1 AND g.head_sha = ?2
+                        AND j.state IN ('queued', 'assigned', 'running')
+                      ORDER BY g.job_id"
+                ))?
+                .query_map(params![repository, head_sha], app_job_row)?
+                .collect()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn check_runs_to_sync(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<AppJobModel>> {
-        let sql = format!(
-            "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
-              WHERE g.synced_state IS NOT j.state AND g.sync_after_ms <= ?1
-              ORDER BY g.job_id LIMIT ?2"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(now_ms)
-            .bind(limit)
-            .fetch_all(&self.read)
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    app_job_columns!(),
+                    " FROM github_jobs g JOIN jobs j ON j.id = g.job_id
+                      WHERE g.synced_state IS NOT j.state AND g.sync_after_ms <= ?1
+                      ORDER BY g.job_id LIMIT ?2"
+                ))?
+                .query_map(params![now_ms, limit], app_job_row)?
+                .collect()
+            })
             .await
-            .map_err(StoreError::from)
     }
 
     async fn check_run_synced(&self, id: JobId, check_run_id: i64, state: &str) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE github_jobs SET check_run_id = ?2, synced_state = ?3, sync_attempts = 0,
-                    sync_after_ms = 0
-              WHERE job_id = ?1",
-        )
-        .bind(id.0)
-        .bind(check_run_id)
-        .bind(state)
-        .execute(&mut *self.writer().await?)
-        .await?;
-        Ok(())
+        let state = state.to_owned();
+        self.writer
+            .write(move |tx| {
+                tx.prepare_cached(
+                    "UPDATE github_jobs SET check_run_id = ?2, synced_state = ?3,
+                            sync_attempts = 0, sync_after_ms = 0
+                      WHERE job_id = ?1",
+                )?
+                .execute(params![id.0, check_run_id, state])?;
+                Ok(())
+            })
+            .await
     }
 
     async fn check_run_sync_failed(&self, id: JobId, retry_at_ms: i64) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE github_jobs SET sync_attempts = sync_attempts + 1, sync_after_ms = ?2
-              WHERE job_id = ?1",
-        )
-        .bind(id.0)
-        .bind(retry_at_ms)
-        .execute(&mut *self.writer().await?)
-        .await?;
-        Ok(())
+        self.writer
+            .write(move |tx| {
+                tx.prepare_cached(
+                    "UPDATE github_jobs SET sync_attempts = sync_attempts + 1, sync_after_ms = ?2
+                      WHERE job_id = ?1",
+                )?
+                .execute(params![id.0, retry_at_ms])?;
+                Ok(())
+            })
+            .await
     }
 
     async fn claim_comment(&self, comment_id: i64, now_ms: i64) -> StoreResult<bool> {
-        Ok(sqlx::query(
-            "INSERT INTO github_comments_handled (comment_id, handled_at_ms) VALUES (?1, ?2)
-             ON CONFLICT (comment_id) DO NOTHING",
-        )
-        .bind(comment_id)
-        .bind(now_ms)
-        .execute(&mut *self.writer().await?)
-        .await?
-        .rows_affected()
-            == 1)
+        self.writer
+            .write(move |tx| {
+                Ok(tx
+                    .prepare_cached(
+                        "INSERT INTO github_comments_handled (comment_id, handled_at_ms)
+                         VALUES (?1, ?2) ON CONFLICT (comment_id) DO NOTHING",
+                    )?
+                    .execute(params![comment_id, now_ms])?
+                    == 1)
+            })
+            .await
     }
-}
-
-async fn insert_repo(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    installation_id: i64,
-    repo: &InstalledRepo,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO github_installation_repos (installation_id, repository_id, full_name)
-         VALUES (?1, ?2, ?3)
-         ON CONFLICT (installation_id, repository_id) DO UPDATE SET full_name = excluded.full_name",
-    )
-    .bind(installation_id)
-    .bind(repo.id)
-    .bind(&repo.full_name)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
