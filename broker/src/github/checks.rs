@@ -5,7 +5,8 @@
 //! broker made), takes the App jobs whose check run is behind, and creates or updates each.
 //! A failed update is retried with backoff; nothing is lost if the broker stops in between,
 //! since the store still says the check run is behind. On a shared database only the broker
-//! that leads the sweeper syncs, so a check run is never created twice.
+//! that leads the sweeper syncs, so a check run is never created twice. When a post-merge job
+//! fails, the pull requests merged into its commit get a comment naming the commit and the job.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,7 +148,60 @@ async fn sync_one(
         .patch(route, Some(&body))
         .await
         .map_err(|e| GitHubError::from_octocrab(&what, e))?;
+    let was_done = row
+        .synced_state
+        .as_deref()
+        .and_then(|s| s.parse::<JobState>().ok())
+        .is_some_and(|s| s.is_terminal());
+    if matches!(job.state, JobState::Failed | JobState::Error) && !was_done {
+        tell_merged_pull_requests(&client, row, &job).await?;
+    }
     Ok((check_run_id, job.state.as_str().to_string()))
+}
+
+/// A post-merge job failed: a comment on the pull requests the commit came from, naming the
+/// commit and the job, so a failing merge is seen at once.
+async fn tell_merged_pull_requests(
+    client: &octocrab::Octocrab,
+    row: &AppJobModel,
+    job: &Job,
+) -> Result<(), GitHubError> {
+    #[derive(serde::Deserialize)]
+    struct Pull {
+        number: u64,
+        #[serde(default)]
+        merged_at: Option<String>,
+    }
+    let Ok(testbot_proto::provenance::Provenance::Push { branch, .. }) =
+        serde_json::from_str(&row.provenance)
+    else {
+        return Ok(());
+    };
+    let route = format!("/repos/{}/commits/{}/pulls", row.repository, row.head_sha);
+    let pulls: Vec<Pull> = client
+        .get(route, None::<&()>)
+        .await
+        .map_err(|e| GitHubError::from_octocrab("the pull requests of a commit", e))?;
+    let reason = job
+        .reason
+        .as_deref()
+        .map(|r| format!(": {}", escape_markdown(r)))
+        .unwrap_or_default();
+    for pull in pulls.iter().filter(|p| p.merged_at.is_some()) {
+        let body = format!(
+            "Post-merge job **{}** failed on `{}` at {}{reason} (testbot job {}; see its check run).",
+            escape_markdown(&row.check_name),
+            escape_markdown(&branch),
+            row.head_sha,
+            job.id,
+        );
+        let route = format!("/repos/{}/issues/{}/comments", row.repository, pull.number);
+        let _: serde_json::Value = client
+            .post(route, Some(&serde_json::json!({ "body": body })))
+            .await
+            .map_err(|e| GitHubError::from_octocrab("a comment on the merged pull request", e))?;
+    }
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
