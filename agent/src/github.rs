@@ -339,7 +339,14 @@ impl GitHubVerifier {
             login: String,
         }
         let commit = provenance.commit();
-        let Approval::Comment { comment_id, by } = approval;
+        let (comment_id, by) = match approval {
+            Approval::Comment { comment_id, by } => (comment_id, by),
+            Approval::Review { review_id, by } => {
+                return self
+                    .check_review(repository, number, provenance, *review_id, by)
+                    .await;
+            }
+        };
         let comment: Comment = self
             .get(
                 &format!("/repos/{repository}/issues/comments/{comment_id}"),
@@ -388,6 +395,71 @@ impl GitHubVerifier {
             }));
         }
         self.check_may_write(repository, &comment.user.login).await
+    }
+
+    /// A review approval: the review is on this pull request, by that login, of this exact
+    /// commit (GitHub's `commit_id`), and asks for the job; its author may write now.
+    async fn check_review(
+        &self,
+        repository: &str,
+        number: u64,
+        provenance: &Provenance,
+        review_id: u64,
+        by: &str,
+    ) -> Result<(), VerifyError> {
+        use testbot_proto::commands::{Command, parse_comment};
+        #[derive(Deserialize)]
+        struct Review {
+            body: Option<String>,
+            commit_id: Option<String>,
+            user: Option<Login>,
+        }
+        #[derive(Deserialize)]
+        struct Login {
+            login: String,
+        }
+        let commit = provenance.commit();
+        let review: Review = self
+            .get(
+                &format!("/repos/{repository}/pulls/{number}/reviews/{review_id}"),
+                &[],
+            )
+            .await?
+            .ok_or_else(|| {
+                VerifyError::Refused(format!(
+                    "pull request {repository}#{number} has no review {review_id} (the approval)"
+                ))
+            })?;
+        if review.commit_id.as_deref() != Some(commit.sha.as_str()) {
+            return Err(VerifyError::Refused(format!(
+                "review {review_id} is of commit {}, not {}",
+                review.commit_id.as_deref().unwrap_or("none"),
+                commit.sha
+            )));
+        }
+        let author = review.user.map(|u| u.login).unwrap_or_default();
+        if !author.eq_ignore_ascii_case(by) {
+            return Err(VerifyError::Refused(format!(
+                "review {review_id} is by {author}, not {by}"
+            )));
+        }
+        let asks = parse_comment(review.body.as_deref().unwrap_or(""))
+            .into_iter()
+            .flatten()
+            .any(|command| match &command {
+                Command::Run { jobs, sha } | Command::Repeat { jobs, sha, .. } => {
+                    (jobs.is_empty() || jobs.contains(&commit.job))
+                        && sha.as_deref().is_none_or(|s| s == commit.sha)
+                }
+                _ => false,
+            });
+        if !asks {
+            return Err(VerifyError::Refused(format!(
+                "review {review_id} does not ask for job {}",
+                commit.job
+            )));
+        }
+        self.check_may_write(repository, &author).await
     }
 
     /// `login` has write permission on `repository` now (asked with the site's own token).

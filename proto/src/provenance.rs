@@ -50,13 +50,16 @@ pub enum Approval {
     /// A comment with a `/testbot run` or `/testbot repeat` command on the pull request. On a
     /// fork's pull request, the command names the head commit in full.
     Comment { comment_id: u64, by: String },
+    /// A pull request review whose body holds such a command; GitHub records the commit it
+    /// reviewed (`commit_id`), so it names the commit whatever the command says.
+    Review { review_id: u64, by: String },
 }
 
 impl Approval {
     /// The GitHub login that approved.
     pub fn by(&self) -> &str {
         match self {
-            Approval::Comment { by, .. } => by,
+            Approval::Comment { by, .. } | Approval::Review { by, .. } => by,
         }
     }
 }

@@ -49,6 +49,8 @@ CREATE TABLE github_jobs (
 CREATE INDEX github_jobs_by_check_run ON github_jobs (check_run_id);
 
 CREATE TABLE github_comments_handled (
-    comment_id    BIGINT PRIMARY KEY,
-    handled_at_ms BIGINT NOT NULL
+    kind          TEXT    NOT NULL CHECK (kind IN ('comment', 'review')),
+    comment_id    BIGINT NOT NULL,  -- GitHub's id of the comment or review
+    handled_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (kind, comment_id)
 );

@@ -54,8 +54,10 @@ CREATE TABLE github_jobs (
 
 CREATE INDEX github_jobs_by_check_run ON github_jobs (check_run_id);
 
--- Comments the App acted on: an edited comment or a repeated event never acts twice.
+-- Comments and reviews the App acted on: an edit or a repeated event never acts twice.
 CREATE TABLE github_comments_handled (
-    comment_id    INTEGER PRIMARY KEY,
-    handled_at_ms INTEGER NOT NULL
+    kind          TEXT    NOT NULL CHECK (kind IN ('comment', 'review')),
+    comment_id    INTEGER NOT NULL,  -- GitHub's id of the comment or review
+    handled_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (kind, comment_id)
 );

@@ -1,14 +1,16 @@
-//! `/testbot` commands in pull request comments (the grammar is `testbot_proto::commands`).
+//! `/testbot` commands in pull request comments and reviews (the grammar is
+//! `testbot_proto::commands`).
 //!
-//! A new comment (never an edited one, and each comment once: the store remembers the comments
-//! acted on) is parsed; for each command:
+//! A new comment or a submitted review (never an edited one, and each once: the store remembers
+//! what it acted on) is parsed; for each command:
 //! - `help`: a reply listing the jobs of the base branch's `.github/testbot.toml` and when each
 //!   runs;
 //! - `cancel [JOB...]`: cancels the runs of the pull request's head (write permission);
 //! - `run` / `repeat N`: only for someone with write permission (asked of GitHub, not taken from
 //!   the payload's `author_association`). The jobs are the base branch's (a pull request cannot
 //!   change what runs); on a fork's pull request the command must name the head commit in full,
-//!   and a plain `/testbot run` gets a reply saying how to approve the commit. The comment gets
+//!   and a plain `/testbot run` gets a reply saying how to approve the commit; a review's
+//!   command approves the commit GitHub says it reviewed (`commit_id`). The comment gets
 //!   an 👀 reaction when its jobs are queued.
 //! - anything the App cannot do gets a reply that says why.
 
@@ -20,6 +22,7 @@ use testbot_proto::repo_config::{CONFIG_PATH, RepoConfig};
 use super::config::{self, ConfigAt};
 use super::{GitHubApp, GitHubError};
 use crate::state::AppState;
+use crate::store::github::CommentKind;
 
 /// An `issue_comment` delivery, as far as the App reads it.
 #[derive(Debug, Deserialize)]
@@ -45,6 +48,41 @@ pub struct CommentRef {
     pub id: u64,
     pub body: Option<String>,
     pub user: super::process::Login,
+}
+
+/// A `pull_request_review` delivery, as far as the App reads it.
+#[derive(Debug, Deserialize)]
+pub struct ReviewEvent {
+    pub action: String,
+    pub review: ReviewRef,
+    pub pull_request: PullNumber,
+    pub repository: super::process::RepoRef,
+    #[serde(default)]
+    pub installation: Option<super::process::IdOnly>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReviewRef {
+    pub id: u64,
+    pub body: Option<String>,
+    pub commit_id: String,
+    pub user: super::process::Login,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PullNumber {
+    pub number: u64,
+}
+
+/// What carried the commands.
+#[derive(Debug, Clone)]
+enum Source {
+    Comment(u64),
+    /// A review, with the commit GitHub says it reviewed.
+    Review {
+        id: u64,
+        commit_id: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,23 +112,76 @@ pub async fn on_comment(
     app: &GitHubApp,
     event: CommentEvent,
 ) -> Result<(), GitHubError> {
-    let Some(installation) = &event.installation else {
-        return Ok(());
-    };
     if event.action != "created" || event.issue.pull_request.is_none() {
         // Edits never act (nothing runs twice); comments on issues have no commit to run.
         return Ok(());
     }
     let body = event.comment.body.as_deref().unwrap_or("");
+    on_commands(
+        state,
+        app,
+        event.installation.as_ref(),
+        &event.repository,
+        event.issue.number,
+        Source::Comment(event.comment.id),
+        &event.comment.user.login,
+        body,
+    )
+    .await
+}
+
+/// Acts on the commands in a submitted review's body.
+pub async fn on_review(
+    state: &AppState,
+    app: &GitHubApp,
+    event: ReviewEvent,
+) -> Result<(), GitHubError> {
+    if event.action != "submitted" {
+        return Ok(());
+    }
+    let body = event.review.body.as_deref().unwrap_or("");
+    on_commands(
+        state,
+        app,
+        event.installation.as_ref(),
+        &event.repository,
+        event.pull_request.number,
+        Source::Review {
+            id: event.review.id,
+            commit_id: event.review.commit_id.clone(),
+        },
+        &event.review.user.login,
+        body,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn on_commands(
+    state: &AppState,
+    app: &GitHubApp,
+    installation: Option<&super::process::IdOnly>,
+    repo: &super::process::RepoRef,
+    number: u64,
+    source: Source,
+    author: &str,
+    body: &str,
+) -> Result<(), GitHubError> {
+    let Some(installation) = installation else {
+        return Ok(());
+    };
     let commands = parse_comment(body);
     if commands.is_empty() {
         return Ok(());
     }
-    let repo = &event.repository;
     let store_err = |e: crate::store::StoreError| GitHubError::Unavailable(format!("{e:?}"));
+    let (kind, id) = match &source {
+        Source::Comment(id) => (CommentKind::Comment, *id),
+        Source::Review { id, .. } => (CommentKind::Review, *id),
+    };
     if !state
         .store
-        .claim_comment(event.comment.id as i64, testbot_proto::now_ms())
+        .claim_comment(kind, id as i64, testbot_proto::now_ms())
         .await
         .map_err(store_err)?
     {
@@ -103,9 +194,9 @@ pub async fn on_comment(
         repository: &repo.full_name,
         repository_id: repo.id as u64,
         installation_id: installation.id,
-        number: event.issue.number,
-        comment_id: event.comment.id,
-        author: &event.comment.user.login,
+        number,
+        source,
+        author,
     };
     let mut replies = Vec::new();
     let mut queued = 0;
@@ -140,7 +231,7 @@ struct Context<'a> {
     repository_id: u64,
     installation_id: i64,
     number: u64,
-    comment_id: u64,
+    source: Source,
     author: &'a str,
 }
 
@@ -188,7 +279,17 @@ impl Context<'_> {
             .as_ref()
             .map_or_else(String::new, |r| r.full_name.clone());
         let fork = !head_repository.eq_ignore_ascii_case(self.repository);
-        match sha {
+        // A review names the commit it reviewed, whatever its command says.
+        let sha = match (&self.source, sha) {
+            (Source::Review { commit_id, .. }, Some(named)) if named != commit_id => {
+                return Ok(Outcome::Reply(format!(
+                    "this review is of `{commit_id}`, but its command names `{named}`: nothing runs."
+                )));
+            }
+            (Source::Review { commit_id, .. }, _) => Some(commit_id.clone()),
+            (Source::Comment(_), sha) => sha.clone(),
+        };
+        match &sha {
             Some(sha) if *sha != pr.head.sha => {
                 return Ok(Outcome::Reply(format!(
                     "`{sha}` is not the head of this pull request (it is `{}`): nothing runs. \
@@ -246,9 +347,15 @@ impl Context<'_> {
                 number: self.number,
                 base_branch: base_branch.clone(),
                 head_repository: head_repository.clone(),
-                approval: Approval::Comment {
-                    comment_id: self.comment_id,
-                    by: self.author.to_string(),
+                approval: match &self.source {
+                    Source::Comment(id) => Approval::Comment {
+                        comment_id: *id,
+                        by: self.author.to_string(),
+                    },
+                    Source::Review { id, .. } => Approval::Review {
+                        review_id: *id,
+                        by: self.author.to_string(),
+                    },
                 },
             };
             let runs = count.max(1) * job.repeat;
@@ -339,10 +446,14 @@ impl Context<'_> {
         may_write(self.client, self.repository, self.author).await
     }
 
+    /// Reacts to the comment (a review cannot carry reactions).
     async fn react(&self, content: &str) -> Result<(), GitHubError> {
+        let Source::Comment(comment_id) = &self.source else {
+            return Ok(());
+        };
         let route = format!(
-            "/repos/{}/issues/comments/{}/reactions",
-            self.repository, self.comment_id
+            "/repos/{}/issues/comments/{comment_id}/reactions",
+            self.repository
         );
         let _: serde_json::Value = self
             .client

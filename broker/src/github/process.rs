@@ -8,7 +8,8 @@
 //! - `push` to a branch: reads `.github/testbot.toml` at the pushed commit and submits each job
 //!   whose `on.push` names the branch (and whose `paths`, if any, match a changed file), with a
 //!   check run each. A config that does not parse gets a failed check run with the message.
-//! - `issue_comment` created on a pull request: its `/testbot` commands ([`super::commands`]).
+//! - `issue_comment` created on a pull request, `pull_request_review` submitted: their
+//!   `/testbot` commands ([`super::commands`]).
 //! - `check_run` `rerequested` or `requested_action`: re-runs or cancels the run's job
 //!   ([`super::checks`]).
 //! - anything else: acknowledged and ignored.
@@ -189,6 +190,9 @@ async fn process(
         ("push", _) => on_push(state, app, parse(delivery)?).await,
         ("issue_comment", _) => {
             Ok(super::commands::on_comment(state, app, parse(delivery)?).await?)
+        }
+        ("pull_request_review", "submitted") => {
+            Ok(super::commands::on_review(state, app, parse(delivery)?).await?)
         }
         ("check_run", "rerequested" | "requested_action") => {
             Ok(super::checks::on_check_run(state, app, parse(delivery)?).await?)

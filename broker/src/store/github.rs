@@ -91,6 +91,22 @@ impl AppJobModel {
     }
 }
 
+/// What carried a command: an issue comment or a pull request review.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommentKind {
+    Comment,
+    Review,
+}
+
+impl CommentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommentKind::Comment => "comment",
+            CommentKind::Review => "review",
+        }
+    }
+}
+
 #[async_trait::async_trait]
 pub trait GitHubStore: Send + Sync {
     /// Queues a verified delivery; false when a delivery with its id was queued before (a
@@ -151,6 +167,7 @@ pub trait GitHubStore: Send + Sync {
     async fn check_run_synced(&self, id: JobId, check_run_id: i64, state: &str) -> StoreResult<()>;
     /// Updating the check run failed; try again after `retry_at_ms`.
     async fn check_run_sync_failed(&self, id: JobId, retry_at_ms: i64) -> StoreResult<()>;
-    /// Records that the App acts on comment `comment_id`; false if it did before.
-    async fn claim_comment(&self, comment_id: i64, now_ms: i64) -> StoreResult<bool>;
+    /// Records that the App acts on comment or review `id` (`kind`: their ids are counted
+    /// apart); false if it did before.
+    async fn claim_comment(&self, kind: CommentKind, id: i64, now_ms: i64) -> StoreResult<bool>;
 }

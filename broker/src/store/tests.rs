@@ -1399,9 +1399,13 @@ async fn app_jobs_keep_their_provenance_and_check_run_in_step(store: &dyn Store)
 }
 
 async fn a_comment_is_acted_on_once(store: &dyn Store) {
-    assert!(store.claim_comment(1001, now_ms()).await.unwrap());
-    assert!(!store.claim_comment(1001, now_ms()).await.unwrap());
-    assert!(store.claim_comment(1002, now_ms()).await.unwrap());
+    use crate::store::github::CommentKind::{Comment, Review};
+    assert!(store.claim_comment(Comment, 1001, now_ms()).await.unwrap());
+    assert!(!store.claim_comment(Comment, 1001, now_ms()).await.unwrap());
+    assert!(store.claim_comment(Comment, 1002, now_ms()).await.unwrap());
+    // A review's id is not a comment's.
+    assert!(store.claim_comment(Review, 1001, now_ms()).await.unwrap());
+    assert!(!store.claim_comment(Review, 1001, now_ms()).await.unwrap());
 }
 
 async fn open_error(url: &str) -> String {

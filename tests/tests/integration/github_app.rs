@@ -566,6 +566,24 @@ async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
     fake.edit_comment(asked.id, "/testbot run unit\n/testbot run unit")
         .await;
 
+    // Statistical runs: one command, several jobs of the same commit.
+    fake.comment(REPO, pr.number, "maintainer", "/testbot repeat 2 unit")
+        .await;
+    let jobs = wait_jobs(&fleet, 3).await;
+    for job in &jobs[..2] {
+        let job = fleet.wait_finished(job.id).await;
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    }
+    let names: Vec<String> = wait_for("three check runs", WAIT, || async {
+        let runs = fake.check_runs(REPO);
+        (runs.len() == 3).then(|| runs.iter().map(|r| r.current().name.clone()).collect())
+    })
+    .await;
+    assert!(
+        names.contains(&"unit (1/2)".to_string()) && names.contains(&"unit (2/2)".to_string()),
+        "{names:?}"
+    );
+
     // A fork's pull request: a plain command gets instructions; naming the head runs it.
     fake.fork(REPO, "outsider").await;
     let fork = "outsider/solver";
@@ -586,7 +604,7 @@ async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
         reply.contains(&format!("/testbot run {}", fpr.head_sha)),
         "{reply}"
     );
-    assert_eq!(jobs_of(&fleet).await.len(), 1);
+    assert_eq!(jobs_of(&fleet).await.len(), 3);
     let approval = fake
         .comment(
             REPO,
@@ -595,7 +613,7 @@ async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
             &format!("/testbot run {}", fpr.head_sha),
         )
         .await;
-    let jobs = wait_jobs(&fleet, 2).await;
+    let jobs = wait_jobs(&fleet, 4).await;
     let job = fleet.wait_finished(jobs[0].id).await;
     let log = fleet.log(job.id).await;
     assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{log}");
@@ -603,6 +621,19 @@ async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
         log.contains("reading a fork's change from the checkout"),
         "{log}"
     );
+
+    // A review names the commit it reviewed: `/testbot run` in an approving review runs it.
+    fake.review(
+        REPO,
+        fpr.number,
+        "maintainer",
+        testbot_e2e::github::ReviewState::Approved,
+        "Reviewed the patch.\n\n/testbot run unit",
+    )
+    .await;
+    let jobs = wait_jobs(&fleet, 5).await;
+    let job = fleet.wait_finished(jobs[0].id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
 
     // A new push to the fork needs a new approval: the old one names the old commit.
     fleet.agent_shutdown(agent).drain.cancel();
@@ -618,7 +649,7 @@ async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
     )
     .await;
     wait_reply(&fake, fpr.number, "is not the head of this pull request").await;
-    assert_eq!(jobs_of(&fleet).await.len(), 2);
+    assert_eq!(jobs_of(&fleet).await.len(), 5);
     // A broker that replays the old approval for the new commit is refused at the site.
     fake.comment(
         REPO,
@@ -627,7 +658,7 @@ async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
         &format!("/testbot run {new_head}"),
     )
     .await;
-    let jobs = wait_jobs(&fleet, 3).await;
+    let jobs = wait_jobs(&fleet, 6).await;
     let replayed = jobs[0].id;
     tamper(
         &fleet,
@@ -757,6 +788,55 @@ async fn check_run_buttons_and_comments_cancel_and_re_run_for_writers_only() {
         .await;
     wait_reply(&fake, pr.number, "cancelled 1 run of `slow`").await;
     wait_state(&fleet, on_pr.id, JobState::Cancelled).await;
+    fake.assert_conforms();
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_merge_says_so_on_its_pull_request() {
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(app_policy(&fleet, &fake));
+    fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+    let config = "[jobs.unit]\nexecutor = \"shell\"\nscript = \"test -f src/fixed.txt || exit 3\"\n\n[jobs.unit.on]\npush = { branches = [\"main\"] }\n";
+    fake.commit(
+        REPO,
+        "feature",
+        &[(".github/testbot.toml", config)],
+        "Add the tests",
+    )
+    .await;
+    let pr = fake
+        .open_pull_request(REPO, "main", REPO, "feature", "maintainer", "Add the tests")
+        .await;
+    let merge = fake.merge(REPO, pr.number, "maintainer").await;
+    let job = wait_jobs(&fleet, 1).await.remove(0);
+    let job = fleet.wait_finished(job.id).await;
+    assert_eq!(job.state, JobState::Failed, "{job:?}");
+    let bot = fake.app_bot_login();
+    let comment = wait_for("a comment on the merged pull request", WAIT, || async {
+        fake.comments(REPO, pr.number)
+            .into_iter()
+            .find(|c| c.author == bot)
+            .map(|c| c.body)
+    })
+    .await;
+    assert!(
+        comment.starts_with(&format!(
+            "Post-merge job **unit** failed on `main` at {merge}"
+        )),
+        "{comment}"
+    );
+    assert!(
+        comment.contains("exit code 3") || comment.contains("exited with"),
+        "{comment}"
+    );
     fake.assert_conforms();
     fleet.stop().await;
 }

@@ -6,7 +6,8 @@ use testbot_proto::now_ms;
 
 use super::{JOB_COLUMNS, PgStore};
 use crate::store::github::{
-    AppJobModel, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo, NewAppJob, NewDelivery,
+    AppJobModel, CommentKind, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo,
+    NewAppJob, NewDelivery,
 };
 use crate::store::{JobModel, JobOrigin, StoreError, StoreResult, StoredJob};
 
@@ -309,12 +310,13 @@ impl GitHubStore for PgStore {
         Ok(())
     }
 
-    async fn claim_comment(&self, comment_id: i64, now_ms: i64) -> StoreResult<bool> {
+    async fn claim_comment(&self, kind: CommentKind, id: i64, now_ms: i64) -> StoreResult<bool> {
         Ok(sqlx::query(
-            "INSERT INTO github_comments_handled (comment_id, handled_at_ms) VALUES ($1, $2)
-             ON CONFLICT (comment_id) DO NOTHING",
+            "INSERT INTO github_comments_handled (kind, comment_id, handled_at_ms)
+             VALUES ($1, $2, $3) ON CONFLICT (kind, comment_id) DO NOTHING",
         )
-        .bind(comment_id)
+        .bind(kind.as_str())
+        .bind(id)
         .bind(now_ms)
         .execute(&self.pool)
         .await?

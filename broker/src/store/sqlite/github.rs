@@ -7,7 +7,8 @@ use testbot_proto::now_ms;
 
 use super::{SqliteStore, insert_job_row};
 use crate::store::github::{
-    AppJobModel, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo, NewAppJob, NewDelivery,
+    AppJobModel, CommentKind, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo,
+    NewAppJob, NewDelivery,
 };
 use crate::store::{JobModel, JobOrigin, StoreResult, StoredJob};
 
@@ -385,15 +386,16 @@ impl GitHubStore for SqliteStore {
             .await
     }
 
-    async fn claim_comment(&self, comment_id: i64, now_ms: i64) -> StoreResult<bool> {
+    async fn claim_comment(&self, kind: CommentKind, id: i64, now_ms: i64) -> StoreResult<bool> {
+        let kind = kind.as_str();
         self.writer
             .write(move |tx| {
                 Ok(tx
                     .prepare_cached(
-                        "INSERT INTO github_comments_handled (comment_id, handled_at_ms)
-                         VALUES (?1, ?2) ON CONFLICT (comment_id) DO NOTHING",
+                        "INSERT INTO github_comments_handled (kind, comment_id, handled_at_ms)
+                         VALUES (?1, ?2, ?3) ON CONFLICT (kind, comment_id) DO NOTHING",
                     )?
-                    .execute(params![comment_id, now_ms])?
+                    .execute(params![kind, id, now_ms])?
                     == 1)
             })
             .await
