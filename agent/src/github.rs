@@ -223,8 +223,10 @@ impl GitHubVerifier {
                     .await?;
             }
         }
-        self.check_config(&repo.full_name, &commit.config_sha, &commit.job, spec, site)
+        let declared = self
+            .check_config(&repo.full_name, &commit.config_sha, &commit.job, spec, site)
             .await?;
+        check_trigger(provenance, &declared)?;
         let claims = claims_for(provenance, &repo);
         Ok(VerifiedJob {
             claims,
@@ -346,6 +348,9 @@ impl GitHubVerifier {
                     .check_review(repository, number, provenance, *review_id, by)
                     .await;
             }
+            Approval::Author { by } => {
+                return self.check_author(repository, number, by).await;
+            }
         };
         let comment: Comment = self
             .get(
@@ -462,6 +467,36 @@ impl GitHubVerifier {
         self.check_may_write(repository, &author).await
     }
 
+    /// The pull request was opened by `by`, who has write permission now.
+    async fn check_author(
+        &self,
+        repository: &str,
+        number: u64,
+        by: &str,
+    ) -> Result<(), VerifyError> {
+        #[derive(Deserialize)]
+        struct PullRequest {
+            user: Option<Login>,
+        }
+        #[derive(Deserialize)]
+        struct Login {
+            login: String,
+        }
+        let pr: PullRequest = self
+            .get(&format!("/repos/{repository}/pulls/{number}"), &[])
+            .await?
+            .ok_or_else(|| {
+                VerifyError::Refused(format!("{repository} has no pull request #{number}"))
+            })?;
+        let author = pr.user.map(|u| u.login).unwrap_or_default();
+        if !author.eq_ignore_ascii_case(by) {
+            return Err(VerifyError::Refused(format!(
+                "pull request {repository}#{number} was opened by {author}, not {by}"
+            )));
+        }
+        self.check_may_write(repository, &author).await
+    }
+
     /// `login` has write permission on `repository` now (asked with the site's own token).
     async fn check_may_write(&self, repository: &str, login: &str) -> Result<(), VerifyError> {
         #[derive(Deserialize)]
@@ -503,7 +538,7 @@ impl GitHubVerifier {
         job: &str,
         spec: &JobSpec,
         site: &str,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<testbot_proto::repo_config::ConfigJob, VerifyError> {
         use base64::Engine as _;
         let path = format!("/repos/{repository}/contents/{CONFIG_PATH}");
         let content: Content = self
@@ -552,7 +587,44 @@ impl GitHubVerifier {
                 "job {job} in {CONFIG_PATH} runs on site {wanted}, not on this site ({site})"
             )));
         }
+        Ok(declared.clone())
+    }
+}
+
+/// The config lets the job run the way the provenance says it was started: on a push to that
+/// branch, on request (`on.comment`), or for its author (`on.pull_request.automatic`).
+fn check_trigger(
+    provenance: &Provenance,
+    declared: &testbot_proto::repo_config::ConfigJob,
+) -> Result<(), VerifyError> {
+    use testbot_proto::provenance::Approval;
+    use testbot_proto::repo_config::Automatic;
+    let job = &provenance.commit().job;
+    let allowed = match provenance {
+        Provenance::Push { branch, .. } => declared.on.runs_on_push(branch),
+        Provenance::PullRequest { approval, .. } => match approval {
+            Approval::Comment { .. } | Approval::Review { .. } => declared.on.comment,
+            Approval::Author { .. } => declared
+                .on
+                .pull_request
+                .as_ref()
+                .is_some_and(|pr| pr.automatic == Automatic::Writers),
+        },
+    };
+    if allowed {
         Ok(())
+    } else {
+        Err(VerifyError::Refused(format!(
+            "job {job} in {CONFIG_PATH} does not run on {}",
+            match provenance {
+                Provenance::Push { branch, .. } => format!("pushes to {branch}"),
+                Provenance::PullRequest {
+                    approval: Approval::Author { .. },
+                    ..
+                } => "pull requests without being asked".to_string(),
+                Provenance::PullRequest { .. } => "request (on.comment = false)".to_string(),
+            }
+        )))
     }
 }
 

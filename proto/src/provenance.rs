@@ -53,13 +53,18 @@ pub enum Approval {
     /// A pull request review whose body holds such a command; GitHub records the commit it
     /// reviewed (`commit_id`), so it names the commit whatever the command says.
     Review { review_id: u64, by: String },
+    /// The pull request's own author, who has write permission: the job's
+    /// `on.pull_request.automatic = "writers"` runs it without being asked.
+    Author { by: String },
 }
 
 impl Approval {
     /// The GitHub login that approved.
     pub fn by(&self) -> &str {
         match self {
-            Approval::Comment { by, .. } | Approval::Review { by, .. } => by,
+            Approval::Comment { by, .. }
+            | Approval::Review { by, .. }
+            | Approval::Author { by } => by,
         }
     }
 }

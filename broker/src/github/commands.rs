@@ -410,23 +410,7 @@ impl Context<'_> {
         &self,
         branch: &str,
     ) -> Result<Result<(String, RepoConfig), String>, GitHubError> {
-        #[derive(Deserialize)]
-        struct Branch {
-            commit: Sha,
-        }
-        #[derive(Deserialize)]
-        struct Sha {
-            sha: String,
-        }
-        let found: Branch = self
-            .client
-            .get(
-                format!("/repos/{}/branches/{branch}", self.repository),
-                None::<&()>,
-            )
-            .await
-            .map_err(|e| GitHubError::from_octocrab("the base branch", e))?;
-        let sha = found.commit.sha;
+        let sha = super::pulls::branch_head(self.client, self.repository, branch).await?;
         Ok(
             match config::read(self.client, self.repository, &sha).await? {
                 ConfigAt::Valid(config) => Ok((sha, config)),

@@ -11,6 +11,7 @@
 //! - [`app`]: the App's JWT and installation tokens (cached, refreshed), as `octocrab` clients.
 //! - [`webhook`]: `POST /api/v1/github/webhook`, the verifying extractor and the queue.
 //! - [`process`]: the consumer loop and what each event does.
+//! - [`pulls`]: pull requests opened or pushed to.
 //! - [`config`]: reading `.github/testbot.toml` at a commit.
 //! - [`jobs`]: submitting App jobs; the provenance handed to agents.
 //! - [`checks`]: check runs.
@@ -23,6 +24,7 @@ pub mod commands;
 pub mod config;
 pub mod jobs;
 pub mod process;
+pub mod pulls;
 pub mod user;
 pub mod webhook;
 

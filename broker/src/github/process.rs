@@ -8,6 +8,8 @@
 //! - `push` to a branch: reads `.github/testbot.toml` at the pushed commit and submits each job
 //!   whose `on.push` names the branch (and whose `paths`, if any, match a changed file), with a
 //!   check run each. A config that does not parse gets a failed check run with the message.
+//! - `pull_request` opened, reopened or pushed to: jobs that run for writers without being
+//!   asked, or an `action_required` check run on a fork's head ([`super::pulls`]).
 //! - `issue_comment` created on a pull request, `pull_request_review` submitted: their
 //!   `/testbot` commands ([`super::commands`]).
 //! - `check_run` `rerequested` or `requested_action`: re-runs or cancels the run's job
@@ -190,6 +192,9 @@ async fn process(
         ("push", _) => on_push(state, app, parse(delivery)?).await,
         ("issue_comment", _) => {
             Ok(super::commands::on_comment(state, app, parse(delivery)?).await?)
+        }
+        ("pull_request", "opened" | "reopened" | "synchronize") => {
+            Ok(super::pulls::on_pull_request(state, app, parse(delivery)?).await?)
         }
         ("pull_request_review", "submitted") => {
             Ok(super::commands::on_review(state, app, parse(delivery)?).await?)

@@ -840,3 +840,138 @@ async fn a_failing_merge_says_so_on_its_pull_request() {
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+const WRITERS_CONFIG: &str = r#"
+[jobs.quick]
+executor = "shell"
+script = 'echo "reading $(cat src/greeting.txt) from the checkout"'
+
+[jobs.quick.on]
+pull_request = { automatic = "writers", paths = ["src/**"] }
+
+[jobs.unit]
+executor = "shell"
+script = 'echo "reading $(cat src/greeting.txt) from the checkout"'
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writers_pull_requests_run_at_once_and_a_forks_waits_for_approval() {
+    use testbot_e2e::github::Permission;
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    fake.set_permission(REPO, "maintainer", Permission::Write);
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    fake.commit(
+        REPO,
+        "main",
+        &[
+            (".github/testbot.toml", WRITERS_CONFIG),
+            ("src/greeting.txt", "main"),
+        ],
+        "Config",
+    )
+    .await;
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(pr_policy(&fleet, &fake));
+    let agent = fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+
+    // A writer's pull request that changes src/: `quick` runs without being asked.
+    fake.commit(
+        REPO,
+        "feature",
+        &[("src/greeting.txt", "the feature")],
+        "Change",
+    )
+    .await;
+    fake.open_pull_request(REPO, "main", REPO, "feature", "maintainer", "Change")
+        .await;
+    let job = wait_jobs(&fleet, 1).await.remove(0);
+    let job = fleet.wait_finished(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(job.spec.name.as_deref(), Some("quick"));
+    // One that changes no file under src/ runs nothing.
+    fake.commit(REPO, "docs", &[("README.md", "docs")], "Docs")
+        .await;
+    fake.open_pull_request(REPO, "main", REPO, "docs", "maintainer", "Docs")
+        .await;
+
+    // A fork's pull request by someone who may not write: an approval check run, no job.
+    fake.fork(REPO, "outsider").await;
+    fake.commit(
+        "outsider/solver",
+        "patch",
+        &[("src/greeting.txt", "a fork")],
+        "Patch",
+    )
+    .await;
+    let fpr = fake
+        .open_pull_request(
+            REPO,
+            "main",
+            "outsider/solver",
+            "patch",
+            "outsider",
+            "Patch",
+        )
+        .await;
+    let waiting = wait_for("the approval check run", WAIT, || async {
+        fake.check_runs(REPO)
+            .into_iter()
+            .find(|r| r.head_sha == fpr.head_sha)
+    })
+    .await;
+    let state = waiting.current();
+    assert_eq!(state.conclusion.as_deref(), Some("action_required"));
+    assert!(
+        state
+            .output
+            .summary
+            .as_deref()
+            .unwrap_or("")
+            .contains(&format!("/testbot run {}", fpr.head_sha)),
+        "{:?}",
+        state.output
+    );
+    assert_eq!(jobs_of(&fleet).await.len(), 1);
+
+    // A broker that runs an on-request job as if it were automatic is refused at the site.
+    fleet.agent_shutdown(agent).drain.cancel();
+    fleet.agent_exit(agent).await.unwrap();
+    fake.push_to_pull_request(REPO, 1, &[("src/greeting.txt", "again")], "More")
+        .await;
+    let jobs = wait_jobs(&fleet, 2).await;
+    let lie = jobs[0].id;
+    tamper(
+        &fleet,
+        "UPDATE jobs SET spec = json_set(spec, '$.name', ?1) WHERE id = ?2",
+        "unit",
+        lie.0,
+    )
+    .await;
+    tamper(
+        &fleet,
+        "UPDATE github_jobs SET provenance = json_set(provenance, '$.job', ?1) WHERE job_id = ?2",
+        "unit",
+        lie.0,
+    )
+    .await;
+    let mut agent = fleet.agent_config("login2");
+    agent.policy = Some(pr_policy(&fleet, &fake));
+    fleet.add_agent(agent);
+    let expected =
+        "job unit in .github/testbot.toml does not run on pull requests without being asked";
+    wait_for("the site to refuse the job", WAIT, || async {
+        let job = fleet.client().job(lie).await.unwrap();
+        job.reason
+            .as_deref()
+            .is_some_and(|r| r.contains(expected))
+            .then_some(())
+    })
+    .await;
+    fake.assert_conforms();
+    fleet.stop().await;
+}
