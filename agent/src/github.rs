@@ -8,6 +8,7 @@
 //! - the repository of that name has that id (a name can pass to another repository);
 //! - for a push: the commit is reachable from the branch (`compare/{branch}...{sha}` is
 //!   `identical` or `behind`);
+//! - for a tag: the tag points at the commit;
 //! - for a pull request: it is open here, targets the named base branch, comes from the named
 //!   head repository and its head is still the commit; the approving comment is on it, asks for
 //!   the job (on a fork's pull request, naming the commit in full), and its author has write
@@ -201,6 +202,15 @@ impl GitHubVerifier {
                 self.check_on_branch(&repo.full_name, branch, &commit.sha)
                     .await?;
             }
+            Provenance::Tag { tag, .. } => {
+                if commit.config_sha != commit.sha {
+                    return Err(VerifyError::Refused(format!(
+                        "a tag job's config is read at the tagged commit {}, but the broker names {}",
+                        commit.sha, commit.config_sha
+                    )));
+                }
+                self.check_tag(&repo.full_name, tag, &commit.sha).await?;
+            }
             Provenance::PullRequest {
                 number,
                 base_branch,
@@ -256,6 +266,25 @@ impl GitHubVerifier {
                 "commit {sha} is not on branch {branch} of {repository} (GitHub compares it as {status})"
             ))),
         }
+    }
+
+    /// The tag points at the commit (`GET commits/{tag}` resolves an annotated tag to its commit).
+    async fn check_tag(&self, repository: &str, tag: &str, sha: &str) -> Result<(), VerifyError> {
+        #[derive(Deserialize)]
+        struct Commit {
+            sha: String,
+        }
+        let found: Commit = self
+            .get(&format!("/repos/{repository}/commits/{tag}"), &[])
+            .await?
+            .ok_or_else(|| VerifyError::Refused(format!("{repository} has no tag {tag}")))?;
+        if found.sha != sha {
+            return Err(VerifyError::Refused(format!(
+                "tag {tag} of {repository} points at {}, not {sha}",
+                found.sha
+            )));
+        }
+        Ok(())
     }
 
     /// The pull request is open on this repository, targets `base_branch`, comes from
@@ -602,6 +631,7 @@ fn check_trigger(
     let job = &provenance.commit().job;
     let allowed = match provenance {
         Provenance::Push { branch, .. } => declared.on.runs_on_push(branch),
+        Provenance::Tag { tag, .. } => declared.on.runs_on_tag(tag),
         Provenance::PullRequest { approval, .. } => match approval {
             Approval::Comment { .. } | Approval::Review { .. } => declared.on.comment,
             Approval::Author { .. } => declared
@@ -618,6 +648,7 @@ fn check_trigger(
             "job {job} in {CONFIG_PATH} does not run on {}",
             match provenance {
                 Provenance::Push { branch, .. } => format!("pushes to {branch}"),
+                Provenance::Tag { tag, .. } => format!("the tag {tag}"),
                 Provenance::PullRequest {
                     approval: Approval::Author { .. },
                     ..
@@ -677,6 +708,7 @@ fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
         git_ref,
         ref_type: Some(match provenance {
             Provenance::Push { .. } => "branch".into(),
+            Provenance::Tag { .. } => "tag".into(),
             Provenance::PullRequest { .. } => "pull".into(),
         }),
         ref_protected: None,
@@ -696,7 +728,7 @@ fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
         head_ref: None,
         base_ref: match provenance {
             Provenance::PullRequest { base_branch, .. } => Some(base_branch.clone()),
-            Provenance::Push { .. } => None,
+            Provenance::Push { .. } | Provenance::Tag { .. } => None,
         },
         runner_environment: None,
     }

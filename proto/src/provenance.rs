@@ -25,6 +25,15 @@ pub enum Provenance {
         /// Who pushed (GitHub login).
         pushed_by: String,
     },
+    /// A tag pushed (a release): the commit the tag points at.
+    Tag {
+        #[serde(flatten)]
+        commit: CommitRef,
+        /// The tag (without `refs/tags/`).
+        tag: String,
+        /// Who pushed it (GitHub login).
+        pushed_by: String,
+    },
     /// A pull request, run because someone with write permission asked in a comment. The
     /// commit is the pull request's head; the config is the base branch's, never the head's (a
     /// fork must not change what runs, where, or with what).
@@ -89,14 +98,16 @@ impl Provenance {
     /// The repository, commit and job.
     pub fn commit(&self) -> &CommitRef {
         match self {
-            Provenance::Push { commit, .. } | Provenance::PullRequest { commit, .. } => commit,
+            Provenance::Push { commit, .. }
+            | Provenance::Tag { commit, .. }
+            | Provenance::PullRequest { commit, .. } => commit,
         }
     }
 
     /// Whether the commit comes from a fork (its pull request's head is another repository).
     pub fn from_fork(&self) -> bool {
         match self {
-            Provenance::Push { .. } => false,
+            Provenance::Push { .. } | Provenance::Tag { .. } => false,
             Provenance::PullRequest {
                 commit,
                 head_repository,
@@ -108,7 +119,7 @@ impl Provenance {
     /// The event's name as a site policy names it (`push`).
     pub fn event(&self) -> &'static str {
         match self {
-            Provenance::Push { .. } => "push",
+            Provenance::Push { .. } | Provenance::Tag { .. } => "push",
             Provenance::PullRequest { .. } => "pull_request",
         }
     }
@@ -117,6 +128,7 @@ impl Provenance {
     pub fn git_ref(&self) -> String {
         match self {
             Provenance::Push { branch, .. } => format!("refs/heads/{branch}"),
+            Provenance::Tag { tag, .. } => format!("refs/tags/{tag}"),
             Provenance::PullRequest { number, .. } => format!("refs/pull/{number}/head"),
         }
     }
@@ -151,6 +163,10 @@ impl Provenance {
                 branch, pushed_by, ..
             } => format!(
                 "push of {}@{short} to {branch} by {pushed_by} (job {})",
+                c.repository, c.job
+            ),
+            Provenance::Tag { tag, pushed_by, .. } => format!(
+                "tag {tag} of {}@{short} pushed by {pushed_by} (job {})",
                 c.repository, c.job
             ),
             Provenance::PullRequest {

@@ -14,6 +14,7 @@
 //!   `/testbot` commands ([`super::commands`]).
 //! - `check_run` `rerequested` or `requested_action`: re-runs or cancels the run's job
 //!   ([`super::checks`]).
+//! - `push` of a tag: the jobs whose `on.tag` matches, on the tagged commit.
 //! - anything else: acknowledged and ignored.
 //!
 //! A delivery that fails because GitHub or the database could not be reached is retried with
@@ -282,16 +283,20 @@ async fn installed_on(
 }
 
 async fn on_push(state: &AppState, app: &GitHubApp, event: PushEvent) -> Result<(), Failure> {
-    let Some(installation) = event.installation else {
-        return Ok(());
-    };
-    let Some(branch) = event.r#ref.strip_prefix("refs/heads/") else {
-        tracing::debug!(git_ref = %event.r#ref, "Not a branch push; ignored.");
+    let Some(installation) = event.installation.as_ref().map(|i| IdOnly { id: i.id }) else {
         return Ok(());
     };
     if event.deleted || event.after.bytes().all(|b| b == b'0') {
         return Ok(());
     }
+    if let Some(tag) = event.r#ref.strip_prefix("refs/tags/") {
+        let tag = tag.to_string();
+        return on_tag(state, app, installation.id, event, &tag).await;
+    }
+    let Some(branch) = event.r#ref.strip_prefix("refs/heads/") else {
+        tracing::debug!(git_ref = %event.r#ref, "Neither a branch nor a tag; ignored.");
+        return Ok(());
+    };
     let repo = &event.repository;
     if !installed_on(state, app, installation.id, &repo.owner_login(), repo).await? {
         tracing::warn!(repository = %repo.full_name, "Push from a repository the installation does not cover; ignored.");
@@ -341,6 +346,67 @@ async fn on_push(state: &AppState, app: &GitHubApp, event: PushEvent) -> Result<
             pushed_by: pushed_by.clone(),
         };
         super::jobs::submit(state, installation.id, &provenance, job, job.repeat)
+            .await
+            .map_err(|e| Failure::Retry(format!("{e:#}")))?;
+    }
+    Ok(())
+}
+
+/// A tag pushed: the jobs whose `on.tag` matches it run on the commit it points at, with the
+/// config of that commit.
+async fn on_tag(
+    state: &AppState,
+    app: &GitHubApp,
+    installation: i64,
+    event: PushEvent,
+    tag: &str,
+) -> Result<(), Failure> {
+    #[derive(Deserialize)]
+    struct Commit {
+        sha: String,
+    }
+    let repo = &event.repository;
+    if !installed_on(state, app, installation, &repo.owner_login(), repo).await? {
+        return Ok(());
+    }
+    let client = app.client.installation(installation).await?;
+    // An annotated tag's push names the tag object; the job runs the commit it points at.
+    let commit: Commit = client
+        .get(
+            format!("/repos/{}/commits/{tag}", repo.full_name),
+            None::<&()>,
+        )
+        .await
+        .map_err(|e| GitHubError::from_octocrab("the tagged commit", e))?;
+    let config = match config::read(&client, &repo.full_name, &commit.sha).await? {
+        ConfigAt::Valid(config) => config,
+        ConfigAt::Missing => return Ok(()),
+        ConfigAt::Invalid(message) => {
+            report_config_error(&client, &repo.full_name, &commit.sha, &message).await?;
+            return Ok(());
+        }
+    };
+    let pushed_by = event
+        .sender
+        .map(|s| s.login)
+        .unwrap_or_else(|| event.pusher.name.clone());
+    for (name, job) in config
+        .jobs
+        .iter()
+        .filter(|(_, job)| job.on.runs_on_tag(tag))
+    {
+        let provenance = Provenance::Tag {
+            commit: CommitRef {
+                repository: repo.full_name.clone(),
+                repository_id: repo.id as u64,
+                sha: commit.sha.clone(),
+                job: name.clone(),
+                config_sha: commit.sha.clone(),
+            },
+            tag: tag.to_string(),
+            pushed_by: pushed_by.clone(),
+        };
+        super::jobs::submit(state, installation, &provenance, job, job.repeat)
             .await
             .map_err(|e| Failure::Retry(format!("{e:#}")))?;
     }

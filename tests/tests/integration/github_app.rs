@@ -975,3 +975,45 @@ async fn writers_pull_requests_run_at_once_and_a_forks_waits_for_approval() {
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_tag_runs_its_jobs_on_the_tagged_commit() {
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    let policy = std::fs::read_to_string(app_policy(&fleet, &fake))
+        .unwrap()
+        .replace(
+            "refs = [\"refs/heads/main\"]",
+            "refs = [\"refs/heads/main\", \"refs/tags/v*\"]",
+        );
+    let policy_file = fleet.dir.path().join("tag-policy.toml");
+    std::fs::write(&policy_file, policy).unwrap();
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(policy_file);
+    fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+    let config = "[jobs.release]\nexecutor = \"shell\"\nscript = \"cat VERSION\"\n\n[jobs.release.on]\ntag = [\"v*\"]\n";
+    let sha = fake
+        .commit(
+            REPO,
+            "main",
+            &[(".github/testbot.toml", config), ("VERSION", "1.0.0")],
+            "Release 1.0.0",
+        )
+        .await;
+    // The push to main runs nothing (no on.push); the tag runs `release`.
+    fake.create_tag(REPO, "nightly-build", &sha).await;
+    fake.create_tag(REPO, "v1.0.0", &sha).await;
+    let job = wait_jobs(&fleet, 1).await.remove(0);
+    let job = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{log}");
+    assert!(log.contains("1.0.0"), "{log}");
+    assert_eq!(jobs_of(&fleet).await.len(), 1);
+    fake.assert_conforms();
+    fleet.stop().await;
+}
