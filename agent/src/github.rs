@@ -23,6 +23,10 @@
 //! `actors` never matches an App job, since an App job has neither a workflow nor an actor GitHub
 //! vouches for. A compromised broker can at most replay a real push of the same commit.
 //!
+//! Answers are reused briefly (a file at a commit for ten minutes, who may write and a pull
+//! request's head for ten seconds), so the runs of one batch ask GitHub once; a rate limit hands
+//! the job back to be tried later.
+//!
 //! [`checkout`] then fetches exactly that commit into the job's workspace with the agent's
 //! credentials passed in the environment of `git` alone, so the job's files and its script never
 //! hold a token.
@@ -58,6 +62,33 @@ pub struct GitHubVerifier {
     git_url: String,
     token: Option<SecretString>,
     http: reqwest::Client,
+    /// GitHub's recent answers (see [`cache_ttl`]), so a batch of jobs of one commit asks once.
+    cache: std::sync::Mutex<std::collections::HashMap<String, Cached>>,
+}
+
+/// One cached answer: the JSON of a 200, or None for a 404.
+struct Cached {
+    until: std::time::Instant,
+    answer: Option<serde_json::Value>,
+}
+
+/// Most answers kept.
+const CACHE_ENTRIES: usize = 1024;
+
+/// How long an answer about `path` is reused: a file at a commit never changes; a repository's
+/// id and a branch's history rarely; who may write, and a pull request's head, can change at
+/// any time, so they are kept only seconds.
+fn cache_ttl(path: &str) -> Duration {
+    if path.contains("/contents/") {
+        Duration::from_secs(600)
+    } else if path.contains("/compare/") {
+        Duration::from_secs(30)
+    } else if path.matches('/').count() == 3 {
+        // `/repos/{owner}/{repo}`
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(10)
+    }
 }
 
 /// An App job whose provenance GitHub confirmed.
@@ -109,6 +140,7 @@ impl GitHubVerifier {
             api_url: api_url.trim_end_matches('/').to_string(),
             git_url: git_url.trim_end_matches('/').to_string(),
             token,
+            cache: std::sync::Mutex::new(std::collections::HashMap::new()),
             http: reqwest::Client::builder()
                 .timeout(GITHUB_TIMEOUT)
                 .user_agent(concat!(
@@ -125,6 +157,53 @@ impl GitHubVerifier {
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<Option<T>, VerifyError> {
+        let key = format!("{path}?{query:?}");
+        let now = std::time::Instant::now();
+        let cached = {
+            let cache = self.cache.lock().expect("not poisoned");
+            cache
+                .get(&key)
+                .filter(|c| c.until > now)
+                .map(|c| c.answer.clone())
+        };
+        let answer = match cached {
+            Some(answer) => answer,
+            None => {
+                let answer = self.fetch(path, query).await?;
+                let mut cache = self.cache.lock().expect("not poisoned");
+                if cache.len() >= CACHE_ENTRIES {
+                    cache.retain(|_, c| c.until > now);
+                    if cache.len() >= CACHE_ENTRIES {
+                        cache.clear();
+                    }
+                }
+                cache.insert(
+                    key,
+                    Cached {
+                        until: now + cache_ttl(path),
+                        answer: answer.clone(),
+                    },
+                );
+                answer
+            }
+        };
+        answer
+            .map(|value| {
+                serde_json::from_value(value).map_err(|e| {
+                    VerifyError::Unavailable(format!(
+                        "GitHub's answer for {path} is not what it documents: {e}"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// One `GET`: the JSON of a 2xx, None for a 404.
+    async fn fetch(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Option<serde_json::Value>, VerifyError> {
         let url = format!("{}{path}", self.api_url);
         let mut request = self
             .http
@@ -820,6 +899,26 @@ pub async fn checkout(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_can_change_is_kept_only_seconds() {
+        assert_eq!(
+            cache_ttl("/repos/o/r/contents/.github/testbot.toml"),
+            Duration::from_secs(600)
+        );
+        assert_eq!(cache_ttl("/repos/o/r"), Duration::from_secs(60));
+        assert_eq!(
+            cache_ttl("/repos/o/r/compare/main...abc"),
+            Duration::from_secs(30)
+        );
+        for path in [
+            "/repos/o/r/pulls/1",
+            "/repos/o/r/collaborators/u/permission",
+            "/repos/o/r/issues/comments/5",
+        ] {
+            assert_eq!(cache_ttl(path), Duration::from_secs(10), "{path}");
+        }
+    }
 
     #[test]
     fn the_first_difference_is_named() {
