@@ -35,7 +35,7 @@ CREATE INDEX github_installation_repos_by_repository ON github_installation_repo
 
 CREATE TABLE github_jobs (
     job_id          BIGINT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
-    provenance      TEXT   NOT NULL,
+    provenance      TEXT,                              -- Provenance as JSON; NULL: a workflow job
     installation_id BIGINT NOT NULL,
     repository      TEXT   NOT NULL,
     head_sha        TEXT   NOT NULL,

@@ -39,9 +39,11 @@ CREATE INDEX github_installation_repos_by_repository ON github_installation_repo
 
 -- What the App knows of each job it created: its provenance (handed to the agent, which
 -- verifies it), and the job's check run on the commit with the job state GitHub last heard.
+-- A workflow job from the Action of a repository the App is installed on has a row too, for
+-- its check run, without a provenance (its OIDC token proves it).
 CREATE TABLE github_jobs (
     job_id          INTEGER PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
-    provenance      TEXT    NOT NULL,                  -- Provenance as JSON
+    provenance      TEXT,                              -- Provenance as JSON; NULL: a workflow job
     installation_id INTEGER NOT NULL,
     repository      TEXT    NOT NULL,
     head_sha        TEXT    NOT NULL,

@@ -55,6 +55,9 @@ pub(super) async fn submit_handler(
         .await?
         .ok_or_else(|| replayed(jti))?;
     tracing::debug!(job_id = model.id, "Job queued.");
+    if let Principal::Workflow { claims, .. } = &principal {
+        crate::github::jobs::add_workflow_check_run(&state, &model, claims).await;
+    }
     Ok((StatusCode::CREATED, axum::Json(to_job(&model)?)))
 }
 

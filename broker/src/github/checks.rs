@@ -172,8 +172,8 @@ async fn tell_merged_pull_requests(
         #[serde(default)]
         merged_at: Option<String>,
     }
-    let Ok(testbot_proto::provenance::Provenance::Push { branch, .. }) =
-        serde_json::from_str(&row.provenance)
+    let Some(Ok(testbot_proto::provenance::Provenance::Push { branch, .. })) =
+        row.provenance.as_deref().map(serde_json::from_str)
     else {
         return Ok(());
     };
@@ -275,10 +275,18 @@ pub async fn on_check_run(
             .map_err(unavailable)?;
         return Ok(());
     }
-    let provenance: testbot_proto::provenance::Provenance = serde_json::from_str(&row.provenance)
+    let Some(provenance) = row.provenance.as_deref() else {
+        // A workflow job: the workflow re-runs it, with a token of its own.
+        tracing::info!(
+            job_id = row.job_id,
+            "Re-run of a workflow job's check run ignored: re-run the workflow."
+        );
+        return Ok(());
+    };
+    let provenance: testbot_proto::provenance::Provenance = serde_json::from_str(provenance)
         .map_err(|e| {
-        GitHubError::Refused(format!("stored provenance of job {}: {e}", row.job_id))
-    })?;
+            GitHubError::Refused(format!("stored provenance of job {}: {e}", row.job_id))
+        })?;
     let commit = provenance.commit();
     let config = match super::config::read(&client, &commit.repository, &commit.config_sha).await? {
         super::config::ConfigAt::Valid(config) => config,

@@ -380,7 +380,10 @@ impl Context<'_> {
             .map_err(unavailable)?;
         let mut cancelled = 0;
         for row in active {
-            let name = serde_json::from_str::<Provenance>(&row.provenance)
+            let name = row
+                .provenance
+                .as_deref()
+                .and_then(|p| serde_json::from_str::<Provenance>(p).ok())
                 .map(|p| p.commit().job.clone())
                 .unwrap_or_default();
             if !jobs.is_empty() && !jobs.contains(&name) {

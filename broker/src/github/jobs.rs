@@ -17,16 +17,71 @@ pub async fn provenance_of(
     if model.submitted_by.as_deref() != Some(APP_SUBMITTER) {
         return Ok(None);
     }
-    let Some(app_job) = store.app_job(model.job_id()).await? else {
+    let Some(provenance) = store
+        .app_job(model.job_id())
+        .await?
+        .and_then(|app_job| app_job.provenance)
+    else {
         return Ok(None);
     };
-    let provenance = serde_json::from_str(&app_job.provenance).map_err(|e| {
+    let provenance = serde_json::from_str(&provenance).map_err(|e| {
         ApiError::Internal(anyhow::anyhow!(
             "stored provenance of job {} is not valid: {e}",
             model.id
         ))
     })?;
     Ok(Some(provenance))
+}
+
+/// Gives a workflow job (the Action's) a check run on its commit when the App is installed on
+/// its repository. Best effort: the job is queued whatever happens here.
+pub async fn add_workflow_check_run(
+    state: &AppState,
+    model: &JobModel,
+    claims: &testbot_proto::oidc::WorkflowClaims,
+) {
+    let Some(app) = &state.github_app else {
+        return;
+    };
+    let Ok(repository_id) = claims.repository_id.parse::<i64>() else {
+        return;
+    };
+    let installation = match state.store.installation_of(repository_id).await {
+        Ok(Some(installation)) => installation,
+        Ok(None) => return,
+        Err(err) => {
+            tracing::warn!(
+                job_id = model.id,
+                ?err,
+                "Cannot look up the App's installation."
+            );
+            return;
+        }
+    };
+    let workflow = claims.workflow.as_deref().unwrap_or("workflow");
+    let name = match model.spec().ok().and_then(|spec| spec.name) {
+        Some(name) => format!("{workflow}: {name}"),
+        None => format!("{workflow}: testbot job {}", model.id),
+    };
+    if let Err(err) = state
+        .store
+        .add_workflow_check_run(
+            model.job_id(),
+            installation,
+            &claims.repository,
+            &claims.sha,
+            &name,
+        )
+        .await
+    {
+        tracing::warn!(
+            job_id = model.id,
+            ?err,
+            "Cannot record a workflow job's check run."
+        );
+        return;
+    }
+    app.checks.notify_one();
 }
 
 /// Submits `runs` runs of the config's job `provenance.commit().job`, each with its check run.

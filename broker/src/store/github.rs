@@ -72,7 +72,8 @@ pub struct NewAppJob<'a> {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AppJobModel {
     pub job_id: i64,
-    pub provenance: String,
+    /// `Provenance` as JSON; None for a workflow job (its check run only).
+    pub provenance: Option<String>,
     pub installation_id: i64,
     pub repository: String,
     pub head_sha: String,
@@ -153,6 +154,15 @@ pub trait GitHubStore: Send + Sync {
         app: &NewAppJob<'_>,
     ) -> StoreResult<JobModel>;
     async fn app_job(&self, id: JobId) -> StoreResult<Option<AppJobModel>>;
+    /// Gives workflow job `id` (the Action's) a check run on `head_sha` of `repository`.
+    async fn add_workflow_check_run(
+        &self,
+        id: JobId,
+        installation_id: i64,
+        repository: &str,
+        head_sha: &str,
+        check_name: &str,
+    ) -> StoreResult<()>;
     async fn app_job_by_check_run(&self, check_run_id: i64) -> StoreResult<Option<AppJobModel>>;
     /// The App jobs of `repository` on commit `head_sha` that have not ended, oldest first.
     async fn active_app_jobs_of_commit(

@@ -1313,9 +1313,33 @@ async fn app_jobs_keep_their_provenance_and_check_run_in_step(store: &dyn Store)
     );
     let plain = queue(store, &[]).await;
     assert!(store.app_job(plain.job_id()).await.unwrap().is_none());
+    // A workflow job gets a check run without a provenance; routing sees no App job in it.
+    let workflow = queue(store, &[]).await;
+    store
+        .add_workflow_check_run(workflow.job_id(), 5, "octo-org/a", "def", "ci: unit")
+        .await
+        .unwrap();
+    let row = store.app_job(workflow.job_id()).await.unwrap().unwrap();
+    assert_eq!(
+        (row.provenance, row.check_name.as_str()),
+        (None, "ci: unit")
+    );
+    assert_eq!(
+        store
+            .routed_job(workflow.job_id())
+            .await
+            .unwrap()
+            .unwrap()
+            .app_event,
+        None
+    );
+    store
+        .check_run_synced(workflow.job_id(), 70, "queued")
+        .await
+        .unwrap();
 
     let row = store.app_job(job.job_id()).await.unwrap().unwrap();
-    assert_eq!(row.provenance, provenance);
+    assert_eq!(row.provenance.as_deref(), Some(provenance.as_str()));
     assert_eq!(
         (row.check_name.as_str(), row.head_sha.as_str()),
         ("unit", "abc")

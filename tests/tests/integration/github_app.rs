@@ -1017,3 +1017,54 @@ async fn a_release_tag_runs_its_jobs_on_the_tagged_commit() {
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workflow_job_of_an_installed_repository_gets_a_check_run_too() {
+    let fake = FakeGitHub::start_app().await;
+    let repository = fake.create_repo(REPO, Visibility::Public).await;
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    let sha = fake
+        .commit(REPO, "main", &[("src/lib.c", "int main;")], "Code")
+        .await;
+    fleet
+        .client()
+        .register_repo(&testbot_proto::repos::RepoRegistration {
+            name: REPO.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut agent = fleet.agent_config("vm1");
+    agent.allow_workflow_jobs_without_policy = true;
+    fleet.add_agent(agent);
+    fleet.wait_polling_agents(1).await;
+    let issuer = fleet.issuer();
+    let mut claims = issuer.claims(REPO, AUDIENCE);
+    claims["repository_id"] = repository.id.to_string().into();
+    claims["sha"] = sha.clone().into();
+    claims["workflow"] = "CI".into();
+    let workflow = fleet.client_with(&issuer.mint(&claims));
+    let job = workflow
+        .submit(&testbot_proto::jobs::JobSpec {
+            script: "echo from the workflow".into(),
+            name: Some("hpc".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let job = fleet.wait_finished(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    let run = wait_for("the workflow job's check run to complete", WAIT, || async {
+        fake.check_runs(REPO)
+            .into_iter()
+            .find(|r| r.current().status == "completed")
+    })
+    .await;
+    assert_eq!(run.head_sha, sha);
+    assert_eq!(run.current().name, "CI: hpc");
+    assert_eq!(run.current().conclusion.as_deref(), Some("success"));
+    fake.assert_conforms();
+    fleet.stop().await;
+}

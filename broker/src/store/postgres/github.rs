@@ -227,6 +227,29 @@ impl GitHubStore for PgStore {
         Ok(model)
     }
 
+    async fn add_workflow_check_run(
+        &self,
+        id: JobId,
+        installation_id: i64,
+        repository: &str,
+        head_sha: &str,
+        check_name: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO github_jobs (job_id, provenance, installation_id, repository, head_sha,
+                 check_name)
+             VALUES ($1, NULL, $2, $3, $4, $5) ON CONFLICT (job_id) DO NOTHING",
+        )
+        .bind(id.0)
+        .bind(installation_id)
+        .bind(repository)
+        .bind(head_sha)
+        .bind(check_name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn app_job(&self, id: JobId) -> StoreResult<Option<AppJobModel>> {
         let sql = format!(
             "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id

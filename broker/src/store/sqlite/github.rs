@@ -292,6 +292,38 @@ impl GitHubStore for SqliteStore {
             .await
     }
 
+    async fn add_workflow_check_run(
+        &self,
+        id: JobId,
+        installation_id: i64,
+        repository: &str,
+        head_sha: &str,
+        check_name: &str,
+    ) -> StoreResult<()> {
+        let (repository, head_sha, check_name) = (
+            repository.to_owned(),
+            head_sha.to_owned(),
+            check_name.to_owned(),
+        );
+        self.writer
+            .write(move |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
+                         head_sha, check_name)
+                     VALUES (?1, NULL, ?2, ?3, ?4, ?5) ON CONFLICT (job_id) DO NOTHING",
+                )?
+                .execute(params![
+                    id.0,
+                    installation_id,
+                    repository,
+                    head_sha,
+                    check_name
+                ])?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn app_job(&self, id: JobId) -> StoreResult<Option<AppJobModel>> {
         self.readers
             .read(move |conn| {
