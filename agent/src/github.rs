@@ -249,12 +249,9 @@ impl GitHubVerifier {
         site: &str,
     ) -> Result<VerifiedJob, VerifyError> {
         let commit = provenance.commit();
-        if !testbot_proto::commands::is_full_sha(&commit.sha) {
-            return Err(VerifyError::Refused(format!(
-                "the job names commit {:?}, not a full 40-digit commit id",
-                commit.sha
-            )));
-        }
+        // Every name the broker gives goes into a URL path: it must be what GitHub allows, so
+        // that it cannot point the agent's questions at another resource.
+        check_names(provenance).map_err(VerifyError::Refused)?;
         let repo: Repository = self
             .get(&format!("/repos/{}", commit.repository), &[])
             .await?
@@ -699,6 +696,66 @@ impl GitHubVerifier {
     }
 }
 
+/// The names in `provenance` are what GitHub allows: `owner/name` repositories, git ref names,
+/// full commit ids.
+fn check_names(provenance: &Provenance) -> Result<(), String> {
+    let commit = provenance.commit();
+    for sha in [&commit.sha, &commit.config_sha] {
+        if !testbot_proto::commands::is_full_sha(sha) {
+            return Err(format!(
+                "the job names commit {sha:?}, not a full 40-digit commit id"
+            ));
+        }
+    }
+    let repository_ok = |name: &str| {
+        let mut parts = name.split('/');
+        let ok_part = |p: Option<&str>| {
+            p.is_some_and(|p| {
+                !p.is_empty()
+                    && p != "."
+                    && p != ".."
+                    && p.len() <= 100
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            })
+        };
+        ok_part(parts.next()) && ok_part(parts.next()) && parts.next().is_none()
+    };
+    let mut repositories = vec![commit.repository.as_str()];
+    if let Provenance::PullRequest {
+        head_repository, ..
+    } = provenance
+    {
+        repositories.push(head_repository);
+    }
+    for name in repositories {
+        if !repository_ok(name) {
+            return Err(format!(
+                "{name:?} is not a GitHub repository name (owner/name)"
+            ));
+        }
+    }
+    let git_ref = match provenance {
+        Provenance::Push { branch, .. } => branch,
+        Provenance::Tag { tag, .. } => tag,
+        Provenance::PullRequest { base_branch, .. } => base_branch,
+    };
+    let ref_ok = !git_ref.is_empty()
+        && git_ref.len() <= 255
+        && !git_ref.starts_with(['/', '-', '.'])
+        && !git_ref.ends_with(['/', '.'])
+        && !git_ref.contains("..")
+        && !git_ref.contains("//")
+        && !git_ref.contains("@{")
+        && !git_ref
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\#%".contains(c));
+    if !ref_ok {
+        return Err(format!("{git_ref:?} is not a git branch or tag name"));
+    }
+    Ok(())
+}
+
 /// The config lets the job run the way the provenance says it was started: on a push to that
 /// branch, on request (`on.comment`), or for its author (`on.pull_request.automatic`).
 fn check_trigger(
@@ -899,6 +956,43 @@ pub async fn checkout(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_could_point_elsewhere_are_refused() {
+        let push = |repository: &str, branch: &str| Provenance::Push {
+            commit: testbot_proto::provenance::CommitRef {
+                repository: repository.into(),
+                repository_id: 1,
+                sha: "a".repeat(40),
+                job: "unit".into(),
+                config_sha: "a".repeat(40),
+            },
+            branch: branch.into(),
+            pushed_by: "x".into(),
+        };
+        assert_eq!(check_names(&push("hpc-lab/solver", "release/1.2")), Ok(()));
+        for (repository, branch) in [
+            ("hpc-lab/solver/../../user", "main"),
+            ("hpc-lab", "main"),
+            ("../x", "main"),
+            ("hpc-lab/solver?x=1", "main"),
+            ("hpc-lab/solver", "main?x=1"),
+            ("hpc-lab/solver", "main#x"),
+            ("hpc-lab/solver", "../main"),
+            ("hpc-lab/solver", "a b"),
+            ("hpc-lab/solver", "%2e%2e"),
+        ] {
+            assert!(
+                check_names(&push(repository, branch)).is_err(),
+                "{repository} {branch}"
+            );
+        }
+        let mut short = push("hpc-lab/solver", "main");
+        if let Provenance::Push { commit, .. } = &mut short {
+            commit.config_sha = "abc".into();
+        }
+        assert!(check_names(&short).unwrap_err().contains("full 40-digit"));
+    }
 
     #[test]
     fn what_can_change_is_kept_only_seconds() {
