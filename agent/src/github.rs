@@ -9,6 +9,7 @@
 //! - for a push: the commit is reachable from the branch (`compare/{branch}...{sha}` is
 //!   `identical` or `behind`);
 //! - for a tag: the tag points at the commit;
+//! - for a schedule: the commit is on the branch, and the config has that schedule for it;
 //! - for a pull request: it is open here, targets the named base branch, comes from the named
 //!   head repository and its head is still the commit; the approving comment is on it, asks for
 //!   the job (on a fork's pull request, naming the commit in full), and its author has write
@@ -107,6 +108,8 @@ pub struct VerifiedJob {
 struct Repository {
     id: u64,
     full_name: String,
+    #[serde(default)]
+    default_branch: String,
     #[serde(default)]
     private: bool,
     #[serde(default)]
@@ -278,6 +281,16 @@ impl GitHubVerifier {
                 self.check_on_branch(&repo.full_name, branch, &commit.sha)
                     .await?;
             }
+            Provenance::Schedule { branch, .. } => {
+                if commit.config_sha != commit.sha {
+                    return Err(VerifyError::Refused(format!(
+                        "a scheduled job's config is read at the commit it runs, {}, but the broker names {}",
+                        commit.sha, commit.config_sha
+                    )));
+                }
+                self.check_on_branch(&repo.full_name, branch, &commit.sha)
+                    .await?;
+            }
             Provenance::Tag { tag, .. } => {
                 if commit.config_sha != commit.sha {
                     return Err(VerifyError::Refused(format!(
@@ -312,7 +325,7 @@ impl GitHubVerifier {
         let declared = self
             .check_config(&repo.full_name, &commit.config_sha, &commit.job, spec, site)
             .await?;
-        check_trigger(provenance, &declared)?;
+        check_trigger(provenance, &declared, &repo.default_branch)?;
         let claims = claims_for(provenance, &repo);
         Ok(VerifiedJob {
             claims,
@@ -736,7 +749,7 @@ fn check_names(provenance: &Provenance) -> Result<(), String> {
         }
     }
     let git_ref = match provenance {
-        Provenance::Push { branch, .. } => branch,
+        Provenance::Push { branch, .. } | Provenance::Schedule { branch, .. } => branch,
         Provenance::Tag { tag, .. } => tag,
         Provenance::PullRequest { base_branch, .. } => base_branch,
     };
@@ -761,6 +774,7 @@ fn check_names(provenance: &Provenance) -> Result<(), String> {
 fn check_trigger(
     provenance: &Provenance,
     declared: &testbot_proto::repo_config::ConfigJob,
+    default_branch: &str,
 ) -> Result<(), VerifyError> {
     use testbot_proto::provenance::Approval;
     use testbot_proto::repo_config::Automatic;
@@ -768,6 +782,9 @@ fn check_trigger(
     let allowed = match provenance {
         Provenance::Push { branch, .. } => declared.on.runs_on_push(branch),
         Provenance::Tag { tag, .. } => declared.on.runs_on_tag(tag),
+        Provenance::Schedule { branch, cron, .. } => declared.on.schedule.iter().any(|entry| {
+            entry.cron == *cron && entry.branch.as_deref().unwrap_or(default_branch) == branch
+        }),
         Provenance::PullRequest { approval, .. } => match approval {
             Approval::Comment { .. } | Approval::Review { .. } => declared.on.comment,
             Approval::Author { .. } => declared
@@ -785,6 +802,8 @@ fn check_trigger(
             match provenance {
                 Provenance::Push { branch, .. } => format!("pushes to {branch}"),
                 Provenance::Tag { tag, .. } => format!("the tag {tag}"),
+                Provenance::Schedule { branch, cron, .. } =>
+                    format!("the schedule `{cron}` of {branch}"),
                 Provenance::PullRequest {
                     approval: Approval::Author { .. },
                     ..
@@ -843,7 +862,7 @@ fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
             .or_else(|| Some(if repo.private { "private" } else { "public" }.to_string())),
         git_ref,
         ref_type: Some(match provenance {
-            Provenance::Push { .. } => "branch".into(),
+            Provenance::Push { .. } | Provenance::Schedule { .. } => "branch".into(),
             Provenance::Tag { .. } => "tag".into(),
             Provenance::PullRequest { .. } => "pull".into(),
         }),
@@ -864,7 +883,7 @@ fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
         head_ref: None,
         base_ref: match provenance {
             Provenance::PullRequest { base_branch, .. } => Some(base_branch.clone()),
-            Provenance::Push { .. } | Provenance::Tag { .. } => None,
+            Provenance::Push { .. } | Provenance::Tag { .. } | Provenance::Schedule { .. } => None,
         },
         runner_environment: None,
     }

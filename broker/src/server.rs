@@ -91,7 +91,7 @@ pub struct Broker {
     /// Sends and hears job events to and from other brokers sharing the database.
     relay: Option<JoinHandle<()>>,
     metrics_events: JoinHandle<()>,
-    /// The GitHub App's delivery consumer and check-run syncer.
+    /// The GitHub App's delivery consumer, check-run syncer and scheduler.
     github_tasks: Vec<JoinHandle<()>>,
     store: SharedStore,
 }
@@ -169,6 +169,10 @@ impl Broker {
                     app.clone(),
                 )),
                 tokio::spawn(crate::github::checks::run_syncer(
+                    state.clone(),
+                    app.clone(),
+                )),
+                tokio::spawn(crate::github::schedule::run_scheduler(
                     state.clone(),
                     app.clone(),
                 )),

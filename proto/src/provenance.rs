@@ -34,6 +34,15 @@ pub enum Provenance {
         /// Who pushed it (GitHub login).
         pushed_by: String,
     },
+    /// A scheduled run (`on.schedule`) of a branch's head.
+    Schedule {
+        #[serde(flatten)]
+        commit: CommitRef,
+        /// The branch whose head runs (without `refs/heads/`).
+        branch: String,
+        /// The cron expression of the config's schedule entry.
+        cron: String,
+    },
     /// A pull request, run because someone with write permission asked in a comment. The
     /// commit is the pull request's head; the config is the base branch's, never the head's (a
     /// fork must not change what runs, where, or with what).
@@ -100,6 +109,7 @@ impl Provenance {
         match self {
             Provenance::Push { commit, .. }
             | Provenance::Tag { commit, .. }
+            | Provenance::Schedule { commit, .. }
             | Provenance::PullRequest { commit, .. } => commit,
         }
     }
@@ -107,7 +117,7 @@ impl Provenance {
     /// Whether the commit comes from a fork (its pull request's head is another repository).
     pub fn from_fork(&self) -> bool {
         match self {
-            Provenance::Push { .. } | Provenance::Tag { .. } => false,
+            Provenance::Push { .. } | Provenance::Tag { .. } | Provenance::Schedule { .. } => false,
             Provenance::PullRequest {
                 commit,
                 head_repository,
@@ -120,6 +130,7 @@ impl Provenance {
     pub fn event(&self) -> &'static str {
         match self {
             Provenance::Push { .. } | Provenance::Tag { .. } => "push",
+            Provenance::Schedule { .. } => "schedule",
             Provenance::PullRequest { .. } => "pull_request",
         }
     }
@@ -127,7 +138,9 @@ impl Provenance {
     /// The git ref the commit was reached by (`refs/heads/main`).
     pub fn git_ref(&self) -> String {
         match self {
-            Provenance::Push { branch, .. } => format!("refs/heads/{branch}"),
+            Provenance::Push { branch, .. } | Provenance::Schedule { branch, .. } => {
+                format!("refs/heads/{branch}")
+            }
             Provenance::Tag { tag, .. } => format!("refs/tags/{tag}"),
             Provenance::PullRequest { number, .. } => format!("refs/pull/{number}/head"),
         }
@@ -163,6 +176,10 @@ impl Provenance {
                 branch, pushed_by, ..
             } => format!(
                 "push of {}@{short} to {branch} by {pushed_by} (job {})",
+                c.repository, c.job
+            ),
+            Provenance::Schedule { branch, cron, .. } => format!(
+                "schedule `{cron}` of {}@{short} on {branch} (job {})",
                 c.repository, c.job
             ),
             Provenance::Tag { tag, pushed_by, .. } => format!(

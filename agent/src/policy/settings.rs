@@ -41,7 +41,8 @@ fn default_max_queue_age() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct GitHubPolicy {
     /// The App events whose jobs the site takes: `push` (post-merge CI), `pull_request` (run
-    /// when someone with write permission asks; a fork's only for the commit they name).
+    /// when someone with write permission asks; a fork's only for the commit they name),
+    /// `schedule` (a branch's head, on the config's cron).
     /// Required. Each job
     /// must also be allowed by a rule, which sees the event, the verified repository and ids,
     /// and the ref.
@@ -71,7 +72,7 @@ fn default_github_git_url() -> String {
 }
 
 /// The App events a site may accept.
-pub const APP_EVENTS: &[&str] = &["push", "pull_request"];
+pub const APP_EVENTS: &[&str] = &["push", "pull_request", "schedule"];
 
 /// The executors a site allows, one table each. An executor without a table is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

@@ -63,3 +63,18 @@ CREATE TABLE github_comments_handled (
     handled_at_ms INTEGER NOT NULL,
     PRIMARY KEY (kind, comment_id)
 );
+
+-- The scheduled jobs (`on.schedule`) of each repository, as its default branch's config last
+-- said, and when each runs next. The broker that moves `next_run_ms` on runs the job.
+CREATE TABLE github_schedules (
+    repository_id   INTEGER NOT NULL,
+    repository      TEXT    NOT NULL,
+    installation_id INTEGER NOT NULL,
+    job             TEXT    NOT NULL,
+    cron            TEXT    NOT NULL,
+    branch          TEXT    NOT NULL,
+    next_run_ms     INTEGER NOT NULL,
+    PRIMARY KEY (repository_id, job, cron, branch)
+);
+
+CREATE INDEX github_schedules_due ON github_schedules (next_run_ms);

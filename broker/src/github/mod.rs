@@ -12,6 +12,7 @@
 //! - [`webhook`]: `POST /api/v1/github/webhook`, the verifying extractor and the queue.
 //! - [`process`]: the consumer loop and what each event does.
 //! - [`pulls`]: pull requests opened or pushed to.
+//! - [`schedule`]: `on.schedule`, the scheduler.
 //! - [`config`]: reading `.github/testbot.toml` at a commit.
 //! - [`jobs`]: submitting App jobs; the provenance handed to agents.
 //! - [`checks`]: check runs.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod jobs;
 pub mod process;
 pub mod pulls;
+pub mod schedule;
 pub mod user;
 pub mod webhook;
 

@@ -14,6 +14,7 @@
 //!   `/testbot` commands ([`super::commands`]).
 //! - `check_run` `rerequested` or `requested_action`: re-runs or cancels the run's job
 //!   ([`super::checks`]).
+//! - `push` to the default branch also records its config's schedules ([`super::schedule`]).
 //! - `push` of a tag: the jobs whose `on.tag` matches, on the tagged commit.
 //! - anything else: acknowledged and ignored.
 //!
@@ -314,6 +315,17 @@ async fn on_push(state: &AppState, app: &GitHubApp, event: PushEvent) -> Result<
         }
         ConfigAt::Valid(config) => config,
     };
+    if event.repository.default_branch.as_deref() == Some(branch) {
+        super::schedule::record(
+            state,
+            installation.id,
+            repo.id,
+            &repo.full_name,
+            branch,
+            &config,
+        )
+        .await?;
+    }
     let changed: Vec<String> = event
         .commits
         .iter()
@@ -455,6 +467,8 @@ struct Account {
 pub struct RepoRef {
     pub id: i64,
     pub full_name: String,
+    #[serde(default)]
+    pub default_branch: Option<String>,
 }
 
 impl RepoRef {

@@ -108,6 +108,18 @@ impl CommentKind {
     }
 }
 
+/// A scheduled job of a repository (`on.schedule`), and when it runs next.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ScheduleModel {
+    pub repository_id: i64,
+    pub repository: String,
+    pub installation_id: i64,
+    pub job: String,
+    pub cron: String,
+    pub branch: String,
+    pub next_run_ms: i64,
+}
+
 #[async_trait::async_trait]
 pub trait GitHubStore: Send + Sync {
     /// Queues a verified delivery; false when a delivery with its id was queued before (a
@@ -177,6 +189,23 @@ pub trait GitHubStore: Send + Sync {
     async fn check_run_synced(&self, id: JobId, check_run_id: i64, state: &str) -> StoreResult<()>;
     /// Updating the check run failed; try again after `retry_at_ms`.
     async fn check_run_sync_failed(&self, id: JobId, retry_at_ms: i64) -> StoreResult<()>;
+    /// Replaces the schedules of repository `repository_id` with `schedules`; an entry that was
+    /// there before keeps its next run.
+    async fn replace_schedules(
+        &self,
+        repository_id: i64,
+        schedules: &[ScheduleModel],
+    ) -> StoreResult<()>;
+    /// Schedules due at `now_ms`, earliest first.
+    async fn due_schedules(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<ScheduleModel>>;
+    /// Moves a due schedule's next run from `from_ms` to `to_ms`; false when another broker
+    /// did first (then it runs the job, not this one).
+    async fn advance_schedule(
+        &self,
+        schedule: &ScheduleModel,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<bool>;
     /// Records that the App acts on comment or review `id` (`kind`: their ids are counted
     /// apart); false if it did before.
     async fn claim_comment(&self, kind: CommentKind, id: i64, now_ms: i64) -> StoreResult<bool>;

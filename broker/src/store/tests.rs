@@ -138,6 +138,7 @@ conformance!(
     installations_record_the_repositories_the_app_may_act_on,
     app_jobs_keep_their_provenance_and_check_run_in_step,
     a_comment_is_acted_on_once,
+    schedules_keep_their_next_run_and_run_once,
 );
 
 /// SQLite alone: a steady stream of log appends never leaves the checkpointer a quiet moment to
@@ -1430,6 +1431,45 @@ async fn a_comment_is_acted_on_once(store: &dyn Store) {
     // A review's id is not a comment's.
     assert!(store.claim_comment(Review, 1001, now_ms()).await.unwrap());
     assert!(!store.claim_comment(Review, 1001, now_ms()).await.unwrap());
+}
+
+async fn schedules_keep_their_next_run_and_run_once(store: &dyn Store) {
+    use crate::store::github::ScheduleModel;
+    let entry = |job: &str, cron: &str, next| ScheduleModel {
+        repository_id: 11,
+        repository: "octo-org/a".into(),
+        installation_id: 5,
+        job: job.into(),
+        cron: cron.into(),
+        branch: "main".into(),
+        next_run_ms: next,
+    };
+    store
+        .replace_schedules(
+            11,
+            &[
+                entry("nightly", "0 3 * * *", 1000),
+                entry("hourly", "0 * * * *", 500),
+            ],
+        )
+        .await
+        .unwrap();
+    // Recorded again (another push): an entry that stays keeps its next run; a removed one goes.
+    store
+        .replace_schedules(11, &[entry("nightly", "0 3 * * *", 9000)])
+        .await
+        .unwrap();
+    let due = store.due_schedules(10_000, 10).await.unwrap();
+    assert_eq!(due, vec![entry("nightly", "0 3 * * *", 1000)]);
+    assert!(store.due_schedules(999, 10).await.unwrap().is_empty());
+    // Two brokers move the same run on: one wins.
+    assert!(store.advance_schedule(&due[0], 1000, 2000).await.unwrap());
+    assert!(!store.advance_schedule(&due[0], 1000, 2000).await.unwrap());
+    assert_eq!(store.due_schedules(1999, 10).await.unwrap(), vec![]);
+    assert_eq!(
+        store.due_schedules(2000, 10).await.unwrap()[0].next_run_ms,
+        2000
+    );
 }
 
 async fn open_error(url: &str) -> String {

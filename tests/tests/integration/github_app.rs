@@ -1068,3 +1068,61 @@ async fn a_workflow_job_of_an_installed_repository_gets_a_check_run_too() {
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scheduled_job_runs_the_branch_head_when_its_time_comes() {
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    let mut fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    let policy = std::fs::read_to_string(app_policy(&fleet, &fake))
+        .unwrap()
+        .replace("accept = [\"push\"]", "accept = [\"push\", \"schedule\"]")
+        .replace("events = [\"push\"]", "events = [\"push\", \"schedule\"]");
+    let policy_file = fleet.dir.path().join("schedule-policy.toml");
+    std::fs::write(&policy_file, policy).unwrap();
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(policy_file);
+    fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+    let config = "[jobs.nightly]\nexecutor = \"shell\"\nscript = \"cat STAMP\"\n\n[jobs.nightly.on]\nschedule = [{ cron = \"0 3 * * *\" }]\n";
+    fake.commit(
+        REPO,
+        "main",
+        &[(".github/testbot.toml", config), ("STAMP", "first")],
+        "Nightly",
+    )
+    .await;
+    let head = fake
+        .commit(REPO, "main", &[("STAMP", "the head")], "Newer")
+        .await;
+    // Pushes run nothing (no on.push); 03:00 is far: make it now, as the clock would.
+    wait_for("the schedule to be recorded", WAIT, || async {
+        use sqlx::ConnectOptions as _;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(fleet.dir.path().join("broker/testbot.db"))
+            .connect()
+            .await
+            .ok()?;
+        let done = sqlx::query("UPDATE github_schedules SET next_run_ms = 0 WHERE job = 'nightly'")
+            .execute(&mut conn)
+            .await
+            .ok()?;
+        (done.rows_affected() == 1).then_some(())
+    })
+    .await;
+    let job = wait_jobs(&fleet, 1).await.remove(0);
+    let job = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{log}");
+    assert!(log.contains(&format!("checked out {REPO}@{head}")), "{log}");
+    assert!(log.contains("the head"), "{log}");
+    // It ran once, and its next run is tomorrow's 03:00 again.
+    tokio::time::sleep(testbot_broker::github::schedule::SCHEDULE_POLL + Duration::from_secs(1))
+        .await;
+    assert_eq!(jobs_of(&fleet).await.len(), 1);
+    fake.assert_conforms();
+    fleet.stop().await;
+}

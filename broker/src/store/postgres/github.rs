@@ -7,7 +7,7 @@ use testbot_proto::now_ms;
 use super::{JOB_COLUMNS, PgStore};
 use crate::store::github::{
     AppJobModel, CommentKind, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo,
-    NewAppJob, NewDelivery,
+    NewAppJob, NewDelivery, ScheduleModel,
 };
 use crate::store::{JobModel, JobOrigin, StoreError, StoreResult, StoredJob};
 
@@ -331,6 +331,80 @@ impl GitHubStore for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn replace_schedules(
+        &self,
+        repository_id: i64,
+        schedules: &[ScheduleModel],
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let kept: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "DELETE FROM github_schedules WHERE repository_id = $1
+             RETURNING job, cron, branch, next_run_ms",
+        )
+        .bind(repository_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for s in schedules {
+            let next = kept
+                .iter()
+                .find(|(job, cron, branch, _)| {
+                    *job == s.job && *cron == s.cron && *branch == s.branch
+                })
+                .map_or(s.next_run_ms, |(_, _, _, next)| *next);
+            sqlx::query(
+                "INSERT INTO github_schedules (repository_id, repository, installation_id, job,
+                     cron, branch, next_run_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            )
+            .bind(repository_id)
+            .bind(&s.repository)
+            .bind(s.installation_id)
+            .bind(&s.job)
+            .bind(&s.cron)
+            .bind(&s.branch)
+            .bind(next)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn due_schedules(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<ScheduleModel>> {
+        sqlx::query_as(
+            "SELECT repository_id, repository, installation_id, job, cron, branch, next_run_ms
+               FROM github_schedules WHERE next_run_ms <= $1 ORDER BY next_run_ms LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)
+    }
+
+    async fn advance_schedule(
+        &self,
+        s: &ScheduleModel,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<bool> {
+        Ok(sqlx::query(
+            "UPDATE github_schedules SET next_run_ms = $5
+              WHERE repository_id = $1 AND job = $2 AND cron = $3 AND branch = $4
+                AND next_run_ms = $6",
+        )
+        .bind(s.repository_id)
+        .bind(&s.job)
+        .bind(&s.cron)
+        .bind(&s.branch)
+        .bind(to_ms)
+        .bind(from_ms)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
     }
 
     async fn claim_comment(&self, kind: CommentKind, id: i64, now_ms: i64) -> StoreResult<bool> {

@@ -8,7 +8,7 @@ use testbot_proto::now_ms;
 use super::{SqliteStore, insert_job_row};
 use crate::store::github::{
     AppJobModel, CommentKind, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo,
-    NewAppJob, NewDelivery,
+    NewAppJob, NewDelivery, ScheduleModel,
 };
 use crate::store::{JobModel, JobOrigin, StoreResult, StoredJob};
 
@@ -414,6 +414,116 @@ impl GitHubStore for SqliteStore {
                 )?
                 .execute(params![id.0, retry_at_ms])?;
                 Ok(())
+            })
+            .await
+    }
+
+    async fn replace_schedules(
+        &self,
+        repository_id: i64,
+        schedules: &[ScheduleModel],
+    ) -> StoreResult<()> {
+        let schedules = schedules.to_vec();
+        self.writer
+            .write(move |tx| {
+                // Keep the entries that stay (with their next run), drop the others.
+                let mut keep = Vec::new();
+                {
+                    let mut existing = tx.prepare_cached(
+                        "SELECT job, cron, branch, next_run_ms FROM github_schedules
+                          WHERE repository_id = ?1",
+                    )?;
+                    let rows = existing.query_map([repository_id], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, String>(2)?,
+                            row.get::<_, i64>(3)?,
+                        ))
+                    })?;
+                    for row in rows {
+                        keep.push(row?);
+                    }
+                }
+                tx.prepare_cached("DELETE FROM github_schedules WHERE repository_id = ?1")?
+                    .execute([repository_id])?;
+                for s in &schedules {
+                    let next = keep
+                        .iter()
+                        .find(|(job, cron, branch, _)| {
+                            *job == s.job && *cron == s.cron && *branch == s.branch
+                        })
+                        .map_or(s.next_run_ms, |(_, _, _, next)| *next);
+                    tx.prepare_cached(
+                        "INSERT INTO github_schedules (repository_id, repository, installation_id,
+                             job, cron, branch, next_run_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT DO NOTHING",
+                    )?
+                    .execute(params![
+                        repository_id,
+                        s.repository,
+                        s.installation_id,
+                        s.job,
+                        s.cron,
+                        s.branch,
+                        next
+                    ])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn due_schedules(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<ScheduleModel>> {
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(
+                    "SELECT repository_id, repository, installation_id, job, cron, branch,
+                            next_run_ms
+                       FROM github_schedules WHERE next_run_ms <= ?1
+                      ORDER BY next_run_ms LIMIT ?2",
+                )?
+                .query_map(params![now_ms, limit], |row| {
+                    Ok(ScheduleModel {
+                        repository_id: row.get(0)?,
+                        repository: row.get(1)?,
+                        installation_id: row.get(2)?,
+                        job: row.get(3)?,
+                        cron: row.get(4)?,
+                        branch: row.get(5)?,
+                        next_run_ms: row.get(6)?,
+                    })
+                })?
+                .collect()
+            })
+            .await
+    }
+
+    async fn advance_schedule(
+        &self,
+        schedule: &ScheduleModel,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> StoreResult<bool> {
+        let s = schedule.clone();
+        self.writer
+            .write(move |tx| {
+                Ok(tx
+                    .prepare_cached(
+                        "UPDATE github_schedules SET next_run_ms = ?5
+                          WHERE repository_id = ?1 AND job = ?2 AND cron = ?3 AND branch = ?4
+                            AND next_run_ms = ?6",
+                    )?
+                    .execute(params![
+                        s.repository_id,
+                        s.job,
+                        s.cron,
+                        s.branch,
+                        to_ms,
+                        from_ms
+                    ])?
+                    == 1)
             })
             .await
     }
