@@ -287,6 +287,15 @@ pub fn refusal<T: std::fmt::Debug>(
     }
 }
 
+/// Fails the test at once, with the fix, when no Slurm is running for the tests.
+pub fn require_slurm() {
+    let conf = std::env::var("SLURM_CONF").unwrap_or_default();
+    assert!(
+        !conf.is_empty() && Path::new(&conf).exists(),
+        "SLURM_CONF is not set to a slurm.conf: start the test Slurm with `eval \"$(tests/slurm/start.sh)\"` (scripts/test.sh does)"
+    );
+}
+
 /// The unprivileged account site policies in tests map jobs to.
 pub const JOB_ACCOUNT: &str = "testbot-job";
 

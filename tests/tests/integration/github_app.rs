@@ -1126,3 +1126,79 @@ async fn a_scheduled_job_runs_the_branch_head_when_its_time_comes() {
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+/// The issue's own scenario: a merge to main runs the post-merge job on the Slurm site.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_merge_runs_its_post_merge_job_through_slurm() {
+    testbot_e2e::require_slurm();
+    ensure_account(JOB_ACCOUNT);
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    let mut fleet = app_fleet(&fake).await;
+    // Slurm runs the job as the job account, in the fleet's directory.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(fleet.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    let policy = std::fs::read_to_string(app_policy(&fleet, &fake))
+        .unwrap()
+        .replace(
+            "[executors.shell]\nmax_time = \"5m\"",
+            "[executors.slurm]\nmax_cpus = 2\ndefault_cpus = 1\nmax_time = \"5m\"\npartitions = [\"debug\", \"batch\"]",
+        );
+    let policy_file = fleet.dir.path().join("slurm-policy.toml");
+    std::fs::write(&policy_file, policy).unwrap();
+    let mut agent = fleet.agent_config("login1");
+    agent.executor = testbot_agent::config::ExecutorKind::Slurm;
+    agent.policy = Some(policy_file);
+    fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+
+    let config = "[jobs.unit]\nexecutor = \"slurm\"\nresources = { partition = \"debug\" }\nscript = 'echo \"on $SLURM_JOB_PARTITION: $(cat src/greeting.txt)\"'\n\n[jobs.unit.on]\npush = { branches = [\"main\"] }\n";
+    fake.commit(
+        REPO,
+        "feature",
+        &[
+            (".github/testbot.toml", config),
+            ("src/greeting.txt", "merged"),
+        ],
+        "Tests on Slurm",
+    )
+    .await;
+    let pr = fake
+        .open_pull_request(
+            REPO,
+            "main",
+            REPO,
+            "feature",
+            "maintainer",
+            "Tests on Slurm",
+        )
+        .await;
+    let merge = fake.merge(REPO, pr.number, "maintainer").await;
+    let job = wait_jobs(&fleet, 1).await.remove(0);
+    let job = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{log}");
+    assert!(log.contains("submitted to Slurm as job"), "{log}");
+    assert!(log.contains("on debug: merged"), "{log}");
+    let run = wait_for("the check run to complete", WAIT, || async {
+        fake.check_runs(REPO)
+            .into_iter()
+            .find(|r| r.head_sha == merge && r.current().status == "completed")
+    })
+    .await;
+    assert_eq!(run.current().conclusion.as_deref(), Some("success"));
+    assert!(
+        run.current()
+            .output
+            .summary
+            .as_deref()
+            .unwrap_or("")
+            .contains("Slurm job `"),
+        "{:?}",
+        run.current().output
+    );
+    fake.assert_conforms();
+    fleet.stop().await;
+}

@@ -5,21 +5,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use testbot_e2e::{AUDIENCE, Fleet, JOB_ACCOUNT, SIXTEEN_LINES, WAIT, ensure_account, wait_for};
+use testbot_e2e::{
+    AUDIENCE, Fleet, JOB_ACCOUNT, SIXTEEN_LINES, WAIT, ensure_account, require_slurm, wait_for,
+};
 use testbot_proto::client::ClientError;
 use testbot_proto::jobs::{JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
 
 const REPO: &str = "hpc-lab/solver";
-
-/// Fails the test at once, with the fix, when no Slurm is running for the tests.
-fn require_slurm() {
-    let conf = std::env::var("SLURM_CONF").unwrap_or_default();
-    assert!(
-        !conf.is_empty() && Path::new(&conf).exists(),
-        "SLURM_CONF is not set to a slurm.conf: start the test Slurm with `eval \"$(tests/slurm/start.sh)\"` (scripts/test.sh does)"
-    );
-}
 
 fn policy(issuer: &str) -> String {
     format!(
