@@ -47,6 +47,9 @@ CREATE TABLE github_jobs (
 );
 
 CREATE INDEX github_jobs_by_check_run ON github_jobs (check_run_id);
+-- The check runs that may still change: once one shows an ended job it never changes again.
+CREATE INDEX github_jobs_unsettled ON github_jobs (job_id)
+    WHERE synced_state IS NULL OR synced_state IN ('queued', 'assigned', 'running');
 
 CREATE TABLE github_comments_handled (
     kind          TEXT    NOT NULL CHECK (kind IN ('comment', 'review')),

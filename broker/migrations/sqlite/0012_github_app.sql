@@ -55,6 +55,9 @@ CREATE TABLE github_jobs (
 );
 
 CREATE INDEX github_jobs_by_check_run ON github_jobs (check_run_id);
+-- The check runs that may still change: once one shows an ended job it never changes again.
+CREATE INDEX github_jobs_unsettled ON github_jobs (job_id)
+    WHERE synced_state IS NULL OR synced_state IN ('queued', 'assigned', 'running');
 
 -- Comments and reviews the App acted on: an edit or a repeated event never acts twice.
 CREATE TABLE github_comments_handled (

@@ -296,7 +296,8 @@ impl GitHubStore for PgStore {
     async fn check_runs_to_sync(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<AppJobModel>> {
         let sql = format!(
             "SELECT {APP_JOB_COLUMNS} FROM github_jobs g JOIN jobs j ON j.id = g.job_id
-              WHERE g.synced_state IS DISTINCT FROM j.state AND g.sync_after_ms <= $1
+              WHERE (g.synced_state IS NULL OR g.synced_state IN ('queued', 'assigned', 'running'))
+                        AND g.synced_state IS DISTINCT FROM j.state AND g.sync_after_ms <= $1
               ORDER BY g.job_id LIMIT $2"
         );
         sqlx::query_as(sqlx::AssertSqlSafe(sql))

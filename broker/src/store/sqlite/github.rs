@@ -381,7 +381,8 @@ impl GitHubStore for SqliteStore {
                     "SELECT ",
                     app_job_columns!(),
                     " FROM github_jobs g JOIN jobs j ON j.id = g.job_id
-                      WHERE g.synced_state IS NOT j.state AND g.sync_after_ms <= ?1
+                      WHERE (g.synced_state IS NULL OR g.synced_state IN ('queued', 'assigned', 'running'))
+                        AND g.synced_state IS NOT j.state AND g.sync_after_ms <= ?1
                       ORDER BY g.job_id LIMIT ?2"
                 ))?
                 .query_map(params![now_ms, limit], app_job_row)?
