@@ -54,6 +54,7 @@ CREATE INDEX github_jobs_unsettled ON github_jobs (job_id)
 CREATE TABLE github_comments_handled (
     kind          TEXT    NOT NULL CHECK (kind IN ('comment', 'review')),
     comment_id    BIGINT NOT NULL,  -- GitHub's id of the comment or review
+    delivery_id   TEXT    NOT NULL,  -- the delivery that acted on it (a retry of it may again)
     handled_at_ms BIGINT NOT NULL,
     PRIMARY KEY (kind, comment_id)
 );

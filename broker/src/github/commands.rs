@@ -110,6 +110,7 @@ struct SideRepo {
 pub async fn on_comment(
     state: &AppState,
     app: &GitHubApp,
+    delivery: &str,
     event: CommentEvent,
 ) -> Result<(), GitHubError> {
     if event.action != "created" || event.issue.pull_request.is_none() {
@@ -120,6 +121,7 @@ pub async fn on_comment(
     on_commands(
         state,
         app,
+        delivery,
         event.installation.as_ref(),
         &event.repository,
         event.issue.number,
@@ -134,6 +136,7 @@ pub async fn on_comment(
 pub async fn on_review(
     state: &AppState,
     app: &GitHubApp,
+    delivery: &str,
     event: ReviewEvent,
 ) -> Result<(), GitHubError> {
     if event.action != "submitted" {
@@ -143,6 +146,7 @@ pub async fn on_review(
     on_commands(
         state,
         app,
+        delivery,
         event.installation.as_ref(),
         &event.repository,
         event.pull_request.number,
@@ -160,6 +164,7 @@ pub async fn on_review(
 async fn on_commands(
     state: &AppState,
     app: &GitHubApp,
+    delivery: &str,
     installation: Option<&super::process::IdOnly>,
     repo: &super::process::RepoRef,
     number: u64,
@@ -181,7 +186,7 @@ async fn on_commands(
     };
     if !state
         .store
-        .claim_comment(kind, id as i64, testbot_proto::now_ms())
+        .claim_comment(kind, id as i64, delivery, testbot_proto::now_ms())
         .await
         .map_err(store_err)?
     {

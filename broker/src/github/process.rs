@@ -193,13 +193,13 @@ async fn process(
         }
         ("push", _) => on_push(state, app, parse(delivery)?).await,
         ("issue_comment", _) => {
-            Ok(super::commands::on_comment(state, app, parse(delivery)?).await?)
+            Ok(super::commands::on_comment(state, app, &delivery.id, parse(delivery)?).await?)
         }
         ("pull_request", "opened" | "reopened" | "synchronize") => {
             Ok(super::pulls::on_pull_request(state, app, parse(delivery)?).await?)
         }
         ("pull_request_review", "submitted") => {
-            Ok(super::commands::on_review(state, app, parse(delivery)?).await?)
+            Ok(super::commands::on_review(state, app, &delivery.id, parse(delivery)?).await?)
         }
         ("check_run", "rerequested" | "requested_action") => {
             Ok(super::checks::on_check_run(state, app, parse(delivery)?).await?)

@@ -206,7 +206,14 @@ pub trait GitHubStore: Send + Sync {
         from_ms: i64,
         to_ms: i64,
     ) -> StoreResult<bool>;
-    /// Records that the App acts on comment or review `id` (`kind`: their ids are counted
-    /// apart); false if it did before.
-    async fn claim_comment(&self, kind: CommentKind, id: i64, now_ms: i64) -> StoreResult<bool>;
+    /// Records that delivery `delivery_id` acts on comment or review `id` (`kind`: their ids
+    /// are counted apart); false if another delivery did before. The same delivery, retried
+    /// after a failure, may act again.
+    async fn claim_comment(
+        &self,
+        kind: CommentKind,
+        id: i64,
+        delivery_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
 }

@@ -1425,12 +1425,35 @@ async fn app_jobs_keep_their_provenance_and_check_run_in_step(store: &dyn Store)
 
 async fn a_comment_is_acted_on_once(store: &dyn Store) {
     use crate::store::github::CommentKind::{Comment, Review};
-    assert!(store.claim_comment(Comment, 1001, now_ms()).await.unwrap());
-    assert!(!store.claim_comment(Comment, 1001, now_ms()).await.unwrap());
-    assert!(store.claim_comment(Comment, 1002, now_ms()).await.unwrap());
+    let now = now_ms();
+    assert!(
+        store
+            .claim_comment(Comment, 1001, "d-1", now)
+            .await
+            .unwrap()
+    );
+    // Another delivery of it (an edit, a repeated event) does not act; a retry of the same does.
+    assert!(
+        !store
+            .claim_comment(Comment, 1001, "d-2", now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claim_comment(Comment, 1001, "d-1", now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claim_comment(Comment, 1002, "d-3", now)
+            .await
+            .unwrap()
+    );
     // A review's id is not a comment's.
-    assert!(store.claim_comment(Review, 1001, now_ms()).await.unwrap());
-    assert!(!store.claim_comment(Review, 1001, now_ms()).await.unwrap());
+    assert!(store.claim_comment(Review, 1001, "d-4", now).await.unwrap());
+    assert!(!store.claim_comment(Review, 1001, "d-5", now).await.unwrap());
 }
 
 async fn schedules_keep_their_next_run_and_run_once(store: &dyn Store) {

@@ -408,18 +408,30 @@ impl GitHubStore for PgStore {
             == 1)
     }
 
-    async fn claim_comment(&self, kind: CommentKind, id: i64, now_ms: i64) -> StoreResult<bool> {
-        Ok(sqlx::query(
-            "INSERT INTO github_comments_handled (kind, comment_id, handled_at_ms)
-             VALUES ($1, $2, $3) ON CONFLICT (kind, comment_id) DO NOTHING",
+    async fn claim_comment(
+        &self,
+        kind: CommentKind,
+        id: i64,
+        delivery_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let owner: String = sqlx::query_scalar(
+            "WITH inserted AS (
+                 INSERT INTO github_comments_handled (kind, comment_id, delivery_id, handled_at_ms)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (kind, comment_id) DO NOTHING
+                 RETURNING delivery_id)
+             SELECT delivery_id FROM inserted
+             UNION ALL
+             SELECT delivery_id FROM github_comments_handled WHERE kind = $1 AND comment_id = $2
+             LIMIT 1",
         )
         .bind(kind.as_str())
         .bind(id)
+        .bind(delivery_id)
         .bind(now_ms)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(owner == delivery_id)
     }
 }
 

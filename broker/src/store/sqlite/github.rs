@@ -529,17 +529,28 @@ impl GitHubStore for SqliteStore {
             .await
     }
 
-    async fn claim_comment(&self, kind: CommentKind, id: i64, now_ms: i64) -> StoreResult<bool> {
-        let kind = kind.as_str();
+    async fn claim_comment(
+        &self,
+        kind: CommentKind,
+        id: i64,
+        delivery_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let (kind, delivery_id) = (kind.as_str(), delivery_id.to_owned());
         self.writer
             .write(move |tx| {
-                Ok(tx
+                tx.prepare_cached(
+                    "INSERT INTO github_comments_handled (kind, comment_id, delivery_id, handled_at_ms)
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (kind, comment_id) DO NOTHING",
+                )?
+                .execute(params![kind, id, delivery_id, now_ms])?;
+                let owner: String = tx
                     .prepare_cached(
-                        "INSERT INTO github_comments_handled (kind, comment_id, handled_at_ms)
-                         VALUES (?1, ?2, ?3) ON CONFLICT (kind, comment_id) DO NOTHING",
+                        "SELECT delivery_id FROM github_comments_handled
+                          WHERE kind = ?1 AND comment_id = ?2",
                     )?
-                    .execute(params![kind, id, now_ms])?
-                    == 1)
+                    .query_row(params![kind, id], |row| row.get(0))?;
+                Ok(owner == delivery_id)
             })
             .await
     }
