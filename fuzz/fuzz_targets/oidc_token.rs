@@ -62,7 +62,9 @@ fn fixed() -> &'static Fixed {
 }
 
 fn sign(key: &RsaKeyPair, payload: &[u8]) -> String {
-    let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"RS256","typ":"JWT","kid":"{TEST_KID}"}}"#));
+    let header = URL_SAFE_NO_PAD.encode(format!(
+        r#"{{"alg":"RS256","typ":"JWT","kid":"{TEST_KID}"}}"#
+    ));
     let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(payload));
     let mut signature = vec![0; key.public().modulus_len()];
     key.sign(
@@ -80,10 +82,19 @@ fn check_accepted(claims: &WorkflowClaims, settings: &OidcSettings, at: i64) {
     let leeway = DEFAULT_LEEWAY.as_secs() as i64;
     assert_eq!(claims.iss, settings.issuer);
     assert_eq!(claims.aud, settings.audience);
-    assert!(at <= claims.exp.saturating_add(leeway), "expired: {claims:?}");
-    assert!(claims.iat <= at.saturating_add(leeway), "issued later: {claims:?}");
+    assert!(
+        at <= claims.exp.saturating_add(leeway),
+        "expired: {claims:?}"
+    );
+    assert!(
+        claims.iat <= at.saturating_add(leeway),
+        "issued later: {claims:?}"
+    );
     if let Some(nbf) = claims.nbf {
-        assert!(nbf <= at.saturating_add(leeway), "not yet valid: {claims:?}");
+        assert!(
+            nbf <= at.saturating_add(leeway),
+            "not yet valid: {claims:?}"
+        );
     }
     for value in [
         &claims.sub,
