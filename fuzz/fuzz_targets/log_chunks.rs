@@ -70,7 +70,11 @@ async fn run(store: &SharedStore, input: Input) {
         submitted_by: "operator fuzz".into(),
         ..JobOrigin::default()
     };
-    let job = store.insert_job(&spec, &origin, None).await.unwrap().unwrap();
+    let job = store
+        .insert_job(&spec, &origin, None)
+        .await
+        .unwrap()
+        .unwrap();
     let id = job.job_id();
     let offer = Offer {
         site: "s".into(),
@@ -107,7 +111,11 @@ async fn run(store: &SharedStore, input: Input) {
                     .await
                     .unwrap();
                 if let Some(log_bytes) = cut_at {
-                    assert_eq!(result, AppendResult::TooLarge { log_bytes }, "after the cut");
+                    assert_eq!(
+                        result,
+                        AppendResult::TooLarge { log_bytes },
+                        "after the cut"
+                    );
                     continue;
                 }
                 if offset > end {
@@ -119,7 +127,11 @@ async fn run(store: &SharedStore, input: Input) {
                 let new_end = end + (data.len() - skip) as u64;
                 if new_end <= limit {
                     log.extend_from_slice(&data[skip..]);
-                    assert_eq!(result, AppendResult::Appended(new_end), "append at {offset}");
+                    assert_eq!(
+                        result,
+                        AppendResult::Appended(new_end),
+                        "append at {offset}"
+                    );
                 } else {
                     let AppendResult::TooLarge { log_bytes } = result else {
                         panic!("{new_end} bytes, over the limit of {limit}, gave {result:?}");
@@ -149,7 +161,10 @@ async fn run(store: &SharedStore, input: Input) {
                 let read = store.read_log(id, offset, max).await.unwrap();
                 let from = (offset as usize).min(log.len());
                 let rest = &log[from..];
-                assert!(rest.starts_with(&read), "read at {offset}: not the log's bytes");
+                assert!(
+                    rest.starts_with(&read),
+                    "read at {offset}: not the log's bytes"
+                );
                 assert!(
                     read.len() >= max.min(rest.len()),
                     "read at {offset} of {max}: {} of {} bytes",
