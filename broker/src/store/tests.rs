@@ -3,7 +3,8 @@
 //!
 //! The PostgreSQL runs need a server: `TESTBOT_TEST_DATABASE_URL` names a database there that
 //! may create others (`postgres://postgres@127.0.0.1:15432/postgres`), and each test gets a
-//! database of its own. [`shared`] holds the tests of what only a shared database does.
+//! database of its own. [`shared`] holds the tests of what only a shared database does;
+//! [`lifecycle`] checks the job lifecycle against a model on random interleavings.
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use super::*;
 use crate::lifecycle::transitions;
 use crate::routing::Offer;
 
+mod lifecycle;
 mod shared;
 
 /// A fresh, empty store, removed again by [`Fresh::finish`].
