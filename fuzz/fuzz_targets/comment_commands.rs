@@ -6,7 +6,11 @@ use testbot_proto::commands::{Command, MAX_COMMANDS, is_full_sha, parse_comment}
 
 fuzz_target!(|body: &str| {
     let commands = parse_comment(body);
-    assert!(commands.len() <= MAX_COMMANDS + 1, "{} results", commands.len());
+    assert!(
+        commands.len() <= MAX_COMMANDS + 1,
+        "{} results",
+        commands.len()
+    );
     for command in commands.iter().flatten() {
         if let Some(sha) = command.sha() {
             assert!(is_full_sha(sha), "a command names {sha:?} as its commit");

@@ -11,9 +11,16 @@ fuzz_target!(|text: &str| {
     };
     assert!(config.jobs.len() <= MAX_JOBS);
     // Paths to match the globs against: the file's own words, as a changed-files list.
-    let changed: Vec<String> = text.split_whitespace().take(16).map(str::to_string).collect();
+    let changed: Vec<String> = text
+        .split_whitespace()
+        .take(16)
+        .map(str::to_string)
+        .collect();
     for (name, job) in &config.jobs {
-        assert!(validate_job_name(name).is_ok(), "job name {name:?} was accepted");
+        assert!(
+            validate_job_name(name).is_ok(),
+            "job name {name:?} was accepted"
+        );
         assert!(config.job(name).is_some());
         if let Ok(spec) = job.spec(name) {
             let _ = spec.validate();

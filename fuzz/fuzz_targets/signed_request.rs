@@ -34,7 +34,10 @@ fuzz_target!(|r: Request<'_>| {
     let public = key.public_key().as_ref().to_vec();
     if let Ok(bytes) = decode_public_key(r.public_key) {
         assert_eq!(bytes.len(), 32);
-        assert_eq!(URL_SAFE_NO_PAD.encode(&bytes), r.public_key.trim_end_matches('='));
+        assert_eq!(
+            URL_SAFE_NO_PAD.encode(&bytes),
+            r.public_key.trim_end_matches('=')
+        );
     }
     let Ok(timestamp_ms) = r.timestamp.parse::<i64>() else {
         return;
@@ -44,7 +47,12 @@ fuzz_target!(|r: Request<'_>| {
     if verify_signature(&public, &message, r.signature) {
         let genuine = URL_SAFE_NO_PAD.encode(key.sign(message.as_bytes()).as_ref());
         let decoded = URL_SAFE_NO_PAD.decode(r.signature).unwrap();
-        assert_eq!(URL_SAFE_NO_PAD.encode(decoded), genuine, "forged {:?}", r.signature);
+        assert_eq!(
+            URL_SAFE_NO_PAD.encode(decoded),
+            genuine,
+            "forged {:?}",
+            r.signature
+        );
     }
     // A genuine signature verifies, and stops verifying when any signed field changes.
     let genuine = URL_SAFE_NO_PAD.encode(key.sign(message.as_bytes()).as_ref());

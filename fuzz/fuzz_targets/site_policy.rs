@@ -95,16 +95,32 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let mut u = Unstructured::new(rest);
     let (claims, spec, executor) = if rest.is_empty() {
-        (real_claims(), JobSpec { script: "true".into(), ..JobSpec::default() }, "shell".to_string())
+        (
+            real_claims(),
+            JobSpec {
+                script: "true".into(),
+                ..JobSpec::default()
+            },
+            "shell".to_string(),
+        )
     } else {
-        let Ok(claims) = claims(&mut u, &words) else { return };
-        let Ok(spec) = spec(&mut u, &words) else { return };
-        let Ok(executor) = word(&mut u, &words) else { return };
+        let Ok(claims) = claims(&mut u, &words) else {
+            return;
+        };
+        let Ok(spec) = spec(&mut u, &words) else {
+            return;
+        };
+        let Ok(executor) = word(&mut u, &words) else {
+            return;
+        };
         (claims, spec, executor)
     };
     let explanation = policy.explain(&claims, &spec, &executor);
     let decision = policy.evaluate(&claims, &spec, &executor);
-    assert_eq!(decision, explanation.decision, "evaluate and explain disagree");
+    assert_eq!(
+        decision, explanation.decision,
+        "evaluate and explain disagree"
+    );
     assert_eq!(explanation.rules.len(), policy.rules().len());
     assert_eq!(
         explanation.executor,
