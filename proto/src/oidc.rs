@@ -447,16 +447,18 @@ fn check_claims(
     claims.insert("aud".into(), Value::String(settings.audience.clone()));
 
     let exp = number(claims, "exp")?.ok_or_else(|| OidcError::MissingClaim("exp".into()))?;
-    if now > exp + leeway {
+    // `exp`, `nbf` and `iat` are whatever i64 the token's issuer wrote: no arithmetic on them
+    // may overflow.
+    if now > exp.saturating_add(leeway) {
         return Err(OidcError::Expired { exp, now });
     }
     if let Some(nbf) = number(claims, "nbf")?
-        && now + leeway < nbf
+        && now.saturating_add(leeway) < nbf
     {
         return Err(OidcError::NotYetValid { nbf, now });
     }
     let iat = number(claims, "iat")?.ok_or_else(|| OidcError::MissingClaim("iat".into()))?;
-    if now + leeway < iat {
+    if now.saturating_add(leeway) < iat {
         return Err(OidcError::IssuedInFuture { iat, now });
     }
 
@@ -768,6 +770,40 @@ mod tests {
             assert_eq!(claims.run_id, payload["run_id"].as_str().unwrap());
             assert_eq!(claims.exp, payload["exp"].as_i64().unwrap());
         }
+    }
+
+    /// Found while writing the `oidc_token` fuzz target (its seed `claims-far-exp`): an `exp`
+    /// of `i64::MAX` overflowed the expiry check, a panic in a build with overflow checks and a
+    /// wrapped comparison that called a valid token expired without them.
+    #[test]
+    fn lifetimes_at_the_ends_of_i64_are_checked_without_overflow() {
+        let payload = decoded(RGL_DECODED);
+        let settings = settings_for(&payload);
+        let now = payload["iat"].as_i64().unwrap() + 60;
+        let claims_with = |name: &str, value: i64| {
+            let mut claims = payload.as_object().unwrap().clone();
+            claims.insert(name.into(), value.into());
+            claims
+        };
+        let leeway = DEFAULT_LEEWAY.as_secs() as i64;
+        assert_eq!(
+            check_claims(&mut claims_with("exp", i64::MAX), &settings, now, leeway),
+            Ok(())
+        );
+        assert!(matches!(
+            check_claims(&mut claims_with("exp", i64::MIN), &settings, now, leeway),
+            Err(OidcError::Expired { .. })
+        ));
+        assert_eq!(
+            check_claims(&mut claims_with("nbf", i64::MIN), &settings, now, leeway),
+            Ok(())
+        );
+        let mut far = claims_with("exp", i64::MAX);
+        assert_eq!(check_claims(&mut far, &settings, i64::MAX, leeway), Ok(()));
+        assert!(matches!(
+            check_claims(&mut claims_with("iat", i64::MAX), &settings, now, leeway),
+            Err(OidcError::IssuedInFuture { .. })
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod kubernetes;
 mod noop;
 pub mod records;
 mod shell;
-mod slurm;
+pub mod slurm;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

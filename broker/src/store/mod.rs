@@ -128,6 +128,11 @@ pub(crate) fn plan_append<'a>(
         return AppendPlan::Answer(AppendResult::Refused(LeaseRefusal::Superseded));
     }
     let log_bytes = row.log_bytes;
+    // Once cut, the log takes nothing more, whatever the chunk: the notice may end short of the
+    // limit, and a chunk that fits in what is left must not land after it.
+    if row.cut {
+        return AppendPlan::Answer(AppendResult::TooLarge { log_bytes });
+    }
     if offset > log_bytes {
         return AppendPlan::Answer(AppendResult::Gap { log_bytes });
     }
@@ -138,9 +143,6 @@ pub(crate) fn plan_append<'a>(
     let tail = &data[(log_bytes - offset) as usize..];
     if end <= max_log_bytes {
         return AppendPlan::Store(tail);
-    }
-    if row.cut {
-        return AppendPlan::Answer(AppendResult::TooLarge { log_bytes });
     }
     let room = max_log_bytes.saturating_sub(log_bytes) as usize;
     let fits = tail[..room.min(tail.len())]

@@ -3,7 +3,8 @@
 //!
 //! The PostgreSQL runs need a server: `TESTBOT_TEST_DATABASE_URL` names a database there that
 //! may create others (`postgres://postgres@127.0.0.1:15432/postgres`), and each test gets a
-//! database of its own. [`shared`] holds the tests of what only a shared database does.
+//! database of its own. [`shared`] holds the tests of what only a shared database does;
+//! [`lifecycle`] checks the job lifecycle against a model on random interleavings.
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use super::*;
 use crate::lifecycle::transitions;
 use crate::routing::Offer;
 
+mod lifecycle;
 mod shared;
 
 /// A fresh, empty store, removed again by [`Fresh::finish`].
@@ -124,6 +126,7 @@ conformance!(
     a_site_at_its_concurrency_limit_claims_nothing,
     a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit,
     a_chunk_whose_first_line_does_not_fit_is_cut_before_it,
+    a_cut_log_takes_no_more_chunks_even_where_they_would_fit,
     an_expired_lease_is_ended_as_decided_unless_it_was_renewed,
     a_hand_back_applies_the_decision_and_holds_the_agent_back,
     cancelling_ends_a_queued_job_and_flags_a_running_one,
@@ -551,6 +554,50 @@ async fn a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit(store: 
             .unwrap(),
         AppendResult::TooLarge { .. }
     ));
+    assert_eq!(log_of(store, id).await, log);
+}
+
+/// Found by the `log_chunks` fuzz target: the cut's notice can end short of the limit, and a
+/// chunk that fit in the room left was stored after it; a re-sent chunk answered `Appended`.
+async fn a_cut_log_takes_no_more_chunks_even_where_they_would_fit(store: &dyn Store) {
+    let job = queue(store, &[]).await;
+    let id = job.job_id();
+    claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    let limit = 4096;
+    let cut = |kept| transitions::log_cut(limit, kept, 0);
+    store
+        .append_log(id, "l", 0, b"one\n", limit, &cut)
+        .await
+        .unwrap();
+    // One line longer than the limit: none of it is kept, the notice follows "one\n".
+    let long = format!("{}\n", "x".repeat(5000));
+    let result = store
+        .append_log(id, "l", 4, long.as_bytes(), limit, &cut)
+        .await
+        .unwrap();
+    let AppendResult::TooLarge { log_bytes } = result else {
+        panic!("expected the log to be cut, got {result:?}");
+    };
+    assert!(
+        log_bytes < limit,
+        "the notice fills the log: {log_bytes} bytes"
+    );
+    let log = log_of(store, id).await;
+    for (offset, chunk) in [
+        (log_bytes, &b"more\n"[..]),
+        (0, b"one\n"),
+        (4, b""),
+        (log_bytes + 1, b"x\n"),
+    ] {
+        assert_eq!(
+            store
+                .append_log(id, "l", offset, chunk, limit, &cut)
+                .await
+                .unwrap(),
+            AppendResult::TooLarge { log_bytes },
+            "a chunk at {offset} after the cut"
+        );
+    }
     assert_eq!(log_of(store, id).await, log);
 }
 
