@@ -59,6 +59,17 @@ async fn app_fleet(fake: &FakeGitHub) -> Fleet {
     fleet
 }
 
+/// The fake GitHub with `REPO` (public) and the App installed on it, and a fleet whose broker
+/// runs the App and receives its webhooks.
+async fn installed_app() -> (FakeGitHub, Fleet) {
+    let fake = FakeGitHub::start_app().await;
+    fake.create_repo(REPO, Visibility::Public).await;
+    let fleet = app_fleet(&fake).await;
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    fake.install("hpc-lab", &[REPO]).await;
+    (fake, fleet)
+}
+
 fn webhook_url(fleet: &Fleet) -> String {
     format!("{}/api/v1/github/webhook", fleet.url)
 }
@@ -188,11 +199,7 @@ async fn every_github_example_is_acknowledged_and_bad_signatures_change_nothing(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_push_to_main_runs_the_configured_job_verified_at_the_site_with_its_check_run() {
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
+    let (fake, mut fleet) = installed_app().await;
     let mut agent = fleet.agent_config("login1");
     agent.policy = Some(app_policy(&fleet, &fake));
     fleet.add_agent(agent);
@@ -271,11 +278,7 @@ async fn a_push_to_main_runs_the_configured_job_verified_at_the_site_with_its_ch
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_config_that_does_not_parse_fails_a_check_run_that_says_where() {
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
-    let fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
+    let (fake, fleet) = installed_app().await;
     let sha = fake
         .commit(
             REPO,
@@ -342,11 +345,7 @@ async fn tamper(fleet: &Fleet, sql: &str, bind: &str, id: i64) {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
+    let (fake, mut fleet) = installed_app().await;
 
     // Three pushes to main queue three jobs while no agent runs; a commit on a feature branch
     // (with the same config) never reaches main.
@@ -495,12 +494,8 @@ async fn wait_jobs(fleet: &Fleet, count: usize) -> Vec<Job> {
 async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
     use testbot_e2e::github::Permission;
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
+    let (fake, mut fleet) = installed_app().await;
     fake.set_permission(REPO, "maintainer", Permission::Write);
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
     fake.commit(
         REPO,
         "main",
@@ -706,12 +701,8 @@ async fn wait_state(fleet: &Fleet, id: testbot_proto::jobs::JobId, state: JobSta
 async fn check_run_buttons_and_comments_cancel_and_re_run_for_writers_only() {
     use testbot_e2e::github::Permission;
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
+    let (fake, mut fleet) = installed_app().await;
     fake.set_permission(REPO, "maintainer", Permission::Write);
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
     let mut agent = fleet.agent_config("login1");
     agent.policy = Some(pr_policy(&fleet, &fake));
     fleet.add_agent(agent);
@@ -795,11 +786,7 @@ async fn check_run_buttons_and_comments_cancel_and_re_run_for_writers_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_merge_says_so_on_its_pull_request() {
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
+    let (fake, mut fleet) = installed_app().await;
     let mut agent = fleet.agent_config("login1");
     agent.policy = Some(app_policy(&fleet, &fake));
     fleet.add_agent(agent);
@@ -858,12 +845,8 @@ script = 'echo "reading $(cat src/greeting.txt) from the checkout"'
 async fn writers_pull_requests_run_at_once_and_a_forks_waits_for_approval() {
     use testbot_e2e::github::Permission;
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
+    let (fake, mut fleet) = installed_app().await;
     fake.set_permission(REPO, "maintainer", Permission::Write);
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
     fake.commit(
         REPO,
         "main",
@@ -979,11 +962,7 @@ async fn writers_pull_requests_run_at_once_and_a_forks_waits_for_approval() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_release_tag_runs_its_jobs_on_the_tagged_commit() {
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
+    let (fake, mut fleet) = installed_app().await;
     let policy = std::fs::read_to_string(app_policy(&fleet, &fake))
         .unwrap()
         .replace(
@@ -1020,11 +999,8 @@ async fn a_release_tag_runs_its_jobs_on_the_tagged_commit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_workflow_job_of_an_installed_repository_gets_a_check_run_too() {
-    let fake = FakeGitHub::start_app().await;
-    let repository = fake.create_repo(REPO, Visibility::Public).await;
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
+    let (fake, mut fleet) = installed_app().await;
+    let repository = fake.repository(REPO);
     let sha = fake
         .commit(REPO, "main", &[("src/lib.c", "int main;")], "Code")
         .await;
@@ -1072,11 +1048,7 @@ async fn a_workflow_job_of_an_installed_repository_gets_a_check_run_too() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_scheduled_job_runs_the_branch_head_when_its_time_comes() {
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
-    let mut fleet = app_fleet(&fake).await;
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
+    let (fake, mut fleet) = installed_app().await;
     let policy = std::fs::read_to_string(app_policy(&fleet, &fake))
         .unwrap()
         .replace("accept = [\"push\"]", "accept = [\"push\", \"schedule\"]")
@@ -1132,14 +1104,10 @@ async fn a_scheduled_job_runs_the_branch_head_when_its_time_comes() {
 async fn a_merge_runs_its_post_merge_job_through_slurm() {
     testbot_e2e::require_slurm();
     ensure_account(JOB_ACCOUNT);
-    let fake = FakeGitHub::start_app().await;
-    fake.create_repo(REPO, Visibility::Public).await;
-    let mut fleet = app_fleet(&fake).await;
+    let (fake, mut fleet) = installed_app().await;
     // Slurm runs the job as the job account, in the fleet's directory.
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(fleet.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
-    fake.install("hpc-lab", &[REPO]).await;
     let policy = std::fs::read_to_string(app_policy(&fleet, &fake))
         .unwrap()
         .replace(
