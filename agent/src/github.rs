@@ -123,6 +123,12 @@ struct Owner {
     id: u64,
 }
 
+/// A GitHub account in an answer.
+#[derive(Debug, Deserialize)]
+struct Login {
+    login: String,
+}
+
 #[derive(Debug, Deserialize)]
 struct Comparison {
     status: String,
@@ -270,34 +276,26 @@ impl GitHubVerifier {
                 commit.repository, repo.id, commit.repository_id
             )));
         }
+        // Only a pull request runs one commit with another's config (its base branch's).
+        if !matches!(provenance, Provenance::PullRequest { .. }) && commit.config_sha != commit.sha
+        {
+            return Err(VerifyError::Refused(format!(
+                "a {} job's config is read at the commit it runs, {}, but the broker names {}",
+                provenance.event(),
+                commit.sha,
+                commit.config_sha
+            )));
+        }
         match provenance {
             Provenance::Push { branch, .. } => {
-                if commit.config_sha != commit.sha {
-                    return Err(VerifyError::Refused(format!(
-                        "a push job's config is read at the pushed commit {}, but the broker names {}",
-                        commit.sha, commit.config_sha
-                    )));
-                }
                 self.check_on_branch(&repo.full_name, branch, &commit.sha)
                     .await?;
             }
             Provenance::Schedule { branch, .. } => {
-                if commit.config_sha != commit.sha {
-                    return Err(VerifyError::Refused(format!(
-                        "a scheduled job's config is read at the commit it runs, {}, but the broker names {}",
-                        commit.sha, commit.config_sha
-                    )));
-                }
                 self.check_on_branch(&repo.full_name, branch, &commit.sha)
                     .await?;
             }
             Provenance::Tag { tag, .. } => {
-                if commit.config_sha != commit.sha {
-                    return Err(VerifyError::Refused(format!(
-                        "a tag job's config is read at the tagged commit {}, but the broker names {}",
-                        commit.sha, commit.config_sha
-                    )));
-                }
                 self.check_tag(&repo.full_name, tag, &commit.sha).await?;
             }
             Provenance::PullRequest {
@@ -307,15 +305,16 @@ impl GitHubVerifier {
                 approval,
                 ..
             } => {
-                self.check_pull_request(
-                    &repo.full_name,
-                    *number,
-                    base_branch,
-                    head_repository,
-                    &commit.sha,
-                )
-                .await?;
-                self.check_approval(&repo.full_name, *number, provenance, approval)
+                let author = self
+                    .check_pull_request(
+                        &repo.full_name,
+                        *number,
+                        base_branch,
+                        head_repository,
+                        &commit.sha,
+                    )
+                    .await?;
+                self.check_approval(&repo.full_name, *number, provenance, approval, &author)
                     .await?;
                 // The config is the base branch's: its commit must be on that branch.
                 self.check_on_branch(&repo.full_name, base_branch, &commit.config_sha)
@@ -377,7 +376,8 @@ impl GitHubVerifier {
     }
 
     /// The pull request is open on this repository, targets `base_branch`, comes from
-    /// `head_repository`, and its head is still `sha` (a later push needs a new approval).
+    /// `head_repository`, and its head is still `sha` (a later push needs a new approval); the
+    /// login that opened it.
     async fn check_pull_request(
         &self,
         repository: &str,
@@ -385,12 +385,13 @@ impl GitHubVerifier {
         base_branch: &str,
         head_repository: &str,
         sha: &str,
-    ) -> Result<(), VerifyError> {
+    ) -> Result<String, VerifyError> {
         #[derive(Deserialize)]
         struct PullRequest {
             state: String,
             head: Side,
             base: Side,
+            user: Option<Login>,
         }
         #[derive(Deserialize)]
         struct Side {
@@ -434,7 +435,7 @@ impl GitHubVerifier {
                 "pull request {repository}#{number} comes from {head}, not {head_repository}"
             )));
         }
-        Ok(())
+        Ok(pr.user.map(|u| u.login).unwrap_or_default())
     }
 
     /// The approval exists on this pull request, asks for this job (naming this exact commit
@@ -445,6 +446,7 @@ impl GitHubVerifier {
         number: u64,
         provenance: &Provenance,
         approval: &testbot_proto::provenance::Approval,
+        pr_author: &str,
     ) -> Result<(), VerifyError> {
         use testbot_proto::commands::{Command, parse_comment};
         use testbot_proto::provenance::Approval;
@@ -453,10 +455,6 @@ impl GitHubVerifier {
             body: Option<String>,
             issue_url: String,
             user: Login,
-        }
-        #[derive(Deserialize)]
-        struct Login {
-            login: String,
         }
         let commit = provenance.commit();
         let (comment_id, by) = match approval {
@@ -467,7 +465,13 @@ impl GitHubVerifier {
                     .await;
             }
             Approval::Author { by } => {
-                return self.check_author(repository, number, by).await;
+                // The pull request was opened by `by`, who has write permission now.
+                if !pr_author.eq_ignore_ascii_case(by) {
+                    return Err(VerifyError::Refused(format!(
+                        "pull request {repository}#{number} was opened by {pr_author}, not {by}"
+                    )));
+                }
+                return self.check_may_write(repository, pr_author).await;
             }
         };
         let comment: Comment = self
@@ -537,10 +541,6 @@ impl GitHubVerifier {
             commit_id: Option<String>,
             user: Option<Login>,
         }
-        #[derive(Deserialize)]
-        struct Login {
-            login: String,
-        }
         let commit = provenance.commit();
         let review: Review = self
             .get(
@@ -580,36 +580,6 @@ impl GitHubVerifier {
             return Err(VerifyError::Refused(format!(
                 "review {review_id} does not ask for job {}",
                 commit.job
-            )));
-        }
-        self.check_may_write(repository, &author).await
-    }
-
-    /// The pull request was opened by `by`, who has write permission now.
-    async fn check_author(
-        &self,
-        repository: &str,
-        number: u64,
-        by: &str,
-    ) -> Result<(), VerifyError> {
-        #[derive(Deserialize)]
-        struct PullRequest {
-            user: Option<Login>,
-        }
-        #[derive(Deserialize)]
-        struct Login {
-            login: String,
-        }
-        let pr: PullRequest = self
-            .get(&format!("/repos/{repository}/pulls/{number}"), &[])
-            .await?
-            .ok_or_else(|| {
-                VerifyError::Refused(format!("{repository} has no pull request #{number}"))
-            })?;
-        let author = pr.user.map(|u| u.login).unwrap_or_default();
-        if !author.eq_ignore_ascii_case(by) {
-            return Err(VerifyError::Refused(format!(
-                "pull request {repository}#{number} was opened by {author}, not {by}"
             )));
         }
         self.check_may_write(repository, &author).await
