@@ -85,27 +85,6 @@ enum Source {
     },
 }
 
-#[derive(Debug, Deserialize)]
-struct PullRequest {
-    state: String,
-    head: Side,
-    base: Side,
-}
-
-#[derive(Debug, Deserialize)]
-struct Side {
-    #[serde(rename = "ref")]
-    git_ref: String,
-    sha: String,
-    #[serde(default)]
-    repo: Option<SideRepo>,
-}
-
-#[derive(Debug, Deserialize)]
-struct SideRepo {
-    full_name: String,
-}
-
 /// Acts on a comment's commands. `Err` only for what is worth another attempt.
 pub async fn on_comment(
     state: &AppState,
@@ -242,7 +221,7 @@ struct Context<'a> {
 
 impl Context<'_> {
     async fn act(&self, command: &Command) -> Result<Outcome, GitHubError> {
-        let pr: PullRequest = self
+        let pr: super::pulls::Pull = self
             .client
             .get(
                 format!("/repos/{}/pulls/{}", self.repository, self.number),

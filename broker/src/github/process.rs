@@ -332,10 +332,7 @@ async fn on_push(state: &AppState, app: &GitHubApp, event: PushEvent) -> Result<
         .flat_map(|c| c.added.iter().chain(&c.removed).chain(&c.modified))
         .cloned()
         .collect();
-    let pushed_by = event
-        .sender
-        .map(|s| s.login)
-        .unwrap_or_else(|| event.pusher.name.clone());
+    let pushed_by = event.pushed_by();
     for (name, job) in &config.jobs {
         let Some(push) = &job.on.push else { continue };
         if !job.on.runs_on_push(branch) {
@@ -398,10 +395,7 @@ async fn on_tag(
             return Ok(());
         }
     };
-    let pushed_by = event
-        .sender
-        .map(|s| s.login)
-        .unwrap_or_else(|| event.pusher.name.clone());
+    let pushed_by = event.pushed_by();
     for (name, job) in config
         .jobs
         .iter()
@@ -512,6 +506,15 @@ struct PushEvent {
     sender: Option<Login>,
     #[serde(default)]
     commits: Vec<PushCommit>,
+}
+
+impl PushEvent {
+    /// Who pushed: the sender's login, or the pusher's name when the payload has no sender.
+    fn pushed_by(&self) -> String {
+        self.sender
+            .as_ref()
+            .map_or_else(|| self.pusher.name.clone(), |s| s.login.clone())
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -26,6 +26,7 @@ pub struct PullRequestEvent {
     pub installation: Option<super::process::IdOnly>,
 }
 
+/// A pull request as the App reads it (from a delivery, or `GET .../pulls/{number}`).
 #[derive(Debug, Deserialize)]
 pub struct Pull {
     pub state: String,
