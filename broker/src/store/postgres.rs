@@ -64,9 +64,11 @@ const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts,
 const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, updated_at_ms, \
      repository_id, repository_owner_id";
 
-/// The columns of [`RoutingRow`].
+/// The columns of [`RoutingRow`]: an App job's provenance looked up only for App jobs
+/// (`submitted_by` is `APP_SUBMITTER`), so that the claims of every other job do not pay for it.
 const ROUTING_COLUMNS: &str = "id, spec, sites::text AS sites, repository, oidc_token, \
-     (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) AS provenance";
+     CASE WHEN submitted_by = 'github-app' THEN \
+         (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) END AS provenance";
 
 const AGENT_COLUMNS: &str = "agents.id, agents.site, agents.name, agents.public_key, agents.policy, \
      agents.enrolled_at_ms, agents.last_seen_ms, agents.revoked_at_ms, \

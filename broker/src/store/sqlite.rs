@@ -167,12 +167,14 @@ macro_rules! agent_columns {
     };
 }
 
-/// The columns of [`RoutingRow`], in its field order (an App job's provenance from its row in
-/// `github_jobs`).
+/// The columns of [`RoutingRow`], in its field order: an App job's provenance from its row in
+/// `github_jobs`, looked up only for App jobs (`submitted_by` is `APP_SUBMITTER`), so that the
+/// claims of every other job do not pay for it.
 macro_rules! routing_columns {
     () => {
         "id, spec, sites, repository, oidc_token, \
-         (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) AS provenance"
+         CASE WHEN submitted_by = 'github-app' THEN \
+         (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) END AS provenance"
     };
 }
 

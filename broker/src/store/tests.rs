@@ -1350,6 +1350,8 @@ async fn app_jobs_keep_their_provenance_and_check_run_in_step(store: &dyn Store)
         head_sha: "abc",
         check_name: "unit",
     };
+    // The routing columns name the App's submitter literally (they are `concat!`ed).
+    assert_eq!(testbot_proto::provenance::APP_SUBMITTER, "github-app");
     let job = store
         .insert_app_job(&spec(&["slurm"]), &origin, &app)
         .await
