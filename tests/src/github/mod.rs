@@ -72,7 +72,8 @@ pub use model::{
 };
 pub use webhooks::Delivery;
 
-use model::{Token, World};
+use model::{IssueEvent, Token, World};
+use render::Render;
 
 /// The App id of the fake's App.
 pub const APP_ID: u64 = 424_242;
@@ -740,6 +741,7 @@ impl FakeGitHub {
                 merge_commit_sha: None,
                 merged_by: None,
                 stats,
+                labels: Vec::new(),
                 created_at: now,
                 updated_at: now,
                 closed_at: None,
@@ -856,6 +858,71 @@ impl FakeGitHub {
         };
         self.shared.emit(vec![delivery]).await;
         comment
+    }
+
+    /// `by` adds `label` to pull request `number`; emits `pull_request` labeled. (Adding a
+    /// label takes triage permission on GitHub; the fake lets anyone, so tests can show who
+    /// the App and the agents accept.)
+    pub async fn add_label(&self, repo: &str, number: u64, label: &str, by: &str) {
+        self.change_label(repo, number, label, by, "labeled").await;
+    }
+
+    /// `by` removes `label` from pull request `number`; emits `pull_request` unlabeled.
+    pub async fn remove_label(&self, repo: &str, number: u64, label: &str, by: &str) {
+        self.change_label(repo, number, label, by, "unlabeled")
+            .await;
+    }
+
+    async fn change_label(
+        &self,
+        repo: &str,
+        number: u64,
+        label: &str,
+        by: &str,
+        event: &'static str,
+    ) {
+        let full = self.pull_request(repo, number).repo;
+        let delivery = {
+            let mut world = self.world();
+            world.account(by);
+            let pr = world
+                .pulls
+                .get_mut(&(full.clone(), number))
+                .expect("checked above");
+            if event == "labeled" {
+                assert!(
+                    !pr.labels.iter().any(|l| l == label),
+                    "{repo}#{number} has {label} already"
+                );
+                pr.labels.push(label.to_string());
+            } else {
+                assert!(
+                    pr.labels.iter().any(|l| l == label),
+                    "{repo}#{number} has no {label}"
+                );
+                pr.labels.retain(|l| l != label);
+            }
+            pr.updated_at = SystemTime::now();
+            let pr = pr.clone();
+            let id = world.next_id();
+            world.issue_events.insert(
+                id,
+                IssueEvent {
+                    id,
+                    repo: full,
+                    issue_number: number,
+                    actor: by.to_string(),
+                    event,
+                    label: label.to_string(),
+                    created_at: SystemTime::now(),
+                },
+            );
+            let mut delivery = events::pull_request(&self.shared, &world, &pr, event, by, None);
+            delivery.payload["label"] =
+                Render::new(&self.shared.url, &world).label(&pr.repo, label);
+            delivery
+        };
+        self.shared.emit(vec![delivery]).await;
     }
 
     /// Its author edits comment `comment_id` to `body`; emits `issue_comment` edited.

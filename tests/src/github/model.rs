@@ -140,6 +140,8 @@ pub struct PullRequest {
     pub merged_by: Option<String>,
     /// What it changes against its base, as of its last open or push.
     pub stats: super::git::PullStats,
+    /// The labels on it now, in the order they were added.
+    pub labels: Vec<String>,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
     pub closed_at: Option<SystemTime>,
@@ -155,6 +157,19 @@ pub struct Comment {
     pub body: String,
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
+}
+
+/// A label added to or removed from an issue or pull request (its timeline).
+#[derive(Clone, Debug)]
+pub struct IssueEvent {
+    pub id: u64,
+    pub repo: String,
+    pub issue_number: u64,
+    pub actor: String,
+    /// `labeled` or `unlabeled`.
+    pub event: &'static str,
+    pub label: String,
+    pub created_at: SystemTime,
 }
 
 /// A pull request review.
@@ -274,6 +289,7 @@ pub(crate) struct World {
     pub pulls: BTreeMap<(String, u64), PullRequest>,
     pub comments: BTreeMap<u64, Comment>,
     pub reviews: BTreeMap<u64, Review>,
+    pub issue_events: BTreeMap<u64, IssueEvent>,
     pub reactions: BTreeMap<u64, Reaction>,
     pub commit_comments: BTreeMap<u64, CommitComment>,
     pub check_runs: BTreeMap<u64, CheckRun>,
@@ -300,6 +316,7 @@ impl World {
             pulls: BTreeMap::new(),
             comments: BTreeMap::new(),
             reviews: BTreeMap::new(),
+            issue_events: BTreeMap::new(),
             reactions: BTreeMap::new(),
             commit_comments: BTreeMap::new(),
             check_runs: BTreeMap::new(),

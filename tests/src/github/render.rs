@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 
 use super::git::{CommitInfo, FileChange, TreeEntry};
 use super::model::{
-    Account, CheckRun, Comment, CommitComment, Installation, PullRequest, Reaction, Repository,
-    Review, World,
+    Account, CheckRun, Comment, CommitComment, Installation, IssueEvent, PullRequest, Reaction,
+    Repository, Review, World,
 };
 
 /// GitHub's time format, `2026-12-01T13:05:22Z`.
@@ -314,7 +314,7 @@ impl<'a> Render<'a> {
             "title": pr.title,
             "user": self.user(&pr.author),
             "body": pr.body,
-            "labels": [],
+            "labels": pr.labels.iter().map(|l| self.label(&pr.repo, l)).collect::<Vec<_>>(),
             "milestone": null,
             "active_lock_reason": null,
             "created_at": time(pr.created_at),
@@ -377,6 +377,36 @@ impl<'a> Render<'a> {
             Some(r) if r.permission_of(login) >= super::model::Permission::Write => "COLLABORATOR",
             _ => "NONE",
         }
+    }
+
+    /// A repository's label (the fake gives every name the same colour).
+    pub fn label(&self, repo: &str, name: &str) -> Value {
+        let id = super::repository_id(&format!("{repo}#{name}"));
+        json!({
+            "id": id,
+            "node_id": node_id("Label", id),
+            "url": format!("{}/repos/{repo}/labels/{name}", self.base),
+            "name": name,
+            "description": null,
+            "color": "ededed",
+            "default": false,
+        })
+    }
+
+    /// An issue's `labeled` or `unlabeled` timeline event.
+    pub fn issue_event(&self, event: &IssueEvent) -> Value {
+        json!({
+            "id": event.id,
+            "node_id": node_id("LabeledEvent", event.id),
+            "url": format!("{}/repos/{}/issues/events/{}", self.base, event.repo, event.id),
+            "actor": self.user(&event.actor),
+            "event": event.event,
+            "commit_id": null,
+            "commit_url": null,
+            "created_at": time(event.created_at),
+            "performed_via_github_app": null,
+            "label": {"name": event.label, "color": "ededed"},
+        })
     }
 
     pub fn comment(&self, comment: &Comment) -> Value {

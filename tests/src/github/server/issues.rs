@@ -28,6 +28,58 @@ pub(super) async fn list_comments(call: &Call<'_>) -> Answer {
     Ok(Reply::ok(200, json!(comments)))
 }
 
+/// `GET /repos/{owner}/{repo}/issues/{issue_number}/labels`
+pub(super) async fn list_labels(call: &Call<'_>) -> Answer {
+    let Call {
+        shared, op, auth, ..
+    } = *call;
+    let base = call.base();
+
+    let repo = readable(shared, auth, op)?;
+    let n = number(op, "issue_number")?;
+    let world = shared.world.lock().unwrap();
+    let pr = world
+        .pulls
+        .get(&(repo.full_name(), n))
+        .ok_or_else(Reply::not_found)?;
+    let render = Render::new(base, &world);
+    let labels: Vec<Value> = pr
+        .labels
+        .iter()
+        .map(|l| render.label(&pr.repo, l))
+        .collect();
+    Ok(Reply::ok(200, json!(labels)))
+}
+
+/// `GET /repos/{owner}/{repo}/issues/{issue_number}/events`: the label events, oldest first,
+/// paged as GitHub pages them (`per_page`, default 30; `page` from 1).
+pub(super) async fn list_events(call: &Call<'_>) -> Answer {
+    let Call {
+        shared, op, auth, ..
+    } = *call;
+    let base = call.base();
+
+    let repo = readable(shared, auth, op)?;
+    let n = number(op, "issue_number")?;
+    let query = |name: &str| call.query_value(name).and_then(|v| v.parse::<usize>().ok());
+    let per_page = query("per_page").unwrap_or(30).clamp(1, 100);
+    let page = query("page").unwrap_or(1).max(1);
+    let world = shared.world.lock().unwrap();
+    if !world.pulls.contains_key(&(repo.full_name(), n)) {
+        return Err(Reply::not_found());
+    }
+    let render = Render::new(base, &world);
+    let events: Vec<Value> = world
+        .issue_events
+        .values()
+        .filter(|e| e.repo == repo.full_name() && e.issue_number == n)
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .map(|e| render.issue_event(e))
+        .collect();
+    Ok(Reply::ok(200, json!(events)))
+}
+
 /// `GET /repos/{owner}/{repo}/issues/comments/{comment_id}`
 pub(super) async fn get_comment(call: &Call<'_>) -> Answer {
     let Call {

@@ -364,6 +364,12 @@ async fn dispatch(call: Call<'_>) -> Answer {
         ("GET", "/repos/{owner}/{repo}/issues/{issue_number}/comments") => {
             issues::list_comments(&call).await
         }
+        ("GET", "/repos/{owner}/{repo}/issues/{issue_number}/labels") => {
+            issues::list_labels(&call).await
+        }
+        ("GET", "/repos/{owner}/{repo}/issues/{issue_number}/events") => {
+            issues::list_events(&call).await
+        }
         ("GET", "/repos/{owner}/{repo}/issues/comments/{comment_id}") => {
             issues::get_comment(&call).await
         }
