@@ -29,6 +29,7 @@ use serde::Deserialize;
 use testbot_proto::now_ms;
 use testbot_proto::provenance::{CommitRef, Provenance};
 use testbot_proto::repo_config::{CONFIG_PATH, paths_match};
+use tracing::Instrument as _;
 
 use super::config::{self, ConfigAt};
 use super::{GitHubApp, GitHubError};
@@ -97,8 +98,10 @@ pub async fn run_consumer(state: AppState, app: Arc<GitHubApp>) {
                     event = %delivery.event,
                     action = delivery.action.as_deref().unwrap_or("")
                 );
-                let _enter = span.enter();
-                finish(&state, &delivery, process(&state, &app, &delivery).await).await;
+                let result = process(&state, &app, &delivery)
+                    .instrument(span.clone())
+                    .await;
+                finish(&state, &delivery, result).instrument(span).await;
                 continue;
             }
             Ok(None) => {}
@@ -195,7 +198,7 @@ async fn process(
         ("issue_comment", _) => {
             Ok(super::commands::on_comment(state, app, &delivery.id, parse(delivery)?).await?)
         }
-        ("pull_request", "opened" | "reopened" | "synchronize") => {
+        ("pull_request", "opened" | "reopened" | "synchronize" | "labeled") => {
             Ok(super::pulls::on_pull_request(state, app, parse(delivery)?).await?)
         }
         ("pull_request_review", "submitted") => {
