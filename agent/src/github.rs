@@ -76,6 +76,9 @@ struct Cached {
 /// Most answers kept.
 const CACHE_ENTRIES: usize = 1024;
 
+/// Most pages of a pull request's timeline events read to find who added a label (100 each).
+const MAX_EVENT_PAGES: u32 = 10;
+
 /// How long an answer about `path` is reused: a file at a commit never changes; a repository's
 /// id and a branch's history rarely; who may write, and a pull request's head, can change at
 /// any time, so they are kept only seconds.
@@ -464,6 +467,11 @@ impl GitHubVerifier {
                     .check_review(repository, number, provenance, *review_id, by)
                     .await;
             }
+            Approval::Label { label, by } => {
+                return self
+                    .check_label(repository, number, provenance, label, by)
+                    .await;
+            }
             Approval::Author { by } => {
                 // The pull request was opened by `by`, who has write permission now.
                 if !pr_author.eq_ignore_ascii_case(by) {
@@ -583,6 +591,74 @@ impl GitHubVerifier {
             )));
         }
         self.check_may_write(repository, &author).await
+    }
+
+    /// A label approval: the pull request is from a branch of the repository itself (a label
+    /// names no commit, so it cannot approve a fork's), has the label now, the last time it
+    /// was added it was `by` who added it, and `by` may write now.
+    async fn check_label(
+        &self,
+        repository: &str,
+        number: u64,
+        provenance: &Provenance,
+        label: &str,
+        by: &str,
+    ) -> Result<(), VerifyError> {
+        #[derive(Deserialize)]
+        struct Label {
+            name: String,
+        }
+        #[derive(Deserialize)]
+        struct Event {
+            event: String,
+            actor: Option<Login>,
+            #[serde(default)]
+            label: Option<Label>,
+        }
+        if provenance.from_fork() {
+            return Err(VerifyError::Refused(format!(
+                "label {label:?} cannot approve pull request {repository}#{number}: it comes from a fork, and a label names no commit (a maintainer approves one with `/testbot run {}`)",
+                provenance.commit().sha
+            )));
+        }
+        let labels: Vec<Label> = self
+            .get(&format!("/repos/{repository}/issues/{number}/labels"), &[])
+            .await?
+            .unwrap_or_default();
+        if !labels.iter().any(|l| l.name == label) {
+            return Err(VerifyError::Refused(format!(
+                "pull request {repository}#{number} does not have the label {label:?} (any more)"
+            )));
+        }
+        let path = format!("/repos/{repository}/issues/{number}/events");
+        let mut added_by = None;
+        for page in 1..=MAX_EVENT_PAGES {
+            let page = page.to_string();
+            let events: Vec<Event> = self
+                .get(&path, &[("per_page", "100"), ("page", &page)])
+                .await?
+                .unwrap_or_default();
+            let last = events.len() < 100;
+            for event in events {
+                if event.event == "labeled" && event.label.is_some_and(|l| l.name == label) {
+                    added_by = Some(event.actor.map(|a| a.login).unwrap_or_default());
+                }
+            }
+            if last {
+                break;
+            }
+        }
+        match added_by {
+            Some(actor) if actor.eq_ignore_ascii_case(by) => {
+                self.check_may_write(repository, by).await
+            }
+            Some(actor) => Err(VerifyError::Refused(format!(
+                "label {label:?} on pull request {repository}#{number} was added by {actor}, not {by}"
+            ))),
+            None => Err(VerifyError::Refused(format!(
+                "GitHub shows no one adding label {label:?} to pull request {repository}#{number}"
+            ))),
+        }
     }
 
     /// `login` has write permission on `repository` now (asked with the site's own token).
@@ -757,6 +833,7 @@ fn check_trigger(
         }),
         Provenance::PullRequest { approval, .. } => match approval {
             Approval::Comment { .. } | Approval::Review { .. } => declared.on.comment,
+            Approval::Label { label, .. } => declared.on.label.contains(label),
             Approval::Author { .. } => declared
                 .on
                 .pull_request
@@ -778,6 +855,10 @@ fn check_trigger(
                     approval: Approval::Author { .. },
                     ..
                 } => "pull requests without being asked".to_string(),
+                Provenance::PullRequest {
+                    approval: Approval::Label { label, .. },
+                    ..
+                } => format!("the label {label:?}"),
                 Provenance::PullRequest { .. } => "request (on.comment = false)".to_string(),
             }
         )))

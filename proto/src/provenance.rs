@@ -74,6 +74,10 @@ pub enum Approval {
     /// The pull request's own author, who has write permission: the job's
     /// `on.pull_request.automatic = "writers"` runs it without being asked.
     Author { by: String },
+    /// Someone with write permission added a label that the job's `on.label` names, to a pull
+    /// request from a branch of the repository itself. A label names no commit, so it never
+    /// approves a fork's code.
+    Label { label: String, by: String },
 }
 
 impl Approval {
@@ -82,7 +86,8 @@ impl Approval {
         match self {
             Approval::Comment { by, .. }
             | Approval::Review { by, .. }
-            | Approval::Author { by } => by,
+            | Approval::Author { by }
+            | Approval::Label { by, .. } => by,
         }
     }
 }

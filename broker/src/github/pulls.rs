@@ -6,6 +6,9 @@
 //! - A fork's pull request whose author may not write gets an `action_required` check run on its
 //!   head, saying how a maintainer approves that commit; every push needs a new approval, so each
 //!   new head gets one.
+//! - `labeled`: a label that jobs' `on.label` name, added by someone with write permission,
+//!   runs those jobs on a pull request from the repository's own branches. A label names no
+//!   commit, so on a fork's pull request it only gets the `action_required` check run.
 
 use serde::Deserialize;
 use testbot_proto::provenance::{Approval, CommitRef, Provenance};
@@ -24,6 +27,15 @@ pub struct PullRequestEvent {
     pub repository: super::process::RepoRef,
     #[serde(default)]
     pub installation: Option<super::process::IdOnly>,
+    pub sender: super::process::Login,
+    /// The label added (`labeled`).
+    #[serde(default)]
+    pub label: Option<Label>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Label {
+    pub name: String,
 }
 
 /// A pull request as the App reads it (from a delivery, or `GET .../pulls/{number}`).
@@ -60,8 +72,10 @@ pub async fn on_pull_request(
     let Some(installation) = &event.installation else {
         return Ok(());
     };
-    if !matches!(event.action.as_str(), "opened" | "reopened" | "synchronize")
-        || event.pull_request.state != "open"
+    if !matches!(
+        event.action.as_str(),
+        "opened" | "reopened" | "synchronize" | "labeled"
+    ) || event.pull_request.state != "open"
     {
         return Ok(());
     }
@@ -80,6 +94,59 @@ pub async fn on_pull_request(
         .as_ref()
         .map_or_else(String::new, |r| r.full_name.clone());
     let fork = !head_repository.eq_ignore_ascii_case(&repo.full_name);
+    let provenance_of = |job: &str, approval: Approval| Provenance::PullRequest {
+        commit: CommitRef {
+            repository: repo.full_name.clone(),
+            repository_id: repo.id as u64,
+            sha: pr.head.sha.clone(),
+            job: job.to_string(),
+            config_sha: base_head.clone(),
+        },
+        number: event.number,
+        base_branch: pr.base.git_ref.clone(),
+        head_repository: head_repository.clone(),
+        approval,
+    };
+    if event.action == "labeled" {
+        let Some(label) = &event.label else {
+            return Ok(());
+        };
+        let labelled: Vec<_> = config
+            .jobs
+            .iter()
+            .filter(|(_, job)| job.on.label.contains(&label.name))
+            .collect();
+        if labelled.is_empty() {
+            return Ok(());
+        }
+        if fork {
+            return approval_needed(&client, &repo.full_name, &pr.head.sha, &app.public_url).await;
+        }
+        let by = &event.sender.login;
+        if !super::commands::may_write(&client, &repo.full_name, by).await? {
+            tracing::info!(
+                repository = %repo.full_name,
+                number = event.number,
+                label = %label.name,
+                sender = %by,
+                "A label that starts jobs was added by someone without write permission; nothing runs."
+            );
+            return Ok(());
+        }
+        for (name, job) in labelled {
+            let provenance = provenance_of(
+                name,
+                Approval::Label {
+                    label: label.name.clone(),
+                    by: by.clone(),
+                },
+            );
+            super::jobs::submit(state, installation.id, &provenance, job, job.repeat)
+                .await
+                .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
+        }
+        return Ok(());
+    }
     let author = &pr.user.login;
     let writer = super::commands::may_write(&client, &repo.full_name, author).await?;
     if !writer {
@@ -116,19 +183,7 @@ pub async fn on_pull_request(
         if !paths_match(paths, &changed) {
             continue;
         }
-        let provenance = Provenance::PullRequest {
-            commit: CommitRef {
-                repository: repo.full_name.clone(),
-                repository_id: repo.id as u64,
-                sha: pr.head.sha.clone(),
-                job: name.clone(),
-                config_sha: base_head.clone(),
-            },
-            number: event.number,
-            base_branch: pr.base.git_ref.clone(),
-            head_repository: head_repository.clone(),
-            approval: Approval::Author { by: author.clone() },
-        };
+        let provenance = provenance_of(name, Approval::Author { by: author.clone() });
         super::jobs::submit(state, installation.id, &provenance, job, job.repeat)
             .await
             .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;

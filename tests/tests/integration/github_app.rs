@@ -1170,3 +1170,184 @@ async fn a_merge_runs_its_post_merge_job_through_slurm() {
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+const LABEL_CONFIG: &str = r#"
+[jobs.unit]
+executor = "shell"
+script = 'echo "unit tests of $(cat src/greeting.txt)"'
+
+[jobs.gpu]
+executor = "shell"
+script = 'echo "gpu tests of $(cat src/greeting.txt)"'
+
+[jobs.gpu.on]
+comment = false
+label = ["run-on-hpc"]
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_label_from_a_writer_runs_its_jobs_and_never_a_forks_code() {
+    use testbot_e2e::github::Permission;
+    ensure_account(JOB_ACCOUNT);
+    let (fake, mut fleet) = installed_app().await;
+    fake.set_permission(REPO, "maintainer", Permission::Write);
+    fake.set_permission(REPO, "triager", Permission::Triage);
+    fake.commit(
+        REPO,
+        "main",
+        &[
+            (".github/testbot.toml", LABEL_CONFIG),
+            ("src/greeting.txt", "main"),
+        ],
+        "Config",
+    )
+    .await;
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(pr_policy(&fleet, &fake));
+    let agent = fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+
+    fake.commit(
+        REPO,
+        "feature",
+        &[("src/greeting.txt", "the feature")],
+        "Change",
+    )
+    .await;
+    let pr = fake
+        .open_pull_request(REPO, "main", REPO, "feature", "maintainer", "Change")
+        .await;
+    // Deliveries are processed in order: what runs nothing comes first, then the one that
+    // runs; exactly one job shows that the others ran none.
+    // Someone who may triage but not write; a label no job names.
+    fake.add_label(REPO, pr.number, "run-on-hpc", "triager")
+        .await;
+    fake.remove_label(REPO, pr.number, "run-on-hpc", "triager")
+        .await;
+    fake.add_label(REPO, pr.number, "documentation", "maintainer")
+        .await;
+    fake.add_label(REPO, pr.number, "run-on-hpc", "maintainer")
+        .await;
+    let job = wait_jobs(&fleet, 1).await.remove(0);
+    let job = fleet.wait_finished(job.id).await;
+    let log = fleet.log(job.id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}\n{log}");
+    assert_eq!(job.spec.name.as_deref(), Some("gpu"));
+    assert!(log.contains("gpu tests of the feature"), "{log}");
+
+    // A fork's pull request: a label names no commit, so a maintainer's label gets the
+    // approval check run and runs nothing.
+    fake.fork(REPO, "outsider").await;
+    fake.commit(
+        "outsider/solver",
+        "patch",
+        &[("src/greeting.txt", "a fork")],
+        "Patch",
+    )
+    .await;
+    let fpr = fake
+        .open_pull_request(
+            REPO,
+            "main",
+            "outsider/solver",
+            "patch",
+            "outsider",
+            "Patch",
+        )
+        .await;
+    fake.add_label(REPO, fpr.number, "run-on-hpc", "maintainer")
+        .await;
+    wait_for(
+        "two approval check runs on the fork's head",
+        WAIT,
+        || async {
+            let waiting = fake
+                .check_runs(REPO)
+                .into_iter()
+                .filter(|r| {
+                    r.head_sha == fpr.head_sha
+                        && r.current().conclusion.as_deref() == Some("action_required")
+                })
+                .count();
+            (waiting == 2).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(jobs_of(&fleet).await.len(), 1);
+
+    // A broker that says someone else added the label, or names a label no job of the
+    // config starts on, is refused at the site; so is a job whose label was taken off again.
+    fleet.agent_shutdown(agent).drain.cancel();
+    fleet.agent_exit(agent).await.unwrap();
+    for _ in 0..2 {
+        fake.remove_label(REPO, pr.number, "run-on-hpc", "maintainer")
+            .await;
+        fake.add_label(REPO, pr.number, "run-on-hpc", "maintainer")
+            .await;
+    }
+    let jobs = wait_jobs(&fleet, 3).await;
+    let (other_adder, other_label) = (jobs[1].id, jobs[0].id);
+    tamper(
+        &fleet,
+        "UPDATE github_jobs SET provenance = json_set(provenance, '$.approval.by', ?1) WHERE job_id = ?2",
+        "triager",
+        other_adder.0,
+    )
+    .await;
+    tamper(
+        &fleet,
+        "UPDATE github_jobs SET provenance = json_set(provenance, '$.approval.label', ?1) WHERE job_id = ?2",
+        "documentation",
+        other_label.0,
+    )
+    .await;
+    let mut config = fleet.agent_config("login2");
+    config.policy = Some(pr_policy(&fleet, &fake));
+    let agent = fleet.add_agent(config);
+    refused(
+        &fleet,
+        other_adder,
+        "label \"run-on-hpc\" on pull request hpc-lab/solver#1 was added by maintainer, not triager",
+    )
+    .await;
+    refused(
+        &fleet,
+        other_label,
+        "job gpu in .github/testbot.toml does not run on the label \"documentation\"",
+    )
+    .await;
+
+    fleet.agent_shutdown(agent).drain.cancel();
+    fleet.agent_exit(agent).await.unwrap();
+    fake.remove_label(REPO, pr.number, "run-on-hpc", "maintainer")
+        .await;
+    fake.add_label(REPO, pr.number, "run-on-hpc", "maintainer")
+        .await;
+    let late = wait_jobs(&fleet, 4).await[0].id;
+    fake.remove_label(REPO, pr.number, "run-on-hpc", "maintainer")
+        .await;
+    let mut config = fleet.agent_config("login3");
+    config.policy = Some(pr_policy(&fleet, &fake));
+    fleet.add_agent(config);
+    refused(
+        &fleet,
+        late,
+        "pull request hpc-lab/solver#1 does not have the label \"run-on-hpc\"",
+    )
+    .await;
+    fake.assert_conforms();
+    fleet.stop().await;
+}
+
+/// Waits for a site to refuse job `id` saying `expected` (the job goes back to the queue, or
+/// fails when no other agent may take it).
+async fn refused(fleet: &Fleet, id: testbot_proto::jobs::JobId, expected: &str) {
+    wait_for(&format!("a site to refuse: {expected}"), WAIT, || async {
+        let job = fleet.client().job(id).await.unwrap();
+        assert_ne!(job.state, JobState::Succeeded, "{job:?}");
+        job.reason
+            .is_some_and(|r| r.contains(expected))
+            .then_some(())
+    })
+    .await;
+}
