@@ -452,7 +452,7 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
     };
     let id = job.id;
     let log_url = format!(
-        "{}/api/v1/jobs/{id}/log",
+        "{}/jobs/{id}",
         inputs.broker_url.trim_end_matches('/')
     );
     println!("job {id} queued; log: {log_url}");
@@ -548,7 +548,7 @@ mod tests {
             finished_at_ms: Some(63_000),
             waiting: None,
         };
-        let text = summary(&job, "https://b/api/v1/jobs/12/log");
+        let text = summary(&job, "https://b/jobs/12");
         assert!(text.starts_with("### testbot job 12: failure\n"), "{text}");
         for row in [
             "| site | hpc |",

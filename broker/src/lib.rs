@@ -19,10 +19,12 @@
 //! - [`auth`]: bearer tokens and principals; [`error`]: the JSON error type and extractors.
 //! - [`access`]: what a workflow token may do besides submitting (forwarded tokens), and the
 //!   repository ids a registration is bound to.
-//! - [`github`]: the GitHub REST calls the broker makes (repository permission checks).
+//! - [`github`]: the GitHub App (webhooks, check runs, commands) and the GitHub REST calls the
+//!   broker makes (repository permission checks).
 //! - [`nonces`]: replay protection for signed agent requests.
 //! - [`limits`]: queue quotas and the retention sweep of finished jobs.
 //! - [`health`]: `/healthz` and `/readyz`; [`metrics`]: `/metrics` for Prometheus.
+//! - [`web`]: the web pages: a job's page with its live log (what check runs link to).
 //! - [`cli`]: the `testbot-broker` command-line flags.
 
 pub mod access;
@@ -41,5 +43,6 @@ pub mod routing;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod web;
 
 pub use server::{Broker, BrokerConfig};

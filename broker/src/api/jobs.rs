@@ -37,6 +37,7 @@ pub(super) async fn submit_handler(
                     submitted_by: principal.describe(),
                     oidc_token: Some(token.expose_secret().to_string()),
                     sites,
+                    public: claims.repository_visibility.as_deref() == Some("public"),
                 },
                 Some((claims.jti.as_str(), claims.exp)),
             )

@@ -21,7 +21,7 @@ use crate::store::AppendResult;
 /// Most bytes one log response reads from the database at a time.
 pub(super) const LOG_READ_BYTES: usize = 256 * 1024;
 /// A log follower re-checks the job this often even without a wake-up.
-pub(super) const FOLLOW_RECHECK: Duration = Duration::from_secs(15);
+pub(crate) const FOLLOW_RECHECK: Duration = Duration::from_secs(15);
 
 /// Streams the log from `offset` as plain text; with `follow`, until the job ends.
 pub(super) async fn log_handler(

@@ -29,6 +29,7 @@ use crate::state::AppState;
 use crate::store::LeaseRefusal;
 
 use self::{agent::*, jobs::*, logs::*, repos::*, sites::*};
+pub(crate) use logs::FOLLOW_RECHECK;
 
 /// The broker's router: every route, the JSON error fallbacks, and the layers.
 pub fn create_app(state: AppState) -> Router {
@@ -83,6 +84,7 @@ pub fn create_app(state: AppState) -> Router {
         .nest(testbot_proto::API_PREFIX, api)
         .merge(crate::health::routes())
         .merge(crate::metrics::routes())
+        .merge(crate::web::routes())
         .fallback(not_found_handler)
         .method_not_allowed_fallback(method_not_allowed_handler)
         .layer(axum::middleware::from_fn_with_state(

@@ -303,9 +303,16 @@ pub async fn on_check_run(
             commit.config_sha, commit.job
         )));
     };
-    super::jobs::submit(state, installation.id, &provenance, job, 1)
-        .await
-        .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
+    super::jobs::submit(
+        state,
+        installation.id,
+        !event.repository.private,
+        &provenance,
+        job,
+        1,
+    )
+    .await
+    .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
     tracing::info!(sender = %event.sender.login, job_id = row.job_id, "Job re-run from its check run.");
     Ok(())
 }
@@ -385,13 +392,15 @@ pub fn check_run_body(
     if let Some(reason) = &job.reason {
         summary.push_str(&format!("\n\n{}", escape_markdown(reason)));
     }
+    let page = format!("{public_url}/jobs/{}", job.id);
     summary.push_str(&format!(
-        "\n\nFollow it with `testbot logs -f {}` (broker {public_url}).",
+        "\n\n[The job's page and live log]({page}), or `testbot logs -f {}`.",
         job.id
     ));
     let mut body = serde_json::json!({
         "name": row.check_name,
         "head_sha": row.head_sha,
+        "details_url": page,
         "external_id": job.id.to_string(),
         "status": status,
         "output": { "title": title, "summary": summary },

@@ -177,6 +177,7 @@ async fn on_commands(
         client: &client,
         repository: &repo.full_name,
         repository_id: repo.id as u64,
+        public: !repo.private,
         installation_id: installation.id,
         number,
         source,
@@ -213,6 +214,8 @@ struct Context<'a> {
     client: &'a octocrab::Octocrab,
     repository: &'a str,
     repository_id: u64,
+    /// The repository is public (its jobs' pages need no sign-in).
+    public: bool,
     installation_id: i64,
     number: u64,
     source: Source,
@@ -344,10 +347,16 @@ impl Context<'_> {
             };
             let runs = count.max(1) * job.repeat;
             let runs = runs.min(testbot_proto::repo_config::MAX_REPEAT);
-            let submitted =
-                super::jobs::submit(self.state, self.installation_id, &provenance, job, runs)
-                    .await
-                    .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
+            let submitted = super::jobs::submit(
+                self.state,
+                self.installation_id,
+                self.public,
+                &provenance,
+                job,
+                runs,
+            )
+            .await
+            .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
             queued += submitted.len();
         }
         Ok(Outcome::Queued(queued))

@@ -85,9 +85,11 @@ pub async fn add_workflow_check_run(
 }
 
 /// Submits `runs` runs of the config's job `provenance.commit().job`, each with its check run.
+/// `public`: GitHub says the repository is public (in the webhook's signed payload, or asked).
 pub async fn submit(
     state: &AppState,
     installation_id: i64,
+    public: bool,
     provenance: &Provenance,
     job: &ConfigJob,
     runs: u32,
@@ -104,6 +106,7 @@ pub async fn submit(
         submitted_by: APP_SUBMITTER.to_string(),
         oidc_token: None,
         sites: job.site.iter().cloned().collect(),
+        public,
     };
     let provenance_json = serde_json::to_string(provenance)?;
     let mut jobs = Vec::new();

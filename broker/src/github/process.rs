@@ -357,9 +357,16 @@ async fn on_push(state: &AppState, app: &GitHubApp, event: PushEvent) -> Result<
             branch: branch.to_string(),
             pushed_by: pushed_by.clone(),
         };
-        super::jobs::submit(state, installation.id, &provenance, job, job.repeat)
-            .await
-            .map_err(|e| Failure::Retry(format!("{e:#}")))?;
+        super::jobs::submit(
+            state,
+            installation.id,
+            !repo.private,
+            &provenance,
+            job,
+            job.repeat,
+        )
+        .await
+        .map_err(|e| Failure::Retry(format!("{e:#}")))?;
     }
     Ok(())
 }
@@ -415,9 +422,16 @@ async fn on_tag(
             tag: tag.to_string(),
             pushed_by: pushed_by.clone(),
         };
-        super::jobs::submit(state, installation, &provenance, job, job.repeat)
-            .await
-            .map_err(|e| Failure::Retry(format!("{e:#}")))?;
+        super::jobs::submit(
+            state,
+            installation,
+            !repo.private,
+            &provenance,
+            job,
+            job.repeat,
+        )
+        .await
+        .map_err(|e| Failure::Retry(format!("{e:#}")))?;
     }
     Ok(())
 }
@@ -466,6 +480,13 @@ pub struct RepoRef {
     pub full_name: String,
     #[serde(default)]
     pub default_branch: Option<String>,
+    /// Taken as private when a payload does not say.
+    #[serde(default = "private")]
+    pub private: bool,
+}
+
+fn private() -> bool {
+    true
 }
 
 impl RepoRef {

@@ -141,9 +141,16 @@ pub async fn on_pull_request(
                     by: by.clone(),
                 },
             );
-            super::jobs::submit(state, installation.id, &provenance, job, job.repeat)
-                .await
-                .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
+            super::jobs::submit(
+                state,
+                installation.id,
+                !repo.private,
+                &provenance,
+                job,
+                job.repeat,
+            )
+            .await
+            .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
         }
         return Ok(());
     }
@@ -184,9 +191,16 @@ pub async fn on_pull_request(
             continue;
         }
         let provenance = provenance_of(name, Approval::Author { by: author.clone() });
-        super::jobs::submit(state, installation.id, &provenance, job, job.repeat)
-            .await
-            .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
+        super::jobs::submit(
+            state,
+            installation.id,
+            !repo.private,
+            &provenance,
+            job,
+            job.repeat,
+        )
+        .await
+        .map_err(|e| GitHubError::Unavailable(format!("{e:#}")))?;
     }
     Ok(())
 }
@@ -213,6 +227,19 @@ pub async fn branch_head(
         .await
         .map_err(|e| GitHubError::from_octocrab("the base branch", e))?;
     Ok(found.commit.sha)
+}
+
+/// Whether GitHub says `repository` is public (a scheduled run has no payload that says).
+pub async fn is_public(client: &octocrab::Octocrab, repository: &str) -> Result<bool, GitHubError> {
+    #[derive(Deserialize)]
+    struct Repository {
+        private: bool,
+    }
+    let found: Repository = client
+        .get(format!("/repos/{repository}"), None::<&()>)
+        .await
+        .map_err(|e| GitHubError::from_octocrab("the repository", e))?;
+    Ok(!found.private)
 }
 
 async fn changed_files(

@@ -141,9 +141,11 @@ async fn run(
         branch: schedule.branch.clone(),
         cron: schedule.cron.clone(),
     };
+    let public = super::pulls::is_public(&client, &schedule.repository).await?;
     super::jobs::submit(
         state,
         schedule.installation_id,
+        public,
         &provenance,
         job,
         job.repeat,

@@ -39,6 +39,19 @@ impl GitHubApi {
         }
     }
 
+    /// Where people see GitHub in a browser: `https://github.com` for the public API,
+    /// `https://HOST` for GitHub Enterprise Server's `https://HOST/api/v3`.
+    pub fn web_url(&self) -> String {
+        if self.base_url == super::GITHUB_API_URL.trim_end_matches('/') {
+            "https://github.com".to_string()
+        } else {
+            self.base_url
+                .strip_suffix("/api/v3")
+                .unwrap_or(&self.base_url)
+                .to_string()
+        }
+    }
+
     /// Who holds `token`, and whether they have admin permission on `repo` (`owner/name`).
     pub async fn repo_permission(
         &self,

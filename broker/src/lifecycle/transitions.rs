@@ -136,6 +136,7 @@ mod tests {
             oidc_token: None,
             metadata: None,
             secret_env: None,
+            public: false,
         }
     }
 

@@ -186,6 +186,8 @@ pub struct JobModel {
     /// The values of the spec's secret variables (a JSON object), until the job ends; `spec`
     /// holds `***` in their place.
     pub secret_env: Option<String>,
+    /// Its repository is public: its page and log are readable without signing in.
+    pub public: bool,
 }
 
 /// Who a job is for, recorded with it at submission.
@@ -197,6 +199,8 @@ pub struct JobOrigin {
     pub oidc_token: Option<String>,
     /// Sites the job may run on; empty: any.
     pub sites: Vec<String>,
+    /// The repository is public, as GitHub says (see [`JobModel::public`]).
+    pub public: bool,
 }
 
 impl JobModel {

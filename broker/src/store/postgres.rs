@@ -58,7 +58,7 @@ mod github;
 /// The columns of [`JobModel`], in its field order.
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
      lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \
-     repository, run_id, submitted_by, oidc_token, metadata::text AS metadata, secret_env";
+     repository, run_id, submitted_by, oidc_token, metadata::text AS metadata, secret_env, public";
 
 /// The columns of [`RepoModel`], in its field order.
 const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, updated_at_ms, \
@@ -719,8 +719,8 @@ impl Store for PgStore {
         }
         let sql = format!(
             "INSERT INTO jobs (spec, labels, executor, state, created_at_ms, repository, run_id,
-                 submitted_by, oidc_token, sites, submit_jti, secret_env)
-             VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, $8, $9::jsonb, $10, $11)
+                 submitted_by, oidc_token, sites, submit_jti, secret_env, public)
+             VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12)
              RETURNING {JOB_COLUMNS}"
         );
         let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -735,6 +735,7 @@ impl Store for PgStore {
             .bind(stored.sites)
             .bind(jti.map(|(jti, _)| jti))
             .bind(stored.secret_env)
+            .bind(origin.public)
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;

@@ -146,7 +146,7 @@ macro_rules! job_columns {
     () => {
         "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
          lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, \
-         finished_at_ms, repository, run_id, submitted_by, oidc_token, metadata, secret_env"
+         finished_at_ms, repository, run_id, submitted_by, oidc_token, metadata, secret_env, public"
     };
 }
 
@@ -201,6 +201,7 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobModel> {
         oidc_token: row.get(18)?,
         metadata: row.get(19)?,
         secret_env: row.get(20)?,
+        public: row.get(21)?,
     })
 }
 
@@ -265,8 +266,8 @@ fn insert_job_row(
 ) -> rusqlite::Result<JobModel> {
     tx.prepare_cached(concat!(
         "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id,
-             submitted_by, oidc_token, sites, submit_jti, secret_env)
-         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             submitted_by, oidc_token, sites, submit_jti, secret_env, public)
+         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          RETURNING ",
         job_columns!()
     ))?
@@ -282,6 +283,7 @@ fn insert_job_row(
             stored.sites,
             jti,
             stored.secret_env,
+            origin.public,
         ],
         job_row,
     )

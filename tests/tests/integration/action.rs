@@ -192,7 +192,7 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
     assert_eq!(job.repository.as_deref(), Some(REPO));
     assert!(
         out.contains(&format!(
-            "outputs: job-id={} result=success exit-code=0 log-url={}/api/v1/jobs/{}/log",
+            "outputs: job-id={} result=success exit-code=0 log-url={}/jobs/{}",
             job.id, fleet.url, job.id
         )),
         "{out}"

@@ -272,6 +272,21 @@ async fn a_push_to_main_runs_the_configured_job_verified_at_the_site_with_its_ch
         "{:?}",
         done.output
     );
+    // "Details" opens the job's page, which anyone may read: the repository is public.
+    assert_eq!(
+        done.details_url.as_deref(),
+        Some(format!("https://testbot.example.org/jobs/{}", job.id).as_str())
+    );
+    let page = reqwest::get(format!("{}/jobs/{}", fleet.url, job.id))
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains(&format!("{}/{REPO}/commit/{sha}", fake.url)),
+        "{html}"
+    );
+    assert!(html.contains("push: to main by"), "{html}");
     fake.assert_conforms();
     fleet.stop().await;
 }

@@ -34,3 +34,4 @@ mod site_policy;
 mod slurm;
 mod trust;
 mod upgrade;
+mod web;

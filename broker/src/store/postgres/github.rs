@@ -194,8 +194,8 @@ impl GitHubStore for PgStore {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "INSERT INTO jobs (spec, labels, executor, state, created_at_ms, repository, run_id,
-                 submitted_by, oidc_token, sites, submit_jti, secret_env)
-             VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, NULL, $8::jsonb, NULL, $9)
+                 submitted_by, oidc_token, sites, submit_jti, secret_env, public)
+             VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, NULL, $8::jsonb, NULL, $9, $10)
              RETURNING {JOB_COLUMNS}"
         );
         let model: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -208,6 +208,7 @@ impl GitHubStore for PgStore {
             .bind(&origin.submitted_by)
             .bind(stored.sites)
             .bind(stored.secret_env)
+            .bind(origin.public)
             .fetch_one(&mut *tx)
             .await?;
         sqlx::query(
