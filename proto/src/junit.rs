@@ -538,9 +538,15 @@ impl TextBuf {
         self.omitted += (bytes.len() - room) as u64;
     }
 
-    /// The kept bytes as text: invalid UTF-8 becomes U+FFFD, and a character the cut split in
-    /// two is dropped (and counted as omitted).
-    fn finish(self, flags: &mut TextFlags) -> Option<Excerpt> {
+    /// The kept bytes as text. Invalid UTF-8 becomes U+FFFD, which is longer than the byte it
+    /// replaces: the growth is charged to `remaining_total`, and the text still keeps within
+    /// `cap` (what does not fit is omitted). A character the cut split in two is dropped.
+    fn finish(
+        self,
+        cap: usize,
+        remaining_total: &mut usize,
+        flags: &mut TextFlags,
+    ) -> Option<Excerpt> {
         if !self.present {
             return None;
         }
@@ -552,18 +558,48 @@ impl TextBuf {
             omitted += split as u64;
             flags.cut += 1;
         }
-        let text = match String::from_utf8(bytes) {
-            Ok(text) => text,
+        let kept = bytes.len();
+        let max = cap.min(kept.saturating_add(*remaining_total));
+        let (text, used) = match String::from_utf8(bytes) {
+            Ok(text) => {
+                let used = text.len();
+                (text, used)
+            }
             Err(err) => {
                 flags.invalid_utf8 = true;
-                String::from_utf8_lossy(err.as_bytes()).into_owned()
+                decode_lossy_within(err.as_bytes(), max)
             }
         };
+        *remaining_total -= text.len().saturating_sub(kept);
+        omitted += (kept - used) as u64;
         Some(Excerpt {
             text,
             omitted_bytes: omitted,
         })
     }
+}
+
+/// `bytes` as UTF-8 with U+FFFD for what is not, in at most `max` bytes; and how many of
+/// `bytes` that text stands for.
+fn decode_lossy_within(bytes: &[u8], max: usize) -> (String, usize) {
+    let mut text = String::with_capacity(bytes.len().min(max));
+    let mut used = 0;
+    for chunk in bytes.utf8_chunks() {
+        let valid = cut_str(chunk.valid(), max - text.len());
+        text.push_str(valid);
+        used += valid.len();
+        if valid.len() < chunk.valid().len() {
+            break;
+        }
+        if !chunk.invalid().is_empty() {
+            if text.len() + char::REPLACEMENT_CHARACTER.len_utf8() > max {
+                break;
+            }
+            text.push(char::REPLACEMENT_CHARACTER);
+            used += chunk.invalid().len();
+        }
+    }
+    (text, used)
 }
 
 /// `excerpt` without whitespace at either end; `None` when nothing else is left.
@@ -595,6 +631,19 @@ struct TextFlags {
     unknown_entity: Option<String>,
     bare_ampersand: bool,
     cut: usize,
+}
+
+/// What turning collected bytes into [`Excerpt`]s needs.
+struct TextLimits<'a> {
+    cap: usize,
+    remaining: &'a mut usize,
+    flags: &'a mut TextFlags,
+}
+
+impl TextLimits<'_> {
+    fn finish(&mut self, buf: TextBuf) -> Option<Excerpt> {
+        buf.finish(self.cap, self.remaining, self.flags)
+    }
 }
 
 /// Where [`Source::scan_text`] puts what it reads.
@@ -639,18 +688,18 @@ impl AttemptBuilder {
         }
     }
 
-    fn finish(self, flags: &mut TextFlags) -> Attempt {
+    fn finish(self, texts: &mut TextLimits<'_>) -> Attempt {
         Attempt {
             outcome: self.outcome,
             duration_secs: self.duration_secs,
             timestamp: self.timestamp,
-            message: self.message.finish(flags),
+            message: texts.finish(self.message),
             kind: self.kind,
             // Bodies and stack traces sit between indented tags: their surrounding whitespace
             // is layout, not text.
-            details: self.details.finish(flags).and_then(trimmed),
-            system_out: self.system_out.finish(flags),
-            system_err: self.system_err.finish(flags),
+            details: texts.finish(self.details).and_then(trimmed),
+            system_out: texts.finish(self.system_out),
+            system_err: texts.finish(self.system_err),
         }
     }
 }
@@ -1092,6 +1141,13 @@ impl<'l> Parser<'l> {
                         }
                         path.push_str(&suite.name);
                     }
+                    let mut texts = TextLimits {
+                        cap: self.limits.max_text_bytes,
+                        remaining: &mut self.remaining_text,
+                        flags: &mut self.text_flags,
+                    };
+                    let system_out = texts.finish(suite.system_out);
+                    let system_err = texts.finish(suite.system_err);
                     let mut properties = suite.properties;
                     properties.truncate(self.limits.max_properties);
                     let suite = TestSuite {
@@ -1100,8 +1156,8 @@ impl<'l> Parser<'l> {
                         hostname: suite.hostname,
                         duration_secs: suite.duration_secs,
                         properties,
-                        system_out: suite.system_out.finish(&mut self.text_flags),
-                        system_err: suite.system_err.finish(&mut self.text_flags),
+                        system_out,
+                        system_err,
                     };
                     self.report.suites.push(suite);
                 }
@@ -1119,17 +1175,21 @@ impl<'l> Parser<'l> {
         let Some(case) = self.case.take() else {
             return Flow::Continue;
         };
-        let flags = &mut self.text_flags;
+        let mut texts = TextLimits {
+            cap: self.limits.max_text_bytes,
+            remaining: &mut self.remaining_text,
+            flags: &mut self.text_flags,
+        };
         let main_first = case.main.outcome.is_failure();
         let mut attempts = Vec::with_capacity(case.reruns.len() + 1);
-        let main = case.main.finish(flags);
+        let main = case.main.finish(&mut texts);
         // A first failure is followed by its reruns (Surefire's and nextest's `rerun*`); flaky
         // failures come before the final pass (`flaky*`).
         if main_first {
             attempts.push(main);
-            attempts.extend(case.reruns.into_iter().map(|a| a.finish(flags)));
+            attempts.extend(case.reruns.into_iter().map(|a| a.finish(&mut texts)));
         } else {
-            attempts.extend(case.reruns.into_iter().map(|a| a.finish(flags)));
+            attempts.extend(case.reruns.into_iter().map(|a| a.finish(&mut texts)));
             attempts.push(main);
         }
         if self.attempts + attempts.len() > self.limits.max_attempts {

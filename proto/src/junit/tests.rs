@@ -857,3 +857,36 @@ mod alloc_count {
         (result, peak.max(0) as usize)
     }
 }
+
+/// Found by the `junit` fuzz target: U+FFFD is three bytes, so a text of invalid bytes grew to
+/// three times its limit when it was decoded.
+#[test]
+fn invalid_utf8_keeps_within_the_text_limits() {
+    let input = fixture_regression();
+    let limits = JunitLimits {
+        max_text_bytes: 8,
+        max_total_text_bytes: 14,
+        ..JunitLimits::default()
+    };
+    let report = parse_with(&input, &limits);
+    let outputs: Vec<(&str, u64)> = report.cases[0]
+        .attempts
+        .iter()
+        .map(|a| {
+            let out = a.system_out.as_ref().unwrap();
+            (out.text.as_str(), out.omitted_bytes)
+        })
+        .collect();
+    // The first keeps two replacements in its 8 bytes; the second gets the 6 bytes left of
+    // the report's budget, room for one.
+    assert_eq!(outputs, [("ab\u{FFFD}\u{FFFD}", 4), ("ab\u{FFFD}", 5)]);
+    check_invariants(&report, &limits);
+}
+
+fn fixture_regression() -> Vec<u8> {
+    std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/corpus/junit/regression-invalid-utf8-growth"
+    ))
+    .unwrap()
+}
