@@ -13,6 +13,7 @@
 //! - [`provenance`]: what made a GitHub App job, for the agent to verify.
 //! - [`repo_config`]: a repository's `.github/testbot.toml` (the GitHub App's jobs and triggers).
 //! - [`results`]: how a job ended, as reported by the agent.
+//! - [`junit`]: JUnit XML result files that jobs upload, read as a bounded stream.
 //! - [`secrets`]: secret job variables: how they are checked, shown as `***` and masked in logs.
 //! - [`signing`]: Ed25519 signatures on agent requests.
 //! - [`sites`]: sites, enrollment tokens and enrolled agents.
@@ -30,6 +31,7 @@ pub mod commands;
 pub mod error;
 pub mod glob;
 pub mod jobs;
+pub mod junit;
 pub mod logs;
 pub mod oidc;
 pub mod provenance;
