@@ -451,10 +451,7 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
         }
     };
     let id = job.id;
-    let log_url = format!(
-        "{}/jobs/{id}",
-        inputs.broker_url.trim_end_matches('/')
-    );
+    let log_url = format!("{}/jobs/{id}", inputs.broker_url.trim_end_matches('/'));
     println!("job {id} queued; log: {log_url}");
     println!("::endgroup::");
     let mut running = active_jobs();
@@ -536,6 +533,7 @@ mod tests {
             reason: None,
             exit_code: Some(3),
             signal: None,
+            cause: Some(testbot_proto::results::FailureCause::TestFailure),
             attempts: 1,
             agent: Some("hpc/login1".into()),
             cancel_requested: false,

@@ -25,6 +25,9 @@ pub fn print_job(job: &Job) {
     if let Some(name) = &job.spec.name {
         println!("  name:      {name}");
     }
+    if let Some(cause) = job.cause {
+        println!("  cause:     {cause}");
+    }
     if let Some(agent) = &job.agent {
         println!("  agent:     {agent} (attempt {})", job.attempts);
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use testbot_proto::agents::{Assignment, ReleaseKind, ReleaseRequest};
 use testbot_proto::client::{Backoff, BrokerClient, ClientError};
 use testbot_proto::jobs::JobState;
-use testbot_proto::results::{FinishRequest, Outcome};
+use testbot_proto::results::{FailureCause, FinishRequest, Outcome};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -366,7 +366,11 @@ impl JobRunner {
             }
         };
         if status.cancel_requested {
-            let outcome = Outcome::with_state(JobState::Cancelled, "cancelled before it started");
+            let outcome = Outcome::with_cause(
+                JobState::Cancelled,
+                FailureCause::Cancelled,
+                "cancelled before it started",
+            );
             self.finish(id, &lease, outcome).await;
             return;
         }
@@ -422,8 +426,12 @@ impl JobRunner {
                         },
                     )
                     .await;
-                self.finish(id, &lease, Outcome::with_state(JobState::Error, reason))
-                    .await;
+                self.finish(
+                    id,
+                    &lease,
+                    Outcome::with_cause(JobState::Error, FailureCause::PolicyRefusal, reason),
+                )
+                .await;
                 return;
             }
         };
@@ -484,7 +492,11 @@ impl JobRunner {
                     self.finish(
                         id,
                         &detached.lease,
-                        Outcome::with_state(JobState::Error, format!("cannot re-attach: {err}")),
+                        Outcome::with_cause(
+                            JobState::Error,
+                            FailureCause::Infrastructure,
+                            format!("cannot re-attach: {err}"),
+                        ),
                     )
                     .await;
                     return;
@@ -582,26 +594,40 @@ impl JobRunner {
         let mut outcome = match result {
             Ok(ExecOutcome::Exited(code)) => Outcome::exited(code),
             Ok(ExecOutcome::Signalled(signal)) => Outcome::signalled(signal),
-            Ok(ExecOutcome::TimedOut(limit)) => Outcome::with_state(
+            Ok(ExecOutcome::TimedOut(limit)) => Outcome::with_cause(
                 JobState::Failed,
+                FailureCause::Timeout,
                 format!("timed out after {}", humantime::format_duration(limit)),
             ),
-            Ok(ExecOutcome::Failed { state, reason }) => Outcome::with_state(state, reason),
+            Ok(ExecOutcome::Failed {
+                state,
+                cause,
+                reason,
+            }) => Outcome::with_cause(state, cause, reason),
             Ok(ExecOutcome::Stopped) => match reason {
-                Some(StopReason::Cancelled) => {
-                    Outcome::with_state(JobState::Cancelled, "cancelled by a user")
-                }
-                Some(StopReason::LeaseLost) => Outcome::with_state(JobState::Error, "lease lost"),
-                // Only the agent's own hard stop cancels without a reason.
-                None => Outcome::with_state(
+                Some(StopReason::Cancelled) => Outcome::with_cause(
                     JobState::Cancelled,
+                    FailureCause::Cancelled,
+                    "cancelled by a user",
+                ),
+                Some(StopReason::LeaseLost) => {
+                    Outcome::with_cause(JobState::Error, FailureCause::Infrastructure, "lease lost")
+                }
+                // Only the agent's own hard stop cancels without a reason.
+                None => Outcome::with_cause(
+                    JobState::Cancelled,
+                    FailureCause::Cancelled,
                     format!("cancelled: agent {} shut down", self.agent),
                 ),
             },
             Err(err) => {
                 tracing::error!(job_id = %id, ?err, "The executor failed.");
                 sink.system(format!("the executor failed: {err:#}")).await;
-                Outcome::with_state(JobState::Error, format!("executor failed: {err:#}"))
+                Outcome::with_cause(
+                    JobState::Error,
+                    FailureCause::Infrastructure,
+                    format!("executor failed: {err:#}"),
+                )
             }
         };
         if let Some(reason) = &mut outcome.reason {

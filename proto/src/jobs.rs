@@ -391,6 +391,9 @@ pub struct Job {
     /// The signal that ended the script, when one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// Why it did not succeed, once it ended without success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<crate::results::FailureCause>,
     /// How many times an agent has claimed the job.
     pub attempts: u32,
     /// The agent holding or last holding the job.
@@ -430,6 +433,7 @@ impl Job {
             exit_code: self.exit_code,
             signal: self.signal,
             reason: self.reason.clone(),
+            cause: self.cause,
         })
     }
 

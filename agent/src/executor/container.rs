@@ -24,6 +24,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use testbot_proto::jobs::JobState;
 use testbot_proto::logs::{MAX_LINE_BYTES, Stream};
+use testbot_proto::results::FailureCause;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
@@ -461,6 +462,7 @@ impl ContainerExecutor {
             let limit = limit.map(|m| format!(" of {m} MiB")).unwrap_or_default();
             return Ok(ExecOutcome::Failed {
                 state: JobState::Failed,
+                cause: FailureCause::OutOfMemory,
                 reason: format!(
                     "out of memory: the container went over its memory limit{limit} and was killed"
                 ),
@@ -471,6 +473,7 @@ impl ContainerExecutor {
         if let (137, Some(limit)) = (code, limit) {
             return Ok(ExecOutcome::Failed {
                 state: JobState::Failed,
+                cause: FailureCause::OutOfMemory,
                 reason: format!(
                     "out of memory (probably): the container was killed by SIGKILL under its memory limit of {limit} MiB; {} did not report the cause",
                     self.engine.program()

@@ -42,6 +42,7 @@ use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, Po
 use kube::runtime::{WatchStreamExt as _, watcher};
 use testbot_proto::jobs::{JobId, JobState};
 use testbot_proto::logs::Stream;
+use testbot_proto::results::FailureCause;
 use tokio::time::Instant;
 use tokio_util::compat::FuturesAsyncReadCompatExt as _;
 use tokio_util::sync::CancellationToken;
@@ -700,6 +701,7 @@ impl KubernetesExecutor {
             }
             End::Broken(reason) => ExecOutcome::Failed {
                 state: JobState::Error,
+                cause: FailureCause::Infrastructure,
                 reason,
             },
             End::Terminated { code, reason } if reason.as_deref() == Some("OOMKilled") => {
@@ -711,6 +713,7 @@ impl KubernetesExecutor {
                     .unwrap_or_default();
                 ExecOutcome::Failed {
                     state: JobState::Failed,
+                    cause: FailureCause::OutOfMemory,
                     reason: format!(
                         "out of memory: the pod went over its memory limit{limit} and was killed (exit code {code})"
                     ),

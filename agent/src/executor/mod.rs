@@ -65,6 +65,7 @@ pub enum ExecOutcome {
     /// Ended by its scheduler for a reason of its own (out of memory, node failure, preempted).
     Failed {
         state: testbot_proto::jobs::JobState,
+        cause: testbot_proto::results::FailureCause,
         reason: String,
     },
 }

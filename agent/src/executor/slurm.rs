@@ -27,6 +27,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use testbot_proto::jobs::JobState;
 use testbot_proto::logs::{MAX_LINE_BYTES, Stream};
+use testbot_proto::results::FailureCause;
 use tokio::process::Command;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -539,28 +540,34 @@ pub fn outcome_of(status: &SlurmStatus, limit: Duration) -> ExecOutcome {
         "TIMEOUT" | "DEADLINE" => ExecOutcome::TimedOut(limit),
         "OUT_OF_MEMORY" => ExecOutcome::Failed {
             state: JobState::Failed,
+            cause: FailureCause::OutOfMemory,
             reason: "out of memory: Slurm killed the job (OUT_OF_MEMORY)".into(),
         },
         "CANCELLED" => ExecOutcome::Failed {
             state: JobState::Cancelled,
+            cause: FailureCause::Cancelled,
             reason:
                 "cancelled in Slurm (CANCELLED: scancel outside testbot, or by an administrator)"
                     .into(),
         },
         "NODE_FAIL" => ExecOutcome::Failed {
             state: JobState::Error,
+            cause: FailureCause::Infrastructure,
             reason: "the Slurm node failed (NODE_FAIL)".into(),
         },
         "PREEMPTED" => ExecOutcome::Failed {
             state: JobState::Error,
+            cause: FailureCause::Infrastructure,
             reason: "preempted by Slurm (PREEMPTED)".into(),
         },
         "BOOT_FAIL" => ExecOutcome::Failed {
             state: JobState::Error,
+            cause: FailureCause::Infrastructure,
             reason: "the Slurm node failed to boot (BOOT_FAIL)".into(),
         },
         other => ExecOutcome::Failed {
             state: JobState::Error,
+            cause: FailureCause::Infrastructure,
             reason: format!(
                 "Slurm ended the job in state {other}{}",
                 status
@@ -1011,7 +1018,9 @@ repositories = ["my-org/*"]
             ("PREEMPTED", JobState::Error),
         ] {
             match outcome_of(&status(state, (0, 0)), limit) {
-                ExecOutcome::Failed { state: got, reason } => {
+                ExecOutcome::Failed {
+                    state: got, reason, ..
+                } => {
                     assert_eq!(got, want, "{state}");
                     assert!(reason.contains(state), "{reason}");
                 }

@@ -3,6 +3,7 @@
 
 use testbot_proto::jobs::JobState;
 use testbot_proto::logs::{Stream, format_line};
+use testbot_proto::results::FailureCause;
 
 use crate::store::{JobModel, LogCut, Transition};
 
@@ -17,10 +18,16 @@ pub fn agent_text(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
 
-fn transition(state: JobState, reason: String, at_ms: i64) -> Transition {
+fn transition(
+    state: JobState,
+    cause: Option<FailureCause>,
+    reason: String,
+    at_ms: i64,
+) -> Transition {
     Transition {
         log_line: system_line(at_ms, &reason),
         state,
+        cause,
         reason,
     }
 }
@@ -30,14 +37,16 @@ fn transition(state: JobState, reason: String, at_ms: i64) -> Transition {
 pub fn lease_expired(job: &JobModel, max_attempts: u32, at_ms: i64) -> Transition {
     let agent = job.agent.as_deref().unwrap_or("?");
     let attempts = job.attempts.clamp(0, i64::from(u32::MAX)) as u32;
-    let (state, reason) = if job.cancel_requested {
+    let (state, cause, reason) = if job.cancel_requested {
         (
             JobState::Cancelled,
+            Some(FailureCause::Cancelled),
             format!("cancelled; agent {agent} was lost before it confirmed"),
         )
     } else if attempts >= max_attempts {
         (
             JobState::Error,
+            Some(FailureCause::Infrastructure),
             format!(
                 "agent lost: agent {agent} stopped renewing its lease \
                  (attempt {attempts} of {max_attempts})"
@@ -46,27 +55,29 @@ pub fn lease_expired(job: &JobModel, max_attempts: u32, at_ms: i64) -> Transitio
     } else {
         (
             JobState::Queued,
+            None,
             format!(
                 "requeued: agent {agent} stopped renewing its lease \
                  (attempt {attempts} of {max_attempts})"
             ),
         )
     };
-    transition(state, reason, at_ms)
+    transition(state, cause, reason, at_ms)
 }
 
 /// A queued job that is cancelled ends at once.
 pub fn cancelled_before_start(at_ms: i64) -> Transition {
     transition(
         JobState::Cancelled,
+        Some(FailureCause::Cancelled),
         "cancelled before it started".to_string(),
         at_ms,
     )
 }
 
 /// What a hand-back means, given how often the job was handed back before (`releases`): queued
-/// again with `requeue_reason`, unless no other agent may run it (`final_reason`) or this is
-/// hand-back number `max_releases`; then it ends `error`.
+/// again with `requeue_reason`, unless no other agent may run it (`final_reason`: every site's
+/// policy refuses it) or this is hand-back number `max_releases`; then it ends `error`.
 pub fn released(
     requeue_reason: &str,
     final_reason: Option<&str>,
@@ -76,13 +87,19 @@ pub fn released(
 ) -> Transition {
     let count = releases.saturating_add(1);
     match final_reason {
-        Some(reason) => transition(JobState::Error, reason.to_string(), at_ms),
+        Some(reason) => transition(
+            JobState::Error,
+            Some(FailureCause::PolicyRefusal),
+            reason.to_string(),
+            at_ms,
+        ),
         None if count >= max_releases => transition(
             JobState::Error,
+            Some(FailureCause::Infrastructure),
             format!("{requeue_reason}; handed back {count} times, giving up"),
             at_ms,
         ),
-        None => transition(JobState::Queued, requeue_reason.to_string(), at_ms),
+        None => transition(JobState::Queued, None, requeue_reason.to_string(), at_ms),
     }
 }
 
@@ -137,6 +154,7 @@ mod tests {
             metadata: None,
             secret_env: None,
             public: false,
+            cause: None,
         }
     }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
 use testbot_proto::repos::{Repo, RepoSettings};
-use testbot_proto::results::Outcome;
+use testbot_proto::results::{FailureCause, Outcome};
 
 pub mod github;
 pub mod notify;
@@ -83,6 +83,8 @@ impl From<serde_json::Error> for StoreError {
 pub struct Transition {
     /// [`JobState::Queued`] (the job runs again) or an end state.
     pub state: JobState,
+    /// For an end state other than success, why.
+    pub cause: Option<FailureCause>,
     /// The job's reason.
     pub reason: String,
     /// Appended to the job's log: one whole system line (see [`testbot_proto::logs`]).
@@ -188,6 +190,8 @@ pub struct JobModel {
     pub secret_env: Option<String>,
     /// Its repository is public: its page and log are readable without signing in.
     pub public: bool,
+    /// Why it did not succeed (a [`FailureCause`] by name), once it ended without success.
+    pub cause: Option<String>,
 }
 
 /// Who a job is for, recorded with it at submission.
@@ -254,6 +258,7 @@ impl JobModel {
             reason: self.reason.clone(),
             exit_code: self.exit_code,
             signal: self.signal,
+            cause: self.cause.as_deref().and_then(FailureCause::parse),
             attempts: self.attempts as u32,
             agent: self.agent.clone(),
             cancel_requested: self.cancel_requested,

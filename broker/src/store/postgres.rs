@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, Postgres, Transaction};
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
-use testbot_proto::results::Outcome;
+use testbot_proto::results::{FailureCause, Outcome};
 
 use super::{
     AgentModel, AgentOffer, ApiTokenModel, AppendPlan, AppendResult, EnrollRefusal,
@@ -58,7 +58,7 @@ mod github;
 /// The columns of [`JobModel`], in its field order.
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
      lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \
-     repository, run_id, submitted_by, oidc_token, metadata::text AS metadata, secret_env, public";
+     repository, run_id, submitted_by, oidc_token, metadata::text AS metadata, secret_env, public, cause";
 
 /// The columns of [`RepoModel`], in its field order.
 const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, updated_at_ms, \
@@ -963,7 +963,7 @@ impl Store for PgStore {
             "UPDATE jobs SET state = $2, reason = $3, lease = NULL, lease_expires_at_ms = NULL,
                  attempts = GREATEST(attempts - 1, 0), releases = releases + 1,
                  started_at_ms = CASE WHEN $2 = 'queued' THEN NULL ELSE started_at_ms END,
-                 finished_at_ms = $4
+                 finished_at_ms = $4, cause = $5
              WHERE id = $1 RETURNING {JOB_COLUMNS}"
         );
         let updated: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -971,6 +971,7 @@ impl Store for PgStore {
             .bind(to.state.as_str())
             .bind(&to.reason)
             .bind(to.state.is_terminal().then(now_ms))
+            .bind(to.cause.map(FailureCause::as_str))
             .fetch_one(&mut *tx)
             .await?;
         if to.state == JobState::Queued {
@@ -1140,7 +1141,7 @@ impl Store for PgStore {
     ) -> StoreResult<Result<JobModel, LeaseRefusal>> {
         let sql = format!(
             "UPDATE jobs SET state = $3, reason = $4, exit_code = $5, signal = $6,
-                 finished_at_ms = $7, lease = NULL, lease_expires_at_ms = NULL
+                 finished_at_ms = $7, lease = NULL, lease_expires_at_ms = NULL, cause = $8
              WHERE id = $1 AND lease = $2 AND state IN ('assigned', 'running')
              RETURNING {JOB_COLUMNS}"
         );
@@ -1152,6 +1153,7 @@ impl Store for PgStore {
             .bind(outcome.exit_code)
             .bind(outcome.signal)
             .bind(now_ms())
+            .bind(outcome.cause().map(FailureCause::as_str))
             .fetch_optional(&self.pool)
             .await?;
         match row {
@@ -1178,13 +1180,14 @@ impl Store for PgStore {
             JobState::Queued => {
                 sqlx::query(
                     "UPDATE jobs SET state = $2, reason = $3, finished_at_ms = $4,
-                         cancel_requested = TRUE
+                         cancel_requested = TRUE, cause = $5
                      WHERE id = $1",
                 )
                 .bind(id.0)
                 .bind(queued.state.as_str())
                 .bind(&queued.reason)
                 .bind(queued.state.is_terminal().then(now_ms))
+                .bind(queued.cause.map(FailureCause::as_str))
                 .execute(&mut *tx)
                 .await?;
                 append_raw(&mut tx, id, log_bytes as u64, queued.log_line.as_bytes()).await?;
@@ -1227,7 +1230,7 @@ impl Store for PgStore {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "UPDATE jobs SET state = $3, reason = $4, lease = NULL, lease_expires_at_ms = NULL,
-                 finished_at_ms = $5
+                 finished_at_ms = $5, cause = $7
              WHERE id = $1 AND lease = $2 AND state IN ('assigned', 'running')
                AND lease_expires_at_ms < $6
              RETURNING {JOB_COLUMNS}"
@@ -1239,6 +1242,7 @@ impl Store for PgStore {
             .bind(&to.reason)
             .bind(to.state.is_terminal().then_some(now_ms))
             .bind(now_ms)
+            .bind(to.cause.map(FailureCause::as_str))
             .fetch_optional(&mut *tx)
             .await?;
         let Some(updated) = updated else {

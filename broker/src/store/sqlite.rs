@@ -30,7 +30,7 @@ use sqlx::SqliteConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
-use testbot_proto::results::Outcome;
+use testbot_proto::results::{FailureCause, Outcome};
 
 use super::{
     AgentModel, AgentOffer, ApiTokenModel, AppendPlan, AppendResult, EnrollRefusal,
@@ -146,7 +146,7 @@ macro_rules! job_columns {
     () => {
         "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
          lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, \
-         finished_at_ms, repository, run_id, submitted_by, oidc_token, metadata, secret_env, public"
+         finished_at_ms, repository, run_id, submitted_by, oidc_token, metadata, secret_env, public, cause"
     };
 }
 
@@ -202,6 +202,7 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobModel> {
         metadata: row.get(19)?,
         secret_env: row.get(20)?,
         public: row.get(21)?,
+        cause: row.get(22)?,
     })
 }
 
@@ -1460,7 +1461,7 @@ impl Store for SqliteStore {
                                  attempts = MAX(attempts - 1, 0), releases = releases + 1,
                                  started_at_ms = CASE WHEN ?2 = 'queued' THEN NULL
                                                       ELSE started_at_ms END,
-                                 finished_at_ms = ?4
+                                 finished_at_ms = ?4, cause = ?5
                              WHERE id = ?1 RETURNING ",
                             job_columns!()
                         ))?
@@ -1470,6 +1471,7 @@ impl Store for SqliteStore {
                                 to.state.as_str(),
                                 to.reason,
                                 to.state.is_terminal().then(now_ms),
+                                to.cause.map(FailureCause::as_str),
                             ],
                             job_row,
                         )?;
@@ -1676,7 +1678,8 @@ impl Store for SqliteStore {
                 let job = tx
                     .prepare_cached(concat!(
                         "UPDATE jobs SET state = ?3, reason = ?4, exit_code = ?5, signal = ?6,
-                             finished_at_ms = ?7, lease = NULL, lease_expires_at_ms = NULL
+                             finished_at_ms = ?7, lease = NULL, lease_expires_at_ms = NULL,
+                             cause = ?8
                          WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
                          RETURNING ",
                         job_columns!()
@@ -1690,6 +1693,7 @@ impl Store for SqliteStore {
                             outcome.exit_code,
                             outcome.signal,
                             now_ms(),
+                            outcome.cause().map(FailureCause::as_str),
                         ],
                         job_row,
                     )
@@ -1721,7 +1725,7 @@ impl Store for SqliteStore {
                     JobState::Queued => {
                         tx.prepare_cached(
                             "UPDATE jobs SET state = ?2, reason = ?3, finished_at_ms = ?4,
-                                 cancel_requested = 1
+                                 cancel_requested = 1, cause = ?5
                              WHERE id = ?1",
                         )?
                         .execute(params![
@@ -1729,6 +1733,7 @@ impl Store for SqliteStore {
                             queued.state.as_str(),
                             queued.reason,
                             queued.state.is_terminal().then(now_ms),
+                            queued.cause.map(FailureCause::as_str),
                         ])?;
                         append_raw(tx, id, log_bytes as u64, queued.log_line.as_bytes())?;
                     }
@@ -1762,7 +1767,7 @@ impl Store for SqliteStore {
                 let updated = tx
                     .prepare_cached(concat!(
                         "UPDATE jobs SET state = ?3, reason = ?4, lease = NULL,
-                             lease_expires_at_ms = NULL, finished_at_ms = ?5
+                             lease_expires_at_ms = NULL, finished_at_ms = ?5, cause = ?7
                          WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')
                            AND lease_expires_at_ms < ?6
                          RETURNING ",
@@ -1776,6 +1781,7 @@ impl Store for SqliteStore {
                             to.reason,
                             to.state.is_terminal().then_some(now_ms),
                             now_ms,
+                            to.cause.map(FailureCause::as_str),
                         ],
                         job_row,
                     )

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
-use testbot_proto::results::Outcome;
+use testbot_proto::results::{FailureCause, Outcome};
 
 use super::*;
 use crate::lifecycle::transitions;
@@ -119,6 +119,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    every_end_but_success_records_its_cause,
     a_job_goes_from_queued_to_its_one_result,
     a_late_call_under_an_old_lease_is_refused,
     a_claim_takes_only_jobs_the_offer_admits_oldest_first,
@@ -630,6 +631,71 @@ async fn a_chunk_whose_first_line_does_not_fit_is_cut_before_it(store: &dyn Stor
     );
 }
 
+async fn every_end_but_success_records_its_cause(store: &dyn Store) {
+    let any = offer("s", &[]);
+    let mut ended = Vec::new();
+    for (lease, outcome) in [
+        ("ok", Outcome::succeeded()),
+        ("exit", Outcome::exited(3)),
+        (
+            "oom",
+            Outcome::with_cause(
+                JobState::Failed,
+                FailureCause::OutOfMemory,
+                "out of memory: Slurm killed the job (OUT_OF_MEMORY)",
+            ),
+        ),
+        // An agent that reports no cause: inferred from the state and the reason.
+        (
+            "old-timeout",
+            Outcome {
+                cause: None,
+                ..Outcome::with_cause(
+                    JobState::Failed,
+                    FailureCause::Timeout,
+                    "timed out after 5s",
+                )
+            },
+        ),
+        (
+            "old-error",
+            Outcome {
+                cause: None,
+                ..Outcome::with_cause(JobState::Error, FailureCause::Infrastructure, "it broke")
+            },
+        ),
+    ] {
+        let job = queue(store, &[]).await;
+        claim(store, "s/a", &any, lease).await.unwrap();
+        let done = store
+            .finish_job(job.job_id(), lease, &outcome)
+            .await
+            .unwrap()
+            .unwrap();
+        ended.push(done.to_job().unwrap().cause);
+    }
+    assert_eq!(
+        ended,
+        [
+            None,
+            Some(FailureCause::TestFailure),
+            Some(FailureCause::OutOfMemory),
+            Some(FailureCause::Timeout),
+            Some(FailureCause::Infrastructure),
+        ]
+    );
+    let queued = queue(store, &[]).await;
+    let cancelled = store
+        .request_cancel(
+            queued.job_id(),
+            &transitions::cancelled_before_start(now_ms()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cancelled.cause.as_deref(), Some("cancelled"));
+}
+
 async fn an_expired_lease_is_ended_as_decided_unless_it_was_renewed(store: &dyn Store) {
     let job = queue(store, &[]).await;
     let id = job.job_id();
@@ -660,6 +726,7 @@ async fn an_expired_lease_is_ended_as_decided_unless_it_was_renewed(store: &dyn 
         .unwrap()
         .unwrap();
     assert_eq!(requeued.state(), JobState::Queued);
+    assert_eq!(requeued.cause, None);
     assert!(requeued.lease.is_none() && requeued.finished_at_ms.is_none());
     assert!(
         log_of(store, id)
@@ -676,6 +743,7 @@ async fn an_expired_lease_is_ended_as_decided_unless_it_was_renewed(store: &dyn 
         .unwrap()
         .unwrap();
     assert_eq!(ended.state(), JobState::Error);
+    assert_eq!(ended.cause.as_deref(), Some("infrastructure"));
     assert!(ended.finished_at_ms.is_some());
 }
 
@@ -719,6 +787,10 @@ async fn a_hand_back_applies_the_decision_and_holds_the_agent_back(store: &dyn S
         .unwrap();
     assert_eq!(ended.state(), JobState::Error);
     assert_eq!(ended.reason.as_deref(), Some("nobody else may run it"));
+    assert_eq!(
+        ended.to_job().unwrap().cause,
+        Some(FailureCause::PolicyRefusal)
+    );
     assert!(
         log_of(store, id)
             .await
@@ -1090,7 +1162,7 @@ async fn credentials_are_dropped_when_a_job_ends_and_retention_deletes_it(store:
         .finish_job(
             finished.job_id(),
             "l",
-            &Outcome::with_state(JobState::Failed, "exit 1"),
+            &Outcome::with_cause(JobState::Failed, FailureCause::TestFailure, "exit 1"),
         )
         .await
         .unwrap()

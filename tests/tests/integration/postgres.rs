@@ -298,7 +298,11 @@ async fn an_agents_text_with_a_nul_character_is_handled_alike_on_both_databases(
                 job.id,
                 &FinishRequest {
                     lease,
-                    outcome: Outcome::with_state(JobState::Failed, "exit\0ed"),
+                    outcome: Outcome::with_cause(
+                        JobState::Failed,
+                        testbot_proto::results::FailureCause::TestFailure,
+                        "exit\0ed",
+                    ),
                 },
             )
             .await
