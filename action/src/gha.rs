@@ -534,6 +534,7 @@ mod tests {
             exit_code: Some(3),
             signal: None,
             cause: Some(testbot_proto::results::FailureCause::TestFailure),
+            batch: None,
             attempts: 1,
             agent: Some("hpc/login1".into()),
             cancel_requested: false,

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
+use testbot_proto::batches::BatchId;
 use testbot_proto::client::{BrokerClient, follow_log};
 use testbot_proto::jobs::{JobId, JobListQuery, JobSpec, JobState, Resources};
 use testbot_proto::repos::RepoRegistration;
@@ -55,6 +56,18 @@ enum Command {
         /// Show each log line's timestamp.
         #[arg(long)]
         timestamps: bool,
+        /// Run the job this many times, in parallel on every agent that takes it, as one batch:
+        /// a line per run as it ends and a summary instead of the logs. Exits non-zero if any
+        /// run failed (3 if only the fleet failed runs).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        repeat: u32,
+    },
+    /// Show a batch: each run's result and the totals; with --cancel, cancel its runs first.
+    Batch {
+        batch: BatchId,
+        /// Cancel every run that has not ended.
+        #[arg(long)]
+        cancel: bool,
     },
     /// Submit a job and print its id.
     Submit {
@@ -376,9 +389,30 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
         } => gha::watch(parent).await,
         Command::Action { cancel: true, .. } => gha::cancel().await,
         Command::Action { .. } => gha::run().await,
-        Command::Run { job, timestamps } => {
+        Command::Run {
+            job,
+            timestamps,
+            repeat,
+        } => {
             let client = client(&url, token)?;
+            if repeat > 1 {
+                return run_batch(&client, job.into_spec()?, repeat, json).await;
+            }
             run_job(&client, job.into_spec()?, json, timestamps).await
+        }
+        Command::Batch { batch, cancel } => {
+            let client = client(&url, token)?;
+            let batch = if cancel {
+                client.cancel_batch(batch).await?
+            } else {
+                client.batch(batch).await?
+            };
+            if json {
+                output::print_json(&batch)?;
+            } else {
+                output::print_batch(&batch);
+            }
+            Ok(0)
         }
         Command::Submit { job } => {
             let client = client(&url, token)?;
@@ -669,6 +703,64 @@ async fn agent_command(
 /// A job still queued this long after `testbot run` submitted it gets a line saying why it
 /// waits (the broker's `waiting`).
 const QUEUED_NOTICE_AFTER: Duration = Duration::from_secs(3);
+
+/// How often `run --repeat` asks how its batch stands.
+const BATCH_POLL: Duration = Duration::from_millis(500);
+
+/// `run --repeat N`: queues the batch, prints a line for each run as it ends, then the totals
+/// and the runs that did not succeed. Ctrl-C cancels the batch.
+async fn run_batch(
+    client: &BrokerClient,
+    spec: JobSpec,
+    runs: u32,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let batch = client.submit_batch(&spec, runs).await?;
+    let id = batch.id;
+    if !json {
+        eprintln!(
+            "testbot: batch {id}: {runs} runs queued at {} (jobs {}-{})",
+            client.base_url(),
+            batch.jobs.first().map_or(0, |j| j.id.0),
+            batch.jobs.last().map_or(0, |j| j.id.0),
+        );
+    }
+    let mut reported = std::collections::HashSet::new();
+    let mut interrupts = 0;
+    let batch = loop {
+        let batch = client.batch(id).await?;
+        if !json {
+            for job in batch.jobs.iter().filter(|j| j.state.is_terminal()) {
+                if reported.insert(job.id) {
+                    println!("{}", output::describe_run(job, runs));
+                }
+            }
+        }
+        if batch.is_finished() {
+            break batch;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(BATCH_POLL) => {}
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                if interrupts > 1 {
+                    eprintln!("testbot: not waiting for batch {id} to stop");
+                    return Ok(130);
+                }
+                eprintln!("testbot: cancelling batch {id} (Ctrl-C again to stop waiting)");
+                if let Err(err) = client.cancel_batch(id).await {
+                    eprintln!("testbot: cannot cancel batch {id}: {err}");
+                }
+            }
+        }
+    };
+    if json {
+        output::print_json(&batch)?;
+    } else {
+        output::print_batch_summary(&batch);
+    }
+    Ok(batch.cli_exit_code())
+}
 
 async fn run_job(
     client: &BrokerClient,

@@ -20,6 +20,56 @@ pub fn describe_state(job: &Job) -> String {
     }
 }
 
+/// One run of a batch, as `run --repeat` reports it when it ends:
+/// `run 3/20 (job 45): failed: test failure (exit code 1) on hpc/login1 in 2.1s`.
+pub fn describe_run(job: &Job, runs: u32) -> String {
+    let run = job.batch.map_or(0, |place| place.run);
+    let mut line = format!("run {run}/{runs} (job {}): {}", job.id, job.state);
+    if let Some(cause) = job.cause {
+        line.push_str(&format!(": {cause}"));
+    }
+    if let Some(reason) = &job.reason {
+        line.push_str(&format!(" ({})", sanitize(reason)));
+    }
+    if let Some(agent) = &job.agent {
+        line.push_str(&format!(" on {agent}"));
+    }
+    if let (Some(start), Some(end)) = (job.started_at_ms, job.finished_at_ms) {
+        line.push_str(&format!(" in {:.1}s", (end - start).max(0) as f64 / 1000.0));
+    }
+    line
+}
+
+/// The totals of an ended batch and how to read the runs that did not succeed.
+pub fn print_batch_summary(batch: &testbot_proto::batches::Batch) {
+    println!("batch {}: {} runs: {}", batch.id, batch.runs, batch.totals);
+    let unsuccessful: Vec<_> = batch
+        .jobs
+        .iter()
+        .filter(|j| j.state != testbot_proto::jobs::JobState::Succeeded)
+        .collect();
+    if !unsuccessful.is_empty() {
+        let ids: Vec<String> = unsuccessful.iter().map(|j| j.id.to_string()).collect();
+        println!(
+            "not succeeded: jobs {} (read one with `testbot logs JOB`)",
+            ids.join(", ")
+        );
+    }
+}
+
+/// A batch, each run on a line, then its totals.
+pub fn print_batch(batch: &testbot_proto::batches::Batch) {
+    for job in &batch.jobs {
+        if job.state.is_terminal() {
+            println!("{}", describe_run(job, batch.runs));
+        } else {
+            let run = job.batch.map_or(0, |place| place.run);
+            println!("run {run}/{} (job {}): {}", batch.runs, job.id, job.state);
+        }
+    }
+    print_batch_summary(batch);
+}
+
 pub fn print_job(job: &Job) {
     println!("job {}: {}", job.id, describe_state(job));
     if let Some(name) = &job.spec.name {
@@ -27,6 +77,12 @@ pub fn print_job(job: &Job) {
     }
     if let Some(cause) = job.cause {
         println!("  cause:     {cause}");
+    }
+    if let Some(place) = job.batch {
+        println!(
+            "  batch:     {} (run {} of {})",
+            place.batch, place.run, place.runs
+        );
     }
     if let Some(agent) = &job.agent {
         println!("  agent:     {agent} (attempt {})", job.attempts);

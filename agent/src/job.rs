@@ -453,6 +453,7 @@ impl JobRunner {
             keep_dir: self.keep_job_dirs,
             lease,
             heartbeat_interval_ms: assignment.heartbeat_interval_ms,
+            batch: assignment.batch,
         };
         self.execute(
             ctx,
@@ -517,6 +518,8 @@ impl JobRunner {
             keep_dir: self.keep_job_dirs,
             lease: detached.lease,
             heartbeat_interval_ms: detached.heartbeat_interval_ms,
+            // The script started before the agent did; its environment is set already.
+            batch: None,
         };
         self.execute(ctx, log_offset, Start::Resume, hard_stop)
             .await;

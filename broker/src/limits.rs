@@ -132,21 +132,29 @@ pub async fn check_queue_quota(
     repository: &str,
     spec: &JobSpec,
     allowed_sites: &[String],
+    adding: u32,
 ) -> Result<(), ApiError> {
+    let adding_note = if adding > 1 {
+        format!(" (and the batch would add {adding})")
+    } else {
+        String::new()
+    };
     let queued = db.queued_jobs_of_repo(repository).await?;
-    if queued >= i64::from(limits.max_queued_per_repo) {
+    if queued + i64::from(adding) > i64::from(limits.max_queued_per_repo) {
         return Err(ApiError::QuotaExceeded(format!(
-            "repository {repository} has {queued} jobs waiting in the queue, the most this broker \
-             allows (--max-queued-per-repo {}); submit again once some of them have run",
+            "repository {repository} has {queued} jobs waiting in the queue{adding_note}, the \
+             most this broker allows (--max-queued-per-repo {}); submit again once some of them \
+             have run",
             limits.max_queued_per_repo
         )));
     }
     for site in sites_of(spec, allowed_sites) {
         let queued = db.queued_jobs_for_site(&site).await?;
-        if queued >= i64::from(limits.max_queued_per_site) {
+        if queued + i64::from(adding) > i64::from(limits.max_queued_per_site) {
             return Err(ApiError::QuotaExceeded(format!(
-                "site {site} has {queued} jobs waiting in the queue, the most this broker allows \
-                 (--max-queued-per-site {}); submit again once some of them have run",
+                "site {site} has {queued} jobs waiting in the queue{adding_note}, the most this \
+                 broker allows (--max-queued-per-site {}); submit again once some of them have \
+                 run",
                 limits.max_queued_per_site
             )));
         }

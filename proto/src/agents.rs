@@ -122,6 +122,9 @@ pub struct Assignment {
     /// in the queue far longer than a token lives. None (older brokers): checked at now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_at_ms: Option<i64>,
+    /// The job's place in its batch, when it is a run of one (`TESTBOT_BATCH_RUN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<crate::batches::BatchPlace>,
 }
 
 /// The body of `start` and `heartbeat` calls.

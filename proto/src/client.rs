@@ -314,6 +314,39 @@ impl BrokerClient {
             .await
     }
 
+    /// Queues `runs` runs of `spec` as one batch.
+    pub async fn submit_batch(
+        &self,
+        spec: &JobSpec,
+        runs: u32,
+    ) -> Result<crate::batches::Batch, ClientError> {
+        self.post(
+            "/batches",
+            &crate::batches::BatchRequest {
+                spec: spec.clone(),
+                runs,
+            },
+        )
+        .await
+    }
+
+    pub async fn batch(
+        &self,
+        id: crate::batches::BatchId,
+    ) -> Result<crate::batches::Batch, ClientError> {
+        self.send(self.request(Method::GET, &format!("/batches/{id}")))
+            .await
+    }
+
+    /// Cancels every run of the batch that has not ended.
+    pub async fn cancel_batch(
+        &self,
+        id: crate::batches::BatchId,
+    ) -> Result<crate::batches::Batch, ClientError> {
+        self.post(&format!("/batches/{id}/cancel"), &serde_json::json!({}))
+            .await
+    }
+
     pub async fn create_site(&self, name: &str) -> Result<Site, ClientError> {
         self.post(
             "/sites",

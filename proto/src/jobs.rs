@@ -411,6 +411,9 @@ pub struct Job {
     /// Who submitted it: `operator:NAME` or `workflow:OWNER/REPO@RUN_ID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<String>,
+    /// Its place in a batch, when it is a run of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<crate::batches::BatchPlace>,
     /// Facts its executor reported, e.g. `slurm_job_id`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,

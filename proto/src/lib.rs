@@ -7,6 +7,7 @@
 //! - [`jobs`]: what a job is ([`jobs::JobSpec`]), its lifecycle ([`jobs::JobState`]) and the view
 //!   clients see ([`jobs::Job`]).
 //! - [`agents`]: the agent side of the protocol: poll, assignment, start, heartbeat.
+//! - [`batches`]: N runs of one job, followed and counted as one.
 //! - [`logs`]: log chunks (keyed by byte offset) and the line format of a stored log.
 //! - [`repos`]: repository registration.
 //! - [`commands`]: the `/testbot` comment commands.
@@ -25,6 +26,7 @@
 //! - [`client`] (feature `client`): a typed HTTP client for the broker.
 
 pub mod agents;
+pub mod batches;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod commands;

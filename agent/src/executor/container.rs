@@ -285,13 +285,13 @@ impl ContainerExecutor {
             format!("--volume={dir}/script.sh:/testbot/script.sh:ro"),
             "--workdir=/work".into(),
             "--env=HOME=/work".into(),
-            "--env=CI=true".into(),
-            "--env=TESTBOT=true".into(),
-            format!("--env=TESTBOT_JOB_ID={}", job.id),
-            format!("--env=TESTBOT_ATTEMPT={}", job.attempt),
-            format!("--env=TESTBOT_AGENT={}", job.agent),
             "--env=TESTBOT_WORKSPACE=/work".into(),
         ];
+        args.extend(
+            job.testbot_env()
+                .into_iter()
+                .map(|(name, value)| format!("--env={name}={value}")),
+        );
         if self.settings.read_only_root {
             args.push("--read-only".into());
             args.push("--tmpfs=/tmp".into());

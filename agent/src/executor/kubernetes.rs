@@ -390,13 +390,13 @@ impl KubernetesExecutor {
         };
         let mut env = vec![
             var("HOME", "/work".into()),
-            var("CI", "true".into()),
-            var("TESTBOT", "true".into()),
-            var("TESTBOT_JOB_ID", job.id.to_string()),
-            var("TESTBOT_ATTEMPT", job.attempt.to_string()),
-            var("TESTBOT_AGENT", job.agent.clone()),
             var("TESTBOT_WORKSPACE", "/work".into()),
         ];
+        env.extend(
+            job.testbot_env()
+                .into_iter()
+                .map(|(name, value)| var(name, value)),
+        );
         // Secret values stay out of the spec: the container reads them from the job's Secret.
         let secret_name = self.job_name(job.id, job.attempt);
         env.extend(job.spec.env.iter().map(|(name, value)| {
@@ -1028,6 +1028,7 @@ mod tests {
             keep_dir: false,
             lease: "l".into(),
             heartbeat_interval_ms: 1000,
+            batch: None,
         }
     }
 

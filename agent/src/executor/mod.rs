@@ -52,6 +52,30 @@ pub struct JobContext {
     /// re-attach, so a restarted agent can renew it).
     pub lease: String,
     pub heartbeat_interval_ms: u64,
+    /// Its place in its batch, when it is a run of one.
+    pub batch: Option<testbot_proto::batches::BatchPlace>,
+}
+
+impl JobContext {
+    /// The `TESTBOT_*` variables every executor gives a job, whatever runs it: which job and
+    /// attempt, which agent, and its place in its batch (`TESTBOT_BATCH_RUN` counts from 1, so
+    /// a test can fail on chosen runs). Where the workspace is differs by executor and is set
+    /// by each.
+    pub fn testbot_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("CI", "true".to_string()),
+            ("TESTBOT", "true".to_string()),
+            ("TESTBOT_JOB_ID", self.id.to_string()),
+            ("TESTBOT_ATTEMPT", self.attempt.to_string()),
+            ("TESTBOT_AGENT", self.agent.clone()),
+        ];
+        if let Some(place) = &self.batch {
+            env.push(("TESTBOT_BATCH_ID", place.batch.to_string()));
+            env.push(("TESTBOT_BATCH_RUN", place.run.to_string()));
+            env.push(("TESTBOT_BATCH_RUNS", place.runs.to_string()));
+        }
+        env
+    }
 }
 
 /// How a job's process ended.

@@ -192,6 +192,7 @@ mod tests {
             keep_dir: false,
             lease: "l".into(),
             heartbeat_interval_ms: 1000,
+            batch: None,
         }
     }
 

@@ -150,12 +150,8 @@ impl ShellExecutor {
         // account switch happens before the exec (see `command_as`).
         command.envs(&job.spec.env);
         command
-            .env("CI", "true")
-            .env("TESTBOT", "true")
+            .envs(job.testbot_env())
             .env("TMPDIR", &tmp)
-            .env("TESTBOT_JOB_ID", job.id.to_string())
-            .env("TESTBOT_ATTEMPT", job.attempt.to_string())
-            .env("TESTBOT_AGENT", &job.agent)
             .env("TESTBOT_JOB_DIR", &job.dir)
             .env("TESTBOT_WORKSPACE", &workspace);
 

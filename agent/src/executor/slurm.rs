@@ -246,11 +246,7 @@ impl SlurmExecutor {
         // never reach a program running as root.
         command.envs(&job.spec.env);
         command
-            .env("CI", "true")
-            .env("TESTBOT", "true")
-            .env("TESTBOT_JOB_ID", job.id.to_string())
-            .env("TESTBOT_ATTEMPT", job.attempt.to_string())
-            .env("TESTBOT_AGENT", &job.agent)
+            .envs(job.testbot_env())
             .env("TESTBOT_JOB_DIR", &job.dir)
             .env("TESTBOT_WORKSPACE", &workspace);
         let started = Instant::now();
@@ -879,6 +875,7 @@ mod tests {
             keep_dir: false,
             lease: "l".into(),
             heartbeat_interval_ms: 1000,
+            batch: None,
         }
     }
 

@@ -116,6 +116,7 @@ pub(super) async fn poll_handler(
                 oidc_token: model.oidc_token.clone(),
                 provenance,
                 accepted_at_ms: Some(model.created_at_ms),
+                batch: model.batch_place(),
             };
             return Ok(axum::Json(assignment).into_response());
         }

@@ -20,17 +20,36 @@ pub(super) async fn submit_handler(
 ) -> Result<(StatusCode, axum::Json<Job>), ApiError> {
     spec.validate()
         .map_err(|e| ApiError::BadRequest(format!("invalid job: {e}")))?;
-    let (origin, jti) = match &principal {
-        Principal::Operator { .. } => (
+    let (origin, jti) = origin_of(&state, &principal, &spec, 1).await?;
+    let model = jobs::submit(&state, &spec, &origin, jti)
+        .await?
+        .ok_or_else(|| replayed(jti))?;
+    tracing::debug!(job_id = model.id, "Job queued.");
+    if let Principal::Workflow { claims, .. } = &principal {
+        crate::github::jobs::add_workflow_check_run(&state, &model, claims).await;
+    }
+    Ok((StatusCode::CREATED, axum::Json(to_job(&model)?)))
+}
+
+/// Who submits `runs` jobs of `spec`, once admitted: an operator, or a workflow whose
+/// repository and event may submit them (its token's id is recorded with them).
+pub(super) async fn origin_of<'p>(
+    state: &AppState,
+    principal: &'p Principal,
+    spec: &JobSpec,
+    runs: u32,
+) -> Result<(JobOrigin, Option<(&'p str, i64)>), ApiError> {
+    match principal {
+        Principal::Operator { .. } => Ok((
             JobOrigin {
                 submitted_by: principal.describe(),
                 ..JobOrigin::default()
             },
             None,
-        ),
+        )),
         Principal::Workflow { claims, token } => {
-            let sites = admission::admit_workflow_job(&state, claims, &spec).await?;
-            (
+            let sites = admission::admit_workflow_job(state, claims, spec, runs).await?;
+            Ok((
                 JobOrigin {
                     repository: Some(claims.repository.clone()),
                     run_id: Some(claims.run_id.clone()),
@@ -40,26 +59,16 @@ pub(super) async fn submit_handler(
                     public: claims.repository_visibility.as_deref() == Some("public"),
                 },
                 Some((claims.jti.as_str(), claims.exp)),
-            )
+            ))
         }
-        other => {
-            return Err(ApiError::Forbidden(format!(
-                "submitting jobs needs a workflow OIDC token or an operator token; {} was given",
-                match other {
-                    Principal::Agent(_) => "an agent's signature",
-                    _ => "a GitHub user token",
-                }
-            )));
-        }
-    };
-    let model = jobs::submit(&state, &spec, &origin, jti)
-        .await?
-        .ok_or_else(|| replayed(jti))?;
-    tracing::debug!(job_id = model.id, "Job queued.");
-    if let Principal::Workflow { claims, .. } = &principal {
-        crate::github::jobs::add_workflow_check_run(&state, &model, claims).await;
+        other => Err(ApiError::Forbidden(format!(
+            "submitting jobs needs a workflow OIDC token or an operator token; {} was given",
+            match other {
+                Principal::Agent(_) => "an agent's signature",
+                _ => "a GitHub user token",
+            }
+        ))),
     }
-    Ok((StatusCode::CREATED, axum::Json(to_job(&model)?)))
 }
 
 pub(super) async fn list_handler(

@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - [`jobs`]: submitting, listing, reading and cancelling jobs.
+//! - [`batches`]: N runs of one job, submitted, read and cancelled as one.
 //! - [`logs`]: reading and following a job's log, and agents appending to it.
 //! - [`agent`]: the signed `/agent` endpoints: poll, start, heartbeat, metadata, release,
 //!   finish.
@@ -10,6 +11,7 @@
 //! - [`sites`]: sites, enrollment tokens, enrolling agents, listing and revoking them.
 
 mod agent;
+mod batches;
 mod jobs;
 mod logs;
 mod repos;
@@ -28,7 +30,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::LeaseRefusal;
 
-use self::{agent::*, jobs::*, logs::*, repos::*, sites::*};
+use self::{agent::*, batches::*, jobs::*, logs::*, repos::*, sites::*};
 pub(crate) use logs::FOLLOW_RECHECK;
 
 /// The broker's router: every route, the JSON error fallbacks, and the layers.
@@ -40,6 +42,9 @@ pub fn create_app(state: AppState) -> Router {
         .route("/jobs/{id}", get(job_handler))
         .route("/jobs/{id}/cancel", post(cancel_handler))
         .route("/jobs/{id}/log", get(log_handler))
+        .route("/batches", post(submit_batch_handler))
+        .route("/batches/{id}", get(batch_handler))
+        .route("/batches/{id}/cancel", post(cancel_batch_handler))
         .route(
             "/repos",
             post(register_repo_handler).get(list_repos_handler),

@@ -59,10 +59,13 @@ pub async fn add_workflow_check_run(
         }
     };
     let workflow = claims.workflow.as_deref().unwrap_or("workflow");
-    let name = match model.spec().ok().and_then(|spec| spec.name) {
+    let mut name = match model.spec().ok().and_then(|spec| spec.name) {
         Some(name) => format!("{workflow}: {name}"),
         None => format!("{workflow}: testbot job {}", model.id),
     };
+    if let Some(place) = model.batch_place() {
+        name.push_str(&format!(" ({}/{})", place.run, place.runs));
+    }
     if let Err(err) = state
         .store
         .add_workflow_check_run(

@@ -12,11 +12,12 @@ use crate::state::AppState;
 /// Whether a workflow may submit: its repository is registered (and bound to the token's
 /// repository ids), the registration enables the token's event and ref, some enrolled agent's
 /// site would accept the job, and neither the repository's nor a site's queue is full. Returns
-/// the sites the job may go to (empty: any).
+/// the sites the job may go to (empty: any). `runs`: how many jobs of `spec` (a batch's runs).
 pub async fn admit_workflow_job(
     state: &AppState,
     claims: &WorkflowClaims,
     spec: &JobSpec,
+    runs: u32,
 ) -> Result<Vec<String>, ApiError> {
     let repo = state.store.repo(&claims.repository).await?.ok_or_else(|| {
         ApiError::Forbidden(format!(
@@ -50,6 +51,7 @@ pub async fn admit_workflow_job(
         &claims.repository,
         spec,
         &settings.sites,
+        runs,
     )
     .await?;
     Ok(settings.sites)

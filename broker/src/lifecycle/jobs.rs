@@ -53,6 +53,23 @@ pub async fn submit(
     Ok(Some(model))
 }
 
+/// Queues `runs` runs of `spec` as one batch. `None`: the token was used already.
+pub async fn submit_batch(
+    state: &AppState,
+    spec: &JobSpec,
+    origin: &JobOrigin,
+    jti: Option<(&str, i64)>,
+    runs: u32,
+) -> StoreResult<Option<(crate::store::BatchModel, Vec<JobModel>)>> {
+    let Some((batch, models)) = state.store.insert_batch(spec, origin, jti, runs).await? else {
+        return Ok(None);
+    };
+    for model in &models {
+        publish_queued(state, model.job_id(), false).await;
+    }
+    Ok(Some((batch, models)))
+}
+
 /// Queues a job of the GitHub App with its check-run record.
 pub async fn submit_app_job(
     state: &AppState,

@@ -155,6 +155,9 @@ mod tests {
             secret_env: None,
             public: false,
             cause: None,
+            batch_id: None,
+            batch_run: None,
+            batch_runs: None,
         }
     }
 

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use testbot_proto::batches::{BatchId, BatchPlace};
 use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
 use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::{FailureCause, Outcome};
@@ -192,6 +193,20 @@ pub struct JobModel {
     pub public: bool,
     /// Why it did not succeed (a [`FailureCause`] by name), once it ended without success.
     pub cause: Option<String>,
+    /// Its batch, its run in it (from 1) and the batch's size, when it is a run of one.
+    pub batch_id: Option<i64>,
+    pub batch_run: Option<i64>,
+    pub batch_runs: Option<i64>,
+}
+
+/// A batch's row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BatchModel {
+    pub id: i64,
+    pub runs: i64,
+    pub created_at_ms: i64,
+    pub submitted_by: Option<String>,
+    pub repository: Option<String>,
 }
 
 /// Who a job is for, recorded with it at submission.
@@ -249,6 +264,18 @@ impl JobModel {
         Ok(spec)
     }
 
+    /// Its place in its batch, when it is a run of one.
+    pub fn batch_place(&self) -> Option<BatchPlace> {
+        match (self.batch_id, self.batch_run, self.batch_runs) {
+            (Some(batch), Some(run), Some(runs)) => Some(BatchPlace {
+                batch: BatchId(batch),
+                run: run.clamp(0, i64::from(u32::MAX)) as u32,
+                runs: runs.clamp(0, i64::from(u32::MAX)) as u32,
+            }),
+            _ => None,
+        }
+    }
+
     pub fn to_job(&self) -> anyhow::Result<Job> {
         Ok(Job {
             id: self.job_id(),
@@ -259,6 +286,7 @@ impl JobModel {
             exit_code: self.exit_code,
             signal: self.signal,
             cause: self.cause.as_deref().and_then(FailureCause::parse),
+            batch: self.batch_place(),
             attempts: self.attempts as u32,
             agent: self.agent.clone(),
             cancel_requested: self.cancel_requested,
@@ -636,6 +664,18 @@ pub trait Store: github::GitHubStore + Send + Sync + 'static {
         origin: &JobOrigin,
         jti: Option<(&str, i64)>,
     ) -> StoreResult<Option<JobModel>>;
+    /// Stores `runs` queued runs of `spec` as one batch, in one transaction, with `jti` as for
+    /// [`Store::insert_job`]: a token seen before stores nothing.
+    async fn insert_batch(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        jti: Option<(&str, i64)>,
+        runs: u32,
+    ) -> StoreResult<Option<(BatchModel, Vec<JobModel>)>>;
+    async fn batch(&self, id: BatchId) -> StoreResult<Option<BatchModel>>;
+    /// The batch's runs, in run order.
+    async fn batch_jobs(&self, id: BatchId) -> StoreResult<Vec<JobModel>>;
     async fn job(&self, id: JobId) -> StoreResult<Option<JobModel>>;
     /// Newest first; `site`: only jobs labelled for that site or run by one of its agents.
     async fn jobs(

@@ -12,12 +12,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection, Postgres, Transaction};
+use testbot_proto::batches::BatchId;
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
 use testbot_proto::results::{FailureCause, Outcome};
 
 use super::{
-    AgentModel, AgentOffer, ApiTokenModel, AppendPlan, AppendResult, EnrollRefusal,
+    AgentModel, AgentOffer, ApiTokenModel, AppendPlan, AppendResult, BatchModel, EnrollRefusal,
     FirstRegistration, JobModel, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal, LogCut, LogRow,
     QueuedJob, Release, RepoModel, RepositoryIds, RoutingRow, SiteModel, Store, StoreResult,
     StoredJob, Transition, check_migrations, plan_append,
@@ -58,7 +59,8 @@ mod github;
 /// The columns of [`JobModel`], in its field order.
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
      lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \
-     repository, run_id, submitted_by, oidc_token, metadata::text AS metadata, secret_env, public, cause";
+     repository, run_id, submitted_by, oidc_token, metadata::text AS metadata, secret_env, public, cause, batch_id, \
+     batch_run, batch_runs";
 
 /// The columns of [`RepoModel`], in its field order.
 const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, updated_at_ms, \
@@ -165,6 +167,43 @@ impl PgStore {
             Some(_) => LeaseRefusal::Superseded,
         })
     }
+}
+
+/// Inserts a queued job; `batch`: its batch, run and the batch's size.
+async fn insert_job_row(
+    tx: &mut sqlx::PgConnection,
+    spec: &JobSpec,
+    stored: &StoredJob,
+    origin: &JobOrigin,
+    jti: Option<&str>,
+    batch: Option<(i64, u32, u32)>,
+) -> Result<JobModel, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO jobs (spec, labels, executor, state, created_at_ms, repository, run_id,
+             submitted_by, oidc_token, sites, submit_jti, secret_env, public, batch_id,
+             batch_run, batch_runs)
+         VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12,
+             $13, $14, $15)
+         RETURNING {JOB_COLUMNS}"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&stored.spec)
+        .bind(&stored.labels)
+        .bind(&spec.executor)
+        .bind(now_ms())
+        .bind(&origin.repository)
+        .bind(&origin.run_id)
+        .bind(&origin.submitted_by)
+        .bind(&origin.oidc_token)
+        .bind(&stored.sites)
+        .bind(jti)
+        .bind(&stored.secret_env)
+        .bind(origin.public)
+        .bind(batch.map(|b| b.0))
+        .bind(batch.map(|b| i64::from(b.1)))
+        .bind(batch.map(|b| i64::from(b.2)))
+        .fetch_one(tx)
+        .await
 }
 
 /// Records a token id inside `tx`; false if it is there already.
@@ -717,29 +756,77 @@ impl Store for PgStore {
         {
             return Ok(None);
         }
-        let sql = format!(
-            "INSERT INTO jobs (spec, labels, executor, state, created_at_ms, repository, run_id,
-                 submitted_by, oidc_token, sites, submit_jti, secret_env, public)
-             VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12)
-             RETURNING {JOB_COLUMNS}"
-        );
-        let model = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(stored.spec)
-            .bind(stored.labels)
-            .bind(&spec.executor)
-            .bind(now_ms())
-            .bind(&origin.repository)
-            .bind(&origin.run_id)
-            .bind(&origin.submitted_by)
-            .bind(&origin.oidc_token)
-            .bind(stored.sites)
-            .bind(jti.map(|(jti, _)| jti))
-            .bind(stored.secret_env)
-            .bind(origin.public)
-            .fetch_one(&mut *tx)
-            .await?;
+        let model = insert_job_row(
+            &mut tx,
+            spec,
+            &stored,
+            origin,
+            jti.map(|(jti, _)| jti),
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some(model))
+    }
+
+    async fn insert_batch(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        jti: Option<(&str, i64)>,
+        runs: u32,
+    ) -> StoreResult<Option<(BatchModel, Vec<JobModel>)>> {
+        let stored = StoredJob::new(spec, origin)?;
+        let mut tx = self.pool.begin().await?;
+        if let Some((jti, expires_at)) = jti
+            && !record_jti(&mut tx, jti, expires_at).await?
+        {
+            return Ok(None);
+        }
+        let batch: BatchModel = sqlx::query_as(
+            "INSERT INTO batches (runs, created_at_ms, submitted_by, repository)
+             VALUES ($1, $2, $3, $4)
+             RETURNING id, runs, created_at_ms, submitted_by, repository",
+        )
+        .bind(i64::from(runs))
+        .bind(now_ms())
+        .bind(&origin.submitted_by)
+        .bind(&origin.repository)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(runs as usize);
+        for run in 1..=runs {
+            jobs.push(
+                insert_job_row(
+                    &mut tx,
+                    spec,
+                    &stored,
+                    origin,
+                    jti.map(|(jti, _)| jti),
+                    Some((batch.id, run, runs)),
+                )
+                .await?,
+            );
+        }
+        tx.commit().await?;
+        Ok(Some((batch, jobs)))
+    }
+
+    async fn batch(&self, id: BatchId) -> StoreResult<Option<BatchModel>> {
+        Ok(sqlx::query_as(
+            "SELECT id, runs, created_at_ms, submitted_by, repository FROM batches WHERE id = $1",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn batch_jobs(&self, id: BatchId) -> StoreResult<Vec<JobModel>> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE batch_id = $1 ORDER BY batch_run");
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn job(&self, id: JobId) -> StoreResult<Option<JobModel>> {
@@ -1346,7 +1433,7 @@ impl Store for PgStore {
 
     async fn delete_jobs_finished_before(&self, cutoff_ms: i64, limit: i64) -> StoreResult<u64> {
         // Their log chunks and holds go with them (ON DELETE CASCADE).
-        Ok(sqlx::query(
+        let deleted = sqlx::query(
             "DELETE FROM jobs WHERE id IN (
                  SELECT id FROM jobs WHERE finished_at_ms < $1 ORDER BY finished_at_ms LIMIT $2)",
         )
@@ -1354,7 +1441,16 @@ impl Store for PgStore {
         .bind(limit)
         .execute(&self.pool)
         .await?
-        .rows_affected())
+        .rows_affected();
+        // A batch goes with its last run.
+        sqlx::query(
+            "DELETE FROM batches WHERE created_at_ms < $1
+               AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = batches.id)",
+        )
+        .bind(cutoff_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted)
     }
 
     async fn lead_sweeper(&self) -> StoreResult<bool> {

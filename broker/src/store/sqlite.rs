@@ -28,12 +28,13 @@ use rusqlite::{OptionalExtension as _, Transaction, params};
 use sqlx::Connection as _;
 use sqlx::SqliteConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use testbot_proto::batches::BatchId;
 use testbot_proto::jobs::{JobId, JobSpec, JobState};
 use testbot_proto::now_ms;
 use testbot_proto::results::{FailureCause, Outcome};
 
 use super::{
-    AgentModel, AgentOffer, ApiTokenModel, AppendPlan, AppendResult, EnrollRefusal,
+    AgentModel, AgentOffer, ApiTokenModel, AppendPlan, AppendResult, BatchModel, EnrollRefusal,
     FirstRegistration, JobModel, JobOrigin, JobTaker, LeaseRefusal, LeaseRenewal, LogCut, LogRow,
     QueuedJob, Release, RepoModel, RepositoryIds, RoutingRow, SiteModel, Store, StoreResult,
     StoredJob, Transition, check_migrations, plan_append,
@@ -146,8 +147,26 @@ macro_rules! job_columns {
     () => {
         "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
          lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, \
-         finished_at_ms, repository, run_id, submitted_by, oidc_token, metadata, secret_env, public, cause"
+         finished_at_ms, repository, run_id, submitted_by, oidc_token, metadata, secret_env, public, cause, \
+         batch_id, batch_run, batch_runs"
     };
+}
+
+/// The columns of [`BatchModel`], in its field order.
+macro_rules! batch_columns {
+    () => {
+        "id, runs, created_at_ms, submitted_by, repository"
+    };
+}
+
+fn batch_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BatchModel> {
+    Ok(BatchModel {
+        id: row.get(0)?,
+        runs: row.get(1)?,
+        created_at_ms: row.get(2)?,
+        submitted_by: row.get(3)?,
+        repository: row.get(4)?,
+    })
 }
 
 /// The columns of [`RepoModel`], in its field order.
@@ -203,6 +222,9 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobModel> {
         secret_env: row.get(20)?,
         public: row.get(21)?,
         cause: row.get(22)?,
+        batch_id: row.get(23)?,
+        batch_run: row.get(24)?,
+        batch_runs: row.get(25)?,
     })
 }
 
@@ -258,17 +280,20 @@ fn renewal_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRenewal> {
     })
 }
 
-/// Inserts a queued job (also the App's, by `github.rs`).
+/// Inserts a queued job (also the App's, by `github.rs`); `batch`: its batch, run and the
+/// batch's size.
 fn insert_job_row(
     tx: &Transaction<'_>,
     stored: &StoredJob,
     origin: &JobOrigin,
     jti: Option<&str>,
+    batch: Option<(i64, u32, u32)>,
 ) -> rusqlite::Result<JobModel> {
     tx.prepare_cached(concat!(
         "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id,
-             submitted_by, oidc_token, sites, submit_jti, secret_env, public)
-         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             submitted_by, oidc_token, sites, submit_jti, secret_env, public,
+             batch_id, batch_run, batch_runs)
+         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          RETURNING ",
         job_columns!()
     ))?
@@ -285,6 +310,9 @@ fn insert_job_row(
             jti,
             stored.secret_env,
             origin.public,
+            batch.map(|b| b.0),
+            batch.map(|b| b.1),
+            batch.map(|b| b.2),
         ],
         job_row,
     )
@@ -954,7 +982,73 @@ impl Store for SqliteStore {
                     return Ok(None);
                 }
                 let jti = jti.as_ref().map(|(jti, _)| jti.as_str());
-                insert_job_row(tx, &stored, &origin, jti).map(Some)
+                insert_job_row(tx, &stored, &origin, jti, None).map(Some)
+            })
+            .await
+    }
+
+    async fn insert_batch(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        jti: Option<(&str, i64)>,
+        runs: u32,
+    ) -> StoreResult<Option<(BatchModel, Vec<JobModel>)>> {
+        let stored = StoredJob::new(spec, origin)?;
+        let origin = origin.clone();
+        let jti = jti.map(|(jti, expires_at)| (jti.to_owned(), expires_at));
+        self.writer
+            .write(move |tx| {
+                if let Some((jti, expires_at)) = &jti
+                    && !record_jti(tx, jti, *expires_at)?
+                {
+                    return Ok(None);
+                }
+                let batch = tx
+                    .prepare_cached(concat!(
+                        "INSERT INTO batches (runs, created_at_ms, submitted_by, repository)
+                         VALUES (?1, ?2, ?3, ?4) RETURNING ",
+                        batch_columns!()
+                    ))?
+                    .query_row(
+                        params![runs, now_ms(), origin.submitted_by, origin.repository],
+                        batch_row,
+                    )?;
+                let jti = jti.as_ref().map(|(jti, _)| jti.as_str());
+                let jobs = (1..=runs)
+                    .map(|run| {
+                        insert_job_row(tx, &stored, &origin, jti, Some((batch.id, run, runs)))
+                    })
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(Some((batch, jobs)))
+            })
+            .await
+    }
+
+    async fn batch(&self, id: BatchId) -> StoreResult<Option<BatchModel>> {
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    batch_columns!(),
+                    " FROM batches WHERE id = ?1"
+                ))?
+                .query_row([id.0], batch_row)
+                .optional()
+            })
+            .await
+    }
+
+    async fn batch_jobs(&self, id: BatchId) -> StoreResult<Vec<JobModel>> {
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE batch_id = ?1 ORDER BY batch_run"
+                ))?
+                .query_map([id.0], job_row)?
+                .collect()
             })
             .await
     }
@@ -1829,6 +1923,12 @@ impl Store for SqliteStore {
                              ORDER BY finished_at_ms LIMIT ?2)",
                     )?
                     .execute([cutoff_ms, limit])?;
+                // A batch goes with its last run.
+                tx.prepare_cached(
+                    "DELETE FROM batches WHERE created_at_ms < ?1
+                       AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = batches.id)",
+                )?
+                .execute([cutoff_ms])?;
                 Ok(deleted as u64)
             })
             .await

@@ -119,6 +119,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run,
     every_end_but_success_records_its_cause,
     a_job_goes_from_queued_to_its_one_result,
     a_late_call_under_an_old_lease_is_refused,
@@ -629,6 +630,82 @@ async fn a_chunk_whose_first_line_does_not_fit_is_cut_before_it(store: &dyn Stor
         store.job(id).await.unwrap().unwrap().log_bytes as u64,
         log_bytes
     );
+}
+
+async fn a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run(store: &dyn Store) {
+    use testbot_proto::batches::{BatchId, BatchPlace};
+    let origin = JobOrigin {
+        submitted_by: "workflow:o/r@1".into(),
+        repository: Some("o/r".into()),
+        ..JobOrigin::default()
+    };
+    let (batch, jobs) = store
+        .insert_batch(&spec(&[]), &origin, Some(("batch-jti", later())), 3)
+        .await
+        .unwrap()
+        .expect("a fresh token");
+    assert_eq!((batch.runs, batch.repository.as_deref()), (3, Some("o/r")));
+    let places: Vec<_> = jobs.iter().map(JobModel::batch_place).collect();
+    let place = |run| {
+        Some(BatchPlace {
+            batch: BatchId(batch.id),
+            run,
+            runs: 3,
+        })
+    };
+    assert_eq!(places, [place(1), place(2), place(3)]);
+    // The token's id is recorded once, for the whole batch: it submits nothing again.
+    assert!(
+        store
+            .insert_batch(&spec(&[]), &origin, Some(("batch-jti", later())), 3)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .insert_job(&spec(&[]), &origin, Some(("batch-jti", later())))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let id = BatchId(batch.id);
+    assert_eq!(store.batch(id).await.unwrap().unwrap().runs, 3);
+    let runs: Vec<_> = store
+        .batch_jobs(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.batch_run)
+        .collect();
+    assert_eq!(runs, [Some(1), Some(2), Some(3)]);
+    // A claimed run knows its place too.
+    let claimed = claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    assert_eq!(claimed.batch_place(), place(1));
+    // Retention: the batch stays while a run does, and goes with the last.
+    for (i, job) in store.batch_jobs(id).await.unwrap().iter().enumerate() {
+        let lease = format!("l{i}");
+        if job.state() == JobState::Queued {
+            claim(store, "s/a", &offer("s", &[]), &lease).await.unwrap();
+        }
+    }
+    for (i, job) in store.batch_jobs(id).await.unwrap().iter().enumerate() {
+        let lease = if i == 0 {
+            "l".to_string()
+        } else {
+            format!("l{i}")
+        };
+        store
+            .finish_job(job.job_id(), &lease, &Outcome::succeeded())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let cutoff = now_ms() + 60_000;
+    store.delete_jobs_finished_before(cutoff, 2).await.unwrap();
+    assert!(store.batch(id).await.unwrap().is_some(), "one run is left");
+    store.delete_jobs_finished_before(cutoff, 10).await.unwrap();
+    assert!(store.batch(id).await.unwrap().is_none());
 }
 
 async fn every_end_but_success_records_its_cause(store: &dyn Store) {

@@ -149,6 +149,7 @@ async fn executor_applies_a_jobs_variables_only_after_switching_accounts(
         keep_dir: false,
         lease: "lease".into(),
         heartbeat_interval_ms: 1000,
+        batch: None,
     };
     let run = |job: JobContext| {
         let executor = executor.clone();

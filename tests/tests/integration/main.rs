@@ -4,6 +4,7 @@ mod action;
 mod admin_token;
 mod agent_account;
 mod bad_input;
+mod batches;
 mod brokers;
 mod chaos;
 mod cli;

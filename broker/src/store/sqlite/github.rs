@@ -273,7 +273,7 @@ impl GitHubStore for SqliteStore {
         );
         self.writer
             .write(move |tx| {
-                let job = insert_job_row(tx, &stored, &origin, None)?;
+                let job = insert_job_row(tx, &stored, &origin, None, None)?;
                 tx.prepare_cached(
                     "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
                          head_sha, check_name)
