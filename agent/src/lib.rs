@@ -12,6 +12,8 @@
 //! - [`policy`]: the site policy TOML: rules, executor caps, and [`policy::SitePolicy::evaluate`].
 //! - [`identity`]: which local account a job runs as (static map, default, or admin script).
 //! - [`github`]: GitHub App jobs checked with GitHub itself, and their commit checked out.
+//! - [`results`]: a job's result files, collected from its workspace within limits and without
+//!   following links.
 
 pub mod agent;
 pub mod config;
@@ -21,6 +23,7 @@ pub mod github;
 pub mod identity;
 pub mod job;
 pub mod policy;
+pub mod results;
 pub mod ship;
 
 pub use agent::{Agent, Shutdown};
