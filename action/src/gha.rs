@@ -43,6 +43,8 @@ struct Inputs {
     secret_env: Vec<String>,
     timeout_minutes: Option<u64>,
     repeat: u32,
+    /// Result file globs (the `results` input).
+    results: Vec<String>,
     audience: String,
 }
 
@@ -146,6 +148,7 @@ impl Inputs {
             secret_env,
             timeout_minutes: number("timeout-minutes")?.or(time_minutes),
             repeat: number("repeat")?.unwrap_or(1).max(1),
+            results: input_list("results"),
             audience,
             broker_url,
         })
@@ -172,6 +175,7 @@ impl Inputs {
             executor: self.executor.clone(),
             image: self.image.clone(),
             resources: self.resources.clone(),
+            results: self.results.clone(),
         };
         spec.validate()
             .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;

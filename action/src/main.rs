@@ -62,6 +62,19 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
         repeat: u32,
     },
+    /// Show a job's test results (its result files and what was read from them), or with
+    /// --batch every test across a batch's runs: which are flaky, which broken.
+    Results {
+        /// The job.
+        #[arg(required_unless_present = "batch", conflicts_with = "batch")]
+        job: Option<JobId>,
+        /// A batch instead of a job.
+        #[arg(long)]
+        batch: Option<BatchId>,
+        /// List every test, not only those that did not pass.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show a batch: each run's result and the totals; with --cancel, cancel its runs first.
     Batch {
         batch: BatchId,
@@ -222,6 +235,11 @@ struct JobArgs {
     /// Time limit, e.g. 90s, 10m, 2h.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
+    /// Test result files to collect from the workspace when the script ends, as a glob
+    /// relative to it, e.g. 'build/**/junit*.xml' (repeatable). JUnit XML is read into test
+    /// results (`testbot results JOB`).
+    #[arg(long = "results", value_name = "GLOB")]
+    results: Vec<String>,
     /// A short name shown in listings.
     #[arg(long)]
     name: Option<String>,
@@ -268,6 +286,7 @@ impl JobArgs {
             secrets,
             secret_env,
             timeout,
+            results,
             name,
             executor,
             image,
@@ -324,6 +343,7 @@ impl JobArgs {
                 account,
                 ..Resources::default()
             },
+            results,
         };
         spec.validate()
             .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
@@ -399,6 +419,33 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
                 return run_batch(&client, job.into_spec()?, repeat, json).await;
             }
             run_job(&client, job.into_spec()?, json, timestamps).await
+        }
+        Command::Results { job, batch, all } => {
+            let client = client(&url, token)?;
+            match (job, batch) {
+                (_, Some(batch)) => {
+                    let results = client.batch_results(batch).await?;
+                    if json {
+                        output::print_json(&results)?;
+                    } else {
+                        output::print_batch_results(&results, all);
+                    }
+                    // Scripts can tell at once whether a batch found flaky or broken tests.
+                    Ok(i32::from(
+                        results.tests.iter().any(|t| t.is_flaky() || t.is_broken()),
+                    ))
+                }
+                (Some(job), None) => {
+                    let results = client.job_results(job).await?;
+                    if json {
+                        output::print_json(&results)?;
+                    } else {
+                        output::print_job_results(&results, all);
+                    }
+                    Ok(i32::from(results.totals.failed + results.totals.errors > 0))
+                }
+                (None, None) => unreachable!("clap requires a job or --batch"),
+            }
         }
         Command::Batch { batch, cancel } => {
             let client = client(&url, token)?;

@@ -57,6 +57,109 @@ pub fn print_batch_summary(batch: &testbot_proto::batches::Batch) {
     }
 }
 
+/// A job's result files and its tests that did not pass (`all`: every test).
+pub fn print_job_results(results: &testbot_proto::test_results::JobResults, all: bool) {
+    use testbot_proto::junit::TestOutcome;
+    use testbot_proto::test_results::FileReport;
+    println!("job {}: {} result files", results.job, results.files.len());
+    for file in &results.files {
+        let read = match &file.report {
+            FileReport::Junit {
+                totals, truncated, ..
+            } => format!(
+                "{} tests: {} passed, {} failed, {} errors, {} skipped{}",
+                totals.cases,
+                totals.passed,
+                totals.failed,
+                totals.errors,
+                totals.skipped,
+                if *truncated {
+                    " (cut at the broker's limit)"
+                } else {
+                    ""
+                }
+            ),
+            FileReport::NotJunit { reason } => format!("not JUnit XML ({})", sanitize(reason)),
+            FileReport::Unreadable { error } => format!("cannot be read: {}", sanitize(error)),
+        };
+        println!("  {} ({} bytes): {read}", sanitize(&file.path), file.bytes);
+    }
+    let t = &results.totals;
+    println!(
+        "{} tests: {} passed, {} failed, {} errors, {} skipped, {} flaky (passed on a rerun)",
+        t.cases, t.passed, t.failed, t.errors, t.skipped, t.flaky
+    );
+    for case in &results.cases {
+        let outcome = case.final_outcome();
+        let shown = all || outcome.is_failure() || case.is_flaky();
+        if !shown {
+            continue;
+        }
+        let word = match outcome {
+            TestOutcome::Passed if case.is_flaky() => "flaky",
+            TestOutcome::Passed => "passed",
+            TestOutcome::Failed => "failed",
+            TestOutcome::Error => "error",
+            TestOutcome::Skipped => "skipped",
+        };
+        let message = case
+            .attempts
+            .iter()
+            .rev()
+            .find_map(|a| a.message.as_deref())
+            .map(|m| format!(": {}", sanitize(m.lines().next().unwrap_or(""))))
+            .unwrap_or_default();
+        println!("  {word:7} {}{message}", sanitize(&case.test_id()));
+    }
+}
+
+/// Every test of a batch that did not pass in every run (`all`: every test), flaky first.
+pub fn print_batch_results(results: &testbot_proto::test_results::BatchResults, all: bool) {
+    let flaky = results.tests.iter().filter(|t| t.is_flaky()).count();
+    let broken = results.tests.iter().filter(|t| t.is_broken()).count();
+    println!(
+        "batch {}: {} runs, {} with test results, {} tests: {flaky} flaky, {broken} broken",
+        results.batch,
+        results.runs,
+        results.runs_with_results,
+        results.tests.len()
+    );
+    for test in &results.tests {
+        let verdict = if test.is_flaky() {
+            "flaky"
+        } else if test.is_broken() {
+            "broken"
+        } else if all {
+            "ok"
+        } else {
+            continue;
+        };
+        let mut line = format!("  {verdict:6} {}", sanitize(&test.test_id()));
+        if test.failed > 0 {
+            line.push_str(&format!(
+                ": failed in {} of {} runs",
+                test.failed, test.runs
+            ));
+            if let Some((rate, low, high)) = test.failure_rate() {
+                line.push_str(&format!(
+                    ", rate {rate:.2} (95% interval {low:.2} to {high:.2})"
+                ));
+            }
+            if !test.is_broken() {
+                let runs: Vec<String> = test.failed_runs.iter().map(u32::to_string).collect();
+                line.push_str(&format!("; runs {}", runs.join(", ")));
+            }
+        }
+        if test.flaky_within > 0 {
+            line.push_str(&format!(
+                "; passed on a rerun in {} runs",
+                test.flaky_within
+            ));
+        }
+        println!("{line}");
+    }
+}
+
 /// A batch, each run on a line, then its totals.
 pub fn print_batch(batch: &testbot_proto::batches::Batch) {
     for job in &batch.jobs {

@@ -879,6 +879,7 @@ fn first_difference(expected: &JobSpec, got: &JobSpec) -> Option<&'static str> {
         ("script", expected.script == got.script),
         ("name", expected.name == got.name),
         ("labels", expected.labels == got.labels),
+        ("results", expected.results == got.results),
         ("env", expected.env == got.env),
         ("secret variables", got.secret_env.is_empty()),
         ("timeout", expected.timeout_secs == got.timeout_secs),

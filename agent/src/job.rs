@@ -20,6 +20,10 @@ use crate::ship::{ShipEnd, ship_log};
 /// Lines buffered between the executor and the shipper.
 const LOG_CHANNEL_CAPACITY: usize = 4096;
 
+/// Longest the agent looks for a job's result files (a workspace can be huge, or a job can
+/// leave a file system there that never answers).
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why a running job was told to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
@@ -633,6 +637,13 @@ impl JobRunner {
                 )
             }
         };
+        // Result files also of a run that failed or timed out: that is when they matter most.
+        if !ctx.spec.results.is_empty()
+            && reason.is_none()
+            && !matches!(outcome.state, JobState::Cancelled)
+        {
+            self.upload_results(&ctx, &lease, &sink).await;
+        }
         if let Some(reason) = &mut outcome.reason {
             *reason = masker.mask(reason).into_owned();
             sink.system(reason.clone()).await;
@@ -655,6 +666,110 @@ impl JobRunner {
         // After the result is reported: until then an executor's records (a Slurm job id) are
         // what a restarted agent would pick the job up from.
         self.executor.cleanup(&ctx).await;
+    }
+
+    /// Collects the job's result files from its workspace and uploads each, saying in the log
+    /// what was found, left out, and read. Never fails the job: a file that cannot be
+    /// collected or uploaded is a line in the log.
+    async fn upload_results(&self, ctx: &JobContext, lease: &str, sink: &LogSink) {
+        use testbot_proto::test_results::{
+            FileReport, MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILE_BYTES, MAX_RESULT_FILES,
+        };
+        let Some(workspace) = self.executor.workspace(ctx) else {
+            sink.system(format!(
+                "results: the {} executor keeps no workspace on the agent's machine; result files are not collected",
+                self.executor.name()
+            ))
+            .await;
+            return;
+        };
+        let patterns = ctx.spec.results.clone();
+        let limits = crate::results::CollectLimits {
+            max_files: MAX_RESULT_FILES,
+            max_file_bytes: MAX_RESULT_FILE_BYTES,
+            max_total_bytes: MAX_RESULT_BYTES_PER_JOB,
+            ..crate::results::CollectLimits::default()
+        };
+        let collecting = tokio::task::spawn_blocking(move || {
+            crate::results::collect(&workspace, &patterns, &limits)
+        });
+        let collected = match tokio::time::timeout(COLLECT_TIMEOUT, collecting).await {
+            Ok(Ok(Ok(collected))) => collected,
+            Ok(Ok(Err(err))) => {
+                sink.system(format!("results: {err}")).await;
+                return;
+            }
+            Ok(Err(err)) => {
+                sink.system(format!("results: collecting failed: {err}"))
+                    .await;
+                return;
+            }
+            Err(_) => {
+                sink.system(format!(
+                    "results: collecting the result files took longer than {}; none are uploaded",
+                    humantime::format_duration(COLLECT_TIMEOUT)
+                ))
+                .await;
+                return;
+            }
+        };
+        for note in collected.notes {
+            sink.system(note).await;
+        }
+        for file in collected.files {
+            let path = file.path.clone();
+            let data = match tokio::task::spawn_blocking(move || file.read_bounded()).await {
+                Ok(Ok(data)) => data,
+                Ok(Err(err)) => {
+                    sink.system(format!("results: cannot read {path:?}: {err}"))
+                        .await;
+                    continue;
+                }
+                Err(err) => {
+                    sink.system(format!("results: cannot read {path:?}: {err}"))
+                        .await;
+                    continue;
+                }
+            };
+            let bytes = data.len();
+            match self
+                .client
+                .upload_result_file(ctx.id, lease, &path, data)
+                .await
+            {
+                Ok(ack) => {
+                    let read = match ack.report {
+                        FileReport::Junit {
+                            totals, truncated, ..
+                        } => format!(
+                            "{} tests: {} passed, {} failed, {} errors, {} skipped{}",
+                            totals.cases,
+                            totals.passed,
+                            totals.failed,
+                            totals.errors,
+                            totals.skipped,
+                            if truncated {
+                                " (cut at the broker's limit)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        FileReport::NotJunit { reason } => {
+                            format!("kept, not read as JUnit XML ({reason})")
+                        }
+                        FileReport::Unreadable { error } => {
+                            format!("kept, but it cannot be read as JUnit XML: {error}")
+                        }
+                    };
+                    sink.system(format!("results: {path} ({bytes} bytes): {read}"))
+                        .await;
+                }
+                Err(err) => {
+                    sink.system(format!("results: cannot upload {path}: {err}"))
+                        .await;
+                }
+            }
+        }
     }
 
     /// Hands a job this agent will not run back to the broker, retrying while the broker is

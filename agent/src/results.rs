@@ -34,17 +34,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag};
-
-/// Most patterns a job may name. One pattern with `**` or `{a,b}` can stand for many files.
-pub const MAX_PATTERNS: usize = 50;
-
-/// Longest pattern, in bytes.
-pub const MAX_PATTERN_BYTES: usize = 500;
+use testbot_proto::results::result_globs as compile;
+pub use testbot_proto::results::{
+    MAX_RESULT_PATTERN_BYTES as MAX_PATTERN_BYTES, MAX_RESULT_PATTERNS as MAX_PATTERNS,
+    validate_result_patterns as validate_patterns,
+};
 
 /// Notes about single files and directories (a link, a file too large) kept for the log; the
 /// rest are counted in one note, so a workspace of a million symbolic links cannot flood it.
@@ -162,13 +161,6 @@ pub enum CollectError {
     Workspace { path: PathBuf, problem: String },
 }
 
-/// Checks result patterns as [`collect`] reads them: at most [`MAX_PATTERNS`] of at most
-/// [`MAX_PATTERN_BYTES`] each, relative to the workspace, without `..`, and valid globs. A
-/// leading `./` is allowed. The message names the pattern and what to write instead.
-pub fn validate_patterns(patterns: &[String]) -> Result<(), String> {
-    compile(patterns).map(|_| ())
-}
-
 /// Collects the files under `workspace` that match any of `patterns`. Blocking.
 ///
 /// A file matched by several patterns is collected once; symbolic links, special files, files
@@ -237,62 +229,6 @@ pub fn collect(
 }
 
 /// The patterns as one set, or the message for the first that cannot be used.
-fn compile(patterns: &[String]) -> Result<GlobSet, String> {
-    if patterns.len() > MAX_PATTERNS {
-        return Err(format!(
-            "{} patterns given; at most {MAX_PATTERNS} are allowed (one with \"**\" or \"{{a,b}}\" can stand for many files)",
-            patterns.len()
-        ));
-    }
-    let mut set = GlobSetBuilder::new();
-    for pattern in patterns {
-        set.add(pattern_glob(pattern)?);
-    }
-    set.build().map_err(|err| {
-        format!(
-            "the patterns together are too complex to match ({}); name fewer",
-            err.kind()
-        )
-    })
-}
-
-fn pattern_glob(pattern: &str) -> Result<globset::Glob, String> {
-    if pattern.len() > MAX_PATTERN_BYTES {
-        let start: String = pattern.chars().take(40).collect();
-        return Err(format!(
-            "pattern \"{}…\" is {} bytes long; at most {MAX_PATTERN_BYTES} are allowed",
-            start.escape_debug(),
-            pattern.len()
-        ));
-    }
-    if pattern.starts_with('/') {
-        return Err(format!(
-            "pattern {pattern:?} is absolute; patterns are relative to the workspace, e.g. {:?}",
-            pattern.trim_start_matches('/')
-        ));
-    }
-    // Paths are matched as the walk spells them, without `.` or empty components, so `./x`
-    // and `x//y` are read as `x` and `x/y` rather than never matching.
-    let components: Vec<&str> = pattern
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
-    if components.is_empty() {
-        return Err(format!(
-            "pattern {pattern:?} names no file; write a glob relative to the workspace, e.g. \"build/**/junit*.xml\""
-        ));
-    }
-    if components.contains(&"..") {
-        return Err(format!(
-            "pattern {pattern:?} has a \"..\" component; only files inside the workspace are collected, so name them from the workspace down"
-        ));
-    }
-    GlobBuilder::new(&components.join("/"))
-        .literal_separator(true)
-        .build()
-        .map_err(|err| format!("pattern {pattern:?} is not a valid glob: {}", err.kind()))
-}
-
 fn open_workspace(workspace: &Path) -> Result<Dir, CollectError> {
     // Rebuilt from its components: with a trailing slash, O_NOFOLLOW would follow a link.
     let path: PathBuf = workspace.components().collect();

@@ -348,6 +348,27 @@ pub async fn verify_agent_signature(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<axum::response::Response, ApiError> {
+    let limit = state.settings.max_body_bytes;
+    verify_signed(state, request, next, limit).await
+}
+
+/// [`verify_agent_signature`] for result-file uploads, whose bodies may be as large as
+/// [`testbot_proto::test_results::MAX_RESULT_FILE_BYTES`].
+pub async fn verify_agent_upload_signature(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    let limit = testbot_proto::test_results::MAX_RESULT_FILE_BYTES as usize;
+    verify_signed(state, request, next, limit).await
+}
+
+async fn verify_signed(
+    state: AppState,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+    limit: usize,
+) -> Result<axum::response::Response, ApiError> {
     use testbot_proto::signing::{
         AGENT_HEADER, MAX_CLOCK_SKEW_MS, NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
         signing_string, verify_signature,
@@ -405,7 +426,6 @@ pub async fn verify_agent_signature(
             agent.site, agent.name
         )));
     }
-    let limit = state.settings.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::PayloadTooLarge(format!("request body is larger than {limit} bytes"))
     })?;

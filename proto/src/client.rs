@@ -223,6 +223,17 @@ impl BrokerClient {
         path: &str,
         body: Vec<u8>,
     ) -> reqwest::RequestBuilder {
+        self.request_with_typed_body(method, path, body, "application/json")
+    }
+
+    /// A request carrying `body` of `content_type`. An agent signs `path` with its query.
+    fn request_with_typed_body(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &'static str,
+    ) -> reqwest::RequestBuilder {
         let mut req = self
             .http
             .request(method.clone(), self.url(path))
@@ -230,7 +241,7 @@ impl BrokerClient {
         match &self.credentials {
             Credentials::Bearer(token) => req = req.bearer_auth(token.expose_secret()),
             Credentials::Agent { id, key } => {
-                // Only the path is signed; agent routes take no query string.
+                // The path is signed with its query, as the broker receives it.
                 let path = format!("{}{path}", crate::API_PREFIX);
                 let signed = crate::signing::sign_request(key, id, method.as_str(), &path, &body);
                 req = req
@@ -242,7 +253,7 @@ impl BrokerClient {
         }
         if !body.is_empty() {
             req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(reqwest::header::CONTENT_TYPE, content_type)
                 .body(body);
         }
         req
@@ -484,6 +495,44 @@ impl BrokerClient {
         self.post(&format!("/agent/jobs/{id}/metadata"), req).await
     }
 
+    /// Uploads one result file of a job this agent runs under `lease`.
+    pub async fn upload_result_file(
+        &self,
+        id: JobId,
+        lease: &str,
+        path: &str,
+        data: Vec<u8>,
+    ) -> Result<crate::test_results::UploadAck, ClientError> {
+        let route = format!(
+            "/agent/jobs/{id}/files?lease={}&path={}",
+            encode_query_value(lease),
+            encode_query_value(path)
+        );
+        let req = self
+            .request_with_typed_body(Method::PUT, &route, data, "application/octet-stream")
+            // A file of tens of megabytes takes longer than a small request.
+            .timeout(UPLOAD_TIMEOUT);
+        self.send(req).await
+    }
+
+    /// What the broker read from a job's result files, and its test cases.
+    pub async fn job_results(
+        &self,
+        id: JobId,
+    ) -> Result<crate::test_results::JobResults, ClientError> {
+        self.send(self.request(Method::GET, &format!("/jobs/{id}/results")))
+            .await
+    }
+
+    /// Every test of a batch across its runs.
+    pub async fn batch_results(
+        &self,
+        id: crate::batches::BatchId,
+    ) -> Result<crate::test_results::BatchResults, ClientError> {
+        self.send(self.request(Method::GET, &format!("/batches/{id}/results")))
+            .await
+    }
+
     pub async fn finish(&self, id: JobId, req: &FinishRequest) -> Result<Job, ClientError> {
         self.post(&format!("/agent/jobs/{id}/finish"), req).await
     }
@@ -616,6 +665,23 @@ pub async fn follow_log(
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
+}
+
+/// How long an upload of one result file may take.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `value` percent-encoded for a query string: everything but RFC 3986's unreserved
+/// characters.
+fn encode_query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

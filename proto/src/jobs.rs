@@ -82,6 +82,12 @@ pub struct JobSpec {
     /// Resources the job asks for; the site's policy caps them. Default: none asked.
     #[serde(default, skip_serializing_if = "Resources::is_empty")]
     pub resources: Resources,
+    /// Test result files the agent collects from the workspace once the script has ended
+    /// (also when it failed or timed out) and hands to the broker, as globs relative to the
+    /// workspace (`build/**/junit*.xml`). JUnit XML files among them are read into test
+    /// results. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<String>,
 }
 
 /// Resources a job asks for. Every field is optional; an executor that cannot honour a field
@@ -230,6 +236,8 @@ impl JobSpec {
         for label in &self.labels {
             validate_label(label)?;
         }
+        crate::results::validate_result_patterns(&self.results)
+            .map_err(|e| format!("results: {e}"))?;
         if self.env.len() > limits::MAX_ENV_VARS {
             return Err(format!(
                 "{} environment variables given; the limit is {}",

@@ -17,6 +17,7 @@
 //! - [`junit`]: JUnit XML result files that jobs upload, read as a bounded stream.
 //! - [`secrets`]: secret job variables: how they are checked, shown as `***` and masked in logs.
 //! - [`signing`]: Ed25519 signatures on agent requests.
+//! - [`test_results`]: result files a job uploads, and the test cases read from them.
 //! - [`sites`]: sites, enrollment tokens and enrolled agents.
 //! - [`error`]: the JSON error envelope every endpoint uses.
 //! - [`glob`]: the `*`/`?` patterns of policy rules.
@@ -43,6 +44,7 @@ pub mod results;
 pub mod secrets;
 pub mod signing;
 pub mod sites;
+pub mod test_results;
 pub mod toml_errors;
 pub mod units;
 

@@ -287,8 +287,11 @@ impl RepoConfig {
                 ));
             }
             for (i, pattern) in job.results.iter().enumerate() {
-                validate_relative_glob(pattern).map_err(|m| (at(&format!("results.{i}")), m))?;
+                crate::results::validate_result_patterns(std::slice::from_ref(pattern))
+                    .map_err(|m| (at(&format!("results.{i}")), m))?;
             }
+            crate::results::validate_result_patterns(&job.results)
+                .map_err(|m| (at("results"), m))?;
             let spec = job.spec(name).map_err(|m| (format!("jobs.{name}"), m))?;
             spec.validate()
                 .map_err(|m| (spec_error_path(name, &m), m))?;
@@ -515,6 +518,7 @@ impl ConfigJob {
                 ntasks: r.ntasks,
                 constraint: r.constraint.clone(),
             },
+            results: self.results.clone(),
         })
     }
 }

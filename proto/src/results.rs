@@ -1,6 +1,7 @@
 //! How a job ended, as the agent reports it in `finish`, and why a job that did not succeed
 //! did not ([`FailureCause`]).
 
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::jobs::JobState;
@@ -159,4 +160,76 @@ impl Outcome {
 pub struct FinishRequest {
     pub lease: String,
     pub outcome: Outcome,
+}
+
+/// Most result-file patterns a job may name (`results = [...]`). One pattern with `**` or
+/// `{a,b}` can stand for many files.
+pub const MAX_RESULT_PATTERNS: usize = 50;
+
+/// Longest result-file pattern, in bytes.
+pub const MAX_RESULT_PATTERN_BYTES: usize = 500;
+
+/// Checks a job's result-file patterns as the agent reads them: at most
+/// [`MAX_RESULT_PATTERNS`] of at most [`MAX_RESULT_PATTERN_BYTES`] each, relative to the
+/// workspace, without `..`, and valid globs (`*` stays within a directory, `**` crosses them).
+/// A leading `./` is allowed. The message names the pattern and what to write instead.
+pub fn validate_result_patterns(patterns: &[String]) -> Result<(), String> {
+    result_globs(patterns).map(|_| ())
+}
+
+/// The patterns, compiled as the agent matches them against workspace paths.
+pub fn result_globs(patterns: &[String]) -> Result<GlobSet, String> {
+    if patterns.len() > MAX_RESULT_PATTERNS {
+        return Err(format!(
+            "{} patterns given; at most {MAX_RESULT_PATTERNS} are allowed (one with \"**\" or \"{{a,b}}\" can stand for many files)",
+            patterns.len()
+        ));
+    }
+    let mut set = GlobSetBuilder::new();
+    for pattern in patterns {
+        set.add(pattern_glob(pattern)?);
+    }
+    set.build().map_err(|err| {
+        format!(
+            "the patterns together are too complex to match ({}); name fewer",
+            err.kind()
+        )
+    })
+}
+
+fn pattern_glob(pattern: &str) -> Result<Glob, String> {
+    if pattern.len() > MAX_RESULT_PATTERN_BYTES {
+        let start: String = pattern.chars().take(40).collect();
+        return Err(format!(
+            "pattern \"{}…\" is {} bytes long; at most {MAX_RESULT_PATTERN_BYTES} are allowed",
+            start.escape_debug(),
+            pattern.len()
+        ));
+    }
+    if pattern.starts_with('/') {
+        return Err(format!(
+            "pattern {pattern:?} is absolute; patterns are relative to the workspace, e.g. {:?}",
+            pattern.trim_start_matches('/')
+        ));
+    }
+    // Paths are matched as the walk spells them, without `.` or empty components, so `./x`
+    // and `x//y` are read as `x` and `x/y` rather than never matching.
+    let components: Vec<&str> = pattern
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if components.is_empty() {
+        return Err(format!(
+            "pattern {pattern:?} names no file; write a glob relative to the workspace, e.g. \"build/**/junit*.xml\""
+        ));
+    }
+    if components.contains(&"..") {
+        return Err(format!(
+            "pattern {pattern:?} has a \"..\" component; only files inside the workspace are collected, so name them from the workspace down"
+        ));
+    }
+    GlobBuilder::new(&components.join("/"))
+        .literal_separator(true)
+        .build()
+        .map_err(|err| format!("pattern {pattern:?} is not a valid glob: {}", err.kind()))
 }

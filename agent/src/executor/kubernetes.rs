@@ -110,6 +110,11 @@ impl Executor for KubernetesExecutor {
         })
     }
 
+    /// The pod's workspace is an `emptyDir`, gone with the pod.
+    fn workspace(&self, _job: &JobContext) -> Option<std::path::PathBuf> {
+        None
+    }
+
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let name = self.job_name(job.id, job.attempt);

@@ -193,6 +193,13 @@ pub trait Executor: Send + Sync + 'static {
     /// once the result is reported.
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()>;
 
+    /// The job's workspace as the agent sees it once the script has ended, where its result
+    /// files are collected from. Default: `workspace` in the job's directory. None: the
+    /// workspace is not on the agent's machine (a pod's), or there is none.
+    fn workspace(&self, job: &JobContext) -> Option<std::path::PathBuf> {
+        Some(job.dir.join("workspace"))
+    }
+
     /// Where an executor whose jobs outlive the agent (Slurm jobs, containers, Kubernetes Jobs)
     /// keeps a record of each, to re-attach after a restart. Default: none.
     fn records(&self) -> Option<&records::JobRecords> {

@@ -25,4 +25,8 @@ impl Executor for NoopExecutor {
     fn cleanup<'a>(&'a self, _job: &'a JobContext) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+
+    fn workspace(&self, _job: &JobContext) -> Option<std::path::PathBuf> {
+        None
+    }
 }

@@ -4,6 +4,7 @@
 //! Layout:
 //! - [`jobs`]: submitting, listing, reading and cancelling jobs.
 //! - [`batches`]: N runs of one job, submitted, read and cancelled as one.
+//! - [`results`]: result files agents upload, and the test results read from them.
 //! - [`logs`]: reading and following a job's log, and agents appending to it.
 //! - [`agent`]: the signed `/agent` endpoints: poll, start, heartbeat, metadata, release,
 //!   finish.
@@ -15,6 +16,7 @@ mod batches;
 mod jobs;
 mod logs;
 mod repos;
+mod results;
 mod sites;
 
 use axum::Router;
@@ -30,7 +32,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::LeaseRefusal;
 
-use self::{agent::*, batches::*, jobs::*, logs::*, repos::*, sites::*};
+use self::{agent::*, batches::*, jobs::*, logs::*, repos::*, results::*, sites::*};
 pub(crate) use logs::FOLLOW_RECHECK;
 
 /// The broker's router: every route, the JSON error fallbacks, and the layers.
@@ -45,6 +47,9 @@ pub fn create_app(state: AppState) -> Router {
         .route("/batches", post(submit_batch_handler))
         .route("/batches/{id}", get(batch_handler))
         .route("/batches/{id}/cancel", post(cancel_batch_handler))
+        .route("/batches/{id}/results", get(batch_results_handler))
+        .route("/jobs/{id}/results", get(job_results_handler))
+        .route("/jobs/{id}/results/file", get(result_file_handler))
         .route(
             "/repos",
             post(register_repo_handler).get(list_repos_handler),
@@ -75,6 +80,19 @@ pub fn create_app(state: AppState) -> Router {
             state.clone(),
             crate::auth::verify_agent_signature,
         ));
+    // Result files are larger than other agent requests; the same signature, a larger limit.
+    let uploads = Router::new()
+        .route(
+            "/agent/jobs/{id}/files",
+            axum::routing::put(upload_result_handler),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::verify_agent_upload_signature,
+        ))
+        .layer(DefaultBodyLimit::max(
+            testbot_proto::test_results::MAX_RESULT_FILE_BYTES as usize,
+        ));
     // GitHub's deliveries are larger than API requests, and verified by their own signature.
     let github = Router::new()
         .route(
@@ -84,7 +102,7 @@ pub fn create_app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(
             crate::github::webhook::MAX_WEBHOOK_BYTES,
         ));
-    let api = api.merge(agent).merge(github);
+    let api = api.merge(agent).merge(uploads).merge(github);
     Router::new()
         .nest(testbot_proto::API_PREFIX, api)
         .merge(crate::health::routes())

@@ -10,6 +10,7 @@
 //! - [`postgres`]: for several brokers sharing one database (`--database-url postgres://…`);
 //!   claims skip rows other brokers are claiming, and one broker at a time sweeps.
 //! - [`notify`]: job events between brokers sharing a PostgreSQL database.
+//! - [`github`]: what the GitHub App keeps; [`test_results`]: result files and test cases.
 //! - [`scratch`]: throwaway PostgreSQL databases for tests and benchmarks.
 //! - [`tests`]: the conformance suite both run, and what only a shared database must do.
 
@@ -26,6 +27,7 @@ pub mod notify;
 pub mod postgres;
 pub mod scratch;
 pub mod sqlite;
+pub mod test_results;
 #[cfg(test)]
 mod tests;
 
@@ -549,7 +551,9 @@ pub enum AppendResult {
 /// The broker's database: every operation the broker performs on it. Each method is one
 /// transaction: a crash leaves the old state or the new one, never half of one.
 #[async_trait::async_trait]
-pub trait Store: github::GitHubStore + Send + Sync + 'static {
+pub trait Store:
+    github::GitHubStore + test_results::TestResultStore + Send + Sync + 'static
+{
     /// Which backend this is, for logs and `/metrics` (`sqlite`, `postgres`).
     fn backend(&self) -> &'static str;
     /// Whether other brokers may share this database (then replay checks must ask it).

@@ -55,6 +55,7 @@ const ENROLLMENT_LOCK_SPACE: i32 = 0x7462_0002;
 const CLAIM_PAGE: i64 = 256;
 
 mod github;
+mod test_results;
 
 /// The columns of [`JobModel`], in its field order.
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \

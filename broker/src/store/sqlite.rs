@@ -43,6 +43,7 @@ use readers::Readers;
 use writer::Writer;
 
 mod github;
+mod test_results;
 
 /// The SQLite schema's migrations, applied at start-up.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

@@ -119,6 +119,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    result_files_are_taken_only_under_the_lease_within_the_limits_and_replaced_by_a_retry,
     a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run,
     every_end_but_success_records_its_cause,
     a_job_goes_from_queued_to_its_one_result,
@@ -706,6 +707,95 @@ async fn a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run(st
     assert!(store.batch(id).await.unwrap().is_some(), "one run is left");
     store.delete_jobs_finished_before(cutoff, 10).await.unwrap();
     assert!(store.batch(id).await.unwrap().is_none());
+}
+
+async fn result_files_are_taken_only_under_the_lease_within_the_limits_and_replaced_by_a_retry(
+    store: &dyn Store,
+) {
+    use crate::store::test_results::{NewResultFile, TestResultRow, UploadRefusal};
+    let job = queue(store, &[]).await;
+    let id = job.job_id();
+    claim(store, "s/a", &offer("s", &[]), "l").await.unwrap();
+    let row = |name: &str, outcome: &str| TestResultRow {
+        file: "junit.xml".into(),
+        seq: 0,
+        attempt: 1,
+        suite: "pkg".into(),
+        classname: Some("T".into()),
+        name: name.into(),
+        outcome: outcome.into(),
+        duration_ms: Some(5),
+        message: None,
+    };
+    let file = |data: &[u8], rows: Vec<TestResultRow>| NewResultFile {
+        path: "junit.xml".into(),
+        data: data.to_vec(),
+        report: "{}".into(),
+        rows,
+    };
+    // Another agent's lease (or an old one) stores nothing.
+    assert_eq!(
+        store
+            .put_result_file(id, "other", &file(b"x", vec![]), 10, 100)
+            .await
+            .unwrap(),
+        Err(UploadRefusal::Lease(LeaseRefusal::Superseded))
+    );
+    store
+        .put_result_file(id, "l", &file(b"first", vec![row("a", "failed")]), 10, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    // A retry of the same path replaces the file and its cases.
+    store
+        .put_result_file(id, "l", &file(b"second", vec![row("a", "passed")]), 10, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store
+            .result_file_data(id, "junit.xml")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"second"[..])
+    );
+    let rows = store.test_results(id).await.unwrap();
+    assert_eq!(rows, [row("a", "passed")]);
+    // Past the job's limits: refused, naming the limit.
+    let other = NewResultFile {
+        path: "more.xml".into(),
+        ..file(&[0; 200], vec![])
+    };
+    let refused = store
+        .put_result_file(id, "l", &other, 10, 100)
+        .await
+        .unwrap();
+    assert!(
+        matches!(refused, Err(UploadRefusal::OverLimit(m)) if m.contains("would hold 206 bytes"))
+    );
+    let refused = store
+        .put_result_file(id, "l", &other, 1, 1000)
+        .await
+        .unwrap();
+    assert!(matches!(refused, Err(UploadRefusal::OverLimit(m)) if m.contains("1 result files")));
+    let files = store.result_files(id).await.unwrap();
+    assert_eq!(files.len(), 1);
+    // Once the job ended, nothing more is taken.
+    store
+        .finish_job(id, "l", &Outcome::succeeded())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store
+            .put_result_file(id, "l", &other, 10, 1000)
+            .await
+            .unwrap(),
+        Err(UploadRefusal::Lease(LeaseRefusal::Finished(
+            JobState::Succeeded
+        )))
+    );
 }
 
 async fn every_end_but_success_records_its_cause(store: &dyn Store) {

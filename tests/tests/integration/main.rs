@@ -33,6 +33,7 @@ mod routing;
 mod secrets;
 mod site_policy;
 mod slurm;
+mod test_results;
 mod trust;
 mod upgrade;
 mod web;

@@ -1,0 +1,409 @@
+//! Test results: the files a job's agent collects (`JobSpec::results`), what the broker read
+//! from each, and the test cases, for one job and across the runs of a batch.
+//!
+//! The agent uploads each file under the job's lease (`PUT /api/v1/agent/jobs/{id}/files`);
+//! the broker keeps it (downloadable as it was) and reads JUnit XML from it with
+//! [`crate::junit`]. A file it cannot read is reported with the reason; it never fails the job.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::batches::BatchId;
+use crate::jobs::JobId;
+use crate::junit::{TestOutcome, Totals};
+
+/// Largest result file the broker takes.
+pub const MAX_RESULT_FILE_BYTES: u64 = 32 * 1024 * 1024;
+/// Most result files of one job.
+pub const MAX_RESULT_FILES: usize = 100;
+/// Most bytes of result files of one job, together.
+pub const MAX_RESULT_BYTES_PER_JOB: u64 = 128 * 1024 * 1024;
+/// Longest failure message kept per attempt, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// The query of `PUT /api/v1/agent/jobs/{id}/files`; the body is the file's bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    pub lease: String,
+    /// The file's path in the workspace, `/`-separated (see [`validate_result_path`]).
+    pub path: String,
+}
+
+/// A file's path as a job names it: relative, `/`-separated, without `.` or `..` components,
+/// at most 1,000 bytes, and no control characters (it is shown to people).
+pub fn validate_result_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.len() > 1000 {
+        return Err(format!(
+            "a result file's path has 1 to 1000 bytes; this one has {}",
+            path.len()
+        ));
+    }
+    if path.starts_with('/') {
+        return Err(format!("result file path {path:?} is absolute"));
+    }
+    if path
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!(
+            "result file path {path:?} has an empty, \".\" or \"..\" component"
+        ));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(format!(
+            "result file path {:?} has control characters",
+            path.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// What the broker read from one result file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FileReport {
+    /// JUnit XML, read.
+    Junit {
+        totals: Totals,
+        /// The reader stopped at a limit; later cases are missing.
+        #[serde(default)]
+        truncated: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<String>,
+    },
+    /// An XML file whose root is not `<testsuites>` or `<testsuite>`, or a file that is not
+    /// XML at all: kept, not read.
+    NotJunit { reason: String },
+    /// It looked like JUnit XML but could not be read.
+    Unreadable { error: String },
+}
+
+/// The answer to an upload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadAck {
+    pub path: String,
+    pub bytes: u64,
+    pub report: FileReport,
+}
+
+/// One stored result file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultFile {
+    pub path: String,
+    pub bytes: u64,
+    pub report: FileReport,
+}
+
+/// One run of a test, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptResult {
+    pub outcome: TestOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// The failure's message, at most [`MAX_MESSAGE_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One test of a job, with every attempt its file records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseResult {
+    /// The result file it came from.
+    pub file: String,
+    pub suite: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classname: Option<String>,
+    pub name: String,
+    pub attempts: Vec<AttemptResult>,
+}
+
+impl CaseResult {
+    /// `suite > classname.name`, the way people name a test.
+    pub fn test_id(&self) -> String {
+        test_id(&self.suite, self.classname.as_deref(), &self.name)
+    }
+
+    pub fn final_outcome(&self) -> TestOutcome {
+        self.attempts
+            .last()
+            .map_or(TestOutcome::Passed, |a| a.outcome)
+    }
+
+    /// Both a pass and a failure among its attempts (a rerun that passed).
+    pub fn is_flaky(&self) -> bool {
+        self.attempts
+            .iter()
+            .any(|a| a.outcome == TestOutcome::Passed)
+            && self.attempts.iter().any(|a| a.outcome.is_failure())
+    }
+}
+
+/// How a test is named in listings: `suite > classname.name`, leaving out what is empty.
+pub fn test_id(suite: &str, classname: Option<&str>, name: &str) -> String {
+    let mut id = String::new();
+    if !suite.is_empty() {
+        id.push_str(suite);
+        id.push_str(" > ");
+    }
+    if let Some(class) = classname.filter(|c| !c.is_empty()) {
+        id.push_str(class);
+        id.push('.');
+    }
+    id.push_str(name);
+    id
+}
+
+/// The body of `GET /api/v1/jobs/{id}/results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResults {
+    pub job: JobId,
+    pub files: Vec<ResultFile>,
+    pub cases: Vec<CaseResult>,
+    pub totals: CaseTotals,
+}
+
+/// Counts of a job's test cases by final outcome; `flaky` are counted in theirs too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaseTotals {
+    pub cases: u64,
+    pub passed: u64,
+    pub failed: u64,
+    pub errors: u64,
+    pub skipped: u64,
+    pub flaky: u64,
+}
+
+impl CaseTotals {
+    pub fn of(cases: &[CaseResult]) -> CaseTotals {
+        let mut totals = CaseTotals {
+            cases: cases.len() as u64,
+            ..CaseTotals::default()
+        };
+        for case in cases {
+            match case.final_outcome() {
+                TestOutcome::Passed => totals.passed += 1,
+                TestOutcome::Failed => totals.failed += 1,
+                TestOutcome::Error => totals.errors += 1,
+                TestOutcome::Skipped => totals.skipped += 1,
+            }
+            if case.is_flaky() {
+                totals.flaky += 1;
+            }
+        }
+        totals
+    }
+}
+
+/// One test across the runs of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestAcrossRuns {
+    pub suite: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classname: Option<String>,
+    pub name: String,
+    /// Runs that reported it.
+    pub runs: u32,
+    /// Runs where its final outcome was a pass, a failure or error, a skip.
+    pub passed: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    /// The runs (from 1) where it failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_runs: Vec<u32>,
+    /// Runs where it failed and then passed on a rerun within the run.
+    pub flaky_within: u32,
+}
+
+impl TestAcrossRuns {
+    /// Flaky at this commit: it both passed and failed in the same batch (one job, one commit),
+    /// or failed and passed on a rerun within a run.
+    pub fn is_flaky(&self) -> bool {
+        (self.passed > 0 && self.failed > 0) || self.flaky_within > 0
+    }
+
+    /// It failed in every run that reported it.
+    pub fn is_broken(&self) -> bool {
+        self.runs > 0 && self.failed == self.runs
+    }
+
+    pub fn test_id(&self) -> String {
+        test_id(&self.suite, self.classname.as_deref(), &self.name)
+    }
+
+    /// The failure rate over the runs that reported it, with its 95 % Wilson score interval.
+    pub fn failure_rate(&self) -> Option<(f64, f64, f64)> {
+        let (low, high) = wilson_interval(u64::from(self.failed), u64::from(self.runs), 1.96)?;
+        Some((f64::from(self.failed) / f64::from(self.runs), low, high))
+    }
+}
+
+/// The Wilson score interval of a rate of `successes` in `n` trials at `z` standard
+/// deviations (1.96: 95 %). Unlike the normal approximation it stays within 0 and 1 and is
+/// honest for few runs and rare failures, which is what flaky tests are. None for `n` = 0.
+pub fn wilson_interval(successes: u64, n: u64, z: f64) -> Option<(f64, f64)> {
+    if n == 0 {
+        return None;
+    }
+    let n = n as f64;
+    let p = successes.min(n as u64) as f64 / n;
+    let z2 = z * z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = z / (1.0 + z2 / n) * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    Some(((centre - half).max(0.0), (centre + half).min(1.0)))
+}
+
+/// The body of `GET /api/v1/batches/{id}/results`: every test any run reported, flaky ones
+/// first, then broken ones, then by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResults {
+    pub batch: BatchId,
+    pub runs: u32,
+    /// Runs that uploaded at least one readable JUnit file.
+    pub runs_with_results: u32,
+    pub tests: Vec<TestAcrossRuns>,
+}
+
+impl BatchResults {
+    /// Builds the summary from `(run, case)` pairs.
+    pub fn of(
+        batch: BatchId,
+        runs: u32,
+        cases: impl IntoIterator<Item = (u32, CaseResult)>,
+    ) -> BatchResults {
+        let mut tests: BTreeMap<(String, Option<String>, String), TestAcrossRuns> = BTreeMap::new();
+        let mut seen: BTreeMap<(String, Option<String>, String), Vec<u32>> = BTreeMap::new();
+        let mut runs_with_results = std::collections::BTreeSet::new();
+        for (run, case) in cases {
+            runs_with_results.insert(run);
+            let key = (
+                case.suite.clone(),
+                case.classname.clone(),
+                case.name.clone(),
+            );
+            // A test reported twice in one run (two files) counts once, by its worst outcome.
+            let runs_seen = seen.entry(key.clone()).or_default();
+            let entry = tests.entry(key).or_insert_with(|| TestAcrossRuns {
+                suite: case.suite.clone(),
+                classname: case.classname.clone(),
+                name: case.name.clone(),
+                runs: 0,
+                passed: 0,
+                failed: 0,
+                skipped: 0,
+                failed_runs: Vec::new(),
+                flaky_within: 0,
+            });
+            if case.is_flaky() {
+                entry.flaky_within += 1;
+            }
+            let outcome = case.final_outcome();
+            if runs_seen.contains(&run) {
+                if outcome.is_failure() && !entry.failed_runs.contains(&run) {
+                    entry.failed_runs.push(run);
+                    entry.failed += 1;
+                    entry.passed = entry.passed.saturating_sub(1);
+                }
+                continue;
+            }
+            runs_seen.push(run);
+            entry.runs += 1;
+            match outcome {
+                TestOutcome::Passed => entry.passed += 1,
+                TestOutcome::Skipped => entry.skipped += 1,
+                TestOutcome::Failed | TestOutcome::Error => {
+                    entry.failed += 1;
+                    entry.failed_runs.push(run);
+                }
+            }
+        }
+        let mut tests: Vec<TestAcrossRuns> = tests.into_values().collect();
+        for test in &mut tests {
+            test.failed_runs.sort_unstable();
+        }
+        tests.sort_by_key(|t| (!t.is_flaky(), !t.is_broken(), t.test_id()));
+        BatchResults {
+            batch,
+            runs,
+            runs_with_results: runs_with_results.len() as u32,
+            tests,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(name: &str, outcomes: &[TestOutcome]) -> CaseResult {
+        CaseResult {
+            file: "junit.xml".into(),
+            suite: "pkg".into(),
+            classname: Some("T".into()),
+            name: name.into(),
+            attempts: outcomes
+                .iter()
+                .map(|&outcome| AttemptResult {
+                    outcome,
+                    duration_ms: None,
+                    message: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_test_that_passed_and_failed_across_runs_is_flaky_and_one_that_always_failed_broken() {
+        use TestOutcome::*;
+        let mut cases = Vec::new();
+        for run in 1..=10 {
+            cases.push((run, case("steady", &[Passed])));
+            cases.push((run, case("always", &[Failed])));
+            let wobbly = if run % 5 == 0 { Failed } else { Passed };
+            cases.push((run, case("wobbly", &[wobbly])));
+        }
+        cases.push((3, case("rerun", &[Failed, Passed])));
+        let results = BatchResults::of(BatchId(1), 10, cases);
+        let names: Vec<_> = results.tests.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["rerun", "wobbly", "always", "steady"]);
+        let wobbly = &results.tests[1];
+        assert!(wobbly.is_flaky() && !wobbly.is_broken());
+        assert_eq!((wobbly.runs, wobbly.passed, wobbly.failed), (10, 8, 2));
+        assert_eq!(wobbly.failed_runs, [5, 10]);
+        assert!(results.tests[0].is_flaky());
+        assert!(results.tests[2].is_broken() && !results.tests[2].is_flaky());
+        assert_eq!(results.runs_with_results, 10);
+        assert_eq!(wobbly.test_id(), "pkg > T.wobbly");
+    }
+
+    #[test]
+    fn the_wilson_interval_matches_published_values_and_stays_in_range() {
+        // Newcombe (1998), table I: 81 of 263 gives 0.2553 to 0.3662.
+        let (low, high) = wilson_interval(81, 263, 1.959964).unwrap();
+        assert!(
+            (low - 0.2553).abs() < 5e-4 && (high - 0.3662).abs() < 5e-4,
+            "{low} {high}"
+        );
+        // 8 failures in 40 runs: the interval contains the true rate 0.2.
+        let (low, high) = wilson_interval(8, 40, 1.96).unwrap();
+        assert!(
+            low < 0.2 && 0.2 < high && low > 0.09 && high < 0.36,
+            "{low} {high}"
+        );
+        assert_eq!(wilson_interval(0, 0, 1.96), None);
+        let (low, high) = wilson_interval(0, 10, 1.96).unwrap();
+        assert_eq!(low, 0.0);
+        assert!(high > 0.0 && high < 0.31);
+        let (low, high) = wilson_interval(10, 10, 1.96).unwrap();
+        assert!(low > 0.69 && high == 1.0);
+    }
+
+    #[test]
+    fn result_paths_are_relative_and_plain() {
+        assert!(validate_result_path("build/test-results/junit.xml").is_ok());
+        for bad in ["", "/etc/passwd", "a/../b", "./a", "a//b", "a\nb"] {
+            assert!(validate_result_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}
