@@ -75,6 +75,22 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// The tests of a repository that failed at least once recently, across its history: which
+    /// are flaky (passed and failed at one commit), which broken (failing at the latest
+    /// commit), with failure rates. Exits 1 when there are such tests.
+    Flaky {
+        /// The repository, OWNER/NAME as GitHub spells it.
+        repository: String,
+        /// Only this branch (main) or ref (refs/pull/7/merge). Default: every ref.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Only jobs submitted within this long, e.g. 7d, 12h.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// At most this many tests.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// Show a batch: each run's result and the totals; with --cancel, cancel its runs first.
     Batch {
         batch: BatchId,
@@ -446,6 +462,26 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
                 }
                 (None, None) => unreachable!("clap requires a job or --batch"),
             }
+        }
+        Command::Flaky {
+            repository,
+            branch,
+            since,
+            limit,
+        } => {
+            let client = client(&url, token)?;
+            let query = testbot_proto::test_results::FlakyQuery {
+                branch,
+                since: Some(since),
+                limit: Some(limit),
+            };
+            let report = client.flaky_tests(&repository, &query).await?;
+            if json {
+                output::print_json(&report)?;
+            } else {
+                output::print_flaky(&report);
+            }
+            Ok(i32::from(!report.tests.is_empty()))
         }
         Command::Batch { batch, cancel } => {
             let client = client(&url, token)?;

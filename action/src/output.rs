@@ -160,6 +160,60 @@ pub fn print_batch_results(results: &testbot_proto::test_results::BatchResults, 
     }
 }
 
+/// A repository's tests that failed recently, across its history.
+pub fn print_flaky(report: &testbot_proto::test_results::FlakyReport) {
+    let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
+    println!(
+        "{}{} since {}: {} tests failed at least once",
+        report.repository,
+        report
+            .git_ref
+            .as_deref()
+            .map(|r| format!(" on {r}"))
+            .unwrap_or_default(),
+        format_ms(report.since_ms),
+        report.tests.len()
+    );
+    for test in &report.tests {
+        let verdict = if test.is_flaky() {
+            "flaky"
+        } else if test.is_broken() {
+            "broken"
+        } else {
+            "failed"
+        };
+        let job = test
+            .job
+            .as_deref()
+            .map(|j| format!("{}: ", sanitize(j)))
+            .unwrap_or_default();
+        let mut line = format!("  {verdict:6} {job}{}", sanitize(&test.test_id()));
+        if test.is_flaky() {
+            line.push_str(&format!(
+                ": flaky at {} of {} commits, first at {}",
+                test.flaky_commits,
+                test.commits,
+                short(test.first_flaky_commit.as_deref().unwrap_or(""))
+            ));
+        } else if test.is_broken() {
+            line.push_str(&format!(
+                ": failing at the latest commit {}",
+                short(&test.latest_commit)
+            ));
+            if let Some(good) = &test.last_passing_commit {
+                line.push_str(&format!(", last passing at {}", short(good)));
+            }
+        }
+        if let Some((rate, low, high)) = test.failure_rate() {
+            line.push_str(&format!(
+                "; failed {} of {} runs, rate {rate:.2} (95% interval {low:.2} to {high:.2})",
+                test.failures, test.runs
+            ));
+        }
+        println!("{line}");
+    }
+}
+
 /// A batch, each run on a line, then its totals.
 pub fn print_batch(batch: &testbot_proto::batches::Batch) {
     for job in &batch.jobs {

@@ -524,6 +524,19 @@ impl BrokerClient {
             .await
     }
 
+    /// The tests of `repository` that failed at least once in the window, flaky ones first.
+    pub async fn flaky_tests(
+        &self,
+        repository: &str,
+        query: &crate::test_results::FlakyQuery,
+    ) -> Result<crate::test_results::FlakyReport, ClientError> {
+        self.send(
+            self.request(Method::GET, &format!("/repos/{repository}/flaky"))
+                .query(query),
+        )
+        .await
+    }
+
     /// Every test of a batch across its runs.
     pub async fn batch_results(
         &self,

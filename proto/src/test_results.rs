@@ -332,6 +332,99 @@ impl BatchResults {
     }
 }
 
+/// The query of `GET /api/v1/repos/{owner}/{name}/flaky`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlakyQuery {
+    /// Only jobs of this branch (`main`) or ref (`refs/pull/7/merge`). Default: every ref.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Only jobs submitted within this long (`30d`, `12h`). Default: 30 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// At most this many tests, the flakiest first. Default 100, at most 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+impl FlakyQuery {
+    /// The ref a `branch` names: `main` is `refs/heads/main`; a full ref stays as it is.
+    pub fn git_ref(&self) -> Option<String> {
+        self.branch.as_ref().map(|b| {
+            if b.starts_with("refs/") {
+                b.clone()
+            } else {
+                format!("refs/heads/{b}")
+            }
+        })
+    }
+}
+
+/// One test's record over a repository's history (one job's runs of it, across commits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestHistory {
+    /// The job's name (its `name`, or the config's job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    pub suite: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classname: Option<String>,
+    pub name: String,
+    /// Runs of the test in the window, and how many failed (by their last attempt).
+    pub runs: u64,
+    pub failures: u64,
+    /// Runs that failed and then passed on a rerun.
+    pub flaky_within: u64,
+    /// Commits it ran at; those where it both passed and failed (flaky there); those where it
+    /// failed in every run.
+    pub commits: u64,
+    pub flaky_commits: u64,
+    pub failing_commits: u64,
+    /// The first commit (by when its first run was submitted) at which it was flaky.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_flaky_commit: Option<String>,
+    /// The last commit at which it passed in every run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_passing_commit: Option<String>,
+    /// The last commit it ran at, and whether it failed in every run there.
+    pub latest_commit: String,
+    pub failing_at_latest: bool,
+}
+
+impl TestHistory {
+    pub fn test_id(&self) -> String {
+        test_id(&self.suite, self.classname.as_deref(), &self.name)
+    }
+
+    /// Flaky: it both passed and failed at one commit (or passed on a rerun), where nothing
+    /// but chance differs between the runs.
+    pub fn is_flaky(&self) -> bool {
+        self.flaky_commits > 0
+    }
+
+    /// Broken: it fails in every run at the latest commit and is not flaky there.
+    pub fn is_broken(&self) -> bool {
+        self.failing_at_latest
+    }
+
+    /// The failure rate over its runs with the 95 % Wilson interval.
+    pub fn failure_rate(&self) -> Option<(f64, f64, f64)> {
+        let (low, high) = wilson_interval(self.failures, self.runs, 1.96)?;
+        Some((self.failures as f64 / self.runs as f64, low, high))
+    }
+}
+
+/// The body of `GET /api/v1/repos/{owner}/{name}/flaky`: the tests that failed at least once
+/// in the window, flaky ones first (most flaky commits, then highest failure rate).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlakyReport {
+    pub repository: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    pub since_ms: i64,
+    pub tests: Vec<TestHistory>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,8 @@ pub(super) async fn origin_of<'p>(
                     oidc_token: Some(token.expose_secret().to_string()),
                     sites,
                     public: claims.repository_visibility.as_deref() == Some("public"),
+                    commit_sha: Some(claims.sha.clone()),
+                    git_ref: Some(claims.git_ref.clone()),
                 },
                 Some((claims.jti.as_str(), claims.exp)),
             ))

@@ -48,6 +48,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/batches/{id}", get(batch_handler))
         .route("/batches/{id}/cancel", post(cancel_batch_handler))
         .route("/batches/{id}/results", get(batch_results_handler))
+        .route("/repos/{owner}/{name}/flaky", get(flaky_handler))
         .route("/jobs/{id}/results", get(job_results_handler))
         .route("/jobs/{id}/results/file", get(result_file_handler))
         .route(

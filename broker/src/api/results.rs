@@ -9,9 +9,9 @@ use testbot_proto::batches::BatchId;
 use testbot_proto::jobs::JobId;
 use testbot_proto::junit::{JunitError, JunitLimits, TestOutcome, TestReport, parse_junit};
 use testbot_proto::test_results::{
-    AttemptResult, BatchResults, CaseResult, CaseTotals, FileReport, JobResults, MAX_MESSAGE_BYTES,
-    MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILES, ResultFile, UploadAck, UploadQuery,
-    validate_result_path,
+    AttemptResult, BatchResults, CaseResult, CaseTotals, FileReport, FlakyQuery, FlakyReport,
+    JobResults, MAX_MESSAGE_BYTES, MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILES, ResultFile,
+    TestHistory, UploadAck, UploadQuery, validate_result_path,
 };
 
 use super::{find_job, refusal_error};
@@ -19,7 +19,7 @@ use crate::access::{JobAccess, authorize_job_access};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiPath, ApiQuery};
 use crate::state::AppState;
-use crate::store::test_results::{NewResultFile, TestResultRow, UploadRefusal};
+use crate::store::test_results::{CommitTestRow, NewResultFile, TestResultRow, UploadRefusal};
 
 /// `PUT /agent/jobs/{id}/files?lease=L&path=P`: one result file, its bytes the body.
 pub(super) async fn upload_result_handler(
@@ -292,4 +292,116 @@ pub(super) async fn batch_results_handler(
     }
     let runs = batch.runs.clamp(0, i64::from(u32::MAX)) as u32;
     Ok(axum::Json(BatchResults::of(id, runs, cases)))
+}
+
+/// Default window of `GET /repos/{owner}/{name}/flaky`.
+const FLAKY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// `GET /repos/{owner}/{name}/flaky`: every test of the repository that failed at least once
+/// in the window, with how it went at each commit, flaky ones first.
+pub(super) async fn flaky_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<FlakyQuery>,
+) -> Result<axum::Json<FlakyReport>, ApiError> {
+    let repository = super::repos::repo_name(owner, name)?;
+    match &principal {
+        Principal::Workflow { claims, .. }
+            if claims.repository.eq_ignore_ascii_case(&repository) => {}
+        other => other.require_operator()?,
+    }
+    let window = match &query.since {
+        Some(since) => humantime::parse_duration(since).map_err(|e| {
+            ApiError::BadRequest(format!("since {since:?} is not a duration like 30d: {e}"))
+        })?,
+        None => FLAKY_WINDOW,
+    };
+    let since_ms = testbot_proto::now_ms().saturating_sub(window.as_millis() as i64);
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000) as usize;
+    let git_ref = query.git_ref();
+    let rows = state
+        .store
+        .test_history(&repository, git_ref.as_deref(), since_ms)
+        .await?;
+    let mut tests = histories(rows);
+    tests.sort_by(|a, b| {
+        let rate = |t: &TestHistory| t.failures as f64 / t.runs.max(1) as f64;
+        b.flaky_commits
+            .cmp(&a.flaky_commits)
+            .then(b.is_broken().cmp(&a.is_broken()))
+            .then(rate(b).total_cmp(&rate(a)))
+            .then_with(|| a.test_id().cmp(&b.test_id()))
+    });
+    tests.truncate(limit);
+    Ok(axum::Json(FlakyReport {
+        repository,
+        git_ref,
+        since_ms,
+        tests,
+    }))
+}
+
+/// Each test's history from its rows per commit (ordered by test, then by when each commit
+/// first ran).
+fn histories(rows: Vec<CommitTestRow>) -> Vec<TestHistory> {
+    let mut tests: Vec<TestHistory> = Vec::new();
+    let mut latest_at = 0;
+    let mut key: Option<(Option<String>, String, Option<String>, String)> = None;
+    for row in rows {
+        let row_key = (
+            row.job_name.clone(),
+            row.suite.clone(),
+            row.classname.clone(),
+            row.name.clone(),
+        );
+        if key.as_ref() != Some(&row_key) {
+            tests.push(TestHistory {
+                job: row.job_name.clone(),
+                suite: row.suite.clone(),
+                classname: row.classname.clone(),
+                name: row.name.clone(),
+                runs: 0,
+                failures: 0,
+                flaky_within: 0,
+                commits: 0,
+                flaky_commits: 0,
+                failing_commits: 0,
+                first_flaky_commit: None,
+                last_passing_commit: None,
+                latest_commit: String::new(),
+                failing_at_latest: false,
+            });
+            key = Some(row_key);
+            latest_at = i64::MIN;
+        }
+        let test = tests.last_mut().expect("pushed above");
+        let (runs, fails, within) = (
+            row.runs.max(0) as u64,
+            row.fails.max(0) as u64,
+            row.within.max(0) as u64,
+        );
+        test.runs += runs;
+        test.failures += fails;
+        test.flaky_within += within;
+        test.commits += 1;
+        let flaky = (fails > 0 && fails < runs) || within > 0;
+        if flaky {
+            test.flaky_commits += 1;
+            test.first_flaky_commit
+                .get_or_insert_with(|| row.commit_sha.clone());
+        }
+        if fails == runs {
+            test.failing_commits += 1;
+        }
+        if fails == 0 && within == 0 {
+            test.last_passing_commit = Some(row.commit_sha.clone());
+        }
+        if row.last_at_ms >= latest_at {
+            latest_at = row.last_at_ms;
+            test.latest_commit = row.commit_sha.clone();
+            test.failing_at_latest = fails == runs && runs > 0;
+        }
+    }
+    tests
 }

@@ -110,6 +110,8 @@ pub async fn submit(
         oidc_token: None,
         sites: job.site.iter().cloned().collect(),
         public,
+        commit_sha: Some(commit.sha.clone()),
+        git_ref: Some(provenance.git_ref()),
     };
     let provenance_json = serde_json::to_string(provenance)?;
     let mut jobs = Vec::new();

@@ -222,6 +222,9 @@ pub struct JobOrigin {
     pub sites: Vec<String>,
     /// The repository is public, as GitHub says (see [`JobModel::public`]).
     pub public: bool,
+    /// The commit and ref GitHub vouched for (a workflow's token, an App job's provenance).
+    pub commit_sha: Option<String>,
+    pub git_ref: Option<String>,
 }
 
 impl JobModel {
@@ -318,6 +321,8 @@ pub(crate) struct StoredJob {
     pub secret_env: Option<String>,
     /// The sites the job may run on, a JSON array; `None`: any.
     pub sites: Option<String>,
+    /// The spec's name, kept apart for reading test results by job.
+    pub name: Option<String>,
 }
 
 impl StoredJob {
@@ -338,6 +343,7 @@ impl StoredJob {
             sites: (!origin.sites.is_empty())
                 .then(|| serde_json::to_string(&origin.sites))
                 .transpose()?,
+            name: spec.name.clone(),
         })
     }
 }

@@ -182,9 +182,9 @@ async fn insert_job_row(
     let sql = format!(
         "INSERT INTO jobs (spec, labels, executor, state, created_at_ms, repository, run_id,
              submitted_by, oidc_token, sites, submit_jti, secret_env, public, batch_id,
-             batch_run, batch_runs)
+             batch_run, batch_runs, commit_sha, git_ref, job_name)
          VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12,
-             $13, $14, $15)
+             $13, $14, $15, $16, $17, $18)
          RETURNING {JOB_COLUMNS}"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -203,6 +203,9 @@ async fn insert_job_row(
         .bind(batch.map(|b| b.0))
         .bind(batch.map(|b| i64::from(b.1)))
         .bind(batch.map(|b| i64::from(b.2)))
+        .bind(&origin.commit_sha)
+        .bind(&origin.git_ref)
+        .bind(&stored.name)
         .fetch_one(tx)
         .await
 }

@@ -293,8 +293,9 @@ fn insert_job_row(
     tx.prepare_cached(concat!(
         "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id,
              submitted_by, oidc_token, sites, submit_jti, secret_env, public,
-             batch_id, batch_run, batch_runs)
-         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             batch_id, batch_run, batch_runs, commit_sha, git_ref, job_name)
+         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+             ?16, ?17)
          RETURNING ",
         job_columns!()
     ))?
@@ -314,6 +315,9 @@ fn insert_job_row(
             batch.map(|b| b.0),
             batch.map(|b| b.1),
             batch.map(|b| b.2),
+            origin.commit_sha,
+            origin.git_ref,
+            stored.name,
         ],
         job_row,
     )

@@ -119,6 +119,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_tests_history_is_read_per_commit_for_tests_that_failed,
     result_files_are_taken_only_under_the_lease_within_the_limits_and_replaced_by_a_retry,
     a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run,
     every_end_but_success_records_its_cause,
@@ -795,6 +796,117 @@ async fn result_files_are_taken_only_under_the_lease_within_the_limits_and_repla
         Err(UploadRefusal::Lease(LeaseRefusal::Finished(
             JobState::Succeeded
         )))
+    );
+}
+
+async fn a_tests_history_is_read_per_commit_for_tests_that_failed(store: &dyn Store) {
+    use crate::store::test_results::{NewResultFile, TestResultRow};
+    let run = |sha: &'static str,
+               git_ref: &'static str,
+               outcomes: Vec<(&'static str, Vec<&'static str>)>| async move {
+        let origin = JobOrigin {
+            submitted_by: "workflow:o/r@1".into(),
+            repository: Some("o/r".into()),
+            commit_sha: Some(sha.into()),
+            git_ref: Some(git_ref.into()),
+            ..JobOrigin::default()
+        };
+        let mut job_spec = spec(&[]);
+        job_spec.name = Some("unit".into());
+        let job = store
+            .insert_job(&job_spec, &origin, None)
+            .await
+            .unwrap()
+            .unwrap();
+        let lease = format!("l{}", job.id);
+        claim(store, "s/a", &offer("s", &[]), &lease).await.unwrap();
+        let mut rows = Vec::new();
+        for (seq, (name, attempts)) in outcomes.into_iter().enumerate() {
+            for (i, outcome) in attempts.into_iter().enumerate() {
+                rows.push(TestResultRow {
+                    file: "junit.xml".into(),
+                    seq: seq as i64,
+                    attempt: i as i64 + 1,
+                    suite: "pkg".into(),
+                    classname: None,
+                    name: name.into(),
+                    outcome: outcome.into(),
+                    duration_ms: None,
+                    message: None,
+                });
+            }
+        }
+        let file = NewResultFile {
+            path: "junit.xml".into(),
+            data: b"<testsuite/>".to_vec(),
+            report: "{}".into(),
+            rows,
+        };
+        store
+            .put_result_file(job.job_id(), &lease, &file, 10, 1 << 20)
+            .await
+            .unwrap()
+            .unwrap();
+    };
+    run(
+        "a1",
+        "refs/heads/main",
+        vec![("ok", vec!["passed"]), ("wobbly", vec!["passed"])],
+    )
+    .await;
+    run(
+        "a1",
+        "refs/heads/main",
+        vec![("ok", vec!["passed"]), ("wobbly", vec!["failed"])],
+    )
+    .await;
+    run(
+        "b2",
+        "refs/heads/main",
+        vec![("ok", vec!["passed"]), ("wobbly", vec!["failed", "passed"])],
+    )
+    .await;
+    run(
+        "c3",
+        "refs/pull/1/merge",
+        vec![("ok", vec!["passed"]), ("wobbly", vec!["error"])],
+    )
+    .await;
+    let rows = store
+        .test_history("o/r", Some("refs/heads/main"), 0)
+        .await
+        .unwrap();
+    let seen: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.name.as_str(),
+                r.commit_sha.as_str(),
+                r.runs,
+                r.fails,
+                r.within,
+            )
+        })
+        .collect();
+    // `ok` never failed: left out. At a1 `wobbly` passed once and failed once; at b2 it
+    // failed and passed on a rerun.
+    assert_eq!(seen, [("wobbly", "a1", 2, 1, 0), ("wobbly", "b2", 1, 0, 1)]);
+    assert_eq!(rows[0].job_name.as_deref(), Some("unit"));
+    let every_ref = store.test_history("o/r", None, 0).await.unwrap();
+    assert_eq!(every_ref.len(), 3);
+    assert!(
+        store
+            .test_history("o/other", None, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .test_history("o/r", None, now_ms() + 60_000)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

@@ -160,17 +160,24 @@ async fn exit_codes_ownership_network_and_cancel(engine: &str, kind: ExecutorKin
     assert!(log.contains(" E to-stderr\n"), "{log}");
     no_container_left(engine, &done).await;
 
-    // Failure: the exit code.
-    let failing = fleet
-        .workflow(REPO)
-        .submit(&job(engine, "echo failing; exit 3"))
-        .await
-        .unwrap();
+    // Failure: the exit code; the result file written in the container is collected anyway.
+    let mut failing = job(
+        engine,
+        "echo failing; printf '<testsuite><testcase name=\"t\"><failure message=\"no\"/></testcase></testsuite>' > junit.xml; exit 3",
+    );
+    failing.results = vec!["junit.xml".into()];
+    let failing = fleet.workflow(REPO).submit(&failing).await.unwrap();
     let (done, log) = fleet.finished(&failing).await;
     assert_eq!(
         (done.state, done.exit_code),
         (JobState::Failed, Some(3)),
         "{log}"
+    );
+    let results = fleet.client().job_results(failing.id).await.unwrap();
+    assert_eq!(
+        (results.totals.cases, results.totals.failed),
+        (1, 1),
+        "{results:?}\n{log}"
     );
 
     // The network is off: the container has only its own loopback, and a port listening on

@@ -116,8 +116,12 @@ async fn a_slurm_job_streams_live_output_and_runs_as_the_mapped_account() {
     start_slurm_agent(&mut fleet, &policy).await;
     let mut job_spec = spec(
         "echo \"user $(id -un)\"; echo \"$GREETING\"; echo to-stderr >&2; touch made-here; \
-         stat -c 'owner %U' made-here; for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.5; done",
+         stat -c 'owner %U' made-here; mkdir -p reports; \
+         printf '<testsuite name=\"slurm\"><testcase classname=\"node\" name=\"ran\"/></testsuite>' \
+         > reports/junit.xml; for i in 1 2 3 4 5 6; do echo tick $i; sleep 0.5; done",
     );
+    // The result file is collected from the job's workspace once Slurm says the job ended.
+    job_spec.results = vec!["reports/*.xml".into()];
     job_spec
         .env
         .insert("GREETING".into(), "hello from the compute node".into());
@@ -155,6 +159,13 @@ async fn a_slurm_job_streams_live_output_and_runs_as_the_mapped_account() {
         Some(slurm_id.as_str()),
         "{done:?}"
     );
+    let results = fleet.client().job_results(job.id).await.unwrap();
+    assert_eq!(
+        (results.totals.cases, results.totals.passed),
+        (1, 1),
+        "{results:?}\n{log}"
+    );
+    assert_eq!(results.cases[0].test_id(), "slurm > node.ran");
     fleet.stop().await;
 }
 

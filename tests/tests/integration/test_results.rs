@@ -188,3 +188,127 @@ async fn across_a_batch_a_test_that_fails_in_some_runs_is_flaky_with_its_rate_an
     assert!(String::from_utf8_lossy(&all.stdout).contains("ok     pkg > T.steady"));
     fleet.stop().await;
 }
+
+/// One JUnit file per run: `wobbly` fails on the runs `fail_runs` names (a shell test on
+/// `TESTBOT_BATCH_RUN`), `lately` fails when `lately_fails`, `steady` always passes.
+fn history_script(fail_runs: &str, lately_fails: bool) -> String {
+    let lately = if lately_fails {
+        "<failure message=\"regressed\"/>"
+    } else {
+        ""
+    };
+    format!(
+        r#"mkdir -p out
+case " {fail_runs} " in *" $TESTBOT_BATCH_RUN "*) wobbly='<failure message="race"/>';; *) wobbly='';; esac
+cat > out/junit.xml <<EOF
+<testsuite name="pkg">
+  <testcase classname="T" name="steady"/>
+  <testcase classname="T" name="wobbly">$wobbly</testcase>
+  <testcase classname="T" name="lately">{lately}</testcase>
+</testsuite>
+EOF"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn across_a_branchs_commits_a_flaky_test_and_a_newly_broken_one_are_told_apart() {
+    use testbot_proto::repos::RepoRegistration;
+    use testbot_proto::test_results::FlakyQuery;
+    const REPO: &str = "hpc-lab/solver";
+    let mut fleet = Fleet::start_oidc(|_| {}).await;
+    fleet
+        .client()
+        .register_repo(&RepoRegistration {
+            name: REPO.into(),
+            ..RepoRegistration::default()
+        })
+        .await
+        .unwrap();
+    let mut agent = fleet.agent_config("a1");
+    agent.allow_workflow_jobs_without_policy = true;
+    fleet.add_agent(agent);
+    fleet.wait_polling_agents(1).await;
+
+    // Four commits of main, four runs each: `wobbly` fails once at commits 2 and 4 (flaky
+    // there), `lately` starts failing at commit 3 and keeps failing (broken). A pull request's
+    // run, where `steady` would not matter, is on another ref.
+    let commits = [
+        ("1111111111111111111111111111111111111111", "", false),
+        ("2222222222222222222222222222222222222222", "3", false),
+        ("3333333333333333333333333333333333333333", "", true),
+        ("4444444444444444444444444444444444444444", "1", true),
+    ];
+    let issuer = fleet.issuer();
+    for (sha, fail_runs, lately_fails) in commits {
+        let mut claims = issuer.claims(REPO, testbot_e2e::AUDIENCE);
+        claims["sha"] = sha.into();
+        let spec = JobSpec {
+            name: Some("unit".into()),
+            script: history_script(fail_runs, lately_fails),
+            results: vec!["out/*.xml".into()],
+            ..JobSpec::default()
+        };
+        let batch = fleet
+            .client_with(&issuer.mint(&claims))
+            .submit_batch(&spec, 4)
+            .await
+            .unwrap();
+        testbot_e2e::wait_for("the commit's runs", WAIT, || async {
+            let now = fleet.client().batch(batch.id).await.unwrap();
+            now.is_finished().then_some(())
+        })
+        .await;
+    }
+    let query = FlakyQuery {
+        branch: Some("main".into()),
+        ..FlakyQuery::default()
+    };
+    let report = fleet.client().flaky_tests(REPO, &query).await.unwrap();
+    let names: Vec<&str> = report.tests.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["wobbly", "lately"], "{report:#?}");
+    let wobbly = &report.tests[0];
+    assert!(wobbly.is_flaky() && !wobbly.is_broken(), "{wobbly:?}");
+    assert_eq!(
+        (
+            wobbly.runs,
+            wobbly.failures,
+            wobbly.commits,
+            wobbly.flaky_commits
+        ),
+        (16, 2, 4, 2)
+    );
+    assert_eq!(wobbly.first_flaky_commit.as_deref(), Some(commits[1].0));
+    let lately = &report.tests[1];
+    assert!(lately.is_broken() && !lately.is_flaky(), "{lately:?}");
+    assert_eq!(lately.failing_commits, 2);
+    assert_eq!(lately.last_passing_commit.as_deref(), Some(commits[1].0));
+    assert_eq!(lately.latest_commit, commits[3].0);
+
+    // Another branch has no history yet.
+    let other = FlakyQuery {
+        branch: Some("release".into()),
+        ..FlakyQuery::default()
+    };
+    assert!(
+        fleet
+            .client()
+            .flaky_tests(REPO, &other)
+            .await
+            .unwrap()
+            .tests
+            .is_empty()
+    );
+
+    let out = testbot(&fleet, &["flaky", REPO, "--branch", "main"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("flaky  unit: pkg > T.wobbly: flaky at 2 of 4 commits, first at 222222222222; failed 2 of 16 runs"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("broken unit: pkg > T.lately: failing at the latest commit 444444444444, last passing at 222222222222"),
+        "{stdout}"
+    );
+    fleet.stop().await;
+}

@@ -194,8 +194,10 @@ impl GitHubStore for PgStore {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "INSERT INTO jobs (spec, labels, executor, state, created_at_ms, repository, run_id,
-                 submitted_by, oidc_token, sites, submit_jti, secret_env, public)
-             VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, NULL, $8::jsonb, NULL, $9, $10)
+                 submitted_by, oidc_token, sites, submit_jti, secret_env, public, commit_sha,
+                 git_ref, job_name)
+             VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, NULL, $8::jsonb, NULL, $9, $10,
+                 $11, $12, $13)
              RETURNING {JOB_COLUMNS}"
         );
         let model: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -209,6 +211,9 @@ impl GitHubStore for PgStore {
             .bind(stored.sites)
             .bind(stored.secret_env)
             .bind(origin.public)
+            .bind(&origin.commit_sha)
+            .bind(&origin.git_ref)
+            .bind(&stored.name)
             .fetch_one(&mut *tx)
             .await?;
         sqlx::query(

@@ -8,7 +8,8 @@ use testbot_proto::now_ms;
 use super::PgStore;
 use crate::store::StoreResult;
 use crate::store::test_results::{
-    NewResultFile, ResultFileModel, TestResultRow, TestResultStore, UploadRefusal,
+    CommitTestRow, NewResultFile, ResultFileModel, TEST_HISTORY_SQL, TestResultRow,
+    TestResultStore, UploadRefusal,
 };
 
 const RESULT_COLUMNS: &str =
@@ -152,5 +153,19 @@ impl TestResultStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(|r| (r.batch_run, r.result)).collect())
+    }
+
+    async fn test_history(
+        &self,
+        repository: &str,
+        git_ref: Option<&str>,
+        since_ms: i64,
+    ) -> StoreResult<Vec<CommitTestRow>> {
+        Ok(sqlx::query_as(TEST_HISTORY_SQL)
+            .bind(repository)
+            .bind(git_ref)
+            .bind(since_ms)
+            .fetch_all(&self.pool)
+            .await?)
     }
 }

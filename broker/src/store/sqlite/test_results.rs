@@ -9,7 +9,8 @@ use testbot_proto::now_ms;
 use super::{SqliteStore, lease_refusal};
 use crate::store::StoreResult;
 use crate::store::test_results::{
-    NewResultFile, ResultFileModel, TestResultRow, TestResultStore, UploadRefusal,
+    CommitTestRow, NewResultFile, ResultFileModel, TEST_HISTORY_SQL, TestResultRow,
+    TestResultStore, UploadRefusal,
 };
 
 macro_rules! result_columns {
@@ -172,6 +173,36 @@ impl TestResultStore for SqliteStore {
                 )?
                 .query_map([batch.0], |row| Ok((row.get(0)?, result_row(row, 1)?)))?
                 .collect()
+            })
+            .await
+    }
+
+    async fn test_history(
+        &self,
+        repository: &str,
+        git_ref: Option<&str>,
+        since_ms: i64,
+    ) -> StoreResult<Vec<CommitTestRow>> {
+        let (repository, git_ref) = (repository.to_owned(), git_ref.map(str::to_owned));
+        self.readers
+            .read(move |conn| {
+                // SQLite reads `$N` as a numbered parameter, as PostgreSQL does.
+                conn.prepare_cached(TEST_HISTORY_SQL)?
+                    .query_map(params![repository, git_ref, since_ms], |row| {
+                        Ok(CommitTestRow {
+                            job_name: row.get(0)?,
+                            suite: row.get(1)?,
+                            classname: row.get(2)?,
+                            name: row.get(3)?,
+                            commit_sha: row.get(4)?,
+                            runs: row.get(5)?,
+                            fails: row.get(6)?,
+                            within: row.get(7)?,
+                            first_at_ms: row.get(8)?,
+                            last_at_ms: row.get(9)?,
+                        })
+                    })?
+                    .collect()
             })
             .await
     }
