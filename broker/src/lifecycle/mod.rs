@@ -12,10 +12,13 @@
 //! - [`events`]: the job-event bus.
 //! - [`watch`]: per-job wake-ups for log followers and held heartbeats.
 //! - [`dispatch`]: waking the one waiting poll that may take a queued job.
+//! - [`results`]: reading uploaded result files, and test results read back as cases and
+//!   histories.
 
 pub mod admission;
 pub mod dispatch;
 pub mod events;
 pub mod jobs;
+pub mod results;
 pub mod transitions;
 pub mod watch;

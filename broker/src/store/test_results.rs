@@ -61,38 +61,68 @@ pub struct CommitTestRow {
     pub last_at_ms: i64,
 }
 
-/// What both backends read history with: cases (one per job, file and case) with whether any
-/// attempt failed and any passed, grouped per test and commit; only tests with a failure.
-/// A case failed when no attempt passed (a rerun stops at its first pass).
+/// One test's runs in one uploaded file, summed for the statistics tables: a case failed
+/// when none of its attempts passed, and failed within when it failed and then passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseStat {
+    pub suite: String,
+    /// Empty for none: a part of the key.
+    pub classname: String,
+    pub name: String,
+    pub runs: i64,
+    pub fails: i64,
+    pub within: i64,
+}
+
+/// The rows of one file (ordered by case and attempt), summed per test.
+pub fn case_stats(rows: &[TestResultRow]) -> Vec<CaseStat> {
+    let mut stats: std::collections::BTreeMap<(String, String, String), CaseStat> =
+        std::collections::BTreeMap::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let seq = rows[i].seq;
+        let (mut any_fail, mut any_pass) = (false, false);
+        let first = &rows[i];
+        while i < rows.len() && rows[i].seq == seq {
+            match rows[i].outcome.as_str() {
+                "failed" | "error" => any_fail = true,
+                "passed" => any_pass = true,
+                _ => {}
+            }
+            i += 1;
+        }
+        let key = (
+            first.suite.clone(),
+            first.classname.clone().unwrap_or_default(),
+            first.name.clone(),
+        );
+        let stat = stats.entry(key).or_insert_with(|| CaseStat {
+            suite: first.suite.clone(),
+            classname: first.classname.clone().unwrap_or_default(),
+            name: first.name.clone(),
+            runs: 0,
+            fails: 0,
+            within: 0,
+        });
+        stat.runs += 1;
+        stat.fails += i64::from(any_fail && !any_pass);
+        stat.within += i64::from(any_fail && any_pass);
+    }
+    stats.into_values().collect()
+}
+
+/// What both backends read history with: the tests of the repository (and ref) with a bad run
+/// in the window, and their rows per commit in the window.
 pub(crate) const TEST_HISTORY_SQL: &str = "
-WITH cases AS (
-    SELECT j.job_name, j.commit_sha, j.created_at_ms, r.suite, r.classname, r.name,
-           MAX(CASE WHEN r.outcome IN ('failed', 'error') THEN 1 ELSE 0 END) AS any_fail,
-           MAX(CASE WHEN r.outcome = 'passed' THEN 1 ELSE 0 END) AS any_pass
-    FROM jobs j JOIN test_results r ON r.job_id = j.id
-    WHERE j.repository = $1 AND (CAST($2 AS TEXT) IS NULL OR j.git_ref = CAST($2 AS TEXT))
-      AND j.created_at_ms >= $3
-      AND j.commit_sha IS NOT NULL
-    GROUP BY j.id, r.file, r.seq, j.job_name, j.commit_sha, j.created_at_ms, r.suite,
-             r.classname, r.name
-),
-per_commit AS (
-    SELECT job_name, suite, classname, name, commit_sha,
-           COUNT(*) AS runs,
-           SUM(CASE WHEN any_fail = 1 AND any_pass = 0 THEN 1 ELSE 0 END) AS fails,
-           SUM(CASE WHEN any_fail = 1 AND any_pass = 1 THEN 1 ELSE 0 END) AS within,
-           MIN(created_at_ms) AS first_at_ms, MAX(created_at_ms) AS last_at_ms
-    FROM cases
-    GROUP BY job_name, suite, classname, name, commit_sha
-),
-marked AS (
-    SELECT p.*, SUM(fails + within) OVER (PARTITION BY job_name, suite, classname, name) AS bad
-    FROM per_commit p
-)
-SELECT job_name, suite, classname, name, commit_sha, runs, fails, within, first_at_ms,
-       last_at_ms
-FROM marked WHERE bad > 0
-ORDER BY job_name, suite, classname, name, first_at_ms";
+SELECT NULLIF(c.job_name, '') AS job_name, c.suite, NULLIF(c.classname, '') AS classname,
+       c.name, c.commit_sha, c.runs, c.fails, c.within, c.first_at_ms, c.last_at_ms
+FROM test_stats t
+JOIN test_commit_stats c
+  ON c.repository = t.repository AND c.git_ref = t.git_ref AND c.job_name = t.job_name
+ AND c.suite = t.suite AND c.classname = t.classname AND c.name = t.name
+WHERE t.repository = $1 AND (CAST($2 AS TEXT) IS NULL OR t.git_ref = CAST($2 AS TEXT))
+  AND t.bad_runs > 0 AND t.last_bad_at_ms >= $3 AND c.last_at_ms >= $3
+ORDER BY c.job_name, c.suite, c.classname, c.name, c.first_at_ms";
 
 /// Why an upload was not stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,9 +134,10 @@ pub enum UploadRefusal {
 
 #[async_trait::async_trait]
 pub trait TestResultStore: Send + Sync {
-    /// Stores a result file of job `id`, which must be running under `lease`, replacing an
-    /// earlier upload of the same path and its test cases (an agent's retry), unless the job's
-    /// files would pass `max_files` or `max_bytes` together.
+    /// Stores a result file of job `id`, which must be running under `lease`, with its test
+    /// results, and adds them to the statistics of the job's repository, ref and commit (when
+    /// it has them), unless the job's files would pass `max_files` or `max_bytes` together. A
+    /// path stored before (an agent's retry) is kept as it was and counted once.
     async fn put_result_file(
         &self,
         id: JobId,

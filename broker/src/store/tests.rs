@@ -120,7 +120,7 @@ macro_rules! conformance {
 
 conformance!(
     a_tests_history_is_read_per_commit_for_tests_that_failed,
-    result_files_are_taken_only_under_the_lease_within_the_limits_and_replaced_by_a_retry,
+    result_files_are_taken_only_under_the_lease_within_the_limits_and_stored_once,
     a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run,
     every_end_but_success_records_its_cause,
     a_job_goes_from_queued_to_its_one_result,
@@ -710,7 +710,7 @@ async fn a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run(st
     assert!(store.batch(id).await.unwrap().is_none());
 }
 
-async fn result_files_are_taken_only_under_the_lease_within_the_limits_and_replaced_by_a_retry(
+async fn result_files_are_taken_only_under_the_lease_within_the_limits_and_stored_once(
     store: &dyn Store,
 ) {
     use crate::store::test_results::{NewResultFile, TestResultRow, UploadRefusal};
@@ -747,7 +747,7 @@ async fn result_files_are_taken_only_under_the_lease_within_the_limits_and_repla
         .await
         .unwrap()
         .unwrap();
-    // A retry of the same path replaces the file and its cases.
+    // A retry of the same path (the agent did not hear the first answer) is kept once.
     store
         .put_result_file(id, "l", &file(b"second", vec![row("a", "passed")]), 10, 100)
         .await
@@ -759,10 +759,10 @@ async fn result_files_are_taken_only_under_the_lease_within_the_limits_and_repla
             .await
             .unwrap()
             .as_deref(),
-        Some(&b"second"[..])
+        Some(&b"first"[..])
     );
     let rows = store.test_results(id).await.unwrap();
-    assert_eq!(rows, [row("a", "passed")]);
+    assert_eq!(rows, [row("a", "failed")]);
     // Past the job's limits: refused, naming the limit.
     let other = NewResultFile {
         path: "more.xml".into(),
@@ -773,7 +773,7 @@ async fn result_files_are_taken_only_under_the_lease_within_the_limits_and_repla
         .await
         .unwrap();
     assert!(
-        matches!(refused, Err(UploadRefusal::OverLimit(m)) if m.contains("would hold 206 bytes"))
+        matches!(refused, Err(UploadRefusal::OverLimit(m)) if m.contains("would hold 205 bytes"))
     );
     let refused = store
         .put_result_file(id, "l", &other, 1, 1000)

@@ -8,8 +8,8 @@ use testbot_proto::now_ms;
 use super::PgStore;
 use crate::store::StoreResult;
 use crate::store::test_results::{
-    CommitTestRow, NewResultFile, ResultFileModel, TEST_HISTORY_SQL, TestResultRow,
-    TestResultStore, UploadRefusal,
+    CaseStat, CommitTestRow, NewResultFile, ResultFileModel, TEST_HISTORY_SQL, TestResultRow,
+    TestResultStore, UploadRefusal, case_stats,
 };
 
 const RESULT_COLUMNS: &str =
@@ -27,17 +27,33 @@ impl TestResultStore for PgStore {
     ) -> StoreResult<Result<(), UploadRefusal>> {
         let mut tx = self.pool.begin().await?;
         // The job's row is locked: a finish cannot slip in, nor a second upload's count.
-        let running: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM jobs
+        type Job = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            i64,
+        );
+        let running: Option<Job> = sqlx::query_as(
+            "SELECT repository, git_ref, commit_sha, job_name, created_at_ms FROM jobs
              WHERE id = $1 AND lease = $2 AND state IN ('assigned', 'running') FOR UPDATE",
         )
         .bind(id.0)
         .bind(lease)
         .fetch_optional(&mut *tx)
         .await?;
-        if running.is_none() {
+        let Some((repository, git_ref, commit_sha, job_name, at_ms)) = running else {
             drop(tx);
             return Ok(Err(UploadRefusal::Lease(self.lease_refusal(id).await?)));
+        };
+        let stored_before: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM result_files WHERE job_id = $1 AND path = $2")
+                .bind(id.0)
+                .bind(&file.path)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if stored_before.is_some() {
+            return Ok(Ok(()));
         }
         let (files, bytes): (i64, i64) = sqlx::query_as(
             "SELECT COUNT(*), COALESCE(SUM(bytes), 0)::BIGINT FROM result_files
@@ -60,10 +76,7 @@ impl TestResultStore for PgStore {
         }
         sqlx::query(
             "INSERT INTO result_files (job_id, path, bytes, data, report, uploaded_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (job_id, path) DO UPDATE SET bytes = excluded.bytes,
-                 data = excluded.data, report = excluded.report,
-                 uploaded_at_ms = excluded.uploaded_at_ms",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(id.0)
         .bind(&file.path)
@@ -73,11 +86,6 @@ impl TestResultStore for PgStore {
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM test_results WHERE job_id = $1 AND file = $2")
-            .bind(id.0)
-            .bind(&file.path)
-            .execute(&mut *tx)
-            .await?;
         // In slices, so that no statement carries more than a few megabytes of parameters.
         for rows in file.rows.chunks(10_000) {
             let column = |f: fn(&TestResultRow) -> Option<String>| -> Vec<Option<String>> {
@@ -101,6 +109,69 @@ impl TestResultStore for PgStore {
             .bind(column(|r| r.message.clone()))
             .execute(&mut *tx)
             .await?;
+        }
+        if let (Some(repository), Some(git_ref), Some(commit)) = (repository, git_ref, commit_sha) {
+            let job_name = job_name.unwrap_or_default();
+            // One row per test (summed first): an upsert may touch each row once.
+            let stats = case_stats(&file.rows);
+            for stats in stats.chunks(10_000) {
+                let text =
+                    |f: fn(&CaseStat) -> String| -> Vec<String> { stats.iter().map(f).collect() };
+                let number =
+                    |f: fn(&CaseStat) -> i64| -> Vec<i64> { stats.iter().map(f).collect() };
+                sqlx::query(
+                    "INSERT INTO test_commit_stats (repository, git_ref, job_name, suite,
+                         classname, name, commit_sha, runs, fails, within, first_at_ms,
+                         last_at_ms)
+                     SELECT $1, $2, $3, s.suite, s.classname, s.name, $4, s.runs, s.fails,
+                            s.within, $5, $5
+                     FROM UNNEST($6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[],
+                                 $10::BIGINT[], $11::BIGINT[])
+                          AS s (suite, classname, name, runs, fails, within)
+                     ON CONFLICT (repository, git_ref, job_name, suite, classname, name,
+                         commit_sha)
+                     DO UPDATE SET runs = test_commit_stats.runs + excluded.runs,
+                         fails = test_commit_stats.fails + excluded.fails,
+                         within = test_commit_stats.within + excluded.within,
+                         first_at_ms = LEAST(test_commit_stats.first_at_ms, excluded.first_at_ms),
+                         last_at_ms = GREATEST(test_commit_stats.last_at_ms, excluded.last_at_ms)",
+                )
+                .bind(&repository)
+                .bind(&git_ref)
+                .bind(&job_name)
+                .bind(&commit)
+                .bind(at_ms)
+                .bind(text(|s| s.suite.clone()))
+                .bind(text(|s| s.classname.clone()))
+                .bind(text(|s| s.name.clone()))
+                .bind(number(|s| s.runs))
+                .bind(number(|s| s.fails))
+                .bind(number(|s| s.within))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO test_stats (repository, git_ref, job_name, suite, classname,
+                         name, bad_runs, last_bad_at_ms)
+                     SELECT $1, $2, $3, s.suite, s.classname, s.name, s.bad, $4
+                     FROM UNNEST($5::TEXT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[])
+                          AS s (suite, classname, name, bad)
+                     WHERE s.bad > 0
+                     ON CONFLICT (repository, git_ref, job_name, suite, classname, name)
+                     DO UPDATE SET bad_runs = test_stats.bad_runs + excluded.bad_runs,
+                         last_bad_at_ms = GREATEST(test_stats.last_bad_at_ms,
+                                                   excluded.last_bad_at_ms)",
+                )
+                .bind(&repository)
+                .bind(&git_ref)
+                .bind(&job_name)
+                .bind(at_ms)
+                .bind(text(|s| s.suite.clone()))
+                .bind(text(|s| s.classname.clone()))
+                .bind(text(|s| s.name.clone()))
+                .bind(number(|s| s.fails + s.within))
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(Ok(()))

@@ -10,7 +10,7 @@ use super::{SqliteStore, lease_refusal};
 use crate::store::StoreResult;
 use crate::store::test_results::{
     CommitTestRow, NewResultFile, ResultFileModel, TEST_HISTORY_SQL, TestResultRow,
-    TestResultStore, UploadRefusal,
+    TestResultStore, UploadRefusal, case_stats,
 };
 
 macro_rules! result_columns {
@@ -46,15 +46,25 @@ impl TestResultStore for SqliteStore {
         let (lease, file) = (lease.to_owned(), file.clone());
         self.writer
             .write(move |tx| {
-                let running: Option<i64> = tx
+                type Job = (Option<String>, Option<String>, Option<String>, Option<String>, i64);
+                let running: Option<Job> = tx
                     .prepare_cached(
-                        "SELECT id FROM jobs
+                        "SELECT repository, git_ref, commit_sha, job_name, created_at_ms FROM jobs
                          WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')",
                     )?
-                    .query_row(params![id.0, lease], |row| row.get(0))
+                    .query_row(params![id.0, lease], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                    })
                     .optional()?;
-                if running.is_none() {
+                let Some((repository, git_ref, commit_sha, job_name, at_ms)) = running else {
                     return Ok(Err(UploadRefusal::Lease(lease_refusal(tx, id)?)));
+                };
+                let stored_before: Option<i64> = tx
+                    .prepare_cached("SELECT 1 FROM result_files WHERE job_id = ?1 AND path = ?2")?
+                    .query_row(params![id.0, file.path], |row| row.get(0))
+                    .optional()?;
+                if stored_before.is_some() {
+                    return Ok(Ok(()));
                 }
                 let (files, bytes): (i64, i64) = tx
                     .prepare_cached(
@@ -77,10 +87,7 @@ impl TestResultStore for SqliteStore {
                 }
                 tx.prepare_cached(
                     "INSERT INTO result_files (job_id, path, bytes, data, report, uploaded_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (job_id, path) DO UPDATE SET bytes = excluded.bytes,
-                         data = excluded.data, report = excluded.report,
-                         uploaded_at_ms = excluded.uploaded_at_ms",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
                 .execute(params![
                     id.0,
@@ -90,8 +97,6 @@ impl TestResultStore for SqliteStore {
                     file.report,
                     now_ms()
                 ])?;
-                tx.prepare_cached("DELETE FROM test_results WHERE job_id = ?1 AND file = ?2")?
-                    .execute(params![id.0, file.path])?;
                 let mut insert = tx.prepare_cached(concat!(
                     "INSERT INTO test_results (job_id, ",
                     result_columns!(),
@@ -110,6 +115,60 @@ impl TestResultStore for SqliteStore {
                         row.duration_ms,
                         row.message
                     ])?;
+                }
+                if let (Some(repository), Some(git_ref), Some(commit)) =
+                    (repository, git_ref, commit_sha)
+                {
+                    let job_name = job_name.unwrap_or_default();
+                    let mut commit_stats = tx.prepare_cached(
+                        "INSERT INTO test_commit_stats (repository, git_ref, job_name, suite,
+                             classname, name, commit_sha, runs, fails, within, first_at_ms,
+                             last_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
+                         ON CONFLICT (repository, git_ref, job_name, suite, classname, name,
+                             commit_sha)
+                         DO UPDATE SET runs = runs + excluded.runs, fails = fails + excluded.fails,
+                             within = within + excluded.within,
+                             first_at_ms = MIN(first_at_ms, excluded.first_at_ms),
+                             last_at_ms = MAX(last_at_ms, excluded.last_at_ms)",
+                    )?;
+                    let mut test_stats = tx.prepare_cached(
+                        "INSERT INTO test_stats (repository, git_ref, job_name, suite, classname,
+                             name, bad_runs, last_bad_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                         ON CONFLICT (repository, git_ref, job_name, suite, classname, name)
+                         DO UPDATE SET bad_runs = bad_runs + excluded.bad_runs,
+                             last_bad_at_ms = MAX(COALESCE(last_bad_at_ms, 0),
+                                                  excluded.last_bad_at_ms)",
+                    )?;
+                    for stat in case_stats(&file.rows) {
+                        commit_stats.execute(params![
+                            repository,
+                            git_ref,
+                            job_name,
+                            stat.suite,
+                            stat.classname,
+                            stat.name,
+                            commit,
+                            stat.runs,
+                            stat.fails,
+                            stat.within,
+                            at_ms
+                        ])?;
+                        let bad = stat.fails + stat.within;
+                        if bad > 0 {
+                            test_stats.execute(params![
+                                repository,
+                                git_ref,
+                                job_name,
+                                stat.suite,
+                                stat.classname,
+                                stat.name,
+                                bad,
+                                at_ms
+                            ])?;
+                        }
+                    }
                 }
                 Ok(Ok(()))
             })
