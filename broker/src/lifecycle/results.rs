@@ -68,12 +68,12 @@ fn rows_of(path: &str, report: &TestReport) -> Vec<TestResultRow> {
     for (seq, case) in report.cases.iter().enumerate() {
         for (i, attempt) in case.attempts.iter().enumerate() {
             rows.push(TestResultRow {
-                file: path.to_string(),
+                file: text(path),
                 seq: seq as i64,
                 attempt: i as i64 + 1,
-                suite: case.suite.clone(),
-                classname: case.classname.clone(),
-                name: case.name.clone(),
+                suite: text(&case.suite),
+                classname: case.classname.as_deref().map(text),
+                name: text(&case.name),
                 outcome: outcome_name(attempt.outcome).to_string(),
                 duration_ms: attempt
                     .duration_secs
@@ -82,11 +82,17 @@ fn rows_of(path: &str, report: &TestReport) -> Vec<TestResultRow> {
                 message: attempt
                     .message
                     .as_ref()
-                    .map(|m| cut(&m.text, MAX_MESSAGE_BYTES)),
+                    .map(|m| text(&cut(&m.text, MAX_MESSAGE_BYTES))),
             });
         }
     }
     rows
+}
+
+/// A text as it is stored: a NUL (`&#0;` in a file), which no PostgreSQL text can hold,
+/// becomes U+FFFD.
+fn text(value: &str) -> String {
+    value.replace('\0', "\u{FFFD}")
 }
 
 fn cut(text: &str, max: usize) -> String {
@@ -206,4 +212,46 @@ pub fn histories(rows: Vec<CommitTestRow>) -> Vec<TestHistory> {
         }
     }
     tests
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_reads_as_junit_not_junit_or_unreadable_and_stores_no_nul() {
+        let (report, rows) = read_result_file(
+            "junit.xml",
+            b"<testsuite name=\"s\"><testcase name=\"a&#0;b\"><failure message=\"m&#0;\"/></testcase></testsuite>",
+        );
+        assert!(matches!(report, FileReport::Junit { .. }), "{report:?}");
+        assert_eq!(rows.len(), 1);
+        assert!(!rows[0].name.contains('\0') && !format!("{rows:?}").contains('\0'));
+        assert_eq!(rows[0].outcome, "failed");
+        let (report, rows) = read_result_file("notes.txt", b"hello");
+        assert!(matches!(report, FileReport::NotJunit { .. }) && rows.is_empty());
+        let (report, _) = read_result_file("pom.xml", b"<project/>");
+        assert!(matches!(report, FileReport::NotJunit { .. }), "{report:?}");
+        let (report, _) = read_result_file("cut.xml", b"<testsuite><testcase");
+        assert!(matches!(report, FileReport::Unreadable { .. }), "{report:?}");
+    }
+
+    #[test]
+    fn a_case_failed_when_no_attempt_passed_and_flaky_when_one_did() {
+        let row = |seq, attempt, outcome: &str| TestResultRow {
+            file: "f".into(),
+            seq,
+            attempt,
+            suite: "s".into(),
+            classname: None,
+            name: format!("t{seq}"),
+            outcome: outcome.into(),
+            duration_ms: None,
+            message: None,
+        };
+        let cases = cases_of([row(0, 1, "failed"), row(0, 2, "passed"), row(1, 1, "error")]);
+        assert_eq!(cases.len(), 2);
+        assert!(cases[0].is_flaky());
+        assert_eq!(cases[1].final_outcome(), TestOutcome::Error);
+    }
 }

@@ -343,7 +343,8 @@ impl StoredJob {
             sites: (!origin.sites.is_empty())
                 .then(|| serde_json::to_string(&origin.sites))
                 .transpose()?,
-            name: spec.name.clone(),
+            // A name may hold NUL, which the spec's JSON escapes but no PostgreSQL text can.
+            name: spec.name.as_ref().map(|n| n.replace('\0', "\u{FFFD}")),
         })
     }
 }

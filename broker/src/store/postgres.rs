@@ -1446,7 +1446,7 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?
         .rows_affected();
-        // A batch goes with its last run.
+        // A batch goes with its last run; statistics with the last run they count.
         sqlx::query(
             "DELETE FROM batches WHERE created_at_ms < $1
                AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = batches.id)",
@@ -1454,6 +1454,12 @@ impl Store for PgStore {
         .bind(cutoff_ms)
         .execute(&self.pool)
         .await?;
+        for sql in [
+            "DELETE FROM test_commit_stats WHERE last_at_ms < $1",
+            "DELETE FROM test_stats WHERE last_bad_at_ms < $1",
+        ] {
+            sqlx::query(sql).bind(cutoff_ms).execute(&self.pool).await?;
+        }
         Ok(deleted)
     }
 

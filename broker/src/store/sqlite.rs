@@ -1928,12 +1928,16 @@ impl Store for SqliteStore {
                              ORDER BY finished_at_ms LIMIT ?2)",
                     )?
                     .execute([cutoff_ms, limit])?;
-                // A batch goes with its last run.
+                // A batch goes with its last run; statistics with the last run they count.
                 tx.prepare_cached(
                     "DELETE FROM batches WHERE created_at_ms < ?1
                        AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = batches.id)",
                 )?
                 .execute([cutoff_ms])?;
+                tx.prepare_cached("DELETE FROM test_commit_stats WHERE last_at_ms < ?1")?
+                    .execute([cutoff_ms])?;
+                tx.prepare_cached("DELETE FROM test_stats WHERE last_bad_at_ms < ?1")?
+                    .execute([cutoff_ms])?;
                 Ok(deleted as u64)
             })
             .await
