@@ -233,7 +233,10 @@ mod tests {
         let (report, _) = read_result_file("pom.xml", b"<project/>");
         assert!(matches!(report, FileReport::NotJunit { .. }), "{report:?}");
         let (report, _) = read_result_file("cut.xml", b"<testsuite><testcase");
-        assert!(matches!(report, FileReport::Unreadable { .. }), "{report:?}");
+        assert!(
+            matches!(report, FileReport::Unreadable { .. }),
+            "{report:?}"
+        );
     }
 
     #[test]

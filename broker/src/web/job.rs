@@ -82,6 +82,27 @@ struct JobPage {
     script: String,
     log_bytes: i64,
     ended: bool,
+    files: Vec<FileRow>,
+    tests: Option<String>,
+    /// The tests that did not pass (failed, errors, flaky), at most [`MAX_TESTS_SHOWN`].
+    not_passed: Vec<TestRow>,
+    more_not_passed: usize,
+}
+
+/// Most tests listed on a job's page; the API has them all.
+const MAX_TESTS_SHOWN: usize = 200;
+
+struct FileRow {
+    path: String,
+    href: String,
+    bytes: u64,
+    read: String,
+}
+
+struct TestRow {
+    verdict: &'static str,
+    id: String,
+    message: String,
 }
 
 fn state_name(state: JobState) -> &'static str {
@@ -150,6 +171,15 @@ pub(super) async fn job_page_handler(
     if job.attempts > 1 {
         facts.push(fact("Attempts", &job.attempts.to_string()));
     }
+    if let Some(cause) = job.cause {
+        facts.push(fact("Cause", &cause.to_string()));
+    }
+    if let Some(place) = job.batch {
+        facts.push(fact(
+            "Batch",
+            &format!("{}: run {} of {}", place.batch, place.run, place.runs),
+        ));
+    }
     if let (Some(start), Some(end)) = (job.started_at_ms, job.finished_at_ms) {
         let secs = ((end - start).max(0) as u64).div_ceil(1000);
         facts.push(fact(
@@ -173,7 +203,12 @@ pub(super) async fn job_page_handler(
             what: state_name(job.state).to_string(),
         });
     }
+    let (files, tests, not_passed, more_not_passed) = test_results(&state, id).await?;
     let page = JobPage {
+        files,
+        tests,
+        not_passed,
+        more_not_passed,
         id,
         name: job.spec.name.clone(),
         state: state_name(job.state),
@@ -188,6 +223,123 @@ pub(super) async fn job_page_handler(
         .render()
         .map_err(|e| WebError::Internal(anyhow::anyhow!("the job page: {e}")))?;
     Ok(Html(html).into_response())
+}
+
+/// The job's result files and the tests that did not pass, for its page.
+async fn test_results(
+    state: &AppState,
+    id: i64,
+) -> Result<(Vec<FileRow>, Option<String>, Vec<TestRow>, usize), WebError> {
+    use testbot_proto::junit::TestOutcome;
+    use testbot_proto::test_results::{CaseTotals, FileReport};
+    let files: Vec<FileRow> = state
+        .store
+        .result_files(JobId(id))
+        .await?
+        .into_iter()
+        .map(|f| {
+            let read = match serde_json::from_str::<FileReport>(&f.report) {
+                Ok(FileReport::Junit { totals, .. }) => format!(
+                    "{} tests: {} passed, {} failed, {} errors, {} skipped",
+                    totals.cases, totals.passed, totals.failed, totals.errors, totals.skipped
+                ),
+                Ok(FileReport::NotJunit { reason }) => format!("not JUnit XML ({reason})"),
+                Ok(FileReport::Unreadable { error }) => format!("cannot be read: {error}"),
+                Err(_) => "unknown".to_string(),
+            };
+            FileRow {
+                href: format!("/jobs/{id}/files?path={}", query_value(&f.path)),
+                path: f.path,
+                bytes: f.bytes.max(0) as u64,
+                read,
+            }
+        })
+        .collect();
+    if files.is_empty() {
+        return Ok((files, None, Vec::new(), 0));
+    }
+    let cases = crate::lifecycle::results::cases_of(state.store.test_results(JobId(id)).await?);
+    let t = CaseTotals::of(&cases);
+    let tests = format!(
+        "{} tests: {} passed, {} failed, {} errors, {} skipped, {} flaky",
+        t.cases, t.passed, t.failed, t.errors, t.skipped, t.flaky
+    );
+    let mut not_passed: Vec<TestRow> = cases
+        .iter()
+        .filter(|c| c.final_outcome().is_failure() || c.is_flaky())
+        .map(|c| TestRow {
+            verdict: match c.final_outcome() {
+                TestOutcome::Failed => "failed",
+                TestOutcome::Error => "error",
+                _ => "flaky",
+            },
+            id: c.test_id(),
+            message: c
+                .attempts
+                .iter()
+                .rev()
+                .find_map(|a| a.message.clone())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let more = not_passed.len().saturating_sub(MAX_TESTS_SHOWN);
+    not_passed.truncate(MAX_TESTS_SHOWN);
+    Ok((files, Some(tests), not_passed, more))
+}
+
+/// `value` percent-encoded for a query string.
+fn query_value(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileQuery {
+    path: String,
+}
+
+/// One result file as it was uploaded, as a download.
+pub(super) async fn result_file_handler(
+    State(state): State<AppState>,
+    axum::extract::Path(raw): axum::extract::Path<String>,
+    Query(query): Query<FileQuery>,
+    mut parts: Parts,
+) -> Result<Response, WebError> {
+    let id = job_id(&raw)?;
+    readable_job(&state, &mut parts, id).await?;
+    let data = state
+        .store
+        .result_file_data(JobId(id), &query.path)
+        .await?
+        .ok_or_else(|| {
+            WebError::NotFound(format!("Job {id} has no result file {:?}.", query.path))
+        })?;
+    let name: String = query
+        .path
+        .rsplit('/')
+        .next()
+        .unwrap_or("result")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .collect();
+    Ok(Response::builder()
+        // Served as bytes to save, never as a page: a job's file must not run in the viewer.
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{name}\""),
+        )
+        .body(Body::from(data))
+        .expect("the headers are valid"))
 }
 
 fn fact(label: &'static str, value: &str) -> Fact {

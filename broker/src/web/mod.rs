@@ -38,6 +38,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/jobs/{id}", get(job::job_page_handler))
         .route("/jobs/{id}/log.txt", get(job::raw_log_handler))
+        .route("/jobs/{id}/files", get(job::result_file_handler))
         .route("/jobs/{id}/log/lines", get(job::log_lines_handler))
         .route("/jobs/{id}/log/stream", get(job::log_stream_handler))
         .route("/assets/testbot.css", get(stylesheet_handler))

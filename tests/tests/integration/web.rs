@@ -90,8 +90,12 @@ async fn a_public_jobs_page_needs_no_sign_in_and_shows_job_output_only_as_text()
 echo '::group::Build'
 echo inside the group
 echo '::endgroup::'
-echo '</pre><script>alert(2)</script>' >&2"#
+echo '</pre><script>alert(2)</script>' >&2
+cat > junit.xml <<'EOF'
+<testsuite name="web"><testcase name="&lt;img src=x onerror=alert(3)&gt;"><failure message="&lt;script&gt;alert(4)&lt;/script&gt;"/></testcase><testcase name="fine"/></testsuite>
+EOF"#
             .into(),
+        results: vec!["junit.xml".into()],
         ..JobSpec::default()
     };
     let job = submit(&fleet, PUBLIC, "public", &spec).await;
@@ -118,6 +122,29 @@ echo '</pre><script>alert(2)</script>' >&2"#
     assert!(
         html.contains(&format!("https://github.com/{PUBLIC}")),
         "{html}"
+    );
+    // Its tests: the one that failed is listed, its name and message as text.
+    assert!(
+        html.contains("2 tests: 1 passed, 1 failed, 0 errors"),
+        "{html}"
+    );
+    assert!(
+        html.contains("&#60;img src=x onerror=alert(3)&#62;"),
+        "{html}"
+    );
+    assert!(
+        html.contains("&#60;script&#62;alert(4)&#60;/script&#62;"),
+        "{html}"
+    );
+    assert!(!html.contains("<img"), "{html}");
+    let file = get(&format!("{}/jobs/{id}/files?path=junit.xml", fleet.url)).await;
+    assert_eq!(file.status(), 200);
+    assert_eq!(file.headers()["content-type"], "application/octet-stream");
+    assert!(
+        file.text()
+            .await
+            .unwrap()
+            .starts_with("<testsuite name=\"web\">")
     );
     assert!(html.contains("Workflow run"), "{html}");
     let script = get(&format!("{}/assets/job.js", fleet.url)).await;
@@ -194,6 +221,7 @@ async fn a_private_repositorys_job_is_not_found_without_a_token() {
         format!("/jobs/{id}/log.txt"),
         format!("/jobs/{id}/log/lines?before=100000"),
         format!("/jobs/{id}/log/stream"),
+        format!("/jobs/{id}/files?path=junit.xml"),
     ] {
         let answer = get(&format!("{}{path}", fleet.url)).await;
         assert_eq!(answer.status(), 404, "{path}");
