@@ -278,7 +278,66 @@ fn result_word(job: &Job) -> &'static str {
     }
 }
 
-fn summary(job: &Job, log_url: &str) -> String {
+/// Most tests the step summary lists by name; the job's page lists them all.
+const SUMMARY_TESTS: usize = 20;
+
+/// A job-made name as inline code in the step summary's Markdown: it cannot form a link, an
+/// image, HTML or a table cell of its own.
+fn code_span(text: &str) -> String {
+    let text: String = text
+        .chars()
+        .map(|c| match c {
+            '`' => '\'',
+            '|' => '/',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .take(200)
+        .collect();
+    format!("`{text}`")
+}
+
+/// The step summary's test section: totals, then the tests that failed or passed only on a
+/// rerun (flaky), apart.
+fn tests_summary(results: &testbot_proto::test_results::JobResults) -> String {
+    let t = &results.totals;
+    let mut out = format!(
+        "| tests | {} passed, {} failed, {} errors, {} skipped, {} flaky |\n\n",
+        t.passed, t.failed, t.errors, t.skipped, t.flaky
+    );
+    let failed: Vec<_> = results
+        .cases
+        .iter()
+        .filter(|c| c.final_outcome().is_failure())
+        .collect();
+    let flaky: Vec<_> = results.cases.iter().filter(|c| c.is_flaky()).collect();
+    for (title, cases) in [
+        ("Failed", failed),
+        ("Flaky (failed, then passed on a rerun)", flaky),
+    ] {
+        if cases.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("**{title}: {}**\n\n", cases.len()));
+        for case in cases.iter().take(SUMMARY_TESTS) {
+            out.push_str(&format!("- {}\n", code_span(&case.test_id())));
+        }
+        if cases.len() > SUMMARY_TESTS {
+            out.push_str(&format!(
+                "- and {} more (see the job's page)\n",
+                cases.len() - SUMMARY_TESTS
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn summary(
+    job: &Job,
+    log_url: &str,
+    results: Option<&testbot_proto::test_results::JobResults>,
+) -> String {
     let duration = match (job.started_at_ms, job.finished_at_ms) {
         (Some(start), Some(end)) => humantime::format_duration(Duration::from_millis(
             (end - start).max(0) as u64 / 1000 * 1000,
@@ -298,14 +357,19 @@ fn summary(job: &Job, log_url: &str) -> String {
         (None, Some(code)) => format!("{} (exit code {code})", result_word(job)),
         _ => result_word(job).to_string(),
     };
-    format!(
+    let mut text = format!(
         "### testbot job {id}: {word}\n\n\
          | | |\n|---|---|\n\
          | site | {site} |\n| agent | {agent_name} |\n| scheduler job | {scheduler} |\n\
-         | duration | {duration} |\n| result | {result} |\n| log | [{log_url}]({log_url}) |\n\n",
+         | duration | {duration} |\n| result | {result} |\n| log | [{log_url}]({log_url}) |\n",
         id = job.id,
         word = result_word(job),
-    )
+    );
+    match results {
+        Some(results) => text.push_str(&tests_summary(results)),
+        None => text.push('\n'),
+    }
+    text
 }
 
 /// Where the ids of running remote jobs are kept, so a cancelled workflow can cancel them.
@@ -511,7 +575,22 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
         "GITHUB_OUTPUT",
         &format!("result={}\nexit-code={code}\n", result_word(&job)),
     )?;
-    append_to("GITHUB_STEP_SUMMARY", &summary(&job, &log_url))?;
+    // The token that submitted the job may read it, and so its test results.
+    let results = if inputs.results.is_empty() {
+        None
+    } else {
+        match client.job_results(id).await {
+            Ok(results) => Some(results),
+            Err(err) => {
+                eprintln!("testbot: cannot read job {id}'s test results: {err}");
+                None
+            }
+        }
+    };
+    append_to(
+        "GITHUB_STEP_SUMMARY",
+        &summary(&job, &log_url, results.as_ref()),
+    )?;
     if job.state != JobState::Succeeded {
         let why = job
             .reason
@@ -551,7 +630,7 @@ mod tests {
             finished_at_ms: Some(63_000),
             waiting: None,
         };
-        let text = summary(&job, "https://b/jobs/12");
+        let text = summary(&job, "https://b/jobs/12", None);
         assert!(text.starts_with("### testbot job 12: failure\n"), "{text}");
         for row in [
             "| site | hpc |",
@@ -562,5 +641,49 @@ mod tests {
         ] {
             assert!(text.contains(row), "{row} in {text}");
         }
+    }
+
+    #[test]
+    fn the_summary_lists_failed_and_flaky_tests_apart_and_as_code() {
+        use testbot_proto::junit::TestOutcome::{Failed, Passed};
+        use testbot_proto::test_results::{AttemptResult, CaseResult, CaseTotals, JobResults};
+        let case = |name: &str, outcomes: &[testbot_proto::junit::TestOutcome]| CaseResult {
+            file: "junit.xml".into(),
+            suite: "pkg".into(),
+            classname: None,
+            name: name.into(),
+            attempts: outcomes
+                .iter()
+                .map(|&outcome| AttemptResult {
+                    outcome,
+                    duration_ms: None,
+                    message: None,
+                })
+                .collect(),
+        };
+        let cases = vec![
+            case("ok", &[Passed]),
+            case("[x](https://evil.example) | `y`", &[Failed]),
+            case("retried", &[Failed, Passed]),
+        ];
+        let results = JobResults {
+            job: testbot_proto::jobs::JobId(1),
+            files: vec![],
+            totals: CaseTotals::of(&cases),
+            cases,
+        };
+        let text = tests_summary(&results);
+        assert!(
+            text.starts_with("| tests | 2 passed, 1 failed, 0 errors, 0 skipped, 1 flaky |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("**Failed: 1**\n\n- `pkg > [x](https://evil.example) / 'y'`\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("**Flaky (failed, then passed on a rerun): 1**\n\n- `pkg > retried`"),
+            "{text}"
+        );
     }
 }

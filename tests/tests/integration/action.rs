@@ -100,6 +100,8 @@ fn start_act(fleet: &Fleet, run: &Run) -> (Process, PathBuf) {
         format!("TESTBOT_SECRET={SECRET}"),
         "--env".into(),
         format!("TESTBOT_CLI={}", bin_path("testbot").display()),
+        "--env".into(),
+        "TESTBOT_RESULTS=reports/*.xml".into(),
     ];
     if let Some(token_repo) = run.token_repo {
         args.extend([
@@ -169,7 +171,9 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
         Run {
             script: format!(
                 "echo \"remote says: $GREETING\"; echo on agent $TESTBOT_AGENT; \
-                 echo \"token: $DEPLOY_TOKEN\"; {}",
+                 echo \"token: $DEPLOY_TOKEN\"; mkdir -p reports; \
+                 printf '<testsuite><testcase name=\"a\"/><testcase name=\"b\"><failure/></testcase></testsuite>' \
+                 > reports/junit.xml; {}",
                 testbot_e2e::check_value("DEPLOY_TOKEN", SECRET)
             ),
             token_repo: Some(REPO),
@@ -202,6 +206,12 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
         "{out}"
     );
     assert!(out.contains("| agent | runner1 |"), "{out}");
+    // The result file the job wrote: its totals and the failed test in the summary.
+    assert!(
+        out.contains("| tests | 1 passed, 1 failed, 0 errors, 0 skipped, 0 flaky |"),
+        "{out}"
+    );
+    assert!(out.contains("**Failed: 1**"), "{out}");
     // The OIDC token is masked: it never appears in the log.
     assert!(!out.contains("eyJ"), "a token leaked into the log:\n{out}");
     // The secret variable reached the job, and neither the step log, the stored log nor the
