@@ -106,10 +106,13 @@ async fn sync_one(
     let job = model
         .to_job()
         .map_err(|e| GitHubError::Unavailable(format!("job {}: {e:#}", row.job_id)))?;
-    let tail = if job.state.is_terminal() {
-        log_tail(state, &job).await
+    let (tail, tests) = if job.state.is_terminal() {
+        (
+            log_tail(state, &job).await,
+            tests_summary(state, &job).await,
+        )
     } else {
-        String::new()
+        (String::new(), String::new())
     };
     let client = app.client.installation(row.installation_id).await?;
     let what = format!("the check run of job {}", row.job_id);
@@ -122,7 +125,7 @@ async fn sync_one(
                 state: JobState::Queued,
                 ..job.clone()
             };
-            let body = check_run_body(row, &queued, "", &app.public_url);
+            let body = check_run_body(row, &queued, "", "", &app.public_url);
             let route = format!("/repos/{}/check-runs", row.repository);
             let created: CheckRunId = client
                 .post(route, Some(&body))
@@ -142,7 +145,7 @@ async fn sync_one(
             created.id
         }
     };
-    let body = check_run_body(row, &job, &tail, &app.public_url);
+    let body = check_run_body(row, &job, &tail, &tests, &app.public_url);
     let route = format!("/repos/{}/check-runs/{check_run_id}", row.repository);
     let _: CheckRunId = client
         .patch(route, Some(&body))
@@ -347,11 +350,54 @@ async fn log_tail(state: &AppState, job: &Job) -> String {
         .join("\n")
 }
 
+/// Most failed or flaky tests a check run names; the job's page lists them all.
+const CHECK_RUN_TESTS: usize = 20;
+
+/// The job's test results in the check run's Markdown: the totals, then the tests that failed
+/// and those that passed only on a rerun, apart. Empty when it uploaded none.
+async fn tests_summary(state: &AppState, job: &Job) -> String {
+    let rows = match state.store.test_results(job.id).await {
+        Ok(rows) if !rows.is_empty() => rows,
+        Ok(_) => return String::new(),
+        Err(err) => {
+            tracing::warn!(job_id = %job.id, ?err, "Cannot read the job's test results.");
+            return String::new();
+        }
+    };
+    let cases = crate::lifecycle::results::cases_of(rows);
+    let t = testbot_proto::test_results::CaseTotals::of(&cases);
+    let mut out = format!(
+        "\n\n**Tests**: {} passed, {} failed, {} errors, {} skipped, {} flaky",
+        t.passed, t.failed, t.errors, t.skipped, t.flaky
+    );
+    let failed: Vec<_> = cases
+        .iter()
+        .filter(|c| c.final_outcome().is_failure())
+        .collect();
+    let flaky: Vec<_> = cases.iter().filter(|c| c.is_flaky()).collect();
+    for (title, list) in [("Failed", failed), ("Flaky (passed on a rerun)", flaky)] {
+        if list.is_empty() {
+            continue;
+        }
+        let names: Vec<String> = list
+            .iter()
+            .take(CHECK_RUN_TESTS)
+            .map(|c| escape_markdown(&c.test_id()))
+            .collect();
+        out.push_str(&format!("\n\n{title}: {}", names.join(", ")));
+        if list.len() > CHECK_RUN_TESTS {
+            out.push_str(&format!(", and {} more", list.len() - CHECK_RUN_TESTS));
+        }
+    }
+    out
+}
+
 /// The JSON body of a check-run create or update for `job`'s present state.
 pub fn check_run_body(
     row: &AppJobModel,
     job: &Job,
     log_tail: &str,
+    tests: &str,
     public_url: &str,
 ) -> serde_json::Value {
     let (status, conclusion) = match job.state {
@@ -392,6 +438,7 @@ pub fn check_run_body(
     if let Some(reason) = &job.reason {
         summary.push_str(&format!("\n\n{}", escape_markdown(reason)));
     }
+    summary.push_str(tests);
     let page = format!("{public_url}/jobs/{}", job.id);
     summary.push_str(&format!(
         "\n\n[The job's page and live log]({page}), or `testbot logs -f {}`.",

@@ -19,9 +19,12 @@ const CONFIG: &str = r#"
 [jobs.unit]
 executor = "shell"
 timeout = "5m"
+results = ["reports/*.xml"]
 script = """
 echo "reading $(cat src/greeting.txt) from the checkout"
 test -f .github/testbot.toml
+mkdir -p reports
+echo '<testsuite name="unit"><testcase name="reads"/><testcase name="retried"><flakyFailure/></testcase></testsuite>' > reports/junit.xml
 """
 
 [jobs.unit.on]
@@ -271,6 +274,16 @@ async fn a_push_to_main_runs_the_configured_job_verified_at_the_site_with_its_ch
             .contains("reading hello from the commit"),
         "{:?}",
         done.output
+    );
+    // The job's test results, in the check run's summary.
+    let summary = done.output.summary.as_deref().unwrap_or("");
+    assert!(
+        summary.contains("**Tests**: 2 passed, 0 failed, 0 errors, 0 skipped, 1 flaky"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(r"Flaky (passed on a rerun): unit \> retried"),
+        "{summary}"
     );
     // "Details" opens the job's page, which anyone may read: the repository is public.
     assert_eq!(
