@@ -30,12 +30,23 @@ async fn a_failing_jobs_result_files_are_collected_read_and_kept_but_no_link_is_
     std::fs::write(&fixture, NEXTEST).unwrap();
     let secret = fleet.dir.path().join("agent-secret.txt");
     std::fs::write(&secret, "the agent's secret").unwrap();
+    // A file larger than an ordinary request body (1 MiB): 40,000 passing cases.
+    let big = fleet.dir.path().join("big.xml");
+    let cases: String = (0..40_000)
+        .map(|i| format!("<testcase classname=\"big\" name=\"case{i}\"/>\n"))
+        .collect();
+    std::fs::write(
+        &big,
+        format!("<testsuite name=\"big\">\n{cases}</testsuite>\n"),
+    )
+    .unwrap();
     let script = format!(
         "mkdir -p reports/unit && cp {} reports/unit/junit.xml && echo hello > reports/notes.xml \
          && ln -s {} reports/stolen.xml && echo '<testsuite><testcase' > reports/broken.xml \
-         && exit 1",
+         && cp {} reports/big.xml && exit 1",
         fixture.display(),
-        secret.display()
+        secret.display(),
+        big.display()
     );
     let spec = JobSpec {
         script,
@@ -64,21 +75,28 @@ async fn a_failing_jobs_result_files_are_collected_read_and_kept_but_no_link_is_
     assert_eq!(
         paths,
         [
+            "reports/big.xml",
             "reports/broken.xml",
             "reports/notes.xml",
             "reports/unit/junit.xml"
-        ]
+        ],
+        "{log}"
     );
-    use testbot_proto::test_results::FileReport;
     assert!(
-        matches!(results.files[0].report, FileReport::Unreadable { .. }),
+        results.files[0].bytes > 1024 * 1024,
         "{:?}",
         results.files[0]
     );
+    use testbot_proto::test_results::FileReport;
     assert!(
-        matches!(results.files[1].report, FileReport::NotJunit { .. }),
+        matches!(results.files[1].report, FileReport::Unreadable { .. }),
         "{:?}",
         results.files[1]
+    );
+    assert!(
+        matches!(results.files[2].report, FileReport::NotJunit { .. }),
+        "{:?}",
+        results.files[2]
     );
     assert_eq!(
         (
@@ -86,10 +104,10 @@ async fn a_failing_jobs_result_files_are_collected_read_and_kept_but_no_link_is_
             results.totals.failed,
             results.totals.flaky
         ),
-        (3, 1, 1)
+        (40_003, 1, 1)
     );
     let attempts: usize = results.cases.iter().map(|c| c.attempts.len()).sum();
-    assert_eq!(attempts, 6, "every attempt of a retried test is kept");
+    assert_eq!(attempts, 40_006, "every attempt of a retried test is kept");
     assert!(!format!("{results:?}").contains("the agent's secret"));
 
     // The file as it was uploaded.
@@ -112,11 +130,11 @@ async fn a_failing_jobs_result_files_are_collected_read_and_kept_but_no_link_is_
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains(&format!("job {}: 3 result files", job.id)),
+        stdout.contains(&format!("job {}: 4 result files", job.id)),
         "{stdout}"
     );
     assert!(
-        stdout.contains("3 tests: 2 passed, 1 failed, 0 errors, 0 skipped, 1 flaky"),
+        stdout.contains("40003 tests: 40002 passed, 1 failed, 0 errors, 0 skipped, 1 flaky"),
         "{stdout}"
     );
     assert!(
