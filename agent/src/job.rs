@@ -814,7 +814,7 @@ impl JobRunner {
 
     /// Reports the result, retrying while the broker is unreachable.
     async fn finish(&self, id: testbot_proto::jobs::JobId, lease: &str, outcome: Outcome) {
-        let request = FinishRequest {
+        let mut request = FinishRequest {
             lease: lease.to_string(),
             outcome,
         };
@@ -824,6 +824,18 @@ impl JobRunner {
                 Ok(job) => {
                     tracing::info!(job_id = %id, state = %job.state, reason = ?job.reason, "Job finished.");
                     return;
+                }
+                // A broker older than failure causes refuses the field; it infers the cause
+                // from the state and reason itself, so the result goes without it.
+                Err(ClientError::Api {
+                    status: 400,
+                    message,
+                    ..
+                }) if request.outcome.cause.is_some()
+                    && message.contains("unknown field `cause`") =>
+                {
+                    tracing::info!(job_id = %id, "The broker predates failure causes; reporting the result without one.");
+                    request.outcome.cause = None;
                 }
                 Err(err) if err.is_retryable() => {
                     let delay = backoff.next_delay();
@@ -925,5 +937,30 @@ async fn heartbeat_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// What a broker older than failure causes answers to a result that has one: its
+    /// `Outcome` refused unknown fields with serde's words, which `finish` looks for.
+    #[test]
+    fn an_older_brokers_refusal_of_the_cause_is_recognised() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct OlderOutcome {
+            state: testbot_proto::jobs::JobState,
+            #[serde(default)]
+            exit_code: Option<i32>,
+            #[serde(default)]
+            signal: Option<i32>,
+            #[serde(default)]
+            reason: Option<String>,
+        }
+        let current = testbot_proto::results::Outcome::exited(3);
+        let body = serde_json::to_string(&current).unwrap();
+        let err = serde_json::from_str::<OlderOutcome>(&body).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cause`"), "{err}");
     }
 }
