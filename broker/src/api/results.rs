@@ -32,7 +32,7 @@ pub(super) async fn upload_result_handler(
     principal.require_agent()?;
     validate_result_path(&query.path).map_err(ApiError::BadRequest)?;
     let path = query.path.clone();
-    let data = body.to_vec();
+    let data = body.clone();
     let (report, rows) = tokio::task::spawn_blocking(move || {
         crate::lifecycle::results::read_result_file(&path, &data)
     })
@@ -120,12 +120,15 @@ pub(super) async fn result_file_handler(
         .ok_or_else(|| {
             ApiError::NotFound(format!("job {id} has no result file {:?}", query.path))
         })?;
-    let name = query
+    // Only what every header can carry: the path may hold any printable character.
+    let name: String = query
         .path
         .rsplit('/')
         .next()
         .unwrap_or("result")
-        .replace('"', "");
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .collect();
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
