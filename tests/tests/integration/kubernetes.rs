@@ -134,13 +134,50 @@ fn job(script: &str) -> JobSpec {
 }
 
 /// `kubectl` as the cluster's admin; its stdout.
+/// Runs kubectl, giving each try 30 s: on this single-node cluster an `exec` stream
+/// sometimes never ends, which would otherwise hold the test until its global timeout. Every
+/// call here is one that may be repeated (reads, `exec touch`, deletes).
 fn kubectl(args: &[&str]) -> String {
-    let out = std::process::Command::new(kubectl_path())
-        .args(args)
-        .output()
-        .expect("kubectl (tests/kubernetes/install.sh installs it)");
-    assert!(out.status.success(), "kubectl {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    use std::io::Read as _;
+    const TRY: std::time::Duration = std::time::Duration::from_secs(30);
+    for attempt in 1..=3 {
+        let mut child = std::process::Command::new(kubectl_path())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl (tests/kubernetes/install.sh installs it)");
+        // Read as it writes, so that a large answer cannot fill the pipe and stall kubectl.
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = pipe.read_to_string(&mut text);
+                text
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+        let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("kubectl's status") {
+                break Some(status);
+            }
+            if started.elapsed() > TRY {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let (out, err) = (stdout.join().unwrap(), stderr.join().unwrap());
+        let Some(status) = status else {
+            eprintln!("kubectl {args:?} did not end within {TRY:?} (try {attempt} of 3)");
+            continue;
+        };
+        assert!(status.success(), "kubectl {args:?}: {status}: {out}{err}");
+        return out.trim().to_string();
+    }
+    panic!("kubectl {args:?} did not end in three tries of {TRY:?}");
 }
 
 /// The names of the Jobs and pods in `namespace` carrying `selector`.
