@@ -339,6 +339,31 @@ pub const TEST_SITE: &str = "test-site";
 pub const AUDIENCE: &str = "https://testbot.test";
 
 impl Fleet {
+    /// Runs the `testbot` CLI against this fleet as its operator, within [`WAIT`].
+    pub async fn testbot(&self, args: &[&str]) -> std::process::Output {
+        self.testbot_with_env(args, &[]).await
+    }
+
+    /// [`Fleet::testbot`] with extra environment variables.
+    pub async fn testbot_with_env(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> std::process::Output {
+        use secrecy::ExposeSecret as _;
+        let out = tokio::process::Command::new(bin_path("testbot"))
+            .args(args)
+            .env("TESTBOT_URL", &self.url)
+            .env("TESTBOT_TOKEN", self.admin_token.expose_secret())
+            .envs(env.iter().copied())
+            .kill_on_drop(true)
+            .output();
+        tokio::time::timeout(WAIT, out)
+            .await
+            .expect("testbot exits")
+            .expect("testbot runs")
+    }
+
     /// A broker with default settings but a short lease (2 s) and poll timeout (5 s).
     pub async fn start() -> Fleet {
         Fleet::start_with(|_| {}).await

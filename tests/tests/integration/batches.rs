@@ -2,25 +2,11 @@
 //! each run as it ends and the totals, exits non-zero when a run failed; a batch is cancelled
 //! as one; a workflow's batch is its own.
 
-use testbot_e2e::{AUDIENCE, Fleet, WAIT, bin_path, wait_for};
+use testbot_e2e::{AUDIENCE, Fleet, WAIT, wait_for};
 use testbot_proto::batches::Batch;
 use testbot_proto::jobs::{JobSpec, JobState};
 use testbot_proto::repos::RepoRegistration;
 use testbot_proto::results::FailureCause;
-
-async fn testbot(fleet: &Fleet, args: &[&str]) -> std::process::Output {
-    use secrecy::ExposeSecret as _;
-    let out = tokio::process::Command::new(bin_path("testbot"))
-        .args(args)
-        .env("TESTBOT_URL", &fleet.url)
-        .env("TESTBOT_TOKEN", fleet.admin_token.expose_secret())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(WAIT, out)
-        .await
-        .expect("testbot exits")
-        .expect("testbot runs")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_repeat_reports_each_run_and_the_totals_and_fails_when_a_run_fails() {
@@ -32,7 +18,7 @@ async fn run_repeat_reports_each_run_and_the_totals_and_fails_when_a_run_fails()
     // Runs 3 and 6 fail, chosen by their place in the batch; each run records where it ran.
     let script = "echo run $TESTBOT_BATCH_RUN of $TESTBOT_BATCH_RUNS in batch $TESTBOT_BATCH_ID; \
                   sleep 0.3; test $((TESTBOT_BATCH_RUN % 3)) -ne 0";
-    let out = testbot(&fleet, &["run", "--repeat", "6", "--", script]).await;
+    let out = fleet.testbot(&["run", "--repeat", "6", "--", script]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
@@ -60,7 +46,7 @@ async fn run_repeat_reports_each_run_and_the_totals_and_fails_when_a_run_fails()
     );
 
     let batch: Batch =
-        serde_json::from_slice(&testbot(&fleet, &["--json", "batch", "1"]).await.stdout).unwrap();
+        serde_json::from_slice(&fleet.testbot(&["--json", "batch", "1"]).await.stdout).unwrap();
     assert_eq!(batch.runs, 6);
     assert!(batch.is_finished());
     for (i, job) in batch.jobs.iter().enumerate() {
@@ -97,7 +83,9 @@ async fn a_batch_is_cancelled_as_one() {
         (now.totals.running == 1).then_some(())
     })
     .await;
-    let out = testbot(&fleet, &["batch", &batch.id.to_string(), "--cancel"]).await;
+    let out = fleet
+        .testbot(&["batch", &batch.id.to_string(), "--cancel"])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let ended = wait_for("every run to end", WAIT, || async {
         let now = fleet.client().batch(batch.id).await.unwrap();

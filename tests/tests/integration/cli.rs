@@ -5,38 +5,26 @@ use std::time::Duration;
 use testbot_e2e::{Fleet, WAIT, bin_path, process_alive, wait_for};
 use testbot_proto::jobs::{JobListQuery, JobState};
 
-async fn testbot(fleet: &Fleet, args: &[&str]) -> std::process::Output {
-    use secrecy::ExposeSecret as _;
-    let out = tokio::process::Command::new(bin_path("testbot"))
-        .args(args)
-        .env("TESTBOT_URL", &fleet.url)
-        .env("TESTBOT_TOKEN", fleet.admin_token.expose_secret())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(WAIT, out)
-        .await
-        .expect("testbot exits")
-        .expect("testbot runs")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn run_prints_both_streams_and_exits_with_the_job_code() {
     let mut fleet = Fleet::start().await;
     fleet.add_agent(fleet.agent_config("a1"));
 
-    let out = testbot(&fleet, &["run", "--", "echo hello; echo oops >&2; exit 3"]).await;
+    let out = fleet
+        .testbot(&["run", "--", "echo hello; echo oops >&2; exit 3"])
+        .await;
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("oops\n"), "{stderr}");
     assert!(stderr.contains("testbot: exit code 3"), "{stderr}");
 
-    let out = testbot(&fleet, &["run", "--", "echo fine"]).await;
+    let out = fleet.testbot(&["run", "--", "echo fine"]).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "fine\n");
 
     // --json: the log goes to stderr, the final job to stdout.
-    let out = testbot(&fleet, &["--json", "run", "--", "echo data"]).await;
+    let out = fleet.testbot(&["--json", "run", "--", "echo data"]).await;
     let job: testbot_proto::jobs::Job = serde_json::from_slice(&out.stdout).expect("json job");
     assert_eq!(job.state, JobState::Succeeded);
 
@@ -50,9 +38,8 @@ async fn submit_status_logs_and_jobs_commands() {
     let mut fleet = Fleet::start().await;
     fleet.add_agent(fleet.agent_config("a1"));
 
-    let out = testbot(
-        &fleet,
-        &[
+    let out = fleet
+        .testbot(&[
             "submit",
             "--name",
             "greeting",
@@ -60,19 +47,18 @@ async fn submit_status_logs_and_jobs_commands() {
             "WHO=world",
             "--",
             "echo hello $WHO",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(out.status.success(), "{out:?}");
     let id: i64 = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
         .expect("job id");
-    let out = testbot(&fleet, &["logs", "-f", &id.to_string()]).await;
+    let out = fleet.testbot(&["logs", "-f", &id.to_string()]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello world\n");
     assert_eq!(out.status.code(), Some(0));
 
-    let out = testbot(&fleet, &["status", &id.to_string()]).await;
+    let out = fleet.testbot(&["status", &id.to_string()]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("job {id}: succeeded")), "{text}");
     assert!(
@@ -80,11 +66,11 @@ async fn submit_status_logs_and_jobs_commands() {
         "{text}"
     );
 
-    let out = testbot(&fleet, &["jobs"]).await;
+    let out = fleet.testbot(&["jobs"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("greeting"), "{text}");
 
-    let out = testbot(&fleet, &["status", "999"]).await;
+    let out = fleet.testbot(&["status", "999"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("job 999 does not exist"));
     fleet.stop().await;
@@ -148,11 +134,9 @@ async fn a_job_over_its_time_limit_is_stopped_and_fails() {
     let mut fleet = Fleet::start().await;
     fleet.add_agent(fleet.agent_config("a1"));
     let started = std::time::Instant::now();
-    let out = testbot(
-        &fleet,
-        &["run", "--timeout", "1s", "--", "echo begin; sleep 60"],
-    )
-    .await;
+    let out = fleet
+        .testbot(&["run", "--timeout", "1s", "--", "echo begin; sleep 60"])
+        .await;
     assert_eq!(out.status.code(), Some(124), "{out:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -165,12 +149,12 @@ async fn cancelling_a_queued_job_ends_it_at_once() {
     // No agent: the job stays queued.
     let fleet = Fleet::start().await;
     let job = fleet.submit("echo never").await;
-    let out = testbot(&fleet, &["cancel", &job.id.to_string()]).await;
+    let out = fleet.testbot(&["cancel", &job.id.to_string()]).await;
     assert!(out.status.success(), "{out:?}");
     let job = fleet.client().job(job.id).await.unwrap();
     assert_eq!(job.state, JobState::Cancelled);
     assert_eq!(job.reason.as_deref(), Some("cancelled before it started"));
-    let out = testbot(&fleet, &["logs", &job.id.to_string()]).await;
+    let out = fleet.testbot(&["logs", &job.id.to_string()]).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled before it started"));
     fleet.stop().await;
 }
@@ -182,13 +166,11 @@ async fn operators_manage_sites_agents_and_repositories_from_the_cli() {
         assert_eq!(out.status.code(), Some(0), "{out:?}");
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    let out = ok(&testbot(&fleet, &["site", "create", "hpc"]).await);
+    let out = ok(&fleet.testbot(&["site", "create", "hpc"]).await);
     assert!(out.starts_with("created site hpc\n"), "{out}");
-    let token = ok(&testbot(
-        &fleet,
-        &["site", "token", "hpc", "--uses", "2", "--ttl", "1h"],
-    )
-    .await);
+    let token = ok(&fleet
+        .testbot(&["site", "token", "hpc", "--uses", "2", "--ttl", "1h"])
+        .await);
     let token = token.trim();
     assert!(token.starts_with("tbe_"), "{token}");
 
@@ -203,7 +185,7 @@ async fn operators_manage_sites_agents_and_repositories_from_the_cli() {
         })
         .await
         .unwrap();
-    let out = ok(&testbot(&fleet, &["agent", "list"]).await);
+    let out = ok(&fleet.testbot(&["agent", "list"]).await);
     assert!(
         out.contains(&format!(
             "{}  hpc/login1  active  no policy  last seen never",
@@ -211,12 +193,13 @@ async fn operators_manage_sites_agents_and_repositories_from_the_cli() {
         )),
         "{out}"
     );
-    let out = ok(&testbot(&fleet, &["agent", "revoke", &enrollment.agent_id]).await);
+    let out = ok(&fleet
+        .testbot(&["agent", "revoke", &enrollment.agent_id])
+        .await);
     assert!(out.starts_with("revoked agent hpc/login1"), "{out}");
 
-    let out = ok(&testbot(
-        &fleet,
-        &[
+    let out = ok(&fleet
+        .testbot(&[
             "repo",
             "register",
             "hpc-lab/solver",
@@ -224,30 +207,29 @@ async fn operators_manage_sites_agents_and_repositories_from_the_cli() {
             "refs/heads/main",
             "--site",
             "hpc",
-        ],
-    )
-    .await);
+        ])
+        .await);
     assert!(out.starts_with("registered hpc-lab/solver\n"), "{out}");
-    let out = ok(&testbot(&fleet, &["repo", "list"]).await);
+    let out = ok(&fleet.testbot(&["repo", "list"]).await);
     assert_eq!(
         out,
         "hpc-lab/solver  sites: hpc  events: push, workflow_dispatch, schedule, pull_request  refs: refs/heads/main  (registered by operator:admin)\n"
     );
-    let out = testbot(&fleet, &["repo", "show", "hpc-lab/other"]).await;
+    let out = fleet.testbot(&["repo", "show", "hpc-lab/other"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("repository hpc-lab/other is not registered"),
         "{out:?}"
     );
-    ok(&testbot(&fleet, &["repo", "remove", "hpc-lab/solver"]).await);
+    ok(&fleet.testbot(&["repo", "remove", "hpc-lab/solver"]).await);
     assert_eq!(
-        ok(&testbot(&fleet, &["repo", "list"]).await),
+        ok(&fleet.testbot(&["repo", "list"]).await),
         "no repositories registered\n"
     );
 
-    let out = ok(&testbot(&fleet, &["site", "revoke", "hpc"]).await);
+    let out = ok(&fleet.testbot(&["site", "revoke", "hpc"]).await);
     assert!(out.starts_with("revoked site hpc"), "{out}");
-    let out = ok(&testbot(&fleet, &["site", "list"]).await);
+    let out = ok(&fleet.testbot(&["site", "list"]).await);
     assert!(out.contains("hpc  revoked "), "{out}");
 }
 
@@ -260,7 +242,7 @@ async fn a_log_cut_at_the_limit_says_so_and_the_job_runs_on() {
 
     // About 200 kB of output, then the job's own exit code, long after the cut.
     let script = "for i in $(seq 1 4000); do echo \"line $i of the output, padded to about fifty bytes\"; done; exit 4";
-    let out = testbot(&fleet, &["run", "--", script]).await;
+    let out = fleet.testbot(&["run", "--", script]).await;
     assert_eq!(out.status.code(), Some(4), "the job's own result: {out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -280,7 +262,7 @@ async fn a_log_cut_at_the_limit_says_so_and_the_job_runs_on() {
         "{stderr}"
     );
 
-    let out = testbot(&fleet, &["logs", "1"]).await;
+    let out = fleet.testbot(&["logs", "1"]).await;
     assert!(out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -288,7 +270,7 @@ async fn a_log_cut_at_the_limit_says_so_and_the_job_runs_on() {
         "{stderr}"
     );
 
-    let out = testbot(&fleet, &["status", "1"]).await;
+    let out = fleet.testbot(&["status", "1"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("job 1: failed"), "{text}");
     assert!(text.contains("log_truncated: at byte"), "{text}");
@@ -301,13 +283,13 @@ async fn site_option_routes_a_job_and_filters_the_list() {
     let mut fleet = Fleet::start().await;
     fleet.add_agent(fleet.agent_config("a1"));
 
-    let out = testbot(
-        &fleet,
-        &["submit", "--site", "elsewhere", "--", "echo never"],
-    )
-    .await;
+    let out = fleet
+        .testbot(&["submit", "--site", "elsewhere", "--", "echo never"])
+        .await;
     assert!(out.status.success(), "{out:?}");
-    let out = testbot(&fleet, &["run", "--site", "test-site", "--", "echo here"]).await;
+    let out = fleet
+        .testbot(&["run", "--site", "test-site", "--", "echo here"])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "here\n");
 
@@ -319,15 +301,19 @@ async fn site_option_routes_a_job_and_filters_the_list() {
         "no agent of that site: it waits"
     );
 
-    let out = testbot(&fleet, &["--json", "jobs", "--site", "test-site"]).await;
+    let out = fleet
+        .testbot(&["--json", "jobs", "--site", "test-site"])
+        .await;
     let list: testbot_proto::jobs::JobList = serde_json::from_slice(&out.stdout).expect("json");
     let ids: Vec<i64> = list.jobs.iter().map(|j| j.id.0).collect();
     assert_eq!(ids, vec![2], "{list:?}");
-    let out = testbot(&fleet, &["--json", "jobs", "--site", "elsewhere"]).await;
+    let out = fleet
+        .testbot(&["--json", "jobs", "--site", "elsewhere"])
+        .await;
     let list: testbot_proto::jobs::JobList = serde_json::from_slice(&out.stdout).expect("json");
     let ids: Vec<i64> = list.jobs.iter().map(|j| j.id.0).collect();
     assert_eq!(ids, vec![1], "{list:?}");
-    let out = testbot(&fleet, &["jobs", "--site", "not a site"]).await;
+    let out = fleet.testbot(&["jobs", "--site", "not a site"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     fleet.stop().await;
 }
@@ -351,7 +337,7 @@ async fn logs_cannot_drive_the_operators_terminal() {
         fleet.wait_finished(job.id).await.state,
         testbot_proto::jobs::JobState::Succeeded
     );
-    let out = testbot(&fleet, &["logs", &job.id.to_string()]).await;
+    let out = fleet.testbot(&["logs", &job.id.to_string()]).await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "abcdFAKE \x1b[31mred\x1b[0m\n"

@@ -2,26 +2,11 @@
 //! else (the stored log, what `testbot run` prints, what the API answers, the broker's database
 //! once the job has ended).
 
-use testbot_e2e::{Fleet, WAIT, bin_path, wait_for};
+use testbot_e2e::{Fleet, WAIT, wait_for};
 use testbot_proto::jobs::{JobId, JobListQuery, JobSpec, JobState};
 
 /// A value nobody would print by chance.
 const VALUE: &str = "tk-7f3a9c21e5";
-
-async fn testbot(fleet: &Fleet, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    use secrecy::ExposeSecret as _;
-    let out = tokio::process::Command::new(bin_path("testbot"))
-        .args(args)
-        .env("TESTBOT_URL", &fleet.url)
-        .env("TESTBOT_TOKEN", fleet.admin_token.expose_secret())
-        .envs(env.iter().copied())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(WAIT, out)
-        .await
-        .expect("testbot exits")
-        .expect("testbot runs")
-}
 
 /// Every column of the job's row in the broker's database, as `sqlite3` prints it.
 fn stored_row(fleet: &Fleet, id: JobId) -> String {
@@ -48,20 +33,20 @@ async fn a_secret_variable_reaches_the_job_and_is_masked_everywhere_else() {
         r#"echo "$TOKEN"; echo "Authorization: Bearer $TOKEN (sent)"; echo "$TOKEN$TOKEN"; echo "err $TOKEN" >&2; {}"#,
         testbot_e2e::check_value("TOKEN", VALUE)
     );
-    let out = testbot(
-        &fleet,
-        &[
-            "run",
-            "--secret-env",
-            "TOKEN",
-            "--env",
-            "WHO=world",
-            "--",
-            &script,
-        ],
-        &[("TOKEN", VALUE)],
-    )
-    .await;
+    let out = fleet
+        .testbot_with_env(
+            &[
+                "run",
+                "--secret-env",
+                "TOKEN",
+                "--env",
+                "WHO=world",
+                "--",
+                &script,
+            ],
+            &[("TOKEN", VALUE)],
+        )
+        .await;
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -89,7 +74,9 @@ async fn a_secret_variable_reaches_the_job_and_is_masked_everywhere_else() {
     assert_eq!(job.spec.env["WHO"], "world");
     assert_eq!(job.spec.secret_env, ["TOKEN"]);
     assert_eq!(jobs.jobs[0].spec.env["TOKEN"], "***");
-    let status = testbot(&fleet, &["--json", "status", &id.to_string()], &[]).await;
+    let status = fleet
+        .testbot_with_env(&["--json", "status", &id.to_string()], &[])
+        .await;
     let status = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(status.contains(r#""TOKEN": "***""#), "{status}");
     assert!(!status.contains(VALUE), "{status}");

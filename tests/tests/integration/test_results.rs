@@ -3,24 +3,10 @@
 //! broker reads the JUnit files and keeps every file; `testbot results` shows a job's tests,
 //! and across a batch's runs tells a flaky test from a broken one.
 
-use testbot_e2e::{Fleet, WAIT, bin_path};
+use testbot_e2e::{Fleet, WAIT};
 use testbot_proto::jobs::{JobSpec, JobState};
 
 const NEXTEST: &str = include_str!("../../fixtures/junit/nextest-retries.xml");
-
-async fn testbot(fleet: &Fleet, args: &[&str]) -> std::process::Output {
-    use secrecy::ExposeSecret as _;
-    let out = tokio::process::Command::new(bin_path("testbot"))
-        .args(args)
-        .env("TESTBOT_URL", &fleet.url)
-        .env("TESTBOT_TOKEN", fleet.admin_token.expose_secret())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(WAIT, out)
-        .await
-        .expect("testbot exits")
-        .expect("testbot runs")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_jobs_result_files_are_collected_read_and_kept_but_no_link_is_followed() {
@@ -126,7 +112,7 @@ async fn a_failing_jobs_result_files_are_collected_read_and_kept_but_no_link_is_
         .unwrap();
     assert_eq!(raw, NEXTEST);
 
-    let out = testbot(&fleet, &["results", &job.id.to_string()]).await;
+    let out = fleet.testbot(&["results", &job.id.to_string()]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
@@ -170,9 +156,8 @@ async fn across_a_batch_a_test_that_fails_in_some_runs_is_flaky_with_its_rate_an
     fleet.add_agent(fleet.agent_config("a1"));
     fleet.add_agent(fleet.agent_config("a2"));
     let script = junit_script();
-    let out = testbot(
-        &fleet,
-        &[
+    let out = fleet
+        .testbot(&[
             "run",
             "--repeat",
             "10",
@@ -180,12 +165,11 @@ async fn across_a_batch_a_test_that_fails_in_some_runs_is_flaky_with_its_rate_an
             "out/*.xml",
             "--",
             &script,
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 
-    let out = testbot(&fleet, &["results", "--batch", "1"]).await;
+    let out = fleet.testbot(&["results", "--batch", "1"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
@@ -202,7 +186,7 @@ async fn across_a_batch_a_test_that_fails_in_some_runs_is_flaky_with_its_rate_an
         "{stdout}"
     );
     assert!(!stdout.contains("T.steady"), "{stdout}");
-    let all = testbot(&fleet, &["results", "--batch", "1", "--all"]).await;
+    let all = fleet.testbot(&["results", "--batch", "1", "--all"]).await;
     assert!(String::from_utf8_lossy(&all.stdout).contains("ok     pkg > T.steady"));
     fleet.stop().await;
 }
@@ -317,7 +301,7 @@ async fn across_a_branchs_commits_a_flaky_test_and_a_newly_broken_one_are_told_a
             .is_empty()
     );
 
-    let out = testbot(&fleet, &["flaky", REPO, "--branch", "main"]).await;
+    let out = fleet.testbot(&["flaky", REPO, "--branch", "main"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
