@@ -301,16 +301,8 @@ fn code_span(text: &str) -> String {
 /// rerun (flaky), apart.
 fn tests_summary(results: &testbot_proto::test_results::JobResults) -> String {
     let t = &results.totals;
-    let mut out = format!(
-        "| tests | {} passed, {} failed, {} errors, {} skipped, {} flaky |\n\n",
-        t.passed, t.failed, t.errors, t.skipped, t.flaky
-    );
-    let failed: Vec<_> = results
-        .cases
-        .iter()
-        .filter(|c| c.final_outcome().is_failure())
-        .collect();
-    let flaky: Vec<_> = results.cases.iter().filter(|c| c.is_flaky()).collect();
+    let mut out = format!("| tests | {t} |\n\n");
+    let (failed, flaky) = testbot_proto::test_results::failed_and_flaky(&results.cases);
     for (title, cases) in [
         ("Failed", failed),
         ("Flaky (failed, then passed on a rerun)", flaky),

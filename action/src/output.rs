@@ -60,35 +60,17 @@ pub fn print_batch_summary(batch: &testbot_proto::batches::Batch) {
 /// A job's result files and its tests that did not pass (`all`: every test).
 pub fn print_job_results(results: &testbot_proto::test_results::JobResults, all: bool) {
     use testbot_proto::junit::TestOutcome;
-    use testbot_proto::test_results::FileReport;
     println!("job {}: {} result files", results.job, results.files.len());
     for file in &results.files {
-        let read = match &file.report {
-            FileReport::Junit {
-                totals, truncated, ..
-            } => format!(
-                "{} tests: {} passed, {} failed, {} errors, {} skipped{}",
-                totals.cases,
-                totals.passed,
-                totals.failed,
-                totals.errors,
-                totals.skipped,
-                if *truncated {
-                    " (cut at the broker's limit)"
-                } else {
-                    ""
-                }
-            ),
-            FileReport::NotJunit { reason } => format!("not JUnit XML ({})", sanitize(reason)),
-            FileReport::Unreadable { error } => format!("cannot be read: {}", sanitize(error)),
-        };
-        println!("  {} ({} bytes): {read}", sanitize(&file.path), file.bytes);
+        println!(
+            "  {} ({} bytes): {}",
+            sanitize(&file.path),
+            file.bytes,
+            sanitize(&file.report.describe())
+        );
     }
     let t = &results.totals;
-    println!(
-        "{} tests: {} passed, {} failed, {} errors, {} skipped, {} flaky (passed on a rerun)",
-        t.cases, t.passed, t.failed, t.errors, t.skipped, t.flaky
-    );
+    println!("{} tests: {t} (passed on a rerun)", t.cases);
     for case in &results.cases {
         let outcome = case.final_outcome();
         let shown = all || outcome.is_failure() || case.is_flaky();

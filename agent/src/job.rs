@@ -673,7 +673,7 @@ impl JobRunner {
     /// collected or uploaded is a line in the log.
     async fn upload_results(&self, ctx: &JobContext, lease: &str, sink: &LogSink) {
         use testbot_proto::test_results::{
-            FileReport, MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILE_BYTES, MAX_RESULT_FILES,
+            MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILE_BYTES, MAX_RESULT_FILES,
         };
         let Some(workspace) = self.executor.workspace(ctx) else {
             sink.system(format!(
@@ -738,29 +738,7 @@ impl JobRunner {
                 .await
             {
                 Ok(ack) => {
-                    let read = match ack.report {
-                        FileReport::Junit {
-                            totals, truncated, ..
-                        } => format!(
-                            "{} tests: {} passed, {} failed, {} errors, {} skipped{}",
-                            totals.cases,
-                            totals.passed,
-                            totals.failed,
-                            totals.errors,
-                            totals.skipped,
-                            if truncated {
-                                " (cut at the broker's limit)"
-                            } else {
-                                ""
-                            }
-                        ),
-                        FileReport::NotJunit { reason } => {
-                            format!("kept, not read as JUnit XML ({reason})")
-                        }
-                        FileReport::Unreadable { error } => {
-                            format!("kept, but it cannot be read as JUnit XML: {error}")
-                        }
-                    };
+                    let read = ack.report.describe();
                     sink.system(format!("results: {path} ({bytes} bytes): {read}"))
                         .await;
                 }

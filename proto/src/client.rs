@@ -685,7 +685,7 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `value` percent-encoded for a query string: everything but RFC 3986's unreserved
 /// characters.
-fn encode_query_value(value: &str) -> String {
+pub fn encode_query_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for byte in value.bytes() {
         if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {

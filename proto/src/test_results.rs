@@ -80,6 +80,33 @@ pub enum FileReport {
     Unreadable { error: String },
 }
 
+impl FileReport {
+    /// What was read, in words: `3 tests: 2 passed, 1 failed, 0 errors, 0 skipped`.
+    pub fn describe(&self) -> String {
+        match self {
+            FileReport::Junit {
+                totals, truncated, ..
+            } => format!(
+                "{} tests: {} passed, {} failed, {} errors, {} skipped{}",
+                totals.cases,
+                totals.passed,
+                totals.failed,
+                totals.errors,
+                totals.skipped,
+                if *truncated {
+                    " (cut at the broker's limit)"
+                } else {
+                    ""
+                }
+            ),
+            FileReport::NotJunit { reason } => format!("not read as JUnit XML ({reason})"),
+            FileReport::Unreadable { error } => {
+                format!("cannot be read as JUnit XML: {error}")
+            }
+        }
+    }
+}
+
 /// The answer to an upload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UploadAck {
@@ -173,6 +200,28 @@ pub struct CaseTotals {
     pub errors: u64,
     pub skipped: u64,
     pub flaky: u64,
+}
+
+impl std::fmt::Display for CaseTotals {
+    /// `2 passed, 1 failed, 0 errors, 0 skipped, 1 flaky`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} passed, {} failed, {} errors, {} skipped, {} flaky",
+            self.passed, self.failed, self.errors, self.skipped, self.flaky
+        )
+    }
+}
+
+/// The cases that failed (by their last attempt), and those that failed and then passed on a
+/// rerun (flaky), in the order given.
+pub fn failed_and_flaky(cases: &[CaseResult]) -> (Vec<&CaseResult>, Vec<&CaseResult>) {
+    let failed = cases
+        .iter()
+        .filter(|c| c.final_outcome().is_failure())
+        .collect();
+    let flaky = cases.iter().filter(|c| c.is_flaky()).collect();
+    (failed, flaky)
 }
 
 impl CaseTotals {

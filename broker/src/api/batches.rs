@@ -61,7 +61,7 @@ pub(super) async fn cancel_batch_handler(
 
 /// The batch and its runs, if `principal` may `access` them: the runs share who submitted
 /// them, so the first run answers for all.
-async fn readable_batch(
+pub(super) async fn readable_batch(
     state: &AppState,
     principal: &Principal,
     id: BatchId,

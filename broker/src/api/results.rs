@@ -19,7 +19,7 @@ use crate::auth::Principal;
 use crate::error::{ApiError, ApiPath, ApiQuery};
 use crate::lifecycle::results::cases_of;
 use crate::state::AppState;
-use crate::store::test_results::{NewResultFile, TestResultRow, UploadRefusal};
+use crate::store::test_results::{NewResultFile, UploadRefusal};
 
 /// `PUT /agent/jobs/{id}/files?lease=L&path=P`: one result file, its bytes the body.
 pub(super) async fn upload_result_handler(
@@ -120,15 +120,7 @@ pub(super) async fn result_file_handler(
         .ok_or_else(|| {
             ApiError::NotFound(format!("job {id} has no result file {:?}", query.path))
         })?;
-    // Only what every header can carry: the path may hold any printable character.
-    let name: String = query
-        .path
-        .rsplit('/')
-        .next()
-        .unwrap_or("result")
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
-        .collect();
+    let name = crate::lifecycle::results::download_name(&query.path);
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -147,31 +139,19 @@ pub(super) async fn batch_results_handler(
     principal: Principal,
     ApiPath(id): ApiPath<BatchId>,
 ) -> Result<axum::Json<BatchResults>, ApiError> {
-    let not_found = || ApiError::NotFound(format!("batch {id} does not exist"));
-    let batch = state.store.batch(id).await?.ok_or_else(not_found)?;
-    let jobs = state.store.batch_jobs(id).await?;
-    let first = jobs.first().ok_or_else(not_found)?;
-    authorize_job_access(&state, &principal, first, JobAccess::Read).await?;
+    let (batch, _) =
+        super::batches::readable_batch(&state, &principal, id, JobAccess::Read).await?;
     let rows = state.store.batch_test_results(id).await?;
-    // Rows come by run, then file, case, attempt: group each run's into cases.
-    let mut cases = Vec::new();
-    let mut run_rows: Vec<TestResultRow> = Vec::new();
-    let mut current = None;
-    for (run, row) in rows {
-        if current.is_some_and(|c| c != run) {
-            let done = std::mem::take(&mut run_rows);
-            cases.extend(
-                cases_of(done)
-                    .into_iter()
-                    .map(|c| (current.unwrap_or(0) as u32, c)),
-            );
-        }
-        current = Some(run);
-        run_rows.push(row);
-    }
-    if let Some(run) = current {
-        cases.extend(cases_of(run_rows).into_iter().map(|c| (run as u32, c)));
-    }
+    // Rows come by run, then file, case, attempt: each run's rows make its cases.
+    let cases: Vec<(u32, _)> = rows
+        .chunk_by(|a, b| a.0 == b.0)
+        .flat_map(|run| {
+            let number = run[0].0.clamp(0, i64::from(u32::MAX)) as u32;
+            cases_of(run.iter().map(|(_, row)| row.clone()))
+                .into_iter()
+                .map(move |case| (number, case))
+        })
+        .collect();
     let runs = batch.runs.clamp(0, i64::from(u32::MAX)) as u32;
     Ok(axum::Json(BatchResults::of(id, runs, cases)))
 }

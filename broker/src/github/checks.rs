@@ -366,15 +366,8 @@ async fn tests_summary(state: &AppState, job: &Job) -> String {
     };
     let cases = crate::lifecycle::results::cases_of(rows);
     let t = testbot_proto::test_results::CaseTotals::of(&cases);
-    let mut out = format!(
-        "\n\n**Tests**: {} passed, {} failed, {} errors, {} skipped, {} flaky",
-        t.passed, t.failed, t.errors, t.skipped, t.flaky
-    );
-    let failed: Vec<_> = cases
-        .iter()
-        .filter(|c| c.final_outcome().is_failure())
-        .collect();
-    let flaky: Vec<_> = cases.iter().filter(|c| c.is_flaky()).collect();
+    let mut out = format!("\n\n**Tests**: {t}");
+    let (failed, flaky) = testbot_proto::test_results::failed_and_flaky(&cases);
     for (title, list) in [("Failed", failed), ("Flaky (passed on a rerun)", flaky)] {
         if list.is_empty() {
             continue;

@@ -214,6 +214,17 @@ pub fn histories(rows: Vec<CommitTestRow>) -> Vec<TestHistory> {
     tests
 }
 
+/// A result file's name as a download's `Content-Disposition` carries it: the last part of
+/// its path, with only what every header can hold (the path may have any printable character).
+pub fn download_name(path: &str) -> String {
+    path.rsplit('/')
+        .next()
+        .unwrap_or("result")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

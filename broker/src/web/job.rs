@@ -12,7 +12,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use testbot_proto::jobs::{JobId, JobState};
-use testbot_proto::logs::{Stream, parse_line};
+use testbot_proto::logs::parse_line;
 use testbot_proto::provenance::{Approval, Provenance};
 
 use super::WebError;
@@ -105,18 +105,6 @@ struct TestRow {
     message: String,
 }
 
-fn state_name(state: JobState) -> &'static str {
-    match state {
-        JobState::Queued => "queued",
-        JobState::Assigned => "assigned",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Error => "error",
-    }
-}
-
 pub(super) async fn job_page_handler(
     State(state): State<AppState>,
     axum::extract::Path(raw): axum::extract::Path<String>,
@@ -200,7 +188,7 @@ pub(super) async fn job_page_handler(
     if let Some(at) = job.finished_at_ms {
         timeline.push(Step {
             at: testbot_proto::format_ms(at),
-            what: state_name(job.state).to_string(),
+            what: job.state.as_str().to_string(),
         });
     }
     let (files, tests, not_passed, more_not_passed) = test_results(&state, id).await?;
@@ -211,7 +199,7 @@ pub(super) async fn job_page_handler(
         more_not_passed,
         id,
         name: job.spec.name.clone(),
-        state: state_name(job.state),
+        state: job.state.as_str(),
         reason: job.reason.clone(),
         facts,
         timeline,
@@ -238,17 +226,13 @@ async fn test_results(
         .await?
         .into_iter()
         .map(|f| {
-            let read = match serde_json::from_str::<FileReport>(&f.report) {
-                Ok(FileReport::Junit { totals, .. }) => format!(
-                    "{} tests: {} passed, {} failed, {} errors, {} skipped",
-                    totals.cases, totals.passed, totals.failed, totals.errors, totals.skipped
-                ),
-                Ok(FileReport::NotJunit { reason }) => format!("not JUnit XML ({reason})"),
-                Ok(FileReport::Unreadable { error }) => format!("cannot be read: {error}"),
-                Err(_) => "unknown".to_string(),
-            };
+            let read = serde_json::from_str::<FileReport>(&f.report)
+                .map_or_else(|_| "unknown".to_string(), |report| report.describe());
             FileRow {
-                href: format!("/jobs/{id}/files?path={}", query_value(&f.path)),
+                href: format!(
+                    "/jobs/{id}/files?path={}",
+                    testbot_proto::client::encode_query_value(&f.path)
+                ),
                 path: f.path,
                 bytes: f.bytes.max(0) as u64,
                 read,
@@ -260,10 +244,7 @@ async fn test_results(
     }
     let cases = crate::lifecycle::results::cases_of(state.store.test_results(JobId(id)).await?);
     let t = CaseTotals::of(&cases);
-    let tests = format!(
-        "{} tests: {} passed, {} failed, {} errors, {} skipped, {} flaky",
-        t.cases, t.passed, t.failed, t.errors, t.skipped, t.flaky
-    );
+    let tests = format!("{} tests: {t}", t.cases);
     let mut not_passed: Vec<TestRow> = cases
         .iter()
         .filter(|c| c.final_outcome().is_failure() || c.is_flaky())
@@ -285,20 +266,6 @@ async fn test_results(
     let more = not_passed.len().saturating_sub(MAX_TESTS_SHOWN);
     not_passed.truncate(MAX_TESTS_SHOWN);
     Ok((files, Some(tests), not_passed, more))
-}
-
-/// `value` percent-encoded for a query string.
-fn query_value(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,14 +290,7 @@ pub(super) async fn result_file_handler(
         .ok_or_else(|| {
             WebError::NotFound(format!("Job {id} has no result file {:?}.", query.path))
         })?;
-    let name: String = query
-        .path
-        .rsplit('/')
-        .next()
-        .unwrap_or("result")
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
-        .collect();
+    let name = crate::lifecycle::results::download_name(&query.path);
     Ok(Response::builder()
         // Served as bytes to save, never as a page: a job's file must not run in the viewer.
         .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -434,11 +394,7 @@ fn complete_lines(data: &mut Vec<u8>, start: &mut u64) -> Vec<LineView> {
         lines.push(LineView {
             o: offset,
             t: line.timestamp.to_string(),
-            s: match line.stream {
-                Stream::Stdout => 'O',
-                Stream::Stderr => 'E',
-                Stream::System => 'S',
-            },
+            s: line.stream.code(),
             g: segments(line.text),
         });
         offset += raw.len() as u64;
@@ -604,7 +560,7 @@ impl LiveLog {
             if self.sent_state != Some(job_state) {
                 self.sent_state = Some(job_state);
                 let body = serde_json::json!({
-                    "state": state_name(job_state),
+                    "state": job_state.as_str(),
                     "reason": job.reason,
                 });
                 self.queue
