@@ -495,6 +495,30 @@ fn pr_policy(fleet: &Fleet, fake: &FakeGitHub) -> PathBuf {
     path
 }
 
+/// The App on `REPO`, whose `maintainer` may write and whose main holds `config` and
+/// `src/greeting.txt`, with one agent (`login1`) taking pull request jobs; its index.
+async fn pr_site(config: &str) -> (FakeGitHub, Fleet, usize) {
+    use testbot_e2e::github::Permission;
+    ensure_account(JOB_ACCOUNT);
+    let (fake, mut fleet) = installed_app().await;
+    fake.set_permission(REPO, "maintainer", Permission::Write);
+    fake.commit(
+        REPO,
+        "main",
+        &[
+            (".github/testbot.toml", config),
+            ("src/greeting.txt", "main"),
+        ],
+        "Config",
+    )
+    .await;
+    let mut agent = fleet.agent_config("login1");
+    agent.policy = Some(pr_policy(&fleet, &fake));
+    let agent = fleet.add_agent(agent);
+    fleet.wait_policy_agents(1).await;
+    (fake, fleet, agent)
+}
+
 async fn wait_reply(fake: &FakeGitHub, number: u64, containing: &str) -> String {
     let bot = fake.app_bot_login();
     wait_for(
@@ -520,24 +544,7 @@ async fn wait_jobs(fleet: &Fleet, count: usize) -> Vec<Job> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
-    use testbot_e2e::github::Permission;
-    ensure_account(JOB_ACCOUNT);
-    let (fake, mut fleet) = installed_app().await;
-    fake.set_permission(REPO, "maintainer", Permission::Write);
-    fake.commit(
-        REPO,
-        "main",
-        &[
-            (".github/testbot.toml", PR_CONFIG),
-            ("src/greeting.txt", "main"),
-        ],
-        "Config",
-    )
-    .await;
-    let mut agent = fleet.agent_config("login1");
-    agent.policy = Some(pr_policy(&fleet, &fake));
-    let agent = fleet.add_agent(agent);
-    fleet.wait_policy_agents(1).await;
+    let (fake, mut fleet, agent) = pr_site(PR_CONFIG).await;
 
     // A pull request from a branch of the repository itself.
     fake.commit(
@@ -871,24 +878,7 @@ script = 'echo "reading $(cat src/greeting.txt) from the checkout"'
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writers_pull_requests_run_at_once_and_a_forks_waits_for_approval() {
-    use testbot_e2e::github::Permission;
-    ensure_account(JOB_ACCOUNT);
-    let (fake, mut fleet) = installed_app().await;
-    fake.set_permission(REPO, "maintainer", Permission::Write);
-    fake.commit(
-        REPO,
-        "main",
-        &[
-            (".github/testbot.toml", WRITERS_CONFIG),
-            ("src/greeting.txt", "main"),
-        ],
-        "Config",
-    )
-    .await;
-    let mut agent = fleet.agent_config("login1");
-    agent.policy = Some(pr_policy(&fleet, &fake));
-    let agent = fleet.add_agent(agent);
-    fleet.wait_policy_agents(1).await;
+    let (fake, mut fleet, agent) = pr_site(WRITERS_CONFIG).await;
 
     // A writer's pull request that changes src/: `quick` runs without being asked.
     fake.commit(
@@ -1215,25 +1205,9 @@ label = ["run-on-hpc"]
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_label_from_a_writer_runs_its_jobs_and_never_a_forks_code() {
+    let (fake, mut fleet, agent) = pr_site(LABEL_CONFIG).await;
     use testbot_e2e::github::Permission;
-    ensure_account(JOB_ACCOUNT);
-    let (fake, mut fleet) = installed_app().await;
-    fake.set_permission(REPO, "maintainer", Permission::Write);
     fake.set_permission(REPO, "triager", Permission::Triage);
-    fake.commit(
-        REPO,
-        "main",
-        &[
-            (".github/testbot.toml", LABEL_CONFIG),
-            ("src/greeting.txt", "main"),
-        ],
-        "Config",
-    )
-    .await;
-    let mut agent = fleet.agent_config("login1");
-    agent.policy = Some(pr_policy(&fleet, &fake));
-    let agent = fleet.add_agent(agent);
-    fleet.wait_policy_agents(1).await;
 
     fake.commit(
         REPO,
