@@ -45,6 +45,9 @@ struct Inputs {
     repeat: u32,
     /// Result file globs (the `results` input).
     results: Vec<String>,
+    /// How to run chosen tests (`run-tests`) and which (`tests`, one per line).
+    run_tests: Option<String>,
+    tests: Vec<String>,
     audience: String,
 }
 
@@ -149,6 +152,17 @@ impl Inputs {
             timeout_minutes: number("timeout-minutes")?.or(time_minutes),
             repeat: number("repeat")?.unwrap_or(1).max(1),
             results: input_list("results"),
+            run_tests: input("run-tests"),
+            // One per line: a test's name may hold commas and spaces (`test_io[a, b]`).
+            tests: input("tests")
+                .map(|t| {
+                    t.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
             audience,
             broker_url,
         })
@@ -176,6 +190,8 @@ impl Inputs {
             image: self.image.clone(),
             resources: self.resources.clone(),
             results: self.results.clone(),
+            run_tests: self.run_tests.clone(),
+            tests: self.tests.clone(),
         };
         spec.validate()
             .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;

@@ -61,6 +61,15 @@ enum Command {
         /// run failed (3 if only the fleet failed runs).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
         repeat: u32,
+        /// Run as a batch until its runs show, with this confidence (e.g. 0.95), whether the
+        /// job fails less often than --max-rate; the runs not needed are then cancelled. With
+        /// --repeat N, at most N runs (default: three times the runs it takes without a
+        /// failure, at most 1000). Exits 0 for below, 1 for above, 2 if the runs could not say.
+        #[arg(long, requires = "max_rate", value_name = "CONFIDENCE")]
+        until_confidence: Option<f64>,
+        /// The failure rate --until-confidence tests against, e.g. 0.01.
+        #[arg(long, requires = "until_confidence", value_name = "RATE")]
+        max_rate: Option<f64>,
     },
     /// Show a job's test results (its result files and what was read from them), or with
     /// --batch every test across a batch's runs: which are flaky, which broken.
@@ -256,6 +265,13 @@ struct JobArgs {
     /// results (`testbot results JOB`).
     #[arg(long = "results", value_name = "GLOB")]
     results: Vec<String>,
+    /// How to run chosen tests: a command with {tests} where they go, e.g. 'pytest {tests}'.
+    #[arg(long = "run-tests", value_name = "COMMAND")]
+    run_tests: Option<String>,
+    /// Run this test instead of the whole script, with --run-tests (repeatable): e.g. --tests
+    /// tests/test_io.py::test_wobbly. Each is one shell word to the command.
+    #[arg(long = "tests", value_name = "TEST", requires = "run_tests")]
+    tests: Vec<String>,
     /// A short name shown in listings.
     #[arg(long)]
     name: Option<String>,
@@ -303,6 +319,8 @@ impl JobArgs {
             secret_env,
             timeout,
             results,
+            run_tests,
+            tests,
             name,
             executor,
             image,
@@ -360,6 +378,8 @@ impl JobArgs {
                 ..Resources::default()
             },
             results,
+            run_tests,
+            tests,
         };
         spec.validate()
             .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
@@ -429,10 +449,34 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
             job,
             timestamps,
             repeat,
+            until_confidence,
+            max_rate,
         } => {
             let client = client(&url, token)?;
+            let until = match (until_confidence, max_rate) {
+                (Some(confidence), Some(max_rate)) => {
+                    let until = testbot_proto::batches::Until {
+                        confidence,
+                        max_rate,
+                    };
+                    until.validate().map_err(anyhow::Error::msg)?;
+                    Some(until)
+                }
+                _ => None,
+            };
+            if let Some(until) = until {
+                let runs = if repeat > 1 {
+                    repeat
+                } else {
+                    until
+                        .runs_without_failure()
+                        .saturating_mul(3)
+                        .min(testbot_proto::batches::MAX_RUNS)
+                };
+                return run_batch(&client, job.into_spec()?, runs, Some(until), json).await;
+            }
             if repeat > 1 {
-                return run_batch(&client, job.into_spec()?, repeat, json).await;
+                return run_batch(&client, job.into_spec()?, repeat, None, json).await;
             }
             run_job(&client, job.into_spec()?, json, timestamps).await
         }
@@ -796,9 +840,10 @@ async fn run_batch(
     client: &BrokerClient,
     spec: JobSpec,
     runs: u32,
+    until: Option<testbot_proto::batches::Until>,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let batch = client.submit_batch(&spec, runs).await?;
+    let batch = client.submit_batch(&spec, runs, until).await?;
     let id = batch.id;
     if !json {
         eprintln!(
@@ -807,6 +852,14 @@ async fn run_batch(
             batch.jobs.first().map_or(0, |j| j.id.0),
             batch.jobs.last().map_or(0, |j| j.id.0),
         );
+        if let Some(until) = until {
+            eprintln!(
+                "testbot: running until the runs show, with confidence {}, whether the job fails less often than {} ({} runs without a failure would)",
+                until.confidence,
+                until.max_rate,
+                until.runs_without_failure()
+            );
+        }
     }
     let mut reported = std::collections::HashSet::new();
     let mut interrupts = 0;

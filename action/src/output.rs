@@ -43,10 +43,37 @@ pub fn describe_run(job: &Job, runs: u32) -> String {
 /// The totals of an ended batch and how to read the runs that did not succeed.
 pub fn print_batch_summary(batch: &testbot_proto::batches::Batch) {
     println!("batch {}: {} runs: {}", batch.id, batch.runs, batch.totals);
+    if let (Some(until), Some(verdict)) = (&batch.until, &batch.verdict) {
+        use testbot_proto::batches::Verdict;
+        let interval = verdict
+            .interval
+            .map(|(low, high)| format!(" (95% interval {low:.3} to {high:.3})"))
+            .unwrap_or_default();
+        let said = match verdict.verdict {
+            Verdict::Below => format!(
+                "below {} with confidence {}",
+                until.max_rate, until.confidence
+            ),
+            Verdict::Above => format!(
+                "above {} with confidence {}",
+                until.max_rate, until.confidence
+            ),
+            Verdict::Undecided => format!(
+                "not shown below or above {} with confidence {}: more runs are needed",
+                until.max_rate, until.confidence
+            ),
+        };
+        println!(
+            "failure rate: {} of {} runs failed{interval}: {said}",
+            verdict.failures, verdict.runs
+        );
+    }
     let unsuccessful: Vec<_> = batch
         .jobs
         .iter()
         .filter(|j| j.state != testbot_proto::jobs::JobState::Succeeded)
+        // A stopping rule cancels the runs it did not need: they are not failures to read.
+        .filter(|j| batch.until.is_none() || j.state != testbot_proto::jobs::JobState::Cancelled)
         .collect();
     if !unsuccessful.is_empty() {
         let ids: Vec<String> = unsuccessful.iter().map(|j| j.id.to_string()).collect();
@@ -157,34 +184,30 @@ pub fn print_flaky(report: &testbot_proto::test_results::FlakyReport) {
         report.tests.len()
     );
     for test in &report.tests {
-        let verdict = if test.is_flaky() {
-            "flaky"
-        } else if test.is_broken() {
-            "broken"
-        } else {
-            "failed"
-        };
+        let verdict = test.verdict();
         let job = test
             .job
             .as_deref()
             .map(|j| format!("{}: ", sanitize(j)))
             .unwrap_or_default();
         let mut line = format!("  {verdict:6} {job}{}", sanitize(&test.test_id()));
-        if test.is_flaky() {
+        if test.is_broken() {
+            line.push_str(&format!(
+                ": failing in every run since {}",
+                short(test.broken_since.as_deref().unwrap_or(&test.latest_commit))
+            ));
+            if let Some(good) = &test.last_passing_commit {
+                line.push_str(&format!(", last passing at {}", short(good)));
+            }
+        } else if let Some(cluster) = test.clusters.first() {
+            line.push_str(&format!(": {}", sanitize(&cluster.to_string())));
+        } else if test.is_flaky() {
             line.push_str(&format!(
                 ": flaky at {} of {} commits, first at {}",
                 test.flaky_commits,
                 test.commits,
                 short(test.first_flaky_commit.as_deref().unwrap_or(""))
             ));
-        } else if test.is_broken() {
-            line.push_str(&format!(
-                ": failing at the latest commit {}",
-                short(&test.latest_commit)
-            ));
-            if let Some(good) = &test.last_passing_commit {
-                line.push_str(&format!(", last passing at {}", short(good)));
-            }
         }
         if let Some((rate, low, high)) = test.failure_rate() {
             line.push_str(&format!(

@@ -443,6 +443,22 @@ impl JobRunner {
         if let Some(resources) = admission.resources {
             spec.resources = resources;
         }
+        // Chosen tests run through the job's own `run_tests`, each quoted by the agent: the
+        // broker names tests, never shell text.
+        match spec.selected_script().map(std::borrow::Cow::into_owned) {
+            Ok(script) => spec.script = script,
+            Err(problem) => {
+                let reason = format!("the job's choice of tests cannot run: {problem}");
+                tracing::warn!(job_id = %id, %reason, "Job refused.");
+                self.finish(
+                    id,
+                    &lease,
+                    Outcome::with_cause(JobState::Error, FailureCause::PolicyRefusal, reason),
+                )
+                .await;
+                return;
+            }
+        }
         let ctx = JobContext {
             id,
             attempt: assignment.attempt,
@@ -672,6 +688,9 @@ impl JobRunner {
     /// what was found, left out, and read. Never fails the job: a file that cannot be
     /// collected or uploaded is a line in the log.
     async fn upload_results(&self, ctx: &JobContext, lease: &str, sink: &LogSink) {
+        // The statistics count each test where it ran (the Slurm nodes, a fact the executor
+        // may have sent just now): the broker has it before the results.
+        sink.facts_delivered().await;
         use testbot_proto::test_results::{
             MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILE_BYTES, MAX_RESULT_FILES,
         };

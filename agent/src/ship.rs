@@ -81,6 +81,10 @@ pub async fn ship_log(
                 tracing::warn!(job_id = %id, %err, key = %request.key, "Cannot record job metadata.");
             }
         }
+        // Every fact before each marker has now been sent.
+        for barrier in queued.barriers.drain(..) {
+            barrier.notify_one();
+        }
         if queued.pending.is_empty() {
             continue;
         }
@@ -172,6 +176,8 @@ struct Queued {
     marks: Marks,
     /// Metadata to send, (key, value).
     facts: Vec<(String, String)>,
+    /// Markers to notify once the facts before them are sent.
+    barriers: Vec<std::sync::Arc<tokio::sync::Notify>>,
     cuts: Cuts,
     masker: Masker,
     /// The time of the last line pushed, and that time formatted: lines come many a millisecond.
@@ -185,6 +191,7 @@ impl Queued {
             pending: String::new(),
             marks: Marks::default(),
             facts: Vec::new(),
+            barriers: Vec::new(),
             cuts: Cuts::default(),
             masker,
             stamp_ms: None,
@@ -194,6 +201,10 @@ impl Queued {
 
     /// Adds a record to the pending chunk (a line) or to the facts to send (metadata), masked.
     fn push(&mut self, record: LogRecord) {
+        if let Some(barrier) = record.barrier {
+            self.barriers.push(barrier);
+            return;
+        }
         if let Some((key, value)) = record.metadata {
             self.facts
                 .push((key, self.masker.mask(&value).into_owned()));
@@ -384,6 +395,7 @@ mod tests {
                 text: text.into(),
                 mark: None,
                 metadata: None,
+                barrier: None,
             };
             queued.push(record);
         }
@@ -393,6 +405,7 @@ mod tests {
             text: String::new(),
             mark: None,
             metadata: Some(("note".into(), "s3cr3t-value".into())),
+            barrier: None,
         };
         queued.push(fact);
         let Queued { pending, facts, .. } = queued;

@@ -91,6 +91,8 @@ pub struct Broker {
     /// Sends and hears job events to and from other brokers sharing the database.
     relay: Option<JoinHandle<()>>,
     metrics_events: JoinHandle<()>,
+    /// Stops batches whose runs can say what their stopping rule asks.
+    batch_stopper: JoinHandle<()>,
     /// The GitHub App's delivery consumer, check-run syncer and scheduler.
     github_tasks: Vec<JoinHandle<()>>,
     store: SharedStore,
@@ -162,6 +164,7 @@ impl Broker {
             _ => None,
         };
         let sweeper = tokio::spawn(sweep_leases(state.clone()));
+        let batch_stopper = tokio::spawn(crate::lifecycle::batches::run_stopper(state.clone()));
         let github_tasks = match &state.github_app {
             Some(app) => vec![
                 tokio::spawn(crate::github::process::run_consumer(
@@ -204,6 +207,7 @@ impl Broker {
             sweeper,
             relay,
             metrics_events,
+            batch_stopper,
             github_tasks,
             store: db,
         })
@@ -251,6 +255,7 @@ impl Broker {
             let _ = relay.await;
         }
         let _ = self.metrics_events.await;
+        let _ = self.batch_stopper.await;
         for task in self.github_tasks {
             let _ = task.await;
         }

@@ -325,17 +325,19 @@ impl BrokerClient {
             .await
     }
 
-    /// Queues `runs` runs of `spec` as one batch.
+    /// Queues `runs` runs of `spec` as one batch, stopped early by `until` if given.
     pub async fn submit_batch(
         &self,
         spec: &JobSpec,
         runs: u32,
+        until: Option<crate::batches::Until>,
     ) -> Result<crate::batches::Batch, ClientError> {
         self.post(
             "/batches",
             &crate::batches::BatchRequest {
                 spec: spec.clone(),
                 runs,
+                until,
             },
         )
         .await

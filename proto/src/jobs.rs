@@ -44,6 +44,9 @@ pub mod limits {
     pub const MAX_NAME_BYTES: usize = 128;
     /// Longest environment variable value, in bytes.
     pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+    /// Tests one job may be asked to run instead of its whole suite.
+    pub const MAX_TESTS: usize = 1000;
+    pub const MAX_TEST_NAME_BYTES: usize = 1024;
 }
 
 /// What to run. Submitted by a client in `POST /api/v1/jobs`.
@@ -88,6 +91,16 @@ pub struct JobSpec {
     /// results. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub results: Vec<String>,
+    /// How to run a chosen few of the job's tests: a command with `{tests}` where they go
+    /// (`pytest {tests}`), each quoted as one shell word. Default: none (the job always runs its
+    /// whole `script`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_tests: Option<String>,
+    /// The tests to run instead of the whole suite, as `run_tests` names them
+    /// (`tests/test_io.py::test_wobbly`): the agent runs `run_tests` with them in place of
+    /// `script`. Default: none (the whole `script`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<String>,
 }
 
 /// Resources a job asks for. Every field is optional; an executor that cannot honour a field
@@ -170,6 +183,10 @@ impl Resources {
 
 /// A scheduler word (partition, account, qos, executor): 1–128 characters of `[A-Za-z0-9_.-]`,
 /// so it can never carry an option or a shell metacharacter.
+/// The job's metadata key for the Slurm nodes it ran on (`c[041-042]`), as `scontrol` names
+/// them: the test statistics tell failures on one node apart from a flaky test with it.
+pub const SLURM_NODES: &str = "slurm_nodes";
+
 pub fn validate_word(field: &str, value: &str) -> Result<(), String> {
     let ok = !value.is_empty()
         && value.len() <= limits::MAX_NAME_BYTES
@@ -238,6 +255,7 @@ impl JobSpec {
         }
         crate::results::validate_result_patterns(&self.results)
             .map_err(|e| format!("results: {e}"))?;
+        validate_selection(self.run_tests.as_deref(), &self.tests)?;
         if self.env.len() > limits::MAX_ENV_VARS {
             return Err(format!(
                 "{} environment variables given; the limit is {}",
@@ -269,6 +287,83 @@ impl JobSpec {
         }
         self.resources.validate()
     }
+}
+
+impl JobSpec {
+    /// The script the job runs: `script`, or for chosen `tests`, `run_tests` with them in
+    /// place of `{tests}`, each single-quoted for the shell (so a test name is never read as
+    /// shell syntax). The error says why the selection cannot run.
+    pub fn selected_script(&self) -> Result<std::borrow::Cow<'_, str>, String> {
+        if self.tests.is_empty() {
+            return Ok(std::borrow::Cow::Borrowed(&self.script));
+        }
+        validate_selection(self.run_tests.as_deref(), &self.tests)?;
+        let run_tests = self.run_tests.as_deref().unwrap_or_default();
+        let words: Vec<String> = self.tests.iter().map(|t| shell_quote(t)).collect();
+        Ok(std::borrow::Cow::Owned(
+            run_tests.replace(TESTS_PLACEHOLDER, &words.join(" ")),
+        ))
+    }
+}
+
+/// Where `run_tests` takes the chosen tests.
+pub const TESTS_PLACEHOLDER: &str = "{tests}";
+
+/// A test selection is at most [`limits::MAX_TESTS`] names, each 1 to
+/// [`limits::MAX_TEST_NAME_BYTES`] bytes of printable text not starting with `-` (it would be
+/// read as an option of the test runner: `--junitxml=/home/me/.bashrc`), for a `run_tests`
+/// that says where they go.
+pub fn validate_selection(run_tests: Option<&str>, tests: &[String]) -> Result<(), String> {
+    if let Some(run_tests) = run_tests {
+        if run_tests.trim().is_empty() || run_tests.len() > limits::MAX_SCRIPT_BYTES {
+            return Err(format!(
+                "run_tests must be a command of 1 to {} bytes",
+                limits::MAX_SCRIPT_BYTES
+            ));
+        }
+        if !run_tests.contains(TESTS_PLACEHOLDER) {
+            return Err(format!(
+                "run_tests {run_tests:?} has no {TESTS_PLACEHOLDER} to put the chosen tests in"
+            ));
+        }
+    }
+    if tests.is_empty() {
+        return Ok(());
+    }
+    if run_tests.is_none() {
+        return Err(
+            "tests are chosen, but the job has no run_tests command to run them with".into(),
+        );
+    }
+    if tests.len() > limits::MAX_TESTS {
+        return Err(format!(
+            "{} tests chosen; the limit is {}",
+            tests.len(),
+            limits::MAX_TESTS
+        ));
+    }
+    for test in tests {
+        if test.is_empty() || test.len() > limits::MAX_TEST_NAME_BYTES {
+            return Err(format!(
+                "test {test:?} must be 1 to {} bytes",
+                limits::MAX_TEST_NAME_BYTES
+            ));
+        }
+        if test.starts_with('-') {
+            return Err(format!(
+                "test {test:?} starts with '-', which the test runner would read as an option"
+            ));
+        }
+        if test.chars().any(char::is_control) {
+            return Err(format!("test {test:?} holds a control character"));
+        }
+    }
+    Ok(())
+}
+
+/// `text` as one single-quoted shell word.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
 }
 
 /// A label is 1–128 characters of `[A-Za-z0-9_.:/=-]`.
@@ -495,6 +590,57 @@ pub struct JobList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chosen_tests_run_through_run_tests_each_as_one_quoted_word() {
+        let mut spec = JobSpec {
+            script: "pytest".into(),
+            run_tests: Some("pytest -q {tests}".into()),
+            tests: vec!["t.py::a".into(), "t.py::b[it's; rm -rf ~]".into()],
+            ..JobSpec::default()
+        };
+        assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(
+            spec.selected_script().unwrap(),
+            r#"pytest -q 't.py::a' 't.py::b[it'\''s; rm -rf ~]'"#
+        );
+        // The shell reads each back as the name it was.
+        let out = std::process::Command::new("bash")
+            .args([
+                "-c",
+                &format!(
+                    "printf '%s\\n' {}",
+                    spec.selected_script()
+                        .unwrap()
+                        .trim_start_matches("pytest -q ")
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "t.py::a\nt.py::b[it's; rm -rf ~]\n"
+        );
+        spec.tests.clear();
+        assert_eq!(spec.selected_script().unwrap(), "pytest");
+        for (run_tests, tests, problem) in [
+            (
+                Some("pytest {tests}"),
+                vec!["--junitxml=/root/.bashrc"],
+                "starts with '-'",
+            ),
+            (Some("pytest {tests}"), vec!["a\nb"], "control character"),
+            (Some("pytest {tests}"), vec![""], "1 to 1024 bytes"),
+            (Some("pytest"), vec!["a"], "has no {tests}"),
+            (None, vec!["a"], "no run_tests command"),
+        ] {
+            spec.run_tests = run_tests.map(str::to_string);
+            spec.tests = tests.into_iter().map(str::to_string).collect();
+            let err = spec.validate().unwrap_err();
+            assert!(err.contains(problem), "{err}");
+            assert!(spec.selected_script().is_err());
+        }
+    }
 
     #[test]
     fn spec_rejects_unknown_fields() {

@@ -87,6 +87,11 @@ pub struct ConfigJob {
     /// Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub results: Vec<String>,
+    /// How to run a chosen few of its tests, with `{tests}` where they go (`pytest {tests}`):
+    /// a repeat, a confirmation of a suspected flake, or a bisection step then runs just the
+    /// tests in question. Default: none (always the whole script).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_tests: Option<String>,
     /// Runs of the job each trigger starts. Default: 1.
     #[serde(default = "one")]
     pub repeat: u32,
@@ -292,6 +297,8 @@ impl RepoConfig {
             }
             crate::results::validate_result_patterns(&job.results)
                 .map_err(|m| (at("results"), m))?;
+            crate::jobs::validate_selection(job.run_tests.as_deref(), &[])
+                .map_err(|m| (at("run_tests"), m))?;
             let spec = job.spec(name).map_err(|m| (format!("jobs.{name}"), m))?;
             spec.validate()
                 .map_err(|m| (spec_error_path(name, &m), m))?;
@@ -519,6 +526,8 @@ impl ConfigJob {
                 constraint: r.constraint.clone(),
             },
             results: self.results.clone(),
+            run_tests: self.run_tests.clone(),
+            tests: Vec::new(),
         })
     }
 }

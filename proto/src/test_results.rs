@@ -438,6 +438,124 @@ pub struct TestHistory {
     /// The last commit it ran at, and whether it failed in every run there.
     pub latest_commit: String,
     pub failing_at_latest: bool,
+    /// When it fails at the latest commit: the first of the commits since which it has failed
+    /// in every run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_since: Option<String>,
+    /// Runs and failures per site, agent, Slurm node list and image it ran on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<PlacementRuns>,
+    /// Where its failures cluster (see [`clusters`]): a machine's problem, not the test's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<Cluster>,
+}
+
+/// What a placement is told apart by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dimension {
+    Site,
+    Agent,
+    /// The Slurm node list of the run.
+    Node,
+    Image,
+}
+
+impl Dimension {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dimension::Site => "site",
+            Dimension::Agent => "agent",
+            Dimension::Node => "node",
+            Dimension::Image => "image",
+        }
+    }
+}
+
+/// A test's runs at one site, agent, node list or image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRuns {
+    pub dimension: Dimension,
+    pub value: String,
+    pub runs: u64,
+    pub failures: u64,
+}
+
+/// A test's failures all ran at one place, and its runs elsewhere passed often enough that
+/// chance is an unlikely explanation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cluster {
+    pub dimension: Dimension,
+    pub value: String,
+    /// Its failures, all of which ran there, of `runs` there.
+    pub failures: u64,
+    pub runs: u64,
+    /// Runs elsewhere (none of which failed).
+    pub other_runs: u64,
+    /// The chance that every failure lands there if failures fell on runs at random.
+    pub p_value: f64,
+}
+
+impl std::fmt::Display for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fails only on {} {}: {} of {} runs there failed, none of {} elsewhere (p = {:.3})",
+            self.dimension.as_str(),
+            self.value,
+            self.failures,
+            self.runs,
+            self.other_runs,
+            self.p_value
+        )
+    }
+}
+
+/// The most a cluster's chance may be: below it, failures that all ran at one place say
+/// something about the place.
+pub const CLUSTER_P_VALUE: f64 = 0.05;
+
+/// Where a test's failures cluster: for each dimension with runs at two or more places, the
+/// place where every failure (at least two) ran, when the chance of that under failures that
+/// fall on runs at random, (runs there / runs)^failures, is below [`CLUSTER_P_VALUE`].
+pub fn clusters(placements: &[PlacementRuns]) -> Vec<Cluster> {
+    let mut found = Vec::new();
+    for dimension in [
+        Dimension::Site,
+        Dimension::Agent,
+        Dimension::Node,
+        Dimension::Image,
+    ] {
+        let places: Vec<&PlacementRuns> = placements
+            .iter()
+            .filter(|p| p.dimension == dimension)
+            .collect();
+        if places.len() < 2 {
+            continue;
+        }
+        let runs: u64 = places.iter().map(|p| p.runs).sum();
+        let failures: u64 = places.iter().map(|p| p.failures).sum();
+        if failures < 2 || runs == 0 {
+            continue;
+        }
+        for place in &places {
+            if place.failures != failures || place.value.is_empty() {
+                continue;
+            }
+            let p_value = (place.runs as f64 / runs as f64).powi(failures.min(1000) as i32);
+            if p_value < CLUSTER_P_VALUE {
+                found.push(Cluster {
+                    dimension,
+                    value: place.value.clone(),
+                    failures,
+                    runs: place.runs,
+                    other_runs: runs - place.runs,
+                    p_value,
+                });
+            }
+        }
+    }
+    found
 }
 
 impl TestHistory {
@@ -446,14 +564,28 @@ impl TestHistory {
     }
 
     /// Flaky: it both passed and failed at one commit (or passed on a rerun), where nothing
-    /// but chance differs between the runs.
+    /// but chance differs between the runs, and its failures do not cluster on one place.
     pub fn is_flaky(&self) -> bool {
-        self.flaky_commits > 0
+        self.flaky_commits > 0 && self.clusters.is_empty()
     }
 
     /// Broken: it fails in every run at the latest commit and is not flaky there.
     pub fn is_broken(&self) -> bool {
         self.failing_at_latest
+    }
+
+    /// One word for what its record says: `broken`, `flaky`, `placed` (its failures cluster on
+    /// one site, agent, node or image), or `failed` (failed, but too seldom to say more).
+    pub fn verdict(&self) -> &'static str {
+        if self.is_broken() {
+            "broken"
+        } else if !self.clusters.is_empty() {
+            "placed"
+        } else if self.is_flaky() {
+            "flaky"
+        } else {
+            "failed"
+        }
     }
 
     /// The failure rate over its runs with the 95 % Wilson interval.

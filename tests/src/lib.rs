@@ -826,3 +826,90 @@ pub async fn send_signed_poll(
         .unwrap_or(text);
     (status, message)
 }
+
+/// The runs of a 40-run batch (from 1) in which [`flaky_junit_script`]'s `wobbly` fails: 8 of
+/// 40, a rate of 0.2.
+pub const FLAKY_RUNS: [u32; 8] = [3, 7, 12, 18, 22, 27, 33, 38];
+
+/// A POSIX shell script (it runs in busybox too) that writes `out/junit.xml` with three tests:
+/// `steady` passes, `wobbly` fails on the batch runs `fail_runs` names (chosen by
+/// `TESTBOT_BATCH_RUN`, so the test itself is deterministic), `always` always fails. The script
+/// itself succeeds: the failures are in the results only.
+pub fn flaky_junit_script(fail_runs: &[u32]) -> String {
+    let runs: Vec<String> = fail_runs.iter().map(u32::to_string).collect();
+    format!(
+        r#"mkdir -p out
+case " {} " in *" $TESTBOT_BATCH_RUN "*) wobbly='<failure message="race"/>';; *) wobbly='';; esac
+cat > out/junit.xml <<EOF
+<testsuite name="pkg">
+  <testcase classname="T" name="steady"/>
+  <testcase classname="T" name="wobbly">$wobbly</testcase>
+  <testcase classname="T" name="always"><failure message="broken"/></testcase>
+</testsuite>
+EOF"#,
+        runs.join(" ")
+    )
+}
+
+/// Runs `base` (its executor and image set by the caller) 40 times as one batch of a
+/// workflow of `repository` on main, with [`flaky_junit_script`] failing `wobbly` on
+/// [`FLAKY_RUNS`], and checks what the statistics say: `wobbly` is flaky with a failure rate
+/// whose interval holds 0.2, `always` is broken and not flaky, `steady` is not reported.
+/// Returns `wobbly`'s record.
+pub async fn forty_runs_find_the_flaky_test(
+    fleet: &Fleet,
+    repository: &str,
+    base: JobSpec,
+) -> testbot_proto::test_results::TestHistory {
+    use testbot_proto::test_results::FlakyQuery;
+    let issuer = fleet.issuer();
+    let claims = issuer.claims(repository, AUDIENCE);
+    let spec = JobSpec {
+        name: Some("unit".into()),
+        script: flaky_junit_script(&FLAKY_RUNS),
+        results: vec!["out/*.xml".into()],
+        ..base
+    };
+    let client = fleet.client_with(&issuer.mint(&claims));
+    let batch = client.submit_batch(&spec, 40, None).await.unwrap();
+    let batch = wait_for("40 runs", Duration::from_secs(600), || async {
+        let now = fleet.client().batch(batch.id).await.unwrap();
+        now.is_finished().then_some(now)
+    })
+    .await;
+    assert_eq!(batch.totals.succeeded, 40, "{:?}", batch.totals);
+
+    let across = fleet.client().batch_results(batch.id).await.unwrap();
+    assert_eq!(across.runs_with_results, 40, "{across:?}");
+    let wobbly = across.tests.iter().find(|t| t.name == "wobbly").unwrap();
+    assert_eq!(wobbly.failed_runs, FLAKY_RUNS, "{wobbly:?}");
+
+    let report = fleet
+        .client()
+        .flaky_tests(
+            repository,
+            &FlakyQuery {
+                branch: Some("main".into()),
+                ..FlakyQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    let names: Vec<&str> = report.tests.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["wobbly", "always"], "{report:#?}");
+    let wobbly = &report.tests[0];
+    assert_eq!(wobbly.verdict(), "flaky", "{wobbly:#?}");
+    assert_eq!((wobbly.runs, wobbly.failures), (40, 8));
+    let (rate, low, high) = wobbly.failure_rate().unwrap();
+    assert!(
+        rate == 0.2 && low < 0.2 && 0.2 < high,
+        "{rate} {low} {high}"
+    );
+    let always = &report.tests[1];
+    assert_eq!(always.verdict(), "broken", "{always:#?}");
+    assert_eq!(
+        always.broken_since.as_deref(),
+        Some(claims["sha"].as_str().unwrap())
+    );
+    wobbly.clone()
+}

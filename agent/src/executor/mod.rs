@@ -107,6 +107,9 @@ pub struct LogRecord {
     /// Not a line but a fact about the job for the broker (`key`, `value`), e.g. its Slurm job
     /// id; shown to users with the job.
     pub metadata: Option<(String, String)>,
+    /// Not a line but a marker: notified once every fact sent before it has been delivered
+    /// ([`LogSink::facts_delivered`]).
+    pub barrier: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// File positions whose lines the broker has acknowledged, and the log size they make.
@@ -116,6 +119,9 @@ pub struct Checkpoint {
     pub stdout_pos: Option<u64>,
     pub stderr_pos: Option<u64>,
 }
+
+/// The longest [`LogSink::facts_delivered`] waits.
+pub const FACTS_WAIT: Duration = Duration::from_secs(10);
 
 /// Where an executor writes a job's output. Bounded: a job that prints faster than the broker
 /// takes its log is slowed down rather than buffered without limit.
@@ -146,6 +152,7 @@ impl LogSink {
             text,
             mark,
             metadata: None,
+            barrier: None,
         };
         // The receiver is gone only when shipping stopped for good; the line has nowhere to go.
         let _ = self.tx.send(record).await;
@@ -159,8 +166,26 @@ impl LogSink {
             text: String::new(),
             mark: None,
             metadata: Some((key.to_string(), value.into())),
+            barrier: None,
         };
         let _ = self.tx.send(record).await;
+    }
+
+    /// Waits (up to [`FACTS_WAIT`]) until the broker has every fact recorded before this call,
+    /// e.g. the Slurm nodes a job ran on, which its test statistics count by.
+    pub async fn facts_delivered(&self) {
+        let barrier = std::sync::Arc::new(tokio::sync::Notify::new());
+        let record = LogRecord {
+            ts_ms: testbot_proto::now_ms(),
+            stream: Stream::System,
+            text: String::new(),
+            mark: None,
+            metadata: None,
+            barrier: Some(barrier.clone()),
+        };
+        if self.tx.send(record).await.is_ok() {
+            let _ = tokio::time::timeout(FACTS_WAIT, barrier.notified()).await;
+        }
     }
 
     pub async fn system(&self, text: impl Into<String>) {

@@ -72,6 +72,8 @@ pub struct SlurmStatus {
     pub reason: Option<String>,
     /// `ExitCode=CODE:SIGNAL`.
     pub exit_code: Option<(i32, i32)>,
+    /// The nodes it runs or ran on (`NodeList=`), once Slurm has placed it.
+    pub nodes: Option<String>,
 }
 
 impl SlurmStatus {
@@ -358,6 +360,12 @@ impl SlurmExecutor {
                 }
             };
             let changed = last.as_ref() != Some(&status);
+            if let Some(nodes) = &status.nodes
+                && last.as_ref().and_then(|l| l.nodes.as_ref()) != Some(nodes)
+            {
+                log.metadata(testbot_proto::jobs::SLURM_NODES, nodes.clone())
+                    .await;
+            }
             if changed {
                 match (status.state.as_str(), &status.reason) {
                     ("PENDING", Some(reason)) => {
@@ -460,7 +468,7 @@ impl SlurmExecutor {
             "-j",
             slurm_job,
             "-o",
-            "State,ExitCode,Reason",
+            "State,ExitCode,NodeList,Reason",
         ]);
         let output = run_command(command).await?;
         let text = String::from_utf8_lossy(&output.stdout);
@@ -471,6 +479,7 @@ impl SlurmExecutor {
             let mut fields = line.split('|');
             let state = fields.next()?.split_whitespace().next()?.to_string();
             let exit_code = fields.next().and_then(parse_exit_code);
+            let nodes = fields.next().and_then(node_list);
             let reason = fields
                 .next()
                 .map(str::to_string)
@@ -479,6 +488,7 @@ impl SlurmExecutor {
                 state,
                 reason,
                 exit_code,
+                nodes,
             })
         }))
     }
@@ -514,11 +524,20 @@ pub fn parse_scontrol(text: &str) -> Option<SlurmStatus> {
         .map(|r| r.to_string())
         .filter(|r| r != "None");
     let exit_code = fields.get("ExitCode").and_then(|e| parse_exit_code(e));
+    let nodes = fields.get("NodeList").and_then(|n| node_list(n));
     Some(SlurmStatus {
         state,
         reason,
         exit_code,
+        nodes,
     })
+}
+
+/// A node list as Slurm prints it, or None for none yet (`(null)`, `None assigned`, empty).
+fn node_list(text: &str) -> Option<String> {
+    let text = text.trim();
+    (!text.is_empty() && !text.starts_with('(') && !text.starts_with("None"))
+        .then(|| text.to_string())
 }
 
 fn parse_exit_code(text: &str) -> Option<(i32, i32)> {
@@ -844,18 +863,20 @@ mod tests {
 
     #[test]
     fn scontrol_lines_parse() {
-        let line = "JobId=7 JobName=testbot-3 UserId=root(0) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) ExitCode=3:0 RunTime=00:00:01";
+        let line = "JobId=7 JobName=testbot-3 UserId=root(0) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) ExitCode=3:0 RunTime=00:00:01 NodeList=c[041-042] BatchHost=c041";
         assert_eq!(
             parse_scontrol(line),
             Some(SlurmStatus {
                 state: "FAILED".into(),
                 reason: Some("NonZeroExitCode".into()),
                 exit_code: Some((3, 0)),
+                nodes: Some("c[041-042]".into()),
             })
         );
-        let pending = "JobId=8 JobState=PENDING Reason=Resources ExitCode=0:0";
+        let pending = "JobId=8 JobState=PENDING Reason=Resources ExitCode=0:0 NodeList=(null)";
         let status = parse_scontrol(pending).unwrap();
         assert!(!status.is_terminal());
+        assert_eq!(status.nodes, None);
         assert_eq!(status.reason.as_deref(), Some("Resources"));
     }
 
@@ -989,6 +1010,7 @@ repositories = ["my-org/*"]
         let status = |state: &str, exit: (i32, i32)| SlurmStatus {
             state: state.into(),
             reason: None,
+            nodes: None,
             exit_code: Some(exit),
         };
         let limit = Duration::from_secs(60);

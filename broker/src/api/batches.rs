@@ -22,9 +22,16 @@ pub(super) async fn submit_batch_handler(
         .validate()
         .map_err(|e| ApiError::BadRequest(format!("invalid batch: {e}")))?;
     let (origin, jti) = origin_of(&state, &principal, &request.spec, request.runs).await?;
-    let (batch, models) = jobs::submit_batch(&state, &request.spec, &origin, jti, request.runs)
-        .await?
-        .ok_or_else(|| replayed(jti))?;
+    let (batch, models) = jobs::submit_batch(
+        &state,
+        &request.spec,
+        &origin,
+        jti,
+        request.runs,
+        request.until,
+    )
+    .await?
+    .ok_or_else(|| replayed(jti))?;
     tracing::info!(batch_id = batch.id, runs = request.runs, "Batch queued.");
     if let Principal::Workflow { claims, .. } = &principal {
         for model in &models {
@@ -77,13 +84,17 @@ pub(super) async fn readable_batch(
 
 fn view(batch: &BatchModel, models: &[JobModel]) -> Result<Batch, ApiError> {
     let jobs = models.iter().map(to_job).collect::<Result<Vec<_>, _>>()?;
+    let totals = BatchTotals::of(&jobs);
+    let until = batch.until();
     Ok(Batch {
         id: BatchId(batch.id),
         runs: batch.runs.clamp(0, i64::from(u32::MAX)) as u32,
         submitted_by: batch.submitted_by.clone(),
         repository: batch.repository.clone(),
         created_at_ms: batch.created_at_ms,
-        totals: BatchTotals::of(&jobs),
+        verdict: until.map(|until| Batch::judge(&until, &totals)),
+        until,
+        totals,
         jobs,
     })
 }

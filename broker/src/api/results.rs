@@ -189,8 +189,9 @@ pub(super) async fn flaky_handler(
     let mut tests = crate::lifecycle::results::histories(rows);
     tests.sort_by(|a, b| {
         let rate = |t: &TestHistory| t.failures as f64 / t.runs.max(1) as f64;
-        b.flaky_commits
-            .cmp(&a.flaky_commits)
+        b.is_flaky()
+            .cmp(&a.is_flaky())
+            .then(b.flaky_commits.cmp(&a.flaky_commits))
             .then(b.is_broken().cmp(&a.is_broken()))
             .then(rate(b).total_cmp(&rate(a)))
             .then_with(|| a.test_id().cmp(&b.test_id()))

@@ -60,8 +60,13 @@ pub async fn submit_batch(
     origin: &JobOrigin,
     jti: Option<(&str, i64)>,
     runs: u32,
+    until: Option<testbot_proto::batches::Until>,
 ) -> StoreResult<Option<(crate::store::BatchModel, Vec<JobModel>)>> {
-    let Some((batch, models)) = state.store.insert_batch(spec, origin, jti, runs).await? else {
+    let Some((batch, models)) = state
+        .store
+        .insert_batch(spec, origin, jti, runs, until)
+        .await?
+    else {
         return Ok(None);
     };
     for model in &models {

@@ -12,10 +12,12 @@
 //! - [`events`]: the job-event bus.
 //! - [`watch`]: per-job wake-ups for log followers and held heartbeats.
 //! - [`dispatch`]: waking the one waiting poll that may take a queued job.
+//! - [`batches`]: stopping a batch once its runs can say what its stopping rule asks.
 //! - [`results`]: reading uploaded result files, and test results read back as cases and
 //!   histories.
 
 pub mod admission;
+pub mod batches;
 pub mod dispatch;
 pub mod events;
 pub mod jobs;

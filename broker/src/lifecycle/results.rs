@@ -150,68 +150,129 @@ pub fn cases_of(rows: impl IntoIterator<Item = TestResultRow>) -> Vec<CaseResult
     cases
 }
 
-/// Each test's history from its rows per commit (ordered by test, then by when each commit
-/// first ran).
+/// Each test's history from its rows per commit and placement (ordered by test, then by when
+/// each commit first ran).
 pub fn histories(rows: Vec<CommitTestRow>) -> Vec<TestHistory> {
-    let mut tests: Vec<TestHistory> = Vec::new();
-    let mut latest_at = 0;
-    let mut key: Option<(Option<String>, String, Option<String>, String)> = None;
+    let mut tests = Vec::new();
+    for group in rows.chunk_by(|a, b| {
+        (&a.job_name, &a.suite, &a.classname, &a.name)
+            == (&b.job_name, &b.suite, &b.classname, &b.name)
+    }) {
+        tests.push(history(group));
+    }
+    tests
+}
+
+/// One test's history from its rows.
+fn history(rows: &[CommitTestRow]) -> TestHistory {
+    use std::collections::BTreeMap;
+    use testbot_proto::test_results::{Dimension, PlacementRuns, clusters};
+    struct AtCommit<'a> {
+        sha: &'a str,
+        runs: u64,
+        fails: u64,
+        within: u64,
+        first_at_ms: i64,
+        last_at_ms: i64,
+    }
+    let mut commits: Vec<AtCommit<'_>> = Vec::new();
+    let mut places: BTreeMap<(Dimension, &str), (u64, u64)> = BTreeMap::new();
     for row in rows {
-        let row_key = (
-            row.job_name.clone(),
-            row.suite.clone(),
-            row.classname.clone(),
-            row.name.clone(),
-        );
-        if key.as_ref() != Some(&row_key) {
-            tests.push(TestHistory {
-                job: row.job_name.clone(),
-                suite: row.suite.clone(),
-                classname: row.classname.clone(),
-                name: row.name.clone(),
-                runs: 0,
-                failures: 0,
-                flaky_within: 0,
-                commits: 0,
-                flaky_commits: 0,
-                failing_commits: 0,
-                first_flaky_commit: None,
-                last_passing_commit: None,
-                latest_commit: String::new(),
-                failing_at_latest: false,
-            });
-            key = Some(row_key);
-            latest_at = i64::MIN;
-        }
-        let test = tests.last_mut().expect("pushed above");
         let (runs, fails, within) = (
             row.runs.max(0) as u64,
             row.fails.max(0) as u64,
             row.within.max(0) as u64,
         );
-        test.runs += runs;
-        test.failures += fails;
-        test.flaky_within += within;
-        test.commits += 1;
-        let flaky = (fails > 0 && fails < runs) || within > 0;
-        if flaky {
-            test.flaky_commits += 1;
-            test.first_flaky_commit
-                .get_or_insert_with(|| row.commit_sha.clone());
+        match commits.iter_mut().find(|c| c.sha == row.commit_sha) {
+            Some(c) => {
+                c.runs += runs;
+                c.fails += fails;
+                c.within += within;
+                c.first_at_ms = c.first_at_ms.min(row.first_at_ms);
+                c.last_at_ms = c.last_at_ms.max(row.last_at_ms);
+            }
+            None => commits.push(AtCommit {
+                sha: &row.commit_sha,
+                runs,
+                fails,
+                within,
+                first_at_ms: row.first_at_ms,
+                last_at_ms: row.last_at_ms,
+            }),
         }
-        if fails == runs {
-            test.failing_commits += 1;
-        }
-        if fails == 0 && within == 0 {
-            test.last_passing_commit = Some(row.commit_sha.clone());
-        }
-        if row.last_at_ms >= latest_at {
-            latest_at = row.last_at_ms;
-            test.latest_commit = row.commit_sha.clone();
-            test.failing_at_latest = fails == runs && runs > 0;
+        for (dimension, value) in [
+            (Dimension::Site, &row.site),
+            (Dimension::Agent, &row.agent),
+            (Dimension::Node, &row.nodes),
+            (Dimension::Image, &row.image),
+        ] {
+            if !value.is_empty() {
+                let place = places.entry((dimension, value)).or_default();
+                place.0 += runs;
+                place.1 += fails;
+            }
         }
     }
-    tests
+    commits.sort_by_key(|c| c.first_at_ms);
+    let first = &rows[0];
+    let mut test = TestHistory {
+        job: first.job_name.clone(),
+        suite: first.suite.clone(),
+        classname: first.classname.clone(),
+        name: first.name.clone(),
+        runs: 0,
+        failures: 0,
+        flaky_within: 0,
+        commits: commits.len() as u64,
+        flaky_commits: 0,
+        failing_commits: 0,
+        first_flaky_commit: None,
+        last_passing_commit: None,
+        latest_commit: String::new(),
+        failing_at_latest: false,
+        broken_since: None,
+        placements: places
+            .into_iter()
+            .map(|((dimension, value), (runs, failures))| PlacementRuns {
+                dimension,
+                value: value.to_string(),
+                runs,
+                failures,
+            })
+            .collect(),
+        clusters: Vec::new(),
+    };
+    test.clusters = clusters(&test.placements);
+    let failing = |c: &AtCommit<'_>| c.runs > 0 && c.fails == c.runs;
+    for c in &commits {
+        test.runs += c.runs;
+        test.failures += c.fails;
+        test.flaky_within += c.within;
+        if (c.fails > 0 && c.fails < c.runs) || c.within > 0 {
+            test.flaky_commits += 1;
+            test.first_flaky_commit
+                .get_or_insert_with(|| c.sha.to_string());
+        }
+        if failing(c) {
+            test.failing_commits += 1;
+        }
+        if c.fails == 0 && c.within == 0 {
+            test.last_passing_commit = Some(c.sha.to_string());
+        }
+    }
+    if let Some(latest) = commits.iter().max_by_key(|c| c.last_at_ms) {
+        test.latest_commit = latest.sha.to_string();
+        test.failing_at_latest = failing(latest);
+        if test.failing_at_latest {
+            test.broken_since = commits
+                .iter()
+                .rev()
+                .take_while(|c| failing(c))
+                .last()
+                .map(|c| c.sha.to_string());
+        }
+    }
+    test
 }
 
 /// A result file's name as a download's `Content-Disposition` carries it: the last part of
@@ -267,5 +328,78 @@ mod tests {
         assert_eq!(cases.len(), 2);
         assert!(cases[0].is_flaky());
         assert_eq!(cases[1].final_outcome(), TestOutcome::Error);
+    }
+
+    fn at(commit: &str, agent: &str, runs: i64, fails: i64, at_ms: i64) -> CommitTestRow {
+        CommitTestRow {
+            job_name: Some("unit".into()),
+            suite: "pkg".into(),
+            classname: None,
+            name: "t".into(),
+            commit_sha: commit.into(),
+            site: "hpc".into(),
+            agent: agent.into(),
+            nodes: String::new(),
+            image: String::new(),
+            runs,
+            fails,
+            within: 0,
+            first_at_ms: at_ms,
+            last_at_ms: at_ms,
+        }
+    }
+
+    #[test]
+    fn failures_that_all_ran_on_one_agent_are_placed_there_not_flaky() {
+        // 20 runs on each agent; all 8 failures on login2: (20/40)^8 is far below 0.05.
+        let placed = histories(vec![
+            at("c1", "login1", 20, 0, 1),
+            at("c1", "login2", 20, 8, 2),
+        ]);
+        assert_eq!(placed.len(), 1);
+        let test = &placed[0];
+        assert_eq!((test.runs, test.failures, test.commits), (40, 8, 1));
+        assert_eq!(test.verdict(), "placed");
+        assert!(!test.is_flaky());
+        let cluster = &test.clusters[0];
+        assert_eq!(cluster.dimension.as_str(), "agent");
+        assert_eq!(
+            (cluster.value.as_str(), cluster.runs, cluster.other_runs),
+            ("login2", 20, 20)
+        );
+        assert!(
+            cluster
+                .to_string()
+                .starts_with("fails only on agent login2: 8 of 20")
+        );
+        // One site only: no cluster by site. Failures spread over both agents: flaky.
+        let spread = histories(vec![
+            at("c1", "login1", 20, 4, 1),
+            at("c1", "login2", 20, 4, 2),
+        ]);
+        assert_eq!(spread[0].verdict(), "flaky");
+        assert!(spread[0].clusters.is_empty());
+        // Two failures on a place that had most runs is chance, not a cluster.
+        let chance = histories(vec![
+            at("c1", "login1", 2, 0, 1),
+            at("c1", "login2", 38, 2, 2),
+        ]);
+        assert_eq!(chance[0].verdict(), "flaky");
+    }
+
+    #[test]
+    fn a_test_failing_in_every_run_since_a_commit_is_broken_since_it() {
+        let test = &histories(vec![
+            at("c1", "login1", 3, 0, 1),
+            at("c2", "login1", 3, 1, 2),
+            at("c3", "login1", 3, 3, 3),
+            at("c4", "login1", 2, 2, 4),
+            at("c4", "login2", 1, 1, 5),
+        ])[0];
+        assert_eq!(test.verdict(), "broken");
+        assert_eq!(test.broken_since.as_deref(), Some("c3"));
+        assert_eq!(test.last_passing_commit.as_deref(), Some("c1"));
+        assert_eq!(test.first_flaky_commit.as_deref(), Some("c2"));
+        assert_eq!((test.commits, test.failing_commits), (4, 2));
     }
 }

@@ -209,6 +209,16 @@ pub struct BatchModel {
     pub created_at_ms: i64,
     pub submitted_by: Option<String>,
     pub repository: Option<String>,
+    /// Its stopping rule, JSON ([`testbot_proto::batches::Until`]).
+    pub until: Option<String>,
+}
+
+impl BatchModel {
+    pub fn until(&self) -> Option<testbot_proto::batches::Until> {
+        self.until
+            .as_deref()
+            .and_then(|until| serde_json::from_str(until).ok())
+    }
 }
 
 /// Who a job is for, recorded with it at submission.
@@ -683,6 +693,7 @@ pub trait Store:
         origin: &JobOrigin,
         jti: Option<(&str, i64)>,
         runs: u32,
+        until: Option<testbot_proto::batches::Until>,
     ) -> StoreResult<Option<(BatchModel, Vec<JobModel>)>>;
     async fn batch(&self, id: BatchId) -> StoreResult<Option<BatchModel>>;
     /// The batch's runs, in run order.

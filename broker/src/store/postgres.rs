@@ -779,8 +779,10 @@ impl Store for PgStore {
         origin: &JobOrigin,
         jti: Option<(&str, i64)>,
         runs: u32,
+        until: Option<testbot_proto::batches::Until>,
     ) -> StoreResult<Option<(BatchModel, Vec<JobModel>)>> {
         let stored = StoredJob::new(spec, origin)?;
+        let until = until.map(|u| serde_json::to_string(&u)).transpose()?;
         let mut tx = self.pool.begin().await?;
         if let Some((jti, expires_at)) = jti
             && !record_jti(&mut tx, jti, expires_at).await?
@@ -788,14 +790,15 @@ impl Store for PgStore {
             return Ok(None);
         }
         let batch: BatchModel = sqlx::query_as(
-            "INSERT INTO batches (runs, created_at_ms, submitted_by, repository)
-             VALUES ($1, $2, $3, $4)
-             RETURNING id, runs, created_at_ms, submitted_by, repository",
+            "INSERT INTO batches (runs, created_at_ms, submitted_by, repository, until)
+             VALUES ($1, $2, $3, $4, $5)
+             RETURNING id, runs, created_at_ms, submitted_by, repository, until",
         )
         .bind(i64::from(runs))
         .bind(now_ms())
         .bind(&origin.submitted_by)
         .bind(&origin.repository)
+        .bind(&until)
         .fetch_one(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(runs as usize);
@@ -818,7 +821,8 @@ impl Store for PgStore {
 
     async fn batch(&self, id: BatchId) -> StoreResult<Option<BatchModel>> {
         Ok(sqlx::query_as(
-            "SELECT id, runs, created_at_ms, submitted_by, repository FROM batches WHERE id = $1",
+            "SELECT id, runs, created_at_ms, submitted_by, repository, until FROM batches
+             WHERE id = $1",
         )
         .bind(id.0)
         .fetch_optional(&self.pool)

@@ -156,7 +156,7 @@ macro_rules! job_columns {
 /// The columns of [`BatchModel`], in its field order.
 macro_rules! batch_columns {
     () => {
-        "id, runs, created_at_ms, submitted_by, repository"
+        "id, runs, created_at_ms, submitted_by, repository, until"
     };
 }
 
@@ -167,6 +167,7 @@ fn batch_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BatchModel> {
         created_at_ms: row.get(2)?,
         submitted_by: row.get(3)?,
         repository: row.get(4)?,
+        until: row.get(5)?,
     })
 }
 
@@ -998,8 +999,10 @@ impl Store for SqliteStore {
         origin: &JobOrigin,
         jti: Option<(&str, i64)>,
         runs: u32,
+        until: Option<testbot_proto::batches::Until>,
     ) -> StoreResult<Option<(BatchModel, Vec<JobModel>)>> {
         let stored = StoredJob::new(spec, origin)?;
+        let until = until.map(|u| serde_json::to_string(&u)).transpose()?;
         let origin = origin.clone();
         let jti = jti.map(|(jti, expires_at)| (jti.to_owned(), expires_at));
         self.writer
@@ -1011,12 +1014,18 @@ impl Store for SqliteStore {
                 }
                 let batch = tx
                     .prepare_cached(concat!(
-                        "INSERT INTO batches (runs, created_at_ms, submitted_by, repository)
-                         VALUES (?1, ?2, ?3, ?4) RETURNING ",
+                        "INSERT INTO batches (runs, created_at_ms, submitted_by, repository, until)
+                         VALUES (?1, ?2, ?3, ?4, ?5) RETURNING ",
                         batch_columns!()
                     ))?
                     .query_row(
-                        params![runs, now_ms(), origin.submitted_by, origin.repository],
+                        params![
+                            runs,
+                            now_ms(),
+                            origin.submitted_by,
+                            origin.repository,
+                            until
+                        ],
                         batch_row,
                     )?;
                 let jti = jti.as_ref().map(|(jti, _)| jti.as_str());

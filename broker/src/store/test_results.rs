@@ -52,6 +52,11 @@ pub struct CommitTestRow {
     pub classname: Option<String>,
     pub name: String,
     pub commit_sha: String,
+    /// Where these runs ran; empty where not known.
+    pub site: String,
+    pub agent: String,
+    pub nodes: String,
+    pub image: String,
     pub runs: i64,
     /// Runs that failed (no attempt passed).
     pub fails: i64,
@@ -59,6 +64,43 @@ pub struct CommitTestRow {
     pub within: i64,
     pub first_at_ms: i64,
     pub last_at_ms: i64,
+}
+
+/// Where a job ran, as the statistics count it: empty text for what is not known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub site: String,
+    pub agent: String,
+    /// Slurm's node list (`c[041-042]`), as the agent reported it.
+    pub nodes: String,
+    pub image: String,
+}
+
+impl Placement {
+    /// The placement of a job from its row: `agent` is `site/name`, `spec` its JobSpec JSON,
+    /// `metadata` its executor's facts as a JSON object.
+    pub fn of_job(agent: Option<&str>, spec: &str, metadata: Option<&str>) -> Placement {
+        let (site, agent) = match agent.and_then(|a| a.split_once('/')) {
+            Some((site, name)) => (site.to_string(), name.to_string()),
+            None => (String::new(), agent.unwrap_or_default().to_string()),
+        };
+        let image = serde_json::from_str::<testbot_proto::jobs::JobSpec>(spec)
+            .ok()
+            .and_then(|spec| spec.image)
+            .unwrap_or_default();
+        let nodes = metadata
+            .and_then(|m| {
+                serde_json::from_str::<std::collections::BTreeMap<String, String>>(m).ok()
+            })
+            .and_then(|mut m| m.remove(testbot_proto::jobs::SLURM_NODES))
+            .unwrap_or_default();
+        Placement {
+            site,
+            agent,
+            nodes,
+            image,
+        }
+    }
 }
 
 /// One test's runs in one uploaded file, summed for the statistics tables: a case failed
@@ -115,7 +157,7 @@ pub fn case_stats(rows: &[TestResultRow]) -> Vec<CaseStat> {
 /// in the window, and their rows per commit in the window.
 pub(crate) const TEST_HISTORY_SQL: &str = "
 SELECT NULLIF(c.job_name, '') AS job_name, c.suite, NULLIF(c.classname, '') AS classname,
-       c.name, c.commit_sha, c.runs, c.fails, c.within, c.first_at_ms, c.last_at_ms
+       c.name, c.commit_sha, c.site, c.agent, c.nodes, c.image, c.runs, c.fails, c.within, c.first_at_ms, c.last_at_ms
 FROM test_stats t
 JOIN test_commit_stats c
   ON c.repository = t.repository AND c.git_ref = t.git_ref AND c.job_name = t.job_name

@@ -642,7 +642,7 @@ async fn a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run(st
         ..JobOrigin::default()
     };
     let (batch, jobs) = store
-        .insert_batch(&spec(&[]), &origin, Some(("batch-jti", later())), 3)
+        .insert_batch(&spec(&[]), &origin, Some(("batch-jti", later())), 3, None)
         .await
         .unwrap()
         .expect("a fresh token");
@@ -659,7 +659,7 @@ async fn a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run(st
     // The token's id is recorded once, for the whole batch: it submits nothing again.
     assert!(
         store
-            .insert_batch(&spec(&[]), &origin, Some(("batch-jti", later())), 3)
+            .insert_batch(&spec(&[]), &origin, Some(("batch-jti", later())), 3, None)
             .await
             .unwrap()
             .is_none()

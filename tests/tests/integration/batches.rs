@@ -76,7 +76,7 @@ async fn a_batch_is_cancelled_as_one() {
         script: "sleep 60".into(),
         ..JobSpec::default()
     };
-    let batch = fleet.client().submit_batch(&spec, 4).await.unwrap();
+    let batch = fleet.client().submit_batch(&spec, 4, None).await.unwrap();
     // One run starts; the other three wait for the one agent.
     wait_for("a run to start", WAIT, || async {
         let now = fleet.client().batch(batch.id).await.unwrap();
@@ -118,7 +118,7 @@ async fn a_workflows_batch_counts_against_its_quota_and_is_its_own() {
     // Six runs would pass the repository's queue quota of five: nothing is queued.
     let refused = fleet
         .workflow(REPO)
-        .submit_batch(&spec, 6)
+        .submit_batch(&spec, 6, None)
         .await
         .unwrap_err();
     assert!(
@@ -130,7 +130,7 @@ async fn a_workflows_batch_counts_against_its_quota_and_is_its_own() {
     let issuer = fleet.issuer();
     let claims = issuer.claims(REPO, AUDIENCE);
     let mine = fleet.client_with(&issuer.mint(&claims));
-    let batch = mine.submit_batch(&spec, 5).await.unwrap();
+    let batch = mine.submit_batch(&spec, 5, None).await.unwrap();
     assert_eq!(batch.jobs.len(), 5);
     assert!(
         batch

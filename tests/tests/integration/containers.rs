@@ -431,3 +431,21 @@ async fn a_docker_job_receives_its_secret_which_stays_out_of_the_container_confi
     assert!(!log.contains(VALUE), "{log}");
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forty_docker_runs_find_the_test_that_fails_in_eight_flaky_with_its_rate() {
+    let (mut fleet, policy) = container_fleet().await;
+    add_agent(&mut fleet, &policy, ExecutorKind::Docker, "vm1");
+    fleet.wait_policy_agents(1).await;
+    let wobbly =
+        testbot_e2e::forty_runs_find_the_flaky_test(&fleet, REPO, job("docker", "true")).await;
+    use testbot_proto::test_results::Dimension;
+    assert!(
+        wobbly
+            .placements
+            .iter()
+            .any(|p| p.dimension == Dimension::Image && p.value == IMAGE && p.runs == 40),
+        "{wobbly:#?}"
+    );
+    fleet.stop().await;
+}

@@ -392,3 +392,33 @@ async fn a_job_that_swaps_its_log_for_a_fifo_can_still_be_cancelled() {
     );
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forty_slurm_runs_find_the_test_that_fails_in_eight_flaky_with_its_rate_and_node() {
+    let (mut fleet, policy) = slurm_fleet(Duration::from_secs(20)).await;
+    let mut config = fleet.agent_config("login1");
+    config.executor = testbot_agent::config::ExecutorKind::Slurm;
+    config.policy = Some(policy.clone());
+    config.concurrency = 4;
+    fleet.add_agent(config);
+    fleet.wait_policy_agents(1).await;
+    let wobbly = testbot_e2e::forty_runs_find_the_flaky_test(
+        &fleet,
+        REPO,
+        JobSpec {
+            executor: Some("slurm".into()),
+            ..JobSpec::default()
+        },
+    )
+    .await;
+    // Where each run ran is counted: the site, the agent and Slurm's node.
+    use testbot_proto::test_results::Dimension;
+    let node = wobbly
+        .placements
+        .iter()
+        .find(|p| p.dimension == Dimension::Node)
+        .unwrap_or_else(|| panic!("no node recorded: {wobbly:#?}"));
+    assert_eq!((node.runs, node.failures), (40, 8), "{wobbly:#?}");
+    assert!(wobbly.clusters.is_empty(), "{wobbly:#?}");
+    fleet.stop().await;
+}

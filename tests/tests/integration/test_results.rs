@@ -252,7 +252,7 @@ async fn across_a_branchs_commits_a_flaky_test_and_a_newly_broken_one_are_told_a
         };
         let batch = fleet
             .client_with(&issuer.mint(&claims))
-            .submit_batch(&spec, 4)
+            .submit_batch(&spec, 4, None)
             .await
             .unwrap();
         testbot_e2e::wait_for("the commit's runs", WAIT, || async {
@@ -309,8 +309,226 @@ async fn across_a_branchs_commits_a_flaky_test_and_a_newly_broken_one_are_told_a
         "{stdout}"
     );
     assert!(
-        stdout.contains("broken unit: pkg > T.lately: failing at the latest commit 444444444444, last passing at 222222222222"),
+        stdout.contains("broken unit: pkg > T.lately: failing in every run since 333333333333, last passing at 222222222222"),
         "{stdout}"
+    );
+    fleet.stop().await;
+}
+
+/// A fleet trusting a local issuer, with `REPO` registered and shell agents `names`, each
+/// with the label `machine:NAME`, that take workflow jobs without a policy.
+async fn workflow_fleet(repo: &str, names: &[&str]) -> Fleet {
+    use testbot_proto::repos::RepoRegistration;
+    let mut fleet = Fleet::start_oidc(|_| {}).await;
+    fleet
+        .client()
+        .register_repo(&RepoRegistration {
+            name: repo.into(),
+            ..RepoRegistration::default()
+        })
+        .await
+        .unwrap();
+    for name in names {
+        let mut agent = fleet.agent_config(name);
+        agent.allow_workflow_jobs_without_policy = true;
+        agent.labels = vec![format!("machine:{name}")];
+        fleet.add_agent(agent);
+    }
+    fleet.wait_polling_agents(names.len()).await;
+    fleet
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_test_that_fails_only_on_one_agent_is_placed_there_not_called_flaky() {
+    use testbot_proto::test_results::{Dimension, FlakyQuery};
+    const REPO: &str = "hpc-lab/solver";
+    let fleet = workflow_fleet(REPO, &["a1", "a2"]).await;
+    // Twelve runs on each agent, at one commit: `wobbly` fails in the odd runs on a2 only.
+    let script = r#"mkdir -p out
+wobbly=''
+case "$TESTBOT_AGENT" in *a2) [ $((TESTBOT_BATCH_RUN % 2)) -eq 1 ] && wobbly='<failure message="bad node"/>';; esac
+cat > out/junit.xml <<EOF
+<testsuite name="pkg"><testcase classname="T" name="wobbly">$wobbly</testcase></testsuite>
+EOF"#;
+    let issuer = fleet.issuer();
+    let claims = issuer.claims(REPO, testbot_e2e::AUDIENCE);
+    for machine in ["a1", "a2"] {
+        let mut claims = claims.clone();
+        claims["jti"] = format!("jti-{machine}").into();
+        let spec = JobSpec {
+            name: Some("unit".into()),
+            script: script.into(),
+            labels: vec![format!("machine:{machine}")],
+            results: vec!["out/*.xml".into()],
+            ..JobSpec::default()
+        };
+        let batch = fleet
+            .client_with(&issuer.mint(&claims))
+            .submit_batch(&spec, 12, None)
+            .await
+            .unwrap();
+        testbot_e2e::wait_for("the machine's runs", WAIT, || async {
+            let now = fleet.client().batch(batch.id).await.unwrap();
+            now.is_finished().then_some(())
+        })
+        .await;
+    }
+    let query = FlakyQuery {
+        branch: Some("main".into()),
+        ..FlakyQuery::default()
+    };
+    let report = fleet.client().flaky_tests(REPO, &query).await.unwrap();
+    let wobbly = &report.tests[0];
+    assert_eq!((wobbly.runs, wobbly.failures), (24, 6), "{wobbly:#?}");
+    assert_eq!(wobbly.verdict(), "placed", "{wobbly:#?}");
+    assert!(!wobbly.is_flaky());
+    let clusters: Vec<(Dimension, &str)> = wobbly
+        .clusters
+        .iter()
+        .map(|c| (c.dimension, c.value.as_str()))
+        .collect();
+    assert_eq!(clusters, [(Dimension::Agent, "a2")], "{wobbly:#?}");
+
+    let out = fleet.testbot(&["flaky", REPO, "--branch", "main"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("placed unit: pkg > T.wobbly: fails only on agent a2: 6 of 12 runs there failed, none of 12 elsewhere (p = 0.016)"),
+        "{stdout}"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_with_a_stopping_rule_runs_until_its_runs_can_say_and_cancels_the_rest() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+    fleet.add_agent(fleet.agent_config("a2"));
+    // At confidence 0.9, 11 clean runs show a rate below 0.2; the batch may take 33.
+    let out = fleet
+        .testbot(&[
+            "run",
+            "--until-confidence",
+            "0.9",
+            "--max-rate",
+            "0.2",
+            "--",
+            "sleep 0.2",
+        ])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("batch 1: 33 runs queued"), "{stderr}");
+    assert!(
+        stderr.contains("(11 runs without a failure would)"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("failure rate: 0 of ")
+            && stdout.contains(": below 0.2 with confidence 0.9"),
+        "{stdout}"
+    );
+    let batch = fleet
+        .client()
+        .batch(testbot_proto::batches::BatchId(1))
+        .await
+        .unwrap();
+    let t = batch.totals;
+    assert!(
+        t.succeeded >= 11 && t.cancelled > 0 && t.failed == 0,
+        "{t:?}"
+    );
+    assert_eq!(t.succeeded + t.cancelled, 33, "{t:?}");
+    assert!(!stdout.contains("not succeeded"), "{stdout}");
+
+    // A job that always fails shows a rate above 0.2 within a few runs.
+    let out = fleet
+        .testbot(&[
+            "run",
+            "--until-confidence",
+            "0.9",
+            "--max-rate",
+            "0.2",
+            "--repeat",
+            "20",
+            "--",
+            "sleep 0.2; exit 1",
+        ])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(": above 0.2 with confidence 0.9"),
+        "{stdout}"
+    );
+    let batch = fleet
+        .client()
+        .batch(testbot_proto::batches::BatchId(2))
+        .await
+        .unwrap();
+    assert!(batch.totals.cancelled > 0, "{:?}", batch.totals);
+
+    // Too few runs to ever say is refused before anything runs.
+    let out = fleet
+        .testbot(&[
+            "run",
+            "--until-confidence",
+            "0.95",
+            "--max-rate",
+            "0.01",
+            "--repeat",
+            "100",
+            "--",
+            "true",
+        ])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("100 runs cannot show a failure rate below 0.01 with confidence 0.95: that takes at least 299 runs without a failure"),
+        "{stderr}"
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chosen_tests_run_through_run_tests_each_as_one_word_instead_of_the_whole_script() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+    let out = fleet
+        .testbot(&[
+            "run",
+            "--run-tests",
+            r#"for t in {tests}; do echo "ran <$t>"; done"#,
+            "--tests",
+            "t.py::a b",
+            "--tests",
+            "t.py::it's; touch pwned",
+            "--",
+            "echo the whole suite",
+        ])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("ran <t.py::a b>"), "{stdout}");
+    assert!(stdout.contains("ran <t.py::it's; touch pwned>"), "{stdout}");
+    assert!(!stdout.contains("the whole suite"), "{stdout}");
+    // A test name the runner would read as an option is refused with the reason.
+    let out = fleet
+        .testbot(&[
+            "run",
+            "--run-tests",
+            "pytest {tests}",
+            "--tests=--junitxml=/root/.bashrc",
+            "--",
+            "true",
+        ])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("which the test runner would read as an option"),
+        "{stderr}"
     );
     fleet.stop().await;
 }

@@ -8,8 +8,8 @@ use testbot_proto::now_ms;
 use super::PgStore;
 use crate::store::StoreResult;
 use crate::store::test_results::{
-    CaseStat, CommitTestRow, NewResultFile, ResultFileModel, TEST_HISTORY_SQL, TestResultRow,
-    TestResultStore, UploadRefusal, case_stats,
+    CaseStat, CommitTestRow, NewResultFile, Placement, ResultFileModel, TEST_HISTORY_SQL,
+    TestResultRow, TestResultStore, UploadRefusal, case_stats,
 };
 
 const RESULT_COLUMNS: &str =
@@ -33,16 +33,23 @@ impl TestResultStore for PgStore {
             Option<String>,
             Option<String>,
             i64,
+            Option<String>,
+            String,
+            Option<String>,
         );
         let running: Option<Job> = sqlx::query_as(
-            "SELECT repository, git_ref, commit_sha, job_name, created_at_ms FROM jobs
+            "SELECT repository, git_ref, commit_sha, job_name, created_at_ms, agent, spec,
+                 metadata
+             FROM jobs
              WHERE id = $1 AND lease = $2 AND state IN ('assigned', 'running') FOR UPDATE",
         )
         .bind(id.0)
         .bind(lease)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((repository, git_ref, commit_sha, job_name, at_ms)) = running else {
+        let Some((repository, git_ref, commit_sha, job_name, at_ms, agent, spec, metadata)) =
+            running
+        else {
             drop(tx);
             return Ok(Err(UploadRefusal::Lease(self.lease_refusal(id).await?)));
         };
@@ -110,6 +117,7 @@ impl TestResultStore for PgStore {
             .execute(&mut *tx)
             .await?;
         }
+        let placement = Placement::of_job(agent.as_deref(), &spec, metadata.as_deref());
         if let (Some(repository), Some(git_ref), Some(commit)) = (repository, git_ref, commit_sha) {
             let job_name = job_name.unwrap_or_default();
             // One row per test (summed first): an upsert may touch each row once.
@@ -122,14 +130,14 @@ impl TestResultStore for PgStore {
                 sqlx::query(
                     "INSERT INTO test_commit_stats (repository, git_ref, job_name, suite,
                          classname, name, commit_sha, runs, fails, within, first_at_ms,
-                         last_at_ms)
+                         last_at_ms, site, agent, nodes, image)
                      SELECT $1, $2, $3, s.suite, s.classname, s.name, $4, s.runs, s.fails,
-                            s.within, $5, $5
+                            s.within, $5, $5, $12, $13, $14, $15
                      FROM UNNEST($6::TEXT[], $7::TEXT[], $8::TEXT[], $9::BIGINT[],
                                  $10::BIGINT[], $11::BIGINT[])
                           AS s (suite, classname, name, runs, fails, within)
                      ON CONFLICT (repository, git_ref, job_name, suite, classname, name,
-                         commit_sha)
+                         commit_sha, site, agent, nodes, image)
                      DO UPDATE SET runs = test_commit_stats.runs + excluded.runs,
                          fails = test_commit_stats.fails + excluded.fails,
                          within = test_commit_stats.within + excluded.within,
@@ -147,6 +155,10 @@ impl TestResultStore for PgStore {
                 .bind(number(|s| s.runs))
                 .bind(number(|s| s.fails))
                 .bind(number(|s| s.within))
+                .bind(&placement.site)
+                .bind(&placement.agent)
+                .bind(&placement.nodes)
+                .bind(&placement.image)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(

@@ -9,7 +9,7 @@ use testbot_proto::now_ms;
 use super::{SqliteStore, lease_refusal};
 use crate::store::StoreResult;
 use crate::store::test_results::{
-    CommitTestRow, NewResultFile, ResultFileModel, TEST_HISTORY_SQL, TestResultRow,
+    CommitTestRow, NewResultFile, Placement, ResultFileModel, TEST_HISTORY_SQL, TestResultRow,
     TestResultStore, UploadRefusal, case_stats,
 };
 
@@ -46,17 +46,37 @@ impl TestResultStore for SqliteStore {
         let (lease, file) = (lease.to_owned(), file.clone());
         self.writer
             .write(move |tx| {
-                type Job = (Option<String>, Option<String>, Option<String>, Option<String>, i64);
+                type Job = (
+                    Option<String>,
+                    Option<String>,
+                    Option<String>,
+                    Option<String>,
+                    i64,
+                    Placement,
+                );
                 let running: Option<Job> = tx
                     .prepare_cached(
-                        "SELECT repository, git_ref, commit_sha, job_name, created_at_ms FROM jobs
+                        "SELECT repository, git_ref, commit_sha, job_name, created_at_ms, agent,
+                             spec, metadata
+                         FROM jobs
                          WHERE id = ?1 AND lease = ?2 AND state IN ('assigned', 'running')",
                     )?
                     .query_row(params![id.0, lease], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+                        let agent: Option<String> = row.get(5)?;
+                        let spec: String = row.get(6)?;
+                        let metadata: Option<String> = row.get(7)?;
+                        Ok((
+                            row.get(0)?,
+                            row.get(1)?,
+                            row.get(2)?,
+                            row.get(3)?,
+                            row.get(4)?,
+                            Placement::of_job(agent.as_deref(), &spec, metadata.as_deref()),
+                        ))
                     })
                     .optional()?;
-                let Some((repository, git_ref, commit_sha, job_name, at_ms)) = running else {
+                let Some((repository, git_ref, commit_sha, job_name, at_ms, placement)) = running
+                else {
                     return Ok(Err(UploadRefusal::Lease(lease_refusal(tx, id)?)));
                 };
                 let stored_before: Option<i64> = tx
@@ -123,10 +143,11 @@ impl TestResultStore for SqliteStore {
                     let mut commit_stats = tx.prepare_cached(
                         "INSERT INTO test_commit_stats (repository, git_ref, job_name, suite,
                              classname, name, commit_sha, runs, fails, within, first_at_ms,
-                             last_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
+                             last_at_ms, site, agent, nodes, image)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?12, ?13,
+                             ?14, ?15)
                          ON CONFLICT (repository, git_ref, job_name, suite, classname, name,
-                             commit_sha)
+                             commit_sha, site, agent, nodes, image)
                          DO UPDATE SET runs = runs + excluded.runs, fails = fails + excluded.fails,
                              within = within + excluded.within,
                              first_at_ms = MIN(first_at_ms, excluded.first_at_ms),
@@ -153,7 +174,11 @@ impl TestResultStore for SqliteStore {
                             stat.runs,
                             stat.fails,
                             stat.within,
-                            at_ms
+                            at_ms,
+                            placement.site,
+                            placement.agent,
+                            placement.nodes,
+                            placement.image
                         ])?;
                         let bad = stat.fails + stat.within;
                         if bad > 0 {
@@ -254,11 +279,15 @@ impl TestResultStore for SqliteStore {
                             classname: row.get(2)?,
                             name: row.get(3)?,
                             commit_sha: row.get(4)?,
-                            runs: row.get(5)?,
-                            fails: row.get(6)?,
-                            within: row.get(7)?,
-                            first_at_ms: row.get(8)?,
-                            last_at_ms: row.get(9)?,
+                            site: row.get(5)?,
+                            agent: row.get(6)?,
+                            nodes: row.get(7)?,
+                            image: row.get(8)?,
+                            runs: row.get(9)?,
+                            fails: row.get(10)?,
+                            within: row.get(11)?,
+                            first_at_ms: row.get(12)?,
+                            last_at_ms: row.get(13)?,
                         })
                     })?
                     .collect()
