@@ -100,6 +100,42 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Find the commit where a test started failing: runs it on the commits between --good
+    /// and --bad, as often at each as its failure rate needs, and follows the bisection until
+    /// it names the commit (exit 0) or cannot (exit 1). Needs the broker's GitHub App. With
+    /// --follow ID, follows a bisection already started (the broker starts them on new flakes).
+    Bisect {
+        /// The repository, OWNER/NAME.
+        #[arg(required_unless_present_any = ["follow", "list"])]
+        repository: Option<String>,
+        /// The test, as `testbot flaky` names it: 'suite > Class.name'.
+        #[arg(required_unless_present_any = ["follow", "list"])]
+        test: Option<String>,
+        /// A commit (full id) where the test passed.
+        #[arg(long, required_unless_present_any = ["follow", "list"])]
+        good: Option<String>,
+        /// A later commit (full id) where it fails.
+        #[arg(long, required_unless_present_any = ["follow", "list"])]
+        bad: Option<String>,
+        /// The config's job that runs it. Default: the job whose history has the test.
+        #[arg(long)]
+        job: Option<String>,
+        /// The branch both commits are on. Default: the repository's default branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// What the job's run_tests gets for {tests}. Default: the test's name.
+        #[arg(long)]
+        select: Option<String>,
+        /// Confidence that the commit before the one named is good. Default 0.95.
+        #[arg(long)]
+        confidence: Option<f64>,
+        /// Follow the bisection with this id instead of starting one.
+        #[arg(long, conflicts_with_all = ["repository", "test", "good", "bad", "list"])]
+        follow: Option<i64>,
+        /// List the bisections of this repository.
+        #[arg(long, value_name = "REPOSITORY", conflicts_with_all = ["repository", "test", "good", "bad"])]
+        list: Option<String>,
+    },
     /// Show a batch: each run's result and the totals; with --cancel, cancel its runs first.
     Batch {
         batch: BatchId,
@@ -527,6 +563,62 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
             }
             Ok(i32::from(!report.tests.is_empty()))
         }
+        Command::Bisect {
+            repository,
+            test,
+            good,
+            bad,
+            job,
+            branch,
+            select,
+            confidence,
+            follow,
+            list,
+        } => {
+            let client = client(&url, token)?;
+            if let Some(repository) = list {
+                let bisections = client.bisections(&repository).await?;
+                if json {
+                    output::print_json(&bisections)?;
+                } else {
+                    for b in &bisections {
+                        println!(
+                            "{} {}: {}",
+                            b.id,
+                            b.state.as_str(),
+                            output::sanitize(&b.describe())
+                        );
+                    }
+                }
+                return Ok(0);
+            }
+            let id = match follow {
+                Some(id) => id,
+                None => {
+                    let request = testbot_proto::bisect::BisectRequest {
+                        test: test.unwrap_or_default(),
+                        job,
+                        good: good.unwrap_or_default(),
+                        bad: bad.unwrap_or_default(),
+                        branch,
+                        select,
+                        confidence,
+                    };
+                    let repository = repository.unwrap_or_default();
+                    let started = client.start_bisection(&repository, &request).await?;
+                    if !json {
+                        eprintln!(
+                            "testbot: bisection {} of {} in {repository}: {} commits from good to bad",
+                            started.id,
+                            output::sanitize(&started.test_id()),
+                            started.commits.len() - 1
+                        );
+                    }
+                    started.id
+                }
+            };
+            follow_bisection(&client, id, json).await
+        }
         Command::Batch { batch, cancel } => {
             let client = client(&url, token)?;
             let batch = if cancel {
@@ -823,6 +915,40 @@ async fn agent_command(
         }
     }
     Ok(())
+}
+
+/// How often `testbot bisect` asks how its bisection stands.
+const BISECT_POLL: Duration = Duration::from_secs(1);
+
+/// Prints a line each time the bisection moves, until it ends: 0 when it names the commit.
+async fn follow_bisection(client: &BrokerClient, id: i64, json: bool) -> anyhow::Result<i32> {
+    use testbot_proto::bisect::BisectionState;
+    let mut last = String::new();
+    loop {
+        let bisection = client.bisection(id).await?;
+        let line = bisection.describe();
+        if !json && line != last {
+            println!("{}", output::sanitize(&line));
+            last = line;
+        }
+        match bisection.state {
+            BisectionState::Running => tokio::time::sleep(BISECT_POLL).await,
+            BisectionState::Found => {
+                if json {
+                    output::print_json(&bisection)?;
+                } else if let Some(culprit) = &bisection.culprit {
+                    println!("first bad commit: {}", output::sanitize(culprit));
+                }
+                return Ok(0);
+            }
+            BisectionState::Failed => {
+                if json {
+                    output::print_json(&bisection)?;
+                }
+                return Ok(1);
+            }
+        }
+    }
 }
 
 /// Submits, follows the log live, and returns the job's exit code. The first Ctrl-C cancels the

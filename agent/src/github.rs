@@ -294,7 +294,7 @@ impl GitHubVerifier {
                 self.check_on_branch(&repo.full_name, branch, &commit.sha)
                     .await?;
             }
-            Provenance::Schedule { branch, .. } => {
+            Provenance::Schedule { branch, .. } | Provenance::History { branch, .. } => {
                 self.check_on_branch(&repo.full_name, branch, &commit.sha)
                     .await?;
             }
@@ -795,7 +795,9 @@ fn check_names(provenance: &Provenance) -> Result<(), String> {
         }
     }
     let git_ref = match provenance {
-        Provenance::Push { branch, .. } | Provenance::Schedule { branch, .. } => branch,
+        Provenance::Push { branch, .. }
+        | Provenance::Schedule { branch, .. }
+        | Provenance::History { branch, .. } => branch,
         Provenance::Tag { tag, .. } => tag,
         Provenance::PullRequest { base_branch, .. } => base_branch,
     };
@@ -826,7 +828,10 @@ fn check_trigger(
     use testbot_proto::repo_config::Automatic;
     let job = &provenance.commit().job;
     let allowed = match provenance {
-        Provenance::Push { branch, .. } => declared.on.runs_on_push(branch),
+        // A commit of the branch again: only a job that runs on its pushes.
+        Provenance::Push { branch, .. } | Provenance::History { branch, .. } => {
+            declared.on.runs_on_push(branch)
+        }
         Provenance::Tag { tag, .. } => declared.on.runs_on_tag(tag),
         Provenance::Schedule { branch, cron, .. } => declared.on.schedule.iter().any(|entry| {
             entry.cron == *cron && entry.branch.as_deref().unwrap_or(default_branch) == branch
@@ -847,7 +852,8 @@ fn check_trigger(
         Err(VerifyError::Refused(format!(
             "job {job} in {CONFIG_PATH} does not run on {}",
             match provenance {
-                Provenance::Push { branch, .. } => format!("pushes to {branch}"),
+                Provenance::Push { branch, .. } | Provenance::History { branch, .. } =>
+                    format!("pushes to {branch}"),
                 Provenance::Tag { tag, .. } => format!("the tag {tag}"),
                 Provenance::Schedule { branch, cron, .. } =>
                     format!("the schedule `{cron}` of {branch}"),
@@ -915,7 +921,9 @@ fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
             .or_else(|| Some(if repo.private { "private" } else { "public" }.to_string())),
         git_ref,
         ref_type: Some(match provenance {
-            Provenance::Push { .. } | Provenance::Schedule { .. } => "branch".into(),
+            Provenance::Push { .. } | Provenance::Schedule { .. } | Provenance::History { .. } => {
+                "branch".into()
+            }
             Provenance::Tag { .. } => "tag".into(),
             Provenance::PullRequest { .. } => "pull".into(),
         }),
@@ -936,7 +944,10 @@ fn claims_for(provenance: &Provenance, repo: &Repository) -> WorkflowClaims {
         head_ref: None,
         base_ref: match provenance {
             Provenance::PullRequest { base_branch, .. } => Some(base_branch.clone()),
-            Provenance::Push { .. } | Provenance::Tag { .. } | Provenance::Schedule { .. } => None,
+            Provenance::Push { .. }
+            | Provenance::Tag { .. }
+            | Provenance::Schedule { .. }
+            | Provenance::History { .. } => None,
         },
         runner_environment: None,
     }

@@ -58,7 +58,8 @@ pub async fn ship_log(
     let mut queued = Queued::new(masker);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
-        if queued.pending.is_empty() {
+        // Facts and markers taken in while a chunk was being sent are handled before waiting.
+        if queued.pending.is_empty() && queued.facts.is_empty() && queued.barriers.is_empty() {
             match rx.recv().await {
                 Some(record) => queued.push(record),
                 None => return ShipEnd::Complete(offset),

@@ -93,7 +93,7 @@ pub struct Broker {
     metrics_events: JoinHandle<()>,
     /// Stops batches whose runs can say what their stopping rule asks.
     batch_stopper: JoinHandle<()>,
-    /// The GitHub App's delivery consumer, check-run syncer and scheduler.
+    /// The GitHub App's delivery consumer, check-run syncer, scheduler and bisector.
     github_tasks: Vec<JoinHandle<()>>,
     store: SharedStore,
 }
@@ -176,6 +176,10 @@ impl Broker {
                     app.clone(),
                 )),
                 tokio::spawn(crate::github::schedule::run_scheduler(
+                    state.clone(),
+                    app.clone(),
+                )),
+                tokio::spawn(crate::github::bisect::run_bisector(
                     state.clone(),
                     app.clone(),
                 )),

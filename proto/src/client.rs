@@ -539,6 +539,30 @@ impl BrokerClient {
         .await
     }
 
+    /// Starts a statistical bisection of a test of `repository`.
+    pub async fn start_bisection(
+        &self,
+        repository: &str,
+        request: &crate::bisect::BisectRequest,
+    ) -> Result<crate::bisect::Bisection, ClientError> {
+        self.post(&format!("/repos/{repository}/bisections"), request)
+            .await
+    }
+
+    pub async fn bisection(&self, id: i64) -> Result<crate::bisect::Bisection, ClientError> {
+        self.send(self.request(Method::GET, &format!("/bisections/{id}")))
+            .await
+    }
+
+    /// A repository's bisections, newest first.
+    pub async fn bisections(
+        &self,
+        repository: &str,
+    ) -> Result<Vec<crate::bisect::Bisection>, ClientError> {
+        self.send(self.request(Method::GET, &format!("/repos/{repository}/bisections")))
+            .await
+    }
+
     /// Every test of a batch across its runs.
     pub async fn batch_results(
         &self,

@@ -28,6 +28,7 @@
 
 pub mod agents;
 pub mod batches;
+pub mod bisect;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod commands;

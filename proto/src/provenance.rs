@@ -43,6 +43,16 @@ pub enum Provenance {
         /// The cron expression of the config's schedule entry.
         cron: String,
     },
+    /// A commit already on a branch, run again by the broker for the test statistics (a step
+    /// of bisection `bisection`). It runs what a push of the commit would: the agent checks
+    /// the commit is on the branch and that the config at the commit runs the job on pushes
+    /// to it.
+    History {
+        #[serde(flatten)]
+        commit: CommitRef,
+        branch: String,
+        bisection: i64,
+    },
     /// A pull request, run because someone with write permission asked in a comment. The
     /// commit is the pull request's head; the config is the base branch's, never the head's (a
     /// fork must not change what runs, where, or with what).
@@ -115,6 +125,7 @@ impl Provenance {
             Provenance::Push { commit, .. }
             | Provenance::Tag { commit, .. }
             | Provenance::Schedule { commit, .. }
+            | Provenance::History { commit, .. }
             | Provenance::PullRequest { commit, .. } => commit,
         }
     }
@@ -122,7 +133,10 @@ impl Provenance {
     /// Whether the commit comes from a fork (its pull request's head is another repository).
     pub fn from_fork(&self) -> bool {
         match self {
-            Provenance::Push { .. } | Provenance::Tag { .. } | Provenance::Schedule { .. } => false,
+            Provenance::Push { .. }
+            | Provenance::Tag { .. }
+            | Provenance::Schedule { .. }
+            | Provenance::History { .. } => false,
             Provenance::PullRequest {
                 commit,
                 head_repository,
@@ -134,7 +148,8 @@ impl Provenance {
     /// The event's name as a site policy names it (`push`).
     pub fn event(&self) -> &'static str {
         match self {
-            Provenance::Push { .. } | Provenance::Tag { .. } => "push",
+            // A commit of the branch again: what the site allowed for its push.
+            Provenance::Push { .. } | Provenance::Tag { .. } | Provenance::History { .. } => "push",
             Provenance::Schedule { .. } => "schedule",
             Provenance::PullRequest { .. } => "pull_request",
         }
@@ -143,9 +158,9 @@ impl Provenance {
     /// The git ref the commit was reached by (`refs/heads/main`).
     pub fn git_ref(&self) -> String {
         match self {
-            Provenance::Push { branch, .. } | Provenance::Schedule { branch, .. } => {
-                format!("refs/heads/{branch}")
-            }
+            Provenance::Push { branch, .. }
+            | Provenance::Schedule { branch, .. }
+            | Provenance::History { branch, .. } => format!("refs/heads/{branch}"),
             Provenance::Tag { tag, .. } => format!("refs/tags/{tag}"),
             Provenance::PullRequest { number, .. } => format!("refs/pull/{number}/head"),
         }
@@ -185,6 +200,12 @@ impl Provenance {
             ),
             Provenance::Schedule { branch, cron, .. } => format!(
                 "schedule `{cron}` of {}@{short} on {branch} (job {})",
+                c.repository, c.job
+            ),
+            Provenance::History {
+                branch, bisection, ..
+            } => format!(
+                "bisection {bisection} of {}@{short} on {branch} (job {})",
                 c.repository, c.job
             ),
             Provenance::Tag { tag, pushed_by, .. } => format!(

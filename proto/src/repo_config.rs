@@ -92,6 +92,11 @@ pub struct ConfigJob {
     /// tests in question. Default: none (always the whole script).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_tests: Option<String>,
+    /// When a run of the job on a push shows a test flaky for the first time, the broker
+    /// bisects the commits since it last passed to find the one that made it so (runs of the
+    /// job on those commits, of that test alone when `run_tests` is given). Default: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bisect: bool,
     /// Runs of the job each trigger starts. Default: 1.
     #[serde(default = "one")]
     pub repeat: u32,

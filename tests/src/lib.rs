@@ -350,6 +350,16 @@ impl Fleet {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> std::process::Output {
+        self.testbot_within(args, env, WAIT).await
+    }
+
+    /// [`Fleet::testbot_with_env`] for a command that runs for up to `within`.
+    pub async fn testbot_within(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        within: Duration,
+    ) -> std::process::Output {
         use secrecy::ExposeSecret as _;
         let out = tokio::process::Command::new(bin_path("testbot"))
             .args(args)
@@ -358,7 +368,7 @@ impl Fleet {
             .envs(env.iter().copied())
             .kill_on_drop(true)
             .output();
-        tokio::time::timeout(WAIT, out)
+        tokio::time::timeout(within, out)
             .await
             .expect("testbot exits")
             .expect("testbot runs")

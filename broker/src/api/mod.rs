@@ -13,6 +13,7 @@
 
 mod agent;
 mod batches;
+mod bisections;
 mod jobs;
 mod logs;
 mod repos;
@@ -32,7 +33,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::LeaseRefusal;
 
-use self::{agent::*, batches::*, jobs::*, logs::*, repos::*, results::*, sites::*};
+use self::{agent::*, batches::*, bisections::*, jobs::*, logs::*, repos::*, results::*, sites::*};
 pub(crate) use logs::FOLLOW_RECHECK;
 
 /// The broker's router: every route, the JSON error fallbacks, and the layers.
@@ -49,6 +50,11 @@ pub fn create_app(state: AppState) -> Router {
         .route("/batches/{id}/cancel", post(cancel_batch_handler))
         .route("/batches/{id}/results", get(batch_results_handler))
         .route("/repos/{owner}/{name}/flaky", get(flaky_handler))
+        .route(
+            "/repos/{owner}/{name}/bisections",
+            post(start_bisection_handler).get(repo_bisections_handler),
+        )
+        .route("/bisections/{id}", get(bisection_handler))
         .route("/jobs/{id}/results", get(job_results_handler))
         .route("/jobs/{id}/results/file", get(result_file_handler))
         .route(

@@ -158,6 +158,15 @@ impl AppClient {
             .map_err(|e| GitHubError::Unavailable(format!("cannot build a GitHub client: {e}")))
     }
 
+    /// A client acting as the App itself (its JWT), for the few calls made as the App.
+    pub fn app(&self) -> Result<octocrab::Octocrab, GitHubError> {
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.client_with(&self.credentials.jwt(now_secs)?)
+    }
+
     /// A client acting as the installation `installation_id`, with a fresh enough token.
     pub async fn installation(
         &self,

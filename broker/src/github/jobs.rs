@@ -97,18 +97,53 @@ pub async fn submit(
     job: &ConfigJob,
     runs: u32,
 ) -> anyhow::Result<Vec<JobModel>> {
-    let commit = provenance.commit();
+    let spec = spec_of(provenance, job)?;
+    submit_spec(
+        state,
+        installation_id,
+        public,
+        provenance,
+        &spec,
+        job.site.as_deref(),
+        runs,
+        true,
+    )
+    .await
+}
+
+/// The spec the config's job `provenance.commit().job` gives.
+pub fn spec_of(provenance: &Provenance, job: &ConfigJob) -> anyhow::Result<JobSpec> {
+    let name = &provenance.commit().job;
     let spec: JobSpec = job
-        .spec(&commit.job)
-        .map_err(|e| anyhow::anyhow!("job {}: {e}", commit.job))?;
+        .spec(name)
+        .map_err(|e| anyhow::anyhow!("job {name}: {e}"))?;
     spec.validate()
-        .map_err(|e| anyhow::anyhow!("job {}: {e}", commit.job))?;
+        .map_err(|e| anyhow::anyhow!("job {name}: {e}"))?;
+    Ok(spec)
+}
+
+/// Submits `runs` runs of `spec`, a config job's (to `site` if it names one), each with its
+/// check run when `check_runs`.
+#[allow(clippy::too_many_arguments)]
+pub async fn submit_spec(
+    state: &AppState,
+    installation_id: i64,
+    public: bool,
+    provenance: &Provenance,
+    spec: &JobSpec,
+    site: Option<&str>,
+    runs: u32,
+    check_runs: bool,
+) -> anyhow::Result<Vec<JobModel>> {
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("job {}: {e}", provenance.commit().job))?;
+    let commit = provenance.commit();
     let origin = JobOrigin {
         repository: Some(commit.repository.clone()),
         run_id: None,
         submitted_by: APP_SUBMITTER.to_string(),
         oidc_token: None,
-        sites: job.site.iter().cloned().collect(),
+        sites: site.iter().map(|s| s.to_string()).collect(),
         public,
         commit_sha: Some(commit.sha.clone()),
         git_ref: Some(provenance.git_ref()),
@@ -127,8 +162,9 @@ pub async fn submit(
             repository: &commit.repository,
             head_sha: &commit.sha,
             check_name: &check_name,
+            check_run: check_runs,
         };
-        let model = crate::lifecycle::jobs::submit_app_job(state, &spec, &origin, &app).await?;
+        let model = crate::lifecycle::jobs::submit_app_job(state, spec, &origin, &app).await?;
         tracing::info!(
             job_id = model.id,
             provenance = %provenance.describe(),

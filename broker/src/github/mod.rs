@@ -16,10 +16,12 @@
 //! - [`config`]: reading `.github/testbot.toml` at a commit.
 //! - [`jobs`]: submitting App jobs; the provenance handed to agents.
 //! - [`checks`]: check runs.
+//! - [`bisect`]: statistical bisection, the bisector loop.
 //! - [`commands`]: `/testbot` commands in pull request comments.
 //! - [`user`]: user-token checks for repository registration (no App needed).
 
 pub mod app;
+pub mod bisect;
 pub mod checks;
 pub mod commands;
 pub mod config;
@@ -81,6 +83,8 @@ pub struct GitHubApp {
     pub deliveries: tokio::sync::Notify,
     /// Wakes the check-run syncer when an App job changes.
     pub checks: Arc<tokio::sync::Notify>,
+    /// Wakes the bisector when a bisection is started.
+    pub bisections: tokio::sync::Notify,
     /// The broker's URL as users reach it, for links in check runs.
     pub public_url: String,
 }
@@ -95,6 +99,7 @@ impl GitHubApp {
             client: app::AppClient::new(credentials, api_url),
             deliveries: tokio::sync::Notify::new(),
             checks: Arc::new(tokio::sync::Notify::new()),
+            bisections: tokio::sync::Notify::new(),
             public_url: public_url.trim_end_matches('/').to_string(),
         })
     }

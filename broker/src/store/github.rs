@@ -66,7 +66,13 @@ pub struct NewAppJob<'a> {
     pub head_sha: &'a str,
     /// The check run's name (the job's, with the run's number when there are several).
     pub check_name: &'a str,
+    /// Whether the job shows as a check run on its commit (a bisection's runs on older
+    /// commits do not).
+    pub check_run: bool,
 }
+
+/// The `synced_state` of an App job that has no check run: never among the states synced.
+pub const NO_CHECK_RUN: &str = "none";
 
 /// An App job, with its check run and the job's present state.
 #[derive(Debug, Clone, sqlx::FromRow)]

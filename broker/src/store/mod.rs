@@ -22,6 +22,7 @@ use testbot_proto::jobs::{Job, JobId, JobSpec, JobState};
 use testbot_proto::repos::{Repo, RepoSettings};
 use testbot_proto::results::{FailureCause, Outcome};
 
+pub mod bisections;
 pub mod github;
 pub mod notify;
 pub mod postgres;
@@ -569,7 +570,12 @@ pub enum AppendResult {
 /// transaction: a crash leaves the old state or the new one, never half of one.
 #[async_trait::async_trait]
 pub trait Store:
-    github::GitHubStore + test_results::TestResultStore + Send + Sync + 'static
+    github::GitHubStore
+    + test_results::TestResultStore
+    + bisections::BisectionStore
+    + Send
+    + Sync
+    + 'static
 {
     /// Which backend this is, for logs and `/metrics` (`sqlite`, `postgres`).
     fn backend(&self) -> &'static str;

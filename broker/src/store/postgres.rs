@@ -54,6 +54,7 @@ const ENROLLMENT_LOCK_SPACE: i32 = 0x7462_0002;
 /// reads on through the whole queue, a page at a time.
 const CLAIM_PAGE: i64 = 256;
 
+mod bisections;
 mod github;
 mod test_results;
 

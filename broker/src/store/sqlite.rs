@@ -42,6 +42,7 @@ use super::{
 use readers::Readers;
 use writer::Writer;
 
+mod bisections;
 mod github;
 mod test_results;
 

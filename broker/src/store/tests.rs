@@ -119,6 +119,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_bisection_is_kept_as_a_document_found_by_its_test_and_state,
     a_tests_history_is_read_per_commit_for_tests_that_failed,
     result_files_are_taken_only_under_the_lease_within_the_limits_and_stored_once,
     a_batch_is_stored_with_its_runs_in_one_go_and_goes_with_its_last_run,
@@ -916,6 +917,87 @@ async fn a_tests_history_is_read_per_commit_for_tests_that_failed(store: &dyn St
     );
 }
 
+async fn a_bisection_is_kept_as_a_document_found_by_its_test_and_state(store: &dyn Store) {
+    use testbot_proto::bisect::{Bisection, BisectionState, RunOutcome};
+    let new = Bisection {
+        id: 0,
+        repository: "hpc-lab/solver".into(),
+        repository_id: 7,
+        installation_id: 9,
+        public: true,
+        branch: "main".into(),
+        job: "unit".into(),
+        suite: "pkg".into(),
+        classname: Some("T".into()),
+        name: "wobbly".into(),
+        select: None,
+        commits: vec!["a".repeat(40), "b".repeat(40), "c".repeat(40)],
+        confidence: 0.95,
+        rate: None,
+        state: BisectionState::Running,
+        lo: 0,
+        hi: 2,
+        rounds: 0,
+        points: Vec::new(),
+        culprit: None,
+        culprit_confidence: None,
+        message: None,
+        started_by: "testbot".into(),
+        created_at_ms: 1,
+        updated_at_ms: 1,
+    };
+    let first = store.insert_bisection(&new).await.unwrap();
+    let second = store.insert_bisection(&new).await.unwrap();
+    assert!(first.id > 0 && second.id > first.id);
+    assert_eq!(
+        store.bisection(first.id).await.unwrap(),
+        Some(first.clone())
+    );
+    assert!(
+        store
+            .bisection_exists("hpc-lab/solver", "pkg > T.wobbly", &"c".repeat(40))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .bisection_exists("hpc-lab/solver", "pkg > T.wobbly", &"b".repeat(40))
+            .await
+            .unwrap()
+    );
+    let mut done = first.clone();
+    done.add_runs(2, [JobId(5)]);
+    done.set_outcome(JobId(5), RunOutcome::Failed);
+    done.state = BisectionState::Found;
+    done.updated_at_ms = 2;
+    store.update_bisection(&done).await.unwrap();
+    assert_eq!(store.bisection(first.id).await.unwrap(), Some(done));
+    let running: Vec<i64> = store
+        .running_bisections()
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(running, [second.id]);
+    let listed: Vec<i64> = store
+        .repo_bisections("hpc-lab/solver", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(listed, [second.id, first.id]);
+    assert!(
+        store
+            .repo_bisections("other/repo", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.bisection(9999).await.unwrap(), None);
+}
+
 async fn every_end_but_success_records_its_cause(store: &dyn Store) {
     let any = offer("s", &[]);
     let mut ended = Vec::new();
@@ -1706,6 +1788,7 @@ async fn app_jobs_keep_their_provenance_and_check_run_in_step(store: &dyn Store)
         repository: "octo-org/a",
         head_sha: "abc",
         check_name: "unit",
+        check_run: true,
     };
     // The routing columns name the App's submitter literally (they are `concat!`ed).
     assert_eq!(testbot_proto::provenance::APP_SUBMITTER, "github-app");

@@ -332,6 +332,12 @@ fn provenance_facts(facts: &mut Vec<Fact>, provenance: &Provenance, github: &str
         Provenance::Schedule { branch, cron, .. } => {
             ("schedule", format!("`{cron}` (UTC) on {branch}"))
         }
+        Provenance::History {
+            branch, bisection, ..
+        } => (
+            "bisection",
+            format!("step of bisection {bisection}, a commit of {branch}"),
+        ),
         Provenance::PullRequest {
             number, approval, ..
         } => {

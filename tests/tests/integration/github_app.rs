@@ -27,6 +27,8 @@ mkdir -p reports
 echo '<testsuite name="unit"><testcase name="reads"/><testcase name="retried"><flakyFailure/></testcase></testsuite>' > reports/junit.xml
 """
 
+run_tests = "echo {tests}"
+
 [jobs.unit.on]
 push = { branches = ["main"] }
 
@@ -375,11 +377,11 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
     ensure_account(JOB_ACCOUNT);
     let (fake, mut fleet) = installed_app().await;
 
-    // Three pushes to main queue three jobs while no agent runs; a commit on a feature branch
+    // Five pushes to main queue five jobs while no agent runs; a commit on a feature branch
     // (with the same config) never reaches main.
     let marker = fleet.dir.path().join("a-lie-ran");
     let mut shas = Vec::new();
-    for n in 0..3 {
+    for n in 0..5 {
         shas.push(
             fake.commit(
                 REPO,
@@ -401,9 +403,9 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
             "Not merged",
         )
         .await;
-    let jobs = wait_for("three queued jobs", WAIT, || async {
+    let jobs = wait_for("five queued jobs", WAIT, || async {
         let jobs = jobs_of(&fleet).await;
-        (jobs.len() == 3).then_some(jobs)
+        (jobs.len() == 5).then_some(jobs)
     })
     .await;
     let mut ids: Vec<i64> = jobs.iter().map(|j| j.id.0).collect();
@@ -431,6 +433,22 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
         ids[2],
     )
     .await;
+    // A bisection step of a commit that was never merged; chosen tests the runner would read
+    // as an option.
+    tamper(
+        &fleet,
+        "UPDATE github_jobs SET provenance = json_remove(json_set(provenance, '$.event', 'history', '$.bisection', 1, '$.sha', ?1, '$.config_sha', ?1), '$.pushed_by') WHERE job_id = ?2",
+        &feature,
+        ids[3],
+    )
+    .await;
+    tamper(
+        &fleet,
+        "UPDATE jobs SET spec = json_set(spec, '$.tests', json_array(?1)) WHERE id = ?2",
+        &format!("--junitxml={}", marker.display()),
+        ids[4],
+    )
+    .await;
 
     let mut agent = fleet.agent_config("login1");
     agent.policy = Some(app_policy(&fleet, &fake));
@@ -441,6 +459,10 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
             "GitHub does not confirm the job: commit {feature} is not on branch main of {REPO}"
         ),
         &format!("GitHub does not confirm the job: repository {REPO} has id "),
+        &format!(
+            "GitHub does not confirm the job: commit {feature} is not on branch main of {REPO}"
+        ),
+        "the job's choice of tests cannot run: test \"--junitxml=",
     ];
     for (id, expected) in ids.iter().zip(expected) {
         let job = fleet.wait_finished(testbot_proto::jobs::JobId(*id)).await;
@@ -450,13 +472,13 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
     }
     assert!(!marker.exists(), "the lying broker's script ran");
     // Each check run says the job could not run.
-    let failed = wait_for("three failed check runs", WAIT, || async {
+    let failed = wait_for("five failed check runs", WAIT, || async {
         let failed: Vec<_> = fake
             .check_runs(REPO)
             .into_iter()
             .filter(|run| run.current().conclusion.as_deref() == Some("failure"))
             .collect();
-        (failed.len() == 3).then_some(failed)
+        (failed.len() == 5).then_some(failed)
     })
     .await;
     assert!(
@@ -1352,4 +1374,190 @@ async fn refused(fleet: &Fleet, id: testbot_proto::jobs::JobId, expected: &str) 
             .then_some(())
     })
     .await;
+}
+
+/// A job run on pushes to main, six times, that bisects a new flake; `test.sh` writes a JUnit
+/// file where `wobbly` fails in every third job (by job id, so the runs are deterministic)
+/// once the commit has a file `flaky`. Given test names (`run_tests`), it says so.
+const BISECT_CONFIG: &str = r#"
+[jobs.unit]
+executor = "shell"
+results = ["out/*.xml"]
+repeat = 6
+bisect = true
+script = "sh test.sh"
+run_tests = "sh test.sh {tests}"
+
+[jobs.unit.on]
+push = { branches = ["main"] }
+"#;
+
+const BISECT_TEST: &str = r#"echo "selected: ${*:-all}"
+mkdir -p out
+wobbly=''
+if [ -f flaky ] && [ $((TESTBOT_JOB_ID % 3)) -eq 0 ]; then wobbly='<failure message="race"/>'; fi
+steady='<testcase classname="T" name="steady"/>'
+[ $# -gt 0 ] && steady=''
+cat > out/junit.xml <<END
+<testsuite name="pkg">$steady<testcase classname="T" name="wobbly">$wobbly</testcase></testsuite>
+END
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_flake_after_a_merge_is_bisected_by_the_broker_to_the_commit_that_made_it() {
+    use testbot_proto::bisect::BisectionState;
+    ensure_account(JOB_ACCOUNT);
+    let (fake, mut fleet) = installed_app().await;
+    let policy = app_policy(&fleet, &fake);
+    for name in ["login1", "login2"] {
+        let mut agent = fleet.agent_config(name);
+        agent.policy = Some(policy.clone());
+        fleet.add_agent(agent);
+    }
+    fleet.wait_policy_agents(2).await;
+
+    // Commit 1 passes its six post-merge runs.
+    let mut shas = vec![
+        fake.commit(
+            REPO,
+            "main",
+            &[
+                (".github/testbot.toml", BISECT_CONFIG),
+                ("test.sh", BISECT_TEST),
+            ],
+            "Commit 1",
+        )
+        .await,
+    ];
+    wait_for("commit 1's six runs", WAIT, || async {
+        let jobs = jobs_of(&fleet).await;
+        (jobs.len() == 6 && jobs.iter().all(|j| j.state.is_terminal())).then_some(())
+    })
+    .await;
+    assert!(
+        jobs_of(&fleet)
+            .await
+            .iter()
+            .all(|j| j.state == JobState::Succeeded)
+    );
+    // Commits 2 to 11 land without CI (their pushes are not delivered); commit 7 makes
+    // `wobbly` flaky.
+    fake.deliver_webhooks_to(None);
+    for n in 2..=11 {
+        let file = if n == 7 { "flaky" } else { "notes.txt" };
+        let content = format!("commit {n}");
+        shas.push(
+            fake.commit(
+                REPO,
+                "main",
+                &[(file, content.as_str())],
+                &format!("Commit {n}"),
+            )
+            .await,
+        );
+    }
+    fake.deliver_webhooks_to(Some(&webhook_url(&fleet)));
+    // Commit 12's post-merge runs show the flake: the broker bisects on its own.
+    shas.push(
+        fake.commit(REPO, "main", &[("notes.txt", "commit 12")], "Commit 12")
+            .await,
+    );
+    let found = wait_for("the bisection to end", Duration::from_secs(240), || async {
+        let bisections = fleet.client().bisections(REPO).await.unwrap();
+        bisections
+            .into_iter()
+            .next()
+            .filter(|b| b.state != BisectionState::Running)
+    })
+    .await;
+    assert_eq!(found.state, BisectionState::Found, "{found:#?}");
+    assert_eq!(found.test_id(), "pkg > T.wobbly");
+    assert_eq!(found.started_by, "testbot");
+    assert_eq!(
+        found.commits.first(),
+        Some(&shas[0]),
+        "from the last passing commit"
+    );
+    assert_eq!(found.commits.last(), Some(&shas[11]));
+    assert_eq!(
+        found.culprit.as_deref(),
+        Some(shas[6].as_str()),
+        "{found:#?}"
+    );
+    assert!(found.culprit_confidence.unwrap() >= 0.95, "{found:#?}");
+    // Its runs were verified by the agents like pushes, ran the test alone, and made no
+    // check runs on the older commits.
+    let runs: Vec<_> = found.points.iter().flat_map(|p| &p.runs).collect();
+    let first = fleet.wait_finished(runs[0].job).await;
+    let log = fleet.log(first.id).await;
+    assert!(log.contains("(verified with GitHub)"), "{log}");
+    assert!(log.contains("selected: wobbly"), "{log}");
+    let checked: std::collections::BTreeSet<String> = fake
+        .check_runs(REPO)
+        .into_iter()
+        .map(|run| run.head_sha)
+        .collect();
+    assert_eq!(
+        checked,
+        [shas[0].clone(), shas[11].clone()].into_iter().collect(),
+        "check runs only for the two pushes"
+    );
+
+    // The CLI follows it, lists it, and starts one by hand over a narrower range.
+    let out = fleet
+        .testbot(&["bisect", "--follow", &found.id.to_string()])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout.contains(&format!("pkg > T.wobbly first fails at {}", &shas[6][..12])),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("first bad commit: {}", shas[6])),
+        "{stdout}"
+    );
+    let out = fleet
+        .testbot_within(
+            &[
+                "bisect",
+                REPO,
+                "pkg > T.wobbly",
+                "--good",
+                &shas[3],
+                "--bad",
+                &shas[9],
+            ],
+            &[],
+            Duration::from_secs(240),
+        )
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout.contains(&format!("first bad commit: {}", shas[6])),
+        "{stdout}"
+    );
+    let out = fleet
+        .testbot(&[
+            "bisect",
+            REPO,
+            "pkg > T.nothing",
+            "--good",
+            &shas[3],
+            "--bad",
+            &shas[9],
+        ])
+        .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("has a failure of test \"pkg > T.nothing\" on record"),
+        "{stderr}"
+    );
+    let out = fleet.testbot(&["bisect", "--list", REPO]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    fake.assert_conforms();
+    fleet.stop().await;
 }

@@ -218,8 +218,8 @@ impl GitHubStore for PgStore {
             .await?;
         sqlx::query(
             "INSERT INTO github_jobs (job_id, provenance, installation_id, repository, head_sha,
-                 check_name)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+                 check_name, synced_state)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(model.id)
         .bind(app.provenance)
@@ -227,6 +227,7 @@ impl GitHubStore for PgStore {
         .bind(app.repository)
         .bind(app.head_sha)
         .bind(app.check_name)
+        .bind((!app.check_run).then_some(crate::store::github::NO_CHECK_RUN))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

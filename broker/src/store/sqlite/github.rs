@@ -271,13 +271,14 @@ impl GitHubStore for SqliteStore {
             app.head_sha.to_owned(),
             app.check_name.to_owned(),
         );
+        let synced_state = (!app.check_run).then_some(crate::store::github::NO_CHECK_RUN);
         self.writer
             .write(move |tx| {
                 let job = insert_job_row(tx, &stored, &origin, None, None)?;
                 tx.prepare_cached(
                     "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
-                         head_sha, check_name)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                         head_sha, check_name, synced_state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
                 .execute(params![
                     job.id,
@@ -285,7 +286,8 @@ impl GitHubStore for SqliteStore {
                     installation_id,
                     repository,
                     head_sha,
-                    check_name
+                    check_name,
+                    synced_state
                 ])?;
                 Ok(job)
             })
