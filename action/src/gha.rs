@@ -48,6 +48,8 @@ struct Inputs {
     /// How to run chosen tests (`run-tests`) and which (`tests`, one per line).
     run_tests: Option<String>,
     tests: Vec<String>,
+    /// Known-flaky failures do not fail the step (the `quarantine` input).
+    quarantine: bool,
     audience: String,
 }
 
@@ -153,6 +155,7 @@ impl Inputs {
             repeat: number("repeat")?.unwrap_or(1).max(1),
             results: input_list("results"),
             run_tests: input("run-tests"),
+            quarantine: input("quarantine").is_some_and(|q| q == "true"),
             // One per line: a test's name may hold commas and spaces (`test_io[a, b]`).
             tests: input("tests")
                 .map(|t| {
@@ -192,6 +195,7 @@ impl Inputs {
             results: self.results.clone(),
             run_tests: self.run_tests.clone(),
             tests: self.tests.clone(),
+            quarantine: self.quarantine,
         };
         spec.validate()
             .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
@@ -318,9 +322,11 @@ fn code_span(text: &str) -> String {
 fn tests_summary(results: &testbot_proto::test_results::JobResults) -> String {
     let t = &results.totals;
     let mut out = format!("| tests | {t} |\n\n");
-    let (failed, flaky) = testbot_proto::test_results::failed_and_flaky(&results.cases);
+    let (_, flaky) = testbot_proto::test_results::failed_and_flaky(&results.cases);
+    let (new, known) = results.new_and_known_failures();
     for (title, cases) in [
-        ("Failed", failed),
+        ("Failed", new),
+        ("Failed, known to be flaky", known),
         ("Flaky (failed, then passed on a rerun)", flaky),
     ] {
         if cases.is_empty() {
@@ -599,6 +605,17 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
         "GITHUB_STEP_SUMMARY",
         &summary(&job, &log_url, results.as_ref()),
     )?;
+    if let Some(known) = results
+        .as_ref()
+        .filter(|_| inputs.quarantine && passes_in_quarantine(&job, results.as_ref()))
+        .map(|r| r.known_flaky.join(", "))
+    {
+        let known = crate::output::sanitize(&known).into_owned();
+        println!(
+            "::warning title=testbot job {id}::failed only in tests known to be flaky (in quarantine): {known}"
+        );
+        return Ok(0);
+    }
     if job.state != JobState::Succeeded {
         let why = job
             .reason
@@ -609,6 +626,21 @@ async fn run_once(inputs: &Inputs, attempt: u32) -> anyhow::Result<i32> {
         println!("::error title=testbot job {id}::{why}");
     }
     Ok(code)
+}
+
+/// The job failed by its tests, and every test that failed is known to be flaky.
+fn passes_in_quarantine(
+    job: &Job,
+    results: Option<&testbot_proto::test_results::JobResults>,
+) -> bool {
+    let Some(results) = results else {
+        return false;
+    };
+    let (new, known) = results.new_and_known_failures();
+    job.state == JobState::Failed
+        && job.cause == Some(testbot_proto::results::FailureCause::TestFailure)
+        && new.is_empty()
+        && !known.is_empty()
 }
 
 #[cfg(test)]
@@ -673,16 +705,18 @@ mod tests {
             case("ok", &[Passed]),
             case("[x](https://evil.example) | `y`", &[Failed]),
             case("retried", &[Failed, Passed]),
+            case("known", &[Failed]),
         ];
         let results = JobResults {
             job: testbot_proto::jobs::JobId(1),
             files: vec![],
             totals: CaseTotals::of(&cases),
             cases,
+            known_flaky: vec!["pkg > known".into()],
         };
         let text = tests_summary(&results);
         assert!(
-            text.starts_with("| tests | 2 passed, 1 failed, 0 errors, 0 skipped, 1 flaky |"),
+            text.starts_with("| tests | 2 passed, 2 failed, 0 errors, 0 skipped, 1 flaky |"),
             "{text}"
         );
         assert!(
@@ -691,6 +725,10 @@ mod tests {
         );
         assert!(
             text.contains("**Flaky (failed, then passed on a rerun): 1**\n\n- `pkg > retried`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("**Failed, known to be flaky: 1**\n\n- `pkg > known`"),
             "{text}"
         );
     }

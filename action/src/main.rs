@@ -100,6 +100,21 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// One test's record across a repository's history: per job that ran it, its verdict,
+    /// where it ran, and its runs and failures at each commit. Only tests that failed in the
+    /// window are on record.
+    History {
+        /// The repository, OWNER/NAME.
+        repository: String,
+        /// The test, as `testbot flaky` names it: 'suite > Class.name'.
+        test: String,
+        /// Only this branch (main) or ref. Default: every ref.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Only jobs submitted within this long, e.g. 7d.
+        #[arg(long, default_value = "30d")]
+        since: String,
+    },
     /// Find the commit where a test started failing: runs it on the commits between --good
     /// and --bad, as often at each as its failure rate needs, and follows the bisection until
     /// it names the commit (exit 0) or cannot (exit 1). Needs the broker's GitHub App. With
@@ -416,6 +431,7 @@ impl JobArgs {
             results,
             run_tests,
             tests,
+            quarantine: false,
         };
         spec.validate()
             .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
@@ -562,6 +578,26 @@ async fn try_main(opts: Opts) -> anyhow::Result<i32> {
                 output::print_flaky(&report);
             }
             Ok(i32::from(!report.tests.is_empty()))
+        }
+        Command::History {
+            repository,
+            test,
+            branch,
+            since,
+        } => {
+            let client = client(&url, token)?;
+            let query = testbot_proto::test_results::HistoryQuery {
+                test,
+                branch,
+                since: Some(since),
+            };
+            let record = client.test_history(&repository, &query).await?;
+            if json {
+                output::print_json(&record)?;
+            } else {
+                output::print_test_record(&record, &query.test);
+            }
+            Ok(i32::from(record.jobs.is_empty()))
         }
         Command::Bisect {
             repository,

@@ -118,7 +118,12 @@ pub fn print_job_results(results: &testbot_proto::test_results::JobResults, all:
             .find_map(|a| a.message.as_deref())
             .map(|m| format!(": {}", sanitize(m.lines().next().unwrap_or(""))))
             .unwrap_or_default();
-        println!("  {word:7} {}{message}", sanitize(&case.test_id()));
+        let known = if outcome.is_failure() && results.known_flaky.contains(&case.test_id()) {
+            " (known flaky)"
+        } else {
+            ""
+        };
+        println!("  {word:7} {}{known}{message}", sanitize(&case.test_id()));
     }
 }
 
@@ -216,6 +221,68 @@ pub fn print_flaky(report: &testbot_proto::test_results::FlakyReport) {
             ));
         }
         println!("{line}");
+    }
+}
+
+/// A test's record: per job, its verdict and where it ran, then a line per commit.
+pub fn print_test_record(record: &testbot_proto::test_results::TestRecord, test: &str) {
+    if record.jobs.is_empty() {
+        println!(
+            "{}: no failure of {} on record since {}",
+            record.repository,
+            sanitize(test),
+            format_ms(record.since_ms)
+        );
+        return;
+    }
+    for job in &record.jobs {
+        let h = &job.history;
+        let rate = h
+            .failure_rate()
+            .map(|(rate, low, high)| {
+                format!(", rate {rate:.2} (95% interval {low:.2} to {high:.2})")
+            })
+            .unwrap_or_default();
+        println!(
+            "{} {}{}: {}; failed {} of {} runs{rate}",
+            sanitize(&record.repository),
+            h.job
+                .as_deref()
+                .map(|j| format!("{}: ", sanitize(j)))
+                .unwrap_or_default(),
+            sanitize(&h.test_id()),
+            h.verdict(),
+            h.failures,
+            h.runs
+        );
+        for place in &h.placements {
+            println!(
+                "  {} {}: failed {} of {} runs",
+                place.dimension.as_str(),
+                sanitize(&place.value),
+                place.failures,
+                place.runs
+            );
+        }
+        for cluster in &h.clusters {
+            println!("  {}", sanitize(&cluster.to_string()));
+        }
+        for c in &job.commits {
+            let mark = if c.failures == c.runs && c.runs > 0 {
+                "failing"
+            } else if c.failures > 0 || c.flaky_within > 0 {
+                "flaky"
+            } else {
+                "passing"
+            };
+            println!(
+                "  {}  {}  {:>4} runs  {:>4} failed  {mark}",
+                format_ms(c.first_at_ms),
+                c.commit.get(..12).unwrap_or(&c.commit),
+                c.runs,
+                c.failures
+            );
+        }
     }
 }
 

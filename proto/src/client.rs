@@ -539,6 +539,19 @@ impl BrokerClient {
         .await
     }
 
+    /// One test's record across `repository`'s history.
+    pub async fn test_history(
+        &self,
+        repository: &str,
+        query: &crate::test_results::HistoryQuery,
+    ) -> Result<crate::test_results::TestRecord, ClientError> {
+        self.send(
+            self.request(Method::GET, &format!("/repos/{repository}/history"))
+                .query(query),
+        )
+        .await
+    }
+
     /// Starts a statistical bisection of a test of `repository`.
     pub async fn start_bisection(
         &self,

@@ -101,6 +101,12 @@ pub struct JobSpec {
     /// `script`. Default: none (the whole `script`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tests: Vec<String>,
+    /// Tests known to be flaky on the job's branch do not fail its check run (or the
+    /// action's step): a job that failed only in such tests is reported as passing, with them
+    /// named apart, until enough clean runs show a test's rate below 1 %
+    /// ([`crate::test_results::Quarantine`]). Default: false (every failure counts).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quarantine: bool,
 }
 
 /// Resources a job asks for. Every field is optional; an executor that cannot honour a field

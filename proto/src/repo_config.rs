@@ -97,6 +97,11 @@ pub struct ConfigJob {
     /// job on those commits, of that test alone when `run_tests` is given). Default: false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bisect: bool,
+    /// Tests known to be flaky on the branch do not fail the job's check run: a run that
+    /// failed only in them passes, with them named apart, until 299 clean runs show a test's
+    /// failure rate below 1 % (with 95 % confidence). Default: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quarantine: bool,
     /// Runs of the job each trigger starts. Default: 1.
     #[serde(default = "one")]
     pub repeat: u32,
@@ -533,6 +538,7 @@ impl ConfigJob {
             results: self.results.clone(),
             run_tests: self.run_tests.clone(),
             tests: Vec::new(),
+            quarantine: self.quarantine,
         })
     }
 }

@@ -189,6 +189,20 @@ pub struct JobResults {
     pub files: Vec<ResultFile>,
     pub cases: Vec<CaseResult>,
     pub totals: CaseTotals,
+    /// The job's failed tests already known to be flaky on its branch (flaky at an earlier
+    /// commit, and still in [`Quarantine`]): told apart from new failures.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub known_flaky: Vec<String>,
+}
+
+impl JobResults {
+    /// The failed cases that are new, and those of tests known to be flaky.
+    pub fn new_and_known_failures(&self) -> (Vec<&CaseResult>, Vec<&CaseResult>) {
+        self.cases
+            .iter()
+            .filter(|c| c.final_outcome().is_failure())
+            .partition(|c| !self.known_flaky.contains(&c.test_id()))
+    }
 }
 
 /// Counts of a job's test cases by final outcome; `flaky` are counted in theirs too.
@@ -448,6 +462,83 @@ pub struct TestHistory {
     /// Where its failures cluster (see [`clusters`]): a machine's problem, not the test's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<Cluster>,
+    /// Runs at the commits after the last one where it failed (all of which passed).
+    #[serde(default)]
+    pub clean_runs: u64,
+}
+
+/// One test's runs at one commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRuns {
+    pub commit: String,
+    pub runs: u64,
+    /// Runs that failed (no attempt passed), and runs that failed and then passed on a rerun.
+    pub failures: u64,
+    pub flaky_within: u64,
+    pub first_at_ms: i64,
+    pub last_at_ms: i64,
+}
+
+/// The query of `GET /api/v1/repos/{owner}/{name}/history`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// The test, as `testbot flaky` names it.
+    pub test: String,
+    /// As for [`FlakyQuery`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// The body of `GET /api/v1/repos/{owner}/{name}/history`: a test's record per job that ran
+/// it, and its runs at each commit, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestRecord {
+    pub repository: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    pub since_ms: i64,
+    pub jobs: Vec<TestRecordOfJob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestRecordOfJob {
+    pub history: TestHistory,
+    pub commits: Vec<CommitRuns>,
+}
+
+/// When a known-flaky test is kept in quarantine: until `clean runs` since its last failure show,
+/// with `confidence`, that its failure rate is below `max_rate`
+/// (`ln(1 − confidence) / ln(1 − max_rate)` runs: 299 for the defaults 0.95 and 0.01).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quarantine {
+    pub max_rate: f64,
+    pub confidence: f64,
+}
+
+impl Default for Quarantine {
+    fn default() -> Self {
+        Quarantine {
+            max_rate: 0.01,
+            confidence: 0.95,
+        }
+    }
+}
+
+impl Quarantine {
+    /// Clean runs that take a test out of quarantine.
+    pub fn runs_to_leave(&self) -> u64 {
+        let n = (1.0 - self.confidence).ln() / (1.0 - self.max_rate).ln();
+        (n - 1e-9).ceil().max(1.0) as u64
+    }
+
+    /// `test` is known flaky and has not yet passed often enough since to leave quarantine.
+    pub fn holds(&self, test: &TestHistory) -> bool {
+        test.is_flaky() && !test.is_broken() && test.clean_runs < self.runs_to_leave()
+    }
 }
 
 /// What a placement is told apart by.
@@ -671,6 +762,38 @@ mod tests {
         assert!(high > 0.0 && high < 0.31);
         let (low, high) = wilson_interval(10, 10, 1.96).unwrap();
         assert!(low > 0.69 && high == 1.0);
+    }
+
+    #[test]
+    fn a_flaky_test_stays_in_quarantine_until_299_clean_runs() {
+        let rule = Quarantine::default();
+        assert_eq!(rule.runs_to_leave(), 299);
+        let mut test = TestHistory {
+            job: None,
+            suite: "pkg".into(),
+            classname: None,
+            name: "wobbly".into(),
+            runs: 40,
+            failures: 8,
+            flaky_within: 0,
+            commits: 2,
+            flaky_commits: 1,
+            failing_commits: 0,
+            first_flaky_commit: Some("a".into()),
+            last_passing_commit: None,
+            latest_commit: "b".into(),
+            failing_at_latest: false,
+            broken_since: None,
+            placements: Vec::new(),
+            clusters: Vec::new(),
+            clean_runs: 298,
+        };
+        assert!(rule.holds(&test));
+        test.clean_runs = 299;
+        assert!(!rule.holds(&test), "enough clean runs since take it out");
+        test.clean_runs = 0;
+        test.failing_at_latest = true;
+        assert!(!rule.holds(&test), "a broken test is never in quarantine");
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub fn create_app(state: AppState) -> Router {
         .route("/batches/{id}/cancel", post(cancel_batch_handler))
         .route("/batches/{id}/results", get(batch_results_handler))
         .route("/repos/{owner}/{name}/flaky", get(flaky_handler))
+        .route("/repos/{owner}/{name}/history", get(test_history_handler))
         .route(
             "/repos/{owner}/{name}/bisections",
             post(start_bisection_handler).get(repo_bisections_handler),

@@ -90,11 +90,15 @@ pub(super) async fn job_results_handler(
         })
         .collect();
     let cases = cases_of(state.store.test_results(id).await?);
+    let rule = testbot_proto::test_results::Quarantine::default();
+    let known_flaky =
+        crate::lifecycle::results::known_flaky(&*state.store, &job, &cases, &rule).await?;
     Ok(axum::Json(JobResults {
         job: id,
         totals: CaseTotals::of(&cases),
         files,
         cases,
+        known_flaky,
     }))
 }
 
@@ -159,6 +163,17 @@ pub(super) async fn batch_results_handler(
 /// Default window of `GET /repos/{owner}/{name}/flaky`.
 const FLAKY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
+/// Where a query's window (`since`, default [`FLAKY_WINDOW`]) starts.
+fn window_start(query: &FlakyQuery) -> Result<i64, ApiError> {
+    let window = match &query.since {
+        Some(since) => humantime::parse_duration(since).map_err(|e| {
+            ApiError::BadRequest(format!("since {since:?} is not a duration like 30d: {e}"))
+        })?,
+        None => FLAKY_WINDOW,
+    };
+    Ok(testbot_proto::now_ms().saturating_sub(window.as_millis() as i64))
+}
+
 /// `GET /repos/{owner}/{name}/flaky`: every test of the repository that failed at least once
 /// in the window, with how it went at each commit, flaky ones first.
 pub(super) async fn flaky_handler(
@@ -173,13 +188,7 @@ pub(super) async fn flaky_handler(
             if claims.repository.eq_ignore_ascii_case(&repository) => {}
         other => other.require_operator()?,
     }
-    let window = match &query.since {
-        Some(since) => humantime::parse_duration(since).map_err(|e| {
-            ApiError::BadRequest(format!("since {since:?} is not a duration like 30d: {e}"))
-        })?,
-        None => FLAKY_WINDOW,
-    };
-    let since_ms = testbot_proto::now_ms().saturating_sub(window.as_millis() as i64);
+    let since_ms = window_start(&query)?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000) as usize;
     let git_ref = query.git_ref();
     let rows = state
@@ -202,5 +211,48 @@ pub(super) async fn flaky_handler(
         git_ref,
         since_ms,
         tests,
+    }))
+}
+
+/// `GET /repos/{owner}/{name}/history?test=ID`: one test's record per job that ran it, with
+/// its runs at each commit in the window. Only tests that failed in the window are on record.
+pub(super) async fn test_history_handler(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath((owner, name)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<testbot_proto::test_results::HistoryQuery>,
+) -> Result<axum::Json<testbot_proto::test_results::TestRecord>, ApiError> {
+    use testbot_proto::test_results::{TestRecord, TestRecordOfJob};
+    let repository = super::repos::repo_name(owner, name)?;
+    match &principal {
+        Principal::Workflow { claims, .. }
+            if claims.repository.eq_ignore_ascii_case(&repository) => {}
+        other => other.require_operator()?,
+    }
+    let flaky = FlakyQuery {
+        branch: query.branch.clone(),
+        since: query.since.clone(),
+        limit: None,
+    };
+    let since_ms = window_start(&flaky)?;
+    let git_ref = flaky.git_ref();
+    let rows = state
+        .store
+        .test_history(&repository, git_ref.as_deref(), since_ms)
+        .await?;
+    let jobs = rows
+        .chunk_by(|a, b| {
+            (&a.job_name, &a.suite, &a.classname, &a.name)
+                == (&b.job_name, &b.suite, &b.classname, &b.name)
+        })
+        .map(crate::lifecycle::results::history)
+        .filter(|(history, _)| history.test_id() == query.test)
+        .map(|(history, commits)| TestRecordOfJob { history, commits })
+        .collect();
+    Ok(axum::Json(TestRecord {
+        repository,
+        git_ref,
+        since_ms,
+        jobs,
     }))
 }

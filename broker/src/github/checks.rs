@@ -109,10 +109,10 @@ async fn sync_one(
     let (tail, tests) = if job.state.is_terminal() {
         (
             log_tail(state, &job).await,
-            tests_summary(state, &job).await,
+            tests_summary(state, &model, &job).await,
         )
     } else {
-        (String::new(), String::new())
+        (String::new(), TestsPart::default())
     };
     let client = app.client.installation(row.installation_id).await?;
     let what = format!("the check run of job {}", row.job_id);
@@ -125,7 +125,7 @@ async fn sync_one(
                 state: JobState::Queued,
                 ..job.clone()
             };
-            let body = check_run_body(row, &queued, "", "", &app.public_url);
+            let body = check_run_body(row, &queued, "", &TestsPart::default(), &app.public_url);
             let route = format!("/repos/{}/check-runs", row.repository);
             let created: CheckRunId = client
                 .post(route, Some(&body))
@@ -353,22 +353,49 @@ async fn log_tail(state: &AppState, job: &Job) -> String {
 /// Most failed or flaky tests a check run names; the job's page lists them all.
 const CHECK_RUN_TESTS: usize = 20;
 
-/// The job's test results in the check run's Markdown: the totals, then the tests that failed
-/// and those that passed only on a rerun, apart. Empty when it uploaded none.
-async fn tests_summary(state: &AppState, job: &Job) -> String {
+/// What a check run says of the job's tests.
+#[derive(Debug, Default)]
+pub struct TestsPart {
+    /// Markdown: the totals, then new failures, failures of known-flaky tests, and tests that
+    /// passed only on a rerun, apart. Empty when the job uploaded none.
+    pub text: String,
+    /// The job asks for quarantine and failed only in known-flaky tests: the check passes.
+    pub passes_in_quarantine: bool,
+}
+
+async fn tests_summary(state: &AppState, model: &crate::store::JobModel, job: &Job) -> TestsPart {
     let rows = match state.store.test_results(job.id).await {
         Ok(rows) if !rows.is_empty() => rows,
-        Ok(_) => return String::new(),
+        Ok(_) => return TestsPart::default(),
         Err(err) => {
             tracing::warn!(job_id = %job.id, ?err, "Cannot read the job's test results.");
-            return String::new();
+            return TestsPart::default();
         }
     };
     let cases = crate::lifecycle::results::cases_of(rows);
     let t = testbot_proto::test_results::CaseTotals::of(&cases);
+    let rule = testbot_proto::test_results::Quarantine::default();
+    let known = crate::lifecycle::results::known_flaky(&*state.store, model, &cases, &rule)
+        .await
+        .unwrap_or_else(|err| {
+            tracing::warn!(job_id = %job.id, ?err, "Cannot read the job's test history.");
+            Vec::new()
+        });
     let mut out = format!("\n\n**Tests**: {t}");
     let (failed, flaky) = testbot_proto::test_results::failed_and_flaky(&cases);
-    for (title, list) in [("Failed", failed), ("Flaky (passed on a rerun)", flaky)] {
+    let (new, known): (Vec<_>, Vec<_>) = failed
+        .into_iter()
+        .partition(|c| !known.contains(&c.test_id()));
+    let passes_in_quarantine = job.spec.quarantine
+        && job.state == JobState::Failed
+        && job.cause == Some(testbot_proto::results::FailureCause::TestFailure)
+        && new.is_empty()
+        && !known.is_empty();
+    for (title, list) in [
+        ("Failed", new),
+        ("Failed, known flaky (in quarantine)", known),
+        ("Flaky (passed on a rerun)", flaky),
+    ] {
         if list.is_empty() {
             continue;
         }
@@ -382,7 +409,15 @@ async fn tests_summary(state: &AppState, job: &Job) -> String {
             out.push_str(&format!(", and {} more", list.len() - CHECK_RUN_TESTS));
         }
     }
-    out
+    if passes_in_quarantine {
+        out.push_str(
+            "\n\nThe job failed only in tests known to be flaky, which its `quarantine` keeps from failing this check.",
+        );
+    }
+    TestsPart {
+        text: out,
+        passes_in_quarantine,
+    }
 }
 
 /// The JSON body of a check-run create or update for `job`'s present state.
@@ -390,10 +425,11 @@ pub fn check_run_body(
     row: &AppJobModel,
     job: &Job,
     log_tail: &str,
-    tests: &str,
+    tests: &TestsPart,
     public_url: &str,
 ) -> serde_json::Value {
     let (status, conclusion) = match job.state {
+        JobState::Failed if tests.passes_in_quarantine => ("completed", Some("success")),
         JobState::Queued => ("queued", None),
         JobState::Assigned | JobState::Running => ("in_progress", None),
         JobState::Succeeded => ("completed", Some("success")),
@@ -406,6 +442,9 @@ pub fn check_run_body(
         JobState::Assigned => format!("Starting on {}", job.agent.as_deref().unwrap_or("an agent")),
         JobState::Running => format!("Running on {}", job.agent.as_deref().unwrap_or("an agent")),
         JobState::Succeeded => "Succeeded".to_string(),
+        JobState::Failed if tests.passes_in_quarantine => {
+            "Passed but for known-flaky tests".to_string()
+        }
         JobState::Failed => match job.exit_code {
             Some(code) => format!("Failed with exit code {code}"),
             None => "Failed".to_string(),
@@ -431,7 +470,7 @@ pub fn check_run_body(
     if let Some(reason) = &job.reason {
         summary.push_str(&format!("\n\n{}", escape_markdown(reason)));
     }
-    summary.push_str(tests);
+    summary.push_str(&tests.text);
     let page = format!("{public_url}/jobs/{}", job.id);
     summary.push_str(&format!(
         "\n\n[The job's page and live log]({page}), or `testbot logs -f {}`.",

@@ -146,7 +146,14 @@ pub async fn submit_spec(
         sites: site.iter().map(|s| s.to_string()).collect(),
         public,
         commit_sha: Some(commit.sha.clone()),
-        git_ref: Some(provenance.git_ref()),
+        // A bisection's runs of older commits are its own record, not the branch's: kept
+        // apart, they leave the branch's statistics in the order its commits were pushed.
+        git_ref: Some(match provenance {
+            Provenance::History { bisection, .. } => {
+                format!("refs/testbot/bisections/{bisection}")
+            }
+            _ => provenance.git_ref(),
+        }),
     };
     let provenance_json = serde_json::to_string(provenance)?;
     let mut jobs = Vec::new();

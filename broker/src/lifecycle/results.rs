@@ -158,24 +158,18 @@ pub fn histories(rows: Vec<CommitTestRow>) -> Vec<TestHistory> {
         (&a.job_name, &a.suite, &a.classname, &a.name)
             == (&b.job_name, &b.suite, &b.classname, &b.name)
     }) {
-        tests.push(history(group));
+        tests.push(history(group).0);
     }
     tests
 }
 
-/// One test's history from its rows.
-fn history(rows: &[CommitTestRow]) -> TestHistory {
+/// One test's history from its rows, and its runs per commit (by when each first ran).
+pub fn history(
+    rows: &[CommitTestRow],
+) -> (TestHistory, Vec<testbot_proto::test_results::CommitRuns>) {
     use std::collections::BTreeMap;
-    use testbot_proto::test_results::{Dimension, PlacementRuns, clusters};
-    struct AtCommit<'a> {
-        sha: &'a str,
-        runs: u64,
-        fails: u64,
-        within: u64,
-        first_at_ms: i64,
-        last_at_ms: i64,
-    }
-    let mut commits: Vec<AtCommit<'_>> = Vec::new();
+    use testbot_proto::test_results::{CommitRuns, Dimension, PlacementRuns, clusters};
+    let mut commits: Vec<CommitRuns> = Vec::new();
     let mut places: BTreeMap<(Dimension, &str), (u64, u64)> = BTreeMap::new();
     for row in rows {
         let (runs, fails, within) = (
@@ -183,19 +177,19 @@ fn history(rows: &[CommitTestRow]) -> TestHistory {
             row.fails.max(0) as u64,
             row.within.max(0) as u64,
         );
-        match commits.iter_mut().find(|c| c.sha == row.commit_sha) {
+        match commits.iter_mut().find(|c| c.commit == row.commit_sha) {
             Some(c) => {
                 c.runs += runs;
-                c.fails += fails;
-                c.within += within;
+                c.failures += fails;
+                c.flaky_within += within;
                 c.first_at_ms = c.first_at_ms.min(row.first_at_ms);
                 c.last_at_ms = c.last_at_ms.max(row.last_at_ms);
             }
-            None => commits.push(AtCommit {
-                sha: &row.commit_sha,
+            None => commits.push(CommitRuns {
+                commit: row.commit_sha.clone(),
                 runs,
-                fails,
-                within,
+                failures: fails,
+                flaky_within: within,
                 first_at_ms: row.first_at_ms,
                 last_at_ms: row.last_at_ms,
             }),
@@ -241,27 +235,34 @@ fn history(rows: &[CommitTestRow]) -> TestHistory {
             })
             .collect(),
         clusters: Vec::new(),
+        clean_runs: 0,
     };
     test.clusters = clusters(&test.placements);
-    let failing = |c: &AtCommit<'_>| c.runs > 0 && c.fails == c.runs;
+    test.clean_runs = commits
+        .iter()
+        .rev()
+        .take_while(|c| c.failures == 0 && c.flaky_within == 0)
+        .map(|c| c.runs)
+        .sum();
+    let failing = |c: &CommitRuns| c.runs > 0 && c.failures == c.runs;
     for c in &commits {
         test.runs += c.runs;
-        test.failures += c.fails;
-        test.flaky_within += c.within;
-        if (c.fails > 0 && c.fails < c.runs) || c.within > 0 {
+        test.failures += c.failures;
+        test.flaky_within += c.flaky_within;
+        if (c.failures > 0 && c.failures < c.runs) || c.flaky_within > 0 {
             test.flaky_commits += 1;
             test.first_flaky_commit
-                .get_or_insert_with(|| c.sha.to_string());
+                .get_or_insert_with(|| c.commit.to_string());
         }
         if failing(c) {
             test.failing_commits += 1;
         }
-        if c.fails == 0 && c.within == 0 {
-            test.last_passing_commit = Some(c.sha.to_string());
+        if c.failures == 0 && c.flaky_within == 0 {
+            test.last_passing_commit = Some(c.commit.to_string());
         }
     }
     if let Some(latest) = commits.iter().max_by_key(|c| c.last_at_ms) {
-        test.latest_commit = latest.sha.to_string();
+        test.latest_commit = latest.commit.clone();
         test.failing_at_latest = failing(latest);
         if test.failing_at_latest {
             test.broken_since = commits
@@ -269,10 +270,10 @@ fn history(rows: &[CommitTestRow]) -> TestHistory {
                 .rev()
                 .take_while(|c| failing(c))
                 .last()
-                .map(|c| c.sha.to_string());
+                .map(|c| c.commit.to_string());
         }
     }
-    test
+    (test, commits)
 }
 
 /// A result file's name as a download's `Content-Disposition` carries it: the last part of
@@ -285,6 +286,46 @@ pub fn download_name(path: &str) -> String {
         .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
         .collect()
 }
+
+/// Of the failed tests in `cases` of job `model`, those known to be flaky on its branch: flaky
+/// at another commit within the window and still held by `rule`. Empty for a job without a
+/// vouched-for commit.
+pub async fn known_flaky(
+    store: &dyn crate::store::Store,
+    model: &crate::store::JobModel,
+    cases: &[testbot_proto::test_results::CaseResult],
+    rule: &testbot_proto::test_results::Quarantine,
+) -> crate::store::StoreResult<Vec<String>> {
+    let (Some(repository), Some(git_ref), Some(sha)) =
+        (&model.repository, &model.git_ref, &model.commit_sha)
+    else {
+        return Ok(Vec::new());
+    };
+    let failed: Vec<String> = cases
+        .iter()
+        .filter(|c| c.final_outcome().is_failure())
+        .map(|c| c.test_id())
+        .collect();
+    if failed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let since = testbot_proto::now_ms() - KNOWN_FLAKY_WINDOW.as_millis() as i64;
+    let rows: Vec<CommitTestRow> = store
+        .test_history(repository, Some(git_ref), since)
+        .await?
+        .into_iter()
+        .filter(|r| r.commit_sha != *sha && r.job_name == model.job_name)
+        .collect();
+    Ok(histories(rows)
+        .into_iter()
+        .filter(|t| rule.holds(t))
+        .map(|t| t.test_id())
+        .filter(|id| failed.contains(id))
+        .collect())
+}
+
+/// How far back a test's flakiness counts toward its quarantine.
+pub const KNOWN_FLAKY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {

@@ -158,6 +158,9 @@ mod tests {
             batch_id: None,
             batch_run: None,
             batch_runs: None,
+            commit_sha: None,
+            git_ref: None,
+            job_name: None,
         }
     }
 

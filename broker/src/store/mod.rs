@@ -200,6 +200,10 @@ pub struct JobModel {
     pub batch_id: Option<i64>,
     pub batch_run: Option<i64>,
     pub batch_runs: Option<i64>,
+    /// The commit, ref and job name GitHub vouched for at submission, when it did.
+    pub commit_sha: Option<String>,
+    pub git_ref: Option<String>,
+    pub job_name: Option<String>,
 }
 
 /// A batch's row.

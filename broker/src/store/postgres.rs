@@ -62,7 +62,7 @@ mod test_results;
 const JOB_COLUMNS: &str = "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
      lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, finished_at_ms, \
      repository, run_id, submitted_by, oidc_token, metadata::text AS metadata, secret_env, public, cause, batch_id, \
-     batch_run, batch_runs";
+     batch_run, batch_runs, commit_sha, git_ref, job_name";
 
 /// The columns of [`RepoModel`], in its field order.
 const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, updated_at_ms, \

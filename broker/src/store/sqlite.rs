@@ -150,7 +150,7 @@ macro_rules! job_columns {
         "id, spec, state, reason, exit_code, signal, attempts, agent, lease, \
          lease_expires_at_ms, cancel_requested, log_bytes, created_at_ms, started_at_ms, \
          finished_at_ms, repository, run_id, submitted_by, oidc_token, metadata, secret_env, public, cause, \
-         batch_id, batch_run, batch_runs"
+         batch_id, batch_run, batch_runs, commit_sha, git_ref, job_name"
     };
 }
 
@@ -228,6 +228,9 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobModel> {
         batch_id: row.get(23)?,
         batch_run: row.get(24)?,
         batch_runs: row.get(25)?,
+        commit_sha: row.get(26)?,
+        git_ref: row.get(27)?,
+        job_name: row.get(28)?,
     })
 }
 

@@ -1378,13 +1378,15 @@ async fn refused(fleet: &Fleet, id: testbot_proto::jobs::JobId, expected: &str) 
 
 /// A job run on pushes to main, six times, that bisects a new flake; `test.sh` writes a JUnit
 /// file where `wobbly` fails in every third job (by job id, so the runs are deterministic)
-/// once the commit has a file `flaky`. Given test names (`run_tests`), it says so.
+/// once the commit has a file `flaky`, and then exits 1 as a test runner does. Given test names
+/// (`run_tests`), it says so.
 const BISECT_CONFIG: &str = r#"
 [jobs.unit]
 executor = "shell"
 results = ["out/*.xml"]
 repeat = 6
 bisect = true
+quarantine = true
 script = "sh test.sh"
 run_tests = "sh test.sh {tests}"
 
@@ -1401,6 +1403,7 @@ steady='<testcase classname="T" name="steady"/>'
 cat > out/junit.xml <<END
 <testsuite name="pkg">$steady<testcase classname="T" name="wobbly">$wobbly</testcase></testsuite>
 END
+test -z "$wobbly"
 "#;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1558,6 +1561,45 @@ async fn a_new_flake_after_a_merge_is_bisected_by_the_broker_to_the_commit_that_
     let out = fleet.testbot(&["bisect", "--list", REPO]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
+
+    // `wobbly` is known to be flaky now; the job's `quarantine` keeps its failures at
+    // commit 13 from failing their check runs, which name it apart.
+    let thirteen = fake
+        .commit(REPO, "main", &[("notes.txt", "commit 13")], "Commit 13")
+        .await;
+    let runs = wait_for("commit 13's six check runs", WAIT, || async {
+        let runs: Vec<_> = fake
+            .check_runs(REPO)
+            .into_iter()
+            .filter(|run| run.head_sha == thirteen && run.current().status == "completed")
+            .collect();
+        (runs.len() == 6).then_some(runs)
+    })
+    .await;
+    let quarantined: Vec<_> = runs
+        .iter()
+        .filter(|run| {
+            run.current().output.title.as_deref() == Some("Passed but for known-flaky tests")
+        })
+        .collect();
+    assert_eq!(quarantined.len(), 2, "{runs:#?}");
+    for run in &runs {
+        assert_eq!(
+            run.current().conclusion.as_deref(),
+            Some("success"),
+            "{run:#?}"
+        );
+    }
+    let summary = quarantined[0]
+        .current()
+        .output
+        .summary
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        summary.contains(r"Failed, known flaky (in quarantine): pkg \> T.wobbly"),
+        "{summary}"
+    );
     fake.assert_conforms();
     fleet.stop().await;
 }

@@ -302,15 +302,65 @@ async fn across_a_branchs_commits_a_flaky_test_and_a_newly_broken_one_are_told_a
     );
 
     let out = fleet.testbot(&["flaky", REPO, "--branch", "main"]).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let flaky = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{flaky}");
     assert!(
-        stdout.contains("flaky  unit: pkg > T.wobbly: flaky at 2 of 4 commits, first at 222222222222; failed 2 of 16 runs"),
+        flaky.contains("flaky  unit: pkg > T.wobbly: flaky at 2 of 4 commits, first at 222222222222; failed 2 of 16 runs"),
+        "{flaky}"
+    );
+    assert!(
+        flaky.contains("broken unit: pkg > T.lately: failing in every run since 333333333333, last passing at 222222222222"),
+        "{flaky}"
+    );
+    // One test's record, commit by commit.
+    let out = fleet
+        .testbot(&["history", REPO, "pkg > T.wobbly", "--branch", "main"])
+        .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("hpc-lab/solver unit: pkg > T.wobbly: flaky; failed 2 of 16 runs"),
+        "{stdout}"
+    );
+    let commits: Vec<&str> = stdout.lines().filter(|l| l.contains(" runs ")).collect();
+    assert_eq!(commits.len(), 4, "{stdout}");
+    assert!(
+        commits[0].contains("111111111111     4 runs     0 failed  passing"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("broken unit: pkg > T.lately: failing in every run since 333333333333, last passing at 222222222222"),
+        commits[1].contains("222222222222     4 runs     1 failed  flaky"),
         "{stdout}"
+    );
+    assert!(stdout.contains("agent a1: failed 2 of 16 runs"), "{stdout}");
+
+    // At a fifth commit, `wobbly` fails again: known to be flaky, told apart from `lately`,
+    // which is broken and never in quarantine.
+    let mut claims = issuer.claims(REPO, testbot_e2e::AUDIENCE);
+    claims["sha"] = "5555555555555555555555555555555555555555".into();
+    let spec = JobSpec {
+        name: Some("unit".into()),
+        script: history_script("1", true),
+        results: vec!["out/*.xml".into()],
+        ..JobSpec::default()
+    };
+    let batch = fleet
+        .client_with(&issuer.mint(&claims))
+        .submit_batch(&spec, 1, None)
+        .await
+        .unwrap();
+    let (done, _) = fleet.finished(&batch.jobs[0]).await;
+    let results = fleet.client().job_results(done.id).await.unwrap();
+    assert_eq!(results.known_flaky, ["pkg > T.wobbly"], "{results:?}");
+    let (new, known) = results.new_and_known_failures();
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].name, "lately");
+    assert_eq!(known[0].name, "wobbly");
+    let out = fleet.testbot(&["results", &done.id.to_string()]).await;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("failed  pkg > T.wobbly (known flaky): race"),
+        "{shown}"
     );
     fleet.stop().await;
 }
