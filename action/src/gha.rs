@@ -484,14 +484,182 @@ pub async fn run() -> anyhow::Result<i32> {
 async fn run_all() -> anyhow::Result<i32> {
     let inputs = Inputs::read()?;
     start_watchdog();
-    let mut last_code = 0;
-    for attempt in 1..=inputs.repeat {
-        let code = run_once(&inputs, attempt).await?;
-        if code != 0 {
-            last_code = code;
+    if inputs.repeat > 1 {
+        return run_batch(&inputs).await;
+    }
+    run_once(&inputs, 1).await
+}
+
+/// How often a batch's progress is read.
+const BATCH_POLL: Duration = Duration::from_secs(1);
+
+/// `repeat: N`: one batch of N runs, in parallel on the agents that take them. A line per run
+/// as it ends (not N interleaved logs), then the totals and every test across the runs in the
+/// step summary; fails if any run failed.
+async fn run_batch(inputs: &Inputs) -> anyhow::Result<i32> {
+    let mut spec = inputs.spec(1)?;
+    spec.name = std::env::var("GITHUB_JOB").ok();
+    println!(
+        "::group::testbot: submitting {} runs to {}",
+        inputs.repeat, inputs.broker_url
+    );
+    let token = request_token(&inputs.audience).await?;
+    let client = BrokerClient::new(&inputs.broker_url, token)?;
+    let batch = match client.submit_batch(&spec, inputs.repeat, None).await {
+        Ok(batch) => batch,
+        Err(ClientError::Api { message, .. }) => {
+            println!("::endgroup::");
+            anyhow::bail!("the broker refused the batch: {message}");
+        }
+        Err(err) => {
+            println!("::endgroup::");
+            return Err(err.into());
+        }
+    };
+    let id = batch.id;
+    let ids: Vec<i64> = batch.jobs.iter().map(|j| j.id.0).collect();
+    let base = inputs.broker_url.trim_end_matches('/').to_string();
+    println!(
+        "batch {id}: {} runs queued (jobs {}-{}); each run's log: {base}/jobs/JOB",
+        batch.runs,
+        ids.first().unwrap_or(&0),
+        ids.last().unwrap_or(&0)
+    );
+    println!("::endgroup::");
+    let mut running = active_jobs();
+    running.extend(&ids);
+    set_active_jobs(&running)?;
+    append_to(
+        "GITHUB_OUTPUT",
+        &format!(
+            "batch-id={id}
+"
+        ),
+    )?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut cancelled = false;
+    let mut reported = std::collections::HashSet::new();
+    let batch = loop {
+        let now = client.batch(id).await?;
+        for job in now.jobs.iter().filter(|j| j.state.is_terminal()) {
+            if reported.insert(job.id) {
+                let line = crate::output::describe_run(job, now.runs);
+                println!("{}", crate::output::sanitize(&line));
+            }
+        }
+        if now.is_finished() {
+            break now;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(BATCH_POLL) => continue,
+            _ = term.recv(), if !cancelled => {}
+            _ = int.recv(), if !cancelled => {}
+        }
+        cancelled = true;
+        eprintln!("testbot: the workflow was cancelled; cancelling batch {id}");
+        let cancel = async {
+            let fresh = request_token(&inputs.audience).await?;
+            BrokerClient::new(&inputs.broker_url, fresh)?
+                .cancel_batch(id)
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        if let Err(err) = cancel.await {
+            eprintln!("testbot: cannot cancel batch {id}: {err}");
+        }
+    };
+    set_active_jobs(
+        &active_jobs()
+            .into_iter()
+            .filter(|other| !ids.contains(other))
+            .collect::<Vec<_>>(),
+    )?;
+    let code = batch.cli_exit_code();
+    let word = match code {
+        0 => "success",
+        130 => "cancelled",
+        _ => "failure",
+    };
+    append_to(
+        "GITHUB_OUTPUT",
+        &format!("result={word}\nexit-code={code}\n"),
+    )?;
+    let tests = if inputs.results.is_empty() {
+        None
+    } else {
+        match client.batch_results(id).await {
+            Ok(results) => Some(results),
+            Err(err) => {
+                eprintln!("testbot: cannot read batch {id}'s test results: {err}");
+                None
+            }
+        }
+    };
+    append_to(
+        "GITHUB_STEP_SUMMARY",
+        &batch_summary(&batch, &base, tests.as_ref()),
+    )?;
+    if code != 0 {
+        println!(
+            "::error title=testbot batch {id}::{}",
+            crate::output::sanitize(&batch.totals.to_string())
+        );
+    }
+    Ok(code)
+}
+
+/// A batch's step summary: its totals, each run that did not succeed, and the tests that were
+/// flaky or broken across its runs.
+fn batch_summary(
+    batch: &testbot_proto::batches::Batch,
+    base: &str,
+    tests: Option<&testbot_proto::test_results::BatchResults>,
+) -> String {
+    let mut text = format!(
+        "### testbot batch {}: {} runs\n\n{}\n\n",
+        batch.id, batch.runs, batch.totals
+    );
+    for job in batch.jobs.iter().filter(|j| j.state != JobState::Succeeded) {
+        text.push_str(&format!(
+            "- run {}: [job {}]({base}/jobs/{}) {}\n",
+            job.batch.map_or(0, |p| p.run),
+            job.id,
+            job.id,
+            result_word(job)
+        ));
+    }
+    if let Some(tests) = tests {
+        let listed: Vec<_> = tests
+            .tests
+            .iter()
+            .filter(|t| t.is_flaky() || t.is_broken())
+            .take(SUMMARY_TESTS)
+            .collect();
+        text.push_str(&format!(
+            "\n{} tests across {} runs with results\n\n",
+            tests.tests.len(),
+            tests.runs_with_results
+        ));
+        for test in listed {
+            let verdict = if test.is_flaky() { "flaky" } else { "broken" };
+            let rate = test
+                .failure_rate()
+                .map(|(rate, low, high)| {
+                    format!(", rate {rate:.2} (95% interval {low:.2} to {high:.2})")
+                })
+                .unwrap_or_default();
+            text.push_str(&format!(
+                "- {verdict}: {}: failed in {} of {} runs{rate}\n",
+                code_span(&test.test_id()),
+                test.failed,
+                test.runs
+            ));
         }
     }
-    Ok(last_code)
+    text.push('\n');
+    text
 }
 
 /// Stops GitHub from processing workflow commands until dropped (`::stop-commands::TOKEN`,

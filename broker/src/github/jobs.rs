@@ -156,28 +156,34 @@ pub async fn submit_spec(
         }),
     };
     let provenance_json = serde_json::to_string(provenance)?;
-    let mut jobs = Vec::new();
-    for run in 1..=runs {
-        let check_name = if runs == 1 {
-            commit.job.clone()
-        } else {
-            format!("{} ({run}/{runs})", commit.job)
-        };
-        let app = NewAppJob {
+    let names: Vec<String> = (1..=runs)
+        .map(|run| match runs {
+            1 => commit.job.clone(),
+            _ => format!("{} ({run}/{runs})", commit.job),
+        })
+        .collect();
+    let apps: Vec<NewAppJob<'_>> = names
+        .iter()
+        .map(|check_name| NewAppJob {
             provenance: &provenance_json,
             installation_id,
             repository: &commit.repository,
             head_sha: &commit.sha,
-            check_name: &check_name,
+            check_name,
             check_run: check_runs,
-        };
-        let model = crate::lifecycle::jobs::submit_app_job(state, spec, &origin, &app).await?;
+        })
+        .collect();
+    // Several runs are one batch: followed, counted and reported together.
+    let jobs = match apps.as_slice() {
+        [app] => vec![crate::lifecycle::jobs::submit_app_job(state, spec, &origin, app).await?],
+        apps => crate::lifecycle::jobs::submit_app_batch(state, spec, &origin, apps).await?,
+    };
+    for model in &jobs {
         tracing::info!(
             job_id = model.id,
             provenance = %provenance.describe(),
             "App job queued."
         );
-        jobs.push(model);
     }
     if let Some(app) = &state.github_app {
         app.checks.notify_one();

@@ -87,6 +87,20 @@ pub async fn submit_app_job(
     Ok(model)
 }
 
+/// Queues the runs of a batch of App jobs, each with its check-run record.
+pub async fn submit_app_batch(
+    state: &AppState,
+    spec: &JobSpec,
+    origin: &JobOrigin,
+    apps: &[crate::store::github::NewAppJob<'_>],
+) -> StoreResult<Vec<JobModel>> {
+    let (_, models) = state.store.insert_app_batch(spec, origin, apps).await?;
+    for model in &models {
+        publish_queued(state, model.job_id(), false).await;
+    }
+    Ok(models)
+}
+
 /// Claims the oldest queued job `taker` may run, under `lease`.
 pub async fn claim(
     state: &AppState,

@@ -171,6 +171,14 @@ pub trait GitHubStore: Send + Sync {
         origin: &JobOrigin,
         app: &NewAppJob<'_>,
     ) -> StoreResult<JobModel>;
+    /// Inserts `apps.len()` App jobs of `spec` as the runs of one batch, each with its
+    /// check-run record, in one transaction.
+    async fn insert_app_batch(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        apps: &[NewAppJob<'_>],
+    ) -> StoreResult<(crate::store::BatchModel, Vec<JobModel>)>;
     async fn app_job(&self, id: JobId) -> StoreResult<Option<AppJobModel>>;
     /// Gives workflow job `id` (the Action's) a check run on `head_sha` of `repository`.
     async fn add_workflow_check_run(

@@ -70,10 +70,13 @@ fn workflow_repo(dir: &Path, workflow: &str) -> PathBuf {
 /// The value of the workflow's secret variable `DEPLOY_TOKEN`.
 const SECRET: &str = "deploy-9d4e61b0";
 
+#[derive(Default)]
 struct Run {
     script: String,
     /// Which repository's workflow the token says this is; `None`: no id-token permission.
     token_repo: Option<&'static str>,
+    /// The action's `repeat` input; `None`: not given.
+    repeat: Option<u32>,
 }
 
 /// Starts `act` on the workflow; returns the process (its output is in the fleet's directory).
@@ -103,6 +106,9 @@ fn start_act(fleet: &Fleet, run: &Run) -> (Process, PathBuf) {
         "--env".into(),
         "TESTBOT_RESULTS=reports/*.xml".into(),
     ];
+    if let Some(repeat) = run.repeat {
+        args.extend(["--env".into(), format!("TESTBOT_REPEAT={repeat}")]);
+    }
     if let Some(token_repo) = run.token_repo {
         args.extend([
             "--env".into(),
@@ -177,6 +183,7 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
                 testbot_e2e::check_value("DEPLOY_TOKEN", SECRET)
             ),
             token_repo: Some(REPO),
+            ..Run::default()
         },
     )
     .await;
@@ -196,7 +203,7 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
     assert_eq!(job.repository.as_deref(), Some(REPO));
     assert!(
         out.contains(&format!(
-            "outputs: job-id={} result=success exit-code=0 log-url={}/jobs/{}",
+            "outputs: job-id={} batch-id= result=success exit-code=0 log-url={}/jobs/{}",
             job.id, fleet.url, job.id
         )),
         "{out}"
@@ -230,6 +237,55 @@ async fn a_workflow_runs_its_job_remotely_with_outputs_and_a_summary() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn repeat_runs_one_batch_in_parallel_and_reports_its_runs_and_flaky_tests() {
+    let mut fleet = fleet().await;
+    let mut second = fleet.agent_config("runner2");
+    second.allow_workflow_jobs_without_policy = true;
+    fleet.add_agent(second);
+    fleet.wait_polling_agents(2).await;
+    let (status, out) = act(
+        &fleet,
+        Run {
+            // `wobbly` fails in runs 2 and 4; run 4 also fails the script.
+            script: "sleep 0.3; mkdir -p reports; w=''; case $TESTBOT_BATCH_RUN in 2|4) w='<failure/>';; esac; \
+                     printf '<testsuite name=\"pkg\"><testcase name=\"steady\"/><testcase name=\"wobbly\">%s</testcase></testsuite>' \"$w\" > reports/junit.xml; \
+                     echo run $TESTBOT_BATCH_RUN of $TESTBOT_BATCH_RUNS; [ $TESTBOT_BATCH_RUN -ne 4 ]"
+                .into(),
+            token_repo: Some(REPO),
+            repeat: Some(5),
+        },
+    )
+    .await;
+    assert!(!status.success(), "{out}");
+    let batch = fleet
+        .client()
+        .batch(testbot_proto::batches::BatchId(1))
+        .await
+        .unwrap();
+    assert_eq!(batch.runs, 5);
+    assert_eq!(
+        (batch.totals.succeeded, batch.totals.failed),
+        (4, 1),
+        "{out}"
+    );
+    assert!(
+        out.contains("batch-id=1 result=failure exit-code=1"),
+        "{out}"
+    );
+    // A line per run, not the interleaved logs.
+    assert!(out.contains("run 4/5 (job "), "{out}");
+    assert!(!out.contains("run 1 of 5"), "{out}");
+    assert!(out.contains("### testbot batch 1: 5 runs"), "{out}");
+    assert!(
+        out.contains("- flaky: `pkg > wobbly`: failed in 2 of 5 runs, rate 0.40"),
+        "{out}"
+    );
+    let agents: std::collections::BTreeSet<_> =
+        batch.jobs.iter().filter_map(|j| j.agent.clone()).collect();
+    assert_eq!(agents.len(), 2, "in parallel on both agents: {agents:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_remote_log_cannot_issue_workflow_commands() {
     let fleet = fleet().await;
     let (status, out) = act(
@@ -242,6 +298,7 @@ async fn a_remote_log_cannot_issue_workflow_commands() {
                      echo visible marker-text second-marker"
                 .into(),
             token_repo: Some(REPO),
+            ..Run::default()
         },
     )
     .await;
@@ -260,6 +317,7 @@ async fn a_failing_job_fails_the_step_with_its_exit_code() {
         Run {
             script: "echo about to fail; exit 3".into(),
             token_repo: Some(REPO),
+            ..Run::default()
         },
     )
     .await;
@@ -277,6 +335,7 @@ async fn without_id_token_permission_or_registration_the_reason_is_clear() {
         Run {
             script: "echo never".into(),
             token_repo: None,
+            ..Run::default()
         },
     )
     .await;
@@ -291,6 +350,7 @@ async fn without_id_token_permission_or_registration_the_reason_is_clear() {
         Run {
             script: "echo never".into(),
             token_repo: Some("someone/unregistered"),
+            ..Run::default()
         },
     )
     .await;
@@ -321,6 +381,7 @@ async fn cancelling_the_workflow_cancels_the_remote_job() {
         &Run {
             script: "echo started; sleep 300".into(),
             token_repo: Some(REPO),
+            ..Run::default()
         },
     );
     let client = fleet.client();

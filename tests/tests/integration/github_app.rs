@@ -622,10 +622,17 @@ async fn comments_run_pull_requests_and_a_forks_only_for_the_commit_named() {
     fake.comment(REPO, pr.number, "maintainer", "/testbot repeat 2 unit")
         .await;
     let jobs = wait_jobs(&fleet, 3).await;
+    let mut places = Vec::new();
     for job in &jobs[..2] {
         let job = fleet.wait_finished(job.id).await;
         assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        places.push(job.batch.expect("the runs are one batch"));
     }
+    // One batch of two runs, followed and reported together.
+    assert_eq!(places[0].batch, places[1].batch);
+    let mut runs: Vec<u32> = places.iter().map(|p| p.run).collect();
+    runs.sort();
+    assert_eq!((runs, places[0].runs), (vec![1, 2], 2));
     let names: Vec<String> = wait_for("three check runs", WAIT, || async {
         let runs = fake.check_runs(REPO);
         (runs.len() == 3).then(|| runs.iter().map(|r| r.current().name.clone()).collect())

@@ -234,6 +234,54 @@ impl GitHubStore for PgStore {
         Ok(model)
     }
 
+    async fn insert_app_batch(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        apps: &[NewAppJob<'_>],
+    ) -> StoreResult<(crate::store::BatchModel, Vec<JobModel>)> {
+        let stored = StoredJob::new(spec, origin)?;
+        let origin = JobOrigin {
+            oidc_token: None,
+            ..origin.clone()
+        };
+        let runs = apps.len() as u32;
+        let mut tx = self.pool.begin().await?;
+        let batch: crate::store::BatchModel = sqlx::query_as(
+            "INSERT INTO batches (runs, created_at_ms, submitted_by, repository)
+             VALUES ($1, $2, $3, $4)
+             RETURNING id, runs, created_at_ms, submitted_by, repository, until",
+        )
+        .bind(i64::from(runs))
+        .bind(now_ms())
+        .bind(&origin.submitted_by)
+        .bind(&origin.repository)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(apps.len());
+        for (run, app) in apps.iter().enumerate() {
+            let place = Some((batch.id, run as u32 + 1, runs));
+            let model = super::insert_job_row(&mut tx, spec, &stored, &origin, None, place).await?;
+            sqlx::query(
+                "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
+                     head_sha, check_name, synced_state)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(model.id)
+            .bind(app.provenance)
+            .bind(app.installation_id)
+            .bind(app.repository)
+            .bind(app.head_sha)
+            .bind(app.check_name)
+            .bind((!app.check_run).then_some(crate::store::github::NO_CHECK_RUN))
+            .execute(&mut *tx)
+            .await?;
+            jobs.push(model);
+        }
+        tx.commit().await?;
+        Ok((batch, jobs))
+    }
+
     async fn add_workflow_check_run(
         &self,
         id: JobId,

@@ -294,6 +294,61 @@ impl GitHubStore for SqliteStore {
             .await
     }
 
+    async fn insert_app_batch(
+        &self,
+        spec: &JobSpec,
+        origin: &JobOrigin,
+        apps: &[NewAppJob<'_>],
+    ) -> StoreResult<(crate::store::BatchModel, Vec<JobModel>)> {
+        let stored = StoredJob::new(spec, origin)?;
+        let origin = JobOrigin {
+            oidc_token: None,
+            ..origin.clone()
+        };
+        type Row = (String, i64, String, String, String, Option<&'static str>);
+        let rows: Vec<Row> = apps
+            .iter()
+            .map(|app| {
+                (
+                    app.provenance.to_owned(),
+                    app.installation_id,
+                    app.repository.to_owned(),
+                    app.head_sha.to_owned(),
+                    app.check_name.to_owned(),
+                    (!app.check_run).then_some(crate::store::github::NO_CHECK_RUN),
+                )
+            })
+            .collect();
+        self.writer
+            .write(move |tx| {
+                let runs = rows.len() as u32;
+                let batch = tx
+                    .prepare_cached(
+                        "INSERT INTO batches (runs, created_at_ms, submitted_by, repository)
+                         VALUES (?1, ?2, ?3, ?4)
+                         RETURNING id, runs, created_at_ms, submitted_by, repository, until",
+                    )?
+                    .query_row(
+                        params![runs, now_ms(), origin.submitted_by, origin.repository],
+                        super::batch_row,
+                    )?;
+                let mut jobs = Vec::with_capacity(rows.len());
+                for (run, row) in rows.iter().enumerate() {
+                    let place = Some((batch.id, run as u32 + 1, runs));
+                    let job = insert_job_row(tx, &stored, &origin, None, place)?;
+                    tx.prepare_cached(
+                        "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
+                             head_sha, check_name, synced_state)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![job.id, row.0, row.1, row.2, row.3, row.4, row.5])?;
+                    jobs.push(job);
+                }
+                Ok((batch, jobs))
+            })
+            .await
+    }
+
     async fn add_workflow_check_run(
         &self,
         id: JobId,
