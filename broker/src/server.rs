@@ -93,7 +93,8 @@ pub struct Broker {
     metrics_events: JoinHandle<()>,
     /// Stops batches whose runs can say what their stopping rule asks.
     batch_stopper: JoinHandle<()>,
-    /// The GitHub App's delivery consumer, check-run syncer, scheduler and bisector.
+    /// The GitHub App's delivery consumer, check-run syncer, scheduler, bisector and history
+    /// filler.
     github_tasks: Vec<JoinHandle<()>>,
     store: SharedStore,
 }
@@ -180,6 +181,10 @@ impl Broker {
                     app.clone(),
                 )),
                 tokio::spawn(crate::github::bisect::run_bisector(
+                    state.clone(),
+                    app.clone(),
+                )),
+                tokio::spawn(crate::github::history::run_filler(
                     state.clone(),
                     app.clone(),
                 )),

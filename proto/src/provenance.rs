@@ -43,15 +43,16 @@ pub enum Provenance {
         /// The cron expression of the config's schedule entry.
         cron: String,
     },
-    /// A commit already on a branch, run again by the broker for the test statistics (a step
-    /// of bisection `bisection`). It runs what a push of the commit would: the agent checks
-    /// the commit is on the branch and that the config at the commit runs the job on pushes
-    /// to it.
+    /// A commit already on a branch, run again by the broker for the test statistics: a step
+    /// of bisection `bisection`, or (without one) a run that fills the branch's history in idle
+    /// capacity. It runs what a push of the commit would: the agent checks the commit is on
+    /// the branch and that the config at the commit runs the job on pushes to it.
     History {
         #[serde(flatten)]
         commit: CommitRef,
         branch: String,
-        bisection: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bisection: Option<i64>,
     },
     /// A pull request, run because someone with write permission asked in a comment. The
     /// commit is the pull request's head; the config is the base branch's, never the head's (a
@@ -203,9 +204,15 @@ impl Provenance {
                 c.repository, c.job
             ),
             Provenance::History {
-                branch, bisection, ..
+                branch,
+                bisection: Some(bisection),
+                ..
             } => format!(
                 "bisection {bisection} of {}@{short} on {branch} (job {})",
+                c.repository, c.job
+            ),
+            Provenance::History { branch, .. } => format!(
+                "history run of {}@{short} on {branch} (job {})",
                 c.repository, c.job
             ),
             Provenance::Tag { tag, pushed_by, .. } => format!(

@@ -102,6 +102,11 @@ pub struct ConfigJob {
     /// failure rate below 1 % (with 95 % confidence). Default: false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub quarantine: bool,
+    /// Keep at least `runs` runs of the job on each of the last `commits` commits of the
+    /// default branch that ran it: the broker fills idle capacity with them, so a rare flake
+    /// shows up at the commit that brought it. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryFill>,
     /// Runs of the job each trigger starts. Default: 1.
     #[serde(default = "one")]
     pub repeat: u32,
@@ -113,6 +118,19 @@ pub struct ConfigJob {
 fn one() -> u32 {
     1
 }
+
+/// `history = { commits = 20, runs = 5 }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryFill {
+    /// 1 to [`MAX_HISTORY`].
+    pub commits: u32,
+    /// 1 to [`MAX_HISTORY`].
+    pub runs: u32,
+}
+
+/// The most commits, and runs a commit, a job's history fill asks for.
+pub const MAX_HISTORY: u32 = 100;
 
 fn yes() -> bool {
     true
@@ -309,6 +327,16 @@ impl RepoConfig {
                 .map_err(|m| (at("results"), m))?;
             crate::jobs::validate_selection(job.run_tests.as_deref(), &[])
                 .map_err(|m| (at("run_tests"), m))?;
+            if let Some(fill) = &job.history {
+                for (field, n) in [("commits", fill.commits), ("runs", fill.runs)] {
+                    if n == 0 || n > MAX_HISTORY {
+                        return Err((
+                            at(&format!("history.{field}")),
+                            format!("{field} is {n}; write 1 to {MAX_HISTORY}"),
+                        ));
+                    }
+                }
+            }
             let spec = job.spec(name).map_err(|m| (format!("jobs.{name}"), m))?;
             spec.validate()
                 .map_err(|m| (spec_error_path(name, &m), m))?;

@@ -464,7 +464,7 @@ async fn submit_runs(
             config_sha: sha.clone(),
         },
         branch: bisection.branch.clone(),
-        bisection: bisection.id,
+        bisection: Some(bisection.id),
     };
     let mut spec =
         super::jobs::spec_of(&provenance, job).map_err(|e| Submit::Fail(format!("{e:#}")))?;

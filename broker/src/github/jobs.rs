@@ -149,9 +149,10 @@ pub async fn submit_spec(
         // A bisection's runs of older commits are its own record, not the branch's: kept
         // apart, they leave the branch's statistics in the order its commits were pushed.
         git_ref: Some(match provenance {
-            Provenance::History { bisection, .. } => {
-                format!("refs/testbot/bisections/{bisection}")
-            }
+            Provenance::History {
+                bisection: Some(bisection),
+                ..
+            } => format!("refs/testbot/bisections/{bisection}"),
             _ => provenance.git_ref(),
         }),
     };

@@ -17,6 +17,7 @@
 //! - [`jobs`]: submitting App jobs; the provenance handed to agents.
 //! - [`checks`]: check runs.
 //! - [`bisect`]: statistical bisection, the bisector loop.
+//! - [`history`]: filling a branch's history in idle capacity.
 //! - [`commands`]: `/testbot` commands in pull request comments.
 //! - [`user`]: user-token checks for repository registration (no App needed).
 
@@ -25,6 +26,7 @@ pub mod bisect;
 pub mod checks;
 pub mod commands;
 pub mod config;
+pub mod history;
 pub mod jobs;
 pub mod process;
 pub mod pulls;

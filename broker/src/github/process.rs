@@ -328,6 +328,16 @@ async fn on_push(state: &AppState, app: &GitHubApp, event: PushEvent) -> Result<
             &config,
         )
         .await?;
+        super::history::record(
+            state,
+            installation.id,
+            repo.id,
+            &repo.full_name,
+            branch,
+            !repo.private,
+            &config,
+        )
+        .await?;
     }
     let changed: Vec<String> = event
         .commits

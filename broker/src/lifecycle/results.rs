@@ -261,7 +261,9 @@ pub fn history(
             test.last_passing_commit = Some(c.commit.to_string());
         }
     }
-    if let Some(latest) = commits.iter().max_by_key(|c| c.last_at_ms) {
+    // The latest commit is the one that first ran last (in the order the branch's commits
+    // were pushed): runs that fill in an older commit's history later do not make it latest.
+    if let Some(latest) = commits.iter().max_by_key(|c| c.first_at_ms) {
         test.latest_commit = latest.commit.clone();
         test.failing_at_latest = failing(latest);
         if test.failing_at_latest {

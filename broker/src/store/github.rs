@@ -126,6 +126,36 @@ pub struct ScheduleModel {
     pub next_run_ms: i64,
 }
 
+/// A job whose history the broker fills: `runs` runs on each of the last `commits` commits
+/// of `branch` that ran it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct HistoryTargetModel {
+    pub repository_id: i64,
+    pub repository: String,
+    pub installation_id: i64,
+    pub public: bool,
+    pub branch: String,
+    pub job: String,
+    pub commits: i64,
+    pub runs: i64,
+}
+
+/// A commit a job ran at, with when it first ran there and its runs that count (all but those
+/// the fleet failed or that were cancelled; queued and running ones count).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CommitRunCount {
+    pub commit_sha: String,
+    pub first_at_ms: i64,
+    pub runs: i64,
+}
+
+/// What both backends read [`GitHubStore::commit_runs`] with.
+pub(crate) const COMMIT_RUNS_SQL: &str = "SELECT commit_sha, MIN(created_at_ms) AS first_at_ms,
+                SUM(CASE WHEN state IN ('error', 'cancelled') THEN 0 ELSE 1 END) AS runs
+         FROM jobs
+         WHERE repository = $1 AND git_ref = $2 AND job_name = $3 AND commit_sha IS NOT NULL
+         GROUP BY commit_sha ORDER BY first_at_ms DESC LIMIT $4";
+
 #[async_trait::async_trait]
 pub trait GitHubStore: Send + Sync {
     /// Queues a verified delivery; false when a delivery with its id was queued before (a
@@ -210,6 +240,22 @@ pub trait GitHubStore: Send + Sync {
         repository_id: i64,
         schedules: &[ScheduleModel],
     ) -> StoreResult<()>;
+    /// Replaces the history targets of a repository.
+    async fn replace_history_targets(
+        &self,
+        repository_id: i64,
+        targets: &[HistoryTargetModel],
+    ) -> StoreResult<()>;
+    async fn history_targets(&self) -> StoreResult<Vec<HistoryTargetModel>>;
+    /// The last `limit` commits (by when they first ran) at which job `job_name` of
+    /// `repository` ran on `git_ref`, newest first, with their runs that count.
+    async fn commit_runs(
+        &self,
+        repository: &str,
+        git_ref: &str,
+        job_name: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<CommitRunCount>>;
     /// Schedules due at `now_ms`, earliest first.
     async fn due_schedules(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<ScheduleModel>>;
     /// Moves a due schedule's next run from `from_ms` to `to_ms`; false when another broker

@@ -333,11 +333,16 @@ fn provenance_facts(facts: &mut Vec<Fact>, provenance: &Provenance, github: &str
             ("schedule", format!("`{cron}` (UTC) on {branch}"))
         }
         Provenance::History {
-            branch, bisection, ..
+            branch,
+            bisection: Some(bisection),
+            ..
         } => (
             "bisection",
             format!("step of bisection {bisection}, a commit of {branch}"),
         ),
+        Provenance::History { branch, .. } => {
+            ("history", format!("a run filling the history of {branch}"))
+        }
         Provenance::PullRequest {
             number, approval, ..
         } => {

@@ -42,7 +42,7 @@ fn unknown_keys_are_refused_at_their_place_with_a_suggestion() {
     assert_eq!(
         err("[jobs.a]\nscript = \"true\"\ntimout = \"1m\"\n"),
         "3:1: unknown field `timout`, expected one of `script`, `site`, `labels`, `executor`, \
-         `image`, `timeout`, `resources`, `env`, `results`, `run_tests`, `bisect`, `quarantine`, `repeat`, `on`; did you mean `timeout`?"
+         `image`, `timeout`, `resources`, `env`, `results`, `run_tests`, `bisect`, `quarantine`, `history`, `repeat`, `on`; did you mean `timeout`?"
     );
     let e = err("[jobs.a]\nscript = \"true\"\n[jobs.a.on]\npush = { branch = [\"main\"] }\n");
     assert!(e.starts_with("4:10: unknown field `branch`"), "{e}");

@@ -1610,3 +1610,90 @@ async fn a_new_flake_after_a_merge_is_bisected_by_the_broker_to_the_commit_that_
     fake.assert_conforms();
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_agents_fill_the_history_of_the_last_commits_which_then_shows_a_rare_flake() {
+    ensure_account(JOB_ACCOUNT);
+    let (fake, mut fleet) = installed_app().await;
+    let policy = app_policy(&fleet, &fake);
+    for name in ["login1", "login2"] {
+        let mut agent = fleet.agent_config(name);
+        agent.policy = Some(policy.clone());
+        fleet.add_agent(agent);
+    }
+    fleet.wait_policy_agents(2).await;
+    // One post-merge run a push; the history keeps three on each of the last two commits.
+    let config = r#"
+[jobs.unit]
+executor = "shell"
+results = ["out/*.xml"]
+history = { commits = 2, runs = 3 }
+script = "sh test.sh"
+
+[jobs.unit.on]
+push = { branches = ["main"] }
+"#;
+    let mut shas = Vec::new();
+    for n in 1..=3 {
+        let content = format!("commit {n}");
+        let mut files = vec![("notes.txt", content.as_str())];
+        if n == 1 {
+            files.extend([
+                (".github/testbot.toml", config),
+                ("test.sh", BISECT_TEST),
+                ("flaky", "every third job fails"),
+            ]);
+        }
+        shas.push(
+            fake.commit(REPO, "main", &files, &format!("Commit {n}"))
+                .await,
+        );
+    }
+    // The last two commits get three runs each; no commit gets more.
+    let counts = wait_for(
+        "the history to be filled",
+        Duration::from_secs(120),
+        || async {
+            let jobs = jobs_of(&fleet).await;
+            if !jobs.iter().all(|j| j.state.is_terminal()) {
+                return None;
+            }
+            let mut counts = Vec::new();
+            for sha in &shas {
+                let mut n = 0;
+                for job in &jobs {
+                    // Each run's log names the commit it checked out.
+                    if fleet.log(job.id).await.contains(&format!("{REPO}@{sha}")) {
+                        n += 1;
+                    }
+                }
+                counts.push(n);
+            }
+            (counts[1] >= 3 && counts[2] >= 3).then_some(counts)
+        },
+    )
+    .await;
+    assert_eq!(&counts[1..], [3, 3], "{counts:?}");
+    assert!((1..=3).contains(&counts[0]), "{counts:?}");
+    // Only the pushes have check runs.
+    assert_eq!(fake.check_runs(REPO).len(), 3);
+    // The fill runs count for the branch: the flake shows at the commits they ran.
+    let report = fleet
+        .client()
+        .flaky_tests(
+            REPO,
+            &testbot_proto::test_results::FlakyQuery {
+                branch: Some("main".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let wobbly = report.tests.iter().find(|t| t.name == "wobbly");
+    assert!(
+        wobbly.is_some_and(|t| t.verdict() == "flaky" && t.flaky_commits >= 1),
+        "{report:#?}"
+    );
+    fake.assert_conforms();
+    fleet.stop().await;
+}

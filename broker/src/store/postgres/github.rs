@@ -9,6 +9,7 @@ use crate::store::github::{
     AppJobModel, CommentKind, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo,
     NewAppJob, NewDelivery, ScheduleModel,
 };
+use crate::store::github::{COMMIT_RUNS_SQL, CommitRunCount, HistoryTargetModel};
 use crate::store::{JobModel, JobOrigin, StoreError, StoreResult, StoredJob};
 
 const DELIVERY_COLUMNS: &str = "id, event, action, payload, received_at_ms, state, attempts, error";
@@ -387,6 +388,63 @@ impl GitHubStore for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn replace_history_targets(
+        &self,
+        repository_id: i64,
+        targets: &[HistoryTargetModel],
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM github_history_targets WHERE repository_id = $1")
+            .bind(repository_id)
+            .execute(&mut *tx)
+            .await?;
+        for t in targets {
+            sqlx::query(
+                "INSERT INTO github_history_targets (repository_id, repository, installation_id,
+                     public, branch, job, commits, runs)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(t.repository_id)
+            .bind(&t.repository)
+            .bind(t.installation_id)
+            .bind(t.public)
+            .bind(&t.branch)
+            .bind(&t.job)
+            .bind(t.commits)
+            .bind(t.runs)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn history_targets(&self) -> StoreResult<Vec<HistoryTargetModel>> {
+        Ok(sqlx::query_as(
+            "SELECT repository_id, repository, installation_id, public, branch, job, commits,
+                 runs
+             FROM github_history_targets ORDER BY repository, job",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn commit_runs(
+        &self,
+        repository: &str,
+        git_ref: &str,
+        job_name: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<CommitRunCount>> {
+        Ok(sqlx::query_as(COMMIT_RUNS_SQL)
+            .bind(repository)
+            .bind(git_ref)
+            .bind(job_name)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn replace_schedules(

@@ -10,6 +10,7 @@ use crate::store::github::{
     AppJobModel, CommentKind, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo,
     NewAppJob, NewDelivery, ScheduleModel,
 };
+use crate::store::github::{COMMIT_RUNS_SQL, CommitRunCount, HistoryTargetModel};
 use crate::store::{JobModel, JobOrigin, StoreResult, StoredJob};
 
 macro_rules! delivery_columns {
@@ -472,6 +473,90 @@ impl GitHubStore for SqliteStore {
                 )?
                 .execute(params![id.0, retry_at_ms])?;
                 Ok(())
+            })
+            .await
+    }
+
+    async fn replace_history_targets(
+        &self,
+        repository_id: i64,
+        targets: &[HistoryTargetModel],
+    ) -> StoreResult<()> {
+        let targets = targets.to_vec();
+        self.writer
+            .write(move |tx| {
+                tx.prepare_cached("DELETE FROM github_history_targets WHERE repository_id = ?1")?
+                    .execute([repository_id])?;
+                for t in &targets {
+                    tx.prepare_cached(
+                        "INSERT INTO github_history_targets (repository_id, repository,
+                             installation_id, public, branch, job, commits, runs)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )?
+                    .execute(params![
+                        t.repository_id,
+                        t.repository,
+                        t.installation_id,
+                        t.public,
+                        t.branch,
+                        t.job,
+                        t.commits,
+                        t.runs
+                    ])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn history_targets(&self) -> StoreResult<Vec<HistoryTargetModel>> {
+        self.readers
+            .read(|conn| {
+                conn.prepare_cached(
+                    "SELECT repository_id, repository, installation_id, public, branch, job,
+                         commits, runs
+                     FROM github_history_targets ORDER BY repository, job",
+                )?
+                .query_map([], |row| {
+                    Ok(HistoryTargetModel {
+                        repository_id: row.get(0)?,
+                        repository: row.get(1)?,
+                        installation_id: row.get(2)?,
+                        public: row.get(3)?,
+                        branch: row.get(4)?,
+                        job: row.get(5)?,
+                        commits: row.get(6)?,
+                        runs: row.get(7)?,
+                    })
+                })?
+                .collect()
+            })
+            .await
+    }
+
+    async fn commit_runs(
+        &self,
+        repository: &str,
+        git_ref: &str,
+        job_name: &str,
+        limit: i64,
+    ) -> StoreResult<Vec<CommitRunCount>> {
+        let (repository, git_ref, job_name) = (
+            repository.to_owned(),
+            git_ref.to_owned(),
+            job_name.to_owned(),
+        );
+        self.readers
+            .read(move |conn| {
+                conn.prepare_cached(COMMIT_RUNS_SQL)?
+                    .query_map(params![repository, git_ref, job_name, limit], |row| {
+                        Ok(CommitRunCount {
+                            commit_sha: row.get(0)?,
+                            first_at_ms: row.get(1)?,
+                            runs: row.get(2)?,
+                        })
+                    })?
+                    .collect()
             })
             .await
     }
