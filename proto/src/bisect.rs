@@ -4,9 +4,10 @@
 //!
 //! A commit is **bad** once the test failed there at least once: the good commit's rate is
 //! taken to be nil, so one failure tells the two apart. It is **good** once the test passed
-//! there `n = ln(1 − c) / ln(1 − r)` times in a row, where `r` is the failure rate at the bad
-//! commit and `c` the confidence asked for: were the commit bad, so many passes would happen
-//! with chance at most `1 − c`. With `K` agents free, each round tests `K` commits spread
+//! there `n = ln(1 − c') / ln(1 − r)` times in a row, where `r` is the failure rate at the bad
+//! commit and `c' = 1 − (1 − c) / log₂ N` the confidence asked for, shared among the about
+//! log₂ N such calls of a bisection: were the commit bad, so many passes would happen with
+//! chance at most `1 − c'`. With `K` agents free, each round tests `K` commits spread
 //! evenly over the range still open, so the range shrinks `K + 1` ways a round (about
 //! `log_{K+1} N` rounds instead of `log₂ N`).
 //!
@@ -174,13 +175,17 @@ impl Bisection {
         crate::test_results::test_id(&self.suite, self.classname.as_deref(), &self.name)
     }
 
-    /// The runs at a commit of `commits` for the test to be called good there.
+    /// The runs at a commit of `commits` for the test to be called good there. A bisection
+    /// makes about log₂ N such calls, any of which may be wrong, so each is made at the
+    /// confidence that leaves the whole at `confidence` (Bonferroni: `1 − (1 − c) / log₂ N`).
     pub fn runs_to_pass(&self) -> Option<u32> {
         let rate = self.rate?.clamp(MIN_RATE, 1.0);
         if rate >= 1.0 {
             return Some(1);
         }
-        let n = (1.0 - self.confidence).ln() / (1.0 - rate).ln();
+        let calls = (self.commits.len().max(2) as f64).log2().ceil();
+        let each = 1.0 - (1.0 - self.confidence) / calls;
+        let n = (1.0 - each).ln() / (1.0 - rate).ln();
         Some((n - 1e-9).ceil().max(1.0) as u32)
     }
 
@@ -223,6 +228,16 @@ impl Bisection {
         self.points.iter().map(|p| p.runs.len()).sum()
     }
 
+    /// Runs that ran or may still run: all but those cancelled or failed by the fleet, which
+    /// the run limit does not count.
+    pub fn runs_spent(&self) -> usize {
+        self.points
+            .iter()
+            .flat_map(|p| &p.runs)
+            .filter(|r| r.outcome != Some(RunOutcome::NoResult))
+            .count()
+    }
+
     /// One line of where it stands.
     pub fn describe(&self) -> String {
         let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
@@ -232,7 +247,7 @@ impl Bisection {
                 self.test_id(),
                 short(self.culprit.as_deref().unwrap_or("")),
                 self.culprit_confidence.unwrap_or(0.0),
-                self.total_runs(),
+                self.runs_spent(),
                 self.rounds
             ),
             BisectionState::Failed => format!(
@@ -247,7 +262,7 @@ impl Bisection {
                 short(&self.commits[self.hi]),
                 self.hi - self.lo,
                 self.rounds,
-                self.total_runs()
+                self.runs_spent()
             ),
         }
     }
@@ -352,8 +367,11 @@ pub fn plan(bisection: &mut Bisection, free: usize) -> Plan {
         .collect();
     if undecided.is_empty() {
         // A new round: `free` commits spread evenly over the open range.
+        // As many as fit the runs the bisection has left: fewer commits a round rather than
+        // none.
         let gap = bad - good - 1;
-        let k = free.clamp(1, gap);
+        let budget = (MAX_RUNS.saturating_sub(bisection.runs_spent()) / needed as usize).max(1);
+        let k = free.clamp(1, gap).min(budget);
         let mut positions: Vec<usize> = (1..=k)
             .map(|i| good + (i * (bad - good)).div_ceil(k + 1))
             .filter(|&p| p > good && p < bad)
@@ -380,7 +398,7 @@ pub fn plan(bisection: &mut Bisection, free: usize) -> Plan {
 
 fn check_limit(bisection: &mut Bisection, plan: Plan) -> Plan {
     let more: u32 = plan.submit.iter().map(|(_, n)| n).sum();
-    if bisection.total_runs() + more as usize > MAX_RUNS {
+    if bisection.runs_spent() + more as usize > MAX_RUNS {
         fail(
             bisection,
             format!("it would take more than {MAX_RUNS} runs"),
@@ -473,8 +491,9 @@ mod tests {
     #[test]
     fn a_flake_that_starts_at_commit_7_of_12_is_found_there_with_its_confidence() {
         let mut b = bisection(12, Some(1.0 / 3.0));
-        // ln(0.05) / ln(2/3) = 7.4: eight passes call a commit good.
-        assert_eq!(b.runs_to_pass(), Some(8));
+        // Four calls for 12 commits, each at 1 − 0.05 / 4: ln(0.0125) / ln(2/3) = 10.8, so
+        // eleven passes call a commit good.
+        assert_eq!(b.runs_to_pass(), Some(11));
         let rounds = simulate(&mut b, 7, 1);
         assert_eq!(b.state, BisectionState::Found, "{b:#?}");
         assert_eq!(b.culprit.as_deref(), Some(b.commits[7].as_str()));
@@ -482,7 +501,7 @@ mod tests {
         assert!(rounds <= 4, "{rounds}");
         assert!(
             b.describe().contains(
-                "first fails at 007000000000 (the commit before it passed with confidence 0.961)"
+                "first fails at 007000000000 (the commit before it passed with confidence 0.988)"
             ),
             "{}",
             b.describe()
@@ -547,5 +566,58 @@ mod tests {
         }
         assert_eq!(b.culprit.as_deref(), Some(b.commits[9].as_str()));
         assert!(jobs <= 4, "{jobs}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Whatever the commits, the culprit, the rate and the runs' luck: the bisection ends,
+        /// within its run limit, and never names a commit before the one that broke the test
+        /// (those never fail); with enough luck against it, it may name a later one, which is
+        /// what its confidence bounds.
+        #[test]
+        fn a_bisection_ends_and_never_blames_a_commit_before_the_culprit(
+            commits in 2usize..80,
+            culprit_at in 0.0f64..1.0,
+            rate in 0.05f64..=1.0,
+            free in 1usize..9,
+            luck in proptest::collection::vec(0.0f64..1.0, 2000),
+        ) {
+            let culprit = 1 + ((commits - 1) as f64 * culprit_at) as usize % (commits - 1);
+            let mut b = bisection(commits, Some(rate));
+            let mut draws = luck.iter().cycle();
+            let mut next = 0;
+            for _ in 0..500 {
+                let step = plan(&mut b, free);
+                for job in &step.cancel {
+                    b.set_outcome(*job, RunOutcome::NoResult);
+                }
+                if b.state != BisectionState::Running {
+                    break;
+                }
+                for (position, count) in step.submit {
+                    for _ in 0..count {
+                        next += 1;
+                        b.add_runs(position, [JobId(next)]);
+                        let fails = position >= culprit && *draws.next().unwrap() < rate;
+                        b.set_outcome(
+                            JobId(next),
+                            if fails { RunOutcome::Failed } else { RunOutcome::Passed },
+                        );
+                    }
+                }
+            }
+            proptest::prop_assert_ne!(b.state, BisectionState::Running);
+            proptest::prop_assert!(b.runs_spent() <= MAX_RUNS);
+            if b.state == BisectionState::Found {
+                let named = b
+                    .commits
+                    .iter()
+                    .position(|c| Some(c) == b.culprit.as_ref())
+                    .unwrap();
+                proptest::prop_assert!(named >= culprit, "named {} before the culprit {}", named, culprit);
+                proptest::prop_assert!(b.culprit_confidence.unwrap() > 0.0);
+            }
+        }
     }
 }
