@@ -413,29 +413,7 @@ impl JobRunner {
                     "refused by the site policy of agent {}: {denial}",
                     self.agent
                 );
-                let chunk = testbot_proto::logs::format_line(
-                    testbot_proto::now_ms(),
-                    testbot_proto::logs::Stream::System,
-                    &format!("testbot: {reason}"),
-                );
-                // Best effort: the reason is in the result either way.
-                let _ = self
-                    .client
-                    .append_log(
-                        id,
-                        &testbot_proto::logs::LogChunk {
-                            lease: lease.clone(),
-                            offset: assignment.log_offset,
-                            data: chunk,
-                        },
-                    )
-                    .await;
-                self.finish(
-                    id,
-                    &lease,
-                    Outcome::with_cause(JobState::Error, FailureCause::PolicyRefusal, reason),
-                )
-                .await;
+                self.refuse(id, &lease, assignment.log_offset, reason).await;
                 return;
             }
         };
@@ -450,12 +428,7 @@ impl JobRunner {
             Err(problem) => {
                 let reason = format!("the job's choice of tests cannot run: {problem}");
                 tracing::warn!(job_id = %id, %reason, "Job refused.");
-                self.finish(
-                    id,
-                    &lease,
-                    Outcome::with_cause(JobState::Error, FailureCause::PolicyRefusal, reason),
-                )
-                .await;
+                self.refuse(id, &lease, assignment.log_offset, reason).await;
                 return;
             }
         }
@@ -480,6 +453,39 @@ impl JobRunner {
             assignment.log_offset,
             Start::Fresh(admission.checkout.map(Box::new)),
             hard_stop,
+        )
+        .await;
+    }
+
+    /// Ends a job the agent will not run: the reason as a line of its log (at `offset`, best
+    /// effort: the reason is in the result either way), then the result.
+    async fn refuse(
+        &self,
+        id: testbot_proto::jobs::JobId,
+        lease: &str,
+        offset: u64,
+        reason: String,
+    ) {
+        let chunk = testbot_proto::logs::format_line(
+            testbot_proto::now_ms(),
+            testbot_proto::logs::Stream::System,
+            &format!("testbot: {reason}"),
+        );
+        let _ = self
+            .client
+            .append_log(
+                id,
+                &testbot_proto::logs::LogChunk {
+                    lease: lease.to_string(),
+                    offset,
+                    data: chunk,
+                },
+            )
+            .await;
+        self.finish(
+            id,
+            lease,
+            Outcome::with_cause(JobState::Error, FailureCause::PolicyRefusal, reason),
         )
         .await;
     }

@@ -397,6 +397,38 @@ impl Fleet {
     }
 
     /// The fleet's OIDC issuer.
+    /// Submits `runs` runs of `spec` as one batch of the workflow run `claims` describe (minted
+    /// by the fleet's issuer), and waits until every run has ended.
+    pub async fn workflow_batch(
+        &self,
+        claims: &serde_json::Value,
+        spec: &JobSpec,
+        runs: u32,
+    ) -> testbot_proto::batches::Batch {
+        let batch = self
+            .client_with(&self.issuer().mint(claims))
+            .submit_batch(spec, runs, None)
+            .await
+            .unwrap();
+        wait_for("the batch's runs", Duration::from_secs(600), || async {
+            let now = self.client().batch(batch.id).await.unwrap();
+            now.is_finished().then_some(now)
+        })
+        .await
+    }
+
+    /// The flaky-test report of `repository`'s branch main.
+    pub async fn flaky_on_main(
+        &self,
+        repository: &str,
+    ) -> testbot_proto::test_results::FlakyReport {
+        let query = testbot_proto::test_results::FlakyQuery {
+            branch: Some("main".into()),
+            ..Default::default()
+        };
+        self.client().flaky_tests(repository, &query).await.unwrap()
+    }
+
     pub fn issuer(&self) -> &oidc::TestIssuer {
         self.issuer
             .as_ref()
@@ -871,22 +903,14 @@ pub async fn forty_runs_find_the_flaky_test(
     repository: &str,
     base: JobSpec,
 ) -> testbot_proto::test_results::TestHistory {
-    use testbot_proto::test_results::FlakyQuery;
-    let issuer = fleet.issuer();
-    let claims = issuer.claims(repository, AUDIENCE);
+    let claims = fleet.issuer().claims(repository, AUDIENCE);
     let spec = JobSpec {
         name: Some("unit".into()),
         script: flaky_junit_script(&FLAKY_RUNS),
         results: vec!["out/*.xml".into()],
         ..base
     };
-    let client = fleet.client_with(&issuer.mint(&claims));
-    let batch = client.submit_batch(&spec, 40, None).await.unwrap();
-    let batch = wait_for("40 runs", Duration::from_secs(600), || async {
-        let now = fleet.client().batch(batch.id).await.unwrap();
-        now.is_finished().then_some(now)
-    })
-    .await;
+    let batch = fleet.workflow_batch(&claims, &spec, 40).await;
     assert_eq!(batch.totals.succeeded, 40, "{:?}", batch.totals);
 
     let across = fleet.client().batch_results(batch.id).await.unwrap();
@@ -894,17 +918,7 @@ pub async fn forty_runs_find_the_flaky_test(
     let wobbly = across.tests.iter().find(|t| t.name == "wobbly").unwrap();
     assert_eq!(wobbly.failed_runs, FLAKY_RUNS, "{wobbly:?}");
 
-    let report = fleet
-        .client()
-        .flaky_tests(
-            repository,
-            &FlakyQuery {
-                branch: Some("main".into()),
-                ..FlakyQuery::default()
-            },
-        )
-        .await
-        .unwrap();
+    let report = fleet.flaky_on_main(repository).await;
     let names: Vec<&str> = report.tests.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["wobbly", "always"], "{report:#?}");
     let wobbly = &report.tests[0];

@@ -402,15 +402,10 @@ async fn outcome_of(
 
 /// Agents that have asked for work lately: how many commits a round spreads over.
 async fn free_agents(state: &AppState) -> usize {
-    let recent = now_ms() - 60_000;
-    match state.store.agents().await {
-        Ok(agents) => agents
-            .iter()
-            .filter(|a| a.revoked_at_ms.is_none() && a.last_seen_ms.is_some_and(|at| at >= recent))
-            .count()
-            .max(1),
-        Err(_) => 1,
-    }
+    crate::lifecycle::online_agents(state)
+        .await
+        .unwrap_or(1)
+        .max(1)
 }
 
 enum Submit {

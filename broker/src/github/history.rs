@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use testbot_proto::jobs::JobState;
-use testbot_proto::now_ms;
 use testbot_proto::provenance::{CommitRef, Provenance};
 use testbot_proto::repo_config::RepoConfig;
 
@@ -77,14 +76,7 @@ pub async fn run_filler(state: AppState, app: Arc<GitHubApp>) {
 /// Agents online now, less the jobs queued or running: how many runs would not wait for, nor
 /// hold back, anything else.
 async fn idle_capacity(state: &AppState) -> anyhow::Result<i64> {
-    let recent = now_ms() - 60_000;
-    let online = state
-        .store
-        .agents()
-        .await?
-        .iter()
-        .filter(|a| a.revoked_at_ms.is_none() && a.last_seen_ms.is_some_and(|at| at >= recent))
-        .count() as i64;
+    let online = crate::lifecycle::online_agents(state).await? as i64;
     let busy: u64 = state
         .store
         .jobs_by_state()

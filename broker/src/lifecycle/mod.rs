@@ -24,3 +24,19 @@ pub mod jobs;
 pub mod results;
 pub mod transitions;
 pub mod watch;
+
+/// How recently an agent must have asked for work to count as online.
+pub const ONLINE_WITHIN_MS: i64 = 60_000;
+
+/// Agents that are not revoked and have asked for work within [`ONLINE_WITHIN_MS`]: how wide a
+/// bisection round may spread, and what the history filler may fill.
+pub async fn online_agents(state: &crate::state::AppState) -> crate::store::StoreResult<usize> {
+    let recent = testbot_proto::now_ms() - ONLINE_WITHIN_MS;
+    Ok(state
+        .store
+        .agents()
+        .await?
+        .iter()
+        .filter(|a| a.revoked_at_ms.is_none() && a.last_seen_ms.is_some_and(|at| at >= recent))
+        .count())
+}

@@ -1383,6 +1383,19 @@ async fn refused(fleet: &Fleet, id: testbot_proto::jobs::JobId, expected: &str) 
     .await;
 }
 
+/// The installed App and a site of two agents that take push jobs.
+async fn two_agent_site() -> (FakeGitHub, Fleet) {
+    let (fake, mut fleet) = installed_app().await;
+    let policy = app_policy(&fleet, &fake);
+    for name in ["login1", "login2"] {
+        let mut agent = fleet.agent_config(name);
+        agent.policy = Some(policy.clone());
+        fleet.add_agent(agent);
+    }
+    fleet.wait_policy_agents(2).await;
+    (fake, fleet)
+}
+
 /// A job run on pushes to main, six times, that bisects a new flake; `test.sh` writes a JUnit
 /// file where `wobbly` fails in every third job (by job id, so the runs are deterministic)
 /// once the commit has a file `flaky`, and then exits 1 as a test runner does. Given test names
@@ -1417,14 +1430,7 @@ test -z "$wobbly"
 async fn a_new_flake_after_a_merge_is_bisected_by_the_broker_to_the_commit_that_made_it() {
     use testbot_proto::bisect::BisectionState;
     ensure_account(JOB_ACCOUNT);
-    let (fake, mut fleet) = installed_app().await;
-    let policy = app_policy(&fleet, &fake);
-    for name in ["login1", "login2"] {
-        let mut agent = fleet.agent_config(name);
-        agent.policy = Some(policy.clone());
-        fleet.add_agent(agent);
-    }
-    fleet.wait_policy_agents(2).await;
+    let (fake, fleet) = two_agent_site().await;
 
     // Commit 1 passes its six post-merge runs.
     let mut shas = vec![
@@ -1614,14 +1620,7 @@ async fn a_new_flake_after_a_merge_is_bisected_by_the_broker_to_the_commit_that_
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_agents_fill_the_history_of_the_last_commits_which_then_shows_a_rare_flake() {
     ensure_account(JOB_ACCOUNT);
-    let (fake, mut fleet) = installed_app().await;
-    let policy = app_policy(&fleet, &fake);
-    for name in ["login1", "login2"] {
-        let mut agent = fleet.agent_config(name);
-        agent.policy = Some(policy.clone());
-        fleet.add_agent(agent);
-    }
-    fleet.wait_policy_agents(2).await;
+    let (fake, fleet) = two_agent_site().await;
     // One post-merge run a push; the history keeps three on each of the last two commits.
     let config = r#"
 [jobs.unit]
@@ -1678,17 +1677,7 @@ push = { branches = ["main"] }
     // Only the pushes have check runs.
     assert_eq!(fake.check_runs(REPO).len(), 3);
     // The fill runs count for the branch: the flake shows at the commits they ran.
-    let report = fleet
-        .client()
-        .flaky_tests(
-            REPO,
-            &testbot_proto::test_results::FlakyQuery {
-                branch: Some("main".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let report = fleet.flaky_on_main(REPO).await;
     let wobbly = report.tests.iter().find(|t| t.name == "wobbly");
     assert!(
         wobbly.is_some_and(|t| t.verdict() == "flaky" && t.flaky_commits >= 1),

@@ -3,7 +3,7 @@
 //! broker reads the JUnit files and keeps every file; `testbot results` shows a job's tests,
 //! and across a batch's runs tells a flaky test from a broken one.
 
-use testbot_e2e::{Fleet, WAIT};
+use testbot_e2e::Fleet;
 use testbot_proto::jobs::{JobSpec, JobState};
 
 const NEXTEST: &str = include_str!("../../fixtures/junit/nextest-retries.xml");
@@ -250,22 +250,9 @@ async fn across_a_branchs_commits_a_flaky_test_and_a_newly_broken_one_are_told_a
             results: vec!["out/*.xml".into()],
             ..JobSpec::default()
         };
-        let batch = fleet
-            .client_with(&issuer.mint(&claims))
-            .submit_batch(&spec, 4, None)
-            .await
-            .unwrap();
-        testbot_e2e::wait_for("the commit's runs", WAIT, || async {
-            let now = fleet.client().batch(batch.id).await.unwrap();
-            now.is_finished().then_some(())
-        })
-        .await;
+        fleet.workflow_batch(&claims, &spec, 4).await;
     }
-    let query = FlakyQuery {
-        branch: Some("main".into()),
-        ..FlakyQuery::default()
-    };
-    let report = fleet.client().flaky_tests(REPO, &query).await.unwrap();
+    let report = fleet.flaky_on_main(REPO).await;
     let names: Vec<&str> = report.tests.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["wobbly", "lately"], "{report:#?}");
     let wobbly = &report.tests[0];
@@ -344,12 +331,8 @@ async fn across_a_branchs_commits_a_flaky_test_and_a_newly_broken_one_are_told_a
         results: vec!["out/*.xml".into()],
         ..JobSpec::default()
     };
-    let batch = fleet
-        .client_with(&issuer.mint(&claims))
-        .submit_batch(&spec, 1, None)
-        .await
-        .unwrap();
-    let (done, _) = fleet.finished(&batch.jobs[0]).await;
+    let batch = fleet.workflow_batch(&claims, &spec, 1).await;
+    let done = &batch.jobs[0];
     let results = fleet.client().job_results(done.id).await.unwrap();
     assert_eq!(results.known_flaky, ["pkg > T.wobbly"], "{results:?}");
     let (new, known) = results.new_and_known_failures();
@@ -390,7 +373,7 @@ async fn workflow_fleet(repo: &str, names: &[&str]) -> Fleet {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_test_that_fails_only_on_one_agent_is_placed_there_not_called_flaky() {
-    use testbot_proto::test_results::{Dimension, FlakyQuery};
+    use testbot_proto::test_results::Dimension;
     const REPO: &str = "hpc-lab/solver";
     let fleet = workflow_fleet(REPO, &["a1", "a2"]).await;
     // Twelve runs on each agent, at one commit: `wobbly` fails in the odd runs on a2 only.
@@ -412,22 +395,9 @@ EOF"#;
             results: vec!["out/*.xml".into()],
             ..JobSpec::default()
         };
-        let batch = fleet
-            .client_with(&issuer.mint(&claims))
-            .submit_batch(&spec, 12, None)
-            .await
-            .unwrap();
-        testbot_e2e::wait_for("the machine's runs", WAIT, || async {
-            let now = fleet.client().batch(batch.id).await.unwrap();
-            now.is_finished().then_some(())
-        })
-        .await;
+        fleet.workflow_batch(&claims, &spec, 12).await;
     }
-    let query = FlakyQuery {
-        branch: Some("main".into()),
-        ..FlakyQuery::default()
-    };
-    let report = fleet.client().flaky_tests(REPO, &query).await.unwrap();
+    let report = fleet.flaky_on_main(REPO).await;
     let wobbly = &report.tests[0];
     assert_eq!((wobbly.runs, wobbly.failures), (24, 6), "{wobbly:#?}");
     assert_eq!(wobbly.verdict(), "placed", "{wobbly:#?}");
