@@ -398,6 +398,18 @@ pub fn plan(bisection: &mut Bisection, free: usize) -> Plan {
 
 fn check_limit(bisection: &mut Bisection, plan: Plan) -> Plan {
     let more: u32 = plan.submit.iter().map(|(_, n)| n).sum();
+    let without_result = bisection.total_runs() - bisection.runs_spent();
+    if without_result > MAX_RUNS {
+        // Runs that keep ending without a result (no site takes them, the fleet fails them)
+        // would be asked for again without end.
+        fail(
+            bisection,
+            format!(
+                "more than {MAX_RUNS} of its runs ended without a result for the test: is it refused at every site, or missing from the job's results?"
+            ),
+        );
+        return Plan::default();
+    }
     if bisection.runs_spent() + more as usize > MAX_RUNS {
         fail(
             bisection,
@@ -619,5 +631,32 @@ mod tests {
                 proptest::prop_assert!(b.culprit_confidence.unwrap() > 0.0);
             }
         }
+    }
+
+    #[test]
+    fn runs_that_never_say_anything_end_the_bisection_instead_of_running_forever() {
+        let mut b = bisection(12, Some(0.5));
+        let mut next = 0;
+        for _ in 0..10_000 {
+            let step = plan(&mut b, 4);
+            if b.state != BisectionState::Running {
+                break;
+            }
+            for (position, count) in step.submit {
+                for _ in 0..count {
+                    next += 1;
+                    b.add_runs(position, [JobId(next)]);
+                    b.set_outcome(JobId(next), RunOutcome::NoResult);
+                }
+            }
+        }
+        assert_eq!(b.state, BisectionState::Failed, "{}", b.describe());
+        assert!(
+            b.message
+                .as_deref()
+                .unwrap()
+                .contains("ended without a result"),
+            "{b:?}"
+        );
     }
 }

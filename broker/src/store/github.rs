@@ -140,8 +140,9 @@ pub struct HistoryTargetModel {
     pub runs: i64,
 }
 
-/// A commit a job ran at, with when it first ran there and its runs that count (all but those
-/// the fleet failed or that were cancelled; queued and running ones count).
+/// A commit a job ran at, with when it first ran there and its runs that count: all but the
+/// cancelled ones (queued and running ones count, and so do runs that ended in an error, so a
+/// commit no site will run is not tried again without end).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct CommitRunCount {
     pub commit_sha: String,
@@ -151,7 +152,7 @@ pub struct CommitRunCount {
 
 /// What both backends read [`GitHubStore::commit_runs`] with.
 pub(crate) const COMMIT_RUNS_SQL: &str = "SELECT commit_sha, MIN(created_at_ms) AS first_at_ms,
-                SUM(CASE WHEN state IN ('error', 'cancelled') THEN 0 ELSE 1 END) AS runs
+                SUM(CASE WHEN state = 'cancelled' THEN 0 ELSE 1 END) AS runs
          FROM jobs
          WHERE repository = $1 AND git_ref = $2 AND job_name = $3 AND commit_sha IS NOT NULL
          GROUP BY commit_sha ORDER BY first_at_ms DESC LIMIT $4";
