@@ -211,6 +211,27 @@ async fn insert_job_row(
         .await
 }
 
+/// A batch's row, for `runs` runs of `origin`'s job, with its stopping rule (JSON).
+async fn insert_batch_row(
+    tx: &mut sqlx::PgConnection,
+    runs: u32,
+    origin: &JobOrigin,
+    until: Option<&str>,
+) -> Result<BatchModel, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO batches (runs, created_at_ms, submitted_by, repository, until)
+         VALUES ($1, $2, $3, $4, $5)
+         RETURNING id, runs, created_at_ms, submitted_by, repository, until",
+    )
+    .bind(i64::from(runs))
+    .bind(now_ms())
+    .bind(&origin.submitted_by)
+    .bind(&origin.repository)
+    .bind(until)
+    .fetch_one(tx)
+    .await
+}
+
 /// Records a token id inside `tx`; false if it is there already.
 async fn record_jti(
     tx: &mut Transaction<'_, Postgres>,
@@ -790,18 +811,7 @@ impl Store for PgStore {
         {
             return Ok(None);
         }
-        let batch: BatchModel = sqlx::query_as(
-            "INSERT INTO batches (runs, created_at_ms, submitted_by, repository, until)
-             VALUES ($1, $2, $3, $4, $5)
-             RETURNING id, runs, created_at_ms, submitted_by, repository, until",
-        )
-        .bind(i64::from(runs))
-        .bind(now_ms())
-        .bind(&origin.submitted_by)
-        .bind(&origin.repository)
-        .bind(&until)
-        .fetch_one(&mut *tx)
-        .await?;
+        let batch = insert_batch_row(&mut tx, runs, origin, until.as_deref()).await?;
         let mut jobs = Vec::with_capacity(runs as usize);
         for run in 1..=runs {
             jobs.push(

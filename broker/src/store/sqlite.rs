@@ -234,6 +234,30 @@ fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobModel> {
     })
 }
 
+/// A batch's row, for `runs` runs of `origin`'s job, with its stopping rule (JSON).
+fn insert_batch_row(
+    tx: &Transaction<'_>,
+    runs: u32,
+    origin: &JobOrigin,
+    until: Option<&str>,
+) -> rusqlite::Result<BatchModel> {
+    tx.prepare_cached(concat!(
+        "INSERT INTO batches (runs, created_at_ms, submitted_by, repository, until)
+         VALUES (?1, ?2, ?3, ?4, ?5) RETURNING ",
+        batch_columns!()
+    ))?
+    .query_row(
+        params![
+            runs,
+            now_ms(),
+            origin.submitted_by,
+            origin.repository,
+            until
+        ],
+        batch_row,
+    )
+}
+
 fn repo_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RepoModel> {
     Ok(RepoModel {
         name: row.get(0)?,
@@ -1016,22 +1040,7 @@ impl Store for SqliteStore {
                 {
                     return Ok(None);
                 }
-                let batch = tx
-                    .prepare_cached(concat!(
-                        "INSERT INTO batches (runs, created_at_ms, submitted_by, repository, until)
-                         VALUES (?1, ?2, ?3, ?4, ?5) RETURNING ",
-                        batch_columns!()
-                    ))?
-                    .query_row(
-                        params![
-                            runs,
-                            now_ms(),
-                            origin.submitted_by,
-                            origin.repository,
-                            until
-                        ],
-                        batch_row,
-                    )?;
+                let batch = insert_batch_row(tx, runs, &origin, until.as_deref())?;
                 let jti = jti.as_ref().map(|(jti, _)| jti.as_str());
                 let jobs = (1..=runs)
                     .map(|run| {

@@ -4,7 +4,7 @@
 use testbot_proto::jobs::{JobId, JobSpec};
 use testbot_proto::now_ms;
 
-use super::{JOB_COLUMNS, PgStore};
+use super::PgStore;
 use crate::store::github::{
     AppJobModel, CommentKind, DeliveryModel, DeliveryOutcome, GitHubStore, InstalledRepo,
     NewAppJob, NewDelivery, ScheduleModel,
@@ -192,45 +192,14 @@ impl GitHubStore for PgStore {
         app: &NewAppJob<'_>,
     ) -> StoreResult<JobModel> {
         let stored = StoredJob::new(spec, origin)?;
+        // An App job carries no OIDC token: the agent checks it with GitHub.
+        let origin = JobOrigin {
+            oidc_token: None,
+            ..origin.clone()
+        };
         let mut tx = self.pool.begin().await?;
-        let sql = format!(
-            "INSERT INTO jobs (spec, labels, executor, state, created_at_ms, repository, run_id,
-                 submitted_by, oidc_token, sites, submit_jti, secret_env, public, commit_sha,
-                 git_ref, job_name)
-             VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, NULL, $8::jsonb, NULL, $9, $10,
-                 $11, $12, $13)
-             RETURNING {JOB_COLUMNS}"
-        );
-        let model: JobModel = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(stored.spec)
-            .bind(stored.labels)
-            .bind(&spec.executor)
-            .bind(now_ms())
-            .bind(&origin.repository)
-            .bind(&origin.run_id)
-            .bind(&origin.submitted_by)
-            .bind(stored.sites)
-            .bind(stored.secret_env)
-            .bind(origin.public)
-            .bind(&origin.commit_sha)
-            .bind(&origin.git_ref)
-            .bind(&stored.name)
-            .fetch_one(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO github_jobs (job_id, provenance, installation_id, repository, head_sha,
-                 check_name, synced_state)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(model.id)
-        .bind(app.provenance)
-        .bind(app.installation_id)
-        .bind(app.repository)
-        .bind(app.head_sha)
-        .bind(app.check_name)
-        .bind((!app.check_run).then_some(crate::store::github::NO_CHECK_RUN))
-        .execute(&mut *tx)
-        .await?;
+        let model = super::insert_job_row(&mut tx, spec, &stored, &origin, None, None).await?;
+        insert_github_job(&mut tx, model.id, app).await?;
         tx.commit().await?;
         Ok(model)
     }
@@ -248,35 +217,12 @@ impl GitHubStore for PgStore {
         };
         let runs = apps.len() as u32;
         let mut tx = self.pool.begin().await?;
-        let batch: crate::store::BatchModel = sqlx::query_as(
-            "INSERT INTO batches (runs, created_at_ms, submitted_by, repository)
-             VALUES ($1, $2, $3, $4)
-             RETURNING id, runs, created_at_ms, submitted_by, repository, until",
-        )
-        .bind(i64::from(runs))
-        .bind(now_ms())
-        .bind(&origin.submitted_by)
-        .bind(&origin.repository)
-        .fetch_one(&mut *tx)
-        .await?;
+        let batch = super::insert_batch_row(&mut tx, runs, &origin, None).await?;
         let mut jobs = Vec::with_capacity(apps.len());
         for (run, app) in apps.iter().enumerate() {
             let place = Some((batch.id, run as u32 + 1, runs));
             let model = super::insert_job_row(&mut tx, spec, &stored, &origin, None, place).await?;
-            sqlx::query(
-                "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
-                     head_sha, check_name, synced_state)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(model.id)
-            .bind(app.provenance)
-            .bind(app.installation_id)
-            .bind(app.repository)
-            .bind(app.head_sha)
-            .bind(app.check_name)
-            .bind((!app.check_run).then_some(crate::store::github::NO_CHECK_RUN))
-            .execute(&mut *tx)
-            .await?;
+            insert_github_job(&mut tx, model.id, app).await?;
             jobs.push(model);
         }
         tx.commit().await?;
@@ -562,6 +508,29 @@ async fn insert_repo(
     .bind(repo.id)
     .bind(&repo.full_name)
     .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The App's record of job `id`: its provenance and its check run (none when the job has none).
+async fn insert_github_job(
+    tx: &mut sqlx::PgConnection,
+    id: i64,
+    app: &NewAppJob<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO github_jobs (job_id, provenance, installation_id, repository, head_sha,
+             check_name, synced_state)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(app.provenance)
+    .bind(app.installation_id)
+    .bind(app.repository)
+    .bind(app.head_sha)
+    .bind(app.check_name)
+    .bind((!app.check_run).then_some(crate::store::github::NO_CHECK_RUN))
+    .execute(tx)
     .await?;
     Ok(())
 }

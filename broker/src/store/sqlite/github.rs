@@ -26,6 +26,48 @@ macro_rules! app_job_columns {
     };
 }
 
+/// The App's record of a job, owned for the writer thread: its provenance and its check run
+/// (none when the job has none).
+struct GitHubJobRow {
+    provenance: String,
+    installation_id: i64,
+    repository: String,
+    head_sha: String,
+    check_name: String,
+    synced_state: Option<&'static str>,
+}
+
+impl GitHubJobRow {
+    fn of(app: &NewAppJob<'_>) -> GitHubJobRow {
+        GitHubJobRow {
+            provenance: app.provenance.to_owned(),
+            installation_id: app.installation_id,
+            repository: app.repository.to_owned(),
+            head_sha: app.head_sha.to_owned(),
+            check_name: app.check_name.to_owned(),
+            synced_state: (!app.check_run).then_some(crate::store::github::NO_CHECK_RUN),
+        }
+    }
+
+    fn insert(&self, tx: &rusqlite::Transaction<'_>, job_id: i64) -> rusqlite::Result<()> {
+        tx.prepare_cached(
+            "INSERT INTO github_jobs (job_id, provenance, installation_id, repository, head_sha,
+                 check_name, synced_state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            job_id,
+            self.provenance,
+            self.installation_id,
+            self.repository,
+            self.head_sha,
+            self.check_name,
+            self.synced_state
+        ])?;
+        Ok(())
+    }
+}
+
 fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryModel> {
     Ok(DeliveryModel {
         id: row.get(0)?,
@@ -265,31 +307,11 @@ impl GitHubStore for SqliteStore {
             oidc_token: None,
             ..origin.clone()
         };
-        let (provenance, installation_id, repository, head_sha, check_name) = (
-            app.provenance.to_owned(),
-            app.installation_id,
-            app.repository.to_owned(),
-            app.head_sha.to_owned(),
-            app.check_name.to_owned(),
-        );
-        let synced_state = (!app.check_run).then_some(crate::store::github::NO_CHECK_RUN);
+        let row = GitHubJobRow::of(app);
         self.writer
             .write(move |tx| {
                 let job = insert_job_row(tx, &stored, &origin, None, None)?;
-                tx.prepare_cached(
-                    "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
-                         head_sha, check_name, synced_state)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
-                    job.id,
-                    provenance,
-                    installation_id,
-                    repository,
-                    head_sha,
-                    check_name,
-                    synced_state
-                ])?;
+                row.insert(tx, job.id)?;
                 Ok(job)
             })
             .await
@@ -306,43 +328,16 @@ impl GitHubStore for SqliteStore {
             oidc_token: None,
             ..origin.clone()
         };
-        type Row = (String, i64, String, String, String, Option<&'static str>);
-        let rows: Vec<Row> = apps
-            .iter()
-            .map(|app| {
-                (
-                    app.provenance.to_owned(),
-                    app.installation_id,
-                    app.repository.to_owned(),
-                    app.head_sha.to_owned(),
-                    app.check_name.to_owned(),
-                    (!app.check_run).then_some(crate::store::github::NO_CHECK_RUN),
-                )
-            })
-            .collect();
+        let rows: Vec<GitHubJobRow> = apps.iter().map(GitHubJobRow::of).collect();
         self.writer
             .write(move |tx| {
                 let runs = rows.len() as u32;
-                let batch = tx
-                    .prepare_cached(
-                        "INSERT INTO batches (runs, created_at_ms, submitted_by, repository)
-                         VALUES (?1, ?2, ?3, ?4)
-                         RETURNING id, runs, created_at_ms, submitted_by, repository, until",
-                    )?
-                    .query_row(
-                        params![runs, now_ms(), origin.submitted_by, origin.repository],
-                        super::batch_row,
-                    )?;
+                let batch = super::insert_batch_row(tx, runs, &origin, None)?;
                 let mut jobs = Vec::with_capacity(rows.len());
                 for (run, row) in rows.iter().enumerate() {
                     let place = Some((batch.id, run as u32 + 1, runs));
                     let job = insert_job_row(tx, &stored, &origin, None, place)?;
-                    tx.prepare_cached(
-                        "INSERT INTO github_jobs (job_id, provenance, installation_id, repository,
-                             head_sha, check_name, synced_state)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    )?
-                    .execute(params![job.id, row.0, row.1, row.2, row.3, row.4, row.5])?;
+                    row.insert(tx, job.id)?;
                     jobs.push(job);
                 }
                 Ok((batch, jobs))
