@@ -126,6 +126,25 @@ impl Point {
     }
 }
 
+/// What a bisection is started with: the test, where it runs, and who asked.
+#[derive(Debug, Clone)]
+pub struct NewBisection {
+    pub repository: String,
+    pub repository_id: i64,
+    pub installation_id: i64,
+    pub public: bool,
+    pub branch: String,
+    pub job: String,
+    pub suite: String,
+    pub classname: Option<String>,
+    pub name: String,
+    pub select: Option<String>,
+    pub confidence: f64,
+    /// The failure rate at the bad commit, when its history says.
+    pub rate: Option<f64>,
+    pub started_by: String,
+}
+
 /// A bisection, as stored and as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bisection {
@@ -171,6 +190,39 @@ pub struct Bisection {
 }
 
 impl Bisection {
+    /// A running bisection of `new` over `commits` (the good one first, the bad one last; at
+    /// least two), started at `at_ms`: the whole range open, nothing run yet.
+    pub fn start(new: NewBisection, commits: Vec<String>, at_ms: i64) -> Bisection {
+        let hi = commits.len().saturating_sub(1);
+        Bisection {
+            id: 0,
+            repository: new.repository,
+            repository_id: new.repository_id,
+            installation_id: new.installation_id,
+            public: new.public,
+            branch: new.branch,
+            job: new.job,
+            suite: new.suite,
+            classname: new.classname,
+            name: new.name,
+            select: new.select,
+            commits,
+            confidence: new.confidence,
+            rate: new.rate,
+            state: BisectionState::Running,
+            lo: 0,
+            hi,
+            rounds: 0,
+            points: Vec::new(),
+            culprit: None,
+            culprit_confidence: None,
+            message: None,
+            started_by: new.started_by,
+            created_at_ms: at_ms,
+            updated_at_ms: at_ms,
+        }
+    }
+
     pub fn test_id(&self) -> String {
         crate::test_results::test_id(&self.suite, self.classname.as_deref(), &self.name)
     }
@@ -433,34 +485,27 @@ fn fail(bisection: &mut Bisection, message: String) {
 mod tests {
     use super::*;
 
+    /// A bisection of `wobbly` over `commits` commits.
     fn bisection(commits: usize, rate: Option<f64>) -> Bisection {
-        Bisection {
-            id: 1,
-            repository: "o/r".into(),
-            repository_id: 1,
-            installation_id: 1,
-            public: true,
-            branch: "main".into(),
-            job: "unit".into(),
-            suite: "pkg".into(),
-            classname: None,
-            name: "wobbly".into(),
-            select: None,
-            commits: (0..commits).map(|i| format!("{i:03}{:037}", 0)).collect(),
-            confidence: 0.95,
-            rate,
-            state: BisectionState::Running,
-            lo: 0,
-            hi: commits - 1,
-            rounds: 0,
-            points: Vec::new(),
-            culprit: None,
-            culprit_confidence: None,
-            message: None,
-            started_by: "testbot".into(),
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        }
+        Bisection::start(
+            NewBisection {
+                repository: "o/r".into(),
+                repository_id: 1,
+                installation_id: 1,
+                public: true,
+                branch: "main".into(),
+                job: "unit".into(),
+                suite: "pkg".into(),
+                classname: None,
+                name: "wobbly".into(),
+                select: None,
+                confidence: 0.95,
+                rate,
+                started_by: "testbot".into(),
+            },
+            (0..commits).map(|i| format!("{i:03}{:037}", 0)).collect(),
+            0,
+        )
     }
 
     /// Runs the plan to its end against a test that fails in every third run from commit

@@ -7,7 +7,7 @@
 //! broker's bisector would with real runs. Pure computation: no broker, no agents.
 
 use clap::Parser;
-use testbot_proto::bisect::{Bisection, BisectionState, RunOutcome, plan};
+use testbot_proto::bisect::{Bisection, BisectionState, NewBisection, RunOutcome, plan};
 use testbot_proto::jobs::JobId;
 
 #[derive(Parser)]
@@ -45,33 +45,25 @@ impl Random {
 }
 
 fn bisection(args: &Args) -> Bisection {
-    Bisection {
-        id: 1,
-        repository: "o/r".into(),
-        repository_id: 1,
-        installation_id: 1,
-        public: true,
-        branch: "main".into(),
-        job: "unit".into(),
-        suite: "pkg".into(),
-        classname: None,
-        name: "wobbly".into(),
-        select: None,
-        commits: (0..args.commits).map(|i| format!("{i:040}")).collect(),
-        confidence: args.confidence,
-        rate: Some(args.rate),
-        state: BisectionState::Running,
-        lo: 0,
-        hi: args.commits - 1,
-        rounds: 0,
-        points: Vec::new(),
-        culprit: None,
-        culprit_confidence: None,
-        message: None,
-        started_by: "bench".into(),
-        created_at_ms: 0,
-        updated_at_ms: 0,
-    }
+    Bisection::start(
+        NewBisection {
+            repository: "o/r".into(),
+            repository_id: 1,
+            installation_id: 1,
+            public: true,
+            branch: "main".into(),
+            job: "unit".into(),
+            suite: "pkg".into(),
+            classname: None,
+            name: "wobbly".into(),
+            select: None,
+            confidence: args.confidence,
+            rate: Some(args.rate),
+            started_by: "bench".into(),
+        },
+        (0..args.commits).map(|i| format!("{i:040}")).collect(),
+        0,
+    )
 }
 
 /// One bisection to its end: (rounds, runs, named the culprit).

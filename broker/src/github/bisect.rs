@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use testbot_proto::bisect::{
-    BisectRequest, Bisection, BisectionState, CONFIDENCE, MAX_COMMITS, RunOutcome,
+    BisectRequest, Bisection, BisectionState, CONFIDENCE, MAX_COMMITS, NewBisection, RunOutcome,
 };
 use testbot_proto::jobs::{JobId, JobState};
 use testbot_proto::junit::TestOutcome;
@@ -31,33 +31,14 @@ const POLL: Duration = Duration::from_secs(2);
 /// Who the broker's own bisections are started by.
 pub const STARTED_BY_BROKER: &str = "testbot";
 
-/// What a bisection is started with.
-#[derive(Debug, Clone)]
-pub struct NewBisection {
-    pub repository: String,
-    pub repository_id: i64,
-    pub installation_id: i64,
-    pub public: bool,
-    pub branch: String,
-    pub job: String,
-    pub suite: String,
-    pub classname: Option<String>,
-    pub name: String,
-    pub select: Option<String>,
-    pub good: String,
-    pub bad: String,
-    pub confidence: f64,
-    /// The failure rate at `bad`, when its history says.
-    pub rate: Option<f64>,
-    pub started_by: String,
-}
-
 /// Starts a bisection: lists the commits from `good` to `bad` with GitHub and stores it. The
 /// bisector submits its first runs.
 pub async fn start(
     state: &AppState,
     app: &GitHubApp,
     new: NewBisection,
+    good: &str,
+    bad: &str,
 ) -> Result<Bisection, GitHubError> {
     #[derive(serde::Deserialize)]
     struct Comparison {
@@ -70,63 +51,29 @@ pub async fn start(
         sha: String,
     }
     let client = app.client.installation(new.installation_id).await?;
-    let route = format!(
-        "/repos/{}/compare/{}...{}",
-        new.repository, new.good, new.bad
-    );
-    let what = format!(
-        "the commits of {} from {} to {}",
-        new.repository, new.good, new.bad
-    );
+    let route = format!("/repos/{}/compare/{good}...{bad}", new.repository);
+    let what = format!("the commits of {} from {good} to {bad}", new.repository);
     let comparison: Comparison = client
         .get(route, None::<&()>)
         .await
         .map_err(|e| GitHubError::from_octocrab(&what, e))?;
     if comparison.status != "ahead" {
         return Err(GitHubError::Refused(format!(
-            "{} is not a later commit than {} in {} (GitHub compares them as {}): give the good commit first",
-            new.bad, new.good, new.repository, comparison.status
+            "{bad} is not a later commit than {good} in {} (GitHub compares them as {}): give the good commit first",
+            new.repository, comparison.status
         )));
     }
     if comparison.total_commits > comparison.commits.len()
         || comparison.total_commits + 1 > MAX_COMMITS
     {
         return Err(GitHubError::Refused(format!(
-            "{} commits lie between {} and {}; a bisection spans at most {MAX_COMMITS}: give a later good commit",
-            comparison.total_commits, new.good, new.bad
+            "{} commits lie between {good} and {bad}; a bisection spans at most {MAX_COMMITS}: give a later good commit",
+            comparison.total_commits
         )));
     }
-    let mut commits = vec![new.good.clone()];
+    let mut commits = vec![good.to_string()];
     commits.extend(comparison.commits.into_iter().map(|c| c.sha));
-    let at = now_ms();
-    let hi = commits.len() - 1;
-    let bisection = Bisection {
-        id: 0,
-        repository: new.repository,
-        repository_id: new.repository_id,
-        installation_id: new.installation_id,
-        public: new.public,
-        branch: new.branch,
-        job: new.job,
-        suite: new.suite,
-        classname: new.classname,
-        name: new.name,
-        select: new.select,
-        commits,
-        confidence: new.confidence,
-        rate: new.rate,
-        state: BisectionState::Running,
-        lo: 0,
-        hi,
-        rounds: 0,
-        points: Vec::new(),
-        culprit: None,
-        culprit_confidence: None,
-        message: None,
-        started_by: new.started_by,
-        created_at_ms: at,
-        updated_at_ms: at,
-    };
+    let bisection = Bisection::start(new, commits, now_ms());
     let stored = state
         .store
         .insert_bisection(&bisection)
@@ -226,12 +173,12 @@ pub async fn start_requested(
             classname: test.classname.clone(),
             name: test.name.clone(),
             select: request.select.clone(),
-            good: request.good.clone(),
-            bad: request.bad.clone(),
             confidence,
             rate,
             started_by,
         },
+        &request.good,
+        &request.bad,
     )
     .await
 }
@@ -556,12 +503,12 @@ async fn maybe_start_on_flake(state: &AppState, app: &GitHubApp, id: JobId) -> a
                 classname: test.classname.clone(),
                 name: test.name.clone(),
                 select: None,
-                good,
-                bad: commit.sha.clone(),
                 confidence: CONFIDENCE,
                 rate: rate_at(&rows, &test, &commit.sha),
                 started_by: STARTED_BY_BROKER.to_string(),
             },
+            &good,
+            &commit.sha,
         )
         .await?;
     }

@@ -918,34 +918,26 @@ async fn a_tests_history_is_read_per_commit_for_tests_that_failed(store: &dyn St
 }
 
 async fn a_bisection_is_kept_as_a_document_found_by_its_test_and_state(store: &dyn Store) {
-    use testbot_proto::bisect::{Bisection, BisectionState, RunOutcome};
-    let new = Bisection {
-        id: 0,
-        repository: "hpc-lab/solver".into(),
-        repository_id: 7,
-        installation_id: 9,
-        public: true,
-        branch: "main".into(),
-        job: "unit".into(),
-        suite: "pkg".into(),
-        classname: Some("T".into()),
-        name: "wobbly".into(),
-        select: None,
-        commits: vec!["a".repeat(40), "b".repeat(40), "c".repeat(40)],
-        confidence: 0.95,
-        rate: None,
-        state: BisectionState::Running,
-        lo: 0,
-        hi: 2,
-        rounds: 0,
-        points: Vec::new(),
-        culprit: None,
-        culprit_confidence: None,
-        message: None,
-        started_by: "testbot".into(),
-        created_at_ms: 1,
-        updated_at_ms: 1,
-    };
+    use testbot_proto::bisect::{Bisection, BisectionState, NewBisection, RunOutcome};
+    let new = Bisection::start(
+        NewBisection {
+            repository: "hpc-lab/solver".into(),
+            repository_id: 7,
+            installation_id: 9,
+            public: true,
+            branch: "main".into(),
+            job: "unit".into(),
+            suite: "pkg".into(),
+            classname: Some("T".into()),
+            name: "wobbly".into(),
+            select: None,
+            confidence: 0.95,
+            rate: None,
+            started_by: "testbot".into(),
+        },
+        vec!["a".repeat(40), "b".repeat(40), "c".repeat(40)],
+        1,
+    );
     let first = store.insert_bisection(&new).await.unwrap();
     let second = store.insert_bisection(&new).await.unwrap();
     assert!(first.id > 0 && second.id > first.id);
