@@ -702,7 +702,7 @@ impl JobRunner {
         };
         let Some(workspace) = self.executor.workspace(ctx) else {
             sink.system(format!(
-                "results: the {} executor keeps no workspace on the agent's machine; result files are not collected",
+                "results: no result files are collected: the {} executor left no workspace for them on the agent's machine",
                 self.executor.name()
             ))
             .await;

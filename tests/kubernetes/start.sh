@@ -503,6 +503,11 @@ rules:
 - apiGroups: [\"\"]
   resources: [pods/log]
   verbs: [get]
+# A job's result files are fetched from its pod by exec (get: WebSocket, create: SPDY and
+# Kubernetes 1.30 on).
+- apiGroups: [\"\"]
+  resources: [pods/exec]
+  verbs: [get, create]
 - apiGroups: [\"\", events.k8s.io]
   resources: [events]
   verbs: [get, list, watch]

@@ -24,6 +24,11 @@
 //!   image errors and pods the scheduler cannot place (after `max_pending`, with the
 //!   scheduler's message). Cancel deletes the Job with foreground propagation and waits until
 //!   its pod is gone.
+//! - A job that names result files gets a second container that keeps its workspace for the
+//!   agent to fetch them from once the script has ended, also at its time limit: see
+//!   [`results`].
+
+mod results;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -110,9 +115,11 @@ impl Executor for KubernetesExecutor {
         })
     }
 
-    /// The pod's workspace is an `emptyDir`, gone with the pod.
-    fn workspace(&self, _job: &JobContext) -> Option<std::path::PathBuf> {
-        None
+    /// The pod's workspace is an `emptyDir`, gone with the pod: the result files are fetched
+    /// from it into this directory before the pod goes.
+    fn workspace(&self, job: &JobContext) -> Option<std::path::PathBuf> {
+        let dir = fetched_results_dir(job);
+        dir.is_dir().then_some(dir)
     }
 
     fn cleanup<'a>(&'a self, job: &'a JobContext) -> BoxFuture<'a, ()> {
@@ -169,10 +176,21 @@ enum End {
     Terminated { code: i32, reason: Option<String> },
     /// Kubernetes stopped it at `activeDeadlineSeconds` (or the agent did, a little later).
     Deadline,
+    /// The agent stopped the job container at the job's time limit and it has ended; the pod
+    /// is still there, with the workspace (a job with result files).
+    StoppedAtLimit,
     /// It could not run: an image error, no node for it, an evicted pod.
     Broken(String),
     /// The agent was told to stop it.
     Stopped,
+}
+
+/// How far the agent has got in stopping a job with result files at its time limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopping {
+    No,
+    Terminated,
+    Killed,
 }
 
 impl KubernetesExecutor {
@@ -209,7 +227,7 @@ impl KubernetesExecutor {
             .map_err(|_| anyhow::anyhow!("the Kubernetes API server did not answer within {CALL_TIMEOUT:?}"))?
             .map_err(|err| {
                 anyhow::anyhow!(
-                    "Cannot list Jobs in Kubernetes namespace {ns}: {}; the agent's account needs create, get, list, watch and delete on jobs.batch, and get, list and watch on pods and pods/log there",
+                    "Cannot list Jobs in Kubernetes namespace {ns}: {}; the agent's account needs create, get, list, watch and delete on jobs.batch, get, list and watch on pods and pods/log, and create on pods/exec there",
                     describe(&err)
                 )
             })?;
@@ -458,9 +476,14 @@ impl KubernetesExecutor {
             }),
             ..Default::default()
         };
+        let collects = !job.spec.results.is_empty();
+        let mut containers = vec![container];
+        if collects {
+            containers.push(results_container(&containers[0]));
+        }
         let labels = self.labels(job);
         let pod = PodSpec {
-            containers: vec![container],
+            containers,
             restart_policy: Some("Never".into()),
             service_account_name: self.settings.service_account.clone(),
             automount_service_account_token: Some(self.settings.automount_service_account_token),
@@ -499,7 +522,18 @@ impl KubernetesExecutor {
             },
             spec: Some(KubeJobSpec {
                 backoff_limit: Some(0),
-                active_deadline_seconds: Some(job.timeout.as_secs().max(1) as i64),
+                // With a `results` container the agent stops the job at its limit itself, so
+                // that the workspace is still there; Kubernetes' deadline is the backstop.
+                active_deadline_seconds: Some(
+                    (job.timeout
+                        + if collects {
+                            self.kill_grace + results::DEADLINE_ALLOWANCE
+                        } else {
+                            Duration::ZERO
+                        })
+                    .as_secs()
+                    .max(1) as i64,
+                ),
                 ttl_seconds_after_finished: Some(
                     i32::try_from(self.settings.ttl_after_finished.as_secs()).unwrap_or(i32::MAX),
                 ),
@@ -584,9 +618,26 @@ impl KubernetesExecutor {
     ) -> anyhow::Result<ExecOutcome> {
         let (jobs, pods) = (self.jobs()?, self.pods()?);
         let ns = &self.settings.namespace;
-        if call(jobs.get_opt(name)).await?.is_none() {
+        let Some(object) = call(jobs.get_opt(name)).await? else {
             anyhow::bail!("Kubernetes Job {ns}/{name} is gone");
-        }
+        };
+        // A job with result files is stopped at its limit by the agent (see `results`), from
+        // when its Job started: also after a restart of the agent.
+        let collects = !job.spec.results.is_empty();
+        let ran_for = object
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| {
+                let since = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+                Duration::from_secs(since.as_secs().max(0) as u64)
+            })
+            .unwrap_or_default();
+        let limit = tokio::time::sleep(job.timeout.saturating_sub(ran_for));
+        tokio::pin!(limit);
+        let mut stopping = Stopping::No;
+        let mut limit_reached = false;
+        let mut pod_name: Option<String> = None;
         let selector = format!(
             "{LABEL_AGENT}={},{LABEL_JOB}={},{LABEL_ATTEMPT}={}",
             self.instance, job.id, job.attempt
@@ -606,7 +657,15 @@ impl KubernetesExecutor {
         let mut waiting_for: Option<String> = None;
         let mut follower: Option<tokio::task::JoinHandle<()>> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let backstop = tokio::time::sleep(job.timeout + DEADLINE_SLACK);
+        let backstop = tokio::time::sleep(
+            job.timeout
+                + DEADLINE_SLACK
+                + if collects {
+                    2 * self.kill_grace + DEADLINE_SLACK
+                } else {
+                    Duration::ZERO
+                },
+        );
         tokio::pin!(backstop);
         let end = loop {
             tokio::select! {
@@ -623,14 +682,15 @@ impl KubernetesExecutor {
                     if matches!(view, PodView::Running | PodView::Terminated { .. })
                         && follower.is_none()
                     {
-                        let pod_name = pod.metadata.name.clone().unwrap_or_default();
-                        log.metadata("kubernetes_pod", pod_name.clone()).await;
+                        let name = pod.metadata.name.clone().unwrap_or_default();
+                        pod_name = Some(name.clone());
+                        log.metadata("kubernetes_pod", name.clone()).await;
                         if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
                             log.metadata("kubernetes_node", node).await;
                         }
                         follower = Some(tokio::spawn(stream_log(
                             pods.clone(),
-                            pod_name,
+                            name,
                             after_ns,
                             log.clone(),
                         )));
@@ -665,6 +725,26 @@ impl KubernetesExecutor {
                         ));
                     }
                 }
+                _ = &mut limit, if collects => {
+                    // TERM, then KILL after the grace period, then the Job is deleted.
+                    limit_reached = true;
+                    let (signal, next) = match stopping {
+                        Stopping::No => ("TERM", Stopping::Terminated),
+                        Stopping::Terminated => ("KILL", Stopping::Killed),
+                        Stopping::Killed => break End::Deadline,
+                    };
+                    let Some(pod) = pod_name.as_deref() else { break End::Deadline };
+                    if let Err(err) = results::signal_job(&pods, pod, signal).await {
+                        log.system(format!(
+                            "cannot stop the job's container at its time limit from the {} container: {err:#}; the agent deletes the Job",
+                            results::CONTAINER
+                        ))
+                        .await;
+                        break End::Deadline;
+                    }
+                    stopping = next;
+                    limit.as_mut().reset(Instant::now() + self.kill_grace);
+                }
                 _ = stop.cancelled() => break End::Stopped,
                 _ = &mut backstop => break End::Deadline,
             }
@@ -674,6 +754,7 @@ impl KubernetesExecutor {
 
         // A container killed at the deadline terminates before the Job's condition says why.
         let end = match end {
+            End::Terminated { .. } if stopping != Stopping::No => End::StoppedAtLimit,
             End::Terminated { code, .. } if code != 0 && self.past_deadline(name).await => {
                 End::Deadline
             }
@@ -694,11 +775,28 @@ impl KubernetesExecutor {
                 abort.abort();
             }
         }
+        if collects {
+            self.fetch_results(job, &pods, pod_name.as_deref(), &end, log)
+                .await;
+        }
         Ok(match end {
             End::Stopped => ExecOutcome::Stopped,
-            End::Deadline => {
+            End::StoppedAtLimit => {
                 log.system(format!(
-                    "timed out after {}: Kubernetes stopped the Job (DeadlineExceeded)",
+                    "timed out after {}: the agent stopped the job's container",
+                    humantime::format_duration(job.timeout)
+                ))
+                .await;
+                ExecOutcome::TimedOut(job.timeout)
+            }
+            End::Deadline => {
+                let by = if limit_reached {
+                    "the agent deleted the Job"
+                } else {
+                    "Kubernetes stopped the Job (DeadlineExceeded)"
+                };
+                log.system(format!(
+                    "timed out after {}: {by}",
                     humantime::format_duration(job.timeout)
                 ))
                 .await;
@@ -729,6 +827,52 @@ impl KubernetesExecutor {
                 code => ExecOutcome::Exited(code),
             },
         })
+    }
+
+    /// Fetches the job's result files from its pod, whose job container has ended, into
+    /// [`fetched_results_dir`]; says in the log why not when it cannot.
+    async fn fetch_results(
+        &self,
+        job: &JobContext,
+        pods: &Api<Pod>,
+        pod: Option<&str>,
+        end: &End,
+        log: &LogSink,
+    ) {
+        use testbot_proto::test_results::{
+            MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILE_BYTES, MAX_RESULT_FILES,
+        };
+        let pod = match (end, pod) {
+            (End::Terminated { .. } | End::StoppedAtLimit, Some(pod)) => pod,
+            _ => {
+                log.system(
+                    "results: the pod went before its script ended; no result files can be fetched from it",
+                )
+                .await;
+                return;
+            }
+        };
+        let limits = results::FetchLimits {
+            max_files: MAX_RESULT_FILES,
+            max_file_bytes: MAX_RESULT_FILE_BYTES,
+            max_total_bytes: MAX_RESULT_BYTES_PER_JOB,
+        };
+        let dest = fetched_results_dir(job);
+        match results::fetch(pods, pod, &job.spec.results, &dest, limits).await {
+            Ok(notes) => {
+                for note in notes {
+                    log.system(note).await;
+                }
+            }
+            Err(err) => {
+                let _ = tokio::fs::remove_dir_all(&dest).await;
+                log.system(format!(
+                    "results: cannot fetch the result files from pod {}/{pod}: {err:#}",
+                    self.settings.namespace
+                ))
+                .await;
+            }
+        }
     }
 
     /// Whether Job `name` has failed with `DeadlineExceeded` or has run past its deadline.
@@ -906,6 +1050,36 @@ impl PodView {
                 .clone()
                 .unwrap_or_else(|| "pending".to_string()),
         )
+    }
+}
+
+/// Where the agent puts the result files fetched from the job's pod.
+fn fetched_results_dir(job: &JobContext) -> std::path::PathBuf {
+    job.dir.join("pod-results")
+}
+
+/// The `results` container beside `job` (the job's container): the same image, workspace and
+/// confinement, none of the job's variables (its secrets least of all), and a small share of
+/// the pod's resources, since all it does is sleep and, at the end, run `find` and `tar`.
+fn results_container(job: &Container) -> Container {
+    let quantities = BTreeMap::from([
+        ("cpu".to_string(), Quantity("50m".into())),
+        ("memory".to_string(), Quantity("64Mi".into())),
+    ]);
+    Container {
+        name: results::CONTAINER.to_string(),
+        image: job.image.clone(),
+        image_pull_policy: job.image_pull_policy.clone(),
+        command: Some(results::COMMAND.map(String::from).into()),
+        working_dir: job.working_dir.clone(),
+        volume_mounts: job.volume_mounts.clone(),
+        security_context: job.security_context.clone(),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities.clone()),
+            limits: Some(quantities),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
@@ -1093,6 +1267,43 @@ mod tests {
         let env = container["env"].as_array().unwrap();
         assert!(env.contains(&serde_json::json!({"name": "GREETING", "value": "hi"})));
         assert!(env.contains(&serde_json::json!({"name": "TESTBOT_JOB_ID", "value": "7"})));
+    }
+
+    #[test]
+    fn a_job_with_result_files_gets_a_confined_results_container_without_its_variables() {
+        let executor = executor();
+        let mut job = context(Some(1500));
+        let json =
+            serde_json::to_value(executor.job_object(&job, "ghcr.io/o/ci:1").unwrap()).unwrap();
+        assert_eq!(
+            json["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+
+        job.spec.results = vec!["out/*.xml".into()];
+        job.spec.env.insert("TOKEN".into(), "s3cr3t-value".into());
+        job.spec.secret_env.push("TOKEN".into());
+        let json =
+            serde_json::to_value(executor.job_object(&job, "ghcr.io/o/ci:1").unwrap()).unwrap();
+        // The agent stops the job at 90 s; Kubernetes only after the grace and the fetch.
+        assert_eq!(json["spec"]["activeDeadlineSeconds"], 90 + 10 + 300);
+        let containers = json["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
+        let (job_container, results) = (&containers[0], &containers[1]);
+        assert_eq!(results["name"], "results");
+        assert_eq!(results["image"], "ghcr.io/o/ci:1");
+        assert_eq!(
+            results["command"],
+            serde_json::json!(["sleep", "2147483647"])
+        );
+        assert_eq!(results["securityContext"], job_container["securityContext"]);
+        assert_eq!(results["volumeMounts"], job_container["volumeMounts"]);
+        assert!(results.get("env").is_none(), "{results}");
+        assert_eq!(results["resources"]["limits"]["memory"], "64Mi");
     }
 
     #[test]

@@ -864,3 +864,79 @@ async fn a_kubernetes_job_receives_its_secret_which_stays_out_of_the_pod_spec_an
     .await;
     fleet.stop().await;
 }
+
+/// A JUnit file with one passing and one failing test, written by a job's script to `path`.
+fn write_junit(path: &str) -> String {
+    format!(
+        "mkdir -p \"$(dirname {path})\" && cat > {path} <<'XML'\n\
+         <testsuite name=\"pkg\"><testcase classname=\"T\" name=\"ok\"/>\
+         <testcase classname=\"T\" name=\"bad\"><failure message=\"no\"/></testcase></testsuite>\n\
+         XML"
+    )
+}
+
+/// A pod's workspace goes with the pod: the result files are fetched from it before, from a job
+/// that failed and from one that ran into its time limit, which the agent enforces itself for
+/// such a job (here past a script that ignores SIGTERM) so that the workspace is still there.
+#[tokio::test(flavor = "multi_thread")]
+async fn result_files_are_fetched_from_a_pod_that_failed_and_from_one_stopped_at_its_limit() {
+    let (mut fleet, cluster, policy) = kubernetes_fleet().await;
+    add_agent(&mut fleet, &cluster, &policy, "k8s1");
+    fleet.wait_policy_agents(1).await;
+
+    let failing = JobSpec {
+        results: vec!["out/**/*.xml".into(), "coverage/*.xml".into()],
+        ..job(&format!(
+            "{}\nln -s /etc/passwd out/stolen.xml; echo not-a-result > out/notes.txt; exit 3",
+            write_junit("out/unit/junit.xml")
+        ))
+    };
+    // The limit counts from the Job's start, as `activeDeadlineSeconds` does: long enough for
+    // the pod to start (the policy's `max_pending` is 6 s) on a busy node.
+    let slow = JobSpec {
+        timeout_secs: Some(12),
+        results: vec!["out/*.xml".into()],
+        ..job(&format!(
+            "{}\ntrap '' TERM; echo written; sleep 120; echo survived",
+            write_junit("out/junit.xml")
+        ))
+    };
+    let failing = fleet.workflow(REPO).submit(&failing).await.unwrap();
+    let slow = fleet.workflow(REPO).submit(&slow).await.unwrap();
+
+    let (done, log) = fleet.finished(&failing).await;
+    assert_eq!(done.state, JobState::Failed, "{log}");
+    assert_eq!(done.exit_code, Some(3), "{log}");
+    assert!(log.contains("results: out/unit/junit.xml ("), "{log}");
+    assert!(log.contains("2 tests: 1 passed, 1 failed"), "{log}");
+    assert!(
+        log.contains("results: \"coverage/*.xml\" matched no file"),
+        "{log}"
+    );
+    let results = fleet.client().job_results(failing.id).await.unwrap();
+    let paths: Vec<&str> = results.files.iter().map(|f| f.path.as_str()).collect();
+    // The link is not a regular file in the pod: not fetched, so never read.
+    assert_eq!(paths, ["out/unit/junit.xml"], "{log}");
+    assert_eq!((results.totals.cases, results.totals.failed), (2, 1));
+
+    let (done, log) = fleet.finished(&slow).await;
+    assert_eq!(done.state, JobState::Failed, "{log}");
+    assert_eq!(done.reason.as_deref(), Some("timed out after 12s"), "{log}");
+    assert!(
+        log.contains("timed out after 12s: the agent stopped the job's container"),
+        "{log}"
+    );
+    assert!(
+        log.contains("written") && !log.contains("survived"),
+        "{log}"
+    );
+    let results = fleet.client().job_results(slow.id).await.unwrap();
+    let paths: Vec<&str> = results.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["out/junit.xml"], "{log}");
+    assert_eq!((results.totals.cases, results.totals.failed), (2, 1));
+
+    for job in [&failing, &slow] {
+        nothing_left(&cluster, &fleet, job).await;
+    }
+    fleet.stop().await;
+}
