@@ -45,8 +45,10 @@ struct Inputs {
     repeat: u32,
     /// Result file globs (the `results` input).
     results: Vec<String>,
-    /// How to run chosen tests (`run-tests`) and which (`tests`, one per line).
+    /// How to run chosen tests (`run-tests`), how to list them (`list-tests`), and which
+    /// (`tests`, one per line).
     run_tests: Option<String>,
+    list: Option<String>,
     tests: Vec<String>,
     /// Known-flaky failures do not fail the step (the `quarantine` input).
     quarantine: bool,
@@ -155,6 +157,7 @@ impl Inputs {
             repeat: number("repeat")?.unwrap_or(1).max(1),
             results: input_list("results"),
             run_tests: input("run-tests"),
+            list: input("list-tests"),
             quarantine: input("quarantine").is_some_and(|q| q == "true"),
             // One per line: a test's name may hold commas and spaces (`test_io[a, b]`).
             tests: input("tests")
@@ -194,6 +197,7 @@ impl Inputs {
             resources: self.resources.clone(),
             results: self.results.clone(),
             run_tests: self.run_tests.clone(),
+            list: self.list.clone(),
             tests: self.tests.clone(),
             quarantine: self.quarantine,
         };

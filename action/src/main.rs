@@ -138,7 +138,8 @@ enum Command {
         /// The branch both commits are on. Default: the repository's default branch.
         #[arg(long)]
         branch: Option<String>,
-        /// What the job's run_tests gets for {tests}. Default: the test's name.
+        /// What the job's run_tests gets for {tests}. Default: the test's name (with the job's
+        /// list command: the listed tests whose names end with it).
         #[arg(long)]
         select: Option<String>,
         /// Confidence that the commit before the one named is good. Default 0.95.
@@ -319,8 +320,14 @@ struct JobArgs {
     /// How to run chosen tests: a command with {tests} where they go, e.g. 'pytest {tests}'.
     #[arg(long = "run-tests", value_name = "COMMAND")]
     run_tests: Option<String>,
+    /// How to list the job's tests, one per line as --run-tests names them, e.g. 'pytest
+    /// --collect-only -q'. With it, each --tests is a pattern (* any text, ? one character)
+    /// matched against the list in the job, and --run-tests gets the listed tests that match.
+    #[arg(long = "list-tests", value_name = "COMMAND", requires = "run_tests")]
+    list_tests: Option<String>,
     /// Run this test instead of the whole script, with --run-tests (repeatable): e.g. --tests
-    /// tests/test_io.py::test_wobbly. Each is one shell word to the command.
+    /// tests/test_io.py::test_wobbly, or --tests '*wobbly*' with --list-tests. Each is one
+    /// shell word to the command.
     #[arg(long = "tests", value_name = "TEST", requires = "run_tests")]
     tests: Vec<String>,
     /// A short name shown in listings.
@@ -371,6 +378,7 @@ impl JobArgs {
             timeout,
             results,
             run_tests,
+            list_tests,
             tests,
             name,
             executor,
@@ -430,6 +438,7 @@ impl JobArgs {
             },
             results,
             run_tests,
+            list: list_tests,
             tests,
             quarantine: false,
         };

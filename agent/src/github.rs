@@ -887,6 +887,7 @@ fn first_difference(expected: &JobSpec, got: &JobSpec) -> Option<&'static str> {
         ("labels", expected.labels == got.labels),
         ("results", expected.results == got.results),
         ("run_tests", expected.run_tests == got.run_tests),
+        ("list", expected.list == got.list),
         ("quarantine", expected.quarantine == got.quarantine),
         ("env", expected.env == got.env),
         ("secret variables", got.secret_env.is_empty()),

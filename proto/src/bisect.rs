@@ -45,7 +45,8 @@ pub struct BisectRequest {
     /// The branch both are on. Default: the repository's default branch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
-    /// What the job's `run_tests` gets for `{tests}`. Default: the test's name.
+    /// What the job's `run_tests` gets for `{tests}`. Default: the test's name, or with the
+    /// job's `list` the listed tests whose names end with it (`*test_wobbly`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub select: Option<String>,
     /// Default [`CONFIDENCE`].

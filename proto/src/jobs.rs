@@ -96,9 +96,16 @@ pub struct JobSpec {
     /// whole `script`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_tests: Option<String>,
+    /// How to list the job's tests, one per line as `run_tests` names them (`pytest
+    /// --collect-only -q`). With it, chosen `tests` are patterns (`*` any text, `?` one
+    /// character) matched against the list in the job before `run_tests` gets the names that
+    /// match; a choice that matches no listed test fails the run, saying so. Default: none
+    /// (the chosen tests are passed as given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
     /// The tests to run instead of the whole suite, as `run_tests` names them
-    /// (`tests/test_io.py::test_wobbly`): the agent runs `run_tests` with them in place of
-    /// `script`. Default: none (the whole `script`).
+    /// (`tests/test_io.py::test_wobbly`), or patterns of them with `list`: the agent runs
+    /// `run_tests` with them in place of `script`. Default: none (the whole `script`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tests: Vec<String>,
     /// Tests known to be flaky on the job's branch do not fail its check run (or the
@@ -262,6 +269,7 @@ impl JobSpec {
         crate::results::validate_result_patterns(&self.results)
             .map_err(|e| format!("results: {e}"))?;
         validate_selection(self.run_tests.as_deref(), &self.tests)?;
+        validate_list(self.list.as_deref())?;
         if self.env.len() > limits::MAX_ENV_VARS {
             return Err(format!(
                 "{} environment variables given; the limit is {}",
@@ -304,11 +312,83 @@ impl JobSpec {
             return Ok(std::borrow::Cow::Borrowed(&self.script));
         }
         validate_selection(self.run_tests.as_deref(), &self.tests)?;
+        validate_list(self.list.as_deref())?;
         let run_tests = self.run_tests.as_deref().unwrap_or_default();
-        let words: Vec<String> = self.tests.iter().map(|t| shell_quote(t)).collect();
-        Ok(std::borrow::Cow::Owned(
-            run_tests.replace(TESTS_PLACEHOLDER, &words.join(" ")),
-        ))
+        let Some(list) = &self.list else {
+            let words: Vec<String> = self.tests.iter().map(|t| shell_quote(t)).collect();
+            return Ok(std::borrow::Cow::Owned(
+                run_tests.replace(TESTS_PLACEHOLDER, &words.join(" ")),
+            ));
+        };
+        // The listed names that match any chosen pattern become the positional parameters,
+        // which `run_tests` gets as "$@". A listed name starting with '-' is never taken: the
+        // runner would read it as an option. The patterns are shell patterns with every
+        // character but `*` and `?` quoted, so that no choice is read as shell syntax.
+        let patterns: Vec<String> = self.tests.iter().map(|t| glob_word(t)).collect();
+        let chosen: Vec<String> = self.tests.iter().map(|t| shell_quote(t)).collect();
+        Ok(std::borrow::Cow::Owned(format!(
+            r#"testbot_listed=$(
+{list}
+) || {{ echo "testbot: the job's list command failed" >&2; exit 1; }}
+set --
+testbot_ifs=$IFS
+IFS='
+'
+set -f
+for testbot_test in $testbot_listed; do
+  case $testbot_test in
+    -*) ;;
+    {patterns}) set -- "$@" "$testbot_test" ;;
+  esac
+done
+set +f
+IFS=$testbot_ifs
+if [ "$#" -eq 0 ]; then
+  echo "testbot: no test the list command printed matches the chosen tests:" >&2
+  printf '  %s\n' {chosen} >&2
+  exit 1
+fi
+echo "testbot: running $# listed tests" >&2
+{run}
+"#,
+            patterns = patterns.join("|"),
+            chosen = chosen.join(" "),
+            run = run_tests.replace(TESTS_PLACEHOLDER, "\"$@\""),
+        )))
+    }
+}
+
+/// `pattern` as a shell pattern word: `*` and `?` as they are, everything else quoted.
+fn glob_word(pattern: &str) -> String {
+    let mut word = String::new();
+    let mut literal = String::new();
+    for c in pattern.chars() {
+        if c == '*' || c == '?' {
+            if !literal.is_empty() {
+                word.push_str(&shell_quote(&literal));
+                literal.clear();
+            }
+            word.push(c);
+        } else {
+            literal.push(c);
+        }
+    }
+    if !literal.is_empty() || word.is_empty() {
+        word.push_str(&shell_quote(&literal));
+    }
+    word
+}
+
+/// A `list` command is 1 to [`limits::MAX_SCRIPT_BYTES`] bytes.
+pub fn validate_list(list: Option<&str>) -> Result<(), String> {
+    match list {
+        Some(list) if list.trim().is_empty() || list.len() > limits::MAX_SCRIPT_BYTES => {
+            Err(format!(
+                "list must be a command of 1 to {} bytes",
+                limits::MAX_SCRIPT_BYTES
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -646,6 +726,72 @@ mod tests {
             assert!(err.contains(problem), "{err}");
             assert!(spec.selected_script().is_err());
         }
+    }
+
+    #[test]
+    fn with_a_list_command_chosen_patterns_pick_the_listed_tests_they_match() {
+        let list = r#"printf '%s\n' 't.py::a_wobbly' 't.py::b' "t.py::it's; touch pwned" '--junitxml=/tmp/wobbly' 't.py::wobbly_2' '' '3 tests collected'"#;
+        let mut spec = JobSpec {
+            script: "echo the whole suite".into(),
+            run_tests: Some(r#"for t in {tests}; do echo "ran <$t>"; done"#.into()),
+            list: Some(list.into()),
+            tests: vec![
+                "*wobbly*".into(),
+                "t.py::it's; touch pwned".into(),
+                "$(touch x)*".into(),
+            ],
+            ..JobSpec::default()
+        };
+        assert_eq!(spec.validate(), Ok(()));
+        let dir = tempfile::tempdir().unwrap();
+        let run = |spec: &JobSpec, shell: &str| {
+            let out = std::process::Command::new(shell)
+                .args(["-e", "-c", &spec.selected_script().unwrap()])
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        for shell in ["sh", "bash"] {
+            let (code, stdout, stderr) = run(&spec, shell);
+            assert_eq!(code, Some(0), "{shell}: {stdout}{stderr}");
+            assert_eq!(
+                stdout,
+                "ran <t.py::a_wobbly>\nran <t.py::it's; touch pwned>\nran <t.py::wobbly_2>\n",
+                "{shell}: {stderr}"
+            );
+            assert!(
+                stderr.contains("testbot: running 3 listed tests"),
+                "{stderr}"
+            );
+            assert!(
+                std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+                "nothing ran as shell"
+            );
+        }
+        // A choice that matches nothing fails the run, naming the choice.
+        spec.tests = vec!["t.py::gone".into()];
+        let (code, stdout, stderr) = run(&spec, "sh");
+        assert_eq!(code, Some(1), "{stdout}{stderr}");
+        assert!(
+            stderr.contains("matches the chosen tests:\n  t.py::gone"),
+            "{stderr}"
+        );
+        // A list command that fails fails the run.
+        spec.list = Some("echo t.py::gone; false".into());
+        let (code, _, stderr) = run(&spec, "sh");
+        assert_eq!(code, Some(1));
+        assert!(stderr.contains("the job's list command failed"), "{stderr}");
+        spec.list = Some(" ".into());
+        assert!(
+            spec.validate()
+                .unwrap_err()
+                .contains("list must be a command")
+        );
     }
 
     #[test]

@@ -92,6 +92,10 @@ pub struct ConfigJob {
     /// tests in question. Default: none (always the whole script).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_tests: Option<String>,
+    /// How to list its tests, one per line as `run_tests` names them (`pytest --collect-only
+    /// -q`): chosen tests are then patterns matched against the list. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
     /// When a run of the job on a push shows a test flaky for the first time, the broker
     /// bisects the commits since it last passed to find the one that made it so (runs of the
     /// job on those commits, of that test alone when `run_tests` is given). Default: false.
@@ -327,6 +331,13 @@ impl RepoConfig {
                 .map_err(|m| (at("results"), m))?;
             crate::jobs::validate_selection(job.run_tests.as_deref(), &[])
                 .map_err(|m| (at("run_tests"), m))?;
+            crate::jobs::validate_list(job.list.as_deref()).map_err(|m| (at("list"), m))?;
+            if job.list.is_some() && job.run_tests.is_none() {
+                return Err((
+                    at("list"),
+                    "a list command is for choosing tests, and the job has no run_tests to run them with".into(),
+                ));
+            }
             if let Some(fill) = &job.history {
                 for (field, n) in [("commits", fill.commits), ("runs", fill.runs)] {
                     if n == 0 || n > MAX_HISTORY {
@@ -565,6 +576,7 @@ impl ConfigJob {
             },
             results: self.results.clone(),
             run_tests: self.run_tests.clone(),
+            list: self.list.clone(),
             tests: Vec::new(),
             quarantine: self.quarantine,
         })

@@ -411,12 +411,14 @@ async fn submit_runs(
     let mut spec =
         super::jobs::spec_of(&provenance, job).map_err(|e| Submit::Fail(format!("{e:#}")))?;
     if spec.run_tests.is_some() {
-        spec.tests = vec![
-            bisection
-                .select
-                .clone()
-                .unwrap_or_else(|| bisection.name.clone()),
-        ];
+        // With a list command, the listed tests whose names end with the test's: the runner's
+        // name for it (`tests/test_io.py::test_wobbly` for `test_wobbly`), and perhaps a few
+        // more, whose runs the bisection does not count.
+        let default = match spec.list {
+            Some(_) => format!("*{}", bisection.name),
+            None => bisection.name.clone(),
+        };
+        spec.tests = vec![bisection.select.clone().unwrap_or(default)];
     }
     let models = super::jobs::submit_spec(
         state,

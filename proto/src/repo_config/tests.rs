@@ -42,13 +42,26 @@ fn unknown_keys_are_refused_at_their_place_with_a_suggestion() {
     assert_eq!(
         err("[jobs.a]\nscript = \"true\"\ntimout = \"1m\"\n"),
         "3:1: unknown field `timout`, expected one of `script`, `site`, `labels`, `executor`, \
-         `image`, `timeout`, `resources`, `env`, `results`, `run_tests`, `bisect`, `quarantine`, `history`, `repeat`, `on`; did you mean `timeout`?"
+         `image`, `timeout`, `resources`, `env`, `results`, `run_tests`, `list`, `bisect`, `quarantine`, `history`, `repeat`, `on`; did you mean `timeout`?"
     );
     let e = err("[jobs.a]\nscript = \"true\"\n[jobs.a.on]\npush = { branch = [\"main\"] }\n");
     assert!(e.starts_with("4:10: unknown field `branch`"), "{e}");
     assert!(e.ends_with("did you mean `branches`?"), "{e}");
     let e = err("[jobs.a]\nscript = \"true\"\non.pull_request = { automatic = \"always\" }\n");
     assert!(e.starts_with("3:33: unknown variant `always`"), "{e}");
+}
+
+#[test]
+fn a_list_command_needs_run_tests_and_reaches_the_spec() {
+    let e = err("[jobs.a]\nscript = \"pytest\"\nlist = \"pytest --collect-only -q\"\n");
+    assert!(e.starts_with("3:8: "), "{e}");
+    assert!(e.contains("no run_tests to run them with"), "{e}");
+    let config = RepoConfig::parse(
+        "[jobs.a]\nscript = \"pytest\"\nrun_tests = \"pytest {tests}\"\nlist = \"pytest --collect-only -q\"\n",
+    )
+    .unwrap();
+    let spec = config.jobs["a"].spec("a").unwrap();
+    assert_eq!(spec.list.as_deref(), Some("pytest --collect-only -q"));
 }
 
 #[test]

@@ -377,11 +377,11 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
     ensure_account(JOB_ACCOUNT);
     let (fake, mut fleet) = installed_app().await;
 
-    // Five pushes to main queue five jobs while no agent runs; a commit on a feature branch
+    // Six pushes to main queue six jobs while no agent runs; a commit on a feature branch
     // (with the same config) never reaches main.
     let marker = fleet.dir.path().join("a-lie-ran");
     let mut shas = Vec::new();
-    for n in 0..5 {
+    for n in 0..6 {
         shas.push(
             fake.commit(
                 REPO,
@@ -403,9 +403,9 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
             "Not merged",
         )
         .await;
-    let jobs = wait_for("five queued jobs", WAIT, || async {
+    let jobs = wait_for("six queued jobs", WAIT, || async {
         let jobs = jobs_of(&fleet).await;
-        (jobs.len() == 5).then_some(jobs)
+        (jobs.len() == 6).then_some(jobs)
     })
     .await;
     let mut ids: Vec<i64> = jobs.iter().map(|j| j.id.0).collect();
@@ -449,6 +449,14 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
         ids[4],
     )
     .await;
+    // A list command of its own: it would run as the job, before any test.
+    tamper(
+        &fleet,
+        "UPDATE jobs SET spec = json_set(spec, '$.list', ?1) WHERE id = ?2",
+        &format!("touch {}", marker.display()),
+        ids[5],
+    )
+    .await;
 
     let mut agent = fleet.agent_config("login1");
     agent.policy = Some(app_policy(&fleet, &fake));
@@ -463,6 +471,7 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
             "GitHub does not confirm the job: commit {feature} is not on branch main of {REPO}"
         ),
         "the job's choice of tests cannot run: test \"--junitxml=",
+        "GitHub does not confirm the job: the job's list differs from job unit in .github/testbot.toml",
     ];
     for (id, expected) in ids.iter().zip(expected) {
         let job = fleet.wait_finished(testbot_proto::jobs::JobId(*id)).await;
@@ -472,13 +481,13 @@ async fn an_agent_refuses_what_a_lying_broker_says_about_an_app_job() {
     }
     assert!(!marker.exists(), "the lying broker's script ran");
     // Each check run says the job could not run.
-    let failed = wait_for("five failed check runs", WAIT, || async {
+    let failed = wait_for("six failed check runs", WAIT, || async {
         let failed: Vec<_> = fake
             .check_runs(REPO)
             .into_iter()
             .filter(|run| run.current().conclusion.as_deref() == Some("failure"))
             .collect();
-        (failed.len() == 5).then_some(failed)
+        (failed.len() == 6).then_some(failed)
     })
     .await;
     assert!(
@@ -1409,6 +1418,8 @@ bisect = true
 quarantine = true
 script = "sh test.sh"
 run_tests = "sh test.sh {tests}"
+# The runner's names: a bisection step picks the one that ends with the test's name.
+list = "echo T.steady; echo T.wobbly"
 
 [jobs.unit.on]
 push = { branches = ["main"] }
@@ -1507,7 +1518,7 @@ async fn a_new_flake_after_a_merge_is_bisected_by_the_broker_to_the_commit_that_
     let first = fleet.wait_finished(runs[0].job).await;
     let log = fleet.log(first.id).await;
     assert!(log.contains("(verified with GitHub)"), "{log}");
-    assert!(log.contains("selected: wobbly"), "{log}");
+    assert!(log.contains("selected: T.wobbly"), "{log}");
     let checked: std::collections::BTreeSet<String> = fake
         .check_runs(REPO)
         .into_iter()

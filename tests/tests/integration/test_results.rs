@@ -552,3 +552,57 @@ async fn chosen_tests_run_through_run_tests_each_as_one_word_instead_of_the_whol
     );
     fleet.stop().await;
 }
+
+/// With a list command, chosen tests are patterns matched against what it prints in the job:
+/// the runner gets the listed names that match (never one that starts with '-'), and a choice
+/// that matches nothing fails the run, naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn chosen_patterns_pick_the_tests_the_list_command_prints() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_agent(fleet.agent_config("a1"));
+    let list = "printf '%s\\n' 'tests/test_io.py::test_wobbly' 'tests/test_io.py::test_steady' \
+                'tests/test_net.py::test_wobbly[ipv6]' '--junitxml=/tmp/wobbly' '3 tests collected'";
+    let run = |tests: &'static [&'static str]| {
+        let mut args = vec![
+            "run",
+            "--list-tests",
+            list,
+            "--run-tests",
+            r#"for t in {tests}; do echo "ran <$t>"; done"#,
+        ];
+        for test in tests {
+            args.extend(["--tests", test]);
+        }
+        args.extend(["--", "echo the whole suite"]);
+        args
+    };
+    let out = fleet.testbot(&run(&["*wobbly*"])).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout.contains(
+            "ran <tests/test_io.py::test_wobbly>\nran <tests/test_net.py::test_wobbly[ipv6]>\n"
+        ),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("testbot: running 2 listed tests"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("ran <--junitxml") && !stdout.contains("test_steady>"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("the whole suite"), "{stdout}");
+
+    let out = fleet.testbot(&run(&["tests/test_io.py::test_gone"])).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("no test the list command printed matches the chosen tests:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("  tests/test_io.py::test_gone"), "{stderr}");
+    fleet.stop().await;
+}
