@@ -59,6 +59,8 @@ pub(super) async fn origin_of<'p>(
                     public: claims.repository_visibility.as_deref() == Some("public"),
                     commit_sha: Some(claims.sha.clone()),
                     git_ref: Some(claims.git_ref.clone()),
+                    // A workflow waits on its job, whatever its event.
+                    priority: crate::store::Priority::Interactive,
                 },
                 Some((claims.jti.as_str(), claims.exp)),
             ))

@@ -7,7 +7,7 @@ use testbot_proto::repo_config::ConfigJob;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::github::NewAppJob;
-use crate::store::{JobModel, JobOrigin, Store};
+use crate::store::{JobModel, JobOrigin, Priority, Store};
 
 /// The provenance of an App job, for its assignment; None for every other job.
 pub async fn provenance_of(
@@ -155,6 +155,15 @@ pub async fn submit_spec(
             } => format!("refs/testbot/bisections/{bisection}"),
             _ => provenance.git_ref(),
         }),
+        // Pull requests and comments have someone waiting; a push's runs come after them, and
+        // the broker's own runs of older commits after everything else.
+        priority: match provenance {
+            Provenance::Push { .. } | Provenance::Tag { .. } | Provenance::Schedule { .. } => {
+                Priority::PostMerge
+            }
+            Provenance::History { .. } => Priority::Background,
+            _ => Priority::Interactive,
+        },
     };
     let provenance_json = serde_json::to_string(provenance)?;
     let names: Vec<String> = (1..=runs)

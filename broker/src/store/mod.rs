@@ -240,6 +240,36 @@ pub struct JobOrigin {
     /// The commit and ref GitHub vouched for (a workflow's token, an App job's provenance).
     pub commit_sha: Option<String>,
     pub git_ref: Option<String>,
+    /// Where the job goes in the queue; the runs of a batch of several go no earlier than
+    /// [`Priority::Repeat`].
+    pub priority: Priority,
+}
+
+/// The order in which agents take queued jobs: by priority, then oldest first. Someone
+/// waiting on a job (a `testbot run`, a workflow, a pull request, a comment) comes before the
+/// runs after a merge, which come before repeats, which come before the broker's own runs
+/// (history filling, bisection steps): a 100-run repeat does not hold back a job someone
+/// waits for. A running job is never preempted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    #[default]
+    Interactive = 0,
+    PostMerge = 1,
+    Repeat = 2,
+    Background = 3,
+}
+
+impl Priority {
+    /// The stored priority of a job of `origin`, run `batch` of a batch of `runs`.
+    pub fn stored(origin: &JobOrigin, batch: Option<(i64, u32, u32)>) -> i64 {
+        let repeat = batch.is_some_and(|(_, _, runs)| runs > 1);
+        let priority = if repeat {
+            origin.priority.max(Priority::Repeat)
+        } else {
+            origin.priority
+        };
+        priority as i64
+    }
 }
 
 impl JobModel {
@@ -374,6 +404,8 @@ pub(crate) struct RoutingRow {
     pub oidc_token: Option<String>,
     /// An App job's provenance.
     pub provenance: Option<String>,
+    /// Its place in the queue ([`Priority`]), read on from in a claim's next page.
+    pub priority: i64,
 }
 
 impl RoutingRow {

@@ -72,7 +72,8 @@ const REPO_COLUMNS: &str = "name, settings, registered_by, created_at_ms, update
 /// (`submitted_by` is `APP_SUBMITTER`), so that the claims of every other job do not pay for it.
 const ROUTING_COLUMNS: &str = "id, spec, sites::text AS sites, repository, oidc_token, \
      CASE WHEN submitted_by = 'github-app' THEN \
-         (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) END AS provenance";
+         (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) END AS provenance, \
+     priority";
 
 const AGENT_COLUMNS: &str = "agents.id, agents.site, agents.name, agents.public_key, agents.policy, \
      agents.enrolled_at_ms, agents.last_seen_ms, agents.revoked_at_ms, \
@@ -183,9 +184,9 @@ async fn insert_job_row(
     let sql = format!(
         "INSERT INTO jobs (spec, labels, executor, state, created_at_ms, repository, run_id,
              submitted_by, oidc_token, sites, submit_jti, secret_env, public, batch_id,
-             batch_run, batch_runs, commit_sha, git_ref, job_name)
+             batch_run, batch_runs, commit_sha, git_ref, job_name, priority)
          VALUES ($1, $2::jsonb, $3, 'queued', $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12,
-             $13, $14, $15, $16, $17, $18)
+             $13, $14, $15, $16, $17, $18, $19)
          RETURNING {JOB_COLUMNS}"
     );
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -207,6 +208,7 @@ async fn insert_job_row(
         .bind(&origin.commit_sha)
         .bind(&origin.git_ref)
         .bind(&stored.name)
+        .bind(crate::store::Priority::stored(origin, batch))
         .fetch_one(tx)
         .await
 }
@@ -915,7 +917,7 @@ impl Store for PgStore {
         let operator_only = offer.policy.is_none() && !offer.workflow_jobs_without_policy;
         let candidates = format!(
             "SELECT {ROUTING_COLUMNS} FROM jobs
-             WHERE state = 'queued' AND id > $1
+             WHERE state = 'queued' AND (priority, id) > ($10, $1)
                AND labels <@ $2::jsonb
                AND (sites IS NULL OR sites @> jsonb_build_array($3::text))
                AND (executor IS NULL OR executor = $4)
@@ -925,7 +927,7 @@ impl Store for PgStore {
                    SELECT 1 FROM job_holds
                    WHERE job_holds.job_id = jobs.id AND job_holds.agent = $7
                      AND job_holds.until_ms > $8)
-             ORDER BY id LIMIT $9"
+             ORDER BY priority, id LIMIT $9"
         );
         // The oldest of the admitted candidates that is still queued, not held back from this
         // agent and not being claimed by another broker this instant (a row another claim
@@ -940,15 +942,16 @@ impl Store for PgStore {
                        SELECT 1 FROM job_holds
                        WHERE job_holds.job_id = candidate.id AND job_holds.agent = $1
                          AND job_holds.until_ms > $5)
-                 ORDER BY candidate.id LIMIT 1
+                 ORDER BY candidate.priority, candidate.id LIMIT 1
                  FOR UPDATE SKIP LOCKED)
              RETURNING {JOB_COLUMNS}"
         );
-        let mut after = 0i64;
+        // Where the next page starts in the queue's order: after this (priority, id).
+        let mut after = (i64::MIN, 0i64);
         loop {
             let now = now_ms();
             let page: Vec<RoutingRow> = sqlx::query_as(sqlx::AssertSqlSafe(candidates.as_str()))
-                .bind(after)
+                .bind(after.1)
                 .bind(&labels)
                 .bind(&offer.site)
                 .bind(&offer.executor)
@@ -957,12 +960,13 @@ impl Store for PgStore {
                 .bind(taker.agent)
                 .bind(now)
                 .bind(CLAIM_PAGE)
+                .bind(after.0)
                 .fetch_all(&self.pool)
                 .await?;
             let Some(last) = page.last() else {
                 return Ok(None);
             };
-            after = last.id;
+            after = (last.priority, last.id);
             let admitted: Vec<i64> = page
                 .iter()
                 .filter(|row| row.routed().is_ok_and(|job| offer.admits(&job).is_ok()))

@@ -196,7 +196,8 @@ macro_rules! routing_columns {
     () => {
         "id, spec, sites, repository, oidc_token, \
          CASE WHEN submitted_by = 'github-app' THEN \
-         (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) END AS provenance"
+         (SELECT provenance FROM github_jobs g WHERE g.job_id = jobs.id) END AS provenance, \
+         priority"
     };
 }
 
@@ -292,6 +293,7 @@ fn routing_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoutingRow> {
         repository: row.get(3)?,
         oidc_token: row.get(4)?,
         provenance: row.get(5)?,
+        priority: row.get(6)?,
     })
 }
 
@@ -322,9 +324,9 @@ fn insert_job_row(
     tx.prepare_cached(concat!(
         "INSERT INTO jobs (spec, labels, state, created_at_ms, repository, run_id,
              submitted_by, oidc_token, sites, submit_jti, secret_env, public,
-             batch_id, batch_run, batch_runs, commit_sha, git_ref, job_name)
+             batch_id, batch_run, batch_runs, commit_sha, git_ref, job_name, priority)
          VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-             ?16, ?17)
+             ?16, ?17, ?18)
          RETURNING ",
         job_columns!()
     ))?
@@ -347,6 +349,7 @@ fn insert_job_row(
             origin.commit_sha,
             origin.git_ref,
             stored.name,
+            super::Priority::stored(origin, batch),
         ],
         job_row,
     )
@@ -396,10 +399,10 @@ fn append_raw(
 
 /// What a claim's read of the queue found.
 enum Scan {
-    /// The oldest jobs the agent may take, oldest first.
-    Admitted(Vec<i64>),
-    /// None in a page that ended at this id: read on after it.
-    ReadOn(i64),
+    /// The first jobs in the queue's order the agent may take, as (priority, id), in order.
+    Admitted(Vec<(i64, i64)>),
+    /// None in a page that ended at this (priority, id): read on after it.
+    ReadOn((i64, i64)),
     /// None at all.
     End,
 }
@@ -421,7 +424,7 @@ const CLAIM_SCAN: &str = concat!(
     "SELECT ",
     routing_columns!(),
     " FROM jobs
-     WHERE state = 'queued' AND id > ?1
+     WHERE state = 'queued' AND (priority, id) > (?9, ?1)
        AND NOT EXISTS (
            SELECT 1 FROM json_each(jobs.labels) AS wanted
            WHERE wanted.value NOT IN (SELECT value FROM json_each(?2)))
@@ -435,7 +438,7 @@ const CLAIM_SCAN: &str = concat!(
            SELECT 1 FROM job_holds
            WHERE job_holds.job_id = jobs.id AND job_holds.agent = ?7
              AND job_holds.until_ms > ?8)
-     ORDER BY id LIMIT 256"
+     ORDER BY priority, id LIMIT 256"
 );
 
 /// How many jobs the agent may take a claim's read hands to its write, oldest first: agents
@@ -1441,7 +1444,8 @@ impl Store for SqliteStore {
         let workflow_only = offer.policy.is_some().then_some(1);
         let operator_only =
             (offer.policy.is_none() && !offer.workflow_jobs_without_policy).then_some(1);
-        let mut after = 0i64;
+        // Where the next page starts in the queue's order: after this (priority, id).
+        let mut after = (i64::MIN, 0i64);
         loop {
             let (labels, agent, wanted) = (labels.clone(), taker.agent.to_owned(), offer.clone());
             // The queue is read row by row, only up to the first job the agent may take.
@@ -1450,7 +1454,7 @@ impl Store for SqliteStore {
                 .read(move |conn| {
                     let mut scan = conn.prepare_cached(CLAIM_SCAN)?;
                     let mut rows = scan.query(params![
-                        after,
+                        after.1,
                         labels,
                         wanted.site,
                         wanted.executor,
@@ -1458,17 +1462,18 @@ impl Store for SqliteStore {
                         operator_only,
                         agent,
                         now_ms(),
+                        after.0,
                     ])?;
                     let (mut admitted, mut last) = (Vec::new(), None);
                     while let Some(row) = rows.next()? {
                         let row = routing_row(row)?;
                         if row.routed().is_ok_and(|job| wanted.admits(&job).is_ok()) {
-                            admitted.push(row.id);
+                            admitted.push((row.priority, row.id));
                             if admitted.len() == CLAIM_CANDIDATES {
                                 break;
                             }
                         }
-                        last = Some(row.id);
+                        last = Some((row.priority, row.id));
                     }
                     Ok(match last {
                         _ if !admitted.is_empty() => Scan::Admitted(admitted),
@@ -1503,7 +1508,7 @@ impl Store for SqliteStore {
                         job_columns!()
                     ))?;
                     let mut state = tx.prepare_cached("SELECT state FROM jobs WHERE id = ?1")?;
-                    for id in candidates {
+                    for (_, id) in candidates {
                         let claimed = claim
                             .query_row(
                                 params![agent, lease, lease_expires_at_ms, id, cap, site],

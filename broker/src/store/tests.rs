@@ -127,6 +127,7 @@ conformance!(
     a_job_goes_from_queued_to_its_one_result,
     a_late_call_under_an_old_lease_is_refused,
     a_claim_takes_only_jobs_the_offer_admits_oldest_first,
+    a_claim_takes_jobs_by_priority_then_oldest_first,
     a_spec_is_kept_as_submitted,
     a_site_at_its_concurrency_limit_claims_nothing,
     a_log_append_is_idempotent_refuses_gaps_and_is_cut_at_the_limit,
@@ -226,6 +227,50 @@ async fn queue(store: &dyn Store, labels: &[&str]) -> JobModel {
 async fn claim(store: &dyn Store, agent: &str, offer: &Offer, lease: &str) -> Option<JobModel> {
     let taker = JobTaker { agent, offer };
     store.claim_job(&taker, lease, later()).await.unwrap()
+}
+
+/// Someone's job first, then a push's, then a repeat's runs, then the broker's own; oldest
+/// first within each, and a job the offer does not admit is passed over in any of them.
+async fn a_claim_takes_jobs_by_priority_then_oldest_first(store: &dyn Store) {
+    let with = |priority| JobOrigin {
+        priority,
+        ..operator()
+    };
+    let insert = |priority, labels: &'static [&'static str]| async move {
+        store
+            .insert_job(&spec(labels), &with(priority), None)
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+    };
+    let background = insert(Priority::Background, &[]).await;
+    let (_, repeats) = store
+        .insert_batch(&spec(&[]), &operator(), None, 3, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let post_merge = insert(Priority::PostMerge, &[]).await;
+    let elsewhere = insert(Priority::Interactive, &["gpu"]).await;
+    let interactive = insert(Priority::Interactive, &[]).await;
+    let later_interactive = insert(Priority::Interactive, &[]).await;
+    let mut order = Vec::new();
+    while let Some(job) = claim(store, "s/a", &offer("s", &[]), "l").await {
+        order.push(job.id);
+    }
+    let repeats: Vec<i64> = repeats.iter().map(|j| j.id).collect();
+    let expected: Vec<i64> = [interactive, later_interactive, post_merge]
+        .into_iter()
+        .chain(repeats)
+        .chain([background])
+        .collect();
+    assert_eq!(order, expected);
+    assert_eq!(
+        claim(store, "s/b", &offer("s", &["gpu"]), "l")
+            .await
+            .map(|j| j.id),
+        Some(elsewhere)
+    );
 }
 
 async fn log_of(store: &dyn Store, id: JobId) -> String {

@@ -148,3 +148,56 @@ async fn a_workflows_batch_counts_against_its_quota_and_is_its_own() {
     );
     fleet.stop().await;
 }
+
+/// A job someone waits for is not held back by a repeat queued before it: the agent takes it
+/// as soon as a run ends, ahead of the repeat's remaining runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_submitted_after_a_repeat_runs_before_the_repeats_remaining_runs() {
+    let mut fleet = Fleet::start().await;
+    let mut agent = fleet.agent_config("a1");
+    agent.concurrency = 1;
+    fleet.add_agent(agent);
+    let client = fleet.client();
+    let slow = JobSpec {
+        script: "sleep 0.5".into(),
+        ..JobSpec::default()
+    };
+    let batch = client.submit_batch(&slow, 6, None).await.unwrap();
+    wait_for("the repeat's first run to start", WAIT, || async {
+        let job = client.job(batch.jobs[0].id).await.unwrap();
+        (job.state != JobState::Queued).then_some(())
+    })
+    .await;
+    let waiting = client
+        .submit(&JobSpec {
+            script: "echo someone waits".into(),
+            ..JobSpec::default()
+        })
+        .await
+        .unwrap();
+    let (done, log) = fleet.finished(&waiting).await;
+    assert_eq!(done.state, JobState::Succeeded, "{log}");
+    let started = done.started_at_ms.unwrap();
+    // At most the run under way when it was submitted (and one the agent had just taken) ran
+    // first; the rest of the repeat waited for it.
+    let batch = wait_for("the repeat to end", WAIT, || async {
+        let batch = client.batch(batch.id).await.unwrap();
+        batch
+            .jobs
+            .iter()
+            .all(|j| j.state.is_terminal())
+            .then_some(batch)
+    })
+    .await;
+    let before = batch
+        .jobs
+        .iter()
+        .filter(|j| j.started_at_ms.unwrap() < started)
+        .count();
+    assert!(before <= 2, "{before} of the repeat's runs started first");
+    assert!(
+        batch.jobs.iter().all(|j| j.state == JobState::Succeeded),
+        "{batch:?}"
+    );
+    fleet.stop().await;
+}
