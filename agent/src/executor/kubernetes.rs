@@ -75,6 +75,8 @@ const BROKEN_WAITING: [&str; 5] = [
 /// How long after the job's time limit the agent stops a Job whose deadline Kubernetes did not
 /// enforce (a stalled controller manager).
 const DEADLINE_SLACK: Duration = Duration::from_secs(30);
+/// The CPU of a `results` container, in thousandths of a core, taken from the job's.
+const RESULTS_CPU_MILLIS: u64 = 50;
 /// The longest one API call may take (the watches and the log stream excepted).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -388,9 +390,19 @@ impl KubernetesExecutor {
             "Kubernetes jobs run as a non-root user, but this job would run as root: map jobs to an unprivileged account in the site policy's [identity] table"
         );
         let r = &job.spec.resources;
+        let collects = !job.spec.results.is_empty();
         let mut quantities = BTreeMap::new();
         if let Some(cpus) = r.cpus {
-            quantities.insert("cpu".to_string(), Quantity(cpus.to_string()));
+            // The `results` container's CPU comes out of the job's: the pod asks for what the
+            // job asked for, and fits where it would have.
+            let cpu = match collects {
+                true => format!(
+                    "{}m",
+                    (u64::from(cpus) * 1000).saturating_sub(RESULTS_CPU_MILLIS)
+                ),
+                false => cpus.to_string(),
+            };
+            quantities.insert("cpu".to_string(), Quantity(cpu));
         }
         if let Some(memory) = r.memory_mib {
             quantities.insert("memory".to_string(), Quantity(format!("{memory}Mi")));
@@ -476,7 +488,6 @@ impl KubernetesExecutor {
             }),
             ..Default::default()
         };
-        let collects = !job.spec.results.is_empty();
         let mut containers = vec![container];
         if collects {
             containers.push(results_container(&containers[0]));
@@ -1060,11 +1071,16 @@ fn fetched_results_dir(job: &JobContext) -> std::path::PathBuf {
 
 /// The `results` container beside `job` (the job's container): the same image, workspace and
 /// confinement, none of the job's variables (its secrets least of all), and a small share of
-/// the pod's resources, since all it does is sleep and, at the end, run `find` and `tar`.
+/// the pod's resources, since all it does is sleep and, at the end, run `find` and `tar`:
+/// [`RESULTS_CPU_MILLIS`] of the job's CPU, and 32 MiB of memory of its own (requests equal to
+/// limits, like the job's, so the pod keeps the Guaranteed QoS class).
 fn results_container(job: &Container) -> Container {
     let quantities = BTreeMap::from([
-        ("cpu".to_string(), Quantity("50m".into())),
-        ("memory".to_string(), Quantity("64Mi".into())),
+        (
+            "cpu".to_string(),
+            Quantity(format!("{RESULTS_CPU_MILLIS}m")),
+        ),
+        ("memory".to_string(), Quantity("32Mi".into())),
     ]);
     Container {
         name: results::CONTAINER.to_string(),
@@ -1303,7 +1319,11 @@ mod tests {
         assert_eq!(results["securityContext"], job_container["securityContext"]);
         assert_eq!(results["volumeMounts"], job_container["volumeMounts"]);
         assert!(results.get("env").is_none(), "{results}");
-        assert_eq!(results["resources"]["limits"]["memory"], "64Mi");
+        assert_eq!(results["resources"]["limits"]["memory"], "32Mi");
+        // Its CPU is the job's: the pod asks for the 2 cores the job asked for.
+        assert_eq!(results["resources"]["requests"]["cpu"], "50m");
+        assert_eq!(job_container["resources"]["requests"]["cpu"], "1950m");
+        assert_eq!(job_container["resources"]["limits"]["cpu"], "1950m");
     }
 
     #[test]

@@ -901,9 +901,8 @@ async fn result_files_are_fetched_from_a_pod_that_failed_and_from_one_stopped_at
             write_junit("out/junit.xml")
         ))
     };
+    // One after the other: the single node's two CPUs are shared with the other tests' pods.
     let failing = fleet.workflow(REPO).submit(&failing).await.unwrap();
-    let slow = fleet.workflow(REPO).submit(&slow).await.unwrap();
-
     let (done, log) = fleet.finished(&failing).await;
     assert_eq!(done.state, JobState::Failed, "{log}");
     assert_eq!(done.exit_code, Some(3), "{log}");
@@ -919,6 +918,7 @@ async fn result_files_are_fetched_from_a_pod_that_failed_and_from_one_stopped_at
     assert_eq!(paths, ["out/unit/junit.xml"], "{log}");
     assert_eq!((results.totals.cases, results.totals.failed), (2, 1));
 
+    let slow = fleet.workflow(REPO).submit(&slow).await.unwrap();
     let (done, log) = fleet.finished(&slow).await;
     assert_eq!(done.state, JobState::Failed, "{log}");
     assert_eq!(done.reason.as_deref(), Some("timed out after 12s"), "{log}");

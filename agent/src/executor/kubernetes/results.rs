@@ -141,21 +141,13 @@ async fn fetch_inner(
         .map(String::from)
         .into();
     command.extend(chosen);
-    let mut attached = pods
-        .exec(pod, command, &attach_params())
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot run tar in the pod: {}", super::describe(&err)))?;
-    let stdout = attached.stdout().expect("stdout was asked for");
-    let stderr = attached.stderr().expect("stderr was asked for");
-    let status = attached.take_status().expect("status is taken once");
     let dest_dir = dest.to_path_buf();
-    let unpack = tokio::task::spawn_blocking(move || {
-        unpack(tokio_util::io::SyncIoBridge::new(stdout), &dest_dir, limits)
-    });
-    let stderr = read_bounded(stderr, MAX_STDERR_BYTES);
-    let (unpacked, stderr) = tokio::join!(unpack, stderr);
-    let outcome = status_outcome(status.await, &stderr);
-    attached.abort();
+    let (unpacked, outcome) = exec_with(pods, pod, command, |stdout| {
+        tokio::task::spawn_blocking(move || {
+            unpack(tokio_util::io::SyncIoBridge::new(stdout), &dest_dir, limits)
+        })
+    })
+    .await?;
     let unpacked = unpacked.map_err(|err| anyhow::anyhow!("unpacking failed: {err}"))?;
     let unpack_notes = unpacked.map_err(|err| anyhow::anyhow!("unpacking failed: {err:#}"))?;
     notes.extend(unpack_notes);
@@ -295,25 +287,40 @@ async fn exec(
     command: Vec<String>,
     max_stdout: usize,
 ) -> anyhow::Result<(Vec<u8>, anyhow::Result<()>)> {
+    exec_with(pods, pod, command, |stdout| {
+        read_bounded(stdout, max_stdout)
+    })
+    .await
+}
+
+/// Runs `command` in the `results` container of `pod`, its stdout read by `read` while its
+/// stderr is kept for the message: what `read` made of it, and whether the command succeeded.
+async fn exec_with<T, F>(
+    pods: &Api<Pod>,
+    pod: &str,
+    command: Vec<String>,
+    read: impl FnOnce(tokio::io::ReadHalf<tokio::io::SimplexStream>) -> F,
+) -> anyhow::Result<(T, anyhow::Result<()>)>
+where
+    F: Future<Output = T>,
+{
+    let program = command.first().cloned().unwrap_or_default();
     let mut attached = pods
         .exec(pod, command, &attach_params())
         .await
         .map_err(|err| {
             anyhow::anyhow!(
-                "cannot run a command in the pod's {CONTAINER} container: {}; the agent's account needs create on pods/exec in the namespace",
+                "cannot run {program} in the pod's {CONTAINER} container: {}; the agent's account needs get and create on pods/exec in the namespace",
                 super::describe(&err)
             )
         })?;
     let stdout = attached.stdout().expect("stdout was asked for");
     let stderr = attached.stderr().expect("stderr was asked for");
     let status = attached.take_status().expect("status is taken once");
-    let (stdout, stderr) = tokio::join!(
-        read_bounded(stdout, max_stdout),
-        read_bounded(stderr, MAX_STDERR_BYTES)
-    );
+    let (read, stderr) = tokio::join!(read(stdout), read_bounded(stderr, MAX_STDERR_BYTES));
     let outcome = status_outcome(status.await, &stderr);
     attached.abort();
-    Ok((stdout, outcome))
+    Ok((read, outcome))
 }
 
 /// Reads up to `max` bytes of `reader`, then drains the rest so the command is not held up.
