@@ -424,7 +424,7 @@ const CLAIM_SCAN: &str = concat!(
     "SELECT ",
     routing_columns!(),
     " FROM jobs
-     WHERE state = 'queued' AND (priority, id) > (?9, ?1)
+     WHERE state = 'queued' AND priority = ?9 AND id > ?1
        AND NOT EXISTS (
            SELECT 1 FROM json_each(jobs.labels) AS wanted
            WHERE wanted.value NOT IN (SELECT value FROM json_each(?2)))
@@ -438,8 +438,14 @@ const CLAIM_SCAN: &str = concat!(
            SELECT 1 FROM job_holds
            WHERE job_holds.job_id = jobs.id AND job_holds.agent = ?7
              AND job_holds.until_ms > ?8)
-     ORDER BY priority, id LIMIT 256"
+     ORDER BY id LIMIT 256"
 );
+
+/// The next priority after `?1` that has queued jobs: a claim reads the queue one priority at
+/// a time, each by id along `jobs_queued_by_priority` (a row-value `(priority, id) > (?, ?)`
+/// would seek on the priority alone and re-read the rows before the id on every page).
+const NEXT_PRIORITY: &str =
+    "SELECT MIN(priority) FROM jobs WHERE state = 'queued' AND priority > ?1";
 
 /// How many jobs the agent may take a claim's read hands to its write, oldest first: agents
 /// polling at once read the same oldest jobs, and the write claims the first still queued,
@@ -1445,7 +1451,7 @@ impl Store for SqliteStore {
         let operator_only =
             (offer.policy.is_none() && !offer.workflow_jobs_without_policy).then_some(1);
         // Where the next page starts in the queue's order: after this (priority, id).
-        let mut after = (i64::MIN, 0i64);
+        let mut after = (super::Priority::Interactive as i64, 0i64);
         loop {
             let (labels, agent, wanted) = (labels.clone(), taker.agent.to_owned(), offer.clone());
             // The queue is read row by row, only up to the first job the agent may take.
@@ -1475,10 +1481,19 @@ impl Store for SqliteStore {
                         }
                         last = Some((row.priority, row.id));
                     }
+                    drop(rows);
                     Ok(match last {
                         _ if !admitted.is_empty() => Scan::Admitted(admitted),
                         Some(last) => Scan::ReadOn(last),
-                        None => Scan::End,
+                        None => {
+                            let next: Option<i64> = conn
+                                .prepare_cached(NEXT_PRIORITY)?
+                                .query_row([after.0], |row| row.get(0))?;
+                            match next {
+                                Some(priority) => Scan::ReadOn((priority, 0)),
+                                None => Scan::End,
+                            }
+                        }
                     })
                 })
                 .await?;
