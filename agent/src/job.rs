@@ -697,9 +697,6 @@ impl JobRunner {
         // The statistics count each test where it ran (the Slurm nodes, a fact the executor
         // may have sent just now): the broker has it before the results.
         sink.facts_delivered().await;
-        use testbot_proto::test_results::{
-            MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILE_BYTES, MAX_RESULT_FILES,
-        };
         let Some(workspace) = self.executor.workspace(ctx) else {
             sink.system(format!(
                 "results: no result files are collected: the {} executor left no workspace for them on the agent's machine",
@@ -709,12 +706,7 @@ impl JobRunner {
             return;
         };
         let patterns = ctx.spec.results.clone();
-        let limits = crate::results::CollectLimits {
-            max_files: MAX_RESULT_FILES,
-            max_file_bytes: MAX_RESULT_FILE_BYTES,
-            max_total_bytes: MAX_RESULT_BYTES_PER_JOB,
-            ..crate::results::CollectLimits::default()
-        };
+        let limits = crate::results::CollectLimits::uploaded();
         let collecting = tokio::task::spawn_blocking(move || {
             crate::results::collect(&workspace, &patterns, &limits)
         });

@@ -99,6 +99,22 @@ impl Default for CollectLimits {
     }
 }
 
+impl CollectLimits {
+    /// The limits of what is uploaded to the broker: its per-file, per-job and file-count
+    /// limits, so that nothing collected is refused there.
+    pub fn uploaded() -> Self {
+        use testbot_proto::test_results::{
+            MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILE_BYTES, MAX_RESULT_FILES,
+        };
+        CollectLimits {
+            max_files: MAX_RESULT_FILES,
+            max_file_bytes: MAX_RESULT_FILE_BYTES,
+            max_total_bytes: MAX_RESULT_BYTES_PER_JOB,
+            ..CollectLimits::default()
+        }
+    }
+}
+
 /// A result file, open: the descriptor is the one whose type, links and size were checked.
 #[derive(Debug)]
 pub struct ResultFile {

@@ -850,9 +850,6 @@ impl KubernetesExecutor {
         end: &End,
         log: &LogSink,
     ) {
-        use testbot_proto::test_results::{
-            MAX_RESULT_BYTES_PER_JOB, MAX_RESULT_FILE_BYTES, MAX_RESULT_FILES,
-        };
         let pod = match (end, pod) {
             (End::Terminated { .. } | End::StoppedAtLimit, Some(pod)) => pod,
             _ => {
@@ -863,13 +860,9 @@ impl KubernetesExecutor {
                 return;
             }
         };
-        let limits = results::FetchLimits {
-            max_files: MAX_RESULT_FILES,
-            max_file_bytes: MAX_RESULT_FILE_BYTES,
-            max_total_bytes: MAX_RESULT_BYTES_PER_JOB,
-        };
+        let limits = crate::results::CollectLimits::uploaded();
         let dest = fetched_results_dir(job);
-        match results::fetch(pods, pod, &job.spec.results, &dest, limits).await {
+        match results::fetch(pods, pod, &job.spec.results, &dest, &limits).await {
             Ok(notes) => {
                 for note in notes {
                     log.system(note).await;

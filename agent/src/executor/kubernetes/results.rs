@@ -30,6 +30,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, AttachParams};
 use tokio::io::AsyncReadExt as _;
 
+use crate::results::CollectLimits;
+
 /// The name of the container that holds the workspace open for the agent.
 pub const CONTAINER: &str = "results";
 /// What it runs: nothing but a sleep, which a pod deletion's SIGTERM ends at once (it is not
@@ -44,14 +46,6 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_LIST_BYTES: usize = 16 * 1024 * 1024;
 /// The most bytes of a failed command's stderr kept for the message.
 const MAX_STDERR_BYTES: usize = 4096;
-
-/// Limits on what is unpacked.
-#[derive(Debug, Clone, Copy)]
-pub struct FetchLimits {
-    pub max_files: usize,
-    pub max_file_bytes: u64,
-    pub max_total_bytes: u64,
-}
 
 /// Sends `signal` (`TERM` or `KILL`) to every process of the pod that is neither the pod's
 /// init (the pause process, PID 1) nor in the `results` container's mount namespace: the job
@@ -80,17 +74,18 @@ pub async fn signal_job(pods: &Api<Pod>, pod: &str, signal: &str) -> anyhow::Res
 }
 
 /// Fetches the files of `pod`'s workspace that match `patterns` into `dest` (which is
-/// created). Returns notes for the job's log; an error says which step failed.
+/// created), within the limits of `limits` that apply to files (count and sizes). Returns notes
+/// for the job's log; an error says which step failed.
 pub async fn fetch(
     pods: &Api<Pod>,
     pod: &str,
     patterns: &[String],
     dest: &Path,
-    limits: FetchLimits,
+    limits: &CollectLimits,
 ) -> anyhow::Result<Vec<String>> {
     tokio::time::timeout(
         FETCH_TIMEOUT,
-        fetch_inner(pods, pod, patterns, dest, limits),
+        fetch_within(pods, pod, patterns, dest, limits),
     )
     .await
     .map_err(|_| {
@@ -101,12 +96,12 @@ pub async fn fetch(
     })?
 }
 
-async fn fetch_inner(
+async fn fetch_within(
     pods: &Api<Pod>,
     pod: &str,
     patterns: &[String],
     dest: &Path,
-    limits: FetchLimits,
+    limits: &CollectLimits,
 ) -> anyhow::Result<Vec<String>> {
     let set = testbot_proto::results::result_globs(patterns).map_err(anyhow::Error::msg)?;
     // Left by an earlier attempt to fetch (an agent restarted in the middle).
@@ -141,10 +136,14 @@ async fn fetch_inner(
         .map(String::from)
         .into();
     command.extend(chosen);
-    let dest_dir = dest.to_path_buf();
+    let (dest_dir, limits) = (dest.to_path_buf(), limits.clone());
     let (unpacked, outcome) = exec_with(pods, pod, command, |stdout| {
         tokio::task::spawn_blocking(move || {
-            unpack(tokio_util::io::SyncIoBridge::new(stdout), &dest_dir, limits)
+            unpack(
+                tokio_util::io::SyncIoBridge::new(stdout),
+                &dest_dir,
+                &limits,
+            )
         })
     })
     .await?;
@@ -181,7 +180,7 @@ fn choose(listing: &[u8], set: &globset::GlobSet, max: usize) -> Vec<String> {
 fn unpack(
     reader: impl std::io::Read,
     dest: &Path,
-    limits: FetchLimits,
+    limits: &CollectLimits,
 ) -> anyhow::Result<Vec<String>> {
     let mut notes = Vec::new();
     let mut archive = tar::Archive::new(reader);
@@ -363,11 +362,12 @@ fn status_outcome(
 mod tests {
     use super::*;
 
-    fn limits() -> FetchLimits {
-        FetchLimits {
+    fn limits() -> CollectLimits {
+        CollectLimits {
             max_files: 10,
             max_file_bytes: 100,
             max_total_bytes: 150,
+            ..CollectLimits::default()
         }
     }
 
@@ -404,7 +404,7 @@ mod tests {
             link.set_size(0);
             b.append_link(&mut link, "link.xml", "/etc/shadow").unwrap();
         });
-        let notes = unpack(&stream[..], dest.path(), limits()).unwrap();
+        let notes = unpack(&stream[..], dest.path(), &limits()).unwrap();
         let text = notes.join("\n");
         assert_eq!(
             std::fs::read(dest.path().join("build/junit.xml")).unwrap(),
@@ -440,7 +440,7 @@ mod tests {
     fn a_stream_cut_inside_a_file_is_an_error_naming_it() {
         let dest = tempfile::tempdir().unwrap();
         let stream = archive(|b| file(b, "junit.xml", &[b'a'; 90]));
-        let err = unpack(&stream[..600], dest.path(), limits()).unwrap_err();
+        let err = unpack(&stream[..600], dest.path(), &limits()).unwrap_err();
         assert!(format!("{err:#}").contains("junit.xml"), "{err:#}");
     }
 
